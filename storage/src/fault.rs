@@ -1,0 +1,298 @@
+//! [`UnreliableStore`]: an [`ObjectStore`] wrapper that injects failures, latency and torn
+//! uploads, for testing that checkpoints still commit and are never read torn.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
+};
+
+/// What to inject, per request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Faults {
+    /// Probability that a request fails. Half of the failures happen before the request
+    /// reaches the store (a lost request), half after it succeeded (a lost reply).
+    pub fail_rate: f64,
+    /// Probability that an upload of shard data (a put or a multipart part) silently stores
+    /// only a prefix of its bytes and reports success.
+    pub truncate_rate: f64,
+    /// Extra latency per request, drawn uniformly from this range.
+    pub latency: Option<(Duration, Duration)>,
+    /// Seed of the fault sequence.
+    pub seed: u64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            fail_rate: 0.0,
+            truncate_rate: 0.0,
+            latency: None,
+            seed: 1,
+        }
+    }
+}
+
+/// Counts of what was injected.
+#[derive(Debug, Default)]
+pub struct FaultCounts {
+    /// Requests seen.
+    pub requests: AtomicU64,
+    /// Failures injected.
+    pub failures: AtomicU64,
+    /// Truncations injected.
+    pub truncations: AtomicU64,
+}
+
+/// Wraps a store and injects [`Faults`]. Manifests are never truncated: a real store never
+/// acknowledges a partial single put; shards model a writer whose upload was cut short.
+#[derive(Debug, Clone)]
+pub struct UnreliableStore {
+    inner: Arc<dyn ObjectStore>,
+    faults: Faults,
+    rng: Arc<Mutex<u64>>,
+    counts: Arc<FaultCounts>,
+}
+
+impl UnreliableStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn ObjectStore>, faults: Faults) -> Self {
+        UnreliableStore {
+            inner,
+            faults,
+            rng: Arc::new(Mutex::new(faults.seed.max(1))),
+            counts: Arc::new(FaultCounts::default()),
+        }
+    }
+
+    /// What has been injected so far.
+    pub fn counts(&self) -> &FaultCounts {
+        &self.counts
+    }
+
+    fn uniform(&self) -> f64 {
+        let mut s = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        (*s >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Delays, then decides: `Some(before)` = fail (before or after reaching the store).
+    async fn roll(&self) -> Option<bool> {
+        self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some((lo, hi)) = self.faults.latency {
+            let d = lo + (hi.saturating_sub(lo)).mul_f64(self.uniform());
+            tokio::time::sleep(d).await;
+        }
+        if self.uniform() < self.faults.fail_rate {
+            self.counts.failures.fetch_add(1, Ordering::Relaxed);
+            Some(self.uniform() < 0.5)
+        } else {
+            None
+        }
+    }
+
+    fn maybe_truncate(&self, location: &Path, payload: PutPayload) -> PutPayload {
+        let is_shard = location.filename().is_some_and(|f| f.ends_with(".shard"));
+        if !is_shard || payload.content_length() == 0 || self.uniform() >= self.faults.truncate_rate
+        {
+            return payload;
+        }
+        self.counts.truncations.fetch_add(1, Ordering::Relaxed);
+        let bytes: Bytes = payload
+            .iter()
+            .flat_map(|b| b.iter().copied())
+            .collect::<Vec<u8>>()
+            .into();
+        let keep = (bytes.len() as f64 * self.uniform()) as usize;
+        PutPayload::from(bytes.slice(..keep))
+    }
+}
+
+fn injected(op: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "UnreliableStore",
+        source: format!("injected failure of {op}").into(),
+    }
+}
+
+impl fmt::Display for UnreliableStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Unreliable({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for UnreliableStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let fault = self.roll().await;
+        if fault == Some(true) {
+            return Err(injected("put"));
+        }
+        let payload = self.maybe_truncate(location, payload);
+        let r = self.inner.put_opts(location, payload, opts).await?;
+        if fault == Some(false) {
+            return Err(injected("put (after storing)"));
+        }
+        Ok(r)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        if self.roll().await.is_some() {
+            return Err(injected("create multipart upload"));
+        }
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(UnreliableUpload {
+            store: self.clone(),
+            location: location.clone(),
+            inner,
+        }))
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        if self.roll().await.is_some() {
+            return Err(injected("get"));
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        if self.roll().await.is_some() {
+            return Err(injected("get ranges"));
+        }
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let this = self.clone();
+        let inner = self.inner.clone();
+        locations
+            .then(move |loc| {
+                let this = this.clone();
+                let inner = inner.clone();
+                async move {
+                    let loc = loc?;
+                    let fault = this.roll().await;
+                    if fault == Some(true) {
+                        return Err(injected("delete"));
+                    }
+                    let mut out =
+                        inner.delete_stream(futures::stream::once(async { Ok(loc) }).boxed());
+                    let r = out
+                        .next()
+                        .await
+                        .unwrap_or_else(|| Err(injected("delete (no reply)")));
+                    if fault == Some(false) && r.is_ok() {
+                        return Err(injected("delete (after deleting)"));
+                    }
+                    r
+                }
+            })
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let this = self.clone();
+        let inner = self.inner.list(prefix);
+        futures::stream::once(async move { this.roll().await })
+            .flat_map(move |fault| match fault {
+                Some(_) => futures::stream::once(async { Err(injected("list")) }).boxed(),
+                None => futures::stream::empty().boxed(),
+            })
+            .chain(inner)
+            .boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        if self.roll().await.is_some() {
+            return Err(injected("list"));
+        }
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        if self.roll().await.is_some() {
+            return Err(injected("copy"));
+        }
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[derive(Debug)]
+struct UnreliableUpload {
+    store: UnreliableStore,
+    location: Path,
+    inner: Box<dyn MultipartUpload>,
+}
+
+#[async_trait]
+impl MultipartUpload for UnreliableUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let store = self.store.clone();
+        let data = self.store.maybe_truncate(&self.location, data);
+        let part = self.inner.put_part(data);
+        async move {
+            match store.roll().await {
+                Some(true) => Err(injected("upload part")),
+                Some(false) => {
+                    part.await?;
+                    Err(injected("upload part (after storing)"))
+                }
+                None => part.await,
+            }
+        }
+        .boxed()
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        let fault = self.store.roll().await;
+        if fault == Some(true) {
+            return Err(injected("complete multipart upload"));
+        }
+        let r = self.inner.complete().await?;
+        if fault == Some(false) {
+            return Err(injected("complete multipart upload (after completing)"));
+        }
+        Ok(r)
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.inner.abort().await
+    }
+}

@@ -1,0 +1,43 @@
+//! lockstep-storage: the checkpoint format and the store that writes, commits, verifies and
+//! garbage-collects checkpoints over any `object_store` backend (`file://` and NFS paths,
+//! `s3://`, `memory://`).
+//!
+//! # Layout
+//! - [`format`]: format v1 — the float-aware chunk [`format::codec`], [`format::shard`] files
+//!   (chunks + footer index + trailer) and the [`format::manifest`] commit marker.
+//! - [`store`]: [`CheckpointStore`] — list, latest, commit, delete, gc; its contract.
+//! - [`writer`]: the streaming [`ShardWriter`], whole-shard retries, manifest assembly.
+//! - [`reader`]: load, verify and `latest_valid`, all failing closed.
+//! - [`plan`]: which rank writes which bytes (each byte once across data-parallel ranks).
+//! - [`retention`]: the pure keep-last-N / keep-every-M policy behind [`CheckpointStore::gc`].
+//! - [`retry`]: backoff for transient errors. [`fault`]: an [`UnreliableStore`] for tests.
+//! - [`conformance`]: the suite every backend passes.
+
+pub mod conformance;
+mod dtype;
+mod error;
+pub mod fault;
+pub mod format;
+mod location;
+pub mod plan;
+pub mod reader;
+pub mod retention;
+pub mod retry;
+pub mod store;
+#[cfg(feature = "s3-test-server")]
+pub mod testing;
+pub mod writer;
+
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use fault::{Faults, UnreliableStore};
+pub use format::manifest::Manifest;
+pub use location::Location;
+pub use reader::{Checkpoint, Tensor, VerifyReport};
+pub use retention::{KeepReason, RetentionAction, RetentionPolicy};
+pub use retry::RetryPolicy;
+pub use store::{CheckpointStore, GcReport, StepListing, StoreOptions};
+pub use writer::{
+    CommitInfo, PieceInput, PieceMeta, ShardMeta, ShardWriter, TensorInput, assemble_manifest,
+    pieces_for_rank,
+};

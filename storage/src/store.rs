@@ -1,0 +1,593 @@
+//! [`CheckpointStore`]: checkpoints over any [`ObjectStore`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::format::manifest::{Manifest, ManifestError};
+use crate::location::Location;
+use crate::retention::{KeepReason, RetentionAction, RetentionPolicy};
+use crate::retry::RetryPolicy;
+use crate::{Error, Result};
+
+/// Name of the commit marker in a step directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The smallest part S3 accepts (but for the last part of an upload).
+pub const MIN_S3_PART: usize = 5 << 20;
+
+/// Tuning knobs of a [`CheckpointStore`]. The defaults suit local disks and S3 alike.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreOptions {
+    /// Decoded bytes per chunk (the unit of compression, hashing and parallelism).
+    pub chunk_size: usize,
+    /// Bytes per multipart-upload part; shards smaller than one part are written with one put.
+    /// S3 refuses parts under 5 MiB (but the last); `open` raises it to that for `s3://`.
+    pub part_size: usize,
+    /// Parts uploaded concurrently per shard; with `part_size` this bounds upload memory.
+    pub parts_in_flight: usize,
+    /// zstd level for chunk compression.
+    pub zstd_level: i32,
+    /// Stored bytes fetched per range read when loading.
+    pub read_batch: usize,
+    /// Range reads in flight when loading.
+    pub reads_in_flight: usize,
+    /// Retries of failed store operations (and of whole shard uploads).
+    pub retry: RetryPolicy,
+    /// `fsync` shards and manifests of `file://` stores before reporting them durable.
+    pub fsync: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            chunk_size: 4 << 20,
+            part_size: 16 << 20,
+            parts_in_flight: 4,
+            zstd_level: 1,
+            read_batch: 16 << 20,
+            reads_in_flight: 4,
+            retry: RetryPolicy::default(),
+            fsync: true,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Sets [`StoreOptions::chunk_size`].
+    #[must_use]
+    pub fn with_chunk_size(mut self, bytes: usize) -> Self {
+        self.chunk_size = bytes.max(64);
+        self
+    }
+    /// Sets [`StoreOptions::part_size`].
+    #[must_use]
+    pub fn with_part_size(mut self, bytes: usize) -> Self {
+        self.part_size = bytes.max(1);
+        self
+    }
+    /// Sets [`StoreOptions::zstd_level`].
+    #[must_use]
+    pub fn with_zstd_level(mut self, level: i32) -> Self {
+        self.zstd_level = level;
+        self
+    }
+    /// Sets [`StoreOptions::retry`].
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+    /// Sets [`StoreOptions::fsync`].
+    #[must_use]
+    pub fn with_fsync(mut self, fsync: bool) -> Self {
+        self.fsync = fsync;
+        self
+    }
+}
+
+/// Checkpoints under one URL, over any [`ObjectStore`] (`file://`, `s3://`, `memory://`).
+///
+/// Layout: `step-{step:012}/rank-{rank:05}.shard` for each rank, then
+/// `step-{step:012}/manifest.json`.
+///
+/// # Guarantees
+/// - A checkpoint exists only once its manifest exists. The manifest is written last, with
+///   create-only semantics ([`PutMode::Create`]): of two committers of one step, one wins and
+///   the other gets [`Error::AlreadyCommitted`] (or success, if it wrote identical bytes).
+/// - [`CheckpointStore::commit`] first checks that every shard is present with the size the
+///   manifest records; on `file://` stores shards and manifest are `fsync`ed.
+/// - Readers verify every chunk hash, every piece hash, the footer hash and the file sizes, and
+///   fail closed with [`Error::Corrupt`] naming the file and chunk.
+/// - Transient store errors are retried with backoff ([`StoreOptions::retry`]).
+///
+/// # Tokio compatibility
+/// All methods are `async` and must run inside a Tokio runtime. Compression, hashing and
+/// `fsync` run on Tokio's blocking pool (and Rayon's pool for chunk parallelism), never on the
+/// async workers.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    pub(crate) inner: Arc<dyn ObjectStore>,
+    pub(crate) root: Path,
+    pub(crate) url: String,
+    pub(crate) local_dir: Option<PathBuf>,
+    pub(crate) opts: StoreOptions,
+}
+
+/// One step directory as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepListing {
+    /// The step.
+    pub step: u64,
+    /// Whether its manifest exists.
+    pub committed: bool,
+    /// Files in the directory.
+    pub files: usize,
+    /// Stored bytes in the directory.
+    pub bytes: u64,
+}
+
+/// What [`CheckpointStore::gc`] did (or would do, in a dry run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Committed steps kept, with the reason.
+    pub kept: Vec<(u64, KeepReason)>,
+    /// Committed steps deleted.
+    pub deleted: Vec<u64>,
+    /// Uncommitted step directories older than the newest commit (debris of failed attempts),
+    /// deleted.
+    pub debris: Vec<u64>,
+}
+
+impl CheckpointStore {
+    /// Opens the checkpoint root at `url` with default options. `file://` directories are
+    /// created if missing; `s3://` reads credentials, region and endpoint from `AWS_*`.
+    pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, StoreOptions::default())
+    }
+
+    /// Opens `url` with `opts`.
+    pub fn open_with(url: &str, opts: StoreOptions) -> Result<Self> {
+        let mut url = url.to_string();
+        while url.ends_with('/') && !url.ends_with("://") {
+            url.pop();
+        }
+        let mut opts = opts;
+        let bad = |reason: String| Error::InvalidUrl {
+            url: url.clone(),
+            reason,
+        };
+        let (inner, root, local_dir): (Arc<dyn ObjectStore>, Path, Option<PathBuf>) =
+            match Location::parse(&url)? {
+                Location::File(dir) => {
+                    std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+                        op: "create checkpoint directory",
+                        path: dir.clone(),
+                        source: e,
+                    })?;
+                    let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                        .map_err(|e| bad(e.to_string()))?
+                        .with_automatic_cleanup(true);
+                    (Arc::new(fs), Path::default(), Some(dir))
+                }
+                Location::S3 { bucket, prefix } => {
+                    opts.part_size = opts.part_size.max(MIN_S3_PART);
+                    let s3 = object_store::aws::AmazonS3Builder::from_env()
+                        .with_bucket_name(bucket)
+                        .build()
+                        .map_err(|e| bad(e.to_string()))?;
+                    (Arc::new(s3), Path::from(prefix), None)
+                }
+                Location::Memory => (
+                    Arc::new(object_store::memory::InMemory::new()),
+                    Path::default(),
+                    None,
+                ),
+            };
+        Ok(CheckpointStore {
+            inner,
+            root,
+            url,
+            local_dir,
+            opts,
+        })
+    }
+
+    /// Wraps an existing object store; checkpoints live under `root`. `url` is used in
+    /// messages only.
+    pub fn new(inner: Arc<dyn ObjectStore>, root: Path, url: impl Into<String>) -> Self {
+        CheckpointStore {
+            inner,
+            root,
+            url: url.into(),
+            local_dir: None,
+            opts: StoreOptions::default(),
+        }
+    }
+
+    /// Replaces the options.
+    #[must_use]
+    pub fn with_options(mut self, opts: StoreOptions) -> Self {
+        self.opts = opts;
+        self
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// The URL this store was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying object store (for tools and fault-injection tests).
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
+    /// Directory of `step`.
+    pub fn step_dir(&self, step: u64) -> Path {
+        self.root.clone().join(format!("step-{step:012}"))
+    }
+
+    /// File name of `rank`'s shard within a step directory.
+    pub fn shard_file(rank: u32) -> String {
+        format!("rank-{rank:05}.shard")
+    }
+
+    /// Path of `rank`'s shard of `step`.
+    pub fn shard_path(&self, step: u64, rank: u32) -> Path {
+        self.step_dir(step).join(Self::shard_file(rank))
+    }
+
+    /// Path of `step`'s manifest.
+    pub fn manifest_path(&self, step: u64) -> Path {
+        self.step_dir(step).join(MANIFEST_FILE)
+    }
+
+    /// `path` as a user should read it in a message: the store URL plus the relative path.
+    pub(crate) fn display(&self, path: &Path) -> String {
+        let rel: Vec<_> = match path.prefix_match(&self.root) {
+            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect(),
+            None => vec![path.to_string()],
+        };
+        format!("{}/{}", self.url, rel.join("/"))
+    }
+
+    /// Lists every step directory, committed or not, in ascending step order.
+    pub async fn list_all(&self) -> Result<Vec<StepListing>> {
+        let root = (!self.root.as_ref().is_empty()).then_some(&self.root);
+        let objects: Vec<_> = self
+            .opts
+            .retry
+            .run("list checkpoints", Error::is_transient, || async {
+                self.inner
+                    .list(root)
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|e| Error::store("list checkpoints", &self.url, e))
+            })
+            .await?;
+        let mut steps = std::collections::BTreeMap::<u64, StepListing>::new();
+        for o in objects {
+            let Some(parts) = o.location.prefix_match(&self.root) else {
+                continue;
+            };
+            let parts: Vec<_> = parts.map(|p| p.as_ref().to_string()).collect();
+            let [dir, file] = parts.as_slice() else {
+                continue;
+            };
+            let Some(step) = parse_step_dir(dir) else {
+                continue;
+            };
+            let e = steps.entry(step).or_insert(StepListing {
+                step,
+                committed: false,
+                files: 0,
+                bytes: 0,
+            });
+            e.files += 1;
+            e.bytes += o.size;
+            e.committed |= file == MANIFEST_FILE;
+        }
+        Ok(steps.into_values().collect())
+    }
+
+    /// Committed steps, ascending.
+    pub async fn list(&self) -> Result<Vec<u64>> {
+        Ok(self
+            .list_all()
+            .await?
+            .into_iter()
+            .filter(|s| s.committed)
+            .map(|s| s.step)
+            .collect())
+    }
+
+    /// The newest committed step (not verified: see [`CheckpointStore::latest_valid`]).
+    pub async fn latest(&self) -> Result<Option<u64>> {
+        Ok(self.list().await?.last().copied())
+    }
+
+    /// Reads and validates `step`'s manifest.
+    pub async fn manifest(&self, step: u64) -> Result<Manifest> {
+        let path = self.manifest_path(step);
+        let bytes = match self.get(&path, "read manifest").await {
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::NotCommitted {
+                    url: self.url.clone(),
+                    step,
+                });
+            }
+            r => r?,
+        };
+        let file = self.display(&path);
+        let m = Manifest::parse(&bytes).map_err(|e| match e {
+            ManifestError::Version(found) => Error::UnsupportedVersion {
+                file: file.clone(),
+                found,
+                supported: crate::format::FORMAT_VERSION,
+            },
+            ManifestError::Invalid(reason) => Error::corrupt(&file, None, reason),
+        })?;
+        if m.step != step {
+            return Err(Error::corrupt(
+                file,
+                None,
+                format!("manifest is for step {}", m.step),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Commits a checkpoint: checks that every shard the manifest names is present with its
+    /// recorded size, then writes the manifest create-only. Idempotent for identical manifests.
+    pub async fn commit(&self, manifest: &Manifest) -> Result<()> {
+        manifest
+            .validate()
+            .map_err(|r| Error::Invalid(format!("manifest for step {}: {r}", manifest.step)))?;
+        let step = manifest.step;
+        for s in &manifest.shards {
+            let path = self.step_dir(step).join(s.file.as_str());
+            let size = match self.head_size(&path, "check shard").await {
+                Err(Error::NotFound { .. }) => {
+                    return Err(Error::Invalid(format!(
+                        "cannot commit step {step}: shard `{}` is missing",
+                        self.display(&path)
+                    )));
+                }
+                r => r?,
+            };
+            if size != s.bytes {
+                return Err(Error::TornUpload {
+                    path: self.display(&path),
+                    expected: s.bytes,
+                    found: size,
+                });
+            }
+        }
+        let path = self.manifest_path(step);
+        let json = Bytes::from(manifest.to_json());
+        self.opts
+            .retry
+            .run("commit manifest", Error::is_transient, || async {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                match self
+                    .inner
+                    .put_opts(&path, PutPayload::from(json.clone()), opts)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(object_store::Error::AlreadyExists { .. })
+                    | Err(object_store::Error::Precondition { .. }) => {
+                        // Ours, if an earlier attempt succeeded but its reply was lost.
+                        let existing = self.get(&path, "read manifest").await?;
+                        if existing == json {
+                            Ok(())
+                        } else {
+                            Err(Error::AlreadyCommitted {
+                                step,
+                                path: self.display(&path),
+                            })
+                        }
+                    }
+                    Err(e) => Err(Error::store("commit manifest", self.display(&path), e)),
+                }
+            })
+            .await?;
+        self.sync_local(&path, true).await?;
+        tracing::info!(step, url = %self.url, "checkpoint committed");
+        Ok(())
+    }
+
+    /// Deletes `step`: the manifest first (so the checkpoint stops existing atomically), then
+    /// the rest of the directory. Deleting a missing step succeeds.
+    pub async fn delete(&self, step: u64) -> Result<()> {
+        let manifest = self.manifest_path(step);
+        self.delete_object(&manifest).await?;
+        let dir = self.step_dir(step);
+        let files: Vec<_> = self
+            .opts
+            .retry
+            .run("list step", Error::is_transient, || async {
+                self.inner
+                    .list(Some(&dir))
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|e| Error::store("list step", self.display(&dir), e))
+            })
+            .await?;
+        for f in files {
+            self.delete_object(&f.location).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies `policy` (see [`RetentionPolicy::decide`]); never deletes the newest committed
+    /// step or a `protected` one. Also removes uncommitted debris older than the newest commit.
+    /// With `dry_run`, reports without deleting.
+    pub async fn gc(
+        &self,
+        policy: &RetentionPolicy,
+        protected: &[u64],
+        dry_run: bool,
+    ) -> Result<GcReport> {
+        let listing = self.list_all().await?;
+        let committed: Vec<u64> = listing
+            .iter()
+            .filter(|s| s.committed)
+            .map(|s| s.step)
+            .collect();
+        let newest = committed.iter().max().copied();
+        let mut report = GcReport::default();
+        for action in policy.decide(&committed, protected) {
+            match action {
+                RetentionAction::Keep { step, reason } => report.kept.push((step, reason)),
+                RetentionAction::Delete { step } => report.deleted.push(step),
+            }
+        }
+        report.debris = listing
+            .iter()
+            .filter(|s| !s.committed && newest.is_some_and(|n| s.step < n))
+            .map(|s| s.step)
+            .collect();
+        if !dry_run {
+            for &step in report.deleted.iter().chain(&report.debris) {
+                self.delete(step).await?;
+                tracing::info!(step, url = %self.url, "checkpoint deleted");
+            }
+        }
+        Ok(report)
+    }
+
+    pub(crate) async fn get(&self, path: &Path, op: &'static str) -> Result<Bytes> {
+        self.opts
+            .retry
+            .run(op, Error::is_transient, || async {
+                let r = self
+                    .inner
+                    .get(path)
+                    .await
+                    .map_err(|e| Error::store(op, self.display(path), e))?;
+                r.bytes()
+                    .await
+                    .map_err(|e| Error::store(op, self.display(path), e))
+            })
+            .await
+    }
+
+    pub(crate) async fn get_range(
+        &self,
+        path: &Path,
+        range: std::ops::Range<u64>,
+        op: &'static str,
+    ) -> Result<Bytes> {
+        let expected = range.end - range.start;
+        let bytes = self
+            .opts
+            .retry
+            .run(op, Error::is_transient, || async {
+                self.inner
+                    .get_range(path, range.clone())
+                    .await
+                    .map_err(|e| Error::store(op, self.display(path), e))
+            })
+            .await?;
+        if bytes.len() as u64 != expected {
+            return Err(Error::corrupt(
+                self.display(path),
+                None,
+                format!(
+                    "read of bytes {range:?} returned {} bytes (truncated)",
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+
+    pub(crate) async fn head_size(&self, path: &Path, op: &'static str) -> Result<u64> {
+        self.opts
+            .retry
+            .run(op, Error::is_transient, || async {
+                self.inner
+                    .head(path)
+                    .await
+                    .map(|m| m.size)
+                    .map_err(|e| Error::store(op, self.display(path), e))
+            })
+            .await
+    }
+
+    async fn delete_object(&self, path: &Path) -> Result<()> {
+        self.opts
+            .retry
+            .run("delete", Error::is_transient, || async {
+                match self.inner.delete(path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(Error::store("delete", self.display(path), e)),
+                }
+            })
+            .await
+    }
+
+    /// On `file://` stores with fsync on: flushes `path` (and with `dirs`, its directory and
+    /// the root) to disk. A no-op elsewhere: object stores acknowledge durable writes.
+    pub(crate) async fn sync_local(&self, path: &Path, dirs: bool) -> Result<()> {
+        let Some(root) = self.local_dir.clone().filter(|_| self.opts.fsync) else {
+            return Ok(());
+        };
+        let file = root.join(path.as_ref());
+        tokio::task::spawn_blocking(move || {
+            let sync = |p: &std::path::Path| {
+                std::fs::File::open(p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::Io {
+                        op: "fsync",
+                        path: p.to_path_buf(),
+                        source: e,
+                    })
+            };
+            sync(&file)?;
+            if dirs {
+                if let Some(dir) = file.parent() {
+                    sync(dir)?;
+                }
+                sync(&root)?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+}
+
+/// Parses `step-000000001200` into 1200.
+pub(crate) fn parse_step_dir(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_dirs_parse_strictly() {
+        assert_eq!(parse_step_dir("step-000000001200"), Some(1200));
+        assert_eq!(parse_step_dir("step-"), None);
+        assert_eq!(parse_step_dir("step-12a"), None);
+        assert_eq!(parse_step_dir("rank-1"), None);
+    }
+}
