@@ -128,8 +128,9 @@ impl CheckpointStore {
         Ok(None)
     }
 
-    /// Reads the index of one shard: size, header, trailer, footer.
-    async fn read_index(&self, step: u64, info: &ShardInfo) -> Result<ShardFooter> {
+    /// Reads and checks the index of one shard of `step`: its size, header, trailer and footer
+    /// (no chunk is read). Used by tools that report per-chunk sizes.
+    pub async fn read_index(&self, step: u64, info: &ShardInfo) -> Result<ShardFooter> {
         let path = self.step_dir(step).join(info.file.as_str());
         let file = self.display(&path);
         let size = match self.head_size(&path, "read shard").await {
