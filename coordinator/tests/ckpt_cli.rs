@@ -1,6 +1,9 @@
 //! `lockstep ckpt` as a user runs it: the real binary against checkpoints on disk and on S3
 //! over HTTP, including every kind of corruption `verify` must name.
 
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::process::{Command, Output};
 
 use lockstep_storage::conformance::sample_tensors;

@@ -160,10 +160,12 @@ impl Error {
 pub(crate) fn store_error_is_transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
     // object_store 0.14 keeps its HTTP error type private; its message carries the status.
-    if let Some(status) = http_status(&e.to_string()) {
-        if (400..500).contains(&status) && status != 408 && status != 429 {
-            return false;
-        }
+    if let Some(status) = http_status(&e.to_string())
+        && (400..500).contains(&status)
+        && status != 408
+        && status != 429
+    {
+        return false;
     }
     !matches!(
         e,

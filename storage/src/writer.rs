@@ -327,7 +327,9 @@ impl ShardWriter {
     /// Appends one piece.
     pub async fn write_piece(&mut self, piece: PieceInput) -> Result<()> {
         let elem = piece.dtype.size();
-        if piece.data.len() % elem != 0 || piece.tensor_offset % elem as u64 != 0 {
+        if !piece.data.len().is_multiple_of(elem)
+            || !piece.tensor_offset.is_multiple_of(elem as u64)
+        {
             return Err(Error::Invalid(format!(
                 "piece of `{}` at {} with {} bytes is not aligned to {}-byte elements",
                 piece.tensor,
@@ -360,10 +362,10 @@ impl ShardWriter {
                     })
                     .collect()
             }));
-            if pending.len() >= 2 {
-                if let Some(done) = pending.pop_front() {
-                    self.emit(done.await?).await?;
-                }
+            if pending.len() >= 2
+                && let Some(done) = pending.pop_front()
+            {
+                self.emit(done.await?).await?;
             }
         }
         while let Some(done) = pending.pop_front() {
@@ -486,10 +488,10 @@ impl ShardWriter {
 
     /// Abandons the shard, aborting a multipart upload in progress.
     pub async fn abort(self) {
-        if let Sink::Multipart(w) = self.sink {
-            if let Err(e) = w.abort().await {
-                tracing::warn!(cause = %e, path = %self.path, "abort shard upload");
-            }
+        if let Sink::Multipart(w) = self.sink
+            && let Err(e) = w.abort().await
+        {
+            tracing::warn!(cause = %e, path = %self.path, "abort shard upload");
         }
     }
 }

@@ -2,6 +2,9 @@
 //! HTTP protocol (an in-process s3s server on 127.0.0.1), plus a real bucket when
 //! `LOCKSTEP_TEST_S3_URL` is set.
 
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -2,6 +2,9 @@
 //! silently truncated, every checkpoint still commits, and a reader polling all the while
 //! never loads a torn one.
 
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -70,7 +70,7 @@ const SAMPLE_KEEP_RATIO: f64 = 0.97;
 /// Never on any input: a length that is not a multiple of the element size falls back to
 /// plain zstd, which [`decode`] is told about through the returned codec.
 pub fn encode(codec: Codec, data: &[u8], level: i32) -> (Codec, Vec<u8>) {
-    let codec = if data.len() % codec.element_size() != 0 {
+    let codec = if !data.len().is_multiple_of(codec.element_size()) {
         Codec::Zstd
     } else {
         codec
@@ -113,7 +113,7 @@ pub fn decode(codec: Codec, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, De
         Codec::Zstd => decompress_exact(stored, raw_len),
         Codec::F32 | Codec::Bf16 | Codec::F16 => {
             let elem = codec.element_size();
-            if raw_len % elem != 0 {
+            if !raw_len.is_multiple_of(elem) {
                 return Err(DecodeError(format!(
                     "{raw_len} bytes is not a whole number of {elem}-byte elements"
                 )));

@@ -1,0 +1,383 @@
+//! The job configuration: what `lockstep run CONFIG` and `lockstep-trainer --config` read.
+//!
+//! Unknown fields are rejected (a typo must not silently fall back to a default); every field
+//! is documented; defaults are named constants. Durations use humantime (`"60s"`, `"5m"`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Gang and recovery settings.
+    pub job: JobSection,
+    /// Model architecture or base model.
+    pub model: ModelSection,
+    /// Training data.
+    pub data: DataSection,
+    /// Optimisation.
+    pub train: TrainSection,
+    /// Checkpointing.
+    pub checkpoint: CheckpointSection,
+    /// Export of the finished model; none means no export.
+    #[serde(default)]
+    pub export: Option<ExportSection>,
+}
+
+/// `[job]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Job name: lower-case letters, digits and `-` (it names Kubernetes objects).
+    pub name: String,
+    /// Ranks in the gang.
+    #[serde(default = "defaults::world_size")]
+    pub world_size: u32,
+    /// Whole-gang restarts allowed before the job fails.
+    #[serde(default = "defaults::max_restarts")]
+    pub max_restarts: u32,
+    /// Time for all ranks to launch and join before the attempt is torn down.
+    #[serde(default = "defaults::gang_timeout", with = "humantime_serde")]
+    pub gang_timeout: Duration,
+    /// A rank silent for this long is dead.
+    #[serde(default = "defaults::heartbeat_timeout", with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `"init"` (random weights, architecture below) or a Hugging Face model directory/URL.
+    #[serde(default = "defaults::base")]
+    pub base: String,
+    /// Hidden size (for `init`).
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: u32,
+    /// Decoder layers (for `init`).
+    #[serde(default = "defaults::num_layers")]
+    pub num_layers: u32,
+    /// Attention heads (for `init`).
+    #[serde(default = "defaults::num_heads")]
+    pub num_heads: u32,
+    /// Key/value heads (grouped-query attention; for `init`).
+    #[serde(default = "defaults::num_kv_heads")]
+    pub num_kv_heads: u32,
+    /// MLP inner size (for `init`).
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: u32,
+    /// Vocabulary size (for `init`; 256 is the byte-level tokenizer).
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: u32,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// JSONL files: object_store URLs or globs.
+    pub train: Vec<String>,
+    /// Tokens per packed sequence.
+    #[serde(default = "defaults::seq_len")]
+    pub seq_len: u32,
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per rank per step.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: u32,
+    /// Peak learning rate.
+    #[serde(default = "defaults::lr")]
+    pub lr: f64,
+    /// Linear warmup steps.
+    #[serde(default = "defaults::warmup_steps")]
+    pub warmup_steps: u64,
+    /// Seed of every RNG (init, shuffling, dropout).
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+}
+
+/// `[checkpoint]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Checkpoint root: `file://PATH`, `s3://BUCKET/PREFIX`.
+    pub url: String,
+    /// Steps between checkpoints.
+    #[serde(default = "defaults::every_steps")]
+    pub every_steps: u64,
+    /// Committed checkpoints to keep (the newest is always kept).
+    #[serde(default = "defaults::keep_last")]
+    pub keep_last: usize,
+    /// Also keep every step divisible by this.
+    #[serde(default)]
+    pub keep_every: Option<u64>,
+}
+
+/// `[export]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    /// Where the exported model goes.
+    pub url: String,
+}
+
+/// Named defaults of every optional field.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `job.world_size`.
+    pub fn world_size() -> u32 {
+        1
+    }
+    /// `job.max_restarts`.
+    pub fn max_restarts() -> u32 {
+        3
+    }
+    /// `job.gang_timeout`.
+    pub fn gang_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    /// `job.heartbeat_timeout`.
+    pub fn heartbeat_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    /// `model.base`.
+    pub fn base() -> String {
+        "init".into()
+    }
+    /// `model.hidden_size`.
+    pub fn hidden_size() -> u32 {
+        256
+    }
+    /// `model.num_layers`.
+    pub fn num_layers() -> u32 {
+        4
+    }
+    /// `model.num_heads`.
+    pub fn num_heads() -> u32 {
+        8
+    }
+    /// `model.num_kv_heads`.
+    pub fn num_kv_heads() -> u32 {
+        4
+    }
+    /// `model.intermediate_size`.
+    pub fn intermediate_size() -> u32 {
+        768
+    }
+    /// `model.vocab_size`.
+    pub fn vocab_size() -> u32 {
+        256
+    }
+    /// `data.seq_len`.
+    pub fn seq_len() -> u32 {
+        128
+    }
+    /// `train.batch_size`.
+    pub fn batch_size() -> u32 {
+        8
+    }
+    /// `train.lr`.
+    pub fn lr() -> f64 {
+        3e-4
+    }
+    /// `train.warmup_steps`.
+    pub fn warmup_steps() -> u64 {
+        20
+    }
+    /// `train.seed`.
+    pub fn seed() -> u64 {
+        42
+    }
+    /// `checkpoint.every_steps`.
+    pub fn every_steps() -> u64 {
+        50
+    }
+    /// `checkpoint.keep_last`.
+    pub fn keep_last() -> usize {
+        3
+    }
+}
+
+/// A config that cannot be used, with the field (or override) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid TOML, or a field of the wrong type, or an unknown field.
+    #[error("{source}")]
+    Parse {
+        /// The TOML error (it names the line and the key).
+        #[from]
+        source: toml::de::Error,
+    },
+    /// A `--set key=value` that cannot be applied.
+    #[error("override `{spec}`: {reason}")]
+    Override {
+        /// The override as given.
+        spec: String,
+        /// Why it cannot be applied.
+        reason: String,
+    },
+    /// A value out of range.
+    #[error("`{field}` {reason}")]
+    Invalid {
+        /// Dotted field name.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl JobConfig {
+    /// Parses TOML, applies `overrides` (`section.key=value`, the value in TOML syntax or a bare
+    /// string), then validates.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ConfigError> {
+        let mut doc: toml::Table = toml::from_str(text)?;
+        for spec in overrides {
+            apply_override(&mut doc, spec)?;
+        }
+        let config: JobConfig = toml::Table::try_into(doc)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and relations the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        let name = &self.job.name;
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            || name.starts_with('-')
+            || name.ends_with('-')
+        {
+            return bad(
+                "job.name",
+                "must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'",
+            );
+        }
+        if self.job.world_size == 0 {
+            return bad("job.world_size", "must be at least 1");
+        }
+        let m = &self.model;
+        if m.num_heads == 0 || !m.hidden_size.is_multiple_of(m.num_heads) {
+            return bad("model.num_heads", "must divide model.hidden_size");
+        }
+        if m.num_kv_heads == 0 || !m.num_heads.is_multiple_of(m.num_kv_heads) {
+            return bad("model.num_kv_heads", "must divide model.num_heads");
+        }
+        if self.data.train.is_empty() {
+            return bad("data.train", "must list at least one file");
+        }
+        if self.data.seq_len < 2 {
+            return bad("data.seq_len", "must be at least 2");
+        }
+        if self.train.batch_size == 0 {
+            return bad("train.batch_size", "must be at least 1");
+        }
+        if !(self.train.lr.is_finite() && self.train.lr > 0.0) {
+            return bad("train.lr", "must be a positive number");
+        }
+        if self.checkpoint.every_steps == 0 {
+            return bad("checkpoint.every_steps", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
+    let err = |reason: &str| ConfigError::Override {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| err("expected section.key=value"))?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(err("the key has an empty part"));
+    }
+    // The value as TOML (numbers, booleans, arrays, quoted strings), else a bare string.
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (last, parents) = path.split_last().ok_or_else(|| err("empty key"))?;
+    let mut table = doc;
+    for p in parents {
+        table = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| err(&format!("`{p}` is not a section")))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [job]
+        name = "quickstart"
+        [model]
+        [data]
+        train = ["file://configs/data/quickstart.jsonl"]
+        [train]
+        steps = 300
+        [checkpoint]
+        url = "file://runs/quickstart/checkpoints"
+    "#;
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let c = JobConfig::parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.job.world_size, 1);
+        assert_eq!(c.job.gang_timeout, Duration::from_secs(60));
+        assert_eq!(c.model.hidden_size, 256);
+        assert_eq!(c.checkpoint.keep_last, 3);
+        assert!(c.export.is_none());
+    }
+
+    #[test]
+    fn overrides_apply_with_types() {
+        let sets = [
+            "train.steps=20".to_string(),
+            "job.gang_timeout=\"5s\"".to_string(),
+            "checkpoint.url=s3://b/p".to_string(),
+        ];
+        let c = JobConfig::parse(MINIMAL, &sets).unwrap();
+        assert_eq!(c.train.steps, 20);
+        assert_eq!(c.job.gang_timeout, Duration::from_secs(5));
+        assert_eq!(c.checkpoint.url, "s3://b/p");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = JobConfig::parse(&format!("{MINIMAL}\n[export]\nurl = \"x\"\nbogus = 1"), &[])
+            .unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = JobConfig::parse(MINIMAL, &["model.num_kv_heads=3".into()]).unwrap_err();
+        assert!(e.to_string().contains("model.num_kv_heads"), "{e}");
+        let e = JobConfig::parse(MINIMAL, &["train.steps".into()]).unwrap_err();
+        assert!(e.to_string().contains("train.steps"), "{e}");
+        let e = JobConfig::parse(MINIMAL, &["job.name=Bad_Name".into()]).unwrap_err();
+        assert!(e.to_string().contains("job.name"), "{e}");
+    }
+}
