@@ -30,7 +30,7 @@ fn options() -> StoreOptions {
 async fn run(inner: Arc<dyn ObjectStore>, label: &str) {
     let faults = Faults {
         fail_rate: 0.10,
-        truncate_rate: 0.05,
+        truncate_rate: 0.25,
         latency: Some((Duration::ZERO, Duration::from_millis(2))),
         seed: 7,
     };

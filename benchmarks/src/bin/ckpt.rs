@@ -25,19 +25,31 @@ use serde_json::{Value, json};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().cloned().unwrap_or_else(|| "target/bench-ckpt".into()));
+    let dir = PathBuf::from(
+        args.first()
+            .cloned()
+            .unwrap_or_else(|| "target/bench-ckpt".into()),
+    );
     let params_m: f64 = match args.get(1) {
-        Some(s) => s.parse().with_context(|| format!("PARAMS_MILLIONS `{s}`"))?,
+        Some(s) => s
+            .parse()
+            .with_context(|| format!("PARAMS_MILLIONS `{s}`"))?,
         None => 100.0,
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let mut out = json!({ "params_millions": params_m, "threads": rayon_threads() });
 
     eprintln!("== machine limits");
     let disk = disk_write_bw(&dir.join("dd.bin"), 1 << 30)?;
     let mem = memcpy_bw(1 << 30);
-    eprintln!("fsync'd sequential write {:.3} GB/s, memcpy {:.2} GB/s", disk / 1e9, mem / 1e9);
+    eprintln!(
+        "fsync'd sequential write {:.3} GB/s, memcpy {:.2} GB/s",
+        disk / 1e9,
+        mem / 1e9
+    );
     out["disk_write_gbps"] = json!(disk / 1e9);
     out["memcpy_gbps"] = json!(mem / 1e9);
 
@@ -86,7 +98,9 @@ fn main() -> Result<()> {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Writes `bytes` sequentially in 8 MiB blocks, fsyncs, and returns bytes/s.
@@ -138,7 +152,12 @@ fn run_anchor(out_dir: &Path, params_m: f64) -> Result<Value> {
     let field = |prefix: &str, key: &str| -> Option<f64> {
         let line = text.lines().find(|l| l.starts_with(prefix))?;
         let at = line.find(key)? + key.len();
-        line[at..].split_whitespace().next()?.trim_end_matches('s').parse().ok()
+        line[at..]
+            .split_whitespace()
+            .next()?
+            .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .parse()
+            .ok()
     };
     Ok(json!({
         "torch_save_s": secs("torch.save+fsync"),
@@ -254,7 +273,11 @@ async fn save_load(dir: &Path, tensors: &[TensorInput]) -> Result<Value> {
 /// Single-threaded encode and decode speed of the f32 and bf16 codecs on weight-like data.
 fn codec_speed() -> Value {
     let t = synthetic_state(3.2);
-    let f32s: Vec<u8> = t.iter().filter(|t| t.name.ends_with(".w")).flat_map(|t| t.data.iter().copied()).collect();
+    let f32s: Vec<u8> = t
+        .iter()
+        .filter(|t| t.name.ends_with(".w"))
+        .flat_map(|t| t.data.iter().copied())
+        .collect();
     let bf16: Vec<u8> = t
         .iter()
         .filter(|t| t.name.ends_with(".w"))
@@ -273,7 +296,11 @@ fn codec_speed() -> Value {
         }
         let dec_s = t.elapsed().as_secs_f64();
         let gb = data.len() as f64 / 1e9;
-        eprintln!("{name}: encode {:.2} GB/s, decode {:.2} GB/s per core", gb / enc_s, gb / dec_s);
+        eprintln!(
+            "{name}: encode {:.2} GB/s, decode {:.2} GB/s per core",
+            gb / enc_s,
+            gb / dec_s
+        );
         out[name] = json!({ "encode_gbps": gb / enc_s, "decode_gbps": gb / dec_s });
     }
     out
@@ -347,8 +374,14 @@ fn print_table(out: &Value) {
         ("save / (stored ÷ disk bw)", &out["save_vs_disk_bound"]),
         ("MiniLM fp32 ratio", &out["minilm"]["fp32_ratio"]),
         ("MiniLM bf16 ratio", &out["minilm"]["bf16_ratio"]),
-        ("codec f32 encode GB/s/core", &out["codec_one_core"]["f32"]["encode_gbps"]),
-        ("codec f32 decode GB/s/core", &out["codec_one_core"]["f32"]["decode_gbps"]),
+        (
+            "codec f32 encode GB/s/core",
+            &out["codec_one_core"]["f32"]["encode_gbps"],
+        ),
+        (
+            "codec f32 decode GB/s/core",
+            &out["codec_one_core"]["f32"]["decode_gbps"],
+        ),
     ] {
         eprintln!("| {k} | {} |", f(v));
     }
