@@ -283,22 +283,7 @@ impl CheckpointStore {
     }
 }
 
-const HEADER: [u8; shard::HEADER_LEN as usize] = shard_header();
-
-const fn shard_header() -> [u8; shard::HEADER_LEN as usize] {
-    let mut h = [0u8; shard::HEADER_LEN as usize];
-    let mut i = 0;
-    while i < 8 {
-        h[i] = shard::HEADER_MAGIC[i];
-        i += 1;
-    }
-    let v = FORMAT_VERSION.to_le_bytes();
-    h[8] = v[0];
-    h[9] = v[1];
-    h[10] = v[2];
-    h[11] = v[3];
-    h
-}
+const HEADER: [u8; shard::HEADER_LEN as usize] = shard::encode_header();
 
 /// Where stored bytes go: held in memory until one part's worth has accumulated (small shards
 /// become a single put), then a multipart upload with bounded parts in flight.

@@ -75,10 +75,18 @@ fn malformed(s: impl Into<String>) -> ShardFormatError {
 }
 
 /// The 16-byte header.
-pub fn encode_header() -> [u8; HEADER_LEN as usize] {
+pub const fn encode_header() -> [u8; HEADER_LEN as usize] {
     let mut h = [0u8; HEADER_LEN as usize];
-    h[..8].copy_from_slice(HEADER_MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let mut i = 0;
+    while i < 8 {
+        h[i] = HEADER_MAGIC[i];
+        i += 1;
+    }
+    let v = FORMAT_VERSION.to_le_bytes();
+    h[8] = v[0];
+    h[9] = v[1];
+    h[10] = v[2];
+    h[11] = v[3];
     h
 }
 
