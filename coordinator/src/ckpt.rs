@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use lockstep_storage::format::codec::Codec;
 use lockstep_storage::{CheckpointStore, RetentionPolicy};
 
 /// `lockstep ckpt` subcommands.
@@ -160,7 +159,7 @@ async fn inspect(target: &str, json: bool, out: &mut impl Write) -> Result<ExitC
         let footer = store.read_index(step, info).await?;
         let mut codecs = std::collections::BTreeMap::<&'static str, u64>::new();
         for c in &footer.chunks {
-            *codecs.entry(codec_name(c.codec)).or_default() += 1;
+            *codecs.entry(c.codec.name()).or_default() += 1;
         }
         for (ti, t) in m.tensors.iter().enumerate() {
             for p in t.pieces.iter().filter(|p| p.shard == info.rank) {
@@ -317,16 +316,6 @@ async fn gc(
         report.debris.len()
     )?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn codec_name(c: Codec) -> &'static str {
-    match c {
-        Codec::Raw => "raw",
-        Codec::Zstd => "zstd",
-        Codec::F32 => "f32",
-        Codec::Bf16 => "bf16",
-        Codec::F16 => "f16",
-    }
 }
 
 fn ratio(stored: u64, raw: u64) -> String {

@@ -42,6 +42,17 @@ impl Codec {
         }
     }
 
+    /// The name used in footers and reports (`raw`, `zstd`, `f32`, `bf16`, `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Raw => "raw",
+            Codec::Zstd => "zstd",
+            Codec::F32 => "f32",
+            Codec::Bf16 => "bf16",
+            Codec::F16 => "f16",
+        }
+    }
+
     /// Element size the codec's transform works on (1 for byte codecs).
     pub fn element_size(self) -> usize {
         match self {
