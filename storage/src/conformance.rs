@@ -22,6 +22,7 @@ pub async fn run_all(store: &CheckpointStore) {
     detects_missing_shard(store).await;
     detects_manifest_without_shards(store).await;
     refuses_unknown_versions(store).await;
+    detects_wrong_piece_hash(store).await;
     latest_valid_falls_back(store).await;
 }
 
@@ -349,6 +350,33 @@ pub async fn refuses_unknown_versions(store: &CheckpointStore) {
         }
         r => panic!("expected an unsupported shard version, got {r:?}"),
     }
+}
+
+/// Decoded bytes that differ from what was saved (a codec fault behind valid chunk hashes) are
+/// caught by the piece hashes, on load and on verify.
+pub async fn detects_wrong_piece_hash(store: &CheckpointStore) {
+    clear(store).await;
+    save(store, 130, 2).await;
+    overwrite(store, &store.manifest_path(130), |b| {
+        let mut m = crate::Manifest::parse(b).expect("manifest");
+        let t = m
+            .tensors
+            .iter_mut()
+            .find(|t| t.name == "model.embed_tokens.weight")
+            .expect("tensor");
+        t.pieces[0].hash = "0".repeat(32);
+        *b = m.to_json();
+    })
+    .await;
+    let e = store.load(130).await.expect_err("load must fail");
+    assert!(e.to_string().contains("fails its hash"), "{e}");
+    let report = store.verify(130).await.expect("verify");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0]
+            .to_string()
+            .contains("model.embed_tokens.weight")
+    );
 }
 
 /// `latest_valid` skips a corrupt newest checkpoint and loads the previous one.

@@ -375,84 +375,149 @@ impl Sink {
         }
     }
 
+    /// Checks and decodes one batch of chunks. Chunks decode in parallel: with `keep`, straight
+    /// into their place in the tensor buffers (piece hashes are checked in [`Sink::finish`]);
+    /// without, into temporary buffers that feed each piece's streaming hash.
     fn consume(&mut self, batch: Batch, data: Bytes) {
-        let base = batch.range.start;
-        let decoded: Vec<std::result::Result<Vec<u8>, String>> = batch
-            .entries
-            .par_iter()
-            .map(|c| {
-                let stored = &data[(c.offset - base) as usize..(c.offset - base + c.len) as usize];
-                if shard::hash128_hex(stored) != c.hash {
-                    return Err("chunk hash mismatch".to_string());
-                }
-                codec::decode(c.codec, stored, c.raw_len as usize).map_err(|e| e.to_string())
-            })
-            .collect();
         let rank = batch.rank;
-        for (i, (c, d)) in batch.entries.iter().zip(decoded).enumerate() {
-            let chunk_index = batch.first + i;
-            self.chunks += 1;
-            self.stored_bytes += c.len;
-            self.raw_bytes += c.raw_len;
+        let base = batch.range.start;
+        // Which piece each chunk belongs to (chunks arrive in shard order).
+        let mut owner: Vec<Option<usize>> = Vec::with_capacity(batch.entries.len());
+        for (i, c) in batch.entries.iter().enumerate() {
             let pieces = &mut self.pieces[rank];
             let cur = &mut self.cursor[rank];
             while *cur < pieces.len()
-                && pieces[*cur].offset + pieces[*cur].length <= c.raw_offset
-                && pieces[*cur].length > 0
+                && (pieces[*cur].length == 0
+                    || pieces[*cur].offset + pieces[*cur].length <= c.raw_offset)
             {
+                pieces[*cur].done |= pieces[*cur].length == 0;
                 *cur += 1;
             }
-            // Skip empty pieces sitting at this offset.
-            while *cur < pieces.len() && pieces[*cur].length == 0 {
-                pieces[*cur].done = true;
-                *cur += 1;
-            }
-            let Some(p) = pieces.get_mut(*cur) else {
-                continue; // bytes no piece refers to
-            };
-            if c.raw_offset < p.offset {
-                continue; // a gap before the piece
-            }
-            if c.raw_offset + c.raw_len > p.offset + p.length {
-                self.problems.push(Error::corrupt(
-                    &self.files[rank],
-                    Some(chunk_index),
-                    format!(
-                        "chunk straddles the end of a piece of `{}`",
-                        self.names[p.tensor]
-                    ),
-                ));
-                p.tainted = true;
-                continue;
-            }
-            match d {
-                Err(reason) => {
+            let o = match pieces.get_mut(*cur) {
+                // Bytes no piece refers to, or a gap before the next piece.
+                None => None,
+                Some(p) if c.raw_offset < p.offset => None,
+                Some(p) if c.raw_offset + c.raw_len > p.offset + p.length => {
+                    p.tainted = true;
                     self.problems.push(Error::corrupt(
                         &self.files[rank],
-                        Some(chunk_index),
+                        Some(batch.first + i),
+                        format!(
+                            "chunk straddles the end of a piece of `{}`",
+                            self.names[p.tensor]
+                        ),
+                    ));
+                    None
+                }
+                Some(_) => Some(*cur),
+            };
+            owner.push(o);
+        }
+
+        let check = |c: &ChunkEntry| -> Result<&[u8], String> {
+            let stored = &data[(c.offset - base) as usize..(c.offset - base + c.len) as usize];
+            if shard::hash128_hex(stored) != c.hash {
+                return Err("chunk hash mismatch".to_string());
+            }
+            Ok(stored)
+        };
+        let results: Vec<(usize, Result<Vec<u8>, String>)> = if self.keep {
+            // Carve disjoint destination slices out of the tensor buffers, then decode into them.
+            let mut targets: Vec<(usize, usize, usize)> = owner
+                .iter()
+                .enumerate()
+                .filter_map(|(i, o)| {
+                    let p = &self.pieces[rank][(*o)?];
+                    let c = &batch.entries[i];
+                    Some((
+                        i,
+                        p.tensor,
+                        (p.tensor_offset + c.raw_offset - p.offset) as usize,
+                    ))
+                })
+                .collect();
+            targets.sort_by_key(|&(_, t, at)| (t, at));
+            let mut jobs: Vec<(usize, &mut [u8])> = Vec::with_capacity(targets.len());
+            let mut targets = targets.into_iter().peekable();
+            for (t, buf) in self.tensors.iter_mut().enumerate() {
+                let mut rest: &mut [u8] = buf;
+                let mut consumed = 0usize;
+                while let Some(&(i, _, at)) = targets.peek().filter(|&&(_, tt, _)| tt == t) {
+                    targets.next();
+                    let len = batch.entries[i].raw_len as usize;
+                    // Pieces tile tensors and chunks tile pieces, so targets never overlap.
+                    if at < consumed || at + len > consumed + rest.len() {
+                        continue;
+                    }
+                    let tail = std::mem::take(&mut rest);
+                    let (_, tail) = tail.split_at_mut(at - consumed);
+                    let (dest, tail) = tail.split_at_mut(len);
+                    rest = tail;
+                    consumed = at + len;
+                    jobs.push((i, dest));
+                }
+            }
+            jobs.into_par_iter()
+                .map(|(i, dest)| {
+                    let c = &batch.entries[i];
+                    let r = check(c).and_then(|stored| {
+                        codec::decode_into(c.codec, stored, dest).map_err(|e| e.to_string())
+                    });
+                    (i, r.map(|()| Vec::new()))
+                })
+                .collect()
+        } else {
+            batch
+                .entries
+                .par_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let r = check(c).and_then(|stored| {
+                        codec::decode(c.codec, stored, c.raw_len as usize)
+                            .map_err(|e| e.to_string())
+                    });
+                    (i, r)
+                })
+                .collect()
+        };
+        let mut results: Vec<Option<Result<Vec<u8>, String>>> = {
+            let mut v: Vec<Option<_>> = (0..batch.entries.len()).map(|_| None).collect();
+            for (i, r) in results {
+                v[i] = Some(r);
+            }
+            v
+        };
+
+        for (i, c) in batch.entries.iter().enumerate() {
+            self.chunks += 1;
+            self.stored_bytes += c.len;
+            self.raw_bytes += c.raw_len;
+            let Some(pi) = owner[i] else { continue };
+            let p = &mut self.pieces[rank][pi];
+            match results[i].take() {
+                Some(Ok(bytes)) => {
+                    if !self.keep {
+                        p.hasher.update(&bytes);
+                    }
+                }
+                Some(Err(reason)) => {
+                    self.problems.push(Error::corrupt(
+                        &self.files[rank],
+                        Some(batch.first + i),
                         reason,
                     ));
                     p.tainted = true;
                 }
-                Ok(bytes) => {
-                    p.hasher.update(&bytes);
-                    if self.keep {
-                        let at = (p.tensor_offset + c.raw_offset - p.offset) as usize;
-                        self.tensors[p.tensor][at..at + bytes.len()].copy_from_slice(&bytes);
-                    }
-                }
+                None => p.tainted = true,
             }
             p.seen += c.raw_len;
             if p.seen == p.length {
                 p.done = true;
-                if !p.tainted && p.hasher.digest128() != p.hash {
-                    self.problems.push(Error::corrupt(
+                if !self.keep && !p.tainted && p.hasher.digest128() != p.hash {
+                    self.problems.push(piece_mismatch(
                         &self.files[rank],
-                        None,
-                        format!(
-                            "piece of `{}` at tensor offset {} fails its hash",
-                            self.names[p.tensor], p.tensor_offset
-                        ),
+                        &self.names[p.tensor],
+                        p.tensor_offset,
                     ));
                 }
             }
@@ -460,6 +525,30 @@ impl Sink {
     }
 
     fn finish(mut self) -> Sink {
+        if self.keep {
+            // Piece hashes over the filled tensor buffers, in parallel.
+            let tensors = &self.tensors;
+            let bad: Vec<(usize, usize, u64)> = self
+                .pieces
+                .par_iter()
+                .enumerate()
+                .flat_map_iter(|(rank, pieces)| {
+                    pieces.iter().filter_map(move |p| {
+                        let start = p.tensor_offset as usize;
+                        let bytes = &tensors[p.tensor][start..start + p.length as usize];
+                        (p.done && !p.tainted && xxhash_rust::xxh3::xxh3_128(bytes) != p.hash)
+                            .then_some((rank, p.tensor, p.tensor_offset))
+                    })
+                })
+                .collect();
+            for (rank, tensor, offset) in bad {
+                self.problems.push(piece_mismatch(
+                    &self.files[rank],
+                    &self.names[tensor],
+                    offset,
+                ));
+            }
+        }
         for (rank, pieces) in self.pieces.iter().enumerate() {
             if self.bad_shards[rank] {
                 continue;
@@ -479,4 +568,12 @@ impl Sink {
         }
         self
     }
+}
+
+fn piece_mismatch(file: &str, tensor: &str, offset: u64) -> Error {
+    Error::corrupt(
+        file,
+        None,
+        format!("piece of `{tensor}` at tensor offset {offset} fails its hash"),
+    )
 }
