@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::format::FORMAT_VERSION;
@@ -219,7 +218,9 @@ impl CheckpointStore {
             },
             chunks: Vec::new(),
             raw_offset: 0,
+            queued_raw: 0,
             file_offset: shard::HEADER_LEN,
+            pending: VecDeque::new(),
             pieces: Vec::new(),
         }
     }
@@ -292,8 +293,10 @@ enum Sink {
     Multipart(WriteMultipart),
 }
 
-/// Streams one shard to the store. Pieces are cut into chunks, compressed in parallel on the
-/// blocking pool, hashed, and uploaded in order while the next batch compresses.
+/// Streams one shard to the store. Pieces are cut into chunks; each chunk is compressed and
+/// hashed as its own task on the blocking pool, up to [`ShardWriter::window`] tasks ahead of the
+/// upload, across piece boundaries (a model of many small tensors keeps every core busy), and
+/// the results are uploaded in order.
 pub struct ShardWriter {
     store: CheckpointStore,
     path: Path,
@@ -301,15 +304,32 @@ pub struct ShardWriter {
     rank: u32,
     sink: Sink,
     chunks: Vec<ChunkEntry>,
+    /// Decoded bytes uploaded so far.
     raw_offset: u64,
+    /// Decoded bytes handed to tasks so far (≥ `raw_offset`).
+    queued_raw: u64,
     file_offset: u64,
+    pending: VecDeque<Pending>,
     pieces: Vec<PieceMeta>,
 }
 
-type Encoded = Vec<(Codec, Vec<u8>, String, u64)>;
+/// Work in flight, in shard order.
+enum Pending {
+    /// A chunk being encoded: (codec used, stored bytes, hash of the stored bytes, decoded length).
+    Chunk(tokio::task::JoinHandle<(Codec, Vec<u8>, String, u64)>),
+    /// A piece whose chunks precede it in the queue, and the task hashing its bytes.
+    Piece(PieceMeta, tokio::task::JoinHandle<String>),
+}
 
 impl ShardWriter {
-    /// Appends one piece.
+    /// Chunk tasks in flight: two per core keeps the cores busy while results upload; with the
+    /// chunk size this bounds the writer's memory (about 2 × cores × `chunk_size` of output).
+    fn window() -> usize {
+        2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Appends one piece. Returns once its chunks are queued; errors of earlier pieces surface
+    /// here or in [`ShardWriter::finish`].
     pub async fn write_piece(&mut self, piece: PieceInput) -> Result<()> {
         let elem = piece.dtype.size();
         if !piece.data.len().is_multiple_of(elem)
@@ -323,64 +343,60 @@ impl ShardWriter {
                 elem
             )));
         }
-        let data = piece.data.clone();
-        let hash = tokio::task::spawn_blocking(move || shard::hash128_hex(&data));
         let chunk = (self.store.opts.chunk_size / elem).max(1) * elem;
-        let slices: Vec<Bytes> = (0..piece.data.len())
-            .step_by(chunk)
-            .map(|at| piece.data.slice(at..(at + chunk).min(piece.data.len())))
-            .collect();
         let codec = Codec::for_dtype(piece.dtype);
         let level = self.store.opts.zstd_level;
-        let batch = rayon::current_num_threads().max(1) * 2;
-        let mut pending: VecDeque<tokio::task::JoinHandle<Encoded>> = VecDeque::new();
-        let start = self.raw_offset;
-        for group in slices.chunks(batch) {
-            let group = group.to_vec();
-            pending.push_back(tokio::task::spawn_blocking(move || {
-                group
-                    .par_iter()
-                    .map(|c| {
-                        let (codec, stored) = codec::encode(codec, c, level);
-                        let hash = shard::hash128_hex(&stored);
-                        (codec, stored, hash, c.len() as u64)
-                    })
-                    .collect()
-            }));
-            if pending.len() >= 2
-                && let Some(done) = pending.pop_front()
-            {
-                self.emit(done.await?).await?;
-            }
+        let start = self.queued_raw;
+        for at in (0..piece.data.len()).step_by(chunk) {
+            let c = piece.data.slice(at..(at + chunk).min(piece.data.len()));
+            self.queued_raw += c.len() as u64;
+            self.pending
+                .push_back(Pending::Chunk(tokio::task::spawn_blocking(move || {
+                    let (codec, stored) = codec::encode(codec, &c, level);
+                    let hash = shard::hash128_hex(&stored);
+                    (codec, stored, hash, c.len() as u64)
+                })));
+            self.drain(Self::window()).await?;
         }
-        while let Some(done) = pending.pop_front() {
-            self.emit(done.await?).await?;
-        }
-        self.pieces.push(PieceMeta {
+        let data = piece.data.clone();
+        let hash = tokio::task::spawn_blocking(move || shard::hash128_hex(&data));
+        let meta = PieceMeta {
             tensor: piece.tensor,
             dtype: piece.dtype,
             shape: piece.shape,
             tensor_offset: piece.tensor_offset,
             offset: start,
             length: piece.data.len() as u64,
-            hash: hash.await?,
-        });
-        Ok(())
+            hash: String::new(),
+        };
+        self.pending.push_back(Pending::Piece(meta, hash));
+        self.drain(Self::window()).await
     }
 
-    async fn emit(&mut self, encoded: Encoded) -> Result<()> {
-        for (codec, stored, hash, raw_len) in encoded {
-            self.chunks.push(ChunkEntry {
-                raw_offset: self.raw_offset,
-                raw_len,
-                offset: self.file_offset,
-                len: stored.len() as u64,
-                codec,
-                hash,
-            });
-            self.raw_offset += raw_len;
-            self.file_offset += stored.len() as u64;
-            self.push(Bytes::from(stored)).await?;
+    /// Completes queued work in order until at most `keep` items remain.
+    async fn drain(&mut self, keep: usize) -> Result<()> {
+        while self.pending.len() > keep {
+            match self.pending.pop_front() {
+                Some(Pending::Chunk(task)) => {
+                    let (codec, stored, hash, raw_len) = task.await?;
+                    self.chunks.push(ChunkEntry {
+                        raw_offset: self.raw_offset,
+                        raw_len,
+                        offset: self.file_offset,
+                        len: stored.len() as u64,
+                        codec,
+                        hash,
+                    });
+                    self.raw_offset += raw_len;
+                    self.file_offset += stored.len() as u64;
+                    self.push(Bytes::from(stored)).await?;
+                }
+                Some(Pending::Piece(mut meta, hash)) => {
+                    meta.hash = hash.await?;
+                    self.pieces.push(meta);
+                }
+                None => break,
+            }
         }
         Ok(())
     }
@@ -421,6 +437,7 @@ impl ShardWriter {
 
     /// Writes the footer, completes the upload, makes it durable and checks the stored size.
     pub async fn finish(mut self) -> Result<ShardMeta> {
+        self.drain(0).await?;
         let footer = ShardFooter {
             version: FORMAT_VERSION,
             chunks: std::mem::take(&mut self.chunks),
