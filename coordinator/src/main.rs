@@ -6,6 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed memory for reuse instead of returning it to the kernel: checkpoint IO
+/// allocates and frees tens of MiB per chunk batch, and with glibc every batch paid fresh page
+/// faults. Loading 1.17 GB went from 0.66 s to 0.38 s (benchmarks/README.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// lockstep — distributed training and checkpoint runtime.
 ///
 /// Checkpoint URLs are `file://PATH` (relative paths resolve against the working directory;

@@ -327,33 +327,39 @@ fn split(codec: Codec, data: &[u8], planes: &mut [Vec<u8>]) {
     }
     match (codec, planes) {
         (Codec::F32, [e, s, m, l]) => {
-            // Fixed-size blocks let the compiler vectorise the shuffle.
+            // Fixed-size blocks (arrays: no bounds checks in the inner loop).
             const B: usize = 16;
-            let blocks = n / B;
-            for b in 0..blocks {
-                let c = &data[4 * B * b..4 * B * (b + 1)];
-                let (eb, sb, mb, lb) = (
-                    &mut e[B * b..B * (b + 1)],
-                    &mut s[B * b..B * (b + 1)],
-                    &mut m[B * b..B * (b + 1)],
-                    &mut l[B * b..B * (b + 1)],
-                );
+            let f = |c: &[u8]| {
+                let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                (
+                    x as u8,
+                    (x >> 8) as u8,
+                    (x >> 23) as u8,
+                    (((x >> 31) << 7) | ((x >> 16) & 0x7f)) as u8,
+                )
+            };
+            let blocks = data
+                .chunks_exact(4 * B)
+                .zip(e.chunks_exact_mut(B))
+                .zip(s.chunks_exact_mut(B))
+                .zip(m.chunks_exact_mut(B))
+                .zip(l.chunks_exact_mut(B));
+            for ((((c, e), s), m), l) in blocks {
+                let (Ok(c), Ok(e), Ok(s), Ok(m), Ok(l)) = (
+                    <&[u8; 4 * B]>::try_from(c),
+                    <&mut [u8; B]>::try_from(e),
+                    <&mut [u8; B]>::try_from(s),
+                    <&mut [u8; B]>::try_from(m),
+                    <&mut [u8; B]>::try_from(l),
+                ) else {
+                    continue;
+                };
                 for i in 0..B {
-                    let x =
-                        u32::from_le_bytes([c[4 * i], c[4 * i + 1], c[4 * i + 2], c[4 * i + 3]]);
-                    eb[i] = (x >> 23) as u8;
-                    sb[i] = (((x >> 31) << 7) | ((x >> 16) & 0x7f)) as u8;
-                    mb[i] = (x >> 8) as u8;
-                    lb[i] = x as u8;
+                    (l[i], m[i], e[i], s[i]) = f(&c[4 * i..4 * i + 4]);
                 }
             }
-            for i in blocks * B..n {
-                let c = &data[4 * i..4 * i + 4];
-                let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                e[i] = (x >> 23) as u8;
-                s[i] = (((x >> 31) << 7) | ((x >> 16) & 0x7f)) as u8;
-                m[i] = (x >> 8) as u8;
-                l[i] = x as u8;
+            for i in n / B * B..n {
+                (l[i], m[i], e[i], s[i]) = f(&data[4 * i..4 * i + 4]);
             }
         }
         (Codec::Bf16, [e, s]) => {
