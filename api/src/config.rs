@@ -71,6 +71,15 @@ pub struct ModelSection {
     /// Vocabulary size (for `init`; 256 is the byte-level tokenizer).
     #[serde(default = "defaults::vocab_size")]
     pub vocab_size: u32,
+    /// RoPE base frequency (for `init`).
+    #[serde(default = "defaults::rope_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon (for `init`).
+    #[serde(default = "defaults::rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// Share the input embedding with the output projection (for `init`).
+    #[serde(default)]
+    pub tie_embeddings: bool,
 }
 
 /// `[data]`.
@@ -82,6 +91,10 @@ pub struct DataSection {
     /// Tokens per packed sequence.
     #[serde(default = "defaults::seq_len")]
     pub seq_len: u32,
+    /// Skip (and count) records that are not valid JSON or lack `text` / `prompt`+`completion`,
+    /// instead of failing with the file and line.
+    #[serde(default)]
+    pub skip_bad_records: bool,
 }
 
 /// `[train]`.
@@ -102,6 +115,43 @@ pub struct TrainSection {
     /// Seed of every RNG (init, shuffling, dropout).
     #[serde(default = "defaults::seed")]
     pub seed: u64,
+    /// Learning-rate decay after warmup.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// The decayed learning rate at the last step, as a fraction of `lr`.
+    #[serde(default = "defaults::min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW first-moment decay.
+    #[serde(default = "defaults::beta1")]
+    pub beta1: f64,
+    /// AdamW second-moment decay.
+    #[serde(default = "defaults::beta2")]
+    pub beta2: f64,
+    /// AdamW epsilon.
+    #[serde(default = "defaults::adam_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 turns clipping off.
+    #[serde(default = "defaults::grad_clip")]
+    pub grad_clip: f64,
+    /// Micro-batches accumulated per optimizer step (each of `batch_size` sequences).
+    #[serde(default = "defaults::grad_accum")]
+    pub grad_accum: u32,
+}
+
+/// How the learning rate decays after warmup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine from `lr` to `lr * min_lr_ratio`.
+    #[default]
+    Cosine,
+    /// Linear from `lr` to `lr * min_lr_ratio`.
+    Linear,
+    /// `lr` throughout.
+    Constant,
 }
 
 /// `[checkpoint]`.
@@ -119,6 +169,40 @@ pub struct CheckpointSection {
     /// Also keep every step divisible by this.
     #[serde(default)]
     pub keep_every: Option<u64>,
+    /// Where a started job begins: `"latest"` (the newest committed checkpoint that verifies,
+    /// or from scratch when there is none), `"none"` (from scratch; refuses to run over
+    /// existing checkpoints) or a step number.
+    #[serde(default = "defaults::resume")]
+    pub resume: String,
+}
+
+/// Where a started job begins (see [`CheckpointSection::resume`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest committed checkpoint that verifies; from scratch when there is none.
+    Latest,
+    /// From scratch.
+    Fresh,
+    /// This step.
+    Step(u64),
+}
+
+impl Resume {
+    /// Parses `"latest"`, `"none"` or a step number.
+    pub fn parse(text: &str) -> Option<Resume> {
+        match text {
+            "latest" => Some(Resume::Latest),
+            "none" => Some(Resume::Fresh),
+            n => n.parse().ok().map(Resume::Step),
+        }
+    }
+}
+
+impl CheckpointSection {
+    /// [`CheckpointSection::resume`], parsed (validation guarantees it parses).
+    pub fn resume_from(&self) -> Resume {
+        Resume::parse(&self.resume).unwrap_or(Resume::Latest)
+    }
 }
 
 /// `[export]`.
@@ -177,6 +261,14 @@ pub mod defaults {
     pub fn vocab_size() -> u32 {
         256
     }
+    /// `model.rope_theta`.
+    pub fn rope_theta() -> f64 {
+        10000.0
+    }
+    /// `model.rms_norm_eps`.
+    pub fn rms_norm_eps() -> f64 {
+        1e-5
+    }
     /// `data.seq_len`.
     pub fn seq_len() -> u32 {
         128
@@ -196,6 +288,34 @@ pub mod defaults {
     /// `train.seed`.
     pub fn seed() -> u64 {
         42
+    }
+    /// `train.min_lr_ratio`.
+    pub fn min_lr_ratio() -> f64 {
+        0.1
+    }
+    /// `train.beta1`.
+    pub fn beta1() -> f64 {
+        0.9
+    }
+    /// `train.beta2`.
+    pub fn beta2() -> f64 {
+        0.999
+    }
+    /// `train.eps`.
+    pub fn adam_eps() -> f64 {
+        1e-8
+    }
+    /// `train.grad_clip`.
+    pub fn grad_clip() -> f64 {
+        1.0
+    }
+    /// `train.grad_accum`.
+    pub fn grad_accum() -> u32 {
+        1
+    }
+    /// `checkpoint.resume`.
+    pub fn resume() -> String {
+        "latest".into()
     }
     /// `checkpoint.every_steps`.
     pub fn every_steps() -> u64 {
@@ -291,6 +411,52 @@ impl JobConfig {
         }
         if !(self.train.lr.is_finite() && self.train.lr > 0.0) {
             return bad("train.lr", "must be a positive number");
+        }
+        if m.hidden_size == 0 || m.num_layers == 0 || m.intermediate_size == 0 {
+            return bad(
+                "model.hidden_size",
+                "hidden_size, num_layers and intermediate_size must be at least 1",
+            );
+        }
+        if !(m.hidden_size / m.num_heads).is_multiple_of(2) {
+            return bad("model.num_heads", "must leave an even head size (RoPE)");
+        }
+        if m.vocab_size < 2 {
+            return bad("model.vocab_size", "must be at least 2");
+        }
+        if !(m.rope_theta.is_finite() && m.rope_theta > 0.0) {
+            return bad("model.rope_theta", "must be a positive number");
+        }
+        if !(m.rms_norm_eps.is_finite() && m.rms_norm_eps > 0.0) {
+            return bad("model.rms_norm_eps", "must be a positive number");
+        }
+        let t = &self.train;
+        if !(t.min_lr_ratio.is_finite() && (0.0..=1.0).contains(&t.min_lr_ratio)) {
+            return bad("train.min_lr_ratio", "must be between 0 and 1");
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return bad("train.weight_decay", "must be zero or positive");
+        }
+        if !(t.beta1.is_finite() && (0.0..1.0).contains(&t.beta1)) {
+            return bad("train.beta1", "must be in [0, 1)");
+        }
+        if !(t.beta2.is_finite() && (0.0..1.0).contains(&t.beta2)) {
+            return bad("train.beta2", "must be in [0, 1)");
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return bad("train.eps", "must be a positive number");
+        }
+        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+            return bad("train.grad_clip", "must be zero (off) or positive");
+        }
+        if t.grad_accum == 0 {
+            return bad("train.grad_accum", "must be at least 1");
+        }
+        if Resume::parse(&self.checkpoint.resume).is_none() {
+            return bad(
+                "checkpoint.resume",
+                "must be \"latest\", \"none\" or a step number",
+            );
         }
         if self.checkpoint.every_steps == 0 {
             return bad("checkpoint.every_steps", "must be at least 1");

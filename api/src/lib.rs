@@ -9,4 +9,4 @@
 
 pub mod config;
 
-pub use config::{ConfigError, JobConfig};
+pub use config::{ConfigError, JobConfig, Resume, Schedule};

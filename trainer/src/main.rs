@@ -1,0 +1,2 @@
+//! `lockstep-trainer`: one rank of a lockstep job.
+fn main() {}

@@ -1,0 +1,330 @@
+//! A Llama-architecture decoder in Burn: RMSNorm, RoPE, grouped-query causal attention, SwiGLU
+//! MLP, optionally tied embeddings — computed the way Hugging Face's `LlamaForCausalLM` does, so
+//! a model imported from a HF checkpoint gives HF's logits.
+//!
+//! Parameters are a flat list of named tensors in Hugging Face's names and layouts (linear
+//! weights `[out, in]`; flex and CUDA multiply by the transposed view without copying), so
+//! import, export, checkpoints, the optimizer and gradient all-reduce all walk one list.
+//! Vectors (norm weights) are held as `[1, n]` matrices; [`ParamSpec::shape`] is the real shape.
+//!
+//! - [`config`]: [`LlamaConfig`], the HF `config.json`.
+//! - [`hf`]: safetensors import and export.
+
+pub mod config;
+pub mod hf;
+
+use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, Tensor, TensorData};
+
+pub use config::LlamaConfig;
+
+use crate::rng::Rng;
+
+/// One parameter's name (Hugging Face's) and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// E.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// HF shape: `[out, in]` for linear weights, `[n]` for norm weights.
+    pub shape: Vec<usize>,
+}
+
+impl ParamSpec {
+    fn new(name: impl Into<String>, shape: &[usize]) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    /// Elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Norm weights (vectors): initialised to one, never weight-decayed.
+    pub fn is_vector(&self) -> bool {
+        self.shape.len() == 1
+    }
+
+    /// The `[rows, cols]` shape the tensor is held in.
+    pub fn shape2(&self) -> [usize; 2] {
+        match self.shape.as_slice() {
+            [n] => [1, *n],
+            [r, c] => [*r, *c],
+            _ => [1, self.numel()],
+        }
+    }
+}
+
+/// Per-layer parameter order (indices within a layer's block).
+const PER_LAYER: usize = 9;
+const ATTN_NORM: usize = 0;
+const Q: usize = 1;
+const K: usize = 2;
+const V: usize = 3;
+const O: usize = 4;
+const MLP_NORM: usize = 5;
+const GATE: usize = 6;
+const UP: usize = 7;
+const DOWN: usize = 8;
+
+/// Every parameter of `cfg` in order: embedding, each layer's nine, final norm, LM head
+/// (absent when tied).
+pub fn param_specs(cfg: &LlamaConfig) -> Vec<ParamSpec> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let hd = cfg.head_size();
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+    let mut specs = vec![ParamSpec::new("model.embed_tokens.weight", &[v, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+        specs.push(ParamSpec::new(p("input_layernorm"), &[h]));
+        specs.push(ParamSpec::new(p("self_attn.q_proj"), &[q, h]));
+        specs.push(ParamSpec::new(p("self_attn.k_proj"), &[kv, h]));
+        specs.push(ParamSpec::new(p("self_attn.v_proj"), &[kv, h]));
+        specs.push(ParamSpec::new(p("self_attn.o_proj"), &[h, q]));
+        specs.push(ParamSpec::new(p("post_attention_layernorm"), &[h]));
+        specs.push(ParamSpec::new(p("mlp.gate_proj"), &[i, h]));
+        specs.push(ParamSpec::new(p("mlp.up_proj"), &[i, h]));
+        specs.push(ParamSpec::new(p("mlp.down_proj"), &[h, i]));
+    }
+    specs.push(ParamSpec::new("model.norm.weight", &[h]));
+    if !cfg.tie_word_embeddings {
+        specs.push(ParamSpec::new("lm_head.weight", &[v, h]));
+    }
+    specs
+}
+
+/// A Llama decoder: its architecture and its parameters in [`param_specs`] order.
+#[derive(Debug, Clone)]
+pub struct Llama<B: Backend> {
+    /// The architecture.
+    pub config: LlamaConfig,
+    /// Names and shapes, parallel to `params`.
+    pub specs: Vec<ParamSpec>,
+    /// The parameters, each `[rows, cols]` per [`ParamSpec::shape2`].
+    pub params: Vec<Tensor<B, 2>>,
+}
+
+/// Token ids and loss targets for one micro-batch of `rows` sequences of `seq_len` tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Sequences.
+    pub rows: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Input ids, `rows * seq_len`.
+    pub inputs: Vec<i32>,
+    /// The next token at each position, `rows * seq_len`.
+    pub targets: Vec<i32>,
+    /// 1.0 where the target counts in the loss, 0.0 where it is masked (prompt tokens).
+    pub weights: Vec<f32>,
+}
+
+impl Batch {
+    /// Targets that count in the loss.
+    pub fn counted(&self) -> f64 {
+        self.weights.iter().map(|&w| w as f64).sum()
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// A randomly initialised model: weights ~ N(0, 0.02²) as HF's `initializer_range`, norms
+    /// one. Drawn on the host from `seed`, so every backend and machine starts identically.
+    pub fn init(config: LlamaConfig, seed: u64, device: &B::Device) -> Llama<B> {
+        let specs = param_specs(&config);
+        let mut rng = Rng::derive(seed, 0x1417);
+        let params = specs
+            .iter()
+            .map(|s| {
+                let values: Vec<f32> = if s.is_vector() {
+                    vec![1.0; s.numel()]
+                } else {
+                    (0..s.numel())
+                        .map(|_| (rng.normal() * 0.02) as f32)
+                        .collect()
+                };
+                Tensor::from_data(TensorData::new(values, s.shape2()), device)
+            })
+            .collect();
+        Llama {
+            config,
+            specs,
+            params,
+        }
+    }
+
+    /// A model from parameter values in [`param_specs`] order (`f32`, row-major, HF layout).
+    pub fn from_values(config: LlamaConfig, values: Vec<Vec<f32>>, device: &B::Device) -> Llama<B> {
+        let specs = param_specs(&config);
+        let params = specs
+            .iter()
+            .zip(values)
+            .map(|(s, v)| Tensor::from_data(TensorData::new(v, s.shape2()), device))
+            .collect();
+        Llama {
+            config,
+            specs,
+            params,
+        }
+    }
+
+    fn layer(&self, l: usize, which: usize) -> Tensor<B, 2> {
+        self.params[1 + l * PER_LAYER + which].clone()
+    }
+
+    fn final_norm(&self) -> Tensor<B, 2> {
+        self.params[1 + self.config.num_hidden_layers * PER_LAYER].clone()
+    }
+
+    fn lm_head(&self) -> Tensor<B, 2> {
+        if self.config.tie_word_embeddings {
+            self.params[0].clone()
+        } else {
+            self.params[2 + self.config.num_hidden_layers * PER_LAYER].clone()
+        }
+    }
+
+    /// Logits `[rows * seq_len, vocab]` for `inputs` (`rows` sequences of `seq_len` ids).
+    pub fn forward(&self, inputs: &[i32], rows: usize, seq_len: usize) -> Tensor<B, 2> {
+        let c = &self.config;
+        let device = self.params[0].device();
+        let (h, nh, nkv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.kv_heads(),
+            c.head_size(),
+        );
+        let n = rows * seq_len;
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(inputs.to_vec(), [n]), &device);
+        let (cos, sin) = rope_tables::<B>(c, seq_len, &device);
+        let eps = c.rms_norm_eps;
+        let mut x = self.params[0].clone().select(0, ids); // [n, h]
+        for l in 0..c.num_hidden_layers {
+            let a = rms_norm(x.clone(), self.layer(l, ATTN_NORM), eps);
+            let heads = |t: Tensor<B, 2>, k: usize| {
+                t.reshape([rows, seq_len, k, hd]).swap_dims(1, 2) // [rows, k, seq, hd]
+            };
+            let q = heads(linear(a.clone(), self.layer(l, Q)), nh);
+            let k = heads(linear(a.clone(), self.layer(l, K)), nkv);
+            let v = heads(linear(a, self.layer(l, V)), nkv);
+            let q = rope(q, cos.clone(), sin.clone());
+            let k = rope(k, cos.clone(), sin.clone());
+            let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+            let opts = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: true,
+            };
+            let o = attention(q, k, v, None, None, opts)
+                .swap_dims(1, 2)
+                .reshape([n, nh * hd]);
+            x = x + linear(o, self.layer(l, O));
+            let m = rms_norm(x.clone(), self.layer(l, MLP_NORM), eps);
+            let g = silu(linear(m.clone(), self.layer(l, GATE))) * linear(m, self.layer(l, UP));
+            x = x + linear(g, self.layer(l, DOWN));
+        }
+        let x = rms_norm(x, self.final_norm(), eps);
+        let _ = h;
+        linear(x, self.lm_head())
+    }
+
+    /// The summed cross-entropy of `batch`'s counted targets (divide by the number counted for
+    /// the mean). A scalar tensor `[1]`.
+    pub fn loss_sum(&self, batch: &Batch) -> Tensor<B, 1> {
+        let device = self.params[0].device();
+        let n = batch.rows * batch.seq_len;
+        let logits = self.forward(&batch.inputs, batch.rows, batch.seq_len);
+        let logp = log_softmax(logits, 1);
+        let targets =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [n, 1]), &device);
+        let weights =
+            Tensor::<B, 2>::from_data(TensorData::new(batch.weights.clone(), [n, 1]), &device);
+        (logp.gather(1, targets) * weights).sum().neg()
+    }
+
+    /// Parameter count.
+    pub fn num_params(&self) -> usize {
+        self.specs.iter().map(ParamSpec::numel).sum()
+    }
+
+    /// Every parameter's values, `f32` row-major in HF layout, in [`param_specs`] order.
+    pub fn values(&self) -> Vec<Vec<f32>> {
+        self.params
+            .iter()
+            .map(|p| tensor_values(p.clone()))
+            .collect()
+    }
+}
+
+/// A tensor's `f32` values, row-major.
+pub fn tensor_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    let data = t.into_data();
+    match data.as_slice::<f32>() {
+        Ok(s) => s.to_vec(),
+        Err(_) => data.iter::<f32>().collect(),
+    }
+}
+
+/// `x · wᵀ` for a HF-layout weight `[out, in]`.
+fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    x.matmul(w.transpose())
+}
+
+/// HF `LlamaRMSNorm`: `w * x / sqrt(mean(x²) + eps)` over the last dimension.
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
+    let inv = (x.clone().powi_scalar(2).mean_dim(1) + eps).sqrt().recip();
+    x * inv * w
+}
+
+/// HF's RoPE tables for positions `0..seq`: `cos`, `sin` of `[1, 1, seq, head]`, the frequencies
+/// concatenated twice (the "rotate half" layout).
+fn rope_tables<B: Backend>(
+    c: &LlamaConfig,
+    seq: usize,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let hd = c.head_size();
+    let half = hd / 2;
+    // As HF computes them: inverse frequencies in f32, then position × frequency in f32.
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (c.theta() as f32).powf((2 * i) as f32 / hd as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(seq * hd);
+    let mut sin = Vec::with_capacity(seq * hd);
+    for p in 0..seq {
+        for j in 0..hd {
+            let f = p as f32 * inv[j % half];
+            cos.push(f.cos());
+            sin.push(f.sin());
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [1, 1, seq, hd]), device),
+        Tensor::from_data(TensorData::new(sin, [1, 1, seq, hd]), device),
+    )
+}
+
+/// `x * cos + rotate_half(x) * sin` with `rotate_half([a, b]) = [-b, a]`.
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let hd = x.dims()[3];
+    let half = hd / 2;
+    let a = x.clone().narrow(3, 0, half);
+    let b = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![b.neg(), a], 3);
+    x * cos + rotated * sin
+}
+
+/// Grouped-query attention: each key/value head serves `times` consecutive query heads.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, times: usize) -> Tensor<B, 4> {
+    if times == 1 {
+        return x;
+    }
+    let [b, kv, s, d] = x.dims();
+    x.reshape([b, kv, 1, s, d])
+        .repeat_dim(2, times)
+        .reshape([b, kv * times, s, d])
+}
