@@ -331,7 +331,7 @@ pub mod defaults {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Not valid TOML, or a field of the wrong type, or an unknown field.
-    #[error("{source}")]
+    #[error(transparent)]
     Parse {
         /// The TOML error (it names the line and the key).
         #[from]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// The checkpoint URL could not be understood.
-    #[error("invalid checkpoint URL `{url}`: {reason}")]
+    #[error("invalid URL `{url}`: {reason}")]
     InvalidUrl {
         /// The URL as given.
         url: String,

@@ -9,6 +9,7 @@
 //! - [`writer`]: the streaming [`ShardWriter`], whole-shard retries, manifest assembly.
 //! - [`reader`]: load, verify and `latest_valid`, all failing closed.
 //! - [`plan`]: which rank writes which bytes (each byte once across data-parallel ranks).
+//! - [`objects`]: read any object by URL, expand globs (training data, base models).
 //! - [`retention`]: the pure keep-last-N / keep-every-M policy behind [`CheckpointStore::gc`].
 //! - [`retry`]: backoff for transient errors. [`fault`]: an [`UnreliableStore`] for tests.
 //! - [`conformance`]: the suite every backend passes.
@@ -19,6 +20,7 @@ mod error;
 pub mod fault;
 pub mod format;
 mod location;
+pub mod objects;
 pub mod plan;
 pub mod reader;
 pub mod retention;

@@ -1,18 +1,26 @@
 //! lockstep-trainer: one rank of a lockstep job — a Llama fine-tuner in Burn.
 //!
 //! # Layout
+//! - [`train`]: the training loop of one rank.
+//! - [`checkpoint`]: snapshots, the checkpoint writer thread, restore.
 //! - [`model`]: the Llama decoder, its HF `config.json` and safetensors import/export.
 //! - [`optim`]: AdamW, gradient clipping, the learning-rate schedule.
 //! - [`step`]: one optimizer step (forward, backward, all-reduce, clip, AdamW).
 //! - [`collective`]: the [`Collective`] seam for gradient all-reduce.
+//! - [`data`]: JSONL records, packing, shuffling, sharding by rank; the data cursor.
+//! - [`tokenizer`]: HF `tokenizers` or bytes.
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
 
+pub mod checkpoint;
 pub mod collective;
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod step;
+pub mod tokenizer;
+pub mod train;
 
 pub use collective::{Collective, Solo};
 pub use error::{Error, Result};

@@ -1,2 +1,325 @@
-//! `lockstep-trainer`: one rank of a lockstep job.
-fn main() {}
+//! `lockstep-trainer`: one rank of a lockstep job. Run standalone (`--config x.toml`) it trains
+//! at world size 1 with a progress bar and commits its own checkpoints.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use lockstep_api::{JobConfig, Resume};
+use lockstep_trainer::Solo;
+use lockstep_trainer::train::{Event, RunOptions, Summary, train};
+
+/// Writes a line to stderr; a closed stderr (the reader went away) must not kill training.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// mimalloc: the training step allocates and frees many large tensors; glibc's allocator returns
+/// them to the kernel and pays fresh page faults each step.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// lockstep-trainer — fine-tune a Llama model, one rank of a lockstep job.
+///
+/// Standalone it trains the job in CONFIG at world size 1: it loads the base model (or
+/// initialises one), reads and packs the data, resumes from the newest committed checkpoint
+/// under checkpoint.url when there is one (checkpoint.resume), and checkpoints every
+/// checkpoint.every_steps steps and at the end. SIGINT or SIGTERM checkpoints the current step
+/// and exits (status 130 / 143); running the same command again continues from there.
+#[derive(Debug, Parser)]
+#[command(name = "lockstep-trainer", version, about, long_about)]
+struct Cli {
+    /// The job config (TOML).
+    #[arg(long, short)]
+    config: std::path::PathBuf,
+    /// Override a config field: `--set train.steps=20` (repeatable; values in TOML syntax or
+    /// bare strings).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Where to start: `latest`, `none` or a step number (default: checkpoint.resume).
+    #[arg(long)]
+    resume: Option<String>,
+    /// Stop after this step, checkpointing it; the LR schedule still spans train.steps.
+    #[arg(long, value_name = "STEP")]
+    stop_at: Option<u64>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Progress as log lines instead of a bar (the default when stderr is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceKind {
+    /// Burn's flex CPU backend (all cores).
+    Cpu,
+    /// CUDA GPU 0 (needs a build with `--features cuda`).
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            say!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&cli.config)
+        .with_context(|| format!("read config {}", cli.config.display()))?;
+    let config = JobConfig::parse(&text, &cli.set)
+        .with_context(|| format!("config {}", cli.config.display()))?;
+    let resume = match &cli.resume {
+        Some(r) => Some(Resume::parse(r).with_context(|| {
+            format!("--resume {r}: expected `latest`, `none` or a step number")
+        })?),
+        None => None,
+    };
+    let term = Arc::new(AtomicBool::new(false));
+    let int = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, int.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    let opts = RunOptions {
+        resume,
+        stop_at: cli.stop_at,
+        stop: Some(stop),
+    };
+    let mut progress = Progress::new(!cli.no_progress && std::io::stderr().is_terminal());
+    let summary = match cli.device {
+        DeviceKind::Cpu => {
+            use burn::backend::{Autodiff, Flex};
+            train::<Autodiff<Flex>>(&config, &opts, &Default::default(), &mut Solo, &mut |e| {
+                progress.on(e)
+            })?
+        }
+        DeviceKind::Cuda => train_cuda(&config, &opts, &mut progress)?,
+    };
+    progress.finish();
+    print_summary(&config, &summary);
+    Ok(if term.load(Ordering::Relaxed) {
+        ExitCode::from(143)
+    } else if int.load(Ordering::Relaxed) {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn train_cuda(
+    config: &JobConfig,
+    opts: &RunOptions,
+    progress: &mut Progress,
+) -> anyhow::Result<Summary> {
+    use burn::backend::{Autodiff, Cuda};
+    Ok(train::<Autodiff<Cuda>>(
+        config,
+        opts,
+        &Default::default(),
+        &mut Solo,
+        &mut |e| progress.on(e),
+    )?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_cuda(_: &JobConfig, _: &RunOptions, _: &mut Progress) -> anyhow::Result<Summary> {
+    anyhow::bail!("--device cuda: this lockstep-trainer was built without the `cuda` feature")
+}
+
+/// The progress bar (or, without a terminal, a log line every tenth of the run).
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    every: u64,
+    ema_step: Option<f64>,
+    last_ckpt: Option<u64>,
+}
+
+impl Progress {
+    fn new(bar: bool) -> Progress {
+        Progress {
+            bar: bar.then(ProgressBar::hidden),
+            total: 0,
+            every: 1,
+            ema_step: None,
+            last_ckpt: None,
+        }
+    }
+
+    fn on(&mut self, e: &Event) {
+        match e {
+            Event::Started {
+                params,
+                docs,
+                data_tokens,
+                skipped,
+                from_step,
+                total_steps,
+            } => {
+                self.total = *total_steps;
+                self.every = (total_steps / 10).max(1);
+                let from = if *from_step > 0 {
+                    format!("resuming from step {from_step}")
+                } else {
+                    "starting from step 0".into()
+                };
+                let skipped = if *skipped > 0 {
+                    format!(" ({skipped} bad records skipped)")
+                } else {
+                    String::new()
+                };
+                say!(
+                    "model: {:.2}M parameters; data: {docs} documents, {data_tokens} tokens{skipped}; {from} of {total_steps}",
+                    *params as f64 / 1e6
+                );
+                if let Some(bar) = &self.bar {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    bar.set_length(*total_steps);
+                    bar.set_position(*from_step);
+                    if let Ok(style) = ProgressStyle::with_template(
+                        "{bar:30.cyan/blue} step {pos}/{len} {msg} ETA {eta}",
+                    ) {
+                        bar.set_style(style);
+                    }
+                }
+            }
+            Event::SkippedCheckpoint { step, reason } => {
+                tracing::warn!(step, %reason, "checkpoint failed verification; deleting it and resuming from an older one");
+            }
+            Event::Step {
+                step,
+                loss,
+                lr,
+                tokens_per_sec,
+                elapsed,
+                ..
+            } => {
+                let s = elapsed.as_secs_f64();
+                let ema = self.ema_step.map_or(s, |e| 0.9 * e + 0.1 * s);
+                self.ema_step = Some(ema);
+                let ckpt = self
+                    .last_ckpt
+                    .map(|c| format!(" ckpt {c}"))
+                    .unwrap_or_default();
+                let msg = format!("loss {loss:.4} lr {lr:.2e} {tokens_per_sec:.0} tok/s{ckpt}");
+                match &self.bar {
+                    Some(bar) => {
+                        bar.set_position(*step);
+                        bar.set_message(msg);
+                    }
+                    None if step.is_multiple_of(self.every) || *step == self.total => {
+                        let eta = Duration::from_secs_f64(ema * (self.total - step) as f64);
+                        say!(
+                            "step {step}/{} {msg} ETA {}",
+                            self.total,
+                            humantime::format_duration(Duration::from_secs(eta.as_secs()))
+                        );
+                    }
+                    None => {}
+                }
+            }
+            Event::CheckpointStarted {
+                step,
+                stall,
+                waited,
+            } => {
+                tracing::info!(
+                    step,
+                    stall_ms = stall.as_secs_f64() * 1e3,
+                    waited_ms = waited.as_secs_f64() * 1e3,
+                    "checkpoint snapshot taken"
+                );
+            }
+            Event::CheckpointCommitted(w) => {
+                self.last_ckpt = Some(w.step);
+                tracing::info!(
+                    step = w.step,
+                    bytes = w.bytes,
+                    secs = w.elapsed.as_secs_f64(),
+                    "checkpoint committed"
+                );
+                if self.bar.is_none() {
+                    say!(
+                        "checkpoint step {} committed: {:.1} MB in {:.2} s",
+                        w.step,
+                        w.bytes as f64 / 1e6,
+                        w.elapsed.as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+fn print_summary(config: &JobConfig, s: &Summary) {
+    let loss = match (s.first_loss, s.last_loss) {
+        (Some(a), Some(b)) => format!("loss {a:.4} → {b:.4}"),
+        _ => "no steps run".into(),
+    };
+    let end = if s.stopped_early {
+        format!("stopped at step {} of {}", s.step, config.train.steps)
+    } else {
+        format!("finished at step {}", s.step)
+    };
+    let ckpt = s
+        .checkpoints
+        .last()
+        .map(|w| {
+            format!(
+                "last checkpoint: step {} under {}",
+                w.step, config.checkpoint.url
+            )
+        })
+        .unwrap_or_else(|| "no checkpoint written".into());
+    println!(
+        "{end}: {loss}; {:.0} tokens/s; snapshot stall max {:.1} ms; {ckpt}",
+        s.tokens_per_sec,
+        s.max_stall.as_secs_f64() * 1e3
+    );
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

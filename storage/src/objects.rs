@@ -1,0 +1,173 @@
+//! Reading arbitrary objects by URL (`file://PATH`, `s3://BUCKET/KEY`): training data files and
+//! base models. Globs (`*` within one path segment, `**` across segments, `?` one character)
+//! expand to the matching objects in sorted order.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::{Error, Location, Result};
+
+/// An object store and the path of one object (or prefix) in it.
+pub fn open_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let bad = |reason: String| Error::InvalidUrl {
+        url: url.to_string(),
+        reason,
+    };
+    match Location::parse(url)? {
+        Location::File(path) => {
+            let p = Path::from_absolute_path(&path).map_err(|e| bad(e.to_string()))?;
+            Ok((Arc::new(object_store::local::LocalFileSystem::new()), p))
+        }
+        Location::S3 { bucket, prefix } => {
+            let s3 = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
+            Ok((Arc::new(s3), Path::from(prefix)))
+        }
+        Location::Memory => Err(bad("memory:// holds checkpoints only".into())),
+    }
+}
+
+/// The whole object at `url`.
+pub async fn read_url(url: &str) -> Result<Bytes> {
+    let (store, path) = open_url(url)?;
+    let err = |source: object_store::Error| match source {
+        object_store::Error::NotFound { .. } => Error::NotFound {
+            path: url.to_string(),
+        },
+        source => Error::Store {
+            op: "read",
+            path: url.to_string(),
+            source,
+        },
+    };
+    let got = store.get(&path).await.map_err(err)?;
+    got.bytes().await.map_err(err)
+}
+
+/// True when `url` contains glob characters.
+pub fn is_glob(url: &str) -> bool {
+    url.contains(['*', '?', '['])
+}
+
+/// The URLs of the objects `url` matches: itself when it has no glob characters, else every
+/// object under the glob's fixed prefix whose key matches, sorted. A glob that matches nothing
+/// is an error.
+pub async fn expand(url: &str) -> Result<Vec<String>> {
+    if !is_glob(url) {
+        return Ok(vec![url.to_string()]);
+    }
+    let first = url.find(['*', '?', '[']).unwrap_or(url.len());
+    let cut = url[..first].rfind('/').unwrap_or(0);
+    let (base, pattern) = url.split_at(cut + 1);
+    let (store, prefix) = open_url(base.trim_end_matches('/'))?;
+    let listed: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|source| Error::Store {
+            op: "list",
+            path: base.to_string(),
+            source,
+        })?;
+    let mut out: Vec<String> = listed
+        .into_iter()
+        .filter_map(|meta| {
+            let key = meta.location.as_ref();
+            let rel = key
+                .strip_prefix(prefix.as_ref())
+                .unwrap_or(key)
+                .trim_start_matches('/');
+            glob_match(pattern, rel).then(|| format!("{base}{rel}"))
+        })
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        return Err(Error::Invalid(format!("{url}: the glob matches no object")));
+    }
+    Ok(out)
+}
+
+/// Matches `text` against `pattern`: `*` any run within a segment, `**` any run, `?` one
+/// character other than `/`, `[abc]` one of the listed characters.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    fn go(p: &[char], t: &[char]) -> bool {
+        match p.first() {
+            None => t.is_empty(),
+            Some('*') if p.get(1) == Some(&'*') => {
+                let rest = &p[2..];
+                let rest = rest.strip_prefix(&['/']).map_or(rest, |r| {
+                    // `**/` also matches zero segments.
+                    if go(r, t) {
+                        return &[][..];
+                    }
+                    rest
+                });
+                if rest.is_empty() && p.len() > 2 {
+                    return true;
+                }
+                (0..=t.len()).any(|i| go(rest, &t[i..]))
+            }
+            Some('*') => (0..=t.len())
+                .take_while(|&i| i == 0 || t[i - 1] != '/')
+                .any(|i| go(&p[1..], &t[i..])),
+            Some('?') => !t.is_empty() && t[0] != '/' && go(&p[1..], &t[1..]),
+            Some('[') => match p.iter().position(|&c| c == ']') {
+                Some(end) if !t.is_empty() => {
+                    p[1..end].contains(&t[0]) && go(&p[end + 1..], &t[1..])
+                }
+                _ => false,
+            },
+            Some(c) => t.first() == Some(c) && go(&p[1..], &t[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    go(&p, &t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        assert!(glob_match("*.jsonl", "a.jsonl"));
+        assert!(!glob_match("*.jsonl", "d/a.jsonl"));
+        assert!(glob_match("**/*.jsonl", "d/e/a.jsonl"));
+        assert!(glob_match("**/*.jsonl", "a.jsonl"));
+        assert!(glob_match("d/**", "d/e/a.jsonl"));
+        assert!(glob_match("part-??.json[lx]", "part-07.jsonl"));
+        assert!(!glob_match("part-??.jsonl", "part-7.jsonl"));
+        assert!(!glob_match("a*", "b"));
+    }
+
+    #[tokio::test]
+    async fn expands_file_globs_sorted_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.jsonl", "a.jsonl", "c.txt", "sub/d.jsonl"] {
+            let p = dir.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, name).unwrap();
+        }
+        let base = format!("file://{}", dir.path().display());
+        let got = expand(&format!("{base}/*.jsonl")).await.unwrap();
+        assert_eq!(
+            got,
+            vec![format!("{base}/a.jsonl"), format!("{base}/b.jsonl")]
+        );
+        let all = expand(&format!("{base}/**/*.jsonl")).await.unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(&read_url(&got[1]).await.unwrap()[..], b"b.jsonl");
+        assert!(expand(&format!("{base}/*.csv")).await.is_err());
+        let e = read_url(&format!("{base}/missing.jsonl"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("missing.jsonl"), "{e}");
+    }
+}

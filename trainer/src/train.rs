@@ -1,0 +1,462 @@
+//! The training loop of one rank: load the base model, tokenizer and data, resume or start,
+//! step, checkpoint, finish.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::AutodiffBackend;
+use lockstep_api::{JobConfig, Resume};
+use lockstep_storage::{CheckpointStore, RetentionPolicy, objects};
+
+use crate::checkpoint::{CheckpointWriter, TrainState, TrainerState, WriterConfig, Written};
+use crate::collective::Collective;
+use crate::data::{Corpus, Packer};
+use crate::error::{Error, Result};
+use crate::model::{Llama, LlamaConfig, hf};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule};
+use crate::tokenizer::Tokenizer;
+
+/// Knobs of one run that are not part of the job config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Where to start; `None` uses `checkpoint.resume`.
+    pub resume: Option<Resume>,
+    /// Stop after this step (checkpointing it) even if `train.steps` is further; the schedule
+    /// still spans `train.steps`. For preemption drills and tests.
+    pub stop_at: Option<u64>,
+    /// Set from outside (SIGTERM, SIGINT) to checkpoint the current step and stop.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Model, data and starting point are ready.
+    Started {
+        /// Parameters.
+        params: usize,
+        /// Documents and tokens of the data.
+        docs: usize,
+        /// Tokens of the data.
+        data_tokens: u64,
+        /// Records skipped as bad.
+        skipped: u64,
+        /// The step training starts from (0, or the resumed checkpoint's).
+        from_step: u64,
+        /// The last step.
+        total_steps: u64,
+    },
+    /// A checkpoint failed verification: it is deleted and an older one is used instead.
+    SkippedCheckpoint {
+        /// Its step.
+        step: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A step finished.
+    Step {
+        /// Steps completed.
+        step: u64,
+        /// Mean loss.
+        loss: f64,
+        /// Learning rate used.
+        lr: f64,
+        /// Gradient norm before clipping.
+        grad_norm: f64,
+        /// Input tokens per second over all ranks, this step.
+        tokens_per_sec: f64,
+        /// Wall time of the step.
+        elapsed: Duration,
+    },
+    /// A snapshot was handed to the writer.
+    CheckpointStarted {
+        /// Its step.
+        step: u64,
+        /// Time the loop stood still copying the snapshot to host memory.
+        stall: Duration,
+        /// Time the loop waited for the previous checkpoint to finish.
+        waited: Duration,
+    },
+    /// A checkpoint was committed.
+    CheckpointCommitted(Written),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The step the run started from.
+    pub from_step: u64,
+    /// Steps completed at the end.
+    pub step: u64,
+    /// Loss of the first and last step run, if any ran.
+    pub first_loss: Option<f64>,
+    /// Loss of the last step.
+    pub last_loss: Option<f64>,
+    /// Checkpoints committed by this run.
+    pub checkpoints: Vec<Written>,
+    /// The longest snapshot stall.
+    pub max_stall: Duration,
+    /// Mean input tokens per second over all ranks.
+    pub tokens_per_sec: f64,
+    /// True when stopped early (signal or `stop_at`) rather than at `train.steps`.
+    pub stopped_early: bool,
+}
+
+/// A hash of what decides a run's results (model, data, training): stored in each manifest.
+pub fn config_hash(config: &JobConfig) -> String {
+    let key = serde_json::json!({
+        "model": config.model,
+        "data": config.data,
+        "train": config.train,
+    });
+    format!(
+        "{:016x}",
+        xxhash_rust::xxh3::xxh3_64(key.to_string().as_bytes())
+    )
+}
+
+/// `base` as a URL: URLs pass through, bare paths become `file://` URLs.
+fn base_url(base: &str) -> String {
+    if base.contains("://") {
+        base.trim_end_matches('/').to_string()
+    } else {
+        format!("file://{}", base.trim_end_matches('/'))
+    }
+}
+
+struct Base {
+    config: LlamaConfig,
+    values: Option<Vec<Vec<f32>>>,
+    tokenizer: Tokenizer,
+}
+
+fn load_base(config: &JobConfig, rt: &tokio::runtime::Runtime) -> Result<Base> {
+    if config.model.base == "init" {
+        let llama = LlamaConfig::from_section(&config.model, config.data.seq_len as usize);
+        return Ok(Base {
+            config: llama,
+            values: None,
+            tokenizer: Tokenizer::Bytes,
+        });
+    }
+    let base = base_url(&config.model.base);
+    let read = |name: &str| rt.block_on(objects::read_url(&format!("{base}/{name}")));
+    let file = format!("{base}/config.json");
+    let text = read("config.json")?;
+    let text = std::str::from_utf8(&text).map_err(|_| Error::Model {
+        file: file.clone(),
+        reason: "not UTF-8".into(),
+    })?;
+    let llama = LlamaConfig::parse(text, &file)?;
+    let file = format!("{base}/model.safetensors");
+    let weights = hf::import(&read("model.safetensors")?, &file, &llama)?;
+    let tokenizer = match read("tokenizer.json") {
+        Ok(bytes) => {
+            let eos = llama
+                .extra
+                .get("eos_token_id")
+                .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
+                .map(|v| v as u32);
+            Tokenizer::from_json(&bytes, &format!("{base}/tokenizer.json"), eos)?
+        }
+        Err(lockstep_storage::Error::NotFound { .. }) => Tokenizer::Bytes,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Base {
+        config: llama,
+        values: Some(weights.values),
+        tokenizer,
+    })
+}
+
+fn load_corpus(
+    config: &JobConfig,
+    tokenizer: &Tokenizer,
+    vocab: usize,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Corpus> {
+    let mut corpus = Corpus::default();
+    for pattern in &config.data.train {
+        for url in rt.block_on(objects::expand(pattern))? {
+            let bytes = rt.block_on(objects::read_url(&url))?;
+            corpus.add_jsonl(&url, &bytes, tokenizer, vocab, config.data.skip_bad_records)?;
+            tracing::debug!(file = %url, docs = corpus.len(), "read training data");
+        }
+    }
+    Ok(corpus)
+}
+
+/// Trains `config` as `collective`'s rank on `device` (the inner backend of `B` does the work),
+/// reporting progress to `on_event`. Checkpoints go to `checkpoint.url`; at world size 1 this
+/// process commits them itself.
+pub fn train<B: AutodiffBackend>(
+    config: &JobConfig,
+    opts: &RunOptions,
+    device: &burn::tensor::Device<B::InnerBackend>,
+    collective: &mut dyn Collective,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Summary> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("trainer-io")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the IO runtime: {e}")))?;
+    let t = &config.train;
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let seq_len = config.data.seq_len as usize;
+
+    let base = load_base(config, &rt)?;
+    if base.tokenizer.vocab_size() > base.config.vocab_size {
+        return Err(Error::Model {
+            file: config.model.base.clone(),
+            reason: format!(
+                "the tokenizer has {} ids but the model's vocabulary is {}",
+                base.tokenizer.vocab_size(),
+                base.config.vocab_size
+            ),
+        });
+    }
+    let corpus = load_corpus(config, &base.tokenizer, base.config.vocab_size, &rt)?;
+    let (docs, data_tokens, skipped) = (corpus.len(), corpus.tokens(), corpus.skipped);
+    let mut packer = Packer::new(corpus, seq_len, t.seed)?;
+
+    let store = CheckpointStore::open(&config.checkpoint.url)?;
+    let adamw = AdamWConfig {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    };
+    let schedule = LrSchedule {
+        lr: t.lr,
+        warmup: t.warmup_steps,
+        total: t.steps,
+        kind: t.schedule,
+        min_ratio: t.min_lr_ratio,
+    };
+    let resume = opts
+        .resume
+        .unwrap_or_else(|| config.checkpoint.resume_from());
+    let loaded = match resume {
+        Resume::Fresh => {
+            if let Some(step) = rt.block_on(store.latest())? {
+                return Err(Error::Resume {
+                    step,
+                    reason: format!(
+                        "checkpoint.resume = \"none\" but `{}` already holds committed \
+                         checkpoints; use resume = \"latest\" to continue them or another \
+                         checkpoint.url",
+                        config.checkpoint.url
+                    ),
+                });
+            }
+            None
+        }
+        Resume::Latest => match rt.block_on(store.latest_valid())? {
+            Some((ckpt, bad)) => {
+                // Newer checkpoints that fail verification can never be loaded, and this run
+                // will commit those steps again: remove them (fail closed, then repair).
+                for (step, e) in bad {
+                    if !matches!(e, lockstep_storage::Error::Corrupt { .. }) {
+                        // A newer format version, say: not ours to delete.
+                        return Err(Error::Resume {
+                            step,
+                            reason: e.to_string(),
+                        });
+                    }
+                    on_event(&Event::SkippedCheckpoint {
+                        step,
+                        reason: e.to_string(),
+                    });
+                    rt.block_on(store.delete(step))?;
+                }
+                Some(ckpt)
+            }
+            None => match rt.block_on(store.latest())? {
+                Some(step) => {
+                    return Err(Error::Resume {
+                        step,
+                        reason: format!(
+                            "no committed checkpoint under `{}` verifies (run `lockstep ckpt \
+                             verify --all` to see why); refusing to start over on top of them",
+                            config.checkpoint.url
+                        ),
+                    });
+                }
+                None => None,
+            },
+        },
+        Resume::Step(step) => Some(rt.block_on(store.load(step))?),
+    };
+    let (mut state, mut ts) = match loaded {
+        Some(ckpt) => {
+            let (state, ts) = TrainState::<B>::restore(&base.config, &ckpt, device)?;
+            if ts.seq_len != config.data.seq_len || ts.seed != t.seed {
+                tracing::warn!(
+                    "resuming with a different data.seq_len or train.seed than the checkpoint \
+                     was trained with: the data order changes"
+                );
+            }
+            let ts = TrainerState {
+                schedule,
+                adamw,
+                world_size: world as u32,
+                batch_size: t.batch_size,
+                grad_accum: t.grad_accum,
+                seq_len: config.data.seq_len,
+                seed: t.seed,
+                ..ts
+            };
+            let mut state = state;
+            state.optim.config = adamw;
+            (state, ts)
+        }
+        None => {
+            let model = match base.values {
+                Some(values) => Llama::from_values(base.config.clone(), values, device),
+                None => Llama::init(base.config.clone(), t.seed, device),
+            };
+            let shapes: Vec<[usize; 2]> = model.specs.iter().map(|s| s.shape2()).collect();
+            let optim = AdamW::new(adamw, &shapes, device);
+            let ts = TrainerState {
+                step: 0,
+                cursor: 0,
+                tokens: 0,
+                seed: t.seed,
+                schedule,
+                adamw,
+                adamw_steps: 0,
+                architecture: base.config.architecture(),
+                model_config: base.config.clone(),
+                world_size: world as u32,
+                batch_size: t.batch_size,
+                grad_accum: t.grad_accum,
+                seq_len: config.data.seq_len,
+                loss: f64::NAN,
+            };
+            (TrainState { model, optim }, ts)
+        }
+    };
+    let from_step = ts.step;
+    on_event(&Event::Started {
+        params: state.model.num_params(),
+        docs,
+        data_tokens,
+        skipped,
+        from_step,
+        total_steps: t.steps,
+    });
+
+    let mut writer = CheckpointWriter::spawn(
+        store,
+        WriterConfig {
+            job: config.job.name.clone(),
+            config_hash: config_hash(config),
+            world_size: world as u32,
+            retention: RetentionPolicy {
+                keep_last: config.checkpoint.keep_last,
+                keep_every: config.checkpoint.keep_every,
+            },
+            protected: if from_step > 0 {
+                vec![from_step]
+            } else {
+                vec![]
+            },
+        },
+    )?;
+    let mut summary = Summary {
+        from_step,
+        step: from_step,
+        first_loss: None,
+        last_loss: None,
+        checkpoints: Vec::new(),
+        max_stall: Duration::ZERO,
+        tokens_per_sec: 0.0,
+        stopped_early: false,
+    };
+    let last = opts.stop_at.map_or(t.steps, |s| s.min(t.steps));
+    let per_step = Packer::per_step(world, t.batch_size as usize, t.grad_accum as usize);
+    let tokens_per_step = per_step * seq_len as u64;
+    let loop_start = Instant::now();
+    let mut last_checkpointed = from_step;
+    while ts.step < last {
+        let started = Instant::now();
+        let batches = packer.step_batches(
+            ts.cursor,
+            rank,
+            world,
+            t.batch_size as usize,
+            t.grad_accum as usize,
+        );
+        let lr = schedule.at(ts.step);
+        let stats = state.step(ts.step, &batches, lr, t.grad_clip, collective)?;
+        ts.step += 1;
+        ts.cursor += per_step;
+        ts.tokens += stats.counted as u64;
+        ts.loss = stats.loss;
+        ts.adamw_steps = state.optim.steps;
+        summary.first_loss.get_or_insert(stats.loss);
+        summary.last_loss = Some(stats.loss);
+        let elapsed = started.elapsed();
+        on_event(&Event::Step {
+            step: ts.step,
+            loss: stats.loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            tokens_per_sec: tokens_per_step as f64 / elapsed.as_secs_f64().max(1e-9),
+            elapsed,
+        });
+        if let Some(w) = writer.poll()? {
+            on_event(&Event::CheckpointCommitted(w.clone()));
+            summary.checkpoints.push(w);
+        }
+        let stop = opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed));
+        let due = ts.step.is_multiple_of(config.checkpoint.every_steps) || ts.step == last || stop;
+        if due {
+            let waited = Instant::now();
+            if let Some(w) = writer.wait()? {
+                on_event(&Event::CheckpointCommitted(w.clone()));
+                summary.checkpoints.push(w);
+            }
+            let waited = waited.elapsed();
+            let copy = Instant::now();
+            let snap = state.snapshot(ts.clone());
+            let stall = copy.elapsed();
+            summary.max_stall = summary.max_stall.max(stall);
+            writer.submit(snap)?;
+            last_checkpointed = ts.step;
+            on_event(&Event::CheckpointStarted {
+                step: ts.step,
+                stall,
+                waited,
+            });
+        }
+        if stop {
+            summary.stopped_early = true;
+            break;
+        }
+    }
+    if ts.step == from_step && from_step > 0 && last_checkpointed == from_step {
+        tracing::info!(
+            step = from_step,
+            "nothing to train: the run is already at its last step"
+        );
+    }
+    if let Some(w) = writer.wait()? {
+        on_event(&Event::CheckpointCommitted(w.clone()));
+        summary.checkpoints.push(w);
+    }
+    summary.step = ts.step;
+    summary.stopped_early |= ts.step < t.steps;
+    let trained = ts.step - from_step;
+    if trained > 0 {
+        summary.tokens_per_sec =
+            (trained * tokens_per_step) as f64 / loop_start.elapsed().as_secs_f64().max(1e-9);
+    }
+    Ok(summary)
+}
