@@ -13,10 +13,8 @@
 pub mod config;
 pub mod hf;
 
-use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor, TensorData};
 
 pub use config::LlamaConfig;
@@ -200,26 +198,21 @@ impl<B: Backend> Llama<B> {
         );
         let n = rows * seq_len;
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(inputs.to_vec(), [n]), &device);
-        let (cos, sin) = rope_tables::<B>(c, seq_len, &device);
+        let rope = Rope::<B>::new(c, rows, seq_len, &device);
+        let causal = causal_bias::<B>(seq_len, &device);
         let eps = c.rms_norm_eps;
         let mut x = self.params[0].clone().select(0, ids); // [n, h]
         for l in 0..c.num_hidden_layers {
             let a = rms_norm(x.clone(), self.layer(l, ATTN_NORM), eps);
-            let heads = |t: Tensor<B, 2>, k: usize| {
-                t.reshape([rows, seq_len, k, hd]).swap_dims(1, 2) // [rows, k, seq, hd]
-            };
-            let q = heads(linear(a.clone(), self.layer(l, Q)), nh);
-            let k = heads(linear(a.clone(), self.layer(l, K)), nkv);
-            let v = heads(linear(a, self.layer(l, V)), nkv);
-            let q = rope(q, cos.clone(), sin.clone());
-            let k = rope(k, cos.clone(), sin.clone());
-            let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
-            let opts = AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: true,
-            };
-            let o = attention(q, k, v, None, None, opts)
+            // [rows, heads, seq, hd] after RoPE, applied while rows are still contiguous.
+            let heads =
+                |t: Tensor<B, 2>, k: usize| t.reshape([rows, seq_len, k, hd]).swap_dims(1, 2);
+            let rep = nh / nkv;
+            let q = heads(rope.apply(linear(a.clone(), self.layer(l, Q)), &rope.q), nh);
+            let k = rope.apply(linear(a.clone(), self.layer(l, K)), &rope.kv);
+            let k = heads(repeat_kv(k, nkv, hd, rep), nh);
+            let v = heads(repeat_kv(linear(a, self.layer(l, V)), nkv, hd, rep), nh);
+            let o = causal_attention(q, k, v, causal.clone(), hd)
                 .swap_dims(1, 2)
                 .reshape([n, nh * hd]);
             x = x + linear(o, self.layer(l, O));
@@ -280,51 +273,120 @@ fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B,
     x * inv * w
 }
 
-/// HF's RoPE tables for positions `0..seq`: `cos`, `sin` of `[1, 1, seq, head]`, the frequencies
-/// concatenated twice (the "rotate half" layout).
-fn rope_tables<B: Backend>(
-    c: &LlamaConfig,
-    seq: usize,
-    device: &B::Device,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let hd = c.head_size();
-    let half = hd / 2;
-    // As HF computes them: inverse frequencies in f32, then position × frequency in f32.
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / (c.theta() as f32).powf((2 * i) as f32 / hd as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(seq * hd);
-    let mut sin = Vec::with_capacity(seq * hd);
-    for p in 0..seq {
-        for j in 0..hd {
-            let f = p as f32 * inv[j % half];
-            cos.push(f.cos());
-            sin.push(f.sin());
+/// HF's rotary position embedding for positions `0..seq`: `x * cos + rotate_half(x) * sin` with
+/// `rotate_half([a, b]) = [-b, a]`, the frequencies concatenated twice. `rotate_half` is a product
+/// with a fixed signed permutation matrix and the tables are expanded to the operand's full
+/// shape, so every operation is on contiguous, same-shape tensors (slices, concatenation and
+/// broadcasts cost strided copies forward and backward).
+struct Rope<B: Backend> {
+    /// `[hd, hd]`: `x · rot = rotate_half(x)`.
+    rot: Tensor<B, 2>,
+    /// Tables for the query heads.
+    q: RopeTables<B>,
+    /// Tables for the key heads.
+    kv: RopeTables<B>,
+    hd: usize,
+}
+
+/// `cos` and `sin`, `[rows * seq * heads, hd]`, row `(r, t, h)` holding position `t`'s.
+struct RopeTables<B: Backend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rope<B> {
+    fn new(c: &LlamaConfig, rows: usize, seq: usize, device: &B::Device) -> Rope<B> {
+        let hd = c.head_size();
+        let half = hd / 2;
+        // As HF computes them: inverse frequencies in f32, then position × frequency in f32.
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (c.theta() as f32).powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(seq * hd);
+        let mut sin = Vec::with_capacity(seq * hd);
+        for p in 0..seq {
+            for j in 0..hd {
+                let f = p as f32 * inv[j % half];
+                cos.push(f.cos());
+                sin.push(f.sin());
+            }
+        }
+        let tables = |heads: usize| {
+            let expand = |per_pos: &[f32]| {
+                let mut out = Vec::with_capacity(rows * seq * heads * hd);
+                for _ in 0..rows {
+                    for pos in per_pos.chunks(hd) {
+                        for _ in 0..heads {
+                            out.extend_from_slice(pos);
+                        }
+                    }
+                }
+                Tensor::from_data(TensorData::new(out, [rows * seq * heads, hd]), device)
+            };
+            RopeTables {
+                cos: expand(&cos),
+                sin: expand(&sin),
+            }
+        };
+        // rotate_half(x)[j] = -x[j + half] for j < half, x[j - half] otherwise.
+        let mut rot = vec![0.0f32; hd * hd];
+        for j in 0..half {
+            rot[(j + half) * hd + j] = -1.0;
+            rot[j * hd + j + half] = 1.0;
+        }
+        Rope {
+            rot: Tensor::from_data(TensorData::new(rot, [hd, hd]), device),
+            q: tables(c.num_attention_heads),
+            kv: tables(c.kv_heads()),
+            hd,
         }
     }
-    (
-        Tensor::from_data(TensorData::new(cos, [1, 1, seq, hd]), device),
-        Tensor::from_data(TensorData::new(sin, [1, 1, seq, hd]), device),
-    )
+
+    /// Rotates `x` (`[rows * seq, heads * hd]`, position-major) with `t`'s tables.
+    fn apply(&self, x: Tensor<B, 2>, t: &RopeTables<B>) -> Tensor<B, 2> {
+        let [n, width] = x.dims();
+        let x = x.reshape([n * width / self.hd, self.hd]);
+        let rotated = x.clone().matmul(self.rot.clone());
+        (x * t.cos.clone() + rotated * t.sin.clone()).reshape([n, width])
+    }
 }
 
-/// `x * cos + rotate_half(x) * sin` with `rotate_half([a, b]) = [-b, a]`.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    let hd = x.dims()[3];
-    let half = hd / 2;
-    let a = x.clone().narrow(3, 0, half);
-    let b = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![b.neg(), a], 3);
-    x * cos + rotated * sin
+/// `[1, 1, seq, seq]`: 0 where a query may attend (key position ≤ query position), -inf after.
+fn causal_bias<B: Backend>(seq: usize, device: &B::Device) -> Tensor<B, 4> {
+    let mut bias = vec![0.0f32; seq * seq];
+    for q in 0..seq {
+        for k in q + 1..seq {
+            bias[q * seq + k] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_data(TensorData::new(bias, [1, 1, seq, seq]), device)
 }
 
-/// Grouped-query attention: each key/value head serves `times` consecutive query heads.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, times: usize) -> Tensor<B, 4> {
+/// `softmax(q·kᵀ / sqrt(hd) + causal) · v` over `[rows, heads, seq, hd]`. Every row keeps its
+/// diagonal, so no row is all -inf.
+fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    causal: Tensor<B, 4>,
+    hd: usize,
+) -> Tensor<B, 4> {
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (hd as f64).sqrt())
+        + causal;
+    softmax(scores, 3).matmul(v)
+}
+
+/// Grouped-query attention: each of the `kv` heads of `x` (`[n, kv * hd]`) serves `times`
+/// consecutive query heads; returns `[n, kv * times * hd]`, as HF's `repeat_kv`. Done before the
+/// head transpose, on contiguous rows.
+fn repeat_kv<B: Backend>(x: Tensor<B, 2>, kv: usize, hd: usize, times: usize) -> Tensor<B, 2> {
     if times == 1 {
         return x;
     }
-    let [b, kv, s, d] = x.dims();
-    x.reshape([b, kv, 1, s, d])
+    let n = x.dims()[0];
+    x.reshape([n, kv, 1, hd])
         .repeat_dim(2, times)
-        .reshape([b, kv * times, s, d])
+        .reshape([n, kv * times * hd])
 }
