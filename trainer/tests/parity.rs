@@ -160,6 +160,36 @@ fn mismatched_weights_are_refused_with_the_tensor_named() {
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     model.config.intermediate_size = 128;
     let e = hf::import(&bytes, "model.safetensors", &model.config).unwrap_err();
-    assert!(e.to_string().contains("mlp.down_proj"), "{e}");
+    // The first parameter (in model order) whose shape differs: layer 0's gate projection.
+    assert!(
+        e.to_string()
+            .contains("`model.layers.0.mlp.gate_proj.weight` has shape [160, 64]"),
+        "{e}"
+    );
     assert!(e.to_string().contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn exported_directory_reads_back_at_every_dtype() {
+    let model = hf::read_dir(&fixture("tiny-llama")).unwrap();
+    for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        hf::write_dir(dir.path(), &model.config, &model.weights.values, dtype).unwrap();
+        let back = hf::read_dir(dir.path()).unwrap();
+        assert_eq!(back.weights.dtype, dtype);
+        assert_eq!(back.config.architecture(), model.config.architecture());
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        // transformers 5 names the dtype `dtype`; the fixture came from it.
+        assert_eq!(cfg["dtype"], dtype.torch_name());
+        for (a, b) in model.weights.values.iter().zip(&back.weights.values) {
+            let tol = if dtype == WeightDtype::F32 { 0.0 } else { 1e-2 };
+            assert!(
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= tol * x.abs().max(1e-3))
+            );
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! `safetensors.torch.save_file` produces, so a model imported and exported at its own dtype is
 //! byte-identical to the file it came from.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use half::{bf16, f16};
@@ -68,25 +68,25 @@ pub fn import(bytes: &[u8], file: &str, config: &LlamaConfig) -> Result<Imported
     let st =
         SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let specs = param_specs(config);
-    let wanted: HashMap<&str, usize> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
-        .collect();
-    let mut values: Vec<Option<Vec<f32>>> = vec![None; specs.len()];
-    let mut dtypes: BTreeMap<&'static str, usize> = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let Some(&i) = wanted.get(name.as_str()) else {
-            if name.ends_with("rotary_emb.inv_freq")
-                || (config.tie_word_embeddings && name == "lm_head.weight")
-            {
-                continue;
-            }
+    let wanted: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let mut names = st.names();
+    names.sort();
+    for name in names {
+        let ignorable = name.ends_with("rotary_emb.inv_freq")
+            || (config.tie_word_embeddings && name == "lm_head.weight");
+        if !wanted.contains(name) && !ignorable {
             return Err(bad(format!(
                 "unexpected tensor `{name}` (not part of this Llama architecture)"
             )));
-        };
-        let spec = &specs[i];
+        }
+    }
+    let mut dtypes: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in &specs {
+        let name = &spec.name;
+        let view = st
+            .tensor(name)
+            .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
         if view.shape() != spec.shape.as_slice() {
             return Err(bad(format!(
                 "tensor `{name}` has shape {:?}; config.json implies {:?}",
@@ -101,11 +101,7 @@ pub fn import(bytes: &[u8], file: &str, config: &LlamaConfig) -> Result<Imported
             ))
         })?;
         *dtypes.entry(d.torch_name()).or_default() += 1;
-        values[i] = Some(v);
-    }
-    let mut out = Vec::with_capacity(specs.len());
-    for (s, v) in specs.iter().zip(values) {
-        out.push(v.ok_or_else(|| bad(format!("tensor `{}` is missing", s.name)))?);
+        out.push(v);
     }
     let dtype = match dtypes.iter().max_by_key(|(_, n)| **n).map(|(d, _)| *d) {
         Some("bfloat16") => WeightDtype::Bf16,
