@@ -30,7 +30,59 @@ pub struct StepStats {
     pub counted: f64,
 }
 
+/// One lane's share of the loss and its gradient per parameter.
+type LaneGrads<B> = (f64, Vec<Tensor<<B as AutodiffBackend>::InnerBackend, 2>>);
+
+/// Lanes a micro-batch is split into (see [`TrainState::step`]). A constant, not the core count,
+/// so that every machine computes the same sums.
+pub const LANES: usize = 2;
+
+/// `batch` cut into up to `lanes` contiguous groups of rows, in order.
+fn split_rows(batch: &Batch, lanes: usize) -> Vec<Batch> {
+    let lanes = lanes.clamp(1, batch.rows.max(1));
+    let t = batch.seq_len;
+    let mut out = Vec::with_capacity(lanes);
+    let mut start = 0;
+    for i in 0..lanes {
+        let rows = batch.rows / lanes + usize::from(i < batch.rows % lanes);
+        let span = start * t..(start + rows) * t;
+        out.push(Batch {
+            rows,
+            seq_len: t,
+            inputs: batch.inputs[span.clone()].to_vec(),
+            targets: batch.targets[span.clone()].to_vec(),
+            weights: batch.weights[span].to_vec(),
+        });
+        start += rows;
+    }
+    out
+}
+
 impl<B: AutodiffBackend> TrainState<B> {
+    /// Forward and backward of one lane: its share of the loss and a gradient per parameter.
+    fn lane_grads(&self, lane: &Batch, counted: f64) -> Result<LaneGrads<B>> {
+        let leaves: Vec<Tensor<B, 2>> = self
+            .model
+            .params
+            .iter()
+            .map(|p| Tensor::from_inner(p.clone()).require_grad())
+            .collect();
+        let graph = Llama::<B> {
+            config: self.model.config.clone(),
+            specs: self.model.specs.clone(),
+            params: leaves.clone(),
+        };
+        let loss = graph.loss_sum(lane).div_scalar(counted);
+        let g = loss.backward();
+        let value = loss.into_scalar().elem::<f64>();
+        let grads = leaves
+            .iter()
+            .zip(&self.model.params)
+            .map(|(l, p)| l.grad(&g).unwrap_or_else(|| p.zeros_like()))
+            .collect();
+        Ok((value, grads))
+    }
+
     /// Runs one step at learning rate `lr` on this rank's `micro` batches. The loss is the sum
     /// over every rank's counted targets divided by their total count, so W ranks with batch `b`
     /// compute what one rank with batch `W·b` would.
@@ -47,32 +99,38 @@ impl<B: AutodiffBackend> TrainState<B> {
         collective.all_reduce_sum(&mut counts)?;
         let counted = f64::from(counts[0]).max(1.0);
 
-        let leaves: Vec<Tensor<B, 2>> = self
-            .model
-            .params
-            .iter()
-            .map(|p| Tensor::from_inner(p.clone()).require_grad())
-            .collect();
-        let graph = Llama::<B> {
-            config: self.model.config.clone(),
-            specs: self.model.specs.clone(),
-            params: leaves.clone(),
-        };
         let mut loss_sum = 0.0f64;
         let mut grads: Option<Vec<Tensor<B::InnerBackend, 2>>> = None;
         for batch in micro {
-            let loss = graph.loss_sum(batch).div_scalar(counted);
-            let g = loss.backward();
-            loss_sum += loss.into_scalar().elem::<f64>();
-            let these: Vec<_> = leaves
-                .iter()
-                .zip(&self.model.params)
-                .map(|(l, p)| l.grad(&g).unwrap_or_else(|| p.zeros_like()))
-                .collect();
-            grads = Some(match grads {
-                None => these,
-                Some(acc) => acc.into_iter().zip(these).map(|(a, b)| a + b).collect(),
+            // The rows of a micro-batch are split into fixed lanes that run forward and backward
+            // on their own threads with their own autodiff graphs: the backend parallelises
+            // large matrix products but runs element-wise work on one thread, so two lanes keep
+            // both of a small machine's cores busy. The split depends only on the batch, and the
+            // lanes' gradients are summed in lane order, so results do not depend on timing or
+            // on the machine.
+            let lanes = split_rows(batch, LANES);
+            let results: Vec<Result<LaneGrads<B>>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = lanes
+                    .iter()
+                    .map(|lane| scope.spawn(|| self.lane_grads(lane, counted)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Invalid("a training lane panicked".into()))
+                        })
+                    })
+                    .collect()
             });
+            for r in results {
+                let (loss, these) = r?;
+                loss_sum += loss;
+                grads = Some(match grads {
+                    None => these,
+                    Some(acc) => acc.into_iter().zip(these).map(|(a, b)| a + b).collect(),
+                });
+            }
         }
         let mut grads = grads.ok_or_else(|| Error::Invalid("a step needs a micro-batch".into()))?;
 
@@ -114,5 +172,31 @@ impl<B: AutodiffBackend> TrainState<B> {
             grad_norm,
             counted,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_cover_the_rows_in_order() {
+        let b = Batch {
+            rows: 5,
+            seq_len: 2,
+            inputs: (0..10).collect(),
+            targets: (10..20).collect(),
+            weights: vec![1.0; 10],
+        };
+        let lanes = split_rows(&b, 2);
+        assert_eq!(lanes.iter().map(|l| l.rows).collect::<Vec<_>>(), vec![3, 2]);
+        let joined: Vec<i32> = lanes.iter().flat_map(|l| l.inputs.clone()).collect();
+        assert_eq!(joined, b.inputs);
+        assert_eq!(lanes[1].targets, vec![16, 17, 18, 19]);
+        let one = Batch {
+            rows: 1,
+            ..b.clone()
+        };
+        assert_eq!(split_rows(&one, 2).len(), 1);
     }
 }
