@@ -34,7 +34,7 @@ pub struct StepStats {
 type LaneGrads<B> = (f64, Vec<Tensor<<B as AutodiffBackend>::InnerBackend, 2>>);
 
 /// Lanes a micro-batch is split into (see [`TrainState::step`]). A constant, not the core count,
-/// so that every machine computes the same sums.
+/// so that the sums computed do not change with the machine's size.
 pub const LANES: usize = 2;
 
 /// `batch` cut into up to `lanes` contiguous groups of rows, in order.
@@ -105,9 +105,9 @@ impl<B: AutodiffBackend> TrainState<B> {
             // The rows of a micro-batch are split into fixed lanes that run forward and backward
             // on their own threads with their own autodiff graphs: the backend parallelises
             // large matrix products but runs element-wise work on one thread, so two lanes keep
-            // both of a small machine's cores busy. The split depends only on the batch, and the
-            // lanes' gradients are summed in lane order, so results do not depend on timing or
-            // on the machine.
+            // both of a small machine's cores busy. The split depends only on the batch (not on
+            // the core count), and the lanes' gradients are summed in lane order, so results do
+            // not depend on thread timing.
             let lanes = split_rows(batch, LANES);
             let results: Vec<Result<LaneGrads<B>>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = lanes
