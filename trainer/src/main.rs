@@ -293,9 +293,11 @@ impl Progress {
         }
     }
 
+    /// Leaves the bar at the step reached (a stopped run is not drawn as complete).
     fn finish(&self) {
         if let Some(bar) = &self.bar {
-            bar.finish();
+            bar.abandon();
+            say!();
         }
     }
 }
