@@ -101,14 +101,10 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
             None => t.is_empty(),
             Some('*') if p.get(1) == Some(&'*') => {
                 let rest = &p[2..];
-                let rest = rest.strip_prefix(&['/']).map_or(rest, |r| {
-                    // `**/` also matches zero segments.
-                    if go(r, t) {
-                        return &[][..];
-                    }
-                    rest
-                });
-                if rest.is_empty() && p.len() > 2 {
+                // `**/` also matches zero segments.
+                if let Some(after) = rest.strip_prefix(&['/'])
+                    && go(after, t)
+                {
                     return true;
                 }
                 (0..=t.len()).any(|i| go(rest, &t[i..]))

@@ -2,7 +2,7 @@
 //! epoch, packed into sequences and dealt out to ranks.
 //!
 //! A record is `{"text": ...}` (every token counts in the loss) or `{"prompt": ...,
-//! "completion": ...}` (only the completion's tokens count). Each document ends with the
+//! "completion": ...}` (only the completion's tokens count); other fields are ignored. Each document ends with the
 //! tokenizer's end-of-sequence id.
 //!
 //! **Order.** Epoch `e` concatenates the documents in a permutation drawn from `(seed, e)` and
@@ -34,8 +34,8 @@ pub struct Corpus {
     pub files: usize,
 }
 
+/// A JSONL record. Other fields (ids, sources, metadata) are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Record {
     #[serde(default)]
     text: Option<String>,
@@ -92,9 +92,7 @@ impl Corpus {
             (Some(t), None, None) => (String::new(), t),
             (None, Some(p), Some(c)) => (p, c),
             _ => {
-                return Err(
-                    "a record needs `text`, or `prompt` and `completion` (and nothing else)".into(),
-                );
+                return Err("a record needs `text`, or `prompt` and `completion`, not both".into());
             }
         };
         let enc = |s: &str| tokenizer.encode(s).map_err(|e| e.to_string());
@@ -286,7 +284,7 @@ mod tests {
 
     #[test]
     fn bad_records_name_file_and_line_or_are_counted() {
-        let text = "{\"text\":\"hello\"}\n\n{\"txt\":\"typo\"}\nnot json\n";
+        let text = "{\"text\":\"hello\",\"id\":7}\n\n{\"txt\":\"typo\"}\nnot json\n";
         let e = corpus(text, false).unwrap_err().to_string();
         assert!(e.starts_with("mem://d.jsonl:3:"), "{e}");
         let c = corpus(text, true).unwrap();

@@ -303,6 +303,13 @@ impl Progress {
 }
 
 fn print_summary(config: &JobConfig, s: &Summary) {
+    if s.first_loss.is_none() && s.step >= config.train.steps {
+        println!(
+            "nothing to do: the checkpoint under {} is already at step {} of {}",
+            config.checkpoint.url, s.step, config.train.steps
+        );
+        return;
+    }
     let loss = match (s.first_loss, s.last_loss) {
         (Some(a), Some(b)) => format!("loss {a:.4} → {b:.4}"),
         _ => "no steps run".into(),

@@ -160,7 +160,14 @@ fn load_base(config: &JobConfig, rt: &tokio::runtime::Runtime) -> Result<Base> {
                 .map(|v| v as u32);
             Tokenizer::from_json(&bytes, &format!("{base}/tokenizer.json"), eos)?
         }
-        Err(lockstep_storage::Error::NotFound { .. }) => Tokenizer::Bytes,
+        Err(lockstep_storage::Error::NotFound { .. }) => {
+            tracing::warn!(
+                base = %base,
+                "the base model has no tokenizer.json: tokenising as bytes (ids 0-255), which \
+                 only suits a byte-level model"
+            );
+            Tokenizer::Bytes
+        }
         Err(e) => return Err(e.into()),
     };
     Ok(Base {

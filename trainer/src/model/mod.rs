@@ -190,12 +190,7 @@ impl<B: Backend> Llama<B> {
     pub fn forward(&self, inputs: &[i32], rows: usize, seq_len: usize) -> Tensor<B, 2> {
         let c = &self.config;
         let device = self.params[0].device();
-        let (h, nh, nkv, hd) = (
-            c.hidden_size,
-            c.num_attention_heads,
-            c.kv_heads(),
-            c.head_size(),
-        );
+        let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_size());
         let n = rows * seq_len;
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(inputs.to_vec(), [n]), &device);
         let rope = Rope::<B>::new(c, rows, seq_len, &device);
@@ -221,7 +216,6 @@ impl<B: Backend> Llama<B> {
             x = x + linear(g, self.layer(l, DOWN));
         }
         let x = rms_norm(x, self.final_norm(), eps);
-        let _ = h;
         linear(x, self.lm_head())
     }
 
