@@ -56,8 +56,8 @@ pub struct TrainerState {
     pub grad_accum: u32,
     /// Tokens per sequence.
     pub seq_len: u32,
-    /// Mean loss of the last step.
-    pub loss: f64,
+    /// Mean loss of the last step (none before the first).
+    pub loss: Option<f64>,
 }
 
 /// A host copy of one checkpoint, ready to write.

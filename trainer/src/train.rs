@@ -341,7 +341,7 @@ pub fn train<B: AutodiffBackend>(
                 batch_size: t.batch_size,
                 grad_accum: t.grad_accum,
                 seq_len: config.data.seq_len,
-                loss: f64::NAN,
+                loss: None,
             };
             (TrainState { model, optim }, ts)
         }
@@ -402,7 +402,7 @@ pub fn train<B: AutodiffBackend>(
         ts.step += 1;
         ts.cursor += per_step;
         ts.tokens += stats.counted as u64;
-        ts.loss = stats.loss;
+        ts.loss = Some(stats.loss);
         ts.adamw_steps = state.optim.steps;
         summary.first_loss.get_or_insert(stats.loss);
         summary.last_loss = Some(stats.loss);
