@@ -53,7 +53,7 @@ pub enum Error {
     },
     /// The collective (gradient all-reduce) failed.
     #[error("collective: {0}")]
-    Collective(String),
+    Collective(#[from] crate::collective::CollectiveError),
     /// Anything else that is not valid.
     #[error("{0}")]
     Invalid(String),

@@ -6,7 +6,7 @@
 //! - [`model`]: the Llama decoder, its HF `config.json` and safetensors import/export.
 //! - [`optim`]: AdamW, gradient clipping, the learning-rate schedule.
 //! - [`step`]: one optimizer step (forward, backward, all-reduce, clip, AdamW).
-//! - [`collective`]: the [`Collective`] seam for gradient all-reduce.
+//! - [`collective`]: the [`Collective`] seam: [`Solo`], the [`TcpRing`] all-reduce.
 //! - [`data`]: JSONL records, packing, shuffling, sharding by rank; the data cursor.
 //! - [`tokenizer`]: HF `tokenizers` or bytes.
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
@@ -22,5 +22,5 @@ pub mod step;
 pub mod tokenizer;
 pub mod train;
 
-pub use collective::{Collective, Solo};
+pub use collective::{Collective, CollectiveError, Solo, TcpRing};
 pub use error::{Error, Result};

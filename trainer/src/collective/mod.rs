@@ -1,0 +1,106 @@
+//! The seam between the training loop and cross-rank communication: gradient all-reduce,
+//! broadcast of small values, barriers. World size 1 is [`Solo`], which does nothing;
+//! [`TcpRing`] connects CPU ranks over TCP (NCCL implements the same trait on GPUs).
+//!
+//! Every operation is bounded by a timeout: a dead or hung peer is an error naming it, never a
+//! hang. After an error the collective is broken and every later call fails.
+
+mod tcp_ring;
+
+use std::time::Duration;
+
+pub use tcp_ring::TcpRing;
+
+/// Why a collective operation failed. Each variant names the peer rank involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// This rank cannot listen on its address.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A peer could not be reached while the ring was being formed.
+    #[error("cannot connect to rank {peer} at {addr} within {timeout:?}: {reason}")]
+    Connect {
+        /// Its rank.
+        peer: usize,
+        /// Its address.
+        addr: String,
+        /// How long was tried.
+        timeout: Duration,
+        /// The last error.
+        reason: String,
+    },
+    /// A peer closed its connection or the connection broke: the peer died.
+    #[error("rank {peer} is gone ({op}): {source}")]
+    PeerLost {
+        /// Its rank.
+        peer: usize,
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A peer sent or accepted nothing for the whole timeout: hung, or stuck on a dead rank.
+    #[error("no progress with rank {peer} for {timeout:?} ({op}); a rank is dead or hung")]
+    Timeout {
+        /// Its rank.
+        peer: usize,
+        /// The operation.
+        op: &'static str,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// A peer sent something that is not this protocol.
+    #[error("rank {peer}: {what}")]
+    Protocol {
+        /// Its rank.
+        peer: usize,
+        /// What was wrong.
+        what: String,
+    },
+    /// An earlier failure broke the collective.
+    #[error("the collective failed earlier and cannot be used")]
+    Broken,
+}
+
+/// Cross-rank operations of a data-parallel gang. All ranks call the same operations in the
+/// same order with buffers of the same length.
+pub trait Collective: Send {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// Ranks in the gang.
+    fn world_size(&self) -> usize;
+    /// Replaces `buf` on every rank with the element-wise sum over all ranks. Every rank gets
+    /// bit-identical results, and the same inputs always give the same bits.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Copies `root`'s `buf` into every rank's `buf`.
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError>;
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<(), CollectiveError>;
+}
+
+/// A gang of one.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _buf: &mut [u8], _root: usize) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}

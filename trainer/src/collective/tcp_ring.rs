@@ -1,0 +1,549 @@
+//! All-reduce over a ring of TCP connections: each rank connects to the next and accepts the
+//! previous, once, and keeps both connections.
+//!
+//! `all_reduce_sum` is reduce-scatter then all-gather over `W` segments of the buffer. In each of
+//! the `W - 1` steps of each phase a rank sends one segment to the next rank while it receives
+//! another from the previous one, chunk by chunk (256 KiB), adding each chunk as it arrives: the
+//! send runs on its own thread, so sending, receiving and summing overlap, and at most one chunk
+//! is buffered. Each segment's sum is computed once, by one rank, in ring order, and the
+//! all-gather copies its bits, so every rank ends with identical results.
+//!
+//! Sockets carry read and write timeouts: a peer that closes (dies) fails the operation at once
+//! (`PeerLost`); one that stops sending (hung, or waiting on a dead rank) fails it after the
+//! timeout (`Timeout`). Either way the ring is then broken.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::{Collective, CollectiveError};
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the TCP ring sends f32 in native byte order and assumes little-endian peers");
+
+const MAGIC: u32 = 0x4C53_5452; // "LSTR"
+const VERSION: u32 = 1;
+/// Floats per chunk (256 KiB).
+const CHUNK: usize = 64 * 1024;
+
+/// A ring of `W` ranks over TCP. See the module docs.
+#[derive(Debug)]
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// Connections to the next and from the previous rank (`None` at world size 1).
+    links: Option<Links>,
+    broken: bool,
+    scratch: Vec<f32>,
+}
+
+#[derive(Debug)]
+struct Links {
+    next: TcpStream,
+    prev: TcpStream,
+}
+
+impl TcpRing {
+    /// Listens on `peers[rank]` and forms the ring with the other ranks (`peers` lists every
+    /// rank's `host:port`, in rank order), waiting up to `timeout` for them.
+    pub fn connect(
+        rank: usize,
+        peers: &[String],
+        timeout: Duration,
+    ) -> Result<TcpRing, CollectiveError> {
+        let addr = peers.get(rank).ok_or_else(|| CollectiveError::Protocol {
+            peer: rank,
+            what: format!("rank {rank} is outside a peer list of {}", peers.len()),
+        })?;
+        let listener = TcpListener::bind(addr).map_err(|source| CollectiveError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+        TcpRing::with_listener(listener, rank, peers, timeout)
+    }
+
+    /// As [`TcpRing::connect`], with this rank's listener already bound (tests bind port 0).
+    pub fn with_listener(
+        listener: TcpListener,
+        rank: usize,
+        peers: &[String],
+        timeout: Duration,
+    ) -> Result<TcpRing, CollectiveError> {
+        let world = peers.len();
+        if rank >= world {
+            return Err(CollectiveError::Protocol {
+                peer: rank,
+                what: format!("rank {rank} is outside a peer list of {world}"),
+            });
+        }
+        let mut ring = TcpRing {
+            rank,
+            world,
+            timeout,
+            links: None,
+            broken: false,
+            scratch: Vec::new(),
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let deadline = Instant::now() + timeout;
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let (next, prev) = std::thread::scope(|s| {
+            let next =
+                s.spawn(|| connect_next(rank, world, next_rank, &peers[next_rank], deadline));
+            let prev = accept_prev(&listener, world, prev_rank, deadline);
+            let next = next.join().unwrap_or_else(|_| {
+                Err(CollectiveError::Protocol {
+                    peer: next_rank,
+                    what: "the connecting thread panicked".into(),
+                })
+            });
+            (next, prev)
+        });
+        let (next, prev) = (next?, prev?);
+        for s in [&next, &prev] {
+            let set = s
+                .set_nodelay(true)
+                .and_then(|_| s.set_read_timeout(Some(timeout)))
+                .and_then(|_| s.set_write_timeout(Some(timeout)));
+            if let Err(source) = set {
+                return Err(CollectiveError::PeerLost {
+                    peer: next_rank,
+                    op: "configure socket",
+                    source,
+                });
+            }
+        }
+        ring.links = Some(Links { next, prev });
+        Ok(ring)
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Runs `f` unless broken; breaks on error.
+    fn guarded<T>(
+        &mut self,
+        f: impl FnOnce(&mut TcpRing) -> Result<T, CollectiveError>,
+    ) -> Result<T, CollectiveError> {
+        if self.broken {
+            return Err(CollectiveError::Broken);
+        }
+        let r = f(self);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// One step: send `buf[send]` to the next rank while receiving the previous rank's copy of
+    /// `buf[recv]`, added into it (`add`) or written over it.
+    fn exchange(
+        &mut self,
+        buf: &mut [f32],
+        send: std::ops::Range<usize>,
+        recv: std::ops::Range<usize>,
+        add: bool,
+        op: &'static str,
+    ) -> Result<(), CollectiveError> {
+        let (next_rank, prev_rank, timeout) = (self.next_rank(), self.prev_rank(), self.timeout);
+        let Some(links) = self.links.as_mut() else {
+            return Ok(());
+        };
+        let (src, dst) = disjoint(buf, send, recv);
+        let scratch = &mut self.scratch;
+        let next = &mut links.next;
+        let prev = &mut links.prev;
+        std::thread::scope(|s| {
+            let sender = s.spawn(move || {
+                for chunk in src.chunks(CHUNK) {
+                    next.write_all(bytemuck::cast_slice(chunk))
+                        .map_err(|e| io_error(e, next_rank, op, timeout))?;
+                }
+                Ok::<(), CollectiveError>(())
+            });
+            let received = (|| {
+                for chunk in dst.chunks_mut(CHUNK) {
+                    if add {
+                        scratch.resize(chunk.len(), 0.0);
+                        prev.read_exact(bytemuck::cast_slice_mut(&mut scratch[..]))
+                            .map_err(|e| io_error(e, prev_rank, op, timeout))?;
+                        for (d, x) in chunk.iter_mut().zip(scratch.iter()) {
+                            *d += *x;
+                        }
+                    } else {
+                        prev.read_exact(bytemuck::cast_slice_mut(chunk))
+                            .map_err(|e| io_error(e, prev_rank, op, timeout))?;
+                    }
+                }
+                Ok::<(), CollectiveError>(())
+            })();
+            let sent = sender.join().unwrap_or_else(|_| {
+                Err(CollectiveError::Protocol {
+                    peer: next_rank,
+                    what: "the sending thread panicked".into(),
+                })
+            });
+            received.and(sent)
+        })
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        if self.world == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        self.guarded(|ring| {
+            let (w, r, n) = (ring.world, ring.rank, buf.len());
+            let seg = |i: usize| i * n / w..(i + 1) * n / w;
+            // Reduce-scatter: afterwards rank r holds the full sum of segment (r + 1) % w.
+            for step in 0..w - 1 {
+                let send = (r + w - step) % w;
+                let recv = (r + 2 * w - step - 1) % w;
+                ring.exchange(buf, seg(send), seg(recv), true, "all-reduce")?;
+            }
+            // All-gather: pass the finished segments around.
+            for step in 0..w - 1 {
+                let send = (r + 1 + w - step) % w;
+                let recv = (r + w - step) % w;
+                ring.exchange(buf, seg(send), seg(recv), false, "all-reduce")?;
+            }
+            Ok(())
+        })
+    }
+
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let (next_rank, prev_rank, timeout, rank) =
+            (self.next_rank(), self.prev_rank(), self.timeout, self.rank);
+        self.guarded(|ring| {
+            let Some(links) = ring.links.as_mut() else {
+                return Ok(());
+            };
+            let op = "broadcast";
+            if rank != root {
+                let mut len = [0u8; 8];
+                links
+                    .prev
+                    .read_exact(&mut len)
+                    .map_err(|e| io_error(e, prev_rank, op, timeout))?;
+                if u64::from_le_bytes(len) != buf.len() as u64 {
+                    return Err(CollectiveError::Protocol {
+                        peer: prev_rank,
+                        what: format!(
+                            "broadcast of {} bytes, this rank expected {}",
+                            u64::from_le_bytes(len),
+                            buf.len()
+                        ),
+                    });
+                }
+                links
+                    .prev
+                    .read_exact(buf)
+                    .map_err(|e| io_error(e, prev_rank, op, timeout))?;
+            }
+            if next_rank != root {
+                links
+                    .next
+                    .write_all(&(buf.len() as u64).to_le_bytes())
+                    .and_then(|_| links.next.write_all(buf))
+                    .map_err(|e| io_error(e, next_rank, op, timeout))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        let mut one = [1.0f32];
+        self.all_reduce_sum(&mut one)?;
+        if one[0] != self.world as f32 {
+            self.broken = true;
+            return Err(CollectiveError::Protocol {
+                peer: self.prev_rank(),
+                what: format!("barrier counted {} ranks of {}", one[0], self.world),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `buf[a]` and `buf[b]` for disjoint ranges (either may be empty).
+fn disjoint(
+    buf: &mut [f32],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> (&[f32], &mut [f32]) {
+    if a.end <= b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
+    }
+}
+
+fn io_error(
+    e: std::io::Error,
+    peer: usize,
+    op: &'static str,
+    timeout: Duration,
+) -> CollectiveError {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            CollectiveError::Timeout { peer, op, timeout }
+        }
+        _ => CollectiveError::PeerLost {
+            peer,
+            op,
+            source: e,
+        },
+    }
+}
+
+fn header(rank: usize, world: usize) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&(rank as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&(world as u32).to_le_bytes());
+    h
+}
+
+fn word(h: &[u8; 16], i: usize) -> u32 {
+    u32::from_le_bytes([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]])
+}
+
+/// Connects to the next rank (retrying while it is not yet listening) and introduces this rank.
+fn connect_next(
+    rank: usize,
+    world: usize,
+    next: usize,
+    addr: &str,
+    deadline: Instant,
+) -> Result<TcpStream, CollectiveError> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let fail = |reason: String| CollectiveError::Connect {
+        peer: next,
+        addr: addr.to_string(),
+        timeout,
+        reason,
+    };
+    let target = addr
+        .to_socket_addrs()
+        .map_err(|e| fail(e.to_string()))?
+        .next()
+        .ok_or_else(|| fail("the address resolves to nothing".into()))?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail("timed out".into()));
+        }
+        match TcpStream::connect_timeout(&target, left) {
+            Ok(mut s) => {
+                s.set_write_timeout(Some(left))
+                    .and_then(|_| s.set_read_timeout(Some(left)))
+                    .and_then(|_| s.write_all(&header(rank, world)))
+                    .map_err(|e| fail(e.to_string()))?;
+                let mut ack = [0u8; 16];
+                s.read_exact(&mut ack).map_err(|e| fail(e.to_string()))?;
+                if word(&ack, 0) != MAGIC || word(&ack, 2) as usize != next {
+                    return Err(fail("the peer is not lockstep rank {next}".into()));
+                }
+                return Ok(s);
+            }
+            Err(e) => {
+                if Instant::now() >= deadline {
+                    return Err(fail(e.to_string()));
+                }
+                // Not listening yet: the gang starts in any order.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Accepts the previous rank's connection and checks who it is.
+fn accept_prev(
+    listener: &TcpListener,
+    world: usize,
+    prev: usize,
+    deadline: Instant,
+) -> Result<TcpStream, CollectiveError> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let fail = |reason: String| CollectiveError::Connect {
+        peer: prev,
+        addr: addr.clone(),
+        timeout,
+        reason,
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| fail(e.to_string()))?;
+    loop {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                s.set_nonblocking(false)
+                    .and_then(|_| s.set_read_timeout(Some(left.max(Duration::from_millis(1)))))
+                    .map_err(|e| fail(e.to_string()))?;
+                let mut h = [0u8; 16];
+                if s.read_exact(&mut h).is_err() || word(&h, 0) != MAGIC {
+                    continue; // not a lockstep rank: ignore it
+                }
+                if word(&h, 1) != VERSION {
+                    return Err(CollectiveError::Protocol {
+                        peer: prev,
+                        what: format!(
+                            "speaks ring protocol version {}, this rank {VERSION}",
+                            word(&h, 1)
+                        ),
+                    });
+                }
+                if word(&h, 3) as usize != world || word(&h, 2) as usize != prev {
+                    return Err(CollectiveError::Protocol {
+                        peer: word(&h, 2) as usize,
+                        what: format!(
+                            "connected as rank {} of {}; expected rank {prev} of {world}",
+                            word(&h, 2),
+                            word(&h, 3)
+                        ),
+                    });
+                }
+                let me = (prev + 1) % world;
+                s.write_all(&header(me, world))
+                    .map_err(|e| fail(e.to_string()))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(fail("no connection from it".into()));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forms a ring of `world` threads on loopback and runs `f` on each rank.
+    fn gang<T: Send>(world: usize, timeout: Duration, f: impl Fn(TcpRing) -> T + Sync) -> Vec<T> {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let (peers, f) = (&peers, &f);
+                    s.spawn(move || f(TcpRing::with_listener(l, rank, peers, timeout).unwrap()))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn input(rank: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 31 + rank * 17) % 1000) as f32 * 0.001 + 1.0 / (rank as f32 + 3.0))
+            .collect()
+    }
+
+    #[test]
+    fn every_rank_gets_the_same_bits_for_any_size() {
+        for world in 1..=4 {
+            for n in [0, 1, 3, 5, 1000, 200_003] {
+                let out = gang(world, Duration::from_secs(20), |mut ring| {
+                    let mut buf = input(ring.rank(), n);
+                    ring.all_reduce_sum(&mut buf).unwrap();
+                    ring.all_reduce_sum(&mut buf).unwrap(); // twice: the links are reused
+                    buf
+                });
+                let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, n)).collect();
+                for i in 0..n {
+                    let want: f64 = inputs.iter().map(|x| x[i] as f64).sum::<f64>() * world as f64;
+                    assert!(((out[0][i] as f64) - want).abs() <= 1e-4 * want.abs().max(1.0));
+                }
+                for o in &out[1..] {
+                    assert!(
+                        o.iter()
+                            .map(|x| x.to_bits())
+                            .eq(out[0].iter().map(|x| x.to_bits())),
+                        "world {world} n {n}: ranks differ"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_and_barrier() {
+        let out = gang(3, Duration::from_secs(20), |mut ring| {
+            let mut id = if ring.rank() == 1 {
+                *b"nccl-unique-id!!"
+            } else {
+                [0u8; 16]
+            };
+            ring.broadcast(&mut id, 1).unwrap();
+            ring.barrier().unwrap();
+            id
+        });
+        assert!(out.iter().all(|id| id == b"nccl-unique-id!!"));
+    }
+
+    #[test]
+    fn a_dead_rank_is_an_error_naming_a_peer_within_the_timeout() {
+        let timeout = Duration::from_secs(2);
+        let started = Instant::now();
+        let out = gang(3, timeout, |mut ring| {
+            if ring.rank() == 2 {
+                return None; // dies: its sockets close
+            }
+            let mut buf = vec![1.0f32; 1 << 20];
+            let first = ring.all_reduce_sum(&mut buf).err();
+            let again = ring.all_reduce_sum(&mut buf).err();
+            assert!(matches!(again, Some(CollectiveError::Broken)));
+            first.map(|e| e.to_string())
+        });
+        assert!(
+            started.elapsed() < timeout * 3,
+            "took {:?}",
+            started.elapsed()
+        );
+        for e in out.into_iter().take(2) {
+            let e = e.expect("a survivor must fail");
+            assert!(e.contains("rank"), "{e}");
+        }
+    }
+}
