@@ -44,6 +44,10 @@ pub struct JobSection {
     /// A rank silent for this long is dead.
     #[serde(default = "defaults::heartbeat_timeout", with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
+    /// How long a collective operation (gradient all-reduce, forming the ring) waits for a peer
+    /// before failing: a dead or hung rank is an error within this time, never a hang.
+    #[serde(default = "defaults::collective_timeout", with = "humantime_serde")]
+    pub collective_timeout: Duration,
 }
 
 /// `[model]`.
@@ -232,6 +236,10 @@ pub mod defaults {
     /// `job.heartbeat_timeout`.
     pub fn heartbeat_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    /// `job.collective_timeout`.
+    pub fn collective_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     /// `model.base`.
     pub fn base() -> String {

@@ -11,8 +11,8 @@ use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_api::{JobConfig, Resume};
-use lockstep_trainer::Solo;
 use lockstep_trainer::train::{Event, RunOptions, Summary, train};
+use lockstep_trainer::{Collective, Solo, TcpRing};
 
 /// Writes a line to stderr; a closed stderr (the reader went away) must not kill training.
 macro_rules! say {
@@ -29,7 +29,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// lockstep-trainer — fine-tune a Llama model, one rank of a lockstep job.
 ///
-/// Standalone it trains the job in CONFIG at world size 1: it loads the base model (or
+/// Alone it trains the job in CONFIG at world size 1; with --rank and --peers it is one rank of
+/// a data-parallel gang whose gradients are summed over a TCP ring. It loads the base model (or
 /// initialises one), reads and packs the data, resumes from the newest committed checkpoint
 /// under checkpoint.url when there is one (checkpoint.resume), and checkpoints every
 /// checkpoint.every_steps steps and at the end. SIGINT or SIGTERM checkpoints the current step
@@ -54,6 +55,14 @@ struct Cli {
     /// Stop after this step, checkpointing it; the LR schedule still spans train.steps.
     #[arg(long, value_name = "STEP")]
     stop_at: Option<u64>,
+    /// This process's rank in a data-parallel gang (with --peers).
+    #[arg(long, env = "LOCKSTEP_RANK", requires = "peers")]
+    rank: Option<usize>,
+    /// Every rank's `host:port` for the gradient ring, in rank order, comma-separated; this
+    /// rank listens on its own entry. Their number must equal job.world_size. Without it the
+    /// trainer runs alone (world size 1).
+    #[arg(long, env = "LOCKSTEP_PEERS", value_delimiter = ',', requires = "rank")]
+    peers: Vec<String>,
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     device: DeviceKind,
@@ -127,15 +136,37 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         stop_at: cli.stop_at,
         stop: Some(stop),
     };
+    let mut collective: Box<dyn Collective> = match cli.rank {
+        Some(rank) if !cli.peers.is_empty() => {
+            if cli.peers.len() != config.job.world_size as usize {
+                anyhow::bail!(
+                    "--peers lists {} ranks but job.world_size is {}",
+                    cli.peers.len(),
+                    config.job.world_size
+                );
+            }
+            if rank >= cli.peers.len() {
+                anyhow::bail!("--rank {rank} is outside the {} peers", cli.peers.len());
+            }
+            let ring = TcpRing::connect(rank, &cli.peers, config.job.collective_timeout)
+                .with_context(|| format!("form the gradient ring as rank {rank}"))?;
+            Box::new(ring)
+        }
+        _ => Box::new(Solo),
+    };
     let mut progress = Progress::new(!cli.no_progress && std::io::stderr().is_terminal());
     let summary = match cli.device {
         DeviceKind::Cpu => {
             use burn::backend::{Autodiff, Flex};
-            train::<Autodiff<Flex>>(&config, &opts, &Default::default(), &mut Solo, &mut |e| {
-                progress.on(e)
-            })?
+            train::<Autodiff<Flex>>(
+                &config,
+                &opts,
+                &Default::default(),
+                collective.as_mut(),
+                &mut |e| progress.on(e),
+            )?
         }
-        DeviceKind::Cuda => train_cuda(&config, &opts, &mut progress)?,
+        DeviceKind::Cuda => train_cuda(&config, &opts, collective.as_mut(), &mut progress)?,
     };
     progress.finish();
     print_summary(&config, &summary);
@@ -152,6 +183,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
 fn train_cuda(
     config: &JobConfig,
     opts: &RunOptions,
+    collective: &mut dyn Collective,
     progress: &mut Progress,
 ) -> anyhow::Result<Summary> {
     use burn::backend::{Autodiff, Cuda};
@@ -159,13 +191,18 @@ fn train_cuda(
         config,
         opts,
         &Default::default(),
-        &mut Solo,
+        collective,
         &mut |e| progress.on(e),
     )?)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn train_cuda(_: &JobConfig, _: &RunOptions, _: &mut Progress) -> anyhow::Result<Summary> {
+fn train_cuda(
+    _: &JobConfig,
+    _: &RunOptions,
+    _: &mut dyn Collective,
+    _: &mut Progress,
+) -> anyhow::Result<Summary> {
     anyhow::bail!("--device cuda: this lockstep-trainer was built without the `cuda` feature")
 }
 
@@ -237,6 +274,7 @@ impl Progress {
                 elapsed,
                 ..
             } => {
+                tracing::info!(step, loss, lr, tokens_per_sec, "step");
                 let s = elapsed.as_secs_f64();
                 let ema = self.ema_step.map_or(s, |e| 0.9 * e + 0.1 * s);
                 self.ema_step = Some(ema);
@@ -330,9 +368,10 @@ fn print_summary(config: &JobConfig, s: &Summary) {
         })
         .unwrap_or_else(|| "no checkpoint written".into());
     println!(
-        "{end}: {loss}; {:.0} tokens/s; snapshot stall max {:.1} ms; {ckpt}",
+        "{end}: {loss}; {:.0} tokens/s; snapshot stall max {:.1} ms; {ckpt}; params xxh3 {}",
         s.tokens_per_sec,
-        s.max_stall.as_secs_f64() * 1e3
+        s.max_stall.as_secs_f64() * 1e3,
+        s.params_hash
     );
 }
 

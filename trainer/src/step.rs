@@ -30,6 +30,10 @@ pub struct StepStats {
     pub counted: f64,
 }
 
+/// Floats per all-reduce bucket (25 MB): large enough to keep the links busy, small enough to
+/// bound what one call holds.
+pub const BUCKET: usize = 25 * 1000 * 1000 / 4;
+
 /// One lane's share of the loss and its gradient per parameter.
 type LaneGrads<B> = (f64, Vec<Tensor<<B as AutodiffBackend>::InnerBackend, 2>>);
 
@@ -140,7 +144,9 @@ impl<B: AutodiffBackend> TrainState<B> {
                 flat.extend(tensor_values(g.clone()));
             }
             flat.push(loss_sum as f32);
-            collective.all_reduce_sum(&mut flat)?;
+            for bucket in flat.chunks_mut(BUCKET) {
+                collective.all_reduce_sum(bucket)?;
+            }
             loss_sum = f64::from(flat.pop().unwrap_or(0.0));
             let mut at = 0;
             for (g, s) in grads.iter_mut().zip(&self.model.specs) {

@@ -101,6 +101,32 @@ pub struct Summary {
     pub tokens_per_sec: f64,
     /// True when stopped early (signal or `stop_at`) rather than at `train.steps`.
     pub stopped_early: bool,
+    /// xxh3-64 of every parameter's bytes at the end: equal on every rank of a gang.
+    pub params_hash: String,
+}
+
+/// xxh3-64 (hex) of the parameters' f32 bytes, in order.
+pub fn params_hash<B: burn::tensor::backend::Backend>(model: &Llama<B>) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for v in model.values() {
+        h.update(bytemuck::cast_slice(&v));
+    }
+    format!("{:016x}", h.digest())
+}
+
+/// The checkpoint writer of rank 0; nothing on the other ranks.
+struct Writer(Option<CheckpointWriter>);
+
+impl Writer {
+    fn poll(&mut self) -> Result<Option<Written>> {
+        self.0.as_mut().map_or(Ok(None), CheckpointWriter::poll)
+    }
+    fn wait(&mut self) -> Result<Option<Written>> {
+        self.0.as_mut().map_or(Ok(None), CheckpointWriter::wait)
+    }
+    fn submit(&mut self, snap: crate::checkpoint::Snapshot) -> Result<()> {
+        self.0.as_mut().map_or(Ok(()), |w| w.submit(snap))
+    }
 }
 
 /// A hash of what decides a run's results (model, data, training): stored in each manifest.
@@ -246,56 +272,101 @@ pub fn train<B: AutodiffBackend>(
     let resume = opts
         .resume
         .unwrap_or_else(|| config.checkpoint.resume_from());
-    let loaded = match resume {
-        Resume::Fresh => {
-            if let Some(step) = rt.block_on(store.latest())? {
-                return Err(Error::Resume {
-                    step,
-                    reason: format!(
-                        "checkpoint.resume = \"none\" but `{}` already holds committed \
-                         checkpoints; use resume = \"latest\" to continue them or another \
-                         checkpoint.url",
-                        config.checkpoint.url
-                    ),
-                });
-            }
-            None
-        }
-        Resume::Latest => match rt.block_on(store.latest_valid())? {
-            Some((ckpt, bad)) => {
-                // Newer checkpoints that fail verification can never be loaded, and this run
-                // will commit those steps again: remove them (fail closed, then repair).
-                for (step, e) in bad {
-                    if !matches!(e, lockstep_storage::Error::Corrupt { .. }) {
-                        // A newer format version, say: not ours to delete.
-                        return Err(Error::Resume {
-                            step,
-                            reason: e.to_string(),
-                        });
-                    }
-                    on_event(&Event::SkippedCheckpoint {
-                        step,
-                        reason: e.to_string(),
-                    });
-                    rt.block_on(store.delete(step))?;
-                }
-                Some(ckpt)
-            }
-            None => match rt.block_on(store.latest())? {
-                Some(step) => {
+    let mut choose = || -> Result<Option<lockstep_storage::Checkpoint>> {
+        Ok(match resume {
+            Resume::Fresh => {
+                if let Some(step) = rt.block_on(store.latest())? {
                     return Err(Error::Resume {
                         step,
                         reason: format!(
-                            "no committed checkpoint under `{}` verifies (run `lockstep ckpt \
-                             verify --all` to see why); refusing to start over on top of them",
+                            "checkpoint.resume = \"none\" but `{}` already holds committed \
+                         checkpoints; use resume = \"latest\" to continue them or another \
+                         checkpoint.url",
                             config.checkpoint.url
                         ),
                     });
                 }
-                None => None,
+                None
+            }
+            Resume::Latest => match rt.block_on(store.latest_valid())? {
+                Some((ckpt, bad)) => {
+                    // Newer checkpoints that fail verification can never be loaded, and this run
+                    // will commit those steps again: remove them (fail closed, then repair).
+                    for (step, e) in bad {
+                        if !matches!(e, lockstep_storage::Error::Corrupt { .. }) {
+                            // A newer format version, say: not ours to delete.
+                            return Err(Error::Resume {
+                                step,
+                                reason: e.to_string(),
+                            });
+                        }
+                        on_event(&Event::SkippedCheckpoint {
+                            step,
+                            reason: e.to_string(),
+                        });
+                        rt.block_on(store.delete(step))?;
+                    }
+                    Some(ckpt)
+                }
+                None => match rt.block_on(store.latest())? {
+                    Some(step) => {
+                        return Err(Error::Resume {
+                            step,
+                            reason: format!(
+                                "no committed checkpoint under `{}` verifies (run `lockstep ckpt \
+                             verify --all` to see why); refusing to start over on top of them",
+                                config.checkpoint.url
+                            ),
+                        });
+                    }
+                    None => None,
+                },
             },
-        },
-        Resume::Step(step) => Some(rt.block_on(store.load(step))?),
+            Resume::Step(step) => {
+                if let Some(newest) = rt.block_on(store.latest())?
+                    && newest > step
+                {
+                    return Err(Error::Resume {
+                        step,
+                        reason: format!(
+                            "`{}` holds newer checkpoints (up to step {newest}) that this run would \
+                         have to overwrite; resume from the newest, or copy step {step} to another \
+                         checkpoint.url",
+                            config.checkpoint.url
+                        ),
+                    });
+                }
+                Some(rt.block_on(store.load(step))?)
+            }
+        })
+    };
+    // Rank 0 chooses (and repairs) the checkpoint; the others load the step it announces, so
+    // every rank starts from the same one.
+    const FRESH: u64 = u64::MAX;
+    const FAILED: u64 = u64::MAX - 1;
+    let loaded = if rank == 0 {
+        let chosen = choose();
+        let code = match &chosen {
+            Ok(Some(c)) => c.manifest.step,
+            Ok(None) => FRESH,
+            Err(_) => FAILED,
+        };
+        if world > 1 {
+            collective.broadcast(&mut code.to_le_bytes(), 0)?;
+        }
+        chosen?
+    } else {
+        let mut code = [0u8; 8];
+        collective.broadcast(&mut code, 0)?;
+        match u64::from_le_bytes(code) {
+            FRESH => None,
+            FAILED => {
+                return Err(Error::Invalid(
+                    "rank 0 could not choose a checkpoint to start from (its log says why)".into(),
+                ));
+            }
+            step => Some(rt.block_on(store.load(step))?),
+        }
     };
     let (mut state, mut ts) = match loaded {
         Some(ckpt) => {
@@ -356,23 +427,30 @@ pub fn train<B: AutodiffBackend>(
         total_steps: t.steps,
     });
 
-    let mut writer = CheckpointWriter::spawn(
-        store,
-        WriterConfig {
-            job: config.job.name.clone(),
-            config_hash: config_hash(config),
-            world_size: world as u32,
-            retention: RetentionPolicy {
-                keep_last: config.checkpoint.keep_last,
-                keep_every: config.checkpoint.keep_every,
+    // Data-parallel replicas hold identical state, so rank 0 alone writes (all W shards of)
+    // each checkpoint and commits it. (The coordinator issue moves this to per-rank shards
+    // committed by the coordinator.)
+    let mut writer = Writer(if rank != 0 {
+        None
+    } else {
+        Some(CheckpointWriter::spawn(
+            store,
+            WriterConfig {
+                job: config.job.name.clone(),
+                config_hash: config_hash(config),
+                world_size: world as u32,
+                retention: RetentionPolicy {
+                    keep_last: config.checkpoint.keep_last,
+                    keep_every: config.checkpoint.keep_every,
+                },
+                protected: if from_step > 0 {
+                    vec![from_step]
+                } else {
+                    vec![]
+                },
             },
-            protected: if from_step > 0 {
-                vec![from_step]
-            } else {
-                vec![]
-            },
-        },
-    )?;
+        )?)
+    });
     let mut summary = Summary {
         from_step,
         step: from_step,
@@ -382,6 +460,7 @@ pub fn train<B: AutodiffBackend>(
         max_stall: Duration::ZERO,
         tokens_per_sec: 0.0,
         stopped_early: false,
+        params_hash: String::new(),
     };
     let last = opts.stop_at.map_or(t.steps, |s| s.min(t.steps));
     let per_step = Packer::per_step(world, t.batch_size as usize, t.grad_accum as usize);
@@ -419,10 +498,16 @@ pub fn train<B: AutodiffBackend>(
             on_event(&Event::CheckpointCommitted(w.clone()));
             summary.checkpoints.push(w);
         }
-        let stop = opts
+        let mut stop = opts
             .stop
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed));
+        if world > 1 {
+            // A signal reaches ranks at different steps: agree, so all stop at the same one.
+            let mut flag = [if stop { 1.0f32 } else { 0.0 }];
+            collective.all_reduce_sum(&mut flag)?;
+            stop = flag[0] > 0.0;
+        }
         let due = ts.step.is_multiple_of(config.checkpoint.every_steps) || ts.step == last || stop;
         if due {
             let waited = Instant::now();
@@ -432,10 +517,12 @@ pub fn train<B: AutodiffBackend>(
             }
             let waited = waited.elapsed();
             let copy = Instant::now();
-            let snap = state.snapshot(ts.clone());
+            if writer.0.is_some() {
+                let snap = state.snapshot(ts.clone());
+                writer.submit(snap)?;
+            }
             let stall = copy.elapsed();
             summary.max_stall = summary.max_stall.max(stall);
-            writer.submit(snap)?;
             last_checkpointed = ts.step;
             on_event(&Event::CheckpointStarted {
                 step: ts.step,
@@ -459,6 +546,7 @@ pub fn train<B: AutodiffBackend>(
         summary.checkpoints.push(w);
     }
     summary.step = ts.step;
+    summary.params_hash = params_hash(&state.model);
     summary.stopped_early |= ts.step < t.steps;
     let trained = ts.step - from_step;
     if trained > 0 {
