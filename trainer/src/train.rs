@@ -103,6 +103,8 @@ pub struct Summary {
     pub stopped_early: bool,
     /// xxh3-64 of every parameter's bytes at the end: equal on every rank of a gang.
     pub params_hash: String,
+    /// This process's rank (only rank 0 writes checkpoints).
+    pub rank: usize,
 }
 
 /// xxh3-64 (hex) of the parameters' f32 bytes, in order.
@@ -461,6 +463,7 @@ pub fn train<B: AutodiffBackend>(
         tokens_per_sec: 0.0,
         stopped_early: false,
         params_hash: String::new(),
+        rank,
     };
     let last = opts.stop_at.map_or(t.steps, |s| s.min(t.steps));
     let per_step = Packer::per_step(world, t.batch_size as usize, t.grad_accum as usize);
