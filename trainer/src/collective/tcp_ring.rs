@@ -366,7 +366,7 @@ fn connect_next(
                 let mut ack = [0u8; 16];
                 s.read_exact(&mut ack).map_err(|e| fail(e.to_string()))?;
                 if word(&ack, 0) != MAGIC || word(&ack, 2) as usize != next {
-                    return Err(fail("the peer is not lockstep rank {next}".into()));
+                    return Err(fail(format!("the peer is not lockstep rank {next}")));
                 }
                 return Ok(s);
             }
