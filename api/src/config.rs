@@ -45,9 +45,9 @@ pub struct JobSection {
     #[serde(default = "defaults::heartbeat_timeout", with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
     /// How long a collective operation (gradient all-reduce, forming the ring) waits for a peer
-    /// before failing: a dead or hung rank is an error within this time, never a hang. Until
-    /// checkpoints are written per rank, it must also cover rank 0 loading the starting
-    /// checkpoint and finishing a checkpoint still in flight, which the other ranks wait for.
+    /// before failing: a dead or hung rank is an error within this time, never a hang. It must
+    /// also cover rank 0 loading the starting checkpoint and the slowest rank finishing its
+    /// shard of a checkpoint still in flight, which the other ranks wait for.
     #[serde(default = "defaults::collective_timeout", with = "humantime_serde")]
     pub collective_timeout: Duration,
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use bytes::Bytes;
-use lockstep_storage::{CheckpointStore, CommitInfo, DType, RetentionPolicy, TensorInput};
+use lockstep_storage::{
+    CheckpointStore, CommitInfo, DType, RetentionPolicy, ShardMeta, TensorInput, pieces_for_rank,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -189,8 +191,10 @@ pub struct Written {
     pub bytes: u64,
     /// Uncompressed bytes.
     pub raw_bytes: u64,
-    /// From hand-off to commit.
+    /// From hand-off to commit (or, for one rank's shard, to the shard being durable).
     pub elapsed: Duration,
+    /// The shard written, when the writer writes one rank's shard rather than committing.
+    pub shard: Option<ShardMeta>,
 }
 
 /// What the writer thread is told to do with a snapshot.
@@ -202,6 +206,9 @@ pub struct WriterConfig {
     pub config_hash: String,
     /// Ranks whose shards make one checkpoint.
     pub world_size: u32,
+    /// `Some(rank)`: write only this rank's shard (about 1/W of the bytes) and report it, for
+    /// the committer to assemble; `None`: write every shard and commit.
+    pub shard_of: Option<u32>,
     /// Retention after each commit.
     pub retention: RetentionPolicy,
     /// Steps never collected (the one this run resumed from).
@@ -235,14 +242,15 @@ impl CheckpointWriter {
                 while let Ok(snap) = rx.recv() {
                     let started = Instant::now();
                     let step = snap.step;
-                    let result =
-                        rt.block_on(write(&store, &cfg, parent, snap))
-                            .map(|(bytes, raw_bytes)| Written {
-                                step,
-                                bytes,
-                                raw_bytes,
-                                elapsed: started.elapsed(),
-                            });
+                    let result = rt.block_on(write(&store, &cfg, parent, snap)).map(
+                        |(bytes, raw_bytes, shard)| Written {
+                            step,
+                            bytes,
+                            raw_bytes,
+                            elapsed: started.elapsed(),
+                            shard,
+                        },
+                    );
                     if result.is_ok() {
                         parent = Some(step);
                     }
@@ -321,7 +329,12 @@ async fn write(
     cfg: &WriterConfig,
     parent: Option<u64>,
     snap: Snapshot,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64, Option<ShardMeta>)> {
+    if let Some(rank) = cfg.shard_of {
+        let pieces = pieces_for_rank(&snap.tensors, rank, cfg.world_size);
+        let meta = store.write_shard(snap.step, rank, &pieces).await?;
+        return Ok((meta.bytes, meta.raw_bytes, Some(meta)));
+    }
     let info = CommitInfo {
         job: cfg.job.clone(),
         step: snap.step,
@@ -333,9 +346,19 @@ async fn write(
     let manifest = store.save(info, &snap.tensors, cfg.world_size).await?;
     let bytes = manifest.shards.iter().map(|s| s.bytes).sum();
     let raw = snap.tensors.iter().map(|t| t.data.len() as u64).sum();
-    let report = store.gc(&cfg.retention, &cfg.protected, false).await?;
+    collect(store, &cfg.retention, &cfg.protected).await?;
+    Ok((bytes, raw, None))
+}
+
+/// Applies the retention policy after a commit.
+pub async fn collect(
+    store: &CheckpointStore,
+    retention: &RetentionPolicy,
+    protected: &[u64],
+) -> Result<()> {
+    let report = store.gc(retention, protected, false).await?;
     if !report.deleted.is_empty() {
         tracing::debug!(deleted = ?report.deleted, "retention removed old checkpoints");
     }
-    Ok((bytes, raw))
+    Ok(())
 }

@@ -366,13 +366,7 @@ fn print_summary(config: &JobConfig, s: &Summary) {
                 w.step, config.checkpoint.url
             )
         })
-        .unwrap_or_else(|| {
-            if s.rank == 0 {
-                "no checkpoint written".into()
-            } else {
-                format!("rank 0 writes the checkpoints (this is rank {})", s.rank)
-            }
-        });
+        .unwrap_or_else(|| "no checkpoint written".into());
     println!(
         "{end}: {loss}; {:.0} tokens/s; snapshot stall max {:.1} ms; {ckpt}; params xxh3 {}",
         s.tokens_per_sec,

@@ -103,7 +103,7 @@ pub struct Summary {
     pub stopped_early: bool,
     /// xxh3-64 of every parameter's bytes at the end: equal on every rank of a gang.
     pub params_hash: String,
-    /// This process's rank (only rank 0 writes checkpoints).
+    /// This process's rank.
     pub rank: usize,
 }
 
@@ -116,18 +116,185 @@ pub fn params_hash<B: burn::tensor::backend::Backend>(model: &Llama<B>) -> Strin
     format!("{:016x}", h.digest())
 }
 
-/// The checkpoint writer of rank 0; nothing on the other ranks.
-struct Writer(Option<CheckpointWriter>);
+/// One rank's checkpointing. At world size 1 the writer thread writes and commits. In a gang
+/// every rank's writer writes that rank's shard (about 1/W of the bytes); once every rank's
+/// shard is durable, the ranks agree on it over the collective, rank 0 gathers the shards'
+/// metadata, commits the manifest and tells the others. All ranks make the same collective
+/// calls after every step, so they agree on when a checkpoint is complete.
+struct Checkpoints {
+    writer: CheckpointWriter,
+    gang: Option<Gang>,
+}
 
-impl Writer {
-    fn poll(&mut self) -> Result<Option<Written>> {
-        self.0.as_mut().map_or(Ok(None), CheckpointWriter::poll)
-    }
-    fn wait(&mut self) -> Result<Option<Written>> {
-        self.0.as_mut().map_or(Ok(None), CheckpointWriter::wait)
-    }
+struct Gang {
+    rank: usize,
+    world: usize,
+    /// Rank 0 commits through it.
+    store: CheckpointStore,
+    job: String,
+    config_hash: String,
+    retention: RetentionPolicy,
+    protected: Vec<u64>,
+    parent: Option<u64>,
+    /// The checkpoint being written: its state and, once this rank's writer is done, the result.
+    pending: Option<(TrainerState, Option<Result<Written>>)>,
+}
+
+impl Checkpoints {
     fn submit(&mut self, snap: crate::checkpoint::Snapshot) -> Result<()> {
-        self.0.as_mut().map_or(Ok(()), |w| w.submit(snap))
+        if let Some(g) = &mut self.gang {
+            g.pending = Some((snap.state.clone(), None));
+        }
+        self.writer.submit(snap)
+    }
+
+    /// After every step: the stop decision all ranks agree on, and a checkpoint that became
+    /// committed, if any. Never waits for the writer.
+    fn progress(
+        &mut self,
+        stop: bool,
+        collective: &mut dyn Collective,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(bool, Option<Written>)> {
+        let Some(g) = &mut self.gang else {
+            return Ok((stop, self.writer.poll()?));
+        };
+        if let Some((_, result @ None)) = &mut g.pending {
+            match self.writer.poll() {
+                Ok(Some(w)) => *result = Some(Ok(w)),
+                Ok(None) => {}
+                Err(e) => *result = Some(Err(e)),
+            }
+        }
+        let (done, failed) = match &g.pending {
+            Some((_, Some(Ok(_)))) => (1.0, 0.0),
+            Some((_, Some(Err(_)))) => (1.0, 1.0),
+            _ => (0.0, 0.0),
+        };
+        // A signal reaches ranks at different steps: agree, so all stop at the same one.
+        let mut flags = [if stop { 1.0f32 } else { 0.0 }, done, failed];
+        collective.all_reduce_sum(&mut flags)?;
+        let committed = if flags[2] > 0.0 || flags[1] as usize == g.world {
+            g.commit_round(flags[2] > 0.0, collective, rt)?
+        } else {
+            None
+        };
+        Ok((flags[0] > 0.0, committed))
+    }
+
+    /// Waits for the checkpoint in flight, if any, until it is committed.
+    fn finish(
+        &mut self,
+        collective: &mut dyn Collective,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<Option<Written>> {
+        let Some(g) = &mut self.gang else {
+            return self.writer.wait();
+        };
+        let Some((_, result)) = &mut g.pending else {
+            return Ok(None);
+        };
+        if result.is_none() {
+            *result = Some(self.writer.wait().and_then(|w| {
+                w.ok_or_else(|| Error::Invalid("the checkpoint writer lost a checkpoint".into()))
+            }));
+        }
+        let mut failed = [if matches!(result, Some(Err(_))) {
+            1.0f32
+        } else {
+            0.0
+        }];
+        collective.all_reduce_sum(&mut failed)?;
+        g.commit_round(failed[0] > 0.0, collective, rt)
+    }
+}
+
+impl Gang {
+    /// Every rank's shard of the pending checkpoint is done (or one failed): gather the shard
+    /// metadata on rank 0, which commits and reports the outcome to all.
+    fn commit_round(
+        &mut self,
+        any_failed: bool,
+        collective: &mut dyn Collective,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<Option<Written>> {
+        let Some((state, result)) = self.pending.take() else {
+            return Ok(None);
+        };
+        let step = state.step;
+        let mine = match result {
+            Some(Ok(w)) if !any_failed => w,
+            Some(Err(e)) => return Err(e),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "another rank failed to write its shard of checkpoint {step} (its log says why)"
+                )));
+            }
+        };
+        let meta = serde_json::to_vec(&mine.shard)
+            .map_err(|e| Error::Invalid(format!("cannot serialise a shard's metadata: {e}")))?;
+        let mut metas = Vec::new();
+        for r in 0..self.world {
+            let mut len = (if r == self.rank { meta.len() } else { 0 } as u64).to_le_bytes();
+            collective.broadcast(&mut len, r)?;
+            let mut buf = if r == self.rank {
+                meta.clone()
+            } else {
+                vec![0u8; u64::from_le_bytes(len) as usize]
+            };
+            collective.broadcast(&mut buf, r)?;
+            if self.rank == 0 {
+                let m: Option<lockstep_storage::ShardMeta> =
+                    serde_json::from_slice(&buf).map_err(|e| {
+                        Error::Invalid(format!("rank {r} sent bad shard metadata: {e}"))
+                    })?;
+                metas.push(m.ok_or_else(|| {
+                    Error::Invalid(format!("rank {r} reported no shard for checkpoint {step}"))
+                })?);
+            }
+        }
+        let mut status = [0u8];
+        let mut written = mine;
+        if self.rank == 0 {
+            let bytes = metas.iter().map(|m| m.bytes).sum();
+            let raw_bytes = metas.iter().map(|m| m.raw_bytes).sum();
+            let outcome = self.commit(state, metas, rt);
+            status[0] = if outcome.is_ok() { 1 } else { 2 };
+            collective.broadcast(&mut status, 0)?;
+            outcome?;
+            written.bytes = bytes;
+            written.raw_bytes = raw_bytes;
+        } else {
+            collective.broadcast(&mut status, 0)?;
+            if status[0] != 1 {
+                return Err(Error::Invalid(format!(
+                    "rank 0 could not commit checkpoint {step} (its log says why)"
+                )));
+            }
+        }
+        self.parent = Some(step);
+        Ok(Some(written))
+    }
+
+    fn commit(
+        &self,
+        state: TrainerState,
+        metas: Vec<lockstep_storage::ShardMeta>,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<()> {
+        let info = lockstep_storage::CommitInfo {
+            job: self.job.clone(),
+            step: state.step,
+            config_hash: self.config_hash.clone(),
+            parent: self.parent,
+            trainer_state: serde_json::to_value(&state)
+                .map_err(|e| Error::Invalid(format!("cannot serialise the trainer state: {e}")))?,
+        };
+        let manifest = lockstep_storage::assemble_manifest(info, metas)?;
+        rt.block_on(async {
+            self.store.commit(&manifest).await?;
+            crate::checkpoint::collect(&self.store, &self.retention, &self.protected).await
+        })
     }
 }
 
@@ -429,30 +596,40 @@ pub fn train<B: AutodiffBackend>(
         total_steps: t.steps,
     });
 
-    // Data-parallel replicas hold identical state, so rank 0 alone writes (all W shards of)
-    // each checkpoint and commits it. (The coordinator issue moves this to per-rank shards
-    // committed by the coordinator.)
-    let mut writer = Writer(if rank != 0 {
-        None
+    let retention = RetentionPolicy {
+        keep_last: config.checkpoint.keep_last,
+        keep_every: config.checkpoint.keep_every,
+    };
+    let protected = if from_step > 0 {
+        vec![from_step]
     } else {
-        Some(CheckpointWriter::spawn(
+        vec![]
+    };
+    let gang = (world > 1).then(|| Gang {
+        rank,
+        world,
+        store: store.clone(),
+        job: config.job.name.clone(),
+        config_hash: config_hash(config),
+        retention,
+        protected: protected.clone(),
+        parent: (from_step > 0).then_some(from_step),
+        pending: None,
+    });
+    let mut ckpt = Checkpoints {
+        writer: CheckpointWriter::spawn(
             store,
             WriterConfig {
                 job: config.job.name.clone(),
                 config_hash: config_hash(config),
                 world_size: world as u32,
-                retention: RetentionPolicy {
-                    keep_last: config.checkpoint.keep_last,
-                    keep_every: config.checkpoint.keep_every,
-                },
-                protected: if from_step > 0 {
-                    vec![from_step]
-                } else {
-                    vec![]
-                },
+                shard_of: (world > 1).then_some(rank as u32),
+                retention,
+                protected,
             },
-        )?)
-    });
+        )?,
+        gang,
+    };
     let mut summary = Summary {
         from_step,
         step: from_step,
@@ -497,34 +674,27 @@ pub fn train<B: AutodiffBackend>(
             tokens_per_sec: tokens_per_step as f64 / elapsed.as_secs_f64().max(1e-9),
             elapsed,
         });
-        if let Some(w) = writer.poll()? {
-            on_event(&Event::CheckpointCommitted(w.clone()));
-            summary.checkpoints.push(w);
-        }
-        let mut stop = opts
+        let stop = opts
             .stop
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed));
-        if world > 1 {
-            // A signal reaches ranks at different steps: agree, so all stop at the same one.
-            let mut flag = [if stop { 1.0f32 } else { 0.0 }];
-            collective.all_reduce_sum(&mut flag)?;
-            stop = flag[0] > 0.0;
+        let (stop, committed) = ckpt.progress(stop, collective, &rt)?;
+        if let Some(w) = committed {
+            on_event(&Event::CheckpointCommitted(w.clone()));
+            summary.checkpoints.push(w);
         }
         let due = ts.step.is_multiple_of(config.checkpoint.every_steps) || ts.step == last || stop;
         if due {
             let waited = Instant::now();
-            if let Some(w) = writer.wait()? {
+            if let Some(w) = ckpt.finish(collective, &rt)? {
                 on_event(&Event::CheckpointCommitted(w.clone()));
                 summary.checkpoints.push(w);
             }
             let waited = waited.elapsed();
             let copy = Instant::now();
-            if writer.0.is_some() {
-                let snap = state.snapshot(ts.clone());
-                writer.submit(snap)?;
-            }
+            let snap = state.snapshot(ts.clone());
             let stall = copy.elapsed();
+            ckpt.submit(snap)?;
             summary.max_stall = summary.max_stall.max(stall);
             last_checkpointed = ts.step;
             on_event(&Event::CheckpointStarted {
@@ -544,7 +714,7 @@ pub fn train<B: AutodiffBackend>(
             "nothing to train: the run is already at its last step"
         );
     }
-    if let Some(w) = writer.wait()? {
+    if let Some(w) = ckpt.finish(collective, &rt)? {
         on_event(&Event::CheckpointCommitted(w.clone()));
         summary.checkpoints.push(w);
     }
