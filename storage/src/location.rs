@@ -59,6 +59,13 @@ impl Location {
     }
 }
 
+/// An S3 client for `bucket` with credentials, region and endpoint from the `AWS_*` environment.
+pub(crate) fn s3_from_env(bucket: &str) -> object_store::Result<object_store::aws::AmazonS3> {
+    object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

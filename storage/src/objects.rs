@@ -23,10 +23,7 @@ pub fn open_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
             Ok((Arc::new(object_store::local::LocalFileSystem::new()), p))
         }
         Location::S3 { bucket, prefix } => {
-            let s3 = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .build()
-                .map_err(|e| bad(e.to_string()))?;
+            let s3 = crate::location::s3_from_env(&bucket).map_err(|e| bad(e.to_string()))?;
             Ok((Arc::new(s3), Path::from(prefix)))
         }
         Location::Memory => Err(bad("memory:// holds checkpoints only".into())),

@@ -176,10 +176,8 @@ impl CheckpointStore {
                 }
                 Location::S3 { bucket, prefix } => {
                     opts.part_size = opts.part_size.max(MIN_S3_PART);
-                    let s3 = object_store::aws::AmazonS3Builder::from_env()
-                        .with_bucket_name(bucket)
-                        .build()
-                        .map_err(|e| bad(e.to_string()))?;
+                    let s3 =
+                        crate::location::s3_from_env(&bucket).map_err(|e| bad(e.to_string()))?;
                     (Arc::new(s3), Path::from(prefix), None)
                 }
                 Location::Memory => (

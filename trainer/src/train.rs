@@ -103,8 +103,6 @@ pub struct Summary {
     pub stopped_early: bool,
     /// xxh3-64 of every parameter's bytes at the end: equal on every rank of a gang.
     pub params_hash: String,
-    /// This process's rank.
-    pub rank: usize,
 }
 
 /// xxh3-64 (hex) of the parameters' f32 bytes, in order.
@@ -640,13 +638,11 @@ pub fn train<B: AutodiffBackend>(
         tokens_per_sec: 0.0,
         stopped_early: false,
         params_hash: String::new(),
-        rank,
     };
     let last = opts.stop_at.map_or(t.steps, |s| s.min(t.steps));
     let per_step = Packer::per_step(world, t.batch_size as usize, t.grad_accum as usize);
     let tokens_per_step = per_step * seq_len as u64;
     let loop_start = Instant::now();
-    let mut last_checkpointed = from_step;
     while ts.step < last {
         let started = Instant::now();
         let batches = packer.step_batches(
@@ -696,7 +692,6 @@ pub fn train<B: AutodiffBackend>(
             let stall = copy.elapsed();
             ckpt.submit(snap)?;
             summary.max_stall = summary.max_stall.max(stall);
-            last_checkpointed = ts.step;
             on_event(&Event::CheckpointStarted {
                 step: ts.step,
                 stall,
@@ -707,12 +702,6 @@ pub fn train<B: AutodiffBackend>(
             summary.stopped_early = true;
             break;
         }
-    }
-    if ts.step == from_step && from_step > 0 && last_checkpointed == from_step {
-        tracing::info!(
-            step = from_step,
-            "nothing to train: the run is already at its last step"
-        );
     }
     if let Some(w) = ckpt.finish(collective, &rt)? {
         on_event(&Event::CheckpointCommitted(w.clone()));
