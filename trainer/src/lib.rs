@@ -22,5 +22,7 @@ pub mod step;
 pub mod tokenizer;
 pub mod train;
 
+#[cfg(feature = "cuda")]
+pub use collective::Nccl;
 pub use collective::{Collective, CollectiveError, Solo, TcpRing};
 pub use error::{Error, Result};

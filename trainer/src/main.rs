@@ -66,6 +66,13 @@ struct Cli {
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     device: DeviceKind,
+    /// How gradients are summed across ranks: `auto` is NCCL with --device cuda in a gang and
+    /// the TCP ring otherwise; `nccl` forces NCCL (also alone, as a smoke test of the GPU path).
+    #[arg(long, value_enum, default_value_t = CollectiveKind::Auto)]
+    collective: CollectiveKind,
+    /// CUDA device ordinal of this rank (with --device cuda).
+    #[arg(long, env = "LOCKSTEP_CUDA_DEVICE", default_value_t = 0)]
+    cuda_device: usize,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -78,8 +85,65 @@ struct Cli {
 enum DeviceKind {
     /// Burn's flex CPU backend (all cores).
     Cpu,
-    /// CUDA GPU 0 (needs a build with `--features cuda`).
+    /// A CUDA GPU, --cuda-device (needs a build with `--features cuda`).
     Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CollectiveKind {
+    /// NCCL for a CUDA gang, the TCP ring otherwise.
+    Auto,
+    /// The TCP ring (host buffers).
+    Ring,
+    /// NCCL (needs --device cuda and a build with `--features cuda`).
+    Nccl,
+}
+
+/// The gang's collective: nothing alone, the ring on CPU, NCCL (bootstrapped over the ring)
+/// on CUDA.
+fn make_collective(
+    cli: &Cli,
+    ring: Option<TcpRing>,
+    timeout: Duration,
+) -> anyhow::Result<Box<dyn Collective>> {
+    let nccl = match cli.collective {
+        CollectiveKind::Ring => false,
+        CollectiveKind::Nccl => {
+            if cli.device != DeviceKind::Cuda {
+                anyhow::bail!("--collective nccl needs --device cuda");
+            }
+            true
+        }
+        CollectiveKind::Auto => cli.device == DeviceKind::Cuda && ring.is_some(),
+    };
+    if nccl {
+        return make_nccl(
+            ring.unwrap_or_else(|| TcpRing::alone(timeout)),
+            cli.cuda_device,
+            timeout,
+        );
+    }
+    Ok(match ring {
+        Some(ring) => Box::new(ring),
+        None => Box::new(Solo),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn make_nccl(
+    ring: TcpRing,
+    ordinal: usize,
+    timeout: Duration,
+) -> anyhow::Result<Box<dyn Collective>> {
+    let rank = ring.rank();
+    let nccl = lockstep_trainer::Nccl::new(ring, ordinal, timeout)
+        .with_context(|| format!("form the NCCL communicator as rank {rank}"))?;
+    Ok(Box::new(nccl))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn make_nccl(_: TcpRing, _: usize, _: Duration) -> anyhow::Result<Box<dyn Collective>> {
+    anyhow::bail!("NCCL: this lockstep-trainer was built without the `cuda` feature")
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -136,7 +200,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         stop_at: cli.stop_at,
         stop: Some(stop),
     };
-    let mut collective: Box<dyn Collective> = match cli.rank {
+    let ring = match cli.rank {
         Some(rank) if !cli.peers.is_empty() => {
             if cli.peers.len() != config.job.world_size as usize {
                 anyhow::bail!(
@@ -150,10 +214,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             let ring = TcpRing::connect(rank, &cli.peers, config.job.collective_timeout)
                 .with_context(|| format!("form the gradient ring as rank {rank}"))?;
-            Box::new(ring)
+            Some(ring)
         }
-        _ => Box::new(Solo),
+        _ => None,
     };
+    let mut collective = make_collective(cli, ring, config.job.collective_timeout)?;
     let mut progress = Progress::new(!cli.no_progress && std::io::stderr().is_terminal());
     let summary = match cli.device {
         DeviceKind::Cpu => {
@@ -166,7 +231,13 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 &mut |e| progress.on(e),
             )?
         }
-        DeviceKind::Cuda => train_cuda(&config, &opts, collective.as_mut(), &mut progress)?,
+        DeviceKind::Cuda => train_cuda(
+            &config,
+            &opts,
+            cli.cuda_device,
+            collective.as_mut(),
+            &mut progress,
+        )?,
     };
     progress.finish();
     print_summary(&config, &summary);
@@ -183,14 +254,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
 fn train_cuda(
     config: &JobConfig,
     opts: &RunOptions,
+    ordinal: usize,
     collective: &mut dyn Collective,
     progress: &mut Progress,
 ) -> anyhow::Result<Summary> {
-    use burn::backend::{Autodiff, Cuda};
+    use burn::backend::{Autodiff, Cuda, cuda::CudaDevice};
     Ok(train::<Autodiff<Cuda>>(
         config,
         opts,
-        &Default::default(),
+        &CudaDevice::new(ordinal),
         collective,
         &mut |e| progress.on(e),
     )?)
@@ -200,6 +272,7 @@ fn train_cuda(
 fn train_cuda(
     _: &JobConfig,
     _: &RunOptions,
+    _: usize,
     _: &mut dyn Collective,
     _: &mut Progress,
 ) -> anyhow::Result<Summary> {

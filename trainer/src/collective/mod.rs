@@ -1,14 +1,18 @@
 //! The seam between the training loop and cross-rank communication: gradient all-reduce,
 //! broadcast of small values, barriers. World size 1 is [`Solo`], which does nothing;
-//! [`TcpRing`] connects CPU ranks over TCP (NCCL implements the same trait on GPUs).
+//! [`TcpRing`] connects CPU ranks over TCP; `Nccl` (feature `cuda`) reduces on GPUs.
 //!
 //! Every operation is bounded by a timeout: a dead or hung peer is an error naming it, never a
 //! hang. After an error the collective is broken and every later call fails.
 
+#[cfg(feature = "cuda")]
+mod nccl;
 mod tcp_ring;
 
 use std::time::Duration;
 
+#[cfg(feature = "cuda")]
+pub use nccl::Nccl;
 pub use tcp_ring::TcpRing;
 
 /// Why a collective operation failed. Each variant names the peer rank involved.
@@ -62,6 +66,12 @@ pub enum CollectiveError {
         /// What was wrong.
         what: String,
     },
+    /// The GPU side (CUDA or NCCL) failed.
+    #[error("GPU collective: {what}")]
+    Device {
+        /// What failed, with the library's error.
+        what: String,
+    },
     /// An earlier failure broke the collective.
     #[error("the collective failed earlier and cannot be used")]
     Broken,
@@ -69,7 +79,7 @@ pub enum CollectiveError {
 
 /// Cross-rank operations of a data-parallel gang. All ranks call the same operations in the
 /// same order with buffers of the same length.
-pub trait Collective: Send {
+pub trait Collective {
     /// This process's rank.
     fn rank(&self) -> usize;
     /// Ranks in the gang.

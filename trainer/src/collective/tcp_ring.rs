@@ -63,6 +63,19 @@ impl TcpRing {
         TcpRing::with_listener(listener, rank, peers, timeout)
     }
 
+    /// A ring of one rank: every operation is a no-op. Lets a collective that bootstraps over
+    /// the ring (NCCL) run at world size 1.
+    pub fn alone(timeout: Duration) -> TcpRing {
+        TcpRing {
+            rank: 0,
+            world: 1,
+            timeout,
+            links: None,
+            broken: false,
+            scratch: Vec::new(),
+        }
+    }
+
     /// As [`TcpRing::connect`], with this rank's listener already bound (tests bind port 0).
     pub fn with_listener(
         listener: TcpListener,
