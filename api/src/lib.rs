@@ -5,8 +5,43 @@
 //!   Kubernetes TrainJob), with named defaults, `--set key=value` overrides and validation
 //!   errors that name the field.
 //!
-//! The gRPC protocol between coordinator and trainers lands here with the coordinator.
+//! - [`proto`]: the gRPC control protocol between the coordinator, its users and trainers.
 
 pub mod config;
 
 pub use config::{ConfigError, JobConfig, Resume, Schedule};
+
+/// The gRPC protocol (`proto/lockstep.proto`), generated at build time.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("lockstep.v1");
+
+    /// The metadata key that carries `Bearer <token>` on every call.
+    pub const AUTH_HEADER: &str = "authorization";
+
+    /// A client interceptor that adds `authorization: Bearer TOKEN` to every call.
+    #[derive(Debug, Clone)]
+    pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+    impl BearerToken {
+        /// `None` when the token has characters a header cannot carry.
+        pub fn new(token: &str) -> Option<BearerToken> {
+            format!("Bearer {token}").parse().ok().map(BearerToken)
+        }
+    }
+
+    impl tonic::service::Interceptor for BearerToken {
+        fn call(
+            &mut self,
+            mut req: tonic::Request<()>,
+        ) -> Result<tonic::Request<()>, tonic::Status> {
+            req.metadata_mut().insert(AUTH_HEADER, self.0.clone());
+            Ok(req)
+        }
+    }
+
+    /// A client of the coordinator that authenticates with a token.
+    pub type Client = coordinator_client::CoordinatorClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+    >;
+}

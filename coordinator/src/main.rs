@@ -1,6 +1,7 @@
 //! `lockstep`: the user's command-line tool.
 
 mod ckpt;
+mod jobs;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,58 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a job on this machine: a coordinator in this process launches job.world_size
+    /// local `lockstep-trainer` ranks, restarts the whole gang from the newest committed
+    /// checkpoint when a rank dies or hangs, and shows progress until the job ends. Exit
+    /// status 0 when it succeeds, 1 when it fails, 130 when interrupted (the gang is torn down;
+    /// running it again resumes from the newest checkpoint).
+    Run(jobs::RunArgs),
+    /// Run the coordinator service: jobs are submitted to it (`lockstep submit`) and kept in
+    /// DATA_DIR/jobs.redb, so a restarted coordinator resumes every live job.
+    Serve(jobs::ServeArgs),
+    /// Submit a job to a running coordinator; prints its id.
+    Submit {
+        /// The job config (TOML).
+        config: std::path::PathBuf,
+        /// Override a config field (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// Watch it until it ends.
+        #[arg(long)]
+        watch: bool,
+        /// JSON lines instead of a progress bar (with --watch).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: jobs::ClientArgs,
+    },
+    /// Show one job, or every job.
+    Status {
+        /// The job id (default: all jobs).
+        job: Option<String>,
+        /// One JSON object per job.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: jobs::ClientArgs,
+    },
+    /// Follow a job until it ends (progress bar, then a summary); exit status as `run`.
+    Watch {
+        /// The job id.
+        job: String,
+        /// JSON lines instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: jobs::ClientArgs,
+    },
+    /// Cancel a job: its workers are killed and it ends Cancelled.
+    Cancel {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        client: jobs::ClientArgs,
+    },
     /// Inspect, verify and garbage-collect checkpoints.
     #[command(subcommand)]
     Ckpt(ckpt::CkptCommand),
@@ -56,16 +109,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `ckpt` documents 2 for "cannot read"; the job commands use 1 for every failure.
+    let error_code = if matches!(cli.command, Command::Ckpt(_)) {
+        2
+    } else {
+        1
+    };
     let result = runtime.block_on(async {
         match cli.command {
             Command::Ckpt(cmd) => ckpt::run(cmd, &mut std::io::stdout().lock()).await,
+            Command::Run(args) => jobs::run(args).await,
+            Command::Serve(args) => jobs::serve(args).await,
+            Command::Submit {
+                config,
+                set,
+                watch,
+                json,
+                client,
+            } => jobs::submit(&config, set, watch, json, &client).await,
+            Command::Status { job, json, client } => jobs::status(job, json, &client).await,
+            Command::Watch { job, json, client } => jobs::watch_job(&job, json, &client).await,
+            Command::Cancel { job, client } => jobs::cancel(&job, &client).await,
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(error_code)
         }
     }
 }

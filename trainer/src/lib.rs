@@ -6,13 +6,15 @@
 //! - [`model`]: the Llama decoder, its HF `config.json` and safetensors import/export.
 //! - [`optim`]: AdamW, gradient clipping, the learning-rate schedule.
 //! - [`step`]: one optimizer step (forward, backward, all-reduce, clip, AdamW).
-//! - [`collective`]: the [`Collective`] seam: [`Solo`], the [`TcpRing`] all-reduce.
+//! - [`collective`]: the [`Collective`] seam: [`Solo`], the [`TcpRing`] all-reduce, NCCL.
+//! - [`control`]: the coordinator client: join, heartbeats, shard commits.
 //! - [`data`]: JSONL records, packing, shuffling, sharding by rank; the data cursor.
 //! - [`tokenizer`]: HF `tokenizers` or bytes.
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
 
 pub mod checkpoint;
 pub mod collective;
+pub mod control;
 pub mod data;
 pub mod error;
 pub mod model;

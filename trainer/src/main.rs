@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_api::{JobConfig, Resume};
+use lockstep_trainer::control::{Control, Identity};
 use lockstep_trainer::train::{Event, RunOptions, Summary, train};
 use lockstep_trainer::{Collective, Solo, TcpRing};
 
@@ -63,6 +64,21 @@ struct Cli {
     /// trainer runs alone (world size 1).
     #[arg(long, env = "LOCKSTEP_PEERS", value_delimiter = ',', requires = "rank")]
     peers: Vec<String>,
+    /// Run as a worker of a coordinator at this gRPC URL (set by `lockstep run`/`serve`; the
+    /// job token comes in LOCKSTEP_TOKEN). The worker joins the gang, gets its rank and peers,
+    /// starts from the checkpoint the coordinator names, and reports its checkpoint shards to
+    /// it for commit.
+    #[arg(long, value_name = "URL", requires_all = ["job", "attempt", "worker"], conflicts_with_all = ["rank", "resume"])]
+    coordinator: Option<String>,
+    /// The job id (with --coordinator).
+    #[arg(long)]
+    job: Option<String>,
+    /// The attempt (with --coordinator).
+    #[arg(long)]
+    attempt: Option<u32>,
+    /// This worker's index in the attempt (with --coordinator).
+    #[arg(long)]
+    worker: Option<u32>,
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     device: DeviceKind,
@@ -87,6 +103,78 @@ enum DeviceKind {
     Cpu,
     /// A CUDA GPU, --cuda-device (needs a build with `--features cuda`).
     Cuda,
+}
+
+/// The ring from --rank/--peers, or none when running alone.
+fn ring_from_peers(cli: &Cli, config: &JobConfig) -> anyhow::Result<Option<TcpRing>> {
+    Ok(match cli.rank {
+        Some(rank) if !cli.peers.is_empty() => {
+            if cli.peers.len() != config.job.world_size as usize {
+                anyhow::bail!(
+                    "--peers lists {} ranks but job.world_size is {}",
+                    cli.peers.len(),
+                    config.job.world_size
+                );
+            }
+            if rank >= cli.peers.len() {
+                anyhow::bail!("--rank {rank} is outside the {} peers", cli.peers.len());
+            }
+            let ring = TcpRing::connect(rank, &cli.peers, config.job.collective_timeout)
+                .with_context(|| format!("form the gradient ring as rank {rank}"))?;
+            Some(ring)
+        }
+        _ => None,
+    })
+}
+
+/// Worker mode: connect to the coordinator, listen for ring peers, join the gang, form the
+/// ring, start heartbeats. Returns the ring, the control client and the checkpoint the
+/// coordinator chose.
+fn join_gang(
+    cli: &Cli,
+    url: &str,
+    config: &JobConfig,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(TcpRing, Arc<Control>, Resume)> {
+    let (Some(job), Some(attempt), Some(worker)) = (&cli.job, cli.attempt, cli.worker) else {
+        anyhow::bail!("--coordinator needs --job, --attempt and --worker");
+    };
+    let token = std::env::var("LOCKSTEP_TOKEN")
+        .context("--coordinator: the job token must be in LOCKSTEP_TOKEN")?;
+    let mut control = Control::connect(Identity {
+        url: url.to_string(),
+        token,
+        job: job.clone(),
+        attempt,
+        worker,
+    })?;
+    // The ring listens on LOCKSTEP_DATA_HOST (a pod's IP on Kubernetes), loopback by default.
+    let host = std::env::var("LOCKSTEP_DATA_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = std::net::TcpListener::bind((host.as_str(), 0))
+        .with_context(|| format!("listen for ring peers on {host}"))?;
+    let addr = listener.local_addr()?;
+    let joined = control
+        .join(format!("{host}:{}", addr.port()))
+        .with_context(|| format!("join job {job} attempt {attempt} as worker {worker}"))?;
+    if joined.world_size != config.job.world_size {
+        anyhow::bail!(
+            "the coordinator's gang has {} ranks but job.world_size is {}",
+            joined.world_size,
+            config.job.world_size
+        );
+    }
+    let rank = joined.rank as usize;
+    tracing::info!(rank, world = joined.world_size, resume = ?joined.resume_step, "joined the gang");
+    let hb = (config.job.heartbeat_timeout / 5)
+        .clamp(Duration::from_millis(100), Duration::from_secs(2));
+    control.start_heartbeat(hb, stop);
+    let ring = TcpRing::with_listener(listener, rank, &joined.peers, config.job.collective_timeout)
+        .with_context(|| format!("form the gradient ring as rank {rank}"))?;
+    let resume = match joined.resume_step {
+        Some(step) => Resume::Step(step),
+        None => Resume::Fresh,
+    };
+    Ok((ring, Arc::new(control), resume))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -195,31 +283,29 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, int.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    let opts = RunOptions {
+    let mut opts = RunOptions {
         resume,
         stop_at: cli.stop_at,
-        stop: Some(stop),
+        stop: Some(stop.clone()),
+        committer: None,
     };
-    let ring = match cli.rank {
-        Some(rank) if !cli.peers.is_empty() => {
-            if cli.peers.len() != config.job.world_size as usize {
-                anyhow::bail!(
-                    "--peers lists {} ranks but job.world_size is {}",
-                    cli.peers.len(),
-                    config.job.world_size
-                );
-            }
-            if rank >= cli.peers.len() {
-                anyhow::bail!("--rank {rank} is outside the {} peers", cli.peers.len());
-            }
-            let ring = TcpRing::connect(rank, &cli.peers, config.job.collective_timeout)
-                .with_context(|| format!("form the gradient ring as rank {rank}"))?;
-            Some(ring)
+    let (ring, control) = match &cli.coordinator {
+        Some(url) => {
+            let (ring, control, resume) = join_gang(cli, url, &config, stop)?;
+            opts.resume = Some(resume);
+            opts.committer = Some(control.clone());
+            (Some(ring), Some(control))
         }
-        _ => None,
+        None => (ring_from_peers(cli, &config)?, None),
     };
     let mut collective = make_collective(cli, ring, config.job.collective_timeout)?;
     let mut progress = Progress::new(!cli.no_progress && std::io::stderr().is_terminal());
+    let mut on_event = |e: &Event| {
+        progress.on(e);
+        if let Some(c) = &control {
+            c.on_event(e);
+        }
+    };
     let summary = match cli.device {
         DeviceKind::Cpu => {
             use burn::backend::{Autodiff, Flex};
@@ -228,7 +314,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 &opts,
                 &Default::default(),
                 collective.as_mut(),
-                &mut |e| progress.on(e),
+                &mut on_event,
             )?
         }
         DeviceKind::Cuda => train_cuda(
@@ -236,10 +322,13 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             &opts,
             cli.cuda_device,
             collective.as_mut(),
-            &mut progress,
+            &mut on_event,
         )?,
     };
     progress.finish();
+    if let Some(c) = &control {
+        c.finished(&summary, Duration::from_secs(10))?;
+    }
     print_summary(&config, &summary);
     Ok(if term.load(Ordering::Relaxed) {
         ExitCode::from(143)
@@ -256,7 +345,7 @@ fn train_cuda(
     opts: &RunOptions,
     ordinal: usize,
     collective: &mut dyn Collective,
-    progress: &mut Progress,
+    on_event: &mut dyn FnMut(&Event),
 ) -> anyhow::Result<Summary> {
     use burn::backend::{Autodiff, Cuda, cuda::CudaDevice};
     Ok(train::<Autodiff<Cuda>>(
@@ -264,7 +353,7 @@ fn train_cuda(
         opts,
         &CudaDevice::new(ordinal),
         collective,
-        &mut |e| progress.on(e),
+        on_event,
     )?)
 }
 
@@ -274,7 +363,7 @@ fn train_cuda(
     _: &RunOptions,
     _: usize,
     _: &mut dyn Collective,
-    _: &mut Progress,
+    _: &mut dyn FnMut(&Event),
 ) -> anyhow::Result<Summary> {
     anyhow::bail!("--device cuda: this lockstep-trainer was built without the `cuda` feature")
 }

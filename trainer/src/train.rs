@@ -27,6 +27,31 @@ pub struct RunOptions {
     pub stop_at: Option<u64>,
     /// Set from outside (SIGTERM, SIGINT) to checkpoint the current step and stop.
     pub stop: Option<Arc<AtomicBool>>,
+    /// The commit authority (the coordinator). With one, every rank (also at world size 1)
+    /// writes only its shard and reports it here; without, rank 0 commits.
+    pub committer: Option<Arc<dyn ShardCommitter>>,
+}
+
+/// A rank's durable shard of a checkpoint, reported to the commit authority.
+#[derive(Debug)]
+pub struct ShardReport<'a> {
+    /// This rank.
+    pub rank: u32,
+    /// The trainer state at that step (the same on every rank).
+    pub state: &'a TrainerState,
+    /// The shard.
+    pub shard: &'a lockstep_storage::ShardMeta,
+    /// Hash of the job config, for the manifest.
+    pub config_hash: &'a str,
+    /// Time the writer took.
+    pub write_time: Duration,
+}
+
+/// Commits checkpoints on behalf of the gang: the coordinator's `CommitShard`.
+pub trait ShardCommitter: Send + Sync + std::fmt::Debug {
+    /// Reports `report`'s shard as durable; returns once the whole checkpoint is committed,
+    /// with its stored and raw bytes, or why it cannot be.
+    fn commit_shard(&self, report: ShardReport<'_>) -> Result<(u64, u64)>;
 }
 
 /// What the loop reports as it goes.
@@ -136,6 +161,8 @@ struct Gang {
     parent: Option<u64>,
     /// The checkpoint being written: its state and, once this rank's writer is done, the result.
     pending: Option<(TrainerState, Option<Result<Written>>)>,
+    /// Reports shards here instead of gathering them on rank 0.
+    committer: Option<Arc<dyn ShardCommitter>>,
 }
 
 impl Checkpoints {
@@ -229,6 +256,26 @@ impl Gang {
                 )));
             }
         };
+        if let Some(c) = &self.committer {
+            let shard = mine.shard.as_ref().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the writer reported no shard for checkpoint {step}"
+                ))
+            })?;
+            let (bytes, raw_bytes) = c.commit_shard(ShardReport {
+                rank: self.rank as u32,
+                state: &state,
+                shard,
+                config_hash: &self.config_hash,
+                write_time: mine.elapsed,
+            })?;
+            self.parent = Some(step);
+            return Ok(Some(Written {
+                bytes,
+                raw_bytes,
+                ..mine
+            }));
+        }
         let meta = serde_json::to_vec(&mine.shard)
             .map_err(|e| Error::Invalid(format!("cannot serialise a shard's metadata: {e}")))?;
         let mut metas = Vec::new();
@@ -603,7 +650,8 @@ pub fn train<B: AutodiffBackend>(
     } else {
         vec![]
     };
-    let gang = (world > 1).then(|| Gang {
+    let sharded = world > 1 || opts.committer.is_some();
+    let gang = sharded.then(|| Gang {
         rank,
         world,
         store: store.clone(),
@@ -613,6 +661,7 @@ pub fn train<B: AutodiffBackend>(
         protected: protected.clone(),
         parent: (from_step > 0).then_some(from_step),
         pending: None,
+        committer: opts.committer.clone(),
     });
     let mut ckpt = Checkpoints {
         writer: CheckpointWriter::spawn(
@@ -621,7 +670,7 @@ pub fn train<B: AutodiffBackend>(
                 job: config.job.name.clone(),
                 config_hash: config_hash(config),
                 world_size: world as u32,
-                shard_of: (world > 1).then_some(rank as u32),
+                shard_of: sharded.then_some(rank as u32),
                 retention,
                 protected,
             },

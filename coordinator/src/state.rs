@@ -1,0 +1,394 @@
+//! The job state machine: pure decisions, no IO. The supervisor feeds it what happened
+//! ([`Input`]) and carries out what it answers ([`Action`]); the launcher, the store and the
+//! clock live at the edges.
+//!
+//! ```text
+//! Queued ─launch─▶ Admitting ─all joined─▶ Running ─all finished─▶ Succeeded
+//!                     │                       │
+//!        gang timeout / rank exit   rank exit / heartbeat timeout
+//!                     ▼                       ▼
+//!               Restarting(attempt+1) ◀───────┘   (after backoff; beyond max_restarts: Failed)
+//! any non-final state ─cancel─▶ Cancelled
+//! ```
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Accepted, not launched yet.
+    Queued,
+    /// Workers launched; waiting for all of them to join.
+    Admitting,
+    /// Every rank joined; training.
+    Running,
+    /// The gang was torn down; relaunching after the backoff.
+    Restarting,
+    /// Trained to the last step; the final checkpoint is committed.
+    Succeeded,
+    /// Gave up (restarts exhausted or an error no restart fixes).
+    Failed,
+    /// Stopped by a user.
+    Cancelled,
+}
+
+impl Phase {
+    /// No transition leaves this phase.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
+    }
+
+    /// Lower-case name (the wire and CLI spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Admitting => "admitting",
+            Phase::Running => "running",
+            Phase::Restarting => "restarting",
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The part of a job the state machine decides on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lifecycle {
+    /// Where the job is.
+    pub phase: Phase,
+    /// The current (or last) attempt; 0 before the first launch.
+    pub attempt: u32,
+    /// Gang restarts so far.
+    pub restarts: u32,
+    /// Restarts allowed (`job.max_restarts`).
+    pub max_restarts: u32,
+    /// Why the job restarted, failed or was cancelled.
+    pub message: String,
+}
+
+/// Something that happened to a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Time to launch (a new job, or a restart's backoff elapsed).
+    Start,
+    /// Every worker of `attempt` joined.
+    AllJoined {
+        /// The attempt.
+        attempt: u32,
+    },
+    /// `attempt`'s workers did not all join within the gang timeout.
+    GangTimeout {
+        /// The attempt.
+        attempt: u32,
+        /// Workers that joined.
+        joined: u32,
+        /// Workers expected.
+        world: u32,
+    },
+    /// A worker of `attempt` exited with a failure (non-zero status or a signal).
+    WorkerFailed {
+        /// The attempt.
+        attempt: u32,
+        /// Its worker index (= rank).
+        worker: u32,
+        /// How it ended, in words.
+        cause: String,
+    },
+    /// A rank of `attempt` sent nothing for the heartbeat timeout.
+    HeartbeatTimeout {
+        /// The attempt.
+        attempt: u32,
+        /// The silent rank.
+        rank: u32,
+        /// The timeout.
+        after: Duration,
+    },
+    /// Every worker of `attempt` exited 0 after training to the last step.
+    AllFinished {
+        /// The attempt.
+        attempt: u32,
+    },
+    /// The launcher could not start `attempt`'s workers (a missing binary, say): restarting
+    /// cannot help.
+    LaunchFailed {
+        /// The attempt.
+        attempt: u32,
+        /// Why.
+        error: String,
+    },
+    /// A user asked to cancel.
+    Cancel,
+    /// The coordinator restarted and found the job mid-attempt; its old workers are gone.
+    CoordinatorRestarted,
+}
+
+/// What the supervisor must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Kill every worker of the current attempt (and wait for them).
+    TearDown,
+    /// Launch all workers of this attempt.
+    Launch {
+        /// The attempt.
+        attempt: u32,
+    },
+    /// Feed [`Input::Start`] back after this long.
+    RetryAfter(Duration),
+}
+
+/// Backoff before restart number `restart` (1-based): 1 s, 2 s, 4 s, … capped at 30 s.
+pub fn backoff(restart: u32) -> Duration {
+    let exp = restart.saturating_sub(1).min(5);
+    Duration::from_secs(1u64 << exp).min(Duration::from_secs(30))
+}
+
+impl Lifecycle {
+    /// A new job, queued.
+    pub fn new(max_restarts: u32) -> Lifecycle {
+        Lifecycle {
+            phase: Phase::Queued,
+            attempt: 0,
+            restarts: 0,
+            max_restarts,
+            message: String::new(),
+        }
+    }
+
+    /// Applies `input`: updates the lifecycle and returns the actions to carry out. Inputs
+    /// about an attempt other than the current one, or that do not apply in the current phase,
+    /// change nothing.
+    pub fn apply(&mut self, input: Input) -> Vec<Action> {
+        if self.phase.is_final() {
+            return vec![];
+        }
+        let current = |a: u32| a == self.attempt;
+        match input {
+            Input::Start => match self.phase {
+                Phase::Queued | Phase::Restarting => {
+                    self.attempt += 1;
+                    self.phase = Phase::Admitting;
+                    vec![Action::Launch {
+                        attempt: self.attempt,
+                    }]
+                }
+                _ => vec![],
+            },
+            Input::AllJoined { attempt } if current(attempt) && self.phase == Phase::Admitting => {
+                self.phase = Phase::Running;
+                vec![]
+            }
+            Input::GangTimeout {
+                attempt,
+                joined,
+                world,
+            } if current(attempt) && self.phase == Phase::Admitting => self.restart(format!(
+                "attempt {attempt}: only {joined} of {world} workers joined within the gang timeout"
+            )),
+            Input::WorkerFailed {
+                attempt,
+                worker,
+                cause,
+            } if current(attempt) && matches!(self.phase, Phase::Admitting | Phase::Running) => {
+                self.restart(format!("attempt {attempt}: rank {worker} {cause}"))
+            }
+            Input::HeartbeatTimeout {
+                attempt,
+                rank,
+                after,
+            } if current(attempt) && matches!(self.phase, Phase::Admitting | Phase::Running) => {
+                self.restart(format!(
+                    "attempt {attempt}: rank {rank} sent no heartbeat for {after:?} (hung or \
+                     unreachable)"
+                ))
+            }
+            Input::AllFinished { attempt } if current(attempt) && self.phase == Phase::Running => {
+                self.phase = Phase::Succeeded;
+                self.message.clear();
+                vec![Action::TearDown]
+            }
+            Input::LaunchFailed { attempt, error } if current(attempt) => {
+                self.phase = Phase::Failed;
+                self.message = format!("attempt {attempt}: cannot launch the workers: {error}");
+                vec![Action::TearDown]
+            }
+            Input::Cancel => {
+                self.phase = Phase::Cancelled;
+                self.message = "cancelled by a user".into();
+                vec![Action::TearDown]
+            }
+            Input::CoordinatorRestarted => match self.phase {
+                Phase::Admitting | Phase::Running => self.restart(format!(
+                    "attempt {}: the coordinator restarted",
+                    self.attempt
+                )),
+                Phase::Restarting => vec![Action::RetryAfter(Duration::ZERO)],
+                Phase::Queued => vec![Action::RetryAfter(Duration::ZERO)],
+                _ => vec![],
+            },
+            _ => vec![],
+        }
+    }
+
+    fn restart(&mut self, cause: String) -> Vec<Action> {
+        if self.restarts >= self.max_restarts {
+            self.phase = Phase::Failed;
+            self.message = format!(
+                "{cause}; gave up after {} restart{} (job.max_restarts = {})",
+                self.restarts,
+                if self.restarts == 1 { "" } else { "s" },
+                self.max_restarts
+            );
+            return vec![Action::TearDown];
+        }
+        self.restarts += 1;
+        self.phase = Phase::Restarting;
+        self.message = cause;
+        vec![Action::TearDown, Action::RetryAfter(backoff(self.restarts))]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(max_restarts: u32) -> Lifecycle {
+        let mut l = Lifecycle::new(max_restarts);
+        assert_eq!(l.apply(Input::Start), vec![Action::Launch { attempt: 1 }]);
+        assert_eq!(l.apply(Input::AllJoined { attempt: 1 }), vec![]);
+        assert_eq!(l.phase, Phase::Running);
+        l
+    }
+
+    #[test]
+    fn a_clean_run_succeeds() {
+        let mut l = running(3);
+        assert_eq!(
+            l.apply(Input::AllFinished { attempt: 1 }),
+            vec![Action::TearDown]
+        );
+        assert_eq!(l.phase, Phase::Succeeded);
+        assert_eq!(l.apply(Input::Cancel), vec![], "final phases stay final");
+        assert_eq!(l.phase, Phase::Succeeded);
+    }
+
+    #[test]
+    fn a_dead_rank_restarts_the_gang_with_backoff_then_fails_past_max_restarts() {
+        let mut l = running(2);
+        let fail = |attempt| Input::WorkerFailed {
+            attempt,
+            worker: 1,
+            cause: "was killed by SIGKILL".into(),
+        };
+        assert_eq!(
+            l.apply(fail(1)),
+            vec![Action::TearDown, Action::RetryAfter(Duration::from_secs(1))]
+        );
+        assert_eq!(l.phase, Phase::Restarting);
+        assert!(
+            l.message.contains("rank 1 was killed by SIGKILL"),
+            "{}",
+            l.message
+        );
+        assert_eq!(l.apply(Input::Start), vec![Action::Launch { attempt: 2 }]);
+        l.apply(Input::AllJoined { attempt: 2 });
+        // The other rank of the dead attempt reports late: ignored.
+        assert_eq!(l.apply(fail(1)), vec![]);
+        assert_eq!(l.phase, Phase::Running);
+        assert_eq!(
+            l.apply(Input::HeartbeatTimeout {
+                attempt: 2,
+                rank: 0,
+                after: Duration::from_secs(30)
+            }),
+            vec![Action::TearDown, Action::RetryAfter(Duration::from_secs(2))]
+        );
+        assert!(l.message.contains("no heartbeat"), "{}", l.message);
+        l.apply(Input::Start);
+        l.apply(Input::AllJoined { attempt: 3 });
+        assert_eq!(l.apply(fail(3)), vec![Action::TearDown]);
+        assert_eq!(l.phase, Phase::Failed);
+        assert!(
+            l.message.contains("rank 1 was killed by SIGKILL")
+                && l.message.contains("gave up after 2 restarts"),
+            "{}",
+            l.message
+        );
+    }
+
+    #[test]
+    fn a_gang_that_does_not_assemble_is_torn_down_and_retried() {
+        let mut l = Lifecycle::new(1);
+        l.apply(Input::Start);
+        assert_eq!(
+            l.apply(Input::AllFinished { attempt: 1 }),
+            vec![],
+            "not running yet"
+        );
+        assert_eq!(
+            l.apply(Input::GangTimeout {
+                attempt: 1,
+                joined: 1,
+                world: 2
+            }),
+            vec![Action::TearDown, Action::RetryAfter(Duration::from_secs(1))]
+        );
+        assert!(
+            l.message.contains("only 1 of 2 workers joined"),
+            "{}",
+            l.message
+        );
+    }
+
+    #[test]
+    fn cancel_tears_down_from_any_live_phase() {
+        for setup in [0, 1, 2] {
+            let mut l = Lifecycle::new(3);
+            if setup >= 1 {
+                l.apply(Input::Start);
+            }
+            if setup >= 2 {
+                l.apply(Input::AllJoined { attempt: 1 });
+            }
+            assert_eq!(l.apply(Input::Cancel), vec![Action::TearDown]);
+            assert_eq!(l.phase, Phase::Cancelled);
+            assert_eq!(l.apply(Input::Start), vec![]);
+        }
+    }
+
+    #[test]
+    fn a_launch_failure_is_final() {
+        let mut l = Lifecycle::new(3);
+        l.apply(Input::Start);
+        l.apply(Input::LaunchFailed {
+            attempt: 1,
+            error: "lockstep-trainer not found".into(),
+        });
+        assert_eq!(l.phase, Phase::Failed);
+        assert!(l.message.contains("lockstep-trainer not found"));
+    }
+
+    #[test]
+    fn a_coordinator_restart_relaunches_live_jobs() {
+        let mut l = running(3);
+        assert_eq!(
+            l.apply(Input::CoordinatorRestarted),
+            vec![Action::TearDown, Action::RetryAfter(Duration::from_secs(1))]
+        );
+        assert_eq!(l.phase, Phase::Restarting);
+        let mut q = Lifecycle::new(3);
+        assert_eq!(
+            q.apply(Input::CoordinatorRestarted),
+            vec![Action::RetryAfter(Duration::ZERO)]
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let got: Vec<u64> = (1..=8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(got, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+}

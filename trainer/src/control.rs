@@ -1,0 +1,257 @@
+//! The trainer's side of the control protocol: join the gang, stream heartbeats and progress,
+//! report checkpoint shards to the coordinator (the commit authority), obey its commands.
+//!
+//! The gRPC client runs on its own small Tokio runtime; the training thread calls in with
+//! blocking methods. Losing the coordinator ends the process: nobody could commit this
+//! worker's checkpoints or restart its gang, and a coordinator that comes back starts a new
+//! attempt anyway.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockstep_api::proto::{self, coordinator_client::CoordinatorClient};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+use crate::train::{Event, ShardCommitter, ShardReport, Summary};
+
+use proto::Client;
+
+/// Who this worker is.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The coordinator's URL.
+    pub url: String,
+    /// The job's token.
+    pub token: String,
+    /// The job.
+    pub job: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// This worker's index (its rank once joined).
+    pub worker: u32,
+}
+
+/// A connected worker.
+pub struct Control {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    id: Identity,
+    rank: u32,
+    reports: Mutex<Option<mpsc::UnboundedSender<proto::WorkerReport>>>,
+    acked: watch::Receiver<bool>,
+    acked_tx: watch::Sender<bool>,
+    finishing: Arc<AtomicBool>,
+    stall: Mutex<f64>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("job", &self.id.job)
+            .field("attempt", &self.id.attempt)
+            .field("rank", &self.rank)
+            .finish()
+    }
+}
+
+fn rpc(what: &str, s: tonic::Status) -> Error {
+    Error::Invalid(format!("coordinator: {what}: {}", s.message()))
+}
+
+impl Control {
+    /// Connects to the coordinator.
+    pub fn connect(id: Identity) -> Result<Control> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("control")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot start the control runtime: {e}")))?;
+        let auth = proto::BearerToken::new(&id.token)
+            .ok_or_else(|| Error::Invalid("LOCKSTEP_TOKEN is not a valid header value".into()))?;
+        let channel = Channel::from_shared(id.url.clone())
+            .map_err(|e| Error::Invalid(format!("--coordinator {}: {e}", id.url)))?
+            .connect_timeout(Duration::from_secs(10));
+        let channel = rt.block_on(channel.connect()).map_err(|e| {
+            Error::Invalid(format!("cannot reach the coordinator at {}: {e}", id.url))
+        })?;
+        let client = CoordinatorClient::with_interceptor(channel, auth);
+        let (acked_tx, acked) = watch::channel(false);
+        Ok(Control {
+            rt,
+            client,
+            rank: id.worker,
+            id,
+            reports: Mutex::new(None),
+            acked,
+            acked_tx,
+            finishing: Arc::new(AtomicBool::new(false)),
+            stall: Mutex::new(0.0),
+        })
+    }
+
+    /// Joins the gang with this worker's ring address; returns once all have joined.
+    pub fn join(&mut self, data_addr: String) -> Result<proto::JoinResponse> {
+        let mut client = self.client.clone();
+        let req = proto::JoinRequest {
+            job_id: self.id.job.clone(),
+            attempt: self.id.attempt,
+            worker: self.id.worker,
+            data_addr,
+        };
+        let resp = self
+            .rt
+            .block_on(client.join(req))
+            .map_err(|s| rpc("join the gang", s))?
+            .into_inner();
+        self.rank = resp.rank;
+        Ok(resp)
+    }
+
+    /// Starts the heartbeat stream: a liveness report every `interval`, progress as it
+    /// happens; a Stop command sets `stop`. If the stream breaks the process exits (status 1).
+    pub fn start_heartbeat(&self, interval: Duration, stop: Arc<AtomicBool>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let report = |r| proto::WorkerReport {
+            job_id: self.id.job.clone(),
+            attempt: self.id.attempt,
+            rank: self.rank,
+            report: Some(r),
+        };
+        let alive = report(proto::worker_report::Report::Alive(proto::Alive {}));
+        let _ = tx.send(alive.clone());
+        *self.reports.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        let mut client = self.client.clone();
+        let acked = self.acked_tx.clone();
+        let finishing = self.finishing.clone();
+        self.rt.spawn(async move {
+            let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+            let lost = |why: String| {
+                if !finishing.load(Ordering::SeqCst) {
+                    eprintln!(
+                        "error: lost the coordinator ({why}); exiting — the coordinator restarts \
+                         the gang from the last committed checkpoint"
+                    );
+                    std::process::exit(1);
+                }
+            };
+            let mut inbound = match client.heartbeat(outbound).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => return lost(s.message().to_string()),
+            };
+            loop {
+                match inbound.message().await {
+                    Ok(Some(cmd)) => match cmd.command {
+                        Some(proto::command::Command::Stop(s)) => {
+                            tracing::warn!(reason = %s.reason, "the coordinator asked to stop");
+                            stop.store(true, Ordering::SeqCst);
+                        }
+                        Some(proto::command::Command::Ack(_)) => {
+                            acked.send_replace(true);
+                        }
+                        None => {}
+                    },
+                    Ok(None) => return lost("the heartbeat stream ended".into()),
+                    Err(s) => return lost(s.message().to_string()),
+                }
+            }
+        });
+        self.rt.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                if tx.send(alive.clone()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn send(&self, r: proto::worker_report::Report) {
+        let guard = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = guard.as_ref() {
+            let _ = tx.send(proto::WorkerReport {
+                job_id: self.id.job.clone(),
+                attempt: self.id.attempt,
+                rank: self.rank,
+                report: Some(r),
+            });
+        }
+    }
+
+    /// Forwards a training event (steps; checkpoint stalls ride on the next step).
+    pub fn on_event(&self, e: &Event) {
+        match e {
+            Event::Step {
+                step,
+                loss,
+                tokens_per_sec,
+                elapsed,
+                ..
+            } => {
+                let stall =
+                    std::mem::take(&mut *self.stall.lock().unwrap_or_else(|p| p.into_inner()));
+                self.send(proto::worker_report::Report::Step(proto::StepDone {
+                    step: *step,
+                    loss: *loss,
+                    tokens_per_sec: *tokens_per_sec,
+                    step_seconds: elapsed.as_secs_f64(),
+                    stall_seconds: stall,
+                }));
+            }
+            Event::CheckpointStarted { stall, .. } => {
+                *self.stall.lock().unwrap_or_else(|p| p.into_inner()) += stall.as_secs_f64();
+            }
+            _ => {}
+        }
+    }
+
+    /// Reports the end of training and waits (up to `wait`) until the coordinator recorded it,
+    /// so the process's exit is never seen before its report.
+    pub fn finished(&self, summary: &Summary, wait: Duration) -> Result<()> {
+        self.finishing.store(true, Ordering::SeqCst);
+        self.send(proto::worker_report::Report::Finished(proto::Finished {
+            step: summary.step,
+            params_hash: summary.params_hash.clone(),
+            stopped_early: summary.stopped_early,
+        }));
+        let mut acked = self.acked.clone();
+        let got = self
+            .rt
+            .block_on(async { tokio::time::timeout(wait, acked.wait_for(|a| *a)).await });
+        match got {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "the coordinator did not acknowledge the end of training within {wait:?}"
+            ))),
+        }
+    }
+}
+
+impl ShardCommitter for Control {
+    fn commit_shard(&self, r: ShardReport<'_>) -> Result<(u64, u64)> {
+        let encode = |what: &str, v: serde_json::Result<Vec<u8>>| {
+            v.map_err(|e| Error::Invalid(format!("cannot serialise the {what}: {e}")))
+        };
+        let req = proto::CommitShardRequest {
+            job_id: self.id.job.clone(),
+            attempt: self.id.attempt,
+            rank: r.rank,
+            step: r.state.step,
+            shard_meta_json: encode("shard metadata", serde_json::to_vec(r.shard))?,
+            trainer_state_json: encode("trainer state", serde_json::to_vec(r.state))?,
+            write_seconds: r.write_time.as_secs_f64(),
+            config_hash: r.config_hash.to_string(),
+        };
+        let mut client = self.client.clone();
+        let resp = self
+            .rt
+            .block_on(client.commit_shard(req))
+            .map_err(|s| rpc(&format!("commit checkpoint {}", r.state.step), s))?
+            .into_inner();
+        Ok((resp.bytes, resp.raw_bytes))
+    }
+}
