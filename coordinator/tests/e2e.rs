@@ -1,0 +1,409 @@
+//! End to end: `lockstep run` / `serve` with real `lockstep-trainer` processes on loopback,
+//! ranks killed and stopped with real signals.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const LOCKSTEP: &str = env!("CARGO_BIN_EXE_lockstep");
+
+fn trainer() -> PathBuf {
+    let p = Path::new(LOCKSTEP).with_file_name("lockstep-trainer");
+    assert!(
+        p.is_file(),
+        "{} is missing: run the workspace's tests (`cargo test --workspace`), which build it",
+        p.display()
+    );
+    p
+}
+
+fn lockstep(dir: &Path) -> Command {
+    let mut c = Command::new(LOCKSTEP);
+    c.current_dir(dir).env("LOCKSTEP_TRAINER", trainer());
+    c
+}
+
+/// A small W=2 job. `job_extra` goes into `[job]`.
+fn config(dir: &Path, steps: u64, job_extra: &str) -> PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/data/quickstart.jsonl");
+    let text = format!(
+        r#"
+[job]
+name = "e2e"
+world_size = 2
+gang_timeout = "30s"
+{job_extra}
+[model]
+hidden_size = 32
+num_layers = 2
+num_heads = 4
+num_kv_heads = 2
+intermediate_size = 64
+[data]
+train = ["file://{}"]
+seq_len = 32
+[train]
+steps = {steps}
+batch_size = 2
+lr = 1e-3
+warmup_steps = 5
+[checkpoint]
+url = "file://ckpt"
+every_steps = 25
+keep_last = 2
+"#,
+        data.canonicalize().unwrap().display(),
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Pids of live `lockstep-trainer` processes of `job` (optionally only worker `worker`).
+fn trainers(job: &str, worker: Option<u32>) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is = args
+            .first()
+            .is_some_and(|a| a.ends_with("lockstep-trainer"))
+            && args.iter().any(|a| a == job);
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'));
+        let w_ok = worker.is_none_or(|w| {
+            args.windows(2)
+                .any(|p| p[0] == "--worker" && p[1] == w.to_string())
+        });
+        if is && w_ok && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
+/// Runs `lockstep run --json`; when `hit` is given, sends its signal to its worker once the
+/// job reaches its step. Returns the exit code and every status line.
+fn run(dir: &Path, hit: Option<(u32, nix::sys::signal::Signal, u64)>) -> (i32, Vec<Value>) {
+    let mut child = lockstep(dir)
+        .args(["run", "job.toml", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    let mut pending = hit;
+    for line in out.lines() {
+        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if let Some((worker, sig, at)) = pending
+            && s["state"] == "running"
+            && s["step"].as_u64().unwrap() >= at
+        {
+            let pids = trainers(s["job"].as_str().unwrap(), Some(worker));
+            assert_eq!(pids.len(), 1, "worker {worker}: {pids:?}");
+            signal(pids[0], sig);
+            pending = None;
+        }
+        lines.push(s);
+    }
+    let code = child.wait().unwrap().code().unwrap_or(-1);
+    (code, lines)
+}
+
+fn last(lines: &[Value]) -> &Value {
+    lines.last().expect("no status lines")
+}
+
+/// Every tensor (parameters and both AdamW moments) of the newest checkpoint under `dir/ckpt`.
+fn final_tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("file://{}/ckpt", dir.display());
+    let store = lockstep_storage::CheckpointStore::open(&url).unwrap();
+    let step = rt.block_on(store.latest()).unwrap().unwrap();
+    let c = rt.block_on(store.load(step)).unwrap();
+    c.tensors
+        .into_iter()
+        .map(|t| (t.name, t.data.to_vec()))
+        .collect()
+}
+
+fn straight(steps: u64) -> (tempfile::TempDir, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), steps, "");
+    let (code, lines) = run(dir.path(), None);
+    assert_eq!(code, 0, "{:?}", last(&lines));
+    let end = last(&lines).clone();
+    assert_eq!(end["state"], "succeeded");
+    assert_eq!(end["restarts"], 0);
+    (dir, end)
+}
+
+#[test]
+fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
+    let (clean_dir, clean) = straight(300);
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, "");
+    let (code, lines) = run(
+        dir.path(),
+        Some((1, nix::sys::signal::Signal::SIGKILL, 110)),
+    );
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "succeeded");
+    assert_eq!(end["restarts"], 1, "{end}");
+    assert_eq!(end["attempt"], 2);
+    assert!(
+        lines.iter().any(|s| s["state"] == "restarting"
+            && s["message"]
+                .as_str()
+                .unwrap()
+                .contains("rank 1 was killed by SIGKILL")),
+        "the restart names its cause"
+    );
+    // Attempt 2 resumed from the checkpoint before the kill, not from scratch.
+    assert!(
+        lines
+            .iter()
+            .any(|s| s["attempt"] == 2 && s["last_checkpoint"].as_u64().is_some_and(|c| c >= 100)),
+    );
+    assert_eq!(end["params_hash"], clean["params_hash"]);
+    assert!(!clean["params_hash"].as_str().unwrap().is_empty());
+    let (a, b) = (final_tensors(clean_dir.path()), final_tensors(dir.path()));
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().any(|(n, _)| n.starts_with("optim.")),
+        "moments are compared too"
+    );
+    for ((na, da), (nb, db)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(
+            da == db,
+            "{na} differs between the clean and the recovered run"
+        );
+    }
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+#[test]
+fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    // The ring's timeout is far longer than the heartbeat's: only the heartbeat can catch it.
+    config(
+        dir.path(),
+        300,
+        "heartbeat_timeout = \"2s\"\ncollective_timeout = \"60s\"",
+    );
+    let started = Instant::now();
+    let (code, lines) = run(
+        dir.path(),
+        Some((0, nix::sys::signal::Signal::SIGSTOP, 110)),
+    );
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "succeeded");
+    assert_eq!(end["restarts"], 1);
+    let restart = lines
+        .iter()
+        .find(|s| s["state"] == "restarting")
+        .expect("a restart");
+    let msg = restart["message"].as_str().unwrap();
+    assert!(msg.contains("rank 0 sent no heartbeat for 2s"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "well within the ring's 60 s"
+    );
+    // The stopped process was killed with its gang, not left behind.
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+#[test]
+fn past_max_restarts_the_job_fails_with_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, "max_restarts = 0");
+    let (code, lines) = run(dir.path(), Some((1, nix::sys::signal::Signal::SIGKILL, 60)));
+    let end = last(&lines);
+    assert_eq!(code, 1, "{end}");
+    assert_eq!(end["state"], "failed");
+    let msg = end["message"].as_str().unwrap();
+    assert!(
+        msg.contains("rank 1 was killed by SIGKILL") && msg.contains("gave up after 0 restarts"),
+        "{msg}"
+    );
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    data: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, port: u16) -> Server {
+        let data = dir.join("coordinator");
+        let child = lockstep(dir)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            data,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "serve did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn cli(&self, dir: &Path, args: &[&str]) -> (i32, String) {
+        let out = lockstep(dir)
+            .args(args)
+            .arg("--coordinator")
+            .arg(&self.url)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    fn status(&self, dir: &Path, job: &str) -> Value {
+        let (code, out) = self.cli(dir, &["status", job, "--json"]);
+        assert_eq!(code, 0, "{out}");
+        serde_json::from_str(out.trim()).unwrap()
+    }
+
+    fn wait_for(&self, dir: &Path, job: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.status(dir, job);
+            if f(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "waiting for {what}: {s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    config(d, 3000, "");
+    let port = free_port();
+    let server = Server::start(d, port);
+
+    // Unauthenticated calls are refused.
+    let (code, out) = server.cli(d, &["status", "--token", "wrong"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("token"), "{out}");
+
+    // (d) cancel.
+    let (code, out) = server.cli(d, &["submit", "job.toml"]);
+    assert_eq!(code, 0, "{out}");
+    let job = out.lines().next().unwrap().trim().to_string();
+    server.wait_for(d, &job, "running", |s| {
+        s["state"] == "running" && s["step"].as_u64() > Some(5)
+    });
+    assert_eq!(trainers(&job, None).len(), 2);
+    let (code, out) = server.cli(d, &["cancel", &job]);
+    assert_eq!(code, 0, "{out}");
+    server.wait_for(d, &job, "cancelled", |s| s["state"] == "cancelled");
+    assert!(
+        trainers(&job, None).is_empty(),
+        "cancel left workers behind"
+    );
+
+    // Persistence: kill -9 the coordinator mid-run; its workers go (they lose it), a new one
+    // finds the job in its store and restarts it from the last committed checkpoint.
+    std::fs::remove_dir_all(d.join("ckpt")).ok();
+    config(d, 600, "heartbeat_timeout = \"3s\"");
+    let (code, out) = server.cli(d, &["submit", "job.toml"]);
+    assert_eq!(code, 0, "{out}");
+    let job = out.lines().next().unwrap().trim().to_string();
+    server.wait_for(d, &job, "a checkpoint", |s| {
+        s["last_checkpoint"].as_u64().is_some_and(|c| c >= 100)
+    });
+    drop(server); // SIGKILL
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !trainers(&job, None).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "workers outlived their coordinator"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let server = Server::start(d, port);
+    let end = server.wait_for(d, &job, "the end", |s| {
+        matches!(
+            s["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        )
+    });
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert!(end["attempt"].as_u64() >= Some(2), "{end}");
+
+    let (clean_dir, clean) = {
+        let dir = tempfile::tempdir().unwrap();
+        config(dir.path(), 600, "");
+        let (code, lines) = run(dir.path(), None);
+        assert_eq!(code, 0);
+        let end = last(&lines).clone();
+        (dir, end)
+    };
+    assert_eq!(end["params_hash"], clean["params_hash"]);
+    let (a, b) = (final_tensors(clean_dir.path()), final_tensors(d));
+    assert!(
+        a == b,
+        "the resumed job's checkpoint differs from a clean run's"
+    );
+}
