@@ -1,6 +1,8 @@
 //! End to end: `lockstep run` / `serve` with real `lockstep-trainer` processes on loopback,
 //! ranks killed and stopped with real signals.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
