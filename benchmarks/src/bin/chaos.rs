@@ -36,7 +36,9 @@ fn trainer_pids(job: &str, worker: u32) -> Vec<i32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.first().is_some_and(|a| a.ends_with("lockstep-trainer"))
+        if args
+            .first()
+            .is_some_and(|a| a.ends_with("lockstep-trainer"))
             && args.iter().any(|a| a == job)
             && args
                 .windows(2)
@@ -125,7 +127,10 @@ fn run(lockstep: &Path, config: &Path, ckpt: &Path, plan: &[(u64, u32)]) -> Resu
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = PathBuf::from(args.first().map_or("configs/quickstart.toml", |s| s.as_str()));
+    let config = PathBuf::from(
+        args.first()
+            .map_or("configs/quickstart.toml", |s| s.as_str()),
+    );
     let kills: usize = args.get(1).map_or(Ok(5), |s| s.parse()).context("KILLS")?;
     let seed: u64 = args.get(2).map_or(Ok(1), |s| s.parse()).context("SEED")?;
     let lockstep = PathBuf::from("target/release/lockstep");
@@ -142,11 +147,17 @@ fn main() -> Result<()> {
         .map(|i| {
             let span = steps / (kills as u64 + 1);
             let at = span * (i as u64 + 1) - span / 4 + next(&mut rng) % (span / 2).max(1);
-            (at.min(steps - 1), (next(&mut rng) % u64::from(world)) as u32)
+            (
+                at.min(steps - 1),
+                (next(&mut rng) % u64::from(world)) as u32,
+            )
         })
         .collect();
     plan.sort();
-    println!("clean run of {} ({steps} steps, {world} ranks)", config.display());
+    println!(
+        "clean run of {} ({steps} steps, {world} ranks)",
+        config.display()
+    );
     let t = Instant::now();
     let clean = run(&lockstep, &config, &tmp.join("clean/ckpt"), &[])?;
     let clean_secs = t.elapsed().as_secs_f64();

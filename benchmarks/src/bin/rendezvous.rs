@@ -88,7 +88,11 @@ async fn main() -> Result<()> {
     // Wait for the (simulated) launch.
     let deadline = Instant::now() + Duration::from_secs(30);
     let specs = loop {
-        let specs = launcher.specs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let specs = launcher
+            .specs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if specs.len() == workers as usize {
             break specs;
         }
@@ -103,7 +107,10 @@ async fn main() -> Result<()> {
             .connect()
             .await?;
         let auth = proto::BearerToken::new(&spec.token).context("token")?;
-        clients.push((spec.clone(), CoordinatorClient::with_interceptor(channel, auth)));
+        clients.push((
+            spec.clone(),
+            CoordinatorClient::with_interceptor(channel, auth),
+        ));
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -134,7 +141,10 @@ async fn main() -> Result<()> {
         secs,
         if secs < 1.0 { "met" } else { "not met" }
     );
-    println!("{}", json!({"workers": workers, "seconds": secs, "target_seconds": 1.0}));
+    println!(
+        "{}",
+        json!({"workers": workers, "seconds": secs, "target_seconds": 1.0})
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
