@@ -137,6 +137,11 @@ impl LocalProcess {
             .ok_or_else(|| LaunchError::NotFound(NAME.into()))
     }
 
+    /// Runs `trainer` (any executable taking the trainer's arguments).
+    pub fn with_trainer(trainer: PathBuf) -> LocalProcess {
+        LocalProcess { trainer }
+    }
+
     /// The trainer binary it runs.
     pub fn trainer(&self) -> &Path {
         &self.trainer

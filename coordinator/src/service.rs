@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock, so tests can run the supervisor's timeouts in paused time.
+use tokio::time::Instant;
 
 use futures::Stream;
 use lockstep_api::JobConfig;
@@ -414,7 +417,7 @@ async fn choose_checkpoint(store: &CheckpointStore) -> Result<Option<u64>, Strin
 /// Drives one job: feeds inputs to its state machine and carries out the actions.
 async fn supervise(inner: Arc<Inner>, job: Arc<Job>, mut inbox: mpsc::UnboundedReceiver<Msg>) {
     let (exit_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
-    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry_at: Option<Instant> = None;
     let hb_timeout = job.config.job.heartbeat_timeout;
     let gang_timeout = job.config.job.gang_timeout;
     loop {
@@ -431,30 +434,45 @@ async fn supervise(inner: Arc<Inner>, job: Arc<Job>, mut inbox: mpsc::UnboundedR
             () = sleep_until(deadline) => timed_out(&job, &mut retry_at, gang_timeout, hb_timeout),
         };
         let Some(input) = input else { continue };
-        let actions = {
+        // A final state is published only once its teardown is done, so that whoever sees
+        // `cancelled` or `failed` sees no worker left.
+        let (actions, next, grace) = {
             let mut st = lock(&job.state);
             let before = st.record.lifecycle.phase;
-            let actions = st.record.lifecycle.apply(input.clone());
-            if st.record.lifecycle.phase != before {
-                tracing::info!(job = %job.id, from = before.as_str(), to = st.record.phase().as_str(),
-                    message = %st.record.lifecycle.message, "job state");
+            let mut next = st.record.lifecycle.clone();
+            let actions = next.apply(input.clone());
+            if next.phase != before {
+                tracing::info!(job = %job.id, from = before.as_str(), to = next.phase.as_str(),
+                    message = %next.message, "job state");
                 if matches!(input, Input::AllJoined { .. })
                     && let Some(a) = &st.attempt
                 {
                     st.record.gang_wait_seconds = a.started.elapsed().as_secs_f64();
                     inner.metrics.gang_wait(st.record.gang_wait_seconds);
                 }
-                if st.record.phase() == Phase::Restarting {
+                if next.phase == Phase::Restarting {
                     inner.metrics.restart();
                 }
             }
+            // A cancelled running gang checkpoints before it goes; a failed one is killed.
+            let grace = (next.phase == Phase::Cancelled
+                && st
+                    .attempt
+                    .as_ref()
+                    .is_some_and(|a| a.joined.len() as u32 == st.record.world_size))
+            .then_some(job.config.job.collective_timeout);
+            if next.phase.is_final() {
+                st.record.lifecycle.message = format!("{} (stopping the workers)", next.message);
+            } else {
+                st.record.lifecycle = next.clone();
+            }
             touched(&inner, &job, &mut st, true);
-            actions
+            (actions, next, grace)
         };
         for action in actions {
             match action {
-                Action::TearDown => tear_down(&inner, &job, &mut exits).await,
-                Action::RetryAfter(d) => retry_at = Some(tokio::time::Instant::now() + d),
+                Action::TearDown => tear_down(&inner, &job, &mut exits, grace).await,
+                Action::RetryAfter(d) => retry_at = Some(Instant::now() + d),
                 Action::Launch { attempt } => {
                     retry_at = None;
                     if let Err(error) = launch(&inner, &job, attempt, &exit_tx).await {
@@ -465,13 +483,16 @@ async fn supervise(inner: Arc<Inner>, job: Arc<Job>, mut inbox: mpsc::UnboundedR
                 }
             }
         }
-        if lock(&job.state).record.phase().is_final() {
+        if next.phase.is_final() {
+            let mut st = lock(&job.state);
+            st.record.lifecycle = next;
+            touched(&inner, &job, &mut st, true);
             return;
         }
     }
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
@@ -480,27 +501,25 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 fn next_deadline(
     st: &JobState,
-    retry_at: Option<tokio::time::Instant>,
+    retry_at: Option<Instant>,
     gang_timeout: Duration,
     hb_timeout: Duration,
-) -> Option<tokio::time::Instant> {
-    let to_tokio = |i: Instant| tokio::time::Instant::from_std(i);
+) -> Option<Instant> {
     match (st.record.phase(), &st.attempt) {
         (Phase::Queued | Phase::Restarting, _) => retry_at,
-        (Phase::Admitting, Some(a)) => Some(to_tokio(a.started + gang_timeout)),
+        (Phase::Admitting, Some(a)) => Some(a.started + gang_timeout),
         (Phase::Running, Some(a)) => a
             .last_seen
             .iter()
             .map(|s| s.unwrap_or(a.started) + hb_timeout)
-            .min()
-            .map(to_tokio),
+            .min(),
         _ => None,
     }
 }
 
 fn timed_out(
     job: &Job,
-    retry_at: &mut Option<tokio::time::Instant>,
+    retry_at: &mut Option<Instant>,
     gang_timeout: Duration,
     hb_timeout: Duration,
 ) -> Option<Input> {
@@ -569,14 +588,43 @@ fn on_exit(job: &Job, e: Exit) -> Option<Input> {
     None
 }
 
-async fn tear_down(inner: &Inner, job: &Job, exits: &mut mpsc::UnboundedReceiver<Exit>) {
-    let attempt = {
+/// Ends the current attempt. With `grace`, the workers are first asked to stop (they
+/// checkpoint the step they are on, commit it, and exit) and given that long; then every worker
+/// still there is killed with its process group and reaped, so no process outlives the attempt.
+async fn tear_down(
+    inner: &Inner,
+    job: &Job,
+    exits: &mut mpsc::UnboundedReceiver<Exit>,
+    grace: Option<Duration>,
+) {
+    let Some(number) = lock(&job.state).attempt.as_ref().map(|a| a.number) else {
+        return;
+    };
+    if let Some(grace) = grace {
+        let asked = {
+            let st = lock(&job.state);
+            st.attempt.as_ref().is_some_and(|a| {
+                let stop = proto::Command {
+                    command: Some(proto::command::Command::Stop(proto::Stop {
+                        reason: st.record.lifecycle.message.clone(),
+                    })),
+                };
+                a.commands.send(stop).is_ok()
+            })
+        };
+        if asked {
+            tracing::info!(job = %job.id, attempt = number, ?grace, "asked the workers to checkpoint and stop");
+            wait_exits(job, exits, number, Instant::now() + grace).await;
+        }
+    }
+    {
         let mut st = lock(&job.state);
         st.record.worker_pids.clear();
-        let a = st.attempt.as_mut();
-        a.map(|a| {
-            for w in &a.workers {
-                w.kill();
+        if let Some(a) = st.attempt.as_mut() {
+            for (w, exited) in a.workers.iter().zip(&a.exited) {
+                if exited.is_none() {
+                    w.kill();
+                }
             }
             // Wake joiners and committers of the dead attempt.
             a.join_result.send_replace(None);
@@ -585,35 +633,44 @@ async fn tear_down(inner: &Inner, job: &Job, exits: &mut mpsc::UnboundedReceiver
                     d.send_replace(Some(Err("the attempt was torn down".into())));
                 }
             }
-            (a.number, a.exited.iter().filter(|e| e.is_none()).count())
-        })
-    };
-    let Some((number, mut alive)) = attempt else {
-        return;
-    };
-    // Wait for every killed worker to be reaped, so no process outlives the attempt.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while alive > 0 {
+        }
+    }
+    if !wait_exits(job, exits, number, Instant::now() + Duration::from_secs(30)).await {
+        tracing::error!(job = %job.id, attempt = number, "workers did not exit after SIGKILL");
+    }
+    let mut st = lock(&job.state);
+    touched(inner, job, &mut st, true);
+}
+
+/// Records exits of `attempt`'s workers until all have exited (true) or `deadline` (false).
+async fn wait_exits(
+    job: &Job,
+    exits: &mut mpsc::UnboundedReceiver<Exit>,
+    attempt: u32,
+    deadline: Instant,
+) -> bool {
+    loop {
+        let alive = lock(&job.state)
+            .attempt
+            .as_ref()
+            .map_or(0, |a| a.exited.iter().filter(|e| e.is_none()).count());
+        if alive == 0 {
+            return true;
+        }
         match tokio::time::timeout_at(deadline, exits.recv()).await {
-            Ok(Some(e)) if e.attempt == number => {
+            Ok(Some(e)) if e.attempt == attempt => {
                 let mut st = lock(&job.state);
                 if let Some(a) = st.attempt.as_mut()
                     && let Some(slot) = a.exited.get_mut(e.worker as usize)
                     && slot.is_none()
                 {
                     *slot = Some(e);
-                    alive -= 1;
                 }
             }
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => {
-                tracing::error!(job = %job.id, attempt = number, alive, "workers did not exit after SIGKILL");
-                break;
-            }
+            Ok(None) | Err(_) => return false,
         }
     }
-    let mut st = lock(&job.state);
-    touched(inner, job, &mut st, true);
 }
 
 async fn launch(

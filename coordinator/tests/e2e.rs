@@ -257,11 +257,13 @@ struct Server {
     child: Child,
     url: String,
     data: PathBuf,
+    metrics: u16,
 }
 
 impl Server {
     fn start(dir: &Path, port: u16) -> Server {
         let data = dir.join("coordinator");
+        let metrics = free_port();
         let child = lockstep(dir)
             .args([
                 "serve",
@@ -270,6 +272,8 @@ impl Server {
                 "--data-dir",
             ])
             .arg(&data)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics}"))
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -277,6 +281,7 @@ impl Server {
             child,
             url: format!("http://127.0.0.1:{port}"),
             data,
+            metrics,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -321,6 +326,19 @@ impl Server {
     }
 }
 
+impl Server {
+    /// `GET /metrics`.
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -359,11 +377,14 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
     assert_eq!(trainers(&job, None).len(), 2);
     let (code, out) = server.cli(d, &["cancel", &job]);
     assert_eq!(code, 0, "{out}");
-    server.wait_for(d, &job, "cancelled", |s| s["state"] == "cancelled");
+    let end = server.wait_for(d, &job, "cancelled", |s| s["state"] == "cancelled");
     assert!(
         trainers(&job, None).is_empty(),
         "cancel left workers behind"
     );
+    // The gang was asked to stop first: it checkpointed the step it stopped at.
+    assert_eq!(end["last_checkpoint"], end["step"], "{end}");
+    assert!(end["step"].as_u64() > Some(5));
 
     // Persistence: kill -9 the coordinator mid-run; its workers go (they lose it), a new one
     // finds the job in its store and restarts it from the last committed checkpoint.
@@ -393,6 +414,17 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
     });
     assert_eq!(end["state"], "succeeded", "{end}");
     assert!(end["attempt"].as_u64() >= Some(2), "{end}");
+    let m = server.metrics();
+    assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
+    for name in [
+        "lockstep_steps_total",
+        "lockstep_checkpoints_total",
+        "lockstep_restarts_total",
+        "lockstep_gang_wait_seconds_total",
+        &format!("lockstep_job_step{{job=\"{job}\",state=\"succeeded\"}} 600"),
+    ] {
+        assert!(m.contains(name), "{name} missing from\n{m}");
+    }
 
     let (clean_dir, clean) = {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,245 @@
+//! The supervisor's timeouts in paused Tokio time: a gang that never assembles, a rank that
+//! never sends a heartbeat. Workers are simulated (the launcher records what it would start);
+//! the coordinator, its state machine and its Join barrier are the real ones.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockstep_api::proto::{self, coordinator_server::Coordinator as _};
+use lockstep_coordinator::launcher::{Exit, LaunchError, Launcher, WorkerHandle, WorkerSpec};
+use lockstep_coordinator::{Coordinator, Settings};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+#[derive(Default)]
+struct Simulated {
+    specs: Mutex<Vec<WorkerSpec>>,
+    killed: Arc<Mutex<u32>>,
+}
+
+struct Handle(Arc<Mutex<u32>>);
+
+impl WorkerHandle for Handle {
+    fn kill(&self) {
+        *self.0.lock().unwrap() += 1;
+    }
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+}
+
+impl Launcher for Simulated {
+    fn launch(
+        &self,
+        spec: &WorkerSpec,
+        exited: mpsc::UnboundedSender<Exit>,
+    ) -> Result<Box<dyn WorkerHandle>, LaunchError> {
+        self.specs.lock().unwrap().push(spec.clone());
+        // A killed simulated worker "exits" at once, as a real one reaped after SIGKILL.
+        let (attempt, worker) = (spec.attempt, spec.worker);
+        let killed = self.killed.clone();
+        let before = *killed.lock().unwrap();
+        tokio::spawn(async move {
+            loop {
+                if *killed.lock().unwrap() > before {
+                    let _ = exited.send(Exit {
+                        attempt,
+                        worker,
+                        code: None,
+                        signal: Some(9),
+                    });
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        Ok(Box::new(Handle(self.killed.clone())))
+    }
+}
+
+fn coordinator(dir: &std::path::Path) -> (Coordinator, Arc<Simulated>) {
+    let launcher = Arc::new(Simulated::default());
+    let c = Coordinator::new(
+        Settings {
+            data_dir: dir.to_path_buf(),
+            admin_token: "admin".into(),
+            persist: false,
+        },
+        launcher.clone(),
+    )
+    .unwrap();
+    c.start("http://127.0.0.1:1".into());
+    (c, launcher)
+}
+
+fn job(world: u32, job_extra: &str) -> String {
+    format!(
+        "[job]\nname = \"sim\"\nworld_size = {world}\n{job_extra}\n[model]\n[data]\n\
+         train = [\"file:///nowhere.jsonl\"]\n[train]\nsteps = 10\n[checkpoint]\n\
+         url = \"memory://\"\n"
+    )
+}
+
+async fn wait_until(
+    c: &Coordinator,
+    id: &str,
+    what: &str,
+    f: impl Fn(&proto::JobStatus) -> bool,
+) -> proto::JobStatus {
+    let mut rx = c.subscribe(id).unwrap();
+    loop {
+        let s = c.get(id).unwrap();
+        if f(&s) {
+            return s;
+        }
+        tokio::time::timeout(Duration::from_secs(3600), rx.changed())
+            .await
+            .unwrap_or_else(|_| panic!("an hour passed waiting for {what}: {s:?}"))
+            .unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gang_that_never_assembles_is_retried_after_the_gang_timeout_then_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, launcher) = coordinator(dir.path());
+    let t0 = Instant::now();
+    let s = c
+        .submit(
+            job(2, "gang_timeout = \"60s\"\nmax_restarts = 1"),
+            vec![],
+            dir.path().to_path_buf(),
+        )
+        .unwrap();
+    let first = wait_until(&c, &s.job_id, "admitting", |s| s.state == "admitting").await;
+    assert_eq!(first.attempt, 1);
+    let restarting = wait_until(&c, &s.job_id, "restarting", |s| s.state == "restarting").await;
+    let at = t0.elapsed();
+    assert!(
+        at >= Duration::from_secs(60) && at < Duration::from_secs(61),
+        "torn down at {at:?}"
+    );
+    assert!(
+        restarting
+            .message
+            .contains("only 0 of 2 workers joined within the gang timeout"),
+        "{}",
+        restarting.message
+    );
+    let failed = wait_until(&c, &s.job_id, "failed", |s| s.state == "failed").await;
+    let at = t0.elapsed();
+    // 60 s, 1 s backoff, 60 s.
+    assert!(
+        at >= Duration::from_secs(121) && at < Duration::from_secs(122),
+        "failed at {at:?}"
+    );
+    assert_eq!(failed.attempt, 2);
+    assert!(
+        failed.message.contains("gave up after 1 restart"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(
+        launcher.specs.lock().unwrap().len(),
+        4,
+        "2 attempts × 2 workers"
+    );
+    assert_eq!(
+        *launcher.killed.lock().unwrap(),
+        4,
+        "every worker torn down"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, launcher) = coordinator(dir.path());
+    let s = c
+        .submit(
+            job(1, "heartbeat_timeout = \"10s\""),
+            vec![],
+            dir.path().to_path_buf(),
+        )
+        .unwrap();
+    wait_until(&c, &s.job_id, "admitting", |s| s.state == "admitting").await;
+    // The state is published before the launch.
+    let spec = loop {
+        if let Some(s) = launcher.specs.lock().unwrap().first() {
+            break s.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+
+    // A wrong token and a stale attempt are refused.
+    let mut bad = tonic::Request::new(proto::JoinRequest {
+        job_id: spec.job_id.clone(),
+        attempt: spec.attempt,
+        worker: 0,
+        data_addr: "127.0.0.1:1".into(),
+    });
+    bad.metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    let e = c.join(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let anonymous = tonic::Request::new(proto::JoinRequest {
+        job_id: spec.job_id.clone(),
+        attempt: spec.attempt,
+        worker: 0,
+        data_addr: "127.0.0.1:1".into(),
+    });
+    let e = c.join(anonymous).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    // The admin token is not a job token.
+    let mut admin = tonic::Request::new(proto::JoinRequest {
+        job_id: spec.job_id.clone(),
+        attempt: spec.attempt,
+        worker: 0,
+        data_addr: "127.0.0.1:1".into(),
+    });
+    admin
+        .metadata_mut()
+        .insert("authorization", "Bearer admin".parse().unwrap());
+    assert_eq!(
+        c.join(admin).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    let join = |attempt| {
+        let mut r = tonic::Request::new(proto::JoinRequest {
+            job_id: spec.job_id.clone(),
+            attempt,
+            worker: 0,
+            data_addr: "127.0.0.1:1".into(),
+        });
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", spec.token).parse().unwrap(),
+        );
+        r
+    };
+    let e = c.join(join(7)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+
+    let t0 = Instant::now();
+    let r = c.join(join(1)).await.unwrap().into_inner();
+    assert_eq!((r.rank, r.world_size, r.resume_step), (0, 1, None));
+    wait_until(&c, &s.job_id, "running", |s| s.state == "running").await;
+    let restarting = wait_until(&c, &s.job_id, "restarting", |s| s.state == "restarting").await;
+    let at = t0.elapsed();
+    assert!(
+        at >= Duration::from_secs(10) && at < Duration::from_secs(11),
+        "detected at {at:?}"
+    );
+    assert!(
+        restarting
+            .message
+            .contains("rank 0 sent no heartbeat for 10s"),
+        "{}",
+        restarting.message
+    );
+    let second = wait_until(&c, &s.job_id, "attempt 2", |s| s.attempt == 2).await;
+    assert_eq!(second.state, "admitting");
+    assert_eq!(second.restarts, 1);
+}
