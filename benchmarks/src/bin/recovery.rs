@@ -114,9 +114,13 @@ fn torchrun_once() -> Result<Option<(f64, u64)>> {
     };
     let script = std::env::var("LOCKSTEP_BENCH_ANCHOR")
         .unwrap_or_else(|_| "../shared/anchors/torchrun_recovery.py".into());
+    // torch 2.15's gloo connects its full mesh eagerly at init, and after an elastic restart
+    // that connect fails on this machine ("Gloo connectFullMesh failed ... Connection
+    // refused"; the job never recovers). Lazy init is gloo's own switch for it.
     let o = Command::new(&python)
         .arg(&script)
         .args(["--kill-after-step", &KILL_AFTER.to_string()])
+        .env("TORCH_GLOO_LAZY_INIT", "1")
         .output()
         .with_context(|| format!("run {python} {script}"))?;
     let text = String::from_utf8_lossy(&o.stdout);
