@@ -162,6 +162,45 @@ impl WorkerHandle for LocalWorker {
     }
 }
 
+/// Live `lockstep-trainer` processes of job `job` on this machine (of worker `worker` only,
+/// when given), found by their command lines in /proc; zombies do not count. For tests, chaos
+/// drills and benchmarks that signal a rank.
+pub fn local_trainers(job: &str, worker: Option<u32>) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let trainer = args
+            .first()
+            .is_some_and(|a| a.ends_with("lockstep-trainer"))
+            && args.iter().any(|a| a == job);
+        let this_worker = worker.is_none_or(|w| {
+            args.windows(2)
+                .any(|p| p[0] == "--worker" && p[1] == w.to_string())
+        });
+        let zombie = std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        });
+        if trainer && this_worker && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// SIGKILL to process group `pid` (each worker leads its own). ESRCH (already gone) is fine.
 pub fn kill_group(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {

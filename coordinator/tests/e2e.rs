@@ -66,36 +66,10 @@ keep_last = 2
 
 /// Pids of live `lockstep-trainer` processes of `job` (optionally only worker `worker`).
 fn trainers(job: &str, worker: Option<u32>) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is = args
-            .first()
-            .is_some_and(|a| a.ends_with("lockstep-trainer"))
-            && args.iter().any(|a| a == job);
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z'));
-        let w_ok = worker.is_none_or(|w| {
-            args.windows(2)
-                .any(|p| p[0] == "--worker" && p[1] == w.to_string())
-        });
-        if is && w_ok && !zombie {
-            pids.push(pid);
-        }
-    }
-    pids
+    lockstep_coordinator::launcher::local_trainers(job, worker)
+        .into_iter()
+        .map(|p| p as i32)
+        .collect()
 }
 
 fn signal(pid: i32, sig: nix::sys::signal::Signal) {

@@ -21,33 +21,10 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 fn trainer_pids(job: &str, worker: u32) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args
-            .first()
-            .is_some_and(|a| a.ends_with("lockstep-trainer"))
-            && args.iter().any(|a| a == job)
-            && args
-                .windows(2)
-                .any(|p| p[0] == "--worker" && p[1] == worker.to_string())
-        {
-            pids.push(pid);
-        }
-    }
-    pids
+    lockstep_coordinator::launcher::local_trainers(job, Some(worker))
+        .into_iter()
+        .map(|p| p as i32)
+        .collect()
 }
 
 /// SplitMix64: a reproducible schedule from SEED.

@@ -27,29 +27,9 @@ use serde_json::{Value, json};
 const KILL_AFTER: u64 = 12;
 
 fn trainer_pid(job: &str, worker: u32) -> Option<i32> {
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args
-            .first()
-            .is_some_and(|a| a.ends_with("lockstep-trainer"))
-            && args.iter().any(|a| a == job)
-            && args
-                .windows(2)
-                .any(|p| p[0] == "--worker" && p[1] == worker.to_string())
-        {
-            return Some(pid);
-        }
-    }
-    None
+    lockstep_coordinator::launcher::local_trainers(job, Some(worker))
+        .first()
+        .map(|&p| p as i32)
 }
 
 /// One lockstep recovery, in seconds, and the step the new gang completed first.
