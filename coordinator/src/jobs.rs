@@ -452,7 +452,7 @@ impl View {
         }
         let loss = match (s.first_loss, s.loss) {
             (Some(a), Some(b)) => format!("loss {a:.3} -> {b:.3}"),
-            _ => "no steps".into(),
+            _ => "no steps run".into(),
         };
         eprintln!(
             "{}: {} at step {}/{}; {loss}; {} restart{}; last checkpoint {} at {}{}",

@@ -738,6 +738,11 @@ async fn launch(
     }
     let mut st = lock(&job.state);
     st.record.worker_pids = pids;
+    // A job resumed from an existing checkpoint (a rerun, a coordinator restart) has it as its
+    // newest committed one until it commits another.
+    if resume_step > st.record.last_checkpoint {
+        st.record.last_checkpoint = resume_step;
+    }
     st.attempt = Some(Attempt {
         number: attempt,
         started: Instant::now(),
