@@ -84,7 +84,9 @@ struct Job {
     id: String,
     token: String,
     config: JobConfig,
-    ckpt_url: String,
+    /// The job's checkpoint store, opened once (an S3 store keeps its connection pool), or
+    /// why `checkpoint.url` cannot be opened.
+    store: Result<CheckpointStore, String>,
     state: Mutex<JobState>,
     /// Bumped on every change, for Watch.
     changed: watch::Sender<u64>,
@@ -196,7 +198,7 @@ impl Coordinator {
         let job = Arc::new(Job {
             id: record.id.clone(),
             token: record.token.clone(),
-            ckpt_url: record.checkpoint_url.clone(),
+            store: CheckpointStore::open(&record.checkpoint_url).map_err(|e| e.to_string()),
             config,
             state: Mutex::new(JobState {
                 record,
@@ -249,8 +251,7 @@ impl Coordinator {
             gang_wait_seconds: 0.0,
             worker_pids: vec![],
         };
-        self.persist(&record)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        persist(&self.inner, &record).map_err(|e| Status::internal(e.to_string()))?;
         let status = record.status();
         let job = self.add(record, config);
         let _ = job.inbox.send(Msg::Input(Input::Start));
@@ -290,10 +291,6 @@ impl Coordinator {
             .get(id)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no job `{id}`")))
-    }
-
-    fn persist(&self, record: &JobRecord) -> Result<(), crate::record::StoreError> {
-        persist(&self.inner, record)
     }
 
     fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -679,8 +676,8 @@ async fn launch(
     attempt: u32,
     exit_tx: &mpsc::UnboundedSender<Exit>,
 ) -> Result<(), String> {
-    let store = CheckpointStore::open(&job.ckpt_url).map_err(|e| e.to_string())?;
-    let resume_step = choose_checkpoint(&store)
+    let store = job.store.as_ref().map_err(Clone::clone)?;
+    let resume_step = choose_checkpoint(store)
         .await
         .map_err(|e| format!("cannot choose a checkpoint to start from: {e}"))?;
     let (world, workdir, overrides, text, token) = {
@@ -976,7 +973,7 @@ impl Rpc for Coordinator {
                 p.trainer_state = Some(trainer_state);
                 p.config_hash = r.config_hash.clone();
             }
-            inner_checkpoint_seconds(&self.inner, r.write_seconds);
+            self.inner.metrics.checkpoint_write(r.write_seconds);
             let ready = (p.metas.len() as u32 == world && p.trainer_state.is_some()).then(|| {
                 (
                     std::mem::take(&mut p.metas),
@@ -1013,10 +1010,6 @@ impl Rpc for Coordinator {
     }
 }
 
-fn inner_checkpoint_seconds(inner: &Inner, s: f64) {
-    inner.metrics.checkpoint_write(s);
-}
-
 impl Coordinator {
     /// Every rank's shard of `step` is durable: write the manifest, then apply retention.
     async fn commit(
@@ -1039,7 +1032,7 @@ impl Coordinator {
             parent,
             trainer_state,
         };
-        let store = CheckpointStore::open(&job.ckpt_url).map_err(|e| e.to_string())?;
+        let store = job.store.as_ref().map_err(Clone::clone)?;
         let manifest =
             lockstep_storage::assemble_manifest(info, metas).map_err(|e| e.to_string())?;
         store.commit(&manifest).await.map_err(|e| e.to_string())?;
@@ -1095,9 +1088,4 @@ where
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-}
-
-/// Job ids, for the CLI and tests.
-pub fn job_ids(c: &Coordinator) -> Vec<String> {
-    lock(&c.inner.jobs).keys().cloned().collect()
 }

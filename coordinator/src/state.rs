@@ -225,8 +225,7 @@ impl Lifecycle {
                     "attempt {}: the coordinator restarted",
                     self.attempt
                 )),
-                Phase::Restarting => vec![Action::RetryAfter(Duration::ZERO)],
-                Phase::Queued => vec![Action::RetryAfter(Duration::ZERO)],
+                Phase::Queued | Phase::Restarting => vec![Action::RetryAfter(Duration::ZERO)],
                 _ => vec![],
             },
             _ => vec![],
