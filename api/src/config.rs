@@ -475,7 +475,7 @@ impl JobConfig {
     }
 }
 
-fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
+pub(crate) fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
     let err = |reason: &str| ConfigError::Override {
         spec: spec.to_string(),
         reason: reason.to_string(),

@@ -2,12 +2,14 @@
 //!
 //! # Layout
 //! - [`config`]: the job configuration schema (TOML; the same schema is embedded in the
-//!   Kubernetes TrainJob), with named defaults, `--set key=value` overrides and validation
+//!   Kubernetes LockstepJob), with named defaults, `--set key=value` overrides and validation
 //!   errors that name the field.
-//!
 //! - [`proto`]: the gRPC control protocol between the coordinator, its users and trainers.
+//! - `testing` (feature `testing`): the `TestJob` config builder shared by every crate's tests.
 
 pub mod config;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use config::{ConfigError, JobConfig, Resume, Schedule};
 

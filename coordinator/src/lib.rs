@@ -1,17 +1,48 @@
-//! lockstep-coordinator: the job state machine, the gRPC service with its commit authority,
-//! launchers and metrics. The `lockstep` binary (`main.rs`) is its command line.
+//! lockstep-coordinator: runs jobs. It keeps each job's record, launches its gang of workers,
+//! lets them meet, commits their checkpoints, and restarts the gang from the last committed
+//! checkpoint when a worker dies. It never links Burn: the `lockstep` binary (crate `cli/`)
+//! links it with the trainer and only parses arguments.
 //!
 //! # Layout
 //! - [`state`]: the job lifecycle as pure decisions (unit-tested without IO).
-//! - [`service`]: the gRPC service and one supervisor task per job (IO at the edges).
+//! - [`attempt`]: one attempt's deadlines and timeouts as a pure value.
+//! - [`commit`]: which shards of which step have arrived, and when a step is ready to commit.
+//! - [`registry`]: the jobs in memory and their live attempt (bookkeeping under short locks).
+//! - [`supervisor`]: one task per job: launch, watch, tear down, restart.
+//! - [`service`]: [`Coordinator`], the operations behind the gRPC calls.
+//! - [`rpc`]: the gRPC service: proto ↔ domain and [`Error`] → `Status` only.
+//! - [`auth`]: bearer tokens (admin and per job).
+//! - [`persist`]: one task writes job records to disk (redb) on the blocking pool.
+//! - [`record`]: jobs as stored.
 //! - [`launcher`]: the [`launcher::Launcher`] trait and [`launcher::LocalProcess`].
-//! - [`record`]: jobs as stored, and the embedded job store (redb).
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
+//! - [`cli`]: the commands of the binary that need no Burn (run, serve, submit, status, watch,
+//!   cancel, ckpt).
+//!
+//! # Checkpoints and resume
+//! Workers write shards; the coordinator commits a step with
+//! [`lockstep_storage::CheckpointStore::commit_step`] once every rank's shard has arrived, and
+//! chooses where an attempt starts with
+//! [`lockstep_storage::CheckpointStore::choose_start`] (the same calls a gang without a
+//! coordinator makes): the newest checkpoint that verifies; a corrupt one is set aside, never
+//! deleted.
 
+pub mod attempt;
+pub mod auth;
+pub mod cli;
+pub mod commit;
+pub mod error;
 pub mod launcher;
 pub mod metrics;
+pub mod persist;
 pub mod record;
+pub mod registry;
+pub mod rpc;
 pub mod service;
 pub mod state;
+pub mod supervisor;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
+pub use error::{Error, Result};
 pub use service::{Coordinator, Settings};

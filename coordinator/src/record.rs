@@ -50,10 +50,6 @@ pub struct JobRecord {
     pub updated_ms: i64,
     /// Seconds the current attempt's gang took to join.
     pub gang_wait_seconds: f64,
-    /// Process ids of the current attempt's local workers (to kill orphans after a
-    /// coordinator crash).
-    #[serde(default)]
-    pub worker_pids: Vec<u32>,
 }
 
 impl JobRecord {
@@ -87,12 +83,28 @@ impl JobRecord {
     }
 }
 
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// The persistent store could not be used.
 #[derive(Debug, thiserror::Error)]
 #[error("job store {path}: {reason}")]
 pub struct StoreError {
     path: String,
     reason: String,
+}
+
+impl StoreError {
+    pub(crate) fn new(reason: impl ToString) -> StoreError {
+        StoreError {
+            path: "jobs.redb".into(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 const JOBS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("jobs");
@@ -112,7 +124,7 @@ impl std::fmt::Debug for JobStore {
 }
 
 impl JobStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`. Blocking.
     pub fn open(dir: &Path) -> Result<JobStore, StoreError> {
         let path = dir.join("jobs.redb");
         let err = |reason: String| StoreError {
@@ -136,19 +148,21 @@ impl JobStore {
         }
     }
 
-    /// Writes `job` durably (redb commits are fsynced).
-    pub fn put(&self, job: &JobRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(job).map_err(|e| self.err(e))?;
+    /// Writes `jobs` durably in one transaction (redb commits are fsynced). Blocking.
+    pub fn put_all(&self, jobs: &[JobRecord]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut t = tx.open_table(JOBS).map_err(|e| self.err(e))?;
-            t.insert(job.id.as_str(), value.as_slice())
-                .map_err(|e| self.err(e))?;
+            for job in jobs {
+                let value = serde_json::to_vec(job).map_err(|e| self.err(e))?;
+                t.insert(job.id.as_str(), value.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
         }
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// Every job. A record that does not parse is reported by id and skipped.
+    /// Every job. A record that does not parse is reported by id and skipped. Blocking.
     pub fn all(&self) -> Result<Vec<JobRecord>, StoreError> {
         use redb::{ReadableDatabase as _, ReadableTable as _};
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;

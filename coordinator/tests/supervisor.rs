@@ -4,64 +4,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lockstep_api::proto::{self, coordinator_server::Coordinator as _};
-use lockstep_coordinator::launcher::{Exit, LaunchError, Launcher, WorkerHandle, WorkerSpec};
+use lockstep_api::proto::{self, coordinator_server::Coordinator as Rpc};
+use lockstep_api::testing::TestJob;
+use lockstep_coordinator::testing::Simulated;
 use lockstep_coordinator::{Coordinator, Settings};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-#[derive(Default)]
-struct Simulated {
-    specs: Mutex<Vec<WorkerSpec>>,
-    killed: Arc<Mutex<u32>>,
-}
-
-struct Handle(Arc<Mutex<u32>>);
-
-impl WorkerHandle for Handle {
-    fn kill(&self) {
-        *self.0.lock().unwrap() += 1;
-    }
-    fn pid(&self) -> Option<u32> {
-        None
-    }
-}
-
-impl Launcher for Simulated {
-    fn launch(
-        &self,
-        spec: &WorkerSpec,
-        exited: mpsc::UnboundedSender<Exit>,
-    ) -> Result<Box<dyn WorkerHandle>, LaunchError> {
-        self.specs.lock().unwrap().push(spec.clone());
-        // A killed simulated worker "exits" at once, as a real one reaped after SIGKILL.
-        let (attempt, worker) = (spec.attempt, spec.worker);
-        let killed = self.killed.clone();
-        let before = *killed.lock().unwrap();
-        tokio::spawn(async move {
-            loop {
-                if *killed.lock().unwrap() > before {
-                    let _ = exited.send(Exit {
-                        attempt,
-                        worker,
-                        code: None,
-                        signal: Some(9),
-                    });
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-        Ok(Box::new(Handle(self.killed.clone())))
-    }
-}
-
-fn coordinator(dir: &std::path::Path) -> (Coordinator, Arc<Simulated>) {
+async fn coordinator(dir: &std::path::Path) -> (Coordinator, Arc<Simulated>) {
     let launcher = Arc::new(Simulated::default());
-    let c = Coordinator::new(
+    let c = Coordinator::open(
         Settings {
             data_dir: dir.to_path_buf(),
             admin_token: "admin".into(),
@@ -69,17 +23,10 @@ fn coordinator(dir: &std::path::Path) -> (Coordinator, Arc<Simulated>) {
         },
         launcher.clone(),
     )
+    .await
     .unwrap();
-    c.start("http://127.0.0.1:1".into());
+    c.start("http://127.0.0.1:1".into()).await.unwrap();
     (c, launcher)
-}
-
-fn job(world: u32, job_extra: &str) -> String {
-    format!(
-        "[job]\nname = \"sim\"\nworld_size = {world}\n{job_extra}\n[model]\n[data]\n\
-         train = [\"file:///nowhere.jsonl\"]\n[train]\nsteps = 10\n[checkpoint]\n\
-         url = \"memory://\"\n"
-    )
 }
 
 async fn wait_until(
@@ -90,7 +37,7 @@ async fn wait_until(
 ) -> proto::JobStatus {
     let mut rx = c.subscribe(id).unwrap();
     loop {
-        let s = c.get(id).unwrap();
+        let s = c.get(id).unwrap().status();
         if f(&s) {
             return s;
         }
@@ -104,15 +51,16 @@ async fn wait_until(
 #[tokio::test(start_paused = true)]
 async fn a_gang_that_never_assembles_is_retried_after_the_gang_timeout_then_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let (c, launcher) = coordinator(dir.path());
+    let (c, launcher) = coordinator(dir.path()).await;
     let t0 = Instant::now();
+    let job = TestJob::simulated("sim", 2)
+        .set("job.gang_timeout", "\"60s\"")
+        .set("job.max_restarts", 1);
     let s = c
-        .submit(
-            job(2, "gang_timeout = \"60s\"\nmax_restarts = 1"),
-            vec![],
-            dir.path().to_path_buf(),
-        )
-        .unwrap();
+        .submit(job.toml(), vec![], dir.path().to_path_buf())
+        .await
+        .unwrap()
+        .status();
     let first = wait_until(&c, &s.job_id, "admitting", |s| s.state == "admitting").await;
     assert_eq!(first.attempt, 1);
     let restarting = wait_until(&c, &s.job_id, "restarting", |s| s.state == "restarting").await;
@@ -141,33 +89,24 @@ async fn a_gang_that_never_assembles_is_retried_after_the_gang_timeout_then_fail
         "{}",
         failed.message
     );
-    assert_eq!(
-        launcher.specs.lock().unwrap().len(),
-        4,
-        "2 attempts × 2 workers"
-    );
-    assert_eq!(
-        *launcher.killed.lock().unwrap(),
-        4,
-        "every worker torn down"
-    );
+    assert_eq!(launcher.specs().len(), 4, "2 attempts × 2 workers");
+    assert_eq!(launcher.kills(), 4, "every worker torn down");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
     let dir = tempfile::tempdir().unwrap();
-    let (c, launcher) = coordinator(dir.path());
+    let (c, launcher) = coordinator(dir.path()).await;
+    let job = TestJob::simulated("sim", 1).set("job.heartbeat_timeout", "\"10s\"");
     let s = c
-        .submit(
-            job(1, "heartbeat_timeout = \"10s\""),
-            vec![],
-            dir.path().to_path_buf(),
-        )
-        .unwrap();
+        .submit(job.toml(), vec![], dir.path().to_path_buf())
+        .await
+        .unwrap()
+        .status();
     wait_until(&c, &s.job_id, "admitting", |s| s.state == "admitting").await;
     // The state is published before the launch.
     let spec = loop {
-        if let Some(s) = launcher.specs.lock().unwrap().first() {
+        if let Some(s) = launcher.specs().first() {
             break s.clone();
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -182,7 +121,7 @@ async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
     });
     bad.metadata_mut()
         .insert("authorization", "Bearer nope".parse().unwrap());
-    let e = c.join(bad).await.unwrap_err();
+    let e = Rpc::join(&c, bad).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let anonymous = tonic::Request::new(proto::JoinRequest {
         job_id: spec.job_id.clone(),
@@ -190,7 +129,7 @@ async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
         worker: 0,
         data_addr: "127.0.0.1:1".into(),
     });
-    let e = c.join(anonymous).await.unwrap_err();
+    let e = Rpc::join(&c, anonymous).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     // The admin token is not a job token.
     let mut admin = tonic::Request::new(proto::JoinRequest {
@@ -203,7 +142,7 @@ async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
         .metadata_mut()
         .insert("authorization", "Bearer admin".parse().unwrap());
     assert_eq!(
-        c.join(admin).await.unwrap_err().code(),
+        Rpc::join(&c, admin).await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
     let join = |attempt| {
@@ -219,11 +158,11 @@ async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
         );
         r
     };
-    let e = c.join(join(7)).await.unwrap_err();
+    let e = Rpc::join(&c, join(7)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 
     let t0 = Instant::now();
-    let r = c.join(join(1)).await.unwrap().into_inner();
+    let r = Rpc::join(&c, join(1)).await.unwrap().into_inner();
     assert_eq!((r.rank, r.world_size, r.resume_step), (0, 1, None));
     wait_until(&c, &s.job_id, "running", |s| s.state == "running").await;
     let restarting = wait_until(&c, &s.job_id, "restarting", |s| s.state == "restarting").await;

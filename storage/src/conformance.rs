@@ -23,7 +23,8 @@ pub async fn run_all(store: &CheckpointStore) {
     detects_manifest_without_shards(store).await;
     refuses_unknown_versions(store).await;
     detects_wrong_piece_hash(store).await;
-    latest_valid_falls_back(store).await;
+    choose_start_sets_corrupt_checkpoints_aside(store).await;
+    commit_step_commits_and_applies_retention(store).await;
 }
 
 /// A deterministic set of tensors of every codec, with odd sizes, an empty tensor and one
@@ -102,6 +103,13 @@ async fn save(store: &CheckpointStore, step: u64, world: u32) {
 async fn clear(store: &CheckpointStore) {
     for s in store.list_all().await.expect("list") {
         store.delete(s.step).await.expect("delete");
+    }
+    for p in set_aside_objects(store).await {
+        store
+            .object_store()
+            .delete(&object_store::path::Path::from(p))
+            .await
+            .expect("delete set-aside object");
     }
     assert!(
         store.list_all().await.expect("list").is_empty(),
@@ -379,8 +387,11 @@ pub async fn detects_wrong_piece_hash(store: &CheckpointStore) {
     );
 }
 
-/// `latest_valid` skips a corrupt newest checkpoint and loads the previous one.
-pub async fn latest_valid_falls_back(store: &CheckpointStore) {
+/// `choose_start` moves a corrupt newest checkpoint aside (not deleted) and starts from the
+/// previous one; the set-aside step can be committed again. When nothing verifies it refuses
+/// and moves nothing.
+pub async fn choose_start_sets_corrupt_checkpoints_aside(store: &CheckpointStore) {
+    use crate::resume::Want;
     clear(store).await;
     save(store, 110, 2).await;
     save(store, 120, 2).await;
@@ -389,13 +400,101 @@ pub async fn latest_valid_falls_back(store: &CheckpointStore) {
         b[n / 2] ^= 1;
     })
     .await;
-    let (c, skipped) = store
-        .latest_valid()
+    let start = store
+        .choose_start(Want::Latest)
         .await
-        .expect("latest_valid")
-        .expect("a valid checkpoint");
-    assert_eq!(c.manifest.step, 110);
-    assert_eq!(skipped.len(), 1);
-    assert_eq!(skipped[0].0, 120);
+        .expect("choose_start");
+    assert_eq!(start.step, Some(110));
+    assert_eq!(start.set_aside.len(), 1);
+    assert_eq!(start.set_aside[0].step, 120);
+    assert!(
+        start.set_aside[0]
+            .moved_to
+            .contains("set-aside/step-000000000120-")
+    );
+    assert_eq!(store.list().await.expect("list"), vec![110]);
+    let kept = set_aside_objects(store).await;
+    assert!(
+        kept.iter().any(|p| p.ends_with("manifest.json"))
+            && kept.iter().any(|p| p.ends_with("rank-00000.shard")),
+        "the corrupt checkpoint was not kept: {kept:?}"
+    );
+    save(store, 120, 2).await;
+    assert_eq!(store.list().await.expect("list"), vec![110, 120]);
+
+    // Nothing verifies: refused, nothing moved.
+    for step in [110, 120] {
+        overwrite(store, &store.shard_path(step, 1), |b| {
+            let n = b.len();
+            b[n / 3] ^= 1;
+        })
+        .await;
+    }
+    let e = store
+        .choose_start(Want::Latest)
+        .await
+        .expect_err("nothing verifies");
+    assert!(matches!(e, Error::Refused { .. }), "{e}");
+    assert!(e.to_string().contains("refusing to start over"), "{e}");
+    assert_eq!(store.list().await.expect("list"), vec![110, 120]);
     clear(store).await;
+}
+
+/// `commit_step` assembles the manifest from every rank's shard, records the parent and
+/// applies retention.
+pub async fn commit_step_commits_and_applies_retention(store: &CheckpointStore) {
+    use crate::store::StepCommit;
+    use crate::writer::pieces_for_rank;
+    clear(store).await;
+    let tensors = sample_tensors(7);
+    for step in [1, 2, 3] {
+        let mut shards = Vec::new();
+        for rank in 0..2 {
+            let pieces = pieces_for_rank(&tensors, rank, 2);
+            shards.push(store.write_shard(step, rank, &pieces).await.expect("shard"));
+        }
+        let c = store
+            .commit_step(StepCommit {
+                job: "conformance".into(),
+                step,
+                config_hash: "h".into(),
+                trainer_state: serde_json::json!({"step": step}),
+                shards,
+                retention: RetentionPolicy {
+                    keep_last: 2,
+                    keep_every: None,
+                },
+                protected: vec![],
+            })
+            .await
+            .expect("commit_step");
+        assert_eq!(c.parent, step.checked_sub(1).filter(|&p| p > 0));
+        assert!(c.retention.is_ok(), "{:?}", c.retention);
+    }
+    assert_eq!(store.list().await.expect("list"), vec![2, 3]);
+    let m = store.manifest(3).await.expect("manifest");
+    assert_eq!(m.parent, Some(2));
+    let c = store.load(3).await.expect("load");
+    assert_eq!(c.tensors.len(), tensors.len());
+    for e in &tensors {
+        let got = c
+            .tensor(&e.name)
+            .unwrap_or_else(|| panic!("tensor {} missing", e.name));
+        assert!(got.data == e.data, "tensor {} differs", e.name);
+    }
+    clear(store).await;
+}
+
+async fn set_aside_objects(store: &CheckpointStore) -> Vec<String> {
+    use futures::TryStreamExt;
+    let dir = store.root.clone().join(crate::resume::SET_ASIDE_DIR);
+    store
+        .object_store()
+        .list(Some(&dir))
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("list set-aside")
+        .into_iter()
+        .map(|o| o.location.to_string())
+        .collect()
 }

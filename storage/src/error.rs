@@ -89,6 +89,14 @@ pub enum Error {
         found: u64,
     },
 
+    /// A run must not start from these checkpoints (see [`crate::resume`]); the reason names the
+    /// checkpoint root and what to do.
+    #[error("{reason}")]
+    Refused {
+        /// Why, in words.
+        reason: String,
+    },
+
     /// The caller asked for something that cannot be done (a bad argument, not bad data).
     #[error("invalid request: {0}")]
     Invalid(String),

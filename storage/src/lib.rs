@@ -5,9 +5,12 @@
 //! # Layout
 //! - [`format`]: format v1 — the float-aware chunk [`format::codec`], [`format::shard`] files
 //!   (chunks + footer index + trailer) and the [`format::manifest`] commit marker.
-//! - [`store`]: [`CheckpointStore`] — list, latest, commit, delete, gc; its contract.
+//! - [`store`]: [`CheckpointStore`] — list, latest, commit, [`CheckpointStore::commit_step`]
+//!   (the one commit path: manifest, then retention), delete, gc; its contract.
 //! - [`writer`]: the streaming [`ShardWriter`], whole-shard retries, manifest assembly.
-//! - [`reader`]: load, verify and `latest_valid`, all failing closed.
+//! - [`reader`]: load and verify, failing closed.
+//! - [`resume`]: which checkpoint a run starts from ([`resume::plan`], pure) and
+//!   [`CheckpointStore::choose_start`], which sets corrupt ones aside and never deletes.
 //! - [`plan`]: which rank writes which bytes (each byte once across data-parallel ranks).
 //! - [`objects`]: read any object by URL, expand globs (training data, base models).
 //! - [`retention`]: the pure keep-last-N / keep-every-M policy behind [`CheckpointStore::gc`].
@@ -23,6 +26,7 @@ mod location;
 pub mod objects;
 pub mod plan;
 pub mod reader;
+pub mod resume;
 pub mod retention;
 pub mod retry;
 pub mod store;
@@ -36,9 +40,10 @@ pub use fault::{Faults, UnreliableStore};
 pub use format::manifest::Manifest;
 pub use location::Location;
 pub use reader::{Checkpoint, Tensor, VerifyReport};
+pub use resume::{SetAside, StartPoint, Want};
 pub use retention::{KeepReason, RetentionAction, RetentionPolicy};
 pub use retry::RetryPolicy;
-pub use store::{CheckpointStore, GcReport, StepListing, StoreOptions};
+pub use store::{CheckpointStore, Committed, GcReport, StepCommit, StepListing, StoreOptions};
 pub use writer::{
     CommitInfo, PieceInput, PieceMeta, ShardMeta, ShardWriter, TensorInput, assemble_manifest,
     pieces_for_rank,

@@ -1,5 +1,5 @@
-//! Reading checkpoints: [`CheckpointStore::load`], [`CheckpointStore::verify`] and
-//! [`CheckpointStore::latest_valid`]. Every byte is checked: file sizes, header, trailer,
+//! Reading checkpoints: [`CheckpointStore::load`] and [`CheckpointStore::verify`] (which
+//! [`CheckpointStore::choose_start`] builds on). Every byte is checked: file sizes, header, trailer,
 //! footer hash, each chunk's hash, each piece's hash. Loading fails closed.
 
 use bytes::Bytes;
@@ -105,27 +105,6 @@ impl CheckpointStore {
             Err(e) => return Err(e),
         };
         Ok(self.scan(&manifest, false).await?.1)
-    }
-
-    /// Loads the newest committed checkpoint that verifies, skipping (and returning) the
-    /// newer ones that do not. `Ok(None)` when nothing committed verifies. Store errors (as
-    /// opposed to bad data) are returned, not skipped: an unreachable store must not silently
-    /// roll a job back.
-    pub async fn latest_valid(&self) -> Result<Option<(Checkpoint, Vec<(u64, Error)>)>> {
-        let mut skipped = Vec::new();
-        for step in self.list().await?.into_iter().rev() {
-            match self.load(step).await {
-                Ok(c) => return Ok(Some((c, skipped))),
-                Err(e @ (Error::Corrupt { .. } | Error::UnsupportedVersion { .. })) => {
-                    tracing::warn!(step, cause = %e, "checkpoint does not verify; trying the previous one");
-                    skipped.push((step, e));
-                }
-                // Deleted between list and load (e.g. by gc): not a checkpoint any more.
-                Err(Error::NotCommitted { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(None)
     }
 
     /// Reads and checks the index of one shard of `step`: its size, header, trailer and footer

@@ -12,6 +12,7 @@ use crate::format::manifest::{Manifest, ManifestError};
 use crate::location::Location;
 use crate::retention::{KeepReason, RetentionAction, RetentionPolicy};
 use crate::retry::RetryPolicy;
+use crate::writer::{CommitInfo, ShardMeta, assemble_manifest};
 use crate::{Error, Result};
 
 /// Name of the commit marker in a step directory.
@@ -129,6 +130,40 @@ pub struct StepListing {
     pub files: usize,
     /// Stored bytes in the directory.
     pub bytes: u64,
+}
+
+/// One checkpoint to commit with [`CheckpointStore::commit_step`].
+#[derive(Debug, Clone)]
+pub struct StepCommit {
+    /// Job name (in the manifest).
+    pub job: String,
+    /// The step.
+    pub step: u64,
+    /// Hash of what decides the run's results (in the manifest).
+    pub config_hash: String,
+    /// The trainer state at this step (opaque to storage).
+    pub trainer_state: serde_json::Value,
+    /// Every rank's durable shard, any order.
+    pub shards: Vec<ShardMeta>,
+    /// Retention applied after the commit.
+    pub retention: RetentionPolicy,
+    /// Steps retention must keep (the one the run resumed from).
+    pub protected: Vec<u64>,
+}
+
+/// A committed checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The step.
+    pub step: u64,
+    /// Stored bytes of all shards.
+    pub bytes: u64,
+    /// Decoded bytes of all shards.
+    pub raw_bytes: u64,
+    /// The manifest's parent.
+    pub parent: Option<u64>,
+    /// What retention did, or why it failed (the commit stands either way).
+    pub retention: std::result::Result<GcReport, String>,
 }
 
 /// What [`CheckpointStore::gc`] did (or would do, in a dry run).
@@ -308,7 +343,7 @@ impl CheckpointStore {
             .collect())
     }
 
-    /// The newest committed step (not verified: see [`CheckpointStore::latest_valid`]).
+    /// The newest committed step (not verified: see [`CheckpointStore::choose_start`]).
     pub async fn latest(&self) -> Result<Option<u64>> {
         Ok(self.list().await?.last().copied())
     }
@@ -407,27 +442,83 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Commits a checkpoint from every rank's durable shard, then applies retention: the one
+    /// commit path, whoever holds the commit authority (the coordinator, or rank 0 of a gang
+    /// without one). The manifest's parent is the newest committed step before this one (the
+    /// checkpoint this run descends from: runs never resume under newer checkpoints). A
+    /// retention failure does not undo the commit: it is logged and reported in
+    /// [`Committed::retention`].
+    pub async fn commit_step(&self, c: StepCommit) -> Result<Committed> {
+        let parent = self.list().await?.into_iter().filter(|&s| s < c.step).max();
+        let bytes = c.shards.iter().map(|m| m.bytes).sum();
+        let raw_bytes = c.shards.iter().map(|m| m.raw_bytes).sum();
+        let info = CommitInfo {
+            job: c.job,
+            step: c.step,
+            config_hash: c.config_hash,
+            parent,
+            trainer_state: c.trainer_state,
+        };
+        let manifest = assemble_manifest(info, c.shards)?;
+        self.commit(&manifest).await?;
+        let retention = self.gc(&c.retention, &c.protected, false).await;
+        match &retention {
+            Ok(r) if !r.deleted.is_empty() || !r.debris.is_empty() => {
+                tracing::debug!(deleted = ?r.deleted, debris = ?r.debris, "retention applied");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(step = c.step, url = %self.url, error = %e,
+                    "retention failed after the commit; old checkpoints stay until the next one");
+            }
+        }
+        Ok(Committed {
+            step: c.step,
+            bytes,
+            raw_bytes,
+            parent,
+            retention: retention.map_err(|e| e.to_string()),
+        })
+    }
+
     /// Deletes `step`: the manifest first (so the checkpoint stops existing atomically), then
     /// the rest of the directory. Deleting a missing step succeeds.
     pub async fn delete(&self, step: u64) -> Result<()> {
         let manifest = self.manifest_path(step);
         self.delete_object(&manifest).await?;
-        let dir = self.step_dir(step);
+        for f in self.list_dir(&self.step_dir(step)).await? {
+            self.delete_object(&f).await?;
+        }
+        Ok(())
+    }
+
+    /// Every object under `dir`.
+    pub(crate) async fn list_dir(&self, dir: &Path) -> Result<Vec<Path>> {
         let files: Vec<_> = self
             .opts
             .retry
             .run("list step", Error::is_transient, || async {
                 self.inner
-                    .list(Some(&dir))
+                    .list(Some(dir))
                     .try_collect::<Vec<_>>()
                     .await
-                    .map_err(|e| Error::store("list step", self.display(&dir), e))
+                    .map_err(|e| Error::store("list step", self.display(dir), e))
             })
             .await?;
-        for f in files {
-            self.delete_object(&f.location).await?;
-        }
-        Ok(())
+        Ok(files.into_iter().map(|f| f.location).collect())
+    }
+
+    /// Moves one object (a rename on `file://`, copy and delete on S3).
+    pub(crate) async fn rename_object(&self, from: &Path, to: &Path) -> Result<()> {
+        self.opts
+            .retry
+            .run("move", Error::is_transient, || async {
+                self.inner
+                    .rename(from, to)
+                    .await
+                    .map_err(|e| Error::store("move", self.display(from), e))
+            })
+            .await
     }
 
     /// Applies `policy` (see [`RetentionPolicy::decide`]); never deletes the newest committed

@@ -14,8 +14,9 @@ use lockstep_api::proto::{self, coordinator_client::CoordinatorClient};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
+use crate::checkpoint::{ShardCommitter, ShardReport};
 use crate::error::{Error, Result};
-use crate::train::{Event, ShardCommitter, ShardReport, Summary};
+use crate::train::{Event, Summary};
 
 use proto::Client;
 
@@ -57,8 +58,28 @@ impl std::fmt::Debug for Control {
     }
 }
 
-fn rpc(what: &str, s: tonic::Status) -> Error {
-    Error::Invalid(format!("coordinator: {what}: {}", s.message()))
+/// A failed call in the trainer's terms: this attempt is over, the coordinator is gone, or it
+/// refused the call.
+fn rpc(url: &str, what: &str, s: tonic::Status) -> Error {
+    let what = what.to_string();
+    match s.code() {
+        tonic::Code::FailedPrecondition => Error::AttemptOver {
+            what,
+            message: s.message().to_string(),
+        },
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            Error::CoordinatorGone {
+                what,
+                url: url.to_string(),
+                reason: s.message().to_string(),
+            }
+        }
+        code => Error::Refused {
+            what,
+            code,
+            message: s.message().to_string(),
+        },
+    }
 }
 
 impl Control {
@@ -75,9 +96,13 @@ impl Control {
         let channel = Channel::from_shared(id.url.clone())
             .map_err(|e| Error::Invalid(format!("--coordinator {}: {e}", id.url)))?
             .connect_timeout(Duration::from_secs(10));
-        let channel = rt.block_on(channel.connect()).map_err(|e| {
-            Error::Invalid(format!("cannot reach the coordinator at {}: {e}", id.url))
-        })?;
+        let channel = rt
+            .block_on(channel.connect())
+            .map_err(|e| Error::CoordinatorGone {
+                what: "connect".into(),
+                url: id.url.clone(),
+                reason: e.to_string(),
+            })?;
         let client = CoordinatorClient::with_interceptor(channel, auth);
         let (acked_tx, acked) = watch::channel(false);
         Ok(Control {
@@ -105,7 +130,13 @@ impl Control {
         let resp = self
             .rt
             .block_on(client.join(req))
-            .map_err(|s| rpc("join the gang", s))?
+            .map_err(|s| {
+                let what = format!(
+                    "join job {} attempt {} as worker {}",
+                    self.id.job, self.id.attempt, self.id.worker
+                );
+                rpc(&self.id.url, &what, s)
+            })?
             .into_inner();
         self.rank = resp.rank;
         Ok(resp)
@@ -127,20 +158,20 @@ impl Control {
         let mut client = self.client.clone();
         let acked = self.acked_tx.clone();
         let finishing = self.finishing.clone();
+        let url = self.id.url.clone();
         self.rt.spawn(async move {
             let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-            let lost = |why: String| {
+            // Nobody could commit this worker's checkpoints or restart its gang: exit. Either
+            // way the coordinator (or its restart) starts a new attempt from the last commit.
+            let lost = |e: Error| {
                 if !finishing.load(Ordering::SeqCst) {
-                    eprintln!(
-                        "error: lost the coordinator ({why}); exiting — the coordinator restarts \
-                         the gang from the last committed checkpoint"
-                    );
+                    eprintln!("error: {e}; exiting");
                     std::process::exit(1);
                 }
             };
             let mut inbound = match client.heartbeat(outbound).await {
                 Ok(r) => r.into_inner(),
-                Err(s) => return lost(s.message().to_string()),
+                Err(s) => return lost(rpc(&url, "heartbeat", s)),
             };
             loop {
                 match inbound.message().await {
@@ -154,8 +185,14 @@ impl Control {
                         }
                         None => {}
                     },
-                    Ok(None) => return lost("the heartbeat stream ended".into()),
-                    Err(s) => return lost(s.message().to_string()),
+                    Ok(None) => {
+                        return lost(Error::CoordinatorGone {
+                            what: "heartbeat".into(),
+                            url: url.clone(),
+                            reason: "the stream ended".into(),
+                        });
+                    }
+                    Err(s) => return lost(rpc(&url, "heartbeat", s)),
                 }
             }
         });
@@ -250,7 +287,13 @@ impl ShardCommitter for Control {
         let resp = self
             .rt
             .block_on(client.commit_shard(req))
-            .map_err(|s| rpc(&format!("commit checkpoint {}", r.state.step), s))?
+            .map_err(|s| {
+                rpc(
+                    &self.id.url,
+                    &format!("commit checkpoint {}", r.state.step),
+                    s,
+                )
+            })?
             .into_inner();
         Ok((resp.bytes, resp.raw_bytes))
     }

@@ -6,6 +6,14 @@ pub enum Error {
     /// The job config is unusable.
     #[error("config: {0}")]
     Config(#[from] lockstep_api::ConfigError),
+    /// The job config file is unusable.
+    #[error("config {file}: {source}")]
+    ConfigFile {
+        /// The file.
+        file: String,
+        /// What is wrong, naming the field.
+        source: lockstep_api::ConfigError,
+    },
     /// A model file (config.json, safetensors) is unusable.
     #[error("{file}: {reason}")]
     Model {
@@ -54,6 +62,37 @@ pub enum Error {
     /// The collective (gradient all-reduce) failed.
     #[error("collective: {0}")]
     Collective(#[from] crate::collective::CollectiveError),
+    /// This worker's attempt is over: the coordinator has moved on (a newer attempt, a job that
+    /// ended). Nothing is lost by exiting; the coordinator refused the call with
+    /// `FailedPrecondition`.
+    #[error("{what}: {message}")]
+    AttemptOver {
+        /// The call.
+        what: String,
+        /// The coordinator's words (they name the current attempt).
+        message: String,
+    },
+    /// The coordinator cannot be reached or stopped answering; its restart starts a new
+    /// attempt from the last committed checkpoint.
+    #[error("{what}: lost the coordinator at {url}: {reason}")]
+    CoordinatorGone {
+        /// The call.
+        what: String,
+        /// The coordinator's URL.
+        url: String,
+        /// What the transport said.
+        reason: String,
+    },
+    /// The coordinator refused a call for another reason (a bad token, a bad request).
+    #[error("{what}: the coordinator refused ({code:?}): {message}")]
+    Refused {
+        /// The call.
+        what: String,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The coordinator's words.
+        message: String,
+    },
     /// Anything else that is not valid.
     #[error("{0}")]
     Invalid(String),

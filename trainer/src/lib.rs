@@ -1,8 +1,12 @@
 //! lockstep-trainer: one rank of a lockstep job — a Llama fine-tuner in Burn.
 //!
 //! # Layout
-//! - [`train`]: the training loop of one rank.
-//! - [`checkpoint`]: snapshots, the checkpoint writer thread, restore.
+//! - [`worker`]: `lockstep train` — one rank: signals, finding the gang, the device, the run.
+//! - [`train`]: the training loop of one rank; [`plan`]: what a run derives from its config,
+//!   once; [`inputs`]: base model, tokenizer and data; [`resume`]: where the gang starts.
+//! - [`checkpoint`]: snapshots, restore, the shard writer thread, and committing (through the
+//!   coordinator, or rank 0 through storage's one `commit_step`).
+//! - [`progress`]: the progress bar or log lines, and the summary line.
 //! - [`model`]: the Llama decoder, its HF `config.json` and safetensors import/export.
 //! - [`optim`]: AdamW, gradient clipping, the learning-rate schedule.
 //! - [`step`]: one optimizer step (forward, backward, all-reduce, clip, AdamW).
@@ -17,12 +21,17 @@ pub mod collective;
 pub mod control;
 pub mod data;
 pub mod error;
+pub mod inputs;
 pub mod model;
 pub mod optim;
+pub mod plan;
+pub mod progress;
+pub mod resume;
 pub mod rng;
 pub mod step;
 pub mod tokenizer;
 pub mod train;
+pub mod worker;
 
 #[cfg(feature = "cuda")]
 pub use collective::Nccl;

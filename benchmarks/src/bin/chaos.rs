@@ -3,13 +3,13 @@
 //! the first step past the one reached before the kill, reported by the new gang).
 //!
 //! ```text
-//! cargo build --release -p lockstep-trainer -p lockstep-coordinator
+//! cargo build --release
 //! cargo run --release -p lockstep-benchmarks --bin chaos -- [CONFIG] [KILLS] [SEED]
 //! ```
 //!
 //! CONFIG defaults to configs/quickstart.toml, KILLS to 5, SEED to 1. Both runs write their
 //! checkpoints under a temporary directory (`--set checkpoint.url=...`). Uses
-//! target/release/lockstep (and the trainer next to it). Prints each kill and, last, one JSON
+//! target/release/lockstep (its workers are the same binary). Prints each kill and, last, one JSON
 //! object.
 
 use std::io::{BufRead, BufReader};
@@ -112,7 +112,7 @@ fn main() -> Result<()> {
     let seed: u64 = args.get(2).map_or(Ok(1), |s| s.parse()).context("SEED")?;
     let lockstep = PathBuf::from("target/release/lockstep");
     if !lockstep.is_file() {
-        bail!("build first: cargo build --release -p lockstep-trainer -p lockstep-coordinator");
+        bail!("build first: cargo build --release");
     }
     let text = std::fs::read_to_string(&config).with_context(|| config.display().to_string())?;
     let parsed = lockstep_api::JobConfig::parse(&text, &[])?;

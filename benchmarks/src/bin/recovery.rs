@@ -3,7 +3,7 @@
 //! `--max-restarts` + gloo DDP) on the same model size, side by side in one run.
 //!
 //! ```text
-//! cargo build --release -p lockstep-trainer -p lockstep-coordinator
+//! cargo build --release
 //! LOCKSTEP_BENCH_PYTHON=/path/to/venv/bin/python \
 //! cargo run --release -p lockstep-benchmarks --bin recovery [-- ROUNDS]
 //! ```
@@ -36,7 +36,7 @@ fn trainer_pid(job: &str, worker: u32) -> Option<i32> {
 fn lockstep_once(dir: &std::path::Path) -> Result<(f64, u64)> {
     let lockstep = PathBuf::from("target/release/lockstep");
     if !lockstep.is_file() {
-        bail!("build first: cargo build --release -p lockstep-trainer -p lockstep-coordinator");
+        bail!("build first: cargo build --release");
     }
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;

@@ -11,44 +11,15 @@
 //! authentication, attempt checks, the barrier and the fan-out of the peer list. Prints a line
 //! and, last, one JSON object.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lockstep_api::proto::{self, coordinator_client::CoordinatorClient};
-use lockstep_coordinator::launcher::{Exit, LaunchError, Launcher, WorkerHandle, WorkerSpec};
+use lockstep_api::testing::TestJob;
+use lockstep_coordinator::testing::Simulated;
 use lockstep_coordinator::{Coordinator, Settings};
 use serde_json::json;
-use tokio::sync::mpsc;
-
-/// Records specs; starts nothing.
-#[derive(Default)]
-struct Simulated {
-    specs: Mutex<Vec<WorkerSpec>>,
-}
-
-struct Nothing;
-
-impl WorkerHandle for Nothing {
-    fn kill(&self) {}
-    fn pid(&self) -> Option<u32> {
-        None
-    }
-}
-
-impl Launcher for Simulated {
-    fn launch(
-        &self,
-        spec: &WorkerSpec,
-        _exited: mpsc::UnboundedSender<Exit>,
-    ) -> Result<Box<dyn WorkerHandle>, LaunchError> {
-        self.specs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(spec.clone());
-        Ok(Box::new(Nothing))
-    }
-}
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -58,14 +29,15 @@ async fn main() -> Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("lockstep-rendezvous-{}", std::process::id()));
     let launcher = Arc::new(Simulated::default());
-    let coordinator = Coordinator::new(
+    let coordinator = Coordinator::open(
         Settings {
             data_dir: dir.clone(),
             admin_token: "bench".into(),
             persist: false,
         },
         launcher.clone(),
-    )?;
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = coordinator.clone();
@@ -75,24 +47,19 @@ async fn main() -> Result<()> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
     });
-    coordinator.start(format!("http://{addr}"));
-    let config = format!(
-        "[job]\nname = \"rendezvous\"\nworld_size = {workers}\ngang_timeout = \"60s\"\n\
-         [model]\n[data]\ntrain = [\"file:///nonexistent.jsonl\"]\n[train]\nsteps = 10\n\
-         [checkpoint]\nurl = \"file://{}/ckpt\"\n",
-        dir.display()
-    );
+    coordinator.start(format!("http://{addr}")).await?;
+    let config = TestJob::simulated("rendezvous", workers)
+        .set("job.gang_timeout", "\"60s\"")
+        .checkpoint_url(&format!("file://{}/ckpt", dir.display()))
+        .toml();
     let status = coordinator
         .submit(config, vec![], dir.clone())
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        .await?
+        .status();
     // Wait for the (simulated) launch.
     let deadline = Instant::now() + Duration::from_secs(30);
     let specs = loop {
-        let specs = launcher
-            .specs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let specs = launcher.specs();
         if specs.len() == workers as usize {
             break specs;
         }

@@ -3,78 +3,60 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
-use clap::Subcommand;
 use lockstep_storage::{CheckpointStore, RetentionPolicy};
 
-/// `lockstep ckpt` subcommands.
-#[derive(Debug, Subcommand)]
+use super::{CliError, Result};
+
+/// What `lockstep ckpt` was asked to do (the binary parses the arguments).
+#[derive(Debug, Clone)]
 pub enum CkptCommand {
-    /// List the checkpoints under URL: committed ones and uncommitted debris.
+    /// List the checkpoints under `url`, committed ones and uncommitted debris.
     Ls {
-        /// Checkpoint root, e.g. file://runs/quickstart/checkpoints or s3://bucket/job/checkpoints.
+        /// Checkpoint root.
         url: String,
-        /// Print JSON instead of a table.
-        #[arg(long)]
+        /// JSON instead of a table.
         json: bool,
     },
-    /// Show a checkpoint's manifest: shards, tensors, dtypes, sizes and compression ratios.
+    /// Show a checkpoint's manifest.
     Inspect {
-        /// URL[@STEP]; without @STEP (or with @latest) the newest committed checkpoint.
+        /// `URL[@STEP]`.
         target: String,
-        /// Print the manifest as JSON.
-        #[arg(long)]
+        /// The manifest as JSON.
         json: bool,
     },
-    /// Check every file size, footer, chunk hash and tensor hash of a checkpoint. Exits 0 only
-    /// when everything checks; 1 when something is corrupt (each problem names its file and
-    /// chunk); 2 when the checkpoint cannot be read at all.
+    /// Check every size, footer and hash of one checkpoint (or all with `all`).
     Verify {
-        /// URL[@STEP]; without @STEP (or with @latest) the newest committed checkpoint.
+        /// `URL[@STEP]`.
         target: String,
-        /// Verify every committed checkpoint instead of one.
-        #[arg(long)]
+        /// Every committed checkpoint.
         all: bool,
     },
-    /// Delete committed checkpoints outside the retention policy, and uncommitted debris older
-    /// than the newest commit. The newest committed checkpoint is never deleted.
+    /// Delete what the retention policy does not keep.
     Gc {
         /// Checkpoint root.
         url: String,
-        /// Keep this many of the newest checkpoints.
-        #[arg(long)]
-        keep_last: usize,
-        /// Also keep every step divisible by this.
-        #[arg(long)]
-        keep_every: Option<u64>,
-        /// Never delete this step (repeatable), e.g. one a running job resumed from.
-        #[arg(long = "protect", value_name = "STEP")]
+        /// What to keep.
+        policy: RetentionPolicy,
+        /// Steps never deleted.
         protect: Vec<u64>,
-        /// Show what would be deleted without deleting.
-        #[arg(long)]
+        /// Only report.
         dry_run: bool,
     },
 }
 
-/// Runs one subcommand, writing its report to `out`.
+/// Runs one subcommand, writing its report to `out`. Exit status 0 when all is well, 1 when
+/// `verify` found corruption; an `Err` (the checkpoint cannot be read at all) is exit status 2.
 pub async fn run(cmd: CkptCommand, out: &mut impl Write) -> Result<ExitCode> {
     match cmd {
         CkptCommand::Ls { url, json } => ls(&url, json, out).await,
         CkptCommand::Inspect { target, json } => inspect(&target, json, out).await,
-        CkptCommand::Verify { target, all, .. } => verify(&target, all, out).await,
+        CkptCommand::Verify { target, all } => verify(&target, all, out).await,
         CkptCommand::Gc {
             url,
-            keep_last,
-            keep_every,
+            policy,
             protect,
             dry_run,
-        } => {
-            let policy = RetentionPolicy {
-                keep_last,
-                keep_every,
-            };
-            gc(&url, &policy, &protect, dry_run, out).await
-        }
+        } => gc(&url, &policy, &protect, dry_run, out).await,
     }
 }
 
@@ -85,7 +67,7 @@ fn split_target(target: &str) -> Result<(&str, Option<u64>)> {
         Some((url, step)) if !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()) => {
             let step = step
                 .parse()
-                .with_context(|| format!("step `{step}` is out of range"))?;
+                .map_err(|_| CliError::Usage(format!("step `{step}` is out of range")))?;
             Ok((url, Some(step)))
         }
         _ => Ok((target, None)),
@@ -99,7 +81,11 @@ async fn resolve(target: &str) -> Result<(CheckpointStore, u64)> {
         Some(s) => s,
         None => match store.latest().await? {
             Some(s) => s,
-            None => bail!("no committed checkpoint under `{url}`"),
+            None => {
+                return Err(CliError::Usage(format!(
+                    "no committed checkpoint under `{url}`"
+                )));
+            }
         },
     };
     Ok((store, step))
@@ -115,7 +101,9 @@ async fn ls(url: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
                 serde_json::json!({"step": s.step, "committed": s.committed, "files": s.files, "bytes": s.bytes})
             })
             .collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        let text = serde_json::to_string_pretty(&rows)
+            .map_err(|e| CliError::Usage(format!("render the listing: {e}")))?;
+        writeln!(out, "{text}")?;
         return Ok(ExitCode::SUCCESS);
     }
     if steps.is_empty() {
@@ -242,12 +230,16 @@ async fn verify(target: &str, all: bool, out: &mut impl Write) -> Result<ExitCod
     let (store, steps) = if all {
         let (url, step) = split_target(target)?;
         if step.is_some() {
-            bail!("--all verifies every checkpoint; drop the @STEP from `{target}`");
+            return Err(CliError::Usage(format!(
+                "--all verifies every checkpoint; drop the @STEP from `{target}`"
+            )));
         }
         let store = CheckpointStore::open(url)?;
         let steps = store.list().await?;
         if steps.is_empty() {
-            bail!("no committed checkpoint under `{url}`");
+            return Err(CliError::Usage(format!(
+                "no committed checkpoint under `{url}`"
+            )));
         }
         (store, steps)
     } else {

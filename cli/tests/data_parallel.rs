@@ -1,4 +1,4 @@
-//! Data-parallel training with real `lockstep-trainer` processes on loopback: replicas stay
+//! Data-parallel training with real `lockstep train` processes on loopback: replicas stay
 //! byte-identical, W ranks × batch b follow 1 rank × batch W·b, a killed rank is an error on
 //! the others within the collective timeout, and checkpoints resume at the same or another
 //! world size.
@@ -10,38 +10,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use lockstep_api::testing::TestJob;
+
 fn config(dir: &Path, steps: u64, world: usize, batch: usize) -> PathBuf {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/data/quickstart.jsonl");
-    let text = format!(
-        r#"
-[job]
-name = "dp-test"
-world_size = {world}
-collective_timeout = "5s"
-[model]
-hidden_size = 32
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-intermediate_size = 64
-[data]
-train = ["file://{}"]
-seq_len = 32
-[train]
-steps = {steps}
-batch_size = {batch}
-lr = 1e-3
-warmup_steps = 2
-[checkpoint]
-url = "file://{}/ckpt"
-every_steps = 4
-keep_last = 10
-"#,
-        data.canonicalize().unwrap().display(),
-        dir.display()
-    );
+    let job = TestJob::tiny("dp-test")
+        .world(world as u32)
+        .steps(steps)
+        .batch(batch as u32)
+        .set("job.collective_timeout", "\"5s\"")
+        .checkpoint_url(&format!("file://{}/ckpt", dir.display()));
     let path = dir.join(format!("job-w{world}.toml"));
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, job.toml()).unwrap();
     path
 }
 
@@ -56,8 +35,12 @@ fn free_peers(world: usize) -> Vec<String> {
 }
 
 fn spawn(cfg: &Path, rank: usize, peers: &[String], args: &[&str]) -> Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep-trainer"));
-    c.arg("--config").arg(cfg).arg("--no-progress").args(args);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    c.arg("train")
+        .arg("--config")
+        .arg(cfg)
+        .arg("--no-progress")
+        .args(args);
     if peers.len() > 1 {
         c.arg("--rank")
             .arg(rank.to_string())

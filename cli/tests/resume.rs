@@ -1,4 +1,4 @@
-//! Resume is bit-identical: the real `lockstep-trainer` binary, stopped (by `--stop-at` or a
+//! Resume is bit-identical: the real `lockstep train` command, stopped (by `--stop-at` or a
 //! real SIGTERM) and started again, ends with exactly the parameters and AdamW moments of an
 //! uninterrupted run; a corrupt newest checkpoint is never loaded; a checkpoint of another
 //! architecture is refused.
@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use lockstep_api::testing::TestJob;
 use lockstep_storage::CheckpointStore;
 
 const STEPS: u64 = 8;
@@ -17,43 +18,22 @@ fn config(dir: &Path) -> PathBuf {
 }
 
 fn config_with_steps(dir: &Path, steps: u64) -> PathBuf {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/data/quickstart.jsonl");
-    let text = format!(
-        r#"
-[job]
-name = "resume-test"
-[model]
-hidden_size = 32
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-intermediate_size = 64
-[data]
-train = ["file://{}"]
-seq_len = 32
-[train]
-steps = {steps}
-batch_size = 4
-grad_accum = 2
-lr = 1e-3
-warmup_steps = 2
-weight_decay = 0.01
-[checkpoint]
-url = "file://{}/ckpt"
-every_steps = 4
-keep_last = 10
-"#,
-        data.canonicalize().unwrap().display(),
-        dir.display()
-    );
-    let path = dir.join("job.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    TestJob::tiny("resume-test")
+        .steps(steps)
+        .batch(4)
+        .set("train.grad_accum", 2)
+        .set("train.weight_decay", 0.01)
+        .checkpoint_url(&format!("file://{}/ckpt", dir.display()))
+        .write_to(dir)
 }
 
 fn trainer(cfg: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep-trainer"));
-    c.arg("--config").arg(cfg).args(args).arg("--no-progress");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    c.arg("train")
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .arg("--no-progress");
     c
 }
 

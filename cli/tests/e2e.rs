@@ -1,5 +1,5 @@
-//! End to end: `lockstep run` / `serve` with real `lockstep-trainer` processes on loopback,
-//! ranks killed and stopped with real signals.
+//! End to end: `lockstep run` / `serve` starting real `lockstep train` workers (the same
+//! binary) on loopback, ranks killed and stopped with real signals.
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,63 +8,34 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lockstep_api::testing::TestJob;
 use serde_json::Value;
 
 const LOCKSTEP: &str = env!("CARGO_BIN_EXE_lockstep");
 
-fn trainer() -> PathBuf {
-    let p = Path::new(LOCKSTEP).with_file_name("lockstep-trainer");
-    assert!(
-        p.is_file(),
-        "{} is missing: run the workspace's tests (`cargo test --workspace`), which build it",
-        p.display()
-    );
-    p
-}
-
 fn lockstep(dir: &Path) -> Command {
     let mut c = Command::new(LOCKSTEP);
-    c.current_dir(dir).env("LOCKSTEP_TRAINER", trainer());
+    c.current_dir(dir);
     c
 }
 
-/// A small W=2 job. `job_extra` goes into `[job]`.
-fn config(dir: &Path, steps: u64, job_extra: &str) -> PathBuf {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/data/quickstart.jsonl");
-    let text = format!(
-        r#"
-[job]
-name = "e2e"
-world_size = 2
-gang_timeout = "30s"
-{job_extra}
-[model]
-hidden_size = 32
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-intermediate_size = 64
-[data]
-train = ["file://{}"]
-seq_len = 32
-[train]
-steps = {steps}
-batch_size = 2
-lr = 1e-3
-warmup_steps = 5
-[checkpoint]
-url = "file://ckpt"
-every_steps = 25
-keep_last = 2
-"#,
-        data.canonicalize().unwrap().display(),
-    );
-    let path = dir.join("job.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+/// A small W=2 job of `steps` steps in `dir/job.toml`, checkpointing every 25 steps.
+/// `job_extra` are `job.KEY=VALUE` overrides.
+fn config(dir: &Path, steps: u64, job_extra: &[(&str, &str)]) -> PathBuf {
+    let mut job = TestJob::tiny("e2e")
+        .world(2)
+        .steps(steps)
+        .set("job.gang_timeout", "\"30s\"")
+        .set("train.warmup_steps", 5)
+        .set("checkpoint.every_steps", 25)
+        .set("checkpoint.keep_last", 2);
+    for (k, v) in job_extra {
+        job = job.set(&format!("job.{k}"), v);
+    }
+    job.write_to(dir)
 }
 
-/// Pids of live `lockstep-trainer` processes of `job` (optionally only worker `worker`).
+/// Pids of live `lockstep train` processes of `job` (optionally only worker `worker`).
 fn trainers(job: &str, worker: Option<u32>) -> Vec<i32> {
     lockstep_coordinator::launcher::local_trainers(job, worker)
         .into_iter()
@@ -124,7 +95,7 @@ fn final_tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 fn straight(steps: u64) -> (tempfile::TempDir, Value) {
     let dir = tempfile::tempdir().unwrap();
-    config(dir.path(), steps, "");
+    config(dir.path(), steps, &[]);
     let (code, lines) = run(dir.path(), None);
     assert_eq!(code, 0, "{:?}", last(&lines));
     let end = last(&lines).clone();
@@ -137,7 +108,7 @@ fn straight(steps: u64) -> (tempfile::TempDir, Value) {
 fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
     let (clean_dir, clean) = straight(300);
     let dir = tempfile::tempdir().unwrap();
-    config(dir.path(), 300, "");
+    config(dir.path(), 300, &[]);
     let (code, lines) = run(
         dir.path(),
         Some((1, nix::sys::signal::Signal::SIGKILL, 110)),
@@ -186,7 +157,10 @@ fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
     config(
         dir.path(),
         300,
-        "heartbeat_timeout = \"2s\"\ncollective_timeout = \"60s\"",
+        &[
+            ("heartbeat_timeout", "\"2s\""),
+            ("collective_timeout", "\"60s\""),
+        ],
     );
     let started = Instant::now();
     let (code, lines) = run(
@@ -214,7 +188,7 @@ fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
 #[test]
 fn past_max_restarts_the_job_fails_with_the_cause() {
     let dir = tempfile::tempdir().unwrap();
-    config(dir.path(), 300, "max_restarts = 0");
+    config(dir.path(), 300, &[("max_restarts", "0")]);
     let (code, lines) = run(dir.path(), Some((1, nix::sys::signal::Signal::SIGKILL, 60)));
     let end = last(&lines);
     assert_eq!(code, 1, "{end}");
@@ -332,7 +306,7 @@ fn free_port() -> u16 {
 fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    config(d, 3000, "");
+    config(d, 3000, &[]);
     let port = free_port();
     let server = Server::start(d, port);
 
@@ -363,7 +337,7 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
     // Persistence: kill -9 the coordinator mid-run; its workers go (they lose it), a new one
     // finds the job in its store and restarts it from the last committed checkpoint.
     std::fs::remove_dir_all(d.join("ckpt")).ok();
-    config(d, 600, "heartbeat_timeout = \"3s\"");
+    config(d, 600, &[("heartbeat_timeout", "\"3s\"")]);
     let (code, out) = server.cli(d, &["submit", "job.toml"]);
     assert_eq!(code, 0, "{out}");
     let job = out.lines().next().unwrap().trim().to_string();
@@ -402,7 +376,7 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
 
     let (clean_dir, clean) = {
         let dir = tempfile::tempdir().unwrap();
-        config(dir.path(), 600, "");
+        config(dir.path(), 600, &[]);
         let (code, lines) = run(dir.path(), None);
         assert_eq!(code, 0);
         let end = last(&lines).clone();

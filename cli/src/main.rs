@@ -1,0 +1,435 @@
+//! `lockstep`: the one binary. It parses arguments and dispatches: `train` to the trainer
+//! library (Burn), everything else to the coordinator library (no Burn). Nothing else lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use lockstep_api::Resume;
+use lockstep_coordinator::cli::{self, ckpt::CkptCommand, jobs};
+use lockstep_storage::RetentionPolicy;
+use lockstep_trainer::worker::{self, CollectiveKind, Device, Gang};
+
+/// mimalloc keeps freed memory for reuse instead of returning it to the kernel: checkpoint IO
+/// allocates and frees tens of MiB per chunk batch and the training step many large tensors;
+/// with glibc each paid fresh page faults. Loading 1.17 GB went from 0.66 s to 0.38 s
+/// (benchmarks/README.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// lockstep — distributed training and checkpoint runtime.
+///
+/// Start with `lockstep run configs/quickstart.toml`: it fine-tunes a small Llama model on this
+/// machine with two data-parallel ranks, checkpoints, and restarts the gang if a rank dies.
+///
+/// Checkpoint URLs are `file://PATH` (relative paths resolve against the working directory;
+/// NFS is a path), `s3://BUCKET/PREFIX` (credentials, region and endpoint from the usual
+/// AWS_* environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT,
+/// AWS_ALLOW_HTTP) or `memory://`. Logs go to stderr; LOCKSTEP_LOG filters them
+/// (e.g. `LOCKSTEP_LOG=info`, default `warn`).
+#[derive(Debug, Parser)]
+#[command(name = "lockstep", version, about, long_about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a job on this machine: a coordinator in this process starts job.world_size ranks
+    /// (this executable as `lockstep train`), restarts the whole gang from the newest committed
+    /// checkpoint when a rank dies or hangs, and shows progress until the job ends. Exit
+    /// status 0 when it succeeds, 1 when it fails, 130 when interrupted (the gang is torn down;
+    /// running it again resumes from the newest checkpoint).
+    Run(RunArgs),
+    /// Run the coordinator service: jobs are submitted to it (`lockstep submit`) and kept in
+    /// DATA_DIR/jobs.redb, so a restarted coordinator resumes every live job.
+    Serve(ServeArgs),
+    /// Submit a job to a running coordinator; prints its id.
+    Submit {
+        /// The job config (TOML).
+        config: PathBuf,
+        /// Override a config field: `--set train.steps=20` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// Watch it until it ends.
+        #[arg(long)]
+        watch: bool,
+        /// JSON lines instead of a progress bar (with --watch).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one job, or every job.
+    Status {
+        /// The job id (default: all jobs).
+        job: Option<String>,
+        /// One JSON object per job.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Follow a job until it ends (progress bar, then a summary); exit status as `run`.
+    Watch {
+        /// The job id.
+        job: String,
+        /// JSON lines instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a job: its workers are killed and it ends Cancelled.
+    Cancel {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Inspect, verify and garbage-collect checkpoints.
+    #[command(subcommand)]
+    Ckpt(Ckpt),
+    /// Train as one rank (what `run`, `serve` and Kubernetes pods start; also for debugging).
+    ///
+    /// Alone it trains the job in CONFIG at world size 1; with --rank and --peers it is one
+    /// rank of a static data-parallel gang whose gradients are summed over a TCP ring (rank 0
+    /// commits checkpoints); with --coordinator it is a worker of a coordinator, which assigns
+    /// its rank and starting checkpoint and commits. It loads the base model (or initialises
+    /// one), reads and packs the data, starts from the newest committed checkpoint that
+    /// verifies (checkpoint.resume; a corrupt one is set aside, never deleted), and checkpoints
+    /// every checkpoint.every_steps steps and at the end. SIGINT or SIGTERM checkpoints the
+    /// current step and exits (status 130 / 143); a second signal exits at once. Running the
+    /// same command again continues from the newest checkpoint, bit-identically.
+    ///
+    /// Exit status: 0 done; 1 error (the message names the field, file or checkpoint at
+    /// fault); 2 bad command line; 130 / 143 stopped by SIGINT / SIGTERM after checkpointing.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The job config (TOML).
+    config: PathBuf,
+    /// Override a config field: `--set train.steps=20` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// One JSON status object per line on stdout instead of a progress bar.
+    #[arg(long)]
+    json: bool,
+    /// Where worker logs and configs go (`DIR/jobs/JOB/attempt-N/rank-R.log`).
+    #[arg(long, default_value = ".lockstep")]
+    data_dir: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the job runs.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// gRPC address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Job store (`jobs.redb`), admin token (`admin.token`) and worker logs.
+    #[arg(long, env = "LOCKSTEP_DATA_DIR", default_value_os_t = jobs::default_data_dir())]
+    data_dir: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// How a client reaches a coordinator.
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "LOCKSTEP_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    /// The admin token (default: read from DATA_DIR/admin.token, which `serve` writes).
+    #[arg(long, env = "LOCKSTEP_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The coordinator's data dir, for its admin token.
+    #[arg(long, env = "LOCKSTEP_DATA_DIR", default_value_os_t = jobs::default_data_dir())]
+    data_dir: PathBuf,
+}
+
+/// `lockstep ckpt` subcommands.
+#[derive(Debug, Subcommand)]
+enum Ckpt {
+    /// List the checkpoints under URL: committed ones and uncommitted debris.
+    Ls {
+        /// Checkpoint root, e.g. file://runs/quickstart/checkpoints or s3://bucket/job/checkpoints.
+        url: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a checkpoint's manifest: shards, tensors, dtypes, sizes and compression ratios.
+    Inspect {
+        /// URL[@STEP]; without @STEP (or with @latest) the newest committed checkpoint.
+        target: String,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every file size, footer, chunk hash and tensor hash of a checkpoint. Exits 0 only
+    /// when everything checks; 1 when something is corrupt (each problem names its file and
+    /// chunk); 2 when the checkpoint cannot be read at all.
+    Verify {
+        /// URL[@STEP]; without @STEP (or with @latest) the newest committed checkpoint.
+        target: String,
+        /// Verify every committed checkpoint instead of one.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete committed checkpoints outside the retention policy, and uncommitted debris older
+    /// than the newest commit. The newest committed checkpoint is never deleted.
+    Gc {
+        /// Checkpoint root.
+        url: String,
+        /// Keep this many of the newest checkpoints.
+        #[arg(long)]
+        keep_last: usize,
+        /// Also keep every step divisible by this.
+        #[arg(long)]
+        keep_every: Option<u64>,
+        /// Never delete this step (repeatable), e.g. one a running job resumed from.
+        #[arg(long = "protect", value_name = "STEP")]
+        protect: Vec<u64>,
+        /// Show what would be deleted without deleting.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// The job config (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Override a config field: `--set train.steps=20` (repeatable; values in TOML syntax or
+    /// bare strings).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Where to start: `latest`, `none` or a step number (default: checkpoint.resume).
+    #[arg(long, value_parser = parse_resume)]
+    resume: Option<Resume>,
+    /// Stop after this step, checkpointing it; the LR schedule still spans train.steps.
+    #[arg(long, value_name = "STEP")]
+    stop_at: Option<u64>,
+    /// This process's rank in a static data-parallel gang (with --peers).
+    #[arg(long, env = "LOCKSTEP_RANK", requires = "peers")]
+    rank: Option<usize>,
+    /// Every rank's `host:port` for the gradient ring, in rank order, comma-separated; this
+    /// rank listens on its own entry. Their number must equal job.world_size. Without it (and
+    /// without --coordinator) the trainer runs alone (world size 1).
+    #[arg(long, env = "LOCKSTEP_PEERS", value_delimiter = ',', requires = "rank")]
+    peers: Vec<String>,
+    /// Run as a worker of a coordinator at this gRPC URL (set by `lockstep run`/`serve`; the
+    /// job token comes in LOCKSTEP_TOKEN). The worker joins the gang, gets its rank and peers,
+    /// starts from the checkpoint the coordinator names, and reports its checkpoint shards to
+    /// it for commit.
+    #[arg(long, value_name = "URL", requires_all = ["job", "attempt", "worker"], conflicts_with_all = ["rank", "resume"])]
+    coordinator: Option<String>,
+    /// The job id (with --coordinator).
+    #[arg(long, requires = "coordinator")]
+    job: Option<String>,
+    /// The attempt (with --coordinator).
+    #[arg(long, requires = "coordinator")]
+    attempt: Option<u32>,
+    /// This worker's index in the attempt (with --coordinator).
+    #[arg(long, requires = "coordinator")]
+    worker: Option<u32>,
+    /// Compute device: `cpu` (Burn's flex backend, all cores) or `cuda` (--cuda-device; needs
+    /// a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// How gradients are summed across ranks: `auto` is NCCL with --device cuda in a gang and
+    /// the TCP ring otherwise; `ring` forces the ring; `nccl` forces NCCL (also alone, as a
+    /// smoke test of the GPU path).
+    #[arg(long, default_value = "auto")]
+    collective: CollectiveKind,
+    /// CUDA device ordinal of this rank (with --device cuda).
+    #[arg(long, env = "LOCKSTEP_CUDA_DEVICE", default_value_t = 0)]
+    cuda_device: usize,
+    /// Progress as log lines instead of a bar (the default when stderr is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn parse_resume(s: &str) -> Result<Resume, String> {
+    Resume::parse(s).ok_or_else(|| format!("`{s}` is not `latest`, `none` or a step number"))
+}
+
+impl ClientArgs {
+    fn into_lib(self) -> jobs::ClientArgs {
+        jobs::ClientArgs {
+            coordinator: self.coordinator,
+            token: self.token,
+            data_dir: self.data_dir,
+        }
+    }
+}
+
+impl TrainArgs {
+    fn into_options(self) -> worker::Options {
+        let gang = match (self.coordinator, self.rank) {
+            (Some(url), _) => Gang::Coordinated {
+                url,
+                // clap's `requires_all` guarantees these with --coordinator.
+                job: self.job.unwrap_or_default(),
+                attempt: self.attempt.unwrap_or_default(),
+                worker: self.worker.unwrap_or_default(),
+            },
+            (None, Some(rank)) => Gang::Static {
+                rank,
+                peers: self.peers,
+            },
+            (None, None) => Gang::Alone,
+        };
+        worker::Options {
+            config: self.config,
+            set: self.set,
+            resume: self.resume,
+            stop_at: self.stop_at,
+            gang,
+            device: self.device,
+            collective: self.collective,
+            cuda_device: self.cuda_device,
+            progress_bar: !self.no_progress,
+        }
+    }
+}
+
+impl Ckpt {
+    fn into_lib(self) -> CkptCommand {
+        match self {
+            Ckpt::Ls { url, json } => CkptCommand::Ls { url, json },
+            Ckpt::Inspect { target, json } => CkptCommand::Inspect { target, json },
+            Ckpt::Verify { target, all } => CkptCommand::Verify { target, all },
+            Ckpt::Gc {
+                url,
+                keep_last,
+                keep_every,
+                protect,
+                dry_run,
+            } => CkptCommand::Gc {
+                url,
+                policy: RetentionPolicy {
+                    keep_last,
+                    keep_every,
+                },
+                protect,
+                dry_run,
+            },
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    // `ckpt` documents 2 for "cannot read"; the job commands use 1 for every failure.
+    match cli.command {
+        // Training runs on its own threads; it needs no async runtime of ours.
+        Command::Train(args) => match worker::run(&args.into_options()) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ckpt(cmd) => block_on(2, async move {
+            cli::ckpt::run(cmd.into_lib(), &mut std::io::stdout().lock()).await
+        }),
+        Command::Run(a) => block_on(
+            1,
+            jobs::run(jobs::RunArgs {
+                config: a.config,
+                set: a.set,
+                json: a.json,
+                data_dir: a.data_dir,
+                metrics_addr: a.metrics_addr,
+            }),
+        ),
+        Command::Serve(a) => block_on(
+            1,
+            jobs::serve(jobs::ServeArgs {
+                listen: a.listen,
+                data_dir: a.data_dir,
+                metrics_addr: a.metrics_addr,
+            }),
+        ),
+        Command::Submit {
+            config,
+            set,
+            watch,
+            json,
+            client,
+        } => block_on(1, async move {
+            jobs::submit(&config, set, watch, json, &client.into_lib()).await
+        }),
+        Command::Status { job, json, client } => block_on(1, async move {
+            jobs::status(job, json, &client.into_lib()).await
+        }),
+        Command::Watch { job, json, client } => block_on(1, async move {
+            jobs::watch_job(&job, json, &client.into_lib()).await
+        }),
+        Command::Cancel { job, client } => {
+            block_on(
+                1,
+                async move { jobs::cancel(&job, &client.into_lib()).await },
+            )
+        }
+    }
+}
+
+/// Runs a command on a multi-threaded runtime; an error is printed and exits `error_code`.
+fn block_on(error_code: u8, command: impl Future<Output = cli::Result>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(error_code);
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(error_code)
+        }
+    }
+}
+
+/// The one tracing initialisation: stderr, LOCKSTEP_LOG (default `warn`).
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

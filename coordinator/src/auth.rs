@@ -1,0 +1,80 @@
+//! Tokens: the admin token of user calls, one token per job for its workers' calls. Every call
+//! carries `authorization: Bearer TOKEN`; tokens are compared in constant time.
+
+use lockstep_api::proto;
+
+use crate::error::{Error, Result};
+
+/// 128 random bits, hex.
+pub fn new_token() -> String {
+    let mut b = [0u8; 16];
+    // getrandom fails only without an OS entropy source; fall back to time and pid mixing.
+    if getrandom::fill(&mut b).is_err() {
+        let seed = xxhash_rust::xxh3::xxh3_128(
+            format!(
+                "{}-{}-{:?}",
+                crate::record::now_ms(),
+                std::process::id(),
+                std::time::Instant::now()
+            )
+            .as_bytes(),
+        );
+        b = seed.to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Checks that `metadata` carries `want` as its bearer token; `whose` names the token in the
+/// error ("the coordinator's admin", "job `x`'s").
+pub fn check(metadata: &tonic::metadata::MetadataMap, want: &str, whose: &str) -> Result<()> {
+    let got = metadata
+        .get(proto::AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match got {
+        None => Err(Error::Unauthenticated {
+            whose: whose.to_string(),
+        }),
+        Some(t) if constant_eq(t.as_bytes(), want.as_bytes()) => Ok(()),
+        Some(_) => Err(Error::PermissionDenied {
+            whose: whose.to_string(),
+        }),
+    }
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(value: Option<&str>) -> tonic::metadata::MetadataMap {
+        let mut m = tonic::metadata::MetadataMap::new();
+        if let Some(v) = value {
+            m.insert(proto::AUTH_HEADER, v.parse().expect("ascii"));
+        }
+        m
+    }
+
+    #[test]
+    fn only_the_right_bearer_token_passes() {
+        let t = new_token();
+        assert_eq!(t.len(), 32);
+        assert_ne!(t, new_token());
+        assert!(check(&md(Some(&format!("Bearer {t}"))), &t, "x").is_ok());
+        assert!(matches!(
+            check(&md(None), &t, "x"),
+            Err(Error::Unauthenticated { .. })
+        ));
+        assert!(matches!(
+            check(&md(Some(&t)), &t, "x"),
+            Err(Error::Unauthenticated { .. })
+        ));
+        assert!(matches!(
+            check(&md(Some(&format!("Bearer {t}x"))), &t, "x"),
+            Err(Error::PermissionDenied { .. })
+        ));
+    }
+}

@@ -1,0 +1,368 @@
+//! `lockstep run | serve | submit | status | watch | cancel`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep_api::proto::{self, Client, coordinator_client::CoordinatorClient};
+use tonic::transport::Channel;
+
+use super::view::{View, is_final, status_json};
+use super::{CliError, Result};
+use crate::auth::new_token;
+use crate::launcher::LocalProcess;
+use crate::{Coordinator, Settings};
+
+/// `lockstep run`.
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    /// The job config (TOML).
+    pub config: PathBuf,
+    /// `section.key=value` overrides.
+    pub set: Vec<String>,
+    /// JSON status lines on stdout instead of a progress bar.
+    pub json: bool,
+    /// Worker logs and configs go under `DATA_DIR/jobs/JOB/`.
+    pub data_dir: PathBuf,
+    /// Serve Prometheus metrics here while the job runs.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `lockstep serve`.
+#[derive(Debug, Clone)]
+pub struct ServeArgs {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Job store, admin token and worker logs.
+    pub data_dir: PathBuf,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// How a client reaches a coordinator.
+#[derive(Debug, Clone)]
+pub struct ClientArgs {
+    /// The coordinator's URL.
+    pub coordinator: String,
+    /// The admin token (default: read from `DATA_DIR/admin.token`).
+    pub token: Option<String>,
+    /// The coordinator's data dir, for its admin token and worker logs.
+    pub data_dir: PathBuf,
+}
+
+/// `~/.lockstep`, or `.lockstep` without a home.
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(
+        || PathBuf::from(".lockstep"),
+        |h| PathBuf::from(h).join(".lockstep"),
+    )
+}
+
+/// Reads and validates a config file (blocking: called before any job starts).
+fn read_config(path: &Path, set: &[String]) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+        op: "read config",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    lockstep_api::JobConfig::parse(&text, set).map_err(|source| CliError::Config {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text)
+}
+
+fn current_dir() -> Result<PathBuf> {
+    std::env::current_dir().map_err(|source| CliError::Io {
+        op: "find",
+        path: PathBuf::from("the working directory"),
+        source,
+    })
+}
+
+async fn serve_grpc(
+    coordinator: Coordinator,
+    listener: tokio::net::TcpListener,
+) -> std::result::Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(proto::coordinator_server::CoordinatorServer::new(
+            coordinator,
+        ))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+}
+
+async fn bind(flag: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| CliError::Listen { flag, addr, source })
+}
+
+async fn start_metrics(addr: Option<SocketAddr>, c: &Coordinator) -> Result<()> {
+    if let Some(addr) = addr {
+        let l = bind("--metrics-addr", addr).await?;
+        let c = c.clone();
+        tokio::spawn(crate::metrics::serve(l, move || c.metrics_text()));
+        eprintln!("metrics at http://{addr}/metrics");
+    }
+    Ok(())
+}
+
+/// The address a listener got (the port of `:0`).
+fn local_addr(
+    flag: &'static str,
+    l: &tokio::net::TcpListener,
+    asked: SocketAddr,
+) -> Result<SocketAddr> {
+    l.local_addr().map_err(|source| CliError::Listen {
+        flag,
+        addr: asked,
+        source,
+    })
+}
+
+/// `lockstep run CONFIG`: a coordinator in this process, local workers (this executable as
+/// `lockstep train`), a progress bar. Exit status 0 succeeded, 1 failed, 130 interrupted.
+pub async fn run(args: RunArgs) -> Result {
+    // Validate before starting anything, naming the file.
+    let text = read_config(&args.config, &args.set)?;
+    let launcher = LocalProcess::current_exe().map_err(crate::Error::from)?;
+    let cwd = current_dir()?;
+    let data_dir = cwd.join(&args.data_dir);
+    let coordinator = Coordinator::open(
+        Settings {
+            data_dir: data_dir.clone(),
+            admin_token: new_token(),
+            persist: false,
+        },
+        Arc::new(launcher),
+    )
+    .await?;
+    let asked: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let listener = bind("the coordinator's gRPC address", asked).await?;
+    let addr = local_addr("the coordinator's gRPC address", &listener, asked)?;
+    tokio::spawn(serve_grpc(coordinator.clone(), listener));
+    coordinator.start(format!("http://{addr}")).await?;
+    start_metrics(args.metrics_addr, &coordinator).await?;
+    let record = coordinator.submit(text, args.set, cwd).await?;
+    let id = record.id.clone();
+    let mut changes = coordinator.subscribe(&id)?;
+    let mut view = View::new(args.json, &record.status());
+    let mut cancelled = false;
+    loop {
+        let s = coordinator.get(&id)?.status();
+        view.show(&s);
+        if is_final(&s.state) {
+            view.finish(&s, &data_dir.join("jobs").join(&id));
+            return Ok(exit_code(&s, cancelled));
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() {
+                return Err(CliError::Usage("the coordinator stopped".into()));
+            },
+            _ = tokio::signal::ctrl_c(), if !cancelled => {
+                cancelled = true;
+                view.note("interrupted: tearing the gang down");
+                coordinator.cancel(&id)?;
+            }
+        }
+    }
+}
+
+fn exit_code(s: &proto::JobStatus, interrupted: bool) -> ExitCode {
+    match s.state.as_str() {
+        "succeeded" => ExitCode::SUCCESS,
+        "cancelled" if interrupted => ExitCode::from(130),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// `lockstep serve`: the coordinator service with a persistent job store.
+pub async fn serve(args: ServeArgs) -> Result {
+    let dir = args.data_dir.clone();
+    let token = tokio::task::spawn_blocking(move || admin_token(&dir, true))
+        .await
+        .map_err(crate::Error::from)??;
+    let launcher = LocalProcess::current_exe().map_err(crate::Error::from)?;
+    let coordinator = Coordinator::open(
+        Settings {
+            data_dir: args.data_dir.clone(),
+            admin_token: token,
+            persist: true,
+        },
+        Arc::new(launcher),
+    )
+    .await?;
+    let listener = bind("--listen", args.listen).await?;
+    let addr = local_addr("--listen", &listener, args.listen)?;
+    coordinator.start(format!("http://{addr}")).await?;
+    start_metrics(args.metrics_addr, &coordinator).await?;
+    eprintln!(
+        "lockstep coordinator listening on http://{addr} (data dir {}, admin token in {})",
+        args.data_dir.display(),
+        args.data_dir.join("admin.token").display()
+    );
+    tokio::select! {
+        r = serve_grpc(coordinator.clone(), listener) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("stopping; running jobs resume when the coordinator restarts");
+        }
+    }
+    coordinator.flush().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads `DIR/admin.token`, creating it (mode 0600) when `create`. Blocking.
+fn admin_token(dir: &Path, create: bool) -> Result<String> {
+    let path = dir.join("admin.token");
+    let io = |op, source| CliError::Io {
+        op,
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) => return Ok(t.trim().to_string()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound || !create => {
+            return Err(io(
+                "read the admin token (pass --token or set LOCKSTEP_ADMIN_TOKEN)",
+                e,
+            ));
+        }
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
+        op: "create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let token = new_token();
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io("create", e))?;
+    writeln!(f, "{token}").map_err(|e| io("write", e))?;
+    Ok(token)
+}
+
+async fn client(args: &ClientArgs) -> Result<Client> {
+    let token = match &args.token {
+        Some(t) => t.clone(),
+        None => {
+            let dir = args.data_dir.clone();
+            tokio::task::spawn_blocking(move || admin_token(&dir, false))
+                .await
+                .map_err(crate::Error::from)??
+        }
+    };
+    let auth = proto::BearerToken::new(&token).ok_or_else(|| {
+        CliError::Usage("the admin token has characters a header cannot carry".into())
+    })?;
+    let connect = |reason: String| CliError::Connect {
+        url: args.coordinator.clone(),
+        reason,
+    };
+    let channel = Channel::from_shared(args.coordinator.clone())
+        .map_err(|e| connect(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| connect(e.to_string()))?;
+    Ok(CoordinatorClient::with_interceptor(channel, auth))
+}
+
+/// `lockstep submit CONFIG`: prints the job id; with `watch`, follows it.
+pub async fn submit(
+    config: &Path,
+    set: Vec<String>,
+    watch: bool,
+    json: bool,
+    args: &ClientArgs,
+) -> Result {
+    let text = read_config(config, &set)?;
+    let mut c = client(args).await?;
+    let cwd = current_dir()?;
+    let s = c
+        .submit(proto::SubmitRequest {
+            config_toml: text,
+            overrides: set,
+            workdir: cwd.display().to_string(),
+        })
+        .await?
+        .into_inner();
+    println!("{}", s.job_id);
+    if watch {
+        return watch_job(&s.job_id, json, args).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lockstep status [JOB]`.
+pub async fn status(job: Option<String>, json: bool, args: &ClientArgs) -> Result {
+    let mut c = client(args).await?;
+    let jobs = match job {
+        Some(id) => vec![c.get(proto::JobRef { job_id: id }).await?.into_inner()],
+        None => c.list(proto::ListRequest {}).await?.into_inner().jobs,
+    };
+    if json {
+        for j in &jobs {
+            println!("{}", status_json(j));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<28} {:<11} {:>7} {:>13} {:>9} {:>8} {:>10}  MESSAGE",
+        "JOB", "STATE", "ATTEMPT", "STEP", "LOSS", "RESTARTS", "CHECKPOINT"
+    );
+    for j in &jobs {
+        println!(
+            "{:<28} {:<11} {:>7} {:>13} {:>9} {:>8} {:>10}  {}",
+            j.job_id,
+            j.state,
+            j.attempt,
+            format!("{}/{}", j.step, j.total_steps),
+            j.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            j.restarts,
+            j.last_checkpoint.map_or("-".into(), |s| s.to_string()),
+            j.message
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lockstep watch JOB`: exit status as `run`.
+pub async fn watch_job(id: &str, json: bool, args: &ClientArgs) -> Result {
+    let mut c = client(args).await?;
+    let mut stream = c
+        .watch(proto::JobRef { job_id: id.into() })
+        .await?
+        .into_inner();
+    let mut view: Option<View> = None;
+    while let Some(s) = stream.message().await? {
+        let v = view.get_or_insert_with(|| View::new(json, &s));
+        v.show(&s);
+        if is_final(&s.state) {
+            v.finish(&s, &args.data_dir.join("jobs").join(id));
+            return Ok(exit_code(&s, false));
+        }
+    }
+    Err(CliError::Rpc(format!(
+        "the coordinator closed the watch before job {id} ended"
+    )))
+}
+
+/// `lockstep cancel JOB`.
+pub async fn cancel(id: &str, args: &ClientArgs) -> Result {
+    let mut c = client(args).await?;
+    let s = c
+        .cancel(proto::JobRef { job_id: id.into() })
+        .await?
+        .into_inner();
+    eprintln!("cancelling {} (was {})", s.job_id, s.state);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,104 @@
+//! Launchers start and kill a job's workers: the [`Launcher`] trait, with one file per
+//! backend. [`LocalProcess`] runs `lockstep train` processes on this machine, each in its own
+//! process group so that tearing a worker down kills everything it started; Kubernetes gets its
+//! own launcher.
+
+mod local;
+
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+
+pub use local::{LocalProcess, kill_group, local_trainers};
+
+/// What a worker needs to find its job.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The job.
+    pub job_id: String,
+    /// The attempt this worker belongs to.
+    pub attempt: u32,
+    /// Its index in the attempt (it becomes its rank).
+    pub worker: u32,
+    /// The coordinator's gRPC URL (`http://host:port`).
+    pub coordinator: String,
+    /// The job's token.
+    pub token: String,
+    /// The job config file and its overrides.
+    pub config: PathBuf,
+    /// `section.key=value` overrides.
+    pub overrides: Vec<String>,
+    /// Working directory (relative `file://` URLs resolve against it).
+    pub workdir: PathBuf,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// Its attempt.
+    pub attempt: u32,
+    /// Its index.
+    pub worker: u32,
+    /// Exit status, when it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
+}
+
+impl Exit {
+    /// True for exit status 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// "exited with status 1", "was killed by SIGKILL".
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {
+                Ok(sig) => format!("was killed by {sig}"),
+                Err(_) => format!("was killed by signal {s}"),
+            },
+            (None, None) => "ended for an unknown reason".into(),
+        }
+    }
+}
+
+/// A launcher could not start a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// This process cannot find its own executable (to start it as `lockstep train`).
+    #[error("cannot find this executable to start workers: {0}")]
+    NoExecutable(std::io::Error),
+    /// Spawning failed.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// What.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A started worker.
+pub trait WorkerHandle: Send + Sync {
+    /// Kills it and everything it started (idempotent). Its exit still arrives on the channel.
+    fn kill(&self);
+}
+
+/// Starts workers.
+#[async_trait::async_trait]
+pub trait Launcher: Send + Sync + 'static {
+    /// Starts `spec`'s worker. When it ends, its [`Exit`] is sent on `exited`.
+    async fn launch(
+        &self,
+        spec: &WorkerSpec,
+        exited: mpsc::UnboundedSender<Exit>,
+    ) -> Result<Box<dyn WorkerHandle>, LaunchError>;
+
+    /// Kills whatever is left of `job`'s workers from a previous coordinator that died. Only
+    /// this job's workers are touched.
+    async fn kill_leftovers(&self, job: &str);
+}

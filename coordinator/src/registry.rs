@@ -1,0 +1,150 @@
+//! The coordinator's jobs in memory: each job's record, its live attempt (the pure
+//! [`Attempt`], its workers' handles, its Join barrier, command fan-out and commit
+//! bookkeeping), and the channels that announce changes and feed its supervisor.
+//!
+//! Locks are `std::sync::Mutex`es held only for bookkeeping, never across an `.await` or a disk
+//! write: persistence goes through the [`Persister`] task.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use lockstep_api::JobConfig;
+use lockstep_api::proto;
+use lockstep_storage::CheckpointStore;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::attempt::{Attempt, Timeouts};
+use crate::commit::Commits;
+use crate::error::{Error, Result};
+use crate::launcher::WorkerHandle;
+use crate::persist::Persister;
+use crate::record::{JobRecord, now_ms};
+use crate::state::Input;
+
+/// Locks `m`. A panic while holding a bookkeeping lock leaves plain data behind; keep serving.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Every job, by id.
+#[derive(Default)]
+pub struct Registry {
+    jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+}
+
+impl Registry {
+    /// Adds `job`.
+    pub fn insert(&self, job: Arc<Job>) {
+        lock(&self.jobs).insert(job.id.clone(), job);
+    }
+
+    /// The job called `id`.
+    pub fn get(&self, id: &str) -> Result<Arc<Job>> {
+        lock(&self.jobs)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NoSuchJob(id.to_string()))
+    }
+
+    /// Every job's record, newest first.
+    pub fn records(&self) -> Vec<JobRecord> {
+        let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
+        let mut records: Vec<JobRecord> =
+            jobs.iter().map(|j| lock(&j.state).record.clone()).collect();
+        records.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
+        records
+    }
+}
+
+/// One job.
+pub struct Job {
+    /// Its id.
+    pub id: String,
+    /// The token its workers present.
+    pub token: String,
+    /// Its validated config.
+    pub config: JobConfig,
+    /// Its checkpoint store, opened once (an S3 store keeps its connection pool).
+    pub store: CheckpointStore,
+    /// Record and live attempt.
+    pub state: Mutex<JobState>,
+    /// Bumped on every change, for Watch.
+    pub changed: watch::Sender<u64>,
+    /// To its supervisor.
+    pub inbox: mpsc::UnboundedSender<Input>,
+}
+
+impl Job {
+    /// The gang and heartbeat timeouts of its attempts.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            gang: self.config.job.gang_timeout,
+            heartbeat: self.config.job.heartbeat_timeout,
+        }
+    }
+
+    /// Tells the supervisor. A job whose supervisor has ended ignores it.
+    pub fn send(&self, input: Input) {
+        let _ = self.inbox.send(input);
+    }
+
+    /// The live attempt numbered `attempt`, or why a worker of it is refused.
+    pub fn live<'a>(&self, st: &'a mut JobState, attempt: u32) -> Result<&'a mut Live> {
+        let current = st.live.as_ref().map(|l| l.attempt.number);
+        match st.live.as_mut() {
+            Some(l) if l.attempt.number == attempt => Ok(l),
+            _ => Err(Error::StaleAttempt {
+                job: self.id.clone(),
+                attempt,
+                current,
+            }),
+        }
+    }
+}
+
+/// What can change about a job.
+pub struct JobState {
+    /// As stored.
+    pub record: JobRecord,
+    /// The current attempt, from just before its workers are launched until it is torn down.
+    pub live: Option<Live>,
+}
+
+impl JobState {
+    /// Marks a change: announces it to watchers and, when `durable`, hands the record to the
+    /// persistence task (no disk IO here).
+    pub fn touch(&mut self, job: &Job, persister: &Persister, durable: bool) {
+        self.record.updated_ms = now_ms();
+        if durable {
+            persister.put(self.record.clone());
+        }
+        job.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// A live attempt: the pure attempt plus what talks to processes and waiting callers.
+pub struct Live {
+    /// Joins, heartbeats, exits, deadlines.
+    pub attempt: Attempt,
+    /// The launched workers, in worker order (filled while launching).
+    pub workers: Vec<Box<dyn WorkerHandle>>,
+    /// The Join barrier: set once every worker joined (`None` again if torn down).
+    pub join_result: watch::Sender<Option<proto::JoinResponse>>,
+    /// Commands to the workers' heartbeat streams.
+    pub commands: broadcast::Sender<proto::Command>,
+    /// Shards reported per step.
+    pub commits: Commits,
+}
+
+impl Live {
+    /// A live attempt around `attempt`, with no worker launched yet.
+    pub fn new(attempt: Attempt) -> Live {
+        Live {
+            attempt,
+            workers: Vec::new(),
+            join_result: watch::channel(None).0,
+            commands: broadcast::channel(16).0,
+            commits: Commits::default(),
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! One supervisor task per job: it feeds the job's [`state`](crate::state) machine what happened
+//! (inputs from the service, worker exits, deadlines of the live [`Attempt`]) and carries out
+//! the actions: launch a gang, tear it down, retry after a backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+// Tokio's clock, so tests can run the supervisor's timeouts in paused time.
+use tokio::time::Instant;
+
+use lockstep_api::{Resume, proto};
+use lockstep_storage::Want;
+use tokio::sync::mpsc;
+
+use crate::attempt::Attempt;
+use crate::error::{Error, Result};
+use crate::launcher::{Exit, WorkerSpec};
+use crate::registry::{Job, Live, lock};
+use crate::service::Inner;
+use crate::state::{Action, Input, Phase};
+
+/// Drives `job` until it reaches a final state.
+pub(crate) async fn supervise(
+    inner: Arc<Inner>,
+    job: Arc<Job>,
+    mut inbox: mpsc::UnboundedReceiver<Input>,
+) {
+    let (exit_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let deadline = {
+            let st = lock(&job.state);
+            match st.record.phase() {
+                Phase::Queued | Phase::Restarting => retry_at,
+                phase => st
+                    .live
+                    .as_ref()
+                    .and_then(|l| l.attempt.deadline(phase, job.timeouts())),
+            }
+        };
+        let input = tokio::select! {
+            msg = inbox.recv() => match msg {
+                Some(i) => Some(i),
+                None => return,
+            },
+            Some(e) = exits.recv() => on_exit(&job, e),
+            () = sleep_until(deadline) => timed_out(&job, &mut retry_at),
+        };
+        let Some(input) = input else { continue };
+        // A final state is published only once its teardown is done, so that whoever sees
+        // `cancelled` or `failed` sees no worker left.
+        let (actions, next, grace) = {
+            let mut st = lock(&job.state);
+            let before = st.record.lifecycle.phase;
+            let mut next = st.record.lifecycle.clone();
+            let actions = next.apply(input.clone());
+            if next.phase != before {
+                tracing::info!(job = %job.id, from = before.as_str(), to = next.phase.as_str(),
+                    message = %next.message, "job state");
+                if matches!(input, Input::AllJoined { .. })
+                    && let Some(l) = &st.live
+                {
+                    st.record.gang_wait_seconds = l.attempt.started.elapsed().as_secs_f64();
+                    inner.metrics.gang_wait(st.record.gang_wait_seconds);
+                }
+                if next.phase == Phase::Restarting {
+                    inner.metrics.restart();
+                }
+            }
+            // A cancelled running gang checkpoints before it goes; a failed one is killed.
+            let grace = (next.phase == Phase::Cancelled
+                && st.live.as_ref().is_some_and(|l| l.attempt.all_joined()))
+            .then_some(job.config.job.collective_timeout);
+            if next.phase.is_final() {
+                st.record.lifecycle.message = format!("{} (stopping the workers)", next.message);
+            } else {
+                st.record.lifecycle = next.clone();
+            }
+            st.touch(&job, &inner.persister, true);
+            (actions, next, grace)
+        };
+        for action in actions {
+            match action {
+                Action::TearDown => tear_down(&inner, &job, &mut exits, grace).await,
+                Action::RetryAfter(d) => {
+                    retry_at = Some(Instant::now().checked_add(d).unwrap_or_else(far_future))
+                }
+                Action::Launch { attempt } => {
+                    retry_at = None;
+                    if let Err(e) = launch(&inner, &job, attempt, &exit_tx).await {
+                        tracing::error!(job = %job.id, attempt, error = %e, "cannot launch the gang");
+                        job.send(Input::LaunchFailed {
+                            attempt,
+                            error: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        if next.phase.is_final() {
+            let mut st = lock(&job.state);
+            st.record.lifecycle = next;
+            st.touch(&job, &inner.persister, true);
+            return;
+        }
+    }
+}
+
+/// About 30 years from now: a deadline that never comes.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365 * 30)
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A deadline passed: what it means now.
+fn timed_out(job: &Job, retry_at: &mut Option<Instant>) -> Option<Input> {
+    let st = lock(&job.state);
+    match st.record.phase() {
+        Phase::Queued | Phase::Restarting => {
+            *retry_at = None;
+            Some(Input::Start)
+        }
+        phase => st
+            .live
+            .as_ref()?
+            .attempt
+            .timed_out(phase, Instant::now(), job.timeouts()),
+    }
+}
+
+/// Records a worker's exit; returns the input it means, if any.
+fn on_exit(job: &Job, e: Exit) -> Option<Input> {
+    let mut st = lock(&job.state);
+    let st = &mut *st;
+    let live = st.live.as_mut()?;
+    let input = live.attempt.on_exit(e);
+    if matches!(input, Some(Input::AllFinished { .. }))
+        && let Some(f) = live.attempt.final_report()
+    {
+        st.record.params_hash = f.params_hash.clone();
+        st.record.step = f.step;
+    }
+    input
+}
+
+/// Chooses the checkpoint, registers the attempt (before any worker starts, so the earliest
+/// `Join` finds it), then launches every worker.
+async fn launch(
+    inner: &Inner,
+    job: &Job,
+    attempt: u32,
+    exit_tx: &mpsc::UnboundedSender<Exit>,
+) -> Result<()> {
+    // The job's first attempt starts where its config says; later attempts (restarts, a
+    // restarted coordinator) continue from the job's own newest checkpoint.
+    let want = match job.config.checkpoint.resume_from() {
+        _ if attempt > 1 => Want::Latest,
+        Resume::Latest => Want::Latest,
+        Resume::Fresh => Want::Fresh,
+        Resume::Step(s) => Want::Step(s),
+    };
+    let start = job.store.choose_start(want).await?;
+    for s in &start.set_aside {
+        tracing::warn!(job = %job.id, step = s.step, reason = %s.reason, moved_to = %s.moved_to,
+            "committed checkpoint does not verify: set aside; starting from an older one");
+    }
+    let (world, workdir, overrides, text, token) = {
+        let st = lock(&job.state);
+        let r = &st.record;
+        (
+            r.world_size,
+            r.workdir.clone(),
+            r.overrides.clone(),
+            r.config_text.clone(),
+            job.token.clone(),
+        )
+    };
+    let dir = inner.settings.data_dir.join("jobs").join(&job.id);
+    let config_path = dir.join("config.toml");
+    let (d, path) = (dir.clone(), config_path.clone());
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&d).and_then(|_| std::fs::write(&path, text))
+    })
+    .await?
+    .map_err(|source| Error::Io {
+        op: "write the job config",
+        path: config_path.clone(),
+        source,
+    })?;
+    {
+        let mut st = lock(&job.state);
+        // A job resumed from an existing checkpoint (a rerun, a coordinator restart) has it as
+        // its newest committed one until it commits another.
+        if start.step > st.record.last_checkpoint {
+            st.record.last_checkpoint = start.step;
+        }
+        st.live = Some(Live::new(Attempt::new(
+            attempt,
+            world,
+            Instant::now(),
+            start.step,
+        )));
+        st.touch(job, &inner.persister, true);
+    }
+    let url = lock(&inner.url).clone();
+    for worker in 0..world {
+        let spec = WorkerSpec {
+            job_id: job.id.clone(),
+            attempt,
+            worker,
+            coordinator: url.clone(),
+            token: token.clone(),
+            config: config_path.clone(),
+            overrides: overrides.clone(),
+            workdir: workdir.clone(),
+            log: dir
+                .join(format!("attempt-{attempt}"))
+                .join(format!("rank-{worker}.log")),
+        };
+        // On failure the state machine fails the attempt and its teardown kills those started.
+        let handle = inner.launcher.launch(&spec, exit_tx.clone()).await?;
+        let mut st = lock(&job.state);
+        match st.live.as_mut() {
+            Some(l) if l.attempt.number == attempt => l.workers.push(handle),
+            _ => handle.kill(),
+        }
+    }
+    tracing::info!(job = %job.id, attempt, world, resume_step = start.step, "launched the gang");
+    Ok(())
+}
+
+/// Ends the current attempt. With `grace`, the workers are first asked to stop (they
+/// checkpoint the step they are on, commit it, and exit) and given that long; then every worker
+/// still there is killed with its process group and reaped, so no process outlives the attempt.
+async fn tear_down(
+    inner: &Inner,
+    job: &Job,
+    exits: &mut mpsc::UnboundedReceiver<Exit>,
+    grace: Option<Duration>,
+) {
+    let Some(number) = lock(&job.state).live.as_ref().map(|l| l.attempt.number) else {
+        return;
+    };
+    if let Some(grace) = grace {
+        let asked = {
+            let st = lock(&job.state);
+            st.live.as_ref().is_some_and(|l| {
+                let stop = proto::Command {
+                    command: Some(proto::command::Command::Stop(proto::Stop {
+                        reason: st.record.lifecycle.message.clone(),
+                    })),
+                };
+                l.commands.send(stop).is_ok()
+            })
+        };
+        if asked {
+            tracing::info!(job = %job.id, attempt = number, ?grace, "asked the workers to checkpoint and stop");
+            let until = Instant::now().checked_add(grace).unwrap_or_else(far_future);
+            wait_exits(job, exits, number, until).await;
+        }
+    }
+    {
+        let mut st = lock(&job.state);
+        if let Some(l) = st.live.as_mut() {
+            for (w, handle) in l.workers.iter().enumerate() {
+                if !l.attempt.has_exited(w as u32) {
+                    handle.kill();
+                }
+            }
+            // Wake joiners and committers of the dead attempt.
+            l.join_result.send_replace(None);
+            l.commits.tear_down();
+        }
+    }
+    if !wait_exits(job, exits, number, Instant::now() + Duration::from_secs(30)).await {
+        tracing::error!(job = %job.id, attempt = number, "workers did not exit after SIGKILL");
+    }
+    let mut st = lock(&job.state);
+    st.live = None;
+    st.touch(job, &inner.persister, true);
+}
+
+/// Records exits of `attempt`'s launched workers until all have exited (true) or `deadline`
+/// (false).
+async fn wait_exits(
+    job: &Job,
+    exits: &mut mpsc::UnboundedReceiver<Exit>,
+    attempt: u32,
+    deadline: Instant,
+) -> bool {
+    loop {
+        let alive = lock(&job.state).live.as_ref().map_or(0, |l| {
+            (0..l.workers.len() as u32)
+                .filter(|&w| !l.attempt.has_exited(w))
+                .count()
+        });
+        if alive == 0 {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, exits.recv()).await {
+            Ok(Some(e)) if e.attempt == attempt => {
+                let mut st = lock(&job.state);
+                if let Some(l) = st.live.as_mut() {
+                    l.attempt.on_exit(e);
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}

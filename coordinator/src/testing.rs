@@ -1,0 +1,71 @@
+//! Test support (feature `testing`): a launcher that starts nothing.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::launcher::{Exit, LaunchError, Launcher, WorkerHandle, WorkerSpec};
+use crate::registry::lock;
+
+/// Records what it would start and starts nothing. A killed worker "exits" at once with
+/// SIGKILL, as a real one reaped after the kill.
+#[derive(Default)]
+pub struct Simulated {
+    specs: Mutex<Vec<WorkerSpec>>,
+    kills: Arc<AtomicU32>,
+}
+
+impl Simulated {
+    /// Every worker launched so far, in order.
+    pub fn specs(&self) -> Vec<WorkerSpec> {
+        lock(&self.specs).clone()
+    }
+
+    /// How many workers have been killed.
+    pub fn kills(&self) -> u32 {
+        self.kills.load(Ordering::SeqCst)
+    }
+}
+
+struct Handle {
+    attempt: u32,
+    worker: u32,
+    exited: mpsc::UnboundedSender<Exit>,
+    killed: AtomicBool,
+    kills: Arc<AtomicU32>,
+}
+
+impl WorkerHandle for Handle {
+    fn kill(&self) {
+        if !self.killed.swap(true, Ordering::SeqCst) {
+            self.kills.fetch_add(1, Ordering::SeqCst);
+            let _ = self.exited.send(Exit {
+                attempt: self.attempt,
+                worker: self.worker,
+                code: None,
+                signal: Some(9),
+            });
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Launcher for Simulated {
+    async fn launch(
+        &self,
+        spec: &WorkerSpec,
+        exited: mpsc::UnboundedSender<Exit>,
+    ) -> Result<Box<dyn WorkerHandle>, LaunchError> {
+        lock(&self.specs).push(spec.clone());
+        Ok(Box::new(Handle {
+            attempt: spec.attempt,
+            worker: spec.worker,
+            exited,
+            killed: AtomicBool::new(false),
+            kills: self.kills.clone(),
+        }))
+    }
+
+    async fn kill_leftovers(&self, _job: &str) {}
+}

@@ -1,0 +1,261 @@
+//! Committing checkpoints from a gang (world size 1 is a gang of one). Every rank's writer writes
+//! that rank's shard; after every step the ranks agree over the collective whether every shard
+//! is durable (or one failed), so they all see a checkpoint complete at the same step. Then the
+//! commit authority commits it:
+//! - with a coordinator, each rank reports its shard (`CommitShard`); the coordinator commits
+//!   once it has all of them and answers every rank;
+//! - without one, rank 0 gathers the shards' metadata over the collective, commits with
+//!   [`CheckpointStore::commit_step`] and tells the others how it went.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep_storage::{CheckpointStore, RetentionPolicy, ShardMeta, StepCommit};
+
+use super::{CheckpointWriter, Snapshot, TrainerState, Written};
+use crate::collective::Collective;
+use crate::error::{Error, Result};
+
+/// A rank's durable shard of a checkpoint, reported to the commit authority.
+#[derive(Debug)]
+pub struct ShardReport<'a> {
+    /// This rank.
+    pub rank: u32,
+    /// The trainer state at that step (the same on every rank).
+    pub state: &'a TrainerState,
+    /// The shard.
+    pub shard: &'a ShardMeta,
+    /// Hash of the job config, for the manifest.
+    pub config_hash: &'a str,
+    /// Time the writer took.
+    pub write_time: Duration,
+}
+
+/// Commits checkpoints on behalf of the gang: the coordinator's `CommitShard`.
+pub trait ShardCommitter: Send + Sync + std::fmt::Debug {
+    /// Reports `report`'s shard as durable; returns once the whole checkpoint is committed,
+    /// with its stored and raw bytes, or why it cannot be.
+    fn commit_shard(&self, report: ShardReport<'_>) -> Result<(u64, u64)>;
+}
+
+/// Who commits.
+#[derive(Debug)]
+pub enum Authority {
+    /// The coordinator.
+    Coordinator(Arc<dyn ShardCommitter>),
+    /// Rank 0 of a gang without a coordinator, through the store the shards go to.
+    Rank0 {
+        /// Job name (in the manifest).
+        job: String,
+        /// Retention after each commit.
+        retention: RetentionPolicy,
+        /// Steps retention keeps (the one the run resumed from).
+        protected: Vec<u64>,
+    },
+}
+
+/// One rank's checkpointing: the writer thread and the gang's agreement on commits.
+pub struct Checkpoints {
+    writer: CheckpointWriter,
+    store: CheckpointStore,
+    authority: Authority,
+    rank: usize,
+    world: usize,
+    config_hash: String,
+    /// The checkpoint being written: its state and, once this rank's writer is done, the result.
+    pending: Option<(TrainerState, Option<Result<Written>>)>,
+}
+
+impl Checkpoints {
+    /// Checkpointing for `rank` of `world` into `store`.
+    pub fn new(
+        store: CheckpointStore,
+        authority: Authority,
+        rank: usize,
+        world: usize,
+        config_hash: String,
+    ) -> Result<Checkpoints> {
+        Ok(Checkpoints {
+            writer: CheckpointWriter::spawn(store.clone(), rank as u32, world as u32)?,
+            store,
+            authority,
+            rank,
+            world,
+            config_hash,
+            pending: None,
+        })
+    }
+
+    /// Hands a snapshot to the writer. Call [`Checkpoints::finish`] first: one in flight.
+    pub fn submit(&mut self, snap: Snapshot) -> Result<()> {
+        self.pending = Some((snap.state.clone(), None));
+        self.writer.submit(snap)
+    }
+
+    /// After every step: the stop decision all ranks agree on (`stop` is this rank's wish), and
+    /// a checkpoint that became committed, if any. Never waits for the writer.
+    pub fn progress(
+        &mut self,
+        stop: bool,
+        collective: &mut dyn Collective,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(bool, Option<Written>)> {
+        if let Some((_, result @ None)) = &mut self.pending {
+            match self.writer.poll() {
+                Ok(Some(w)) => *result = Some(Ok(w)),
+                Ok(None) => {}
+                Err(e) => *result = Some(Err(e)),
+            }
+        }
+        let (done, failed) = match &self.pending {
+            Some((_, Some(Ok(_)))) => (1.0, 0.0),
+            Some((_, Some(Err(_)))) => (1.0, 1.0),
+            _ => (0.0, 0.0),
+        };
+        // A signal reaches ranks at different steps: agree, so all stop at the same one.
+        let mut flags = [if stop { 1.0f32 } else { 0.0 }, done, failed];
+        collective.all_reduce_sum(&mut flags)?;
+        let committed = if flags[2] > 0.0 || flags[1] as usize == self.world {
+            self.commit_round(flags[2] > 0.0, collective, rt)?
+        } else {
+            None
+        };
+        Ok((flags[0] > 0.0, committed))
+    }
+
+    /// Waits for the checkpoint in flight, if any, until it is committed.
+    pub fn finish(
+        &mut self,
+        collective: &mut dyn Collective,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<Option<Written>> {
+        let Some((_, result)) = &mut self.pending else {
+            return Ok(None);
+        };
+        if result.is_none() {
+            *result = Some(self.writer.wait().and_then(|w| {
+                w.ok_or_else(|| Error::Invalid("the checkpoint writer lost a checkpoint".into()))
+            }));
+        }
+        let mut failed = [if matches!(result, Some(Err(_))) {
+            1.0f32
+        } else {
+            0.0
+        }];
+        collective.all_reduce_sum(&mut failed)?;
+        self.commit_round(failed[0] > 0.0, collective, rt)
+    }
+
+    /// Every rank's shard of the pending checkpoint is durable (or one failed): commit it.
+    fn commit_round(
+        &mut self,
+        any_failed: bool,
+        collective: &mut dyn Collective,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<Option<Written>> {
+        let Some((state, result)) = self.pending.take() else {
+            return Ok(None);
+        };
+        let step = state.step;
+        let mine = match result {
+            Some(Ok(w)) if !any_failed => w,
+            Some(Err(e)) => return Err(e),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "another rank failed to write its shard of checkpoint {step} (its log says why)"
+                )));
+            }
+        };
+        let (bytes, raw_bytes) = match &self.authority {
+            Authority::Coordinator(c) => c.commit_shard(ShardReport {
+                rank: self.rank as u32,
+                state: &state,
+                shard: &mine.shard,
+                config_hash: &self.config_hash,
+                write_time: mine.elapsed,
+            })?,
+            Authority::Rank0 {
+                job,
+                retention,
+                protected,
+            } => {
+                let shards = gather_shards(&mine.shard, self.rank, self.world, collective)?;
+                let mut status = [0u8];
+                if self.rank == 0 {
+                    let commit = StepCommit {
+                        job: job.clone(),
+                        step,
+                        config_hash: self.config_hash.clone(),
+                        trainer_state: serde_json::to_value(&state).map_err(|e| {
+                            Error::Invalid(format!("cannot serialise the trainer state: {e}"))
+                        })?,
+                        shards,
+                        retention: *retention,
+                        protected: protected.clone(),
+                    };
+                    let outcome = rt.block_on(self.store.commit_step(commit));
+                    status[0] = if outcome.is_ok() { 1 } else { 2 };
+                    collective.broadcast(&mut status, 0)?;
+                    let c = outcome?;
+                    (c.bytes, c.raw_bytes)
+                } else {
+                    collective.broadcast(&mut status, 0)?;
+                    if status[0] != 1 {
+                        return Err(Error::Invalid(format!(
+                            "rank 0 could not commit checkpoint {step} (its log says why)"
+                        )));
+                    }
+                    (mine.bytes, mine.raw_bytes)
+                }
+            }
+        };
+        Ok(Some(Written {
+            bytes,
+            raw_bytes,
+            ..mine
+        }))
+    }
+}
+
+/// Every rank's shard metadata, gathered on rank 0 (other ranks get an empty list): each rank
+/// in turn broadcasts its length, then its JSON.
+fn gather_shards(
+    mine: &ShardMeta,
+    rank: usize,
+    world: usize,
+    collective: &mut dyn Collective,
+) -> Result<Vec<ShardMeta>> {
+    let json = serde_json::to_vec(mine)
+        .map_err(|e| Error::Invalid(format!("cannot serialise a shard's metadata: {e}")))?;
+    let mut metas = Vec::new();
+    for r in 0..world {
+        if r == rank && rank == 0 {
+            metas.push(mine.clone());
+        }
+        if world == 1 {
+            break;
+        }
+        let mut len = (if r == rank { json.len() } else { 0 } as u64).to_le_bytes();
+        collective.broadcast(&mut len, r)?;
+        let len = u64::from_le_bytes(len);
+        // A shard's metadata is a few KB per tensor piece; anything past this is not one.
+        const MAX_META: u64 = 256 << 20;
+        if len > MAX_META {
+            return Err(Error::Invalid(format!(
+                "rank {r} announced {len} bytes of shard metadata (more than {MAX_META})"
+            )));
+        }
+        let mut buf = if r == rank {
+            json.clone()
+        } else {
+            vec![0u8; len as usize]
+        };
+        collective.broadcast(&mut buf, r)?;
+        if rank == 0 && r != 0 {
+            let m: ShardMeta = serde_json::from_slice(&buf)
+                .map_err(|e| Error::Invalid(format!("rank {r} sent bad shard metadata: {e}")))?;
+            metas.push(m);
+        }
+    }
+    Ok(metas)
+}

@@ -1,0 +1,110 @@
+//! What a run reads before it trains: the base model (a Hugging Face directory or URL, or
+//! random initialisation), its tokenizer, and the training data.
+
+use lockstep_api::JobConfig;
+use lockstep_storage::objects;
+
+use crate::data::Corpus;
+use crate::error::{Error, Result};
+use crate::model::{LlamaConfig, hf};
+use crate::tokenizer::Tokenizer;
+
+/// `base` as a URL: URLs pass through, bare paths become `file://` URLs.
+fn base_url(base: &str) -> String {
+    if base.contains("://") {
+        base.trim_end_matches('/').to_string()
+    } else {
+        format!("file://{}", base.trim_end_matches('/'))
+    }
+}
+
+/// The model a run starts from.
+pub struct Base {
+    /// Its architecture and HF config.
+    pub config: LlamaConfig,
+    /// Its weights, in parameter order; `None`: initialise randomly.
+    pub values: Option<Vec<Vec<f32>>>,
+    /// Its tokenizer (bytes when it has none).
+    pub tokenizer: Tokenizer,
+}
+
+/// Loads `model.base` (or describes a random initialisation), checking that the tokenizer fits
+/// the vocabulary.
+pub fn load_base(config: &JobConfig, rt: &tokio::runtime::Runtime) -> Result<Base> {
+    let base = if config.model.base == "init" {
+        Base {
+            config: LlamaConfig::from_section(&config.model, config.data.seq_len as usize),
+            values: None,
+            tokenizer: Tokenizer::Bytes,
+        }
+    } else {
+        load_hf(&base_url(&config.model.base), rt)?
+    };
+    if base.tokenizer.vocab_size() > base.config.vocab_size {
+        return Err(Error::Model {
+            file: config.model.base.clone(),
+            reason: format!(
+                "the tokenizer has {} ids but the model's vocabulary is {}",
+                base.tokenizer.vocab_size(),
+                base.config.vocab_size
+            ),
+        });
+    }
+    Ok(base)
+}
+
+/// A Hugging Face directory: config.json, model.safetensors and, if present, tokenizer.json.
+fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
+    let read = |name: &str| rt.block_on(objects::read_url(&format!("{base}/{name}")));
+    let file = format!("{base}/config.json");
+    let text = read("config.json")?;
+    let text = std::str::from_utf8(&text).map_err(|_| Error::Model {
+        file: file.clone(),
+        reason: "not UTF-8".into(),
+    })?;
+    let llama = LlamaConfig::parse(text, &file)?;
+    let file = format!("{base}/model.safetensors");
+    let weights = hf::import(&read("model.safetensors")?, &file, &llama)?;
+    let tokenizer = match read("tokenizer.json") {
+        Ok(bytes) => {
+            let eos = llama
+                .extra
+                .get("eos_token_id")
+                .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
+                .map(|v| v as u32);
+            Tokenizer::from_json(&bytes, &format!("{base}/tokenizer.json"), eos)?
+        }
+        Err(lockstep_storage::Error::NotFound { .. }) => {
+            tracing::warn!(
+                base = %base,
+                "the base model has no tokenizer.json: tokenising as bytes (ids 0-255), which \
+                 only suits a byte-level model"
+            );
+            Tokenizer::Bytes
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Base {
+        config: llama,
+        values: Some(weights.values),
+        tokenizer,
+    })
+}
+
+/// Reads and tokenises every file of `data.train`.
+pub fn load_corpus(
+    config: &JobConfig,
+    tokenizer: &Tokenizer,
+    vocab: usize,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Corpus> {
+    let mut corpus = Corpus::default();
+    for pattern in &config.data.train {
+        for url in rt.block_on(objects::expand(pattern))? {
+            let bytes = rt.block_on(objects::read_url(&url))?;
+            corpus.add_jsonl(&url, &bytes, tokenizer, vocab, config.data.skip_bad_records)?;
+            tracing::debug!(file = %url, docs = corpus.len(), "read training data");
+        }
+    }
+    Ok(corpus)
+}

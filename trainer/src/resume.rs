@@ -1,0 +1,111 @@
+//! Where a run starts, agreed by the gang, and the model and optimizer state it starts with.
+//!
+//! The decision itself is storage's ([`CheckpointStore::choose_start`], the same rules the
+//! coordinator applies). Without a coordinator rank 0 makes it and broadcasts the step, so every
+//! rank loads the same checkpoint; with one, the coordinator made it and every rank got the same
+//! answer from `Join`.
+
+use burn::tensor::backend::AutodiffBackend;
+use lockstep_api::{JobConfig, Resume};
+use lockstep_storage::{Checkpoint, CheckpointStore, SetAside, Want};
+
+use crate::checkpoint::{TrainState, TrainerState};
+use crate::collective::Collective;
+use crate::error::{Error, Result};
+use crate::inputs::Base;
+use crate::model::Llama;
+use crate::optim::AdamW;
+use crate::plan::Plan;
+
+/// Who decides where a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// This run: rank 0 applies the rules of [`lockstep_storage::resume`] to `Resume`.
+    Choose(Resume),
+    /// The coordinator already did: this committed step, or `None` for the beginning.
+    Given(Option<u64>),
+}
+
+/// `checkpoint.resume` in storage's terms.
+pub fn want(r: Resume) -> Want {
+    match r {
+        Resume::Latest => Want::Latest,
+        Resume::Fresh => Want::Fresh,
+        Resume::Step(s) => Want::Step(s),
+    }
+}
+
+/// The checkpoint every rank starts from (`None`: the beginning) and, on the rank that chose,
+/// the newer checkpoints it set aside.
+pub fn agree(
+    start: Start,
+    store: &CheckpointStore,
+    collective: &mut dyn Collective,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(Option<Checkpoint>, Vec<SetAside>)> {
+    let load = |step: Option<u64>| -> Result<Option<Checkpoint>> {
+        step.map(|s| rt.block_on(store.load(s)).map_err(Error::from))
+            .transpose()
+    };
+    let resume = match start {
+        Start::Given(step) => return Ok((load(step)?, vec![])),
+        Start::Choose(r) => r,
+    };
+    // The step rank 0 announces: a step, the beginning, or "I failed".
+    const FRESH: u64 = u64::MAX;
+    const FAILED: u64 = u64::MAX - 1;
+    if collective.rank() == 0 {
+        let chosen = rt.block_on(store.choose_start(want(resume)));
+        let code = match &chosen {
+            Ok(p) => p.step.unwrap_or(FRESH),
+            Err(_) => FAILED,
+        };
+        if collective.world_size() > 1 {
+            collective.broadcast(&mut code.to_le_bytes(), 0)?;
+        }
+        let point = chosen?;
+        Ok((load(point.step)?, point.set_aside))
+    } else {
+        let mut code = [0u8; 8];
+        collective.broadcast(&mut code, 0)?;
+        match u64::from_le_bytes(code) {
+            FRESH => Ok((None, vec![])),
+            FAILED => Err(Error::Invalid(
+                "rank 0 could not choose a checkpoint to start from (its log says why)".into(),
+            )),
+            step => Ok((load(Some(step))?, vec![])),
+        }
+    }
+}
+
+/// The model, optimizer and trainer state a run starts with: restored from `ckpt` (its
+/// architecture must be the base model's), or the base model's weights (or a random init)
+/// with fresh moments.
+pub fn begin<B: AutodiffBackend>(
+    plan: &Plan,
+    config: &JobConfig,
+    base: Base,
+    ckpt: Option<&Checkpoint>,
+    device: &burn::tensor::Device<B::InnerBackend>,
+) -> Result<(TrainState<B>, TrainerState)> {
+    let Some(ckpt) = ckpt else {
+        let model = match base.values {
+            Some(values) => Llama::from_values(base.config.clone(), values, device),
+            None => Llama::init(base.config.clone(), config.train.seed, device),
+        };
+        let shapes: Vec<[usize; 2]> = model.specs.iter().map(|s| s.shape2()).collect();
+        let optim = AdamW::new(plan.adamw, &shapes, device);
+        let ts = plan.trainer_state(config, &base.config, None);
+        return Ok((TrainState { model, optim }, ts));
+    };
+    let (mut state, restored) = TrainState::<B>::restore(&base.config, ckpt, device)?;
+    if restored.seq_len != config.data.seq_len || restored.seed != config.train.seed {
+        tracing::warn!(
+            "resuming with a different data.seq_len or train.seed than the checkpoint was \
+             trained with: the data order changes"
+        );
+    }
+    state.optim.config = plan.adamw;
+    let ts = plan.trainer_state(config, &base.config, Some(&restored));
+    Ok((state, ts))
+}

@@ -1,0 +1,363 @@
+//! `lockstep train`: one rank, as launchers start it (`current_exe() train …` on this machine,
+//! the same binary in a pod) and as a person runs it to debug.
+//!
+//! Alone it trains the job at world size 1; with a static gang (`--rank/--peers`) it is one rank
+//! whose gradients are summed over a TCP ring and rank 0 commits; under a coordinator it joins
+//! the attempt's gang, gets its rank, peers and starting checkpoint, streams heartbeats and has
+//! its shards committed by the coordinator. SIGINT or SIGTERM checkpoints the current step and
+//! ends the run (status 130 / 143); a second signal exits at once.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lockstep_api::{JobConfig, Resume};
+
+use crate::collective::{Collective, Solo, TcpRing};
+use crate::control::{Control, Identity};
+use crate::error::{Error, Result};
+use crate::progress::{Progress, print_summary};
+use crate::resume::Start;
+use crate::train::{Event, RunOptions, Summary, train};
+
+/// The compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// Burn's flex CPU backend (all cores).
+    Cpu,
+    /// A CUDA GPU (needs a build with the `cuda` feature).
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            _ => Err(format!("`{s}` is not a device: use `cpu` or `cuda`")),
+        }
+    }
+}
+
+/// How gradients are summed across ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollectiveKind {
+    /// NCCL for a CUDA gang, the TCP ring otherwise.
+    Auto,
+    /// The TCP ring (host buffers).
+    Ring,
+    /// NCCL (needs `--device cuda` and a build with the `cuda` feature).
+    Nccl,
+}
+
+impl std::str::FromStr for CollectiveKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<CollectiveKind, String> {
+        match s {
+            "auto" => Ok(CollectiveKind::Auto),
+            "ring" => Ok(CollectiveKind::Ring),
+            "nccl" => Ok(CollectiveKind::Nccl),
+            _ => Err(format!(
+                "`{s}` is not a collective: use `auto`, `ring` or `nccl`"
+            )),
+        }
+    }
+}
+
+/// How this rank finds its gang.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gang {
+    /// World size 1, no coordinator.
+    Alone,
+    /// A static gang without a coordinator: this rank and every rank's `host:port`.
+    Static {
+        /// This rank.
+        rank: usize,
+        /// Every rank's ring address, in rank order.
+        peers: Vec<String>,
+    },
+    /// A worker of a coordinator (the job token comes in `LOCKSTEP_TOKEN`).
+    Coordinated {
+        /// The coordinator's gRPC URL.
+        url: String,
+        /// The job id.
+        job: String,
+        /// The attempt.
+        attempt: u32,
+        /// This worker's index in the attempt.
+        worker: u32,
+    },
+}
+
+/// Everything `lockstep train` is told.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The job config file.
+    pub config: PathBuf,
+    /// `section.key=value` overrides.
+    pub set: Vec<String>,
+    /// Where to start (default: `checkpoint.resume`); not with a coordinator, which decides.
+    pub resume: Option<Resume>,
+    /// Stop after this step, checkpointing it.
+    pub stop_at: Option<u64>,
+    /// How this rank finds its gang.
+    pub gang: Gang,
+    /// Compute device.
+    pub device: Device,
+    /// Collective.
+    pub collective: CollectiveKind,
+    /// CUDA ordinal (with `Device::Cuda`).
+    pub cuda_device: usize,
+    /// A progress bar (on a terminal) instead of log lines.
+    pub progress_bar: bool,
+}
+
+/// Runs one rank to the end; returns the process's exit status: 0 done (or stopped by the
+/// coordinator), 130 / 143 stopped by SIGINT / SIGTERM after checkpointing.
+pub fn run(opts: &Options) -> Result<u8> {
+    let path = opts.config.display().to_string();
+    let text = std::fs::read_to_string(&opts.config).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let config = JobConfig::parse(&text, &opts.set)
+        .map_err(|source| Error::ConfigFile { file: path, source })?;
+    let signals = Signals::install()?;
+    let mut run = RunOptions {
+        start: opts.resume.map(Start::Choose),
+        stop_at: opts.stop_at,
+        stop: Some(signals.stop.clone()),
+        committer: None,
+    };
+    let (ring, control) = match &opts.gang {
+        Gang::Alone => (None, None),
+        Gang::Static { rank, peers } => (Some(static_ring(*rank, peers, &config)?), None),
+        Gang::Coordinated {
+            url,
+            job,
+            attempt,
+            worker,
+        } => {
+            let id = Identity {
+                url: url.clone(),
+                token: std::env::var("LOCKSTEP_TOKEN").map_err(|_| {
+                    Error::Invalid("--coordinator: the job token must be in LOCKSTEP_TOKEN".into())
+                })?,
+                job: job.clone(),
+                attempt: *attempt,
+                worker: *worker,
+            };
+            let (ring, control, resume) = join_gang(id, &config, signals.stop.clone())?;
+            run.start = Some(Start::Given(resume));
+            run.committer = Some(control.clone());
+            (Some(ring), Some(control))
+        }
+    };
+    let mut collective = make_collective(opts, ring, config.job.collective_timeout)?;
+    let mut progress = Progress::new(opts.progress_bar);
+    let mut on_event = |e: &Event| {
+        progress.on(e);
+        if let Some(c) = &control {
+            c.on_event(e);
+        }
+    };
+    let summary = match opts.device {
+        Device::Cpu => {
+            use burn::backend::{Autodiff, Flex};
+            train::<Autodiff<Flex>>(
+                &config,
+                &run,
+                &Default::default(),
+                collective.as_mut(),
+                &mut on_event,
+            )?
+        }
+        Device::Cuda => train_cuda(
+            &config,
+            &run,
+            opts.cuda_device,
+            collective.as_mut(),
+            &mut on_event,
+        )?,
+    };
+    progress.finish();
+    if let Some(c) = &control {
+        c.finished(&summary, Duration::from_secs(10))?;
+    }
+    print_summary(&config, &summary);
+    Ok(signals.exit_status())
+}
+
+/// SIGTERM and SIGINT: the first asks the loop to checkpoint and stop, a second exits at once.
+struct Signals {
+    term: Arc<AtomicBool>,
+    int: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let s = Signals {
+            term: Arc::new(AtomicBool::new(false)),
+            int: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let err = |e: std::io::Error| Error::Invalid(format!("cannot handle signals: {e}"));
+        // A second signal while the first one's checkpoint is being taken exits at once.
+        signal_hook::flag::register_conditional_shutdown(SIGTERM, 143, s.stop.clone())
+            .map_err(err)?;
+        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, s.stop.clone())
+            .map_err(err)?;
+        for (sig, flag) in [(SIGTERM, &s.term), (SIGINT, &s.int)] {
+            signal_hook::flag::register(sig, flag.clone()).map_err(err)?;
+            signal_hook::flag::register(sig, s.stop.clone()).map_err(err)?;
+        }
+        Ok(s)
+    }
+
+    fn exit_status(&self) -> u8 {
+        if self.term.load(Ordering::Relaxed) {
+            143
+        } else if self.int.load(Ordering::Relaxed) {
+            130
+        } else {
+            0
+        }
+    }
+}
+
+/// The ring of a static gang.
+fn static_ring(rank: usize, peers: &[String], config: &JobConfig) -> Result<TcpRing> {
+    if peers.len() != config.job.world_size as usize {
+        return Err(Error::Invalid(format!(
+            "--peers lists {} ranks but job.world_size is {}",
+            peers.len(),
+            config.job.world_size
+        )));
+    }
+    if rank >= peers.len() {
+        return Err(Error::Invalid(format!(
+            "--rank {rank} is outside the {} peers",
+            peers.len()
+        )));
+    }
+    TcpRing::connect(rank, peers, config.job.collective_timeout)
+        .map_err(|e| Error::Invalid(format!("form the gradient ring as rank {rank}: {e}")))
+}
+
+/// Worker mode: connect to the coordinator, listen for ring peers, join the gang, start
+/// heartbeats, form the ring. Returns the ring, the control client and the checkpoint the
+/// coordinator chose.
+fn join_gang(
+    id: Identity,
+    config: &JobConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<(TcpRing, Arc<Control>, Option<u64>)> {
+    let (job, attempt, worker) = (id.job.clone(), id.attempt, id.worker);
+    let mut control = Control::connect(id)?;
+    // The ring listens on LOCKSTEP_DATA_HOST (a pod's IP on Kubernetes), loopback by default.
+    let host = std::env::var("LOCKSTEP_DATA_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = std::net::TcpListener::bind((host.as_str(), 0))
+        .map_err(|e| Error::Invalid(format!("listen for ring peers on {host}: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::Invalid(format!("listen for ring peers on {host}: {e}")))?
+        .port();
+    let joined = control.join(format!("{host}:{port}"))?;
+    tracing::debug!(%job, attempt, worker, "joined");
+    if joined.world_size != config.job.world_size {
+        return Err(Error::Invalid(format!(
+            "the coordinator's gang has {} ranks but job.world_size is {}",
+            joined.world_size, config.job.world_size
+        )));
+    }
+    let rank = joined.rank as usize;
+    tracing::info!(rank, world = joined.world_size, resume = ?joined.resume_step, "joined the gang");
+    let hb = (config.job.heartbeat_timeout / 5)
+        .clamp(Duration::from_millis(100), Duration::from_secs(2));
+    control.start_heartbeat(hb, stop);
+    let ring = TcpRing::with_listener(listener, rank, &joined.peers, config.job.collective_timeout)
+        .map_err(|e| Error::Invalid(format!("form the gradient ring as rank {rank}: {e}")))?;
+    Ok((ring, Arc::new(control), joined.resume_step))
+}
+
+/// The gang's collective: nothing alone, the ring on CPU, NCCL (bootstrapped over the ring) on
+/// CUDA.
+fn make_collective(
+    opts: &Options,
+    ring: Option<TcpRing>,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    let nccl = match opts.collective {
+        CollectiveKind::Ring => false,
+        CollectiveKind::Nccl => {
+            if opts.device != Device::Cuda {
+                return Err(Error::Invalid(
+                    "--collective nccl needs --device cuda".into(),
+                ));
+            }
+            true
+        }
+        CollectiveKind::Auto => opts.device == Device::Cuda && ring.is_some(),
+    };
+    if nccl {
+        return make_nccl(
+            ring.unwrap_or_else(|| TcpRing::alone(timeout)),
+            opts.cuda_device,
+            timeout,
+        );
+    }
+    Ok(match ring {
+        Some(ring) => Box::new(ring),
+        None => Box::new(Solo),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn make_nccl(ring: TcpRing, ordinal: usize, timeout: Duration) -> Result<Box<dyn Collective>> {
+    let rank = ring.rank();
+    let nccl = crate::collective::Nccl::new(ring, ordinal, timeout)
+        .map_err(|e| Error::Invalid(format!("form the NCCL communicator as rank {rank}: {e}")))?;
+    Ok(Box::new(nccl))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn make_nccl(_: TcpRing, _: usize, _: Duration) -> Result<Box<dyn Collective>> {
+    Err(Error::Invalid(
+        "NCCL: this lockstep was built without the `cuda` feature".into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn train_cuda(
+    config: &JobConfig,
+    opts: &RunOptions,
+    ordinal: usize,
+    collective: &mut dyn Collective,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Summary> {
+    use burn::backend::{Autodiff, Cuda, cuda::CudaDevice};
+    train::<Autodiff<Cuda>>(
+        config,
+        opts,
+        &CudaDevice::new(ordinal),
+        collective,
+        on_event,
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_cuda(
+    _: &JobConfig,
+    _: &RunOptions,
+    _: usize,
+    _: &mut dyn Collective,
+    _: &mut dyn FnMut(&Event),
+) -> Result<Summary> {
+    Err(Error::Invalid(
+        "--device cuda: this lockstep was built without the `cuda` feature".into(),
+    ))
+}
