@@ -26,6 +26,43 @@ pub struct JobConfig {
     pub export: Option<ExportSection>,
 }
 
+/// Upper (and lower) bounds of config values. A config outside them is refused naming the field,
+/// the limit and the value: every number a job carries into arithmetic, allocation, process
+/// counts or timers is bounded here, once.
+pub mod limits {
+    use std::time::Duration;
+
+    /// `job.world_size`.
+    pub const MAX_WORLD_SIZE: u32 = 4096;
+    /// `job.max_restarts`.
+    pub const MAX_RESTARTS: u32 = 10_000;
+    /// The shortest `job.gang_timeout`, `job.heartbeat_timeout`, `job.collective_timeout`.
+    pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
+    /// The longest of them (a week).
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+    /// `model.hidden_size`.
+    pub const MAX_HIDDEN: u32 = 65_536;
+    /// `model.intermediate_size`.
+    pub const MAX_INTERMEDIATE: u32 = 262_144;
+    /// `model.num_layers`.
+    pub const MAX_LAYERS: u32 = 1024;
+    /// `model.num_heads`.
+    pub const MAX_HEADS: u32 = 1024;
+    /// `model.vocab_size`.
+    pub const MAX_VOCAB: u32 = 4_194_304;
+    /// `data.seq_len`.
+    pub const MAX_SEQ_LEN: u32 = 1_048_576;
+    /// `data.train` entries.
+    pub const MAX_TRAIN_FILES: usize = 100_000;
+    /// `train.batch_size` and `train.grad_accum`.
+    pub const MAX_BATCH: u32 = 65_536;
+    /// `train.steps`, `train.warmup_steps`, `checkpoint.every_steps`, `checkpoint.keep_every`
+    /// and a resume step (2^40: far past any run, far from overflow).
+    pub const MAX_STEPS: u64 = 1 << 40;
+    /// `checkpoint.keep_last`.
+    pub const MAX_KEEP_LAST: usize = 1_000_000;
+}
+
 /// `[job]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -378,6 +415,74 @@ impl JobConfig {
         Ok(config)
     }
 
+    /// Checks every value against [`limits`].
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        use limits::*;
+        fn most<T: PartialOrd + std::fmt::Display>(
+            field: &'static str,
+            value: T,
+            max: T,
+        ) -> Result<(), ConfigError> {
+            if value > max {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("must be at most {max} (it is {value})"),
+                });
+            }
+            Ok(())
+        }
+        fn timeout(field: &'static str, d: Duration) -> Result<(), ConfigError> {
+            if d < MIN_TIMEOUT || d > MAX_TIMEOUT {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!(
+                        "must be between {} and {} (it is {})",
+                        humantime::format_duration(MIN_TIMEOUT),
+                        humantime::format_duration(MAX_TIMEOUT),
+                        humantime::format_duration(d)
+                    ),
+                });
+            }
+            Ok(())
+        }
+        let (j, m, t, c) = (&self.job, &self.model, &self.train, &self.checkpoint);
+        most("job.world_size", j.world_size, MAX_WORLD_SIZE)?;
+        most("job.max_restarts", j.max_restarts, MAX_RESTARTS)?;
+        timeout("job.gang_timeout", j.gang_timeout)?;
+        timeout("job.heartbeat_timeout", j.heartbeat_timeout)?;
+        timeout("job.collective_timeout", j.collective_timeout)?;
+        most("model.hidden_size", m.hidden_size, MAX_HIDDEN)?;
+        most(
+            "model.intermediate_size",
+            m.intermediate_size,
+            MAX_INTERMEDIATE,
+        )?;
+        most("model.num_layers", m.num_layers, MAX_LAYERS)?;
+        most("model.num_heads", m.num_heads, MAX_HEADS)?;
+        most("model.vocab_size", m.vocab_size, MAX_VOCAB)?;
+        most("data.seq_len", self.data.seq_len, MAX_SEQ_LEN)?;
+        most("data.train", self.data.train.len(), MAX_TRAIN_FILES)?;
+        most("train.steps", t.steps, MAX_STEPS)?;
+        most("train.warmup_steps", t.warmup_steps, MAX_STEPS)?;
+        most("train.batch_size", t.batch_size, MAX_BATCH)?;
+        most("train.grad_accum", t.grad_accum, MAX_BATCH)?;
+        most("checkpoint.every_steps", c.every_steps, MAX_STEPS)?;
+        most("checkpoint.keep_last", c.keep_last, MAX_KEEP_LAST)?;
+        if let Some(k) = c.keep_every {
+            if k == 0 {
+                return Err(ConfigError::Invalid {
+                    field: "checkpoint.keep_every",
+                    reason: "must be at least 1 (or left out)".into(),
+                });
+            }
+            most("checkpoint.keep_every", k, MAX_STEPS)?;
+        }
+        if let Some(Resume::Step(s)) = Resume::parse(&c.resume) {
+            most("checkpoint.resume", s, MAX_STEPS)?;
+        }
+        Ok(())
+    }
+
     /// Checks ranges and relations the types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &'static str, reason: &str| {
@@ -403,6 +508,7 @@ impl JobConfig {
         if self.job.world_size == 0 {
             return bad("job.world_size", "must be at least 1");
         }
+        self.check_limits()?;
         let m = &self.model;
         if m.num_heads == 0 || !m.hidden_size.is_multiple_of(m.num_heads) {
             return bad("model.num_heads", "must divide model.hidden_size");
@@ -555,5 +661,54 @@ mod tests {
         assert!(e.to_string().contains("train.steps"), "{e}");
         let e = JobConfig::parse(MINIMAL, &["job.name=Bad_Name".into()]).unwrap_err();
         assert!(e.to_string().contains("job.name"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_naming_the_limit_and_the_value() {
+        for (set, field, says) in [
+            (
+                "job.gang_timeout=\"9223372036854775807s\"",
+                "job.gang_timeout",
+                "between 1s and 7days",
+            ),
+            (
+                "job.heartbeat_timeout=\"10ms\"",
+                "job.heartbeat_timeout",
+                "(it is 10ms)",
+            ),
+            (
+                "job.world_size=200000",
+                "job.world_size",
+                "at most 4096 (it is 200000)",
+            ),
+            (
+                "train.steps=2199023255552",
+                "train.steps",
+                "at most 1099511627776",
+            ),
+            ("data.seq_len=4294967295", "data.seq_len", "at most 1048576"),
+            (
+                "checkpoint.keep_every=0",
+                "checkpoint.keep_every",
+                "at least 1",
+            ),
+            (
+                "checkpoint.resume=\"2199023255552\"",
+                "checkpoint.resume",
+                "at most",
+            ),
+        ] {
+            let e = JobConfig::parse(MINIMAL, &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains(says), "{set}: {e}");
+        }
+        // The limits themselves are accepted.
+        let ok = [
+            format!("job.world_size={}", limits::MAX_WORLD_SIZE),
+            "job.gang_timeout=\"7days\"".to_string(),
+            "job.heartbeat_timeout=\"1s\"".to_string(),
+        ];
+        JobConfig::parse(MINIMAL, &ok).unwrap();
     }
 }

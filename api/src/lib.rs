@@ -13,6 +13,11 @@ pub mod testing;
 
 pub use config::{ConfigError, JobConfig, Resume, Schedule};
 
+/// Exit status of `lockstep train` for an error that a restart cannot fix (the config, the
+/// base model, the data, a checkpoint of another architecture, a non-finite loss, which a
+/// bit-identical rerun reproduces). A coordinator fails the job at once instead of retrying.
+pub const EXIT_PERMANENT: u8 = 3;
+
 /// The gRPC protocol (`proto/lockstep.proto`), generated at build time.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {

@@ -116,7 +116,10 @@ enum Command {
     /// same command again continues from the newest checkpoint, bit-identically.
     ///
     /// Exit status: 0 done; 1 error (the message names the field, file or checkpoint at
-    /// fault); 2 bad command line; 130 / 143 stopped by SIGINT / SIGTERM after checkpointing.
+    /// fault); 2 bad command line; 3 an error a restart cannot fix (config, base model, data,
+    /// a checkpoint of another architecture, a non-finite loss: a coordinator fails the job at
+    /// once instead of restarting it); 130 / 143 stopped by SIGINT / SIGTERM after
+    /// checkpointing.
     Train(TrainArgs),
 }
 
@@ -351,8 +354,13 @@ fn main() -> ExitCode {
         Command::Train(args) => match worker::run(&args.into_options()) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
+                // The last line a launcher reads from the log, and the job's message.
                 eprintln!("error: {e}");
-                ExitCode::FAILURE
+                if e.is_permanent() {
+                    ExitCode::from(lockstep_api::EXIT_PERMANENT)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         },
         Command::Ckpt(cmd) => block_on(2, async move {

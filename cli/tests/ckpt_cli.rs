@@ -200,3 +200,43 @@ fn help_explains_each_subcommand() {
     let o = lockstep(&["ckpt", "verify", "--help"], &[]);
     assert!(text(&o).contains("Exits 0 only"), "{}", text(&o));
 }
+
+/// A checkpoint whose shard decodes to far more than it stores (here: 256 MiB of zeros in a
+/// few kilobytes, written by the real writer, so every size and hash is consistent) is refused
+/// before anything is decoded: `verify` reports it (exit 1) within a 1.5 GB address space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_a_decompression_bomb_within_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/bomb", dir.path().display());
+    let store = CheckpointStore::open(&url).unwrap();
+    let zeros = lockstep_storage::TensorInput {
+        name: "model.embed_tokens.weight".into(),
+        dtype: lockstep_storage::DType::F32,
+        shape: vec![64 << 10, 1 << 10],
+        data: bytes::Bytes::from(vec![0u8; 256 << 20]),
+    };
+    let info = CommitInfo {
+        job: "bomb".into(),
+        step: 1,
+        config_hash: "abc".into(),
+        parent: None,
+        trainer_state: serde_json::json!({ "step": 1 }),
+    };
+    store.save(info, &[zeros], 1).await.unwrap();
+    let exe = env!("CARGO_BIN_EXE_lockstep");
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -v 1500000 && exec '{exe}' ckpt verify '{url}'"
+            ))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("decompression bomb"), "{out}");
+    assert!(out.contains("rank-00000.shard"), "names the file: {out}");
+}

@@ -13,6 +13,14 @@ use serde_json::Value;
 
 const LOCKSTEP: &str = env!("CARGO_BIN_EXE_lockstep");
 
+/// One gang at a time: these tests measure timeouts (heartbeats, gang formation) on a 2-core
+/// machine, and gangs of several tests at once would starve each other.
+static ONE_GANG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_gang() -> std::sync::MutexGuard<'static, ()> {
+    ONE_GANG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn lockstep(dir: &Path) -> Command {
     let mut c = Command::new(LOCKSTEP);
     c.current_dir(dir);
@@ -76,6 +84,15 @@ fn run(dir: &Path, hit: Option<(u32, nix::sys::signal::Signal, u64)>) -> (i32, V
     (code, lines)
 }
 
+/// Why the job restarted, each time: for assertion messages.
+fn causes(lines: &[Value]) -> Vec<&str> {
+    lines
+        .iter()
+        .filter(|s| s["state"] == "restarting")
+        .filter_map(|s| s["message"].as_str())
+        .collect()
+}
+
 fn last(lines: &[Value]) -> &Value {
     lines.last().expect("no status lines")
 }
@@ -99,13 +116,19 @@ fn straight(steps: u64) -> (tempfile::TempDir, Value) {
     let (code, lines) = run(dir.path(), None);
     assert_eq!(code, 0, "{:?}", last(&lines));
     let end = last(&lines).clone();
-    assert_eq!(end["state"], "succeeded");
-    assert_eq!(end["restarts"], 0);
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert_eq!(
+        end["restarts"],
+        0,
+        "a healthy gang restarted: {end}; causes: {:?}",
+        causes(&lines)
+    );
     (dir, end)
 }
 
 #[test]
 fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
+    let _gang = one_gang();
     let (clean_dir, clean) = straight(300);
     let dir = tempfile::tempdir().unwrap();
     config(dir.path(), 300, &[]);
@@ -116,7 +139,7 @@ fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
     let end = last(&lines);
     assert_eq!(code, 0, "{end}");
     assert_eq!(end["state"], "succeeded");
-    assert_eq!(end["restarts"], 1, "{end}");
+    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
     assert_eq!(end["attempt"], 2);
     assert!(
         lines.iter().any(|s| s["state"] == "restarting"
@@ -152,13 +175,14 @@ fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
 
 #[test]
 fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
+    let _gang = one_gang();
     let dir = tempfile::tempdir().unwrap();
     // The ring's timeout is far longer than the heartbeat's: only the heartbeat can catch it.
     config(
         dir.path(),
         300,
         &[
-            ("heartbeat_timeout", "\"2s\""),
+            ("heartbeat_timeout", "\"5s\""),
             ("collective_timeout", "\"60s\""),
         ],
     );
@@ -170,13 +194,13 @@ fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
     let end = last(&lines);
     assert_eq!(code, 0, "{end}");
     assert_eq!(end["state"], "succeeded");
-    assert_eq!(end["restarts"], 1);
+    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
     let restart = lines
         .iter()
         .find(|s| s["state"] == "restarting")
         .expect("a restart");
     let msg = restart["message"].as_str().unwrap();
-    assert!(msg.contains("rank 0 sent no heartbeat for 2s"), "{msg}");
+    assert!(msg.contains("rank 0 sent no heartbeat for 5s"), "{msg}");
     assert!(
         started.elapsed() < Duration::from_secs(50),
         "well within the ring's 60 s"
@@ -187,6 +211,7 @@ fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
 
 #[test]
 fn past_max_restarts_the_job_fails_with_the_cause() {
+    let _gang = one_gang();
     let dir = tempfile::tempdir().unwrap();
     config(dir.path(), 300, &[("max_restarts", "0")]);
     let (code, lines) = run(dir.path(), Some((1, nix::sys::signal::Signal::SIGKILL, 60)));
@@ -304,6 +329,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
+    let _gang = one_gang();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     config(d, 3000, &[]);
@@ -388,4 +414,55 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
         a == b,
         "the resumed job's checkpoint differs from a clean run's"
     );
+}
+
+/// An error a restart cannot fix (here: a base model that does not exist) fails the job at
+/// once, with the worker's own message in the job's status, instead of being retried
+/// `max_restarts` times and reported as a bare exit status.
+#[test]
+fn a_worker_error_that_would_repeat_fails_the_job_at_once_with_its_message() {
+    let _gang = one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-model");
+    let job = TestJob::tiny("e2e")
+        .world(2)
+        .steps(20)
+        .set("job.max_restarts", 3)
+        .set("model.base", format!("\"file://{}\"", missing.display()));
+    job.write_to(dir.path());
+    let (code, lines) = run(dir.path(), None);
+    let end = last(&lines);
+    assert_eq!(code, 1, "{end}");
+    assert_eq!(end["state"], "failed", "{end}");
+    assert_eq!(end["restarts"], 0, "not retried: {end}");
+    let msg = end["message"].as_str().unwrap();
+    assert!(
+        msg.contains("no-such-model") && msg.contains("not restarted"),
+        "the worker's own error reaches the user: {msg}"
+    );
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+/// Every duration and count of a config is bounded: a timeout that would overflow the
+/// supervisor's clock is refused up front, naming the field and the limit.
+#[test]
+fn absurd_config_values_are_refused_before_anything_starts() {
+    let _gang = one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    config(
+        dir.path(),
+        10,
+        &[("gang_timeout", "\"9223372036854775807s\"")],
+    );
+    let out = lockstep(dir.path())
+        .args(["run", "job.toml", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("job.gang_timeout") && err.contains("between 1s and 7days"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "no job was started");
 }

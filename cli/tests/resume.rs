@@ -162,7 +162,7 @@ fn another_architecture_is_refused_by_name() {
     let cfg = config(dir.path());
     assert!(run(&cfg, &["--stop-at", "1"]).status.success());
     let out = run(&cfg, &["--set", "model.intermediate_size=96"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("architecture differs"), "{err}");
     assert!(
@@ -171,7 +171,7 @@ fn another_architecture_is_refused_by_name() {
     );
     // And a fresh start over existing checkpoints is refused too.
     let out = run(&cfg, &["--resume", "none"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds committed"));
 }
 
@@ -180,14 +180,14 @@ fn bad_inputs_exit_nonzero_naming_the_culprit() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let out = run(&cfg, &["--set", "train.lr=-1"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
     assert!(String::from_utf8_lossy(&out.stderr).contains("train.lr"));
 
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": 3}\n").unwrap();
     let set = format!("data.train=[\"file://{}\"]", bad.display());
     let out = run(&cfg, &["--set", &set]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.jsonl:2:"), "{err}");
 
@@ -196,6 +196,6 @@ fn bad_inputs_exit_nonzero_naming_the_culprit() {
         dir.path().display()
     );
     let out = run(&cfg, &["--set", &set]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing-*.jsonl"));
 }

@@ -133,6 +133,7 @@ impl Attempt {
                 attempt: e.attempt,
                 worker: e.worker,
                 cause: e.describe(),
+                permanent: e.permanent(),
             });
         }
         if self.finished[w].as_ref().is_none_or(|f| f.stopped_early) {
@@ -140,6 +141,7 @@ impl Attempt {
                 attempt: e.attempt,
                 worker: e.worker,
                 cause: "exited before the last step without an error".into(),
+                permanent: false,
             });
         }
         let all = self.exited.iter().flatten().filter(|x| x.success()).count() as u32 == self.world;
@@ -207,6 +209,7 @@ mod tests {
 
     fn exit(worker: u32, code: Option<i32>, signal: Option<i32>) -> Exit {
         Exit {
+            message: None,
             attempt: 1,
             worker,
             code,

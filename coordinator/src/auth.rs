@@ -5,6 +5,9 @@ use lockstep_api::proto;
 
 use crate::error::{Error, Result};
 
+/// The shortest token accepted, from a file, a flag or a caller: 128 bits in hex.
+pub const MIN_TOKEN_LEN: usize = 32;
+
 /// 128 random bits, hex.
 pub fn new_token() -> String {
     let mut b = [0u8; 16];
@@ -32,6 +35,10 @@ pub fn check(metadata: &tonic::metadata::MetadataMap, want: &str, whose: &str) -
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match got {
+        // A token too short to be one of ours authenticates nothing, even if it matches.
+        _ if want.len() < MIN_TOKEN_LEN => Err(Error::PermissionDenied {
+            whose: whose.to_string(),
+        }),
         None => Err(Error::Unauthenticated {
             whose: whose.to_string(),
         }),
@@ -76,5 +83,15 @@ mod tests {
             check(&md(Some(&format!("Bearer {t}x"))), &t, "x"),
             Err(Error::PermissionDenied { .. })
         ));
+    }
+
+    #[test]
+    fn an_empty_or_short_token_authenticates_nothing() {
+        for want in ["", "short"] {
+            assert!(matches!(
+                check(&md(Some(&format!("Bearer {want}"))), want, "x"),
+                Err(Error::PermissionDenied { .. })
+            ));
+        }
     }
 }

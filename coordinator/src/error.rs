@@ -75,6 +75,10 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// A job with this id exists already (ids carry 64 random bits: a collision is a bug or
+    /// a replayed store, and must not overwrite a job).
+    #[error("a job `{0}` exists already")]
+    JobExists(String),
     /// A background task died (a panic or a cancelled blocking task).
     #[error("internal: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -84,6 +88,7 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
             Error::NoSuchJob(_) => Code::NotFound,
+            Error::JobExists(_) => Code::AlreadyExists,
             Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::StaleAttempt { .. } => Code::FailedPrecondition,

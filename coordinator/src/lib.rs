@@ -16,6 +16,8 @@
 //! - [`record`]: jobs as stored.
 //! - [`launcher`]: the [`launcher::Launcher`] trait and [`launcher::LocalProcess`].
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
+//! - [`listen`]: bounded, back-off accepting for both servers.
+//! - [`private`]: the data dir and its files, readable by this user only.
 //! - [`cli`]: the commands of the binary that need no Burn (run, serve, submit, status, watch,
 //!   cancel, ckpt).
 //!
@@ -33,8 +35,10 @@ pub mod cli;
 pub mod commit;
 pub mod error;
 pub mod launcher;
+pub mod listen;
 pub mod metrics;
 pub mod persist;
+pub mod private;
 pub mod record;
 pub mod registry;
 pub mod rpc;

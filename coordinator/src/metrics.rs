@@ -167,9 +167,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     render: impl Fn() -> String + Send + Sync + 'static,
 ) {
+    use futures::StreamExt;
     let render = std::sync::Arc::new(render);
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
+    // Bounded, backing off on accept errors (see `listen`).
+    let mut conns = Box::pin(crate::listen::incoming(listener, 64));
+    while let Some(conn) = conns.next().await {
+        let Ok(mut sock) = conn else {
             continue;
         };
         let render = render.clone();

@@ -131,8 +131,27 @@ impl JobStore {
             path: path.display().to_string(),
             reason,
         };
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        let db = redb::Database::create(&path).map_err(|e| err(e.to_string()))?;
+        crate::private::dir(dir).map_err(|e| err(e.to_string()))?;
+        // redb asserts (panics) on some damaged files: a damaged store is an error with a
+        // way out, not a crash of the coordinator.
+        let way_out = |what: String| {
+            err(format!(
+                "{what}. The job store is damaged: move it aside (`mv {0} {0}.damaged`) and \
+                 start again; jobs' checkpoints are not affected, resubmit the jobs to resume \
+                 them",
+                path.display()
+            ))
+        };
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            redb::Database::create(&path)
+        }));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(way_out(e.to_string())),
+            Err(_) => return Err(way_out("redb could not read it".into())),
+        };
+        // It holds every job's config and token.
+        crate::private::restrict(&path).map_err(|e| err(e.to_string()))?;
         let store = JobStore { db, path };
         // Create the table so that reads of an empty store work.
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
@@ -154,7 +173,7 @@ impl JobStore {
         {
             let mut t = tx.open_table(JOBS).map_err(|e| self.err(e))?;
             for job in jobs {
-                let value = serde_json::to_vec(job).map_err(|e| self.err(e))?;
+                let value = encode(job).map_err(|e| self.err(e))?;
                 t.insert(job.id.as_str(), value.as_slice())
                     .map_err(|e| self.err(e))?;
             }
@@ -162,21 +181,131 @@ impl JobStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// Every job. A record that does not parse is reported by id and skipped. Blocking.
-    pub fn all(&self) -> Result<Vec<JobRecord>, StoreError> {
+    /// Every job, and the ids of records that fail their checksum or do not parse (with
+    /// why), which the caller reports. Blocking.
+    pub fn all(&self) -> Result<Stored, StoreError> {
         use redb::{ReadableDatabase as _, ReadableTable as _};
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(JOBS).map_err(|e| self.err(e))?;
-        let mut jobs = Vec::new();
+        let mut stored = Stored::default();
         for row in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            match serde_json::from_slice::<JobRecord>(v.value()) {
-                Ok(j) => jobs.push(j),
-                Err(e) => {
-                    tracing::error!(job = k.value(), error = %e, "unreadable job record skipped")
-                }
+            match decode(v.value()) {
+                Ok(j) if j.id == k.value() => stored.jobs.push(j),
+                Ok(j) => stored.bad.push((
+                    k.value().to_string(),
+                    format!("the record is job `{}`'s", j.id),
+                )),
+                Err(e) => stored.bad.push((k.value().to_string(), e)),
             }
         }
-        Ok(jobs)
+        Ok(stored)
+    }
+}
+
+/// What [`JobStore::all`] found.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// Readable jobs.
+    pub jobs: Vec<JobRecord>,
+    /// Unreadable records: the job id (the key) and why.
+    pub bad: Vec<(String, String)>,
+}
+
+/// Version byte of a stored record: `1`, an xxh3-64 of the JSON (little-endian), the JSON.
+const RECORD_V1: u8 = 1;
+
+fn encode(job: &JobRecord) -> Result<Vec<u8>, serde_json::Error> {
+    let json = serde_json::to_vec(job)?;
+    let mut out = Vec::with_capacity(json.len() + 9);
+    out.push(RECORD_V1);
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&json).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+fn decode(bytes: &[u8]) -> Result<JobRecord, String> {
+    let json = match bytes.split_first() {
+        // Written before records carried a checksum.
+        Some((b'{', _)) => bytes,
+        Some((&RECORD_V1, rest)) if rest.len() >= 8 => {
+            let (sum, json) = rest.split_at(8);
+            let want = u64::from_le_bytes(sum.try_into().map_err(|_| "short record")?);
+            if xxhash_rust::xxh3::xxh3_64(json) != want {
+                return Err("the record fails its checksum".into());
+            }
+            json
+        }
+        _ => return Err("not a job record of a known version".into()),
+    };
+    serde_json::from_slice(json).map_err(|e| format!("the record does not parse: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Lifecycle;
+
+    fn record(id: &str) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            name: "j".into(),
+            token: "t".repeat(32),
+            config_text: String::new(),
+            overrides: vec![],
+            lifecycle: Lifecycle::new(1),
+            world_size: 1,
+            total_steps: 1,
+            step: 0,
+            loss: None,
+            first_loss: None,
+            tokens_per_sec: 0.0,
+            last_checkpoint: None,
+            params_hash: String::new(),
+            checkpoint_url: "memory://".into(),
+            workdir: PathBuf::from("/"),
+            created_ms: 0,
+            updated_ms: 0,
+            gang_wait_seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_damaged_record_is_reported_by_id_not_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = JobStore::open(dir.path()).expect("open");
+        store.put_all(&[record("a-1"), record("b-2")]).expect("put");
+        // Flip one bit of b-2's JSON.
+        let mut bad = encode(&record("b-2")).expect("encode");
+        let n = bad.len();
+        bad[n - 5] ^= 1;
+        let tx = store.db.begin_write().expect("tx");
+        tx.open_table(JOBS)
+            .expect("table")
+            .insert("b-2", bad.as_slice())
+            .expect("insert");
+        tx.commit().expect("commit");
+        let stored = store.all().expect("all");
+        assert_eq!(stored.jobs.len(), 1);
+        assert_eq!(stored.jobs[0].id, "a-1");
+        assert_eq!(stored.bad.len(), 1);
+        assert_eq!(stored.bad[0].0, "b-2");
+        assert!(stored.bad[0].1.contains("checksum"), "{:?}", stored.bad);
+    }
+
+    #[test]
+    fn a_damaged_store_is_an_error_with_a_way_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(JobStore::open(dir.path()).expect("open"));
+        let path = dir.path().join("jobs.redb");
+        let len = std::fs::metadata(&path).expect("stat").len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open file");
+        f.set_len(len / 3).expect("truncate");
+        drop(f);
+        let e = JobStore::open(dir.path()).expect_err("damaged");
+        assert!(e.to_string().contains("move it aside"), "{e}");
     }
 }

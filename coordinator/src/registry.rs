@@ -33,9 +33,14 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Adds `job`.
-    pub fn insert(&self, job: Arc<Job>) {
-        lock(&self.jobs).insert(job.id.clone(), job);
+    /// Adds `job`; never replaces one with the same id.
+    pub fn insert(&self, job: Arc<Job>) -> Result<()> {
+        let mut jobs = lock(&self.jobs);
+        if jobs.contains_key(&job.id) {
+            return Err(Error::JobExists(job.id.clone()));
+        }
+        jobs.insert(job.id.clone(), job);
+        Ok(())
     }
 
     /// The job called `id`.

@@ -105,8 +105,14 @@ impl Coordinator {
         let Some(store) = self.inner.store.clone() else {
             return Ok(());
         };
-        let records = tokio::task::spawn_blocking(move || store.all()).await??;
-        for record in records {
+        let stored = tokio::task::spawn_blocking(move || store.all()).await??;
+        for (id, why) in stored.bad {
+            // Its workers may still run: kill them even though the job cannot be resumed.
+            tracing::error!(job = %id, reason = %why,
+                "a stored job record is unreadable; killing what is left of its workers and skipping it");
+            self.inner.launcher.kill_leftovers(&id).await;
+        }
+        for record in stored.jobs {
             let live = !record.phase().is_final();
             if live {
                 self.inner.launcher.kill_leftovers(&record.id).await;
@@ -150,12 +156,21 @@ impl Coordinator {
             changed: watch::channel(0).0,
             inbox,
         });
-        self.inner.registry.insert(job.clone());
-        tokio::spawn(crate::supervisor::supervise(
+        self.inner.registry.insert(job.clone())?;
+        let supervisor = tokio::spawn(crate::supervisor::supervise(
             self.inner.clone(),
             job.clone(),
             rx,
         ));
+        // A supervisor that panics must not leave its job looking alive with workers running.
+        let (inner, watched) = (self.inner.clone(), job.clone());
+        tokio::spawn(async move {
+            if let Err(e) = supervisor.await
+                && e.is_panic()
+            {
+                crate::supervisor::crashed(&inner, &watched, e.into_panic());
+            }
+        });
         Ok(job)
     }
 
@@ -174,7 +189,8 @@ impl Coordinator {
                 workdir.display()
             )));
         }
-        let id = format!("{}-{}", config.job.name, &auth::new_token()[..6]);
+        // 64 random bits: ids do not collide in practice, and a collision is refused.
+        let id = format!("{}-{}", config.job.name, &auth::new_token()[..16]);
         let now = now_ms();
         let record = JobRecord {
             id,

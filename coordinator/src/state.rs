@@ -97,6 +97,8 @@ pub enum Input {
         worker: u32,
         /// How it ended, in words.
         cause: String,
+        /// It reported an error a restart cannot fix ([`lockstep_api::EXIT_PERMANENT`]).
+        permanent: bool,
     },
     /// A rank of `attempt` sent nothing for the heartbeat timeout.
     HeartbeatTimeout {
@@ -192,7 +194,16 @@ impl Lifecycle {
                 attempt,
                 worker,
                 cause,
+                permanent,
             } if current(attempt) && matches!(self.phase, Phase::Admitting | Phase::Running) => {
+                if permanent {
+                    self.phase = Phase::Failed;
+                    self.message = format!(
+                        "attempt {attempt}: rank {worker} {cause}; not restarted: the error \
+                         would repeat (fix it and submit the job again)"
+                    );
+                    return vec![Action::TearDown];
+                }
                 self.restart(format!("attempt {attempt}: rank {worker} {cause}"))
             }
             Input::HeartbeatTimeout {
@@ -281,6 +292,7 @@ mod tests {
             attempt,
             worker: 1,
             cause: "was killed by SIGKILL".into(),
+            permanent: false,
         };
         assert_eq!(
             l.apply(fail(1)),
@@ -389,5 +401,22 @@ mod tests {
     fn backoff_doubles_and_is_capped() {
         let got: Vec<u64> = (1..=8).map(|n| backoff(n).as_secs()).collect();
         assert_eq!(got, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[test]
+    fn an_error_a_restart_cannot_fix_fails_the_job_at_once() {
+        let mut l = Lifecycle::new(3);
+        l.apply(Input::Start);
+        let actions = l.apply(Input::WorkerFailed {
+            attempt: 1,
+            worker: 0,
+            cause: "exited with status 3: error: config.json not found".into(),
+            permanent: true,
+        });
+        assert_eq!(actions, vec![Action::TearDown]);
+        assert_eq!(l.phase, Phase::Failed);
+        assert_eq!(l.restarts, 0);
+        assert!(l.message.contains("config.json not found"), "{}", l.message);
+        assert!(l.message.contains("not restarted"), "{}", l.message);
     }
 }

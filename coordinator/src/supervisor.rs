@@ -106,6 +106,34 @@ pub(crate) async fn supervise(
     }
 }
 
+/// The job's supervisor panicked (a bug): fail the job with the cause and kill its workers,
+/// so that nothing keeps running under a job nobody supervises.
+pub(crate) fn crashed(inner: &Inner, job: &Job, panic: Box<dyn std::any::Any + Send>) {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    tracing::error!(job = %job.id, panic = %what, "the job's supervisor panicked; failing the job");
+    let mut st = lock(&job.state);
+    if let Some(mut live) = st.live.take() {
+        for handle in &live.workers {
+            handle.kill();
+        }
+        live.join_result.send_replace(None);
+        live.commits.tear_down();
+    }
+    if !st.record.lifecycle.phase.is_final() {
+        st.record.lifecycle.phase = Phase::Failed;
+        st.record.lifecycle.message = format!(
+            "internal error: the coordinator's supervisor of this job crashed ({what}); its \
+             workers were killed. Please report this; submitting the job again resumes from \
+             its last checkpoint"
+        );
+    }
+    st.touch(job, &inner.persister, true);
+}
+
 /// About 30 years from now: a deadline that never comes.
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365 * 30)
@@ -184,8 +212,9 @@ async fn launch(
     let dir = inner.settings.data_dir.join("jobs").join(&job.id);
     let config_path = dir.join("config.toml");
     let (d, path) = (dir.clone(), config_path.clone());
+    // It holds the job's config (and its data dir holds tokens): private to this user.
     tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&d).and_then(|_| std::fs::write(&path, text))
+        crate::private::dir(&d).and_then(|_| crate::private::write(&path, text.as_bytes()))
     })
     .await?
     .map_err(|source| Error::Io {

@@ -14,9 +14,18 @@ use crate::registry::lock;
 pub struct Simulated {
     specs: Mutex<Vec<WorkerSpec>>,
     kills: Arc<AtomicU32>,
+    panic_at: Option<u32>,
 }
 
 impl Simulated {
+    /// A launcher with a bug: launching worker `worker` panics (the workers before it start).
+    pub fn panicking_at(worker: u32) -> Simulated {
+        Simulated {
+            panic_at: Some(worker),
+            ..Simulated::default()
+        }
+    }
+
     /// Every worker launched so far, in order.
     pub fn specs(&self) -> Vec<WorkerSpec> {
         lock(&self.specs).clone()
@@ -41,6 +50,7 @@ impl WorkerHandle for Handle {
         if !self.killed.swap(true, Ordering::SeqCst) {
             self.kills.fetch_add(1, Ordering::SeqCst);
             let _ = self.exited.send(Exit {
+                message: None,
                 attempt: self.attempt,
                 worker: self.worker,
                 code: None,
@@ -57,6 +67,11 @@ impl Launcher for Simulated {
         spec: &WorkerSpec,
         exited: mpsc::UnboundedSender<Exit>,
     ) -> Result<Box<dyn WorkerHandle>, LaunchError> {
+        assert!(
+            self.panic_at != Some(spec.worker),
+            "simulated launcher bug at worker {}",
+            spec.worker
+        );
         lock(&self.specs).push(spec.clone());
         Ok(Box::new(Handle {
             attempt: spec.attempt,

@@ -27,7 +27,7 @@ async fn killing_a_worker_kills_its_children_too() {
     let script = d.join("fake-trainer");
     std::fs::write(
         &script,
-        "#!/bin/sh\nsleep 300 &\necho $! > \"$PWD/child.pid\"\necho $$ > \"$PWD/self.pid\"\nwait\n",
+        "#!/bin/sh\nenv > \"$PWD/env.txt\"\nsleep 300 &\necho $! > \"$PWD/child.pid\"\necho $$ > \"$PWD/self.pid\"\nwait\n",
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -78,4 +78,13 @@ async fn killing_a_worker_kills_its_children_too() {
     }
     assert!(!alive(worker));
     assert!(Path::new(&spec.log).exists(), "its output goes to the log");
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(&spec.log).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600, "others cannot read a worker's log");
+    // The worker gets its job token and PATH, not the rest of the coordinator's environment
+    // (cargo runs this test with CARGO_* variables set).
+    let env = std::fs::read_to_string(d.join("env.txt")).unwrap();
+    assert!(env.lines().any(|l| l == "LOCKSTEP_TOKEN=t"), "{env}");
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+    assert!(!env.lines().any(|l| l.starts_with("CARGO_")), "{env}");
 }

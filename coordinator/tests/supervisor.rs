@@ -182,3 +182,42 @@ async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
     assert_eq!(second.state, "admitting");
     assert_eq!(second.restarts, 1);
 }
+
+/// A bug that panics a job's supervisor (here, in the launcher) fails that job with the cause
+/// and kills the workers it had started, instead of leaving it "admitting" forever.
+#[tokio::test(start_paused = true)]
+async fn a_supervisor_that_panics_fails_its_job_and_kills_its_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = Arc::new(Simulated::panicking_at(1));
+    let c = Coordinator::open(
+        Settings {
+            data_dir: dir.path().to_path_buf(),
+            admin_token: "admin".into(),
+            persist: false,
+        },
+        launcher.clone(),
+    )
+    .await
+    .unwrap();
+    c.start("http://127.0.0.1:1".into()).await.unwrap();
+    let s = c
+        .submit(
+            TestJob::simulated("sim", 2).toml(),
+            vec![],
+            dir.path().to_path_buf(),
+        )
+        .await
+        .unwrap()
+        .status();
+    let failed = wait_until(&c, &s.job_id, "failed", |s| s.state == "failed").await;
+    assert!(
+        failed.message.contains("supervisor of this job crashed")
+            && failed
+                .message
+                .contains("simulated launcher bug at worker 1"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(launcher.specs().len(), 1, "worker 0 was started");
+    assert_eq!(launcher.kills(), 1, "and killed");
+}

@@ -97,6 +97,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// Not enough memory for something a checkpoint needs (it is too big for this machine).
+    #[error("not enough memory for {what} ({bytes} bytes)")]
+    OutOfMemory {
+        /// What needed it.
+        what: String,
+        /// How much.
+        bytes: u64,
+    },
+
     /// The caller asked for something that cannot be done (a bad argument, not bad data).
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -190,17 +190,22 @@ impl CheckpointStore {
             match idx {
                 Ok(footer) => {
                     let path = self.shard_path(m.step, rank as u32);
+                    // A batch is bounded in stored bytes and in decoded bytes (what the
+                    // decoders allocate at once), whatever the compression ratio.
+                    let raw_cap = (self.opts.read_batch as u64).max(shard::MAX_CHUNK_RAW_LEN);
                     let mut at = 0;
                     while at < footer.chunks.len() {
                         let first = at;
                         let start = footer.chunks[at].offset;
-                        let mut end = start;
+                        let (mut end, mut raw) = (start, 0u64);
                         while at < footer.chunks.len()
                             && (at == first
-                                || end - start + footer.chunks[at].len
-                                    <= self.opts.read_batch as u64)
+                                || (end - start + footer.chunks[at].len
+                                    <= self.opts.read_batch as u64
+                                    && raw + footer.chunks[at].raw_len <= raw_cap))
                         {
                             end += footer.chunks[at].len;
+                            raw += footer.chunks[at].raw_len;
                             at += 1;
                         }
                         batches.push(Batch {
@@ -225,7 +230,7 @@ impl CheckpointStore {
 
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(Batch, Bytes)>(2);
         let consumer = {
-            let mut sink = Sink::new(self, m, keep, bad_shards);
+            let mut sink = Sink::new(self, m, keep, bad_shards)?;
             tokio::task::spawn_blocking(move || {
                 while let Some((batch, data)) = rx.blocking_recv() {
                     sink.consume(batch, data);
@@ -306,7 +311,12 @@ struct Sink {
 }
 
 impl Sink {
-    fn new(store: &CheckpointStore, m: &Manifest, keep: bool, bad_shards: Vec<bool>) -> Sink {
+    fn new(
+        store: &CheckpointStore,
+        m: &Manifest,
+        keep: bool,
+        bad_shards: Vec<bool>,
+    ) -> Result<Sink> {
         let mut pieces: Vec<Vec<PieceState>> = (0..m.shards.len()).map(|_| Vec::new()).collect();
         for (ti, t) in m.tensors.iter().enumerate() {
             for p in &t.pieces {
@@ -326,16 +336,26 @@ impl Sink {
         for ps in &mut pieces {
             ps.sort_by_key(|p| p.offset);
         }
-        let tensors = if keep {
-            // `nbytes` was validated with the manifest.
-            m.tensors
-                .iter()
-                .map(|t| vec![0u8; t.nbytes().unwrap_or_default() as usize])
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Sink {
+        let mut tensors = Vec::new();
+        if keep {
+            // `nbytes` was validated with the manifest, and is bounded by the shards' decoded
+            // sizes, which their footers bound by the stored sizes. Still, the allocation is
+            // fallible: a checkpoint too big for this machine is an error, not an abort.
+            for t in &m.tensors {
+                let n = t.nbytes().unwrap_or_default();
+                let mut buf = Vec::new();
+                usize::try_from(n)
+                    .ok()
+                    .and_then(|n| buf.try_reserve_exact(n).ok().map(|()| n))
+                    .map(|n| buf.resize(n, 0))
+                    .ok_or_else(|| Error::OutOfMemory {
+                        what: format!("tensor `{}` of step {}", t.name, m.step),
+                        bytes: n,
+                    })?;
+                tensors.push(buf);
+            }
+        }
+        Ok(Sink {
             files: m
                 .shards
                 .iter()
@@ -351,7 +371,7 @@ impl Sink {
             chunks: 0,
             stored_bytes: 0,
             raw_bytes: 0,
-        }
+        })
     }
 
     /// Checks and decodes one batch of chunks. Chunks decode in parallel: with `keep`, straight

@@ -62,7 +62,7 @@ impl StoreOptions {
     /// Sets [`StoreOptions::chunk_size`].
     #[must_use]
     pub fn with_chunk_size(mut self, bytes: usize) -> Self {
-        self.chunk_size = bytes.max(64);
+        self.chunk_size = bytes.clamp(64, crate::format::shard::MAX_CHUNK_RAW_LEN as usize);
         self
     }
     /// Sets [`StoreOptions::part_size`].

@@ -95,7 +95,12 @@ impl Control {
             .ok_or_else(|| Error::Invalid("LOCKSTEP_TOKEN is not a valid header value".into()))?;
         let channel = Channel::from_shared(id.url.clone())
             .map_err(|e| Error::Invalid(format!("--coordinator {}: {e}", id.url)))?
-            .connect_timeout(Duration::from_secs(10));
+            .connect_timeout(Duration::from_secs(10))
+            // A coordinator that stops answering (stopped, partitioned) fails the calls in
+            // flight within seconds instead of hanging them: HTTP/2 PINGs must be answered.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
         let channel = rt
             .block_on(channel.connect())
             .map_err(|e| Error::CoordinatorGone {

@@ -98,5 +98,35 @@ pub enum Error {
     Invalid(String),
 }
 
+impl Error {
+    /// A restart cannot fix it: the config, the base model, the data, a checkpoint this job
+    /// cannot resume, a non-finite loss (training is bit-reproducible, so it would recur), or
+    /// an input that does not exist. `lockstep train` exits with
+    /// [`lockstep_api::EXIT_PERMANENT`] for these, and a coordinator fails the job at once.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Config(_)
+            | Error::ConfigFile { .. }
+            | Error::Model { .. }
+            | Error::Data { .. }
+            | Error::Resume { .. }
+            | Error::NotFinite { .. }
+            | Error::Invalid(_) => true,
+            Error::Storage(e) => matches!(
+                e,
+                lockstep_storage::Error::NotFound { .. }
+                    | lockstep_storage::Error::InvalidUrl { .. }
+                    | lockstep_storage::Error::Refused { .. }
+                    | lockstep_storage::Error::Invalid(_)
+            ),
+            Error::Io { .. }
+            | Error::Collective(_)
+            | Error::AttemptOver { .. }
+            | Error::CoordinatorGone { .. }
+            | Error::Refused { .. } => false,
+        }
+    }
+}
+
 /// Trainer results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -86,11 +86,16 @@ async fn serve_grpc(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
 ) -> std::result::Result<(), tonic::transport::Error> {
+    use crate::listen::{MAX_CONNECTIONS, incoming};
     tonic::transport::Server::builder()
+        // Dead peers are found by HTTP/2 PINGs; one connection cannot hog the server.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .concurrency_limit_per_connection(64)
         .add_service(proto::coordinator_server::CoordinatorServer::new(
             coordinator,
         ))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(incoming(listener, MAX_CONNECTIONS))
         .await
 }
 
@@ -223,7 +228,17 @@ fn admin_token(dir: &Path, create: bool) -> Result<String> {
         source,
     };
     match std::fs::read_to_string(&path) {
-        Ok(t) => return Ok(t.trim().to_string()),
+        Ok(t) if t.trim().len() >= crate::auth::MIN_TOKEN_LEN => return Ok(t.trim().to_string()),
+        Ok(t) => {
+            return Err(CliError::Usage(format!(
+                "the admin token in {} is {} characters long, shorter than the {} required (a \
+                 crash while it was being written can leave it empty): delete the file and \
+                 restart `lockstep serve` to create a new one",
+                path.display(),
+                t.trim().len(),
+                crate::auth::MIN_TOKEN_LEN
+            )));
+        }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound || !create => {
             return Err(io(
                 "read the admin token (pass --token or set LOCKSTEP_ADMIN_TOKEN)",
@@ -232,21 +247,9 @@ fn admin_token(dir: &Path, create: bool) -> Result<String> {
         }
         Err(_) => {}
     }
-    std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
-        op: "create",
-        path: dir.to_path_buf(),
-        source,
-    })?;
     let token = new_token();
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| io("create", e))?;
-    writeln!(f, "{token}").map_err(|e| io("write", e))?;
+    // Atomic: a crash leaves no file or the whole token, never an empty one.
+    crate::private::write(&path, format!("{token}\n").as_bytes()).map_err(|e| io("write", e))?;
     Ok(token)
 }
 

@@ -58,6 +58,48 @@ impl LocalProcess {
     }
 }
 
+/// Whether a variable of the coordinator's environment reaches its workers. Only what a
+/// trainer uses: the system basics, logging, the device and NCCL, the S3 settings its
+/// checkpoints and data need. Not the admin token, not a static gang's rank and peers, not
+/// anything else a user happened to export.
+pub fn passes_to_workers(name: &std::ffi::OsStr) -> bool {
+    const EXACT: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LANG",
+        "TZ",
+        "TMPDIR",
+        "LD_LIBRARY_PATH",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "RUST_BACKTRACE",
+        "LOCKSTEP_LOG",
+        "LOCKSTEP_DATA_HOST",
+        "LOCKSTEP_CUDA_DEVICE",
+        "CUDA_VISIBLE_DEVICES",
+    ];
+    const PREFIXES: &[&str] = &["LC_", "AWS_", "NCCL_"];
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The last `error: …` line of a worker's log (its own words for why it failed), from the
+/// log's last 64 KiB, at most 2,000 characters of it.
+fn last_error(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
+    let mut tail = Vec::new();
+    f.take(64 << 10).read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| l.starts_with("error: "))?;
+    Some(line.chars().take(2000).collect())
+}
+
 struct LocalWorker {
     pid: u32,
 }
@@ -128,10 +170,7 @@ impl Launcher for LocalProcess {
         // The log file is disk IO: on the blocking pool.
         let path = spec.log.clone();
         let log = tokio::task::spawn_blocking(move || {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let log = std::fs::File::create(&path)?;
+            let log = crate::private::create(&path)?;
             let log2 = log.try_clone()?;
             Ok::<_, std::io::Error>((log, log2))
         })
@@ -140,9 +179,9 @@ impl Launcher for LocalProcess {
         let (log, log2) = log.map_err(spawn_err)?;
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.args(Self::args(spec))
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| passes_to_workers(k)))
             .env("LOCKSTEP_TOKEN", &spec.token)
-            .env_remove("LOCKSTEP_RANK")
-            .env_remove("LOCKSTEP_PEERS")
             .current_dir(&spec.workdir)
             .stdin(Stdio::null())
             .stdout(log)
@@ -155,25 +194,33 @@ impl Launcher for LocalProcess {
                 "the worker exited before it had a pid",
             ))
         })?;
-        let (attempt, worker) = (spec.attempt, spec.worker);
+        let (attempt, worker, log) = (spec.attempt, spec.worker, spec.log.clone());
         tokio::spawn(async move {
             use std::os::unix::process::ExitStatusExt;
-            let exit = match child.wait().await {
+            let mut exit = match child.wait().await {
                 Ok(status) => Exit {
                     attempt,
                     worker,
                     code: status.code(),
                     signal: status.signal(),
+                    message: None,
                 },
                 Err(_) => Exit {
                     attempt,
                     worker,
                     code: None,
                     signal: None,
+                    message: None,
                 },
             };
             // The worker is gone; anything it started in its group goes with it.
             kill_group(pid);
+            if exit.code.is_some_and(|c| c != 0) {
+                exit.message = tokio::task::spawn_blocking(move || last_error(&log))
+                    .await
+                    .ok()
+                    .flatten();
+            }
             let _ = exited.send(exit);
         });
         Ok(Box::new(LocalWorker { pid }))
@@ -191,6 +238,34 @@ impl Launcher for LocalProcess {
         });
         if let Err(e) = scan.await {
             tracing::error!(error = %e, "cannot look for leftover workers");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::passes_to_workers;
+
+    #[test]
+    fn workers_get_only_the_environment_they_need() {
+        for name in [
+            "PATH",
+            "AWS_SECRET_ACCESS_KEY",
+            "LC_ALL",
+            "NCCL_DEBUG",
+            "LOCKSTEP_LOG",
+        ] {
+            assert!(passes_to_workers(name.as_ref()), "{name}");
+        }
+        for name in [
+            "LOCKSTEP_ADMIN_TOKEN",
+            "LOCKSTEP_RANK",
+            "LOCKSTEP_PEERS",
+            "LOCKSTEP_TOKEN",
+            "GITHUB_TOKEN",
+            "DATABASE_URL",
+        ] {
+            assert!(!passes_to_workers(name.as_ref()), "{name}");
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct Exit {
     pub code: Option<i32>,
     /// The signal that killed it, when one did.
     pub signal: Option<i32>,
+    /// Its own last words when it failed: the `error: …` line it printed.
+    pub message: Option<String>,
 }
 
 impl Exit {
@@ -53,8 +55,21 @@ impl Exit {
         self.code == Some(0)
     }
 
-    /// "exited with status 1", "was killed by SIGKILL".
+    /// It failed with an error a restart cannot fix ([`lockstep_api::EXIT_PERMANENT`]).
+    pub fn permanent(&self) -> bool {
+        self.code == Some(i32::from(lockstep_api::EXIT_PERMANENT))
+    }
+
+    /// "exited with status 1: error: …", "was killed by SIGKILL".
     pub fn describe(&self) -> String {
+        let how = self.how();
+        match &self.message {
+            Some(m) => format!("{how}: {m}"),
+            None => how,
+        }
+    }
+
+    fn how(&self) -> String {
         match (self.code, self.signal) {
             (Some(c), _) => format!("exited with status {c}"),
             (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {

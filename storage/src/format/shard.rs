@@ -26,8 +26,13 @@ pub const HEADER_LEN: u64 = 16;
 pub const TRAILER_LEN: u64 = 32;
 /// Largest footer a reader accepts (a footer entry is ~150 B; this is ~100k chunks).
 pub const MAX_FOOTER_LEN: u64 = 16 << 20;
-/// Largest decoded chunk a reader accepts; writers use far smaller chunks.
-pub const MAX_CHUNK_RAW_LEN: u64 = 256 << 20;
+/// Largest decoded chunk a reader accepts and a writer may be configured for (writers default
+/// to 4 MiB). With the read batches this bounds a reader's memory whatever a footer claims.
+pub const MAX_CHUNK_RAW_LEN: u64 = 64 << 20;
+/// Decoded bytes a shard may claim per stored byte, beyond one chunk's worth. Real weights and
+/// optimizer moments compress about 1.1–1.5×; a shard claiming more than this is a
+/// decompression bomb, and is refused before anything is decoded or allocated.
+pub const MAX_INFLATION: u64 = 1024;
 
 /// One chunk's index entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +198,17 @@ pub fn parse_footer(
     }
     if raw != footer.raw_bytes || off != data_end {
         return Err(malformed("chunks do not cover the shard"));
+    }
+    let stored = off - HEADER_LEN;
+    if raw
+        > stored
+            .saturating_mul(MAX_INFLATION)
+            .saturating_add(MAX_CHUNK_RAW_LEN)
+    {
+        return Err(malformed(format!(
+            "claims {raw} decoded bytes from {stored} stored, more than {MAX_INFLATION}× \
+             (a decompression bomb?); refusing to decode it"
+        )));
     }
     Ok(footer)
 }
