@@ -12,11 +12,13 @@ use crate::state::{Lifecycle, Phase};
 /// every committed checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
-    /// `NAME-xxxxxx`.
+    /// `NAME-` and 16 hex digits (64 random bits).
     pub id: String,
     /// `job.name`.
     pub name: String,
-    /// The job's secret: workers present it on every call.
+    /// The job's secret: workers present it on every call. In memory only, never stored: a
+    /// coordinator that restarts gives each live job a new one (the old workers are killed).
+    #[serde(skip_serializing, default)]
     pub token: String,
     /// The config as submitted.
     pub config_text: String,
@@ -268,6 +270,24 @@ mod tests {
             updated_ms: 0,
             gang_wait_seconds: 0.0,
         }
+    }
+
+    #[test]
+    fn tokens_are_never_written_to_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = JobStore::open(dir.path()).expect("open");
+        let secret = "s3cr3t".repeat(8);
+        let mut r = record("a-1");
+        r.token = secret.clone();
+        store.put_all(&[r]).expect("put");
+        drop(store);
+        let bytes = std::fs::read(dir.path().join("jobs.redb")).expect("read");
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the job token is in jobs.redb"
+        );
+        let store = JobStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.all().expect("all").jobs[0].token, "");
     }
 
     #[test]

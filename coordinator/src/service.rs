@@ -112,7 +112,9 @@ impl Coordinator {
                 "a stored job record is unreadable; killing what is left of its workers and skipping it");
             self.inner.launcher.kill_leftovers(&id).await;
         }
-        for record in stored.jobs {
+        for mut record in stored.jobs {
+            // Tokens are not stored; this coordinator's workers get a new one.
+            record.token = auth::new_token();
             let live = !record.phase().is_final();
             if live {
                 self.inner.launcher.kill_leftovers(&record.id).await;

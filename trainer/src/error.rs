@@ -110,8 +110,7 @@ impl Error {
             | Error::Model { .. }
             | Error::Data { .. }
             | Error::Resume { .. }
-            | Error::NotFinite { .. }
-            | Error::Invalid(_) => true,
+            | Error::NotFinite { .. } => true,
             Error::Storage(e) => matches!(
                 e,
                 lockstep_storage::Error::NotFound { .. }
@@ -123,7 +122,9 @@ impl Error {
             | Error::Collective(_)
             | Error::AttemptOver { .. }
             | Error::CoordinatorGone { .. }
-            | Error::Refused { .. } => false,
+            | Error::Refused { .. }
+            // Internal failures (threads, runtimes, forming the ring): a restart may help.
+            | Error::Invalid(_) => false,
         }
     }
 }

@@ -35,5 +35,5 @@ pub mod worker;
 
 #[cfg(feature = "cuda")]
 pub use collective::Nccl;
-pub use collective::{Collective, CollectiveError, Solo, TcpRing};
+pub use collective::{Collective, CollectiveError, RingKey, Solo, TcpRing};
 pub use error::{Error, Result};

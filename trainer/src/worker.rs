@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use lockstep_api::{JobConfig, Resume};
 
-use crate::collective::{Collective, Solo, TcpRing};
+use crate::collective::{Collective, RingKey, Solo, TcpRing};
 use crate::control::{Control, Identity};
 use crate::error::{Error, Result};
 use crate::progress::{Progress, print_summary};
@@ -244,7 +244,16 @@ fn static_ring(rank: usize, peers: &[String], config: &JobConfig) -> Result<TcpR
             peers.len()
         )));
     }
-    TcpRing::connect(rank, peers, config.job.collective_timeout)
+    // A static gang has no job token: ranks prove they share LOCKSTEP_RING_KEY when it is set
+    // (set the same value on every rank), and only that they speak lockstep otherwise.
+    let secret = std::env::var("LOCKSTEP_RING_KEY").unwrap_or_default();
+    if secret.is_empty() {
+        tracing::info!(
+            "static gang without LOCKSTEP_RING_KEY: ring connections are not authenticated"
+        );
+    }
+    let key = RingKey::derive(secret.as_bytes(), &format!("static/{}", config.job.name));
+    TcpRing::connect(rank, peers, config.job.collective_timeout, &key)
         .map_err(|e| Error::Invalid(format!("form the gradient ring as rank {rank}: {e}")))
 }
 
@@ -257,6 +266,8 @@ fn join_gang(
     stop: Arc<AtomicBool>,
 ) -> Result<(TcpRing, Arc<Control>, Option<u64>)> {
     let (job, attempt, worker) = (id.job.clone(), id.attempt, id.worker);
+    // Ranks prove they hold this job's token, for this attempt, when they form the ring.
+    let key = RingKey::derive(id.token.as_bytes(), &format!("{job}/{attempt}"));
     let mut control = Control::connect(id)?;
     // The ring listens on LOCKSTEP_DATA_HOST (a pod's IP on Kubernetes), loopback by default.
     let host = std::env::var("LOCKSTEP_DATA_HOST").unwrap_or_else(|_| "127.0.0.1".into());
@@ -279,8 +290,14 @@ fn join_gang(
     let hb = (config.job.heartbeat_timeout / 5)
         .clamp(Duration::from_millis(100), Duration::from_secs(2));
     control.start_heartbeat(hb, stop);
-    let ring = TcpRing::with_listener(listener, rank, &joined.peers, config.job.collective_timeout)
-        .map_err(|e| Error::Invalid(format!("form the gradient ring as rank {rank}: {e}")))?;
+    let ring = TcpRing::with_listener(
+        listener,
+        rank,
+        &joined.peers,
+        config.job.collective_timeout,
+        &key,
+    )
+    .map_err(|e| Error::Invalid(format!("form the gradient ring as rank {rank}: {e}")))?;
     Ok((ring, Arc::new(control), joined.resume_step))
 }
 

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lockstep_trainer::{Collective, TcpRing};
+use lockstep_trainer::{Collective, RingKey, TcpRing};
 use serde_json::json;
 
 #[global_allocator]
@@ -44,7 +44,13 @@ fn ring(mib: usize) -> Result<f64> {
             .map(|(rank, l)| {
                 let peers = &peers;
                 s.spawn(move || -> Result<f64> {
-                    let mut ring = TcpRing::with_listener(l, rank, peers, Duration::from_secs(60))?;
+                    let mut ring = TcpRing::with_listener(
+                        l,
+                        rank,
+                        peers,
+                        Duration::from_secs(60),
+                        &RingKey::derive(b"bench", "allreduce"),
+                    )?;
                     let mut buf = vec![1.0f32; n];
                     for _ in 0..2 {
                         ring.all_reduce_sum(&mut buf)?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 #[cfg(feature = "cuda")]
 pub use nccl::Nccl;
-pub use tcp_ring::TcpRing;
+pub use tcp_ring::{RingKey, TcpRing};
 
 /// Why a collective operation failed. Each variant names the peer rank involved.
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,11 @@
 //! is buffered. Each segment's sum is computed once, by one rank, in ring order, and the
 //! all-gather copies its bits, so every rank ends with identical results.
 //!
+//! Forming the ring is authenticated: both ends of each connection prove, with an HMAC-SHA256
+//! over fresh nonces, that they hold the gang's [`RingKey`] (derived from the job token and
+//! attempt under a coordinator), so a stranger cannot join the ring, stall its formation or
+//! inject gradients; connections that fail the proof are dropped and accepting goes on.
+//!
 //! Sockets carry read and write timeouts: a peer that closes (dies) fails the operation at once
 //! (`PeerLost`); one that stops sending (hung, or waiting on a dead rank) fails it after the
 //! timeout (`Timeout`). Either way the ring is then broken.
@@ -22,7 +27,69 @@ use super::{Collective, CollectiveError};
 compile_error!("the TCP ring sends f32 in native byte order and assumes little-endian peers");
 
 const MAGIC: u32 = 0x4C53_5452; // "LSTR"
-const VERSION: u32 = 1;
+/// 2: the handshake carries nonces and HMACs.
+const VERSION: u32 = 2;
+/// How long an accepted connection has to introduce itself before it is dropped.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Mac = hmac::Hmac<sha2::Sha256>;
+
+/// The secret a gang's ranks prove they share when they connect.
+#[derive(Clone)]
+pub struct RingKey([u8; 32]);
+
+impl std::fmt::Debug for RingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingKey(..)")
+    }
+}
+
+impl RingKey {
+    /// A key from `secret` (the job token) bound to `context` (job and attempt), so a worker of
+    /// another job or of an older attempt cannot connect.
+    pub fn derive(secret: &[u8], context: &str) -> RingKey {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(b"lockstep ring key v2\0");
+        h.update(context.as_bytes());
+        h.update(b"\0");
+        h.update(secret);
+        RingKey(h.finalize().into())
+    }
+
+    fn tag(&self, role: &[u8], transcript: &[u8]) -> Mac {
+        use hmac::Mac as _;
+        // HMAC takes keys of any length; 32 bytes cannot fail.
+        let mut m = <Mac as hmac::digest::KeyInit>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        m.update(role);
+        m.update(transcript);
+        m
+    }
+
+    fn sign(&self, role: &[u8], transcript: &[u8]) -> [u8; 32] {
+        use hmac::Mac as _;
+        self.tag(role, transcript).finalize().into_bytes().into()
+    }
+
+    fn verify(&self, role: &[u8], transcript: &[u8], tag: &[u8]) -> bool {
+        use hmac::Mac as _;
+        self.tag(role, transcript).verify_slice(tag).is_ok()
+    }
+}
+
+fn nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    if getrandom::fill(&mut n).is_err() {
+        // No OS entropy: still unique per connection (time and pid), if not secret.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        n = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    n
+}
 /// Floats per chunk (256 KiB).
 const CHUNK: usize = 64 * 1024;
 
@@ -51,6 +118,7 @@ impl TcpRing {
         rank: usize,
         peers: &[String],
         timeout: Duration,
+        key: &RingKey,
     ) -> Result<TcpRing, CollectiveError> {
         let addr = peers.get(rank).ok_or_else(|| CollectiveError::Protocol {
             peer: rank,
@@ -60,7 +128,7 @@ impl TcpRing {
             addr: addr.clone(),
             source,
         })?;
-        TcpRing::with_listener(listener, rank, peers, timeout)
+        TcpRing::with_listener(listener, rank, peers, timeout, key)
     }
 
     /// A ring of one rank: every operation is a no-op. Lets a collective that bootstraps over
@@ -82,6 +150,7 @@ impl TcpRing {
         rank: usize,
         peers: &[String],
         timeout: Duration,
+        key: &RingKey,
     ) -> Result<TcpRing, CollectiveError> {
         let world = peers.len();
         if rank >= world {
@@ -106,8 +175,8 @@ impl TcpRing {
         let prev_rank = (rank + world - 1) % world;
         let (next, prev) = std::thread::scope(|s| {
             let next =
-                s.spawn(|| connect_next(rank, world, next_rank, &peers[next_rank], deadline));
-            let prev = accept_prev(&listener, world, prev_rank, deadline);
+                s.spawn(|| connect_next(rank, world, next_rank, &peers[next_rank], deadline, key));
+            let prev = accept_prev(&listener, world, prev_rank, deadline, key);
             let next = next.join().unwrap_or_else(|_| {
                 Err(CollectiveError::Protocol {
                     peer: next_rank,
@@ -352,6 +421,7 @@ fn connect_next(
     next: usize,
     addr: &str,
     deadline: Instant,
+    key: &RingKey,
 ) -> Result<TcpStream, CollectiveError> {
     let timeout = deadline.saturating_duration_since(Instant::now());
     let fail = |reason: String| CollectiveError::Connect {
@@ -372,15 +442,30 @@ fn connect_next(
         }
         match TcpStream::connect_timeout(&target, left) {
             Ok(mut s) => {
+                // hello: header + nonce; the acceptor answers with its header, nonce and proof;
+                // this rank checks it and sends its own proof.
+                let mut hello = [0u8; 32];
+                hello[..16].copy_from_slice(&header(rank, world));
+                hello[16..].copy_from_slice(&nonce());
                 s.set_write_timeout(Some(left))
                     .and_then(|_| s.set_read_timeout(Some(left)))
-                    .and_then(|_| s.write_all(&header(rank, world)))
+                    .and_then(|_| s.write_all(&hello))
                     .map_err(|e| fail(e.to_string()))?;
-                let mut ack = [0u8; 16];
-                s.read_exact(&mut ack).map_err(|e| fail(e.to_string()))?;
+                let mut answer = [0u8; 64];
+                s.read_exact(&mut answer).map_err(|e| fail(e.to_string()))?;
+                let ack: [u8; 16] = answer[..16].try_into().unwrap_or([0; 16]);
                 if word(&ack, 0) != MAGIC || word(&ack, 2) as usize != next {
                     return Err(fail(format!("the peer is not lockstep rank {next}")));
                 }
+                let transcript = [&hello[..], &answer[..32]].concat();
+                if !key.verify(b"accept", &transcript, &answer[32..]) {
+                    return Err(fail(format!(
+                        "the peer at {addr} could not prove it is rank {next} of this gang \
+                         (another job, an older attempt, or not lockstep)"
+                    )));
+                }
+                s.write_all(&key.sign(b"connect", &transcript))
+                    .map_err(|e| fail(e.to_string()))?;
                 return Ok(s);
             }
             Err(e) => {
@@ -400,6 +485,7 @@ fn accept_prev(
     world: usize,
     prev: usize,
     deadline: Instant,
+    key: &RingKey,
 ) -> Result<TcpStream, CollectiveError> {
     let timeout = deadline.saturating_duration_since(Instant::now());
     let addr = listener
@@ -415,50 +501,102 @@ fn accept_prev(
     listener
         .set_nonblocking(true)
         .map_err(|e| fail(e.to_string()))?;
+    let mut last_refusal: Option<String> = None;
     loop {
         match listener.accept() {
-            Ok((mut s, _)) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                s.set_nonblocking(false)
-                    .and_then(|_| s.set_read_timeout(Some(left.max(Duration::from_millis(1)))))
-                    .map_err(|e| fail(e.to_string()))?;
-                let mut h = [0u8; 16];
-                if s.read_exact(&mut h).is_err() || word(&h, 0) != MAGIC {
-                    continue; // not a lockstep rank: ignore it
+            Ok((s, _)) => match hello_from_prev(s, world, prev, deadline, key) {
+                Ok(s) => return Ok(s),
+                Err(Refusal::Fatal(e)) => return Err(e),
+                Err(Refusal::Ignore(why)) => {
+                    // A stranger (or a rank of another gang): drop it, keep accepting.
+                    tracing::warn!(reason = %why, "refused a connection on the ring port");
+                    last_refusal = Some(why);
                 }
-                if word(&h, 1) != VERSION {
-                    return Err(CollectiveError::Protocol {
-                        peer: prev,
-                        what: format!(
-                            "speaks ring protocol version {}, this rank {VERSION}",
-                            word(&h, 1)
-                        ),
-                    });
-                }
-                if word(&h, 3) as usize != world || word(&h, 2) as usize != prev {
-                    return Err(CollectiveError::Protocol {
-                        peer: word(&h, 2) as usize,
-                        what: format!(
-                            "connected as rank {} of {}; expected rank {prev} of {world}",
-                            word(&h, 2),
-                            word(&h, 3)
-                        ),
-                    });
-                }
-                let me = (prev + 1) % world;
-                s.write_all(&header(me, world))
-                    .map_err(|e| fail(e.to_string()))?;
-                return Ok(s);
-            }
+            },
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
-                    return Err(fail("no connection from it".into()));
+                    return Err(fail(match &last_refusal {
+                        Some(why) => {
+                            format!("no authenticated connection from it (refused: {why})")
+                        }
+                        None => "no connection from it".into(),
+                    }));
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => return Err(fail(e.to_string())),
         }
     }
+}
+
+enum Refusal {
+    /// Not our peer: drop the connection and keep accepting.
+    Ignore(String),
+    /// Our peer, but it cannot work (another protocol version or gang shape).
+    Fatal(CollectiveError),
+}
+
+/// The previous rank's side of the handshake, on an accepted connection: its hello, this
+/// rank's answer and proof, its proof.
+fn hello_from_prev(
+    mut s: TcpStream,
+    world: usize,
+    prev: usize,
+    deadline: Instant,
+    key: &RingKey,
+) -> Result<TcpStream, Refusal> {
+    let ignore = |why: &str| Refusal::Ignore(why.to_string());
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .clamp(Duration::from_millis(1), HELLO_TIMEOUT);
+    s.set_nonblocking(false)
+        .and_then(|_| s.set_read_timeout(Some(left)))
+        .and_then(|_| s.set_write_timeout(Some(left)))
+        .map_err(|e| ignore(&e.to_string()))?;
+    let mut hello = [0u8; 32];
+    if s.read_exact(&mut hello).is_err() {
+        return Err(ignore("it sent no hello"));
+    }
+    let h: [u8; 16] = hello[..16].try_into().unwrap_or([0; 16]);
+    if word(&h, 0) != MAGIC {
+        return Err(ignore("not a lockstep rank"));
+    }
+    if word(&h, 1) != VERSION {
+        return Err(Refusal::Fatal(CollectiveError::Protocol {
+            peer: prev,
+            what: format!(
+                "speaks ring protocol version {}, this rank {VERSION}",
+                word(&h, 1)
+            ),
+        }));
+    }
+    let me = (prev + 1) % world;
+    let mut answer = [0u8; 64];
+    answer[..16].copy_from_slice(&header(me, world));
+    answer[16..32].copy_from_slice(&nonce());
+    let transcript = [&hello[..], &answer[..32]].concat();
+    answer[32..].copy_from_slice(&key.sign(b"accept", &transcript));
+    let mut proof = [0u8; 32];
+    if s.write_all(&answer).is_err() || s.read_exact(&mut proof).is_err() {
+        return Err(ignore("it did not finish the handshake"));
+    }
+    if !key.verify(b"connect", &transcript, &proof) {
+        return Err(ignore(&format!(
+            "it claimed to be rank {} but could not prove it belongs to this gang",
+            word(&h, 2)
+        )));
+    }
+    if word(&h, 3) as usize != world || word(&h, 2) as usize != prev {
+        return Err(Refusal::Fatal(CollectiveError::Protocol {
+            peer: word(&h, 2) as usize,
+            what: format!(
+                "connected as rank {} of {}; expected rank {prev} of {world}",
+                word(&h, 2),
+                word(&h, 3)
+            ),
+        }));
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -480,7 +618,10 @@ mod tests {
                 .enumerate()
                 .map(|(rank, l)| {
                     let (peers, f) = (&peers, &f);
-                    s.spawn(move || f(TcpRing::with_listener(l, rank, peers, timeout).unwrap()))
+                    s.spawn(move || {
+                        let key = RingKey::derive(b"test", "gang");
+                        f(TcpRing::with_listener(l, rank, peers, timeout, &key).unwrap())
+                    })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -558,5 +699,69 @@ mod tests {
             let e = e.expect("a survivor must fail");
             assert!(e.contains("rank"), "{e}");
         }
+    }
+
+    #[test]
+    fn strangers_and_other_gangs_cannot_join_the_ring() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").to_string())
+            .collect();
+        let key = RingKey::derive(b"job token", "job/1");
+        // A stranger connects to rank 1's port first, claiming to be rank 0 with the right
+        // header but no key; another gang's rank 0 does the same with its own key.
+        let target = peers[1].clone();
+        let stranger = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&target).expect("connect");
+            let mut hello = [0u8; 32];
+            hello[..16].copy_from_slice(&header(0, 2));
+            s.write_all(&hello).expect("hello");
+            let mut answer = [0u8; 64];
+            s.read_exact(&mut answer).expect("answer");
+            let _ = s.write_all(&[0u8; 32]); // a forged proof
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            rest.len()
+        });
+        let other = RingKey::derive(b"another token", "job/1");
+        let timeout = Duration::from_secs(20);
+        let mut ls = listeners.into_iter();
+        let (l0, l1) = (ls.next().expect("l0"), ls.next().expect("l1"));
+        let impostor_peers = peers.clone();
+        let impostor = std::thread::spawn(move || {
+            // Another gang's rank 0: it cannot prove it belongs, so rank 1 ignores it.
+            let spare = TcpListener::bind("127.0.0.1:0").expect("bind");
+            TcpRing::with_listener(spare, 0, &impostor_peers, Duration::from_secs(2), &other)
+                .map(|_| ())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let (p0, p1) = (peers.clone(), peers.clone());
+        let (k0, k1) = (key.clone(), key.clone());
+        let r0 = std::thread::spawn(move || TcpRing::with_listener(l0, 0, &p0, timeout, &k0));
+        let r1 = std::thread::spawn(move || TcpRing::with_listener(l1, 1, &p1, timeout, &k1));
+        let (mut r0, mut r1) = (
+            r0.join().expect("rank 0").expect("ring 0"),
+            r1.join().expect("rank 1").expect("ring 1"),
+        );
+        assert_eq!(
+            stranger.join().expect("stranger"),
+            0,
+            "the stranger got nothing"
+        );
+        assert!(
+            impostor.join().expect("impostor").is_err(),
+            "the impostor joined"
+        );
+        let t = std::thread::spawn(move || {
+            let mut b = vec![1.0f32; 8];
+            r1.all_reduce_sum(&mut b).map(|()| b)
+        });
+        let mut a = vec![2.0f32; 8];
+        r0.all_reduce_sum(&mut a).expect("all-reduce");
+        assert_eq!(a, vec![3.0; 8]);
+        assert_eq!(t.join().expect("rank 1").expect("all-reduce"), vec![3.0; 8]);
     }
 }
