@@ -1,4 +1,4 @@
-//! The job configuration: what `lockstep run CONFIG` and `lockstep-trainer --config` read.
+//! The job configuration: what `lockstep run CONFIG` and `lockstep train --config` read.
 //!
 //! Unknown fields are rejected (a typo must not silently fall back to a default); every field
 //! is documented; defaults are named constants. Durations use humantime (`"60s"`, `"5m"`).

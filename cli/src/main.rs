@@ -236,19 +236,22 @@ struct TrainArgs {
     /// Stop after this step, checkpointing it; the LR schedule still spans train.steps.
     #[arg(long, value_name = "STEP")]
     stop_at: Option<u64>,
-    /// This process's rank in a static data-parallel gang (with --peers).
-    #[arg(long, env = "LOCKSTEP_RANK", requires = "peers")]
+    /// This process's rank in a static data-parallel gang (with --peers; or LOCKSTEP_RANK,
+    /// read only when neither --rank/--peers nor --coordinator is given).
+    #[arg(long, requires = "peers")]
     rank: Option<usize>,
     /// Every rank's `host:port` for the gradient ring, in rank order, comma-separated; this
     /// rank listens on its own entry. Their number must equal job.world_size. Without it (and
-    /// without --coordinator) the trainer runs alone (world size 1).
-    #[arg(long, env = "LOCKSTEP_PEERS", value_delimiter = ',', requires = "rank")]
+    /// without --coordinator) the trainer runs alone (world size 1). Or LOCKSTEP_PEERS, as
+    /// LOCKSTEP_RANK. Set LOCKSTEP_RING_KEY to the same secret on every rank to authenticate
+    /// the ring's connections.
+    #[arg(long, value_delimiter = ',', requires = "rank")]
     peers: Vec<String>,
     /// Run as a worker of a coordinator at this gRPC URL (set by `lockstep run`/`serve`; the
     /// job token comes in LOCKSTEP_TOKEN). The worker joins the gang, gets its rank and peers,
     /// starts from the checkpoint the coordinator names, and reports its checkpoint shards to
     /// it for commit.
-    #[arg(long, value_name = "URL", requires_all = ["job", "attempt", "worker"], conflicts_with_all = ["rank", "resume"])]
+    #[arg(long, value_name = "URL", requires_all = ["job", "attempt", "worker"], conflicts_with_all = ["rank", "resume", "stop_at"])]
     coordinator: Option<String>,
     /// The job id (with --coordinator).
     #[arg(long, requires = "coordinator")]
@@ -290,8 +293,34 @@ impl ClientArgs {
     }
 }
 
+/// A static gang from LOCKSTEP_RANK and LOCKSTEP_PEERS (both set and non-empty), for
+/// launchers that pass them in the environment.
+fn static_gang_from_env() -> Result<Option<(usize, Vec<String>)>, String> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    match (var("LOCKSTEP_RANK"), var("LOCKSTEP_PEERS")) {
+        (Some(rank), Some(peers)) => {
+            let rank = rank
+                .trim()
+                .parse()
+                .map_err(|_| format!("LOCKSTEP_RANK `{rank}` is not a rank number"))?;
+            let peers = peers.split(',').map(|p| p.trim().to_string()).collect();
+            Ok(Some((rank, peers)))
+        }
+        (None, None) => Ok(None),
+        (Some(_), None) => Err("LOCKSTEP_RANK is set but LOCKSTEP_PEERS is not".into()),
+        (None, Some(_)) => Err("LOCKSTEP_PEERS is set but LOCKSTEP_RANK is not".into()),
+    }
+}
+
 impl TrainArgs {
-    fn into_options(self) -> worker::Options {
+    fn into_options(mut self) -> Result<worker::Options, String> {
+        if self.coordinator.is_none()
+            && self.rank.is_none()
+            && let Some((rank, peers)) = static_gang_from_env()?
+        {
+            self.rank = Some(rank);
+            self.peers = peers;
+        }
         let gang = match (self.coordinator, self.rank) {
             (Some(url), _) => Gang::Coordinated {
                 url,
@@ -306,7 +335,7 @@ impl TrainArgs {
             },
             (None, None) => Gang::Alone,
         };
-        worker::Options {
+        Ok(worker::Options {
             config: self.config,
             set: self.set,
             resume: self.resume,
@@ -316,7 +345,7 @@ impl TrainArgs {
             collective: self.collective,
             cuda_device: self.cuda_device,
             progress_bar: !self.no_progress,
-        }
+        })
     }
 }
 
@@ -351,17 +380,23 @@ fn main() -> ExitCode {
     // `ckpt` documents 2 for "cannot read"; the job commands use 1 for every failure.
     match cli.command {
         // Training runs on its own threads; it needs no async runtime of ours.
-        Command::Train(args) => match worker::run(&args.into_options()) {
-            Ok(code) => ExitCode::from(code),
-            Err(e) => {
-                // The last line a launcher reads from the log, and the job's message.
-                eprintln!("error: {e}");
-                if e.is_permanent() {
-                    ExitCode::from(lockstep_api::EXIT_PERMANENT)
-                } else {
-                    ExitCode::FAILURE
-                }
+        Command::Train(args) => match args.into_options().map(|o| worker::run(&o)) {
+            Err(usage) => {
+                eprintln!("error: {usage}");
+                ExitCode::from(2)
             }
+            Ok(result) => match result {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    // The last line a launcher reads from the log, and the job's message.
+                    eprintln!("error: {e}");
+                    if e.is_permanent() {
+                        ExitCode::from(lockstep_api::EXIT_PERMANENT)
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+            },
         },
         Command::Ckpt(cmd) => block_on(2, async move {
             cli::ckpt::run(cmd.into_lib(), &mut std::io::stdout().lock()).await

@@ -465,4 +465,18 @@ fn absurd_config_values_are_refused_before_anything_starts() {
         "{err}"
     );
     assert!(out.stdout.is_empty(), "no job was started");
+
+    // A gang this machine cannot hold is refused with the numbers, before any process starts.
+    config(dir.path(), 10, &[("world_size", "4000")]);
+    let out = lockstep(dir.path())
+        .args(["run", "job.toml", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("job.world_size = 4000") && err.contains("MB available"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "no job was started");
 }

@@ -91,10 +91,11 @@ impl From<Error> for Status {
             Error::JobExists(_) => Code::AlreadyExists,
             Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
-            Error::StaleAttempt { .. } => Code::FailedPrecondition,
+            // The caller's attempt is over (torn down, or its gang never formed).
+            Error::StaleAttempt { .. } | Error::GangNotFormed => Code::FailedPrecondition,
             Error::InvalidArgument(_) | Error::Config(_) => Code::InvalidArgument,
             Error::Commit { .. } => Code::Aborted,
-            Error::CommitTimeout { .. } | Error::GangNotFormed => Code::DeadlineExceeded,
+            Error::CommitTimeout { .. } => Code::DeadlineExceeded,
             Error::Storage(s) if s.is_transient() => Code::Unavailable,
             Error::JobStore(_)
             | Error::Storage(_)

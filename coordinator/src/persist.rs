@@ -66,31 +66,54 @@ impl Persister {
 }
 
 async fn write_loop(store: Arc<JobStore>, mut rx: mpsc::UnboundedReceiver<Msg>) {
-    while let Some(first) = rx.recv().await {
+    // Records not yet durable, newest per job: a failed write keeps them for the next try.
+    let mut pending: BTreeMap<String, JobRecord> = BTreeMap::new();
+    loop {
+        let first = if pending.is_empty() {
+            match rx.recv().await {
+                Some(m) => Some(m),
+                None => return,
+            }
+        } else {
+            // Retry what failed, sooner if more arrives.
+            tokio::select! {
+                m = rx.recv() => m,
+                () = tokio::time::sleep(RETRY_AFTER) => None,
+            }
+        };
         // Everything queued now goes in one transaction; the newest record of a job wins.
-        let mut batch = BTreeMap::new();
         let mut waiters = Vec::new();
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(msg) = next {
             match msg {
                 Msg::Put(r) => {
-                    batch.insert(r.id.clone(), *r);
+                    pending.insert(r.id.clone(), *r);
                 }
                 Msg::Flush(w) => waiters.push(w),
             }
             next = rx.try_recv().ok();
         }
-        let records: Vec<JobRecord> = batch.into_values().collect();
-        let store = store.clone();
-        let result = match tokio::task::spawn_blocking(move || store.put_all(&records)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("the job store writer failed: {e}")),
+        let result = if pending.is_empty() {
+            Ok(())
+        } else {
+            let records: Vec<JobRecord> = pending.values().cloned().collect();
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.put_all(&records)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("the job store writer failed: {e}")),
+            }
         };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "cannot persist jobs");
+        match &result {
+            Ok(()) => pending.clear(),
+            Err(e) => {
+                tracing::error!(error = %e, jobs = pending.len(), "cannot persist jobs; will retry")
+            }
         }
         for w in waiters {
             let _ = w.send(result.clone());
         }
     }
 }
+
+/// Pause before writing records again after a failed write.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);

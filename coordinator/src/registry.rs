@@ -71,6 +71,10 @@ pub struct Job {
     pub config: JobConfig,
     /// Its checkpoint store, opened once (an S3 store keeps its connection pool).
     pub store: CheckpointStore,
+    /// Serialises what changes which checkpoints exist: a commit (and its retention) and an
+    /// attempt's choice of where to start. A commit re-checks under it that its attempt is
+    /// still live, so a torn-down attempt's commit never lands beside the next attempt.
+    pub store_lock: tokio::sync::Mutex<()>,
     /// Record and live attempt.
     pub state: Mutex<JobState>,
     /// Bumped on every change, for Watch.

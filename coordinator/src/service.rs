@@ -153,6 +153,7 @@ impl Coordinator {
             id: record.id.clone(),
             token: record.token.clone(),
             store,
+            store_lock: tokio::sync::Mutex::new(()),
             config,
             state: Mutex::new(JobState { record, live: None }),
             changed: watch::channel(0).0,
@@ -185,6 +186,10 @@ impl Coordinator {
         workdir: PathBuf,
     ) -> Result<JobRecord> {
         let config = JobConfig::parse(&config_text, &overrides)?;
+        self.inner
+            .launcher
+            .admit(&config)
+            .map_err(Error::InvalidArgument)?;
         if !workdir.is_absolute() {
             return Err(Error::InvalidArgument(format!(
                 "workdir `{}` must be absolute",
@@ -215,10 +220,20 @@ impl Coordinator {
             updated_ms: now,
             gang_wait_seconds: 0.0,
         };
-        let job = self.add(record.clone(), config).await?;
-        self.inner.persister.put(record.clone());
-        self.inner.persister.flush().await?;
+        let job = self.add(record, config).await?;
+        // The job's current record (its supervisor may already have changed it).
+        self.inner.persister.put(lock(&job.state).record.clone());
+        if let Err(e) = self.inner.persister.flush().await {
+            // Not durable, so not accepted: it must not run (nor linger as queued).
+            let mut st = lock(&job.state);
+            st.record.lifecycle.phase = crate::state::Phase::Failed;
+            st.record.lifecycle.message = format!("cannot store the job: {e}");
+            // Replaces the queued record still waiting to be written.
+            st.touch(&job, &self.inner.persister, true);
+            return Err(e.into());
+        }
         job.send(Input::Start);
+        let record = lock(&job.state).record.clone();
         Ok(record)
     }
 
@@ -238,6 +253,19 @@ impl Coordinator {
     pub fn cancel(&self, id: &str) -> Result<JobRecord> {
         self.inner.registry.get(id)?.send(Input::Cancel);
         self.get(id)
+    }
+
+    /// Kills the job's live workers now, without the grace a cancel gives them (a second
+    /// Ctrl-C). Their exits reach the supervisor as usual.
+    pub fn kill_workers(&self, id: &str) -> Result<()> {
+        let job = self.inner.registry.get(id)?;
+        let st = lock(&job.state);
+        if let Some(live) = &st.live {
+            for w in &live.workers {
+                w.kill();
+            }
+        }
+        Ok(())
     }
 
     /// A receiver that changes with the job.
@@ -356,7 +384,7 @@ impl Coordinator {
     /// completed the step commits it; every caller returns the outcome (stored and raw bytes).
     pub(crate) async fn commit_shard(
         &self,
-        job: &Job,
+        job: &Arc<Job>,
         attempt: u32,
         shard: ShardMeta,
         state: Option<(serde_json::Value, String)>,
@@ -390,21 +418,36 @@ impl Coordinator {
                 },
                 protected: resume_step.into_iter().collect(),
             };
-            let outcome: Outcome = match job.store.commit_step(commit).await {
-                Ok(c) => {
-                    self.inner.metrics.checkpoint_committed(c.bytes);
+            // Its own task: a caller that goes away (a worker killed mid-call) must not cancel
+            // a commit halfway.
+            let (inner, job2) = (self.inner.clone(), job.clone());
+            tokio::spawn(async move {
+                let job = job2;
+                let _store = job.store_lock.lock().await;
+                let live = {
                     let mut st = lock(&job.state);
-                    st.record.last_checkpoint = Some(step);
-                    tracing::info!(job = %job.id, step, bytes = c.bytes, "committed checkpoint");
-                    st.touch(job, &self.inner.persister, true);
-                    Ok((c.bytes, c.raw_bytes))
-                }
-                Err(e) => {
-                    tracing::error!(job = %job.id, step, error = %e, "cannot commit a checkpoint");
-                    Err(CommitFailed::Store(e.to_string()))
-                }
-            };
-            ready.done.send_replace(Some(outcome));
+                    job.live(&mut st, attempt).is_ok()
+                };
+                let outcome: Outcome = if !live {
+                    Err(CommitFailed::TornDown)
+                } else {
+                    match job.store.commit_step(commit).await {
+                        Ok(c) => {
+                            inner.metrics.checkpoint_committed(c.bytes);
+                            let mut st = lock(&job.state);
+                            st.record.last_checkpoint = Some(step);
+                            tracing::info!(job = %job.id, step, bytes = c.bytes, "committed checkpoint");
+                            st.touch(&job, &inner.persister, true);
+                            Ok((c.bytes, c.raw_bytes))
+                        }
+                        Err(e) => {
+                            tracing::error!(job = %job.id, step, error = %e, "cannot commit a checkpoint");
+                            Err(CommitFailed::Store(e.to_string()))
+                        }
+                    }
+                };
+                ready.done.send_replace(Some(outcome));
+            });
         }
         let wait = rx.wait_for(Option::is_some);
         let outcome = match tokio::time::timeout(job.config.job.collective_timeout, wait).await {
@@ -413,6 +456,12 @@ impl Coordinator {
         };
         match outcome {
             Some(Ok(sizes)) => Ok(sizes),
+            // The attempt is over: the worker should exit, not report a failure.
+            Some(Err(CommitFailed::TornDown)) => Err(Error::StaleAttempt {
+                job: job.id.clone(),
+                attempt,
+                current: lock(&job.state).live.as_ref().map(|l| l.attempt.number),
+            }),
             Some(Err(e)) => Err(Error::Commit {
                 step,
                 reason: e.to_string(),

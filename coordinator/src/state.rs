@@ -114,13 +114,15 @@ pub enum Input {
         /// The attempt.
         attempt: u32,
     },
-    /// The launcher could not start `attempt`'s workers (a missing binary, say): restarting
-    /// cannot help.
+    /// `attempt` could not be launched: a missing binary or unusable checkpoints (restarting
+    /// cannot help), or a transient store error while choosing the checkpoint (it can).
     LaunchFailed {
         /// The attempt.
         attempt: u32,
         /// Why.
         error: String,
+        /// Retrying may help: restart (within `max_restarts`) instead of failing.
+        transient: bool,
     },
     /// A user asked to cancel.
     Cancel,
@@ -221,7 +223,14 @@ impl Lifecycle {
                 self.message.clear();
                 vec![Action::TearDown]
             }
-            Input::LaunchFailed { attempt, error } if current(attempt) => {
+            Input::LaunchFailed {
+                attempt,
+                error,
+                transient: true,
+            } if current(attempt) => self.restart(format!(
+                "attempt {attempt}: cannot launch the workers: {error}"
+            )),
+            Input::LaunchFailed { attempt, error, .. } if current(attempt) => {
                 self.phase = Phase::Failed;
                 self.message = format!("attempt {attempt}: cannot launch the workers: {error}");
                 vec![Action::TearDown]
@@ -376,10 +385,18 @@ mod tests {
         l.apply(Input::Start);
         l.apply(Input::LaunchFailed {
             attempt: 1,
-            error: "lockstep-trainer not found".into(),
+            error: "S3 timed out".into(),
+            transient: true,
+        });
+        assert_eq!(l.phase, Phase::Restarting, "a transient error is retried");
+        l.apply(Input::Start);
+        l.apply(Input::LaunchFailed {
+            attempt: 2,
+            error: "the executable is gone".into(),
+            transient: false,
         });
         assert_eq!(l.phase, Phase::Failed);
-        assert!(l.message.contains("lockstep-trainer not found"));
+        assert!(l.message.contains("the executable is gone"));
     }
 
     #[test]

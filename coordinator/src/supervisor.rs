@@ -89,9 +89,11 @@ pub(crate) async fn supervise(
                     retry_at = None;
                     if let Err(e) = launch(&inner, &job, attempt, &exit_tx).await {
                         tracing::error!(job = %job.id, attempt, error = %e, "cannot launch the gang");
+                        let transient = matches!(&e, Error::Storage(s) if s.is_transient());
                         job.send(Input::LaunchFailed {
                             attempt,
                             error: e.to_string(),
+                            transient,
                         });
                     }
                 }
@@ -193,11 +195,31 @@ async fn launch(
         Resume::Fresh => Want::Fresh,
         Resume::Step(s) => Want::Step(s),
     };
-    let start = job.store.choose_start(want).await?;
+    let start = {
+        // No commit of an earlier attempt runs while this one chooses.
+        let _store = job.store_lock.lock().await;
+        job.store.choose_start(want).await?
+    };
     for s in &start.set_aside {
         tracing::warn!(job = %job.id, step = s.step, reason = %s.reason, moved_to = %s.moved_to,
             "committed checkpoint does not verify: set aside; starting from an older one");
     }
+    // Tell the user, in the job's status: a checkpoint they may count on is gone from use.
+    let set_aside_note = (!start.set_aside.is_empty()).then(|| {
+        let what: Vec<String> = start
+            .set_aside
+            .iter()
+            .map(|s| format!("step {} ({}) moved to {}", s.step, s.reason, s.moved_to))
+            .collect();
+        format!(
+            "checkpoints that failed verification were set aside: {}; attempt {attempt} starts \
+             from {}",
+            what.join("; "),
+            start
+                .step
+                .map_or("scratch".to_string(), |s| format!("step {s}"))
+        )
+    });
     let (world, workdir, overrides, text, token) = {
         let st = lock(&job.state);
         let r = &st.record;
@@ -225,9 +247,13 @@ async fn launch(
     {
         let mut st = lock(&job.state);
         // A job resumed from an existing checkpoint (a rerun, a coordinator restart) has it as
-        // its newest committed one until it commits another.
-        if start.step > st.record.last_checkpoint {
+        // its newest committed one until it commits another; after a set-aside, the newest is
+        // the one it starts from.
+        if start.step > st.record.last_checkpoint || set_aside_note.is_some() {
             st.record.last_checkpoint = start.step;
+        }
+        if let Some(note) = set_aside_note {
+            st.record.lifecycle.message = note;
         }
         st.live = Some(Live::new(Attempt::new(
             attempt,

@@ -413,7 +413,20 @@ pub async fn choose_start_sets_corrupt_checkpoints_aside(store: &CheckpointStore
             .contains("set-aside/step-000000000120-")
     );
     assert_eq!(store.list().await.expect("list"), vec![110]);
+    assert!(
+        store
+            .list_all()
+            .await
+            .expect("list all")
+            .iter()
+            .all(|s| s.step != 120),
+        "the set-aside step left files behind"
+    );
     let kept = set_aside_objects(store).await;
+    assert!(
+        kept.iter().any(|p| p.ends_with("rank-00001.shard")),
+        "every file of the corrupt checkpoint is kept: {kept:?}"
+    );
     assert!(
         kept.iter().any(|p| p.ends_with("manifest.json"))
             && kept.iter().any(|p| p.ends_with("rank-00000.shard")),

@@ -290,32 +290,40 @@ impl CheckpointStore {
         })
     }
 
-    /// Moves `step` to `set-aside/step-NNNNNNNNNNNN-UNIXMS/`: the manifest first (so the step
-    /// stops being committed at once and can be committed again), then the rest. Returns the
-    /// new location's URL.
+    /// Moves `step` to `set-aside/step-NNNNNNNNNNNN-UNIXMS-XXXXXXXX/` (a fresh folder each
+    /// time) and returns its URL. Crash-safe: every file is copied first while the original
+    /// stays committed; then the original manifest is deleted (the step is uncommitted from
+    /// then on, and can be committed again), then the original's other files. Whenever it
+    /// stops, either the original is still committed or the copy is complete.
     pub async fn set_aside(&self, step: u64) -> Result<String> {
-        let millis = std::time::SystemTime::now()
+        let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+            .unwrap_or_default();
+        let unique = xxhash_rust::xxh3::xxh3_64(
+            format!("{}-{}-{step}", now.as_nanos(), std::process::id()).as_bytes(),
+        ) as u32;
         let to = self
             .root
             .clone()
             .join(SET_ASIDE_DIR)
-            .join(format!("step-{step:012}-{millis}"));
+            .join(format!("step-{step:012}-{}-{unique:08x}", now.as_millis()));
         let dir = self.step_dir(step);
-        let mut files = self.list_dir(&dir).await?;
-        // The manifest first: the step is uncommitted from then on.
-        files.sort_by_key(|p| p.filename() != Some(crate::store::MANIFEST_FILE));
-        for from in files {
-            let Some(name) = from.filename().map(str::to_string) else {
+        let files = self.list_dir(&dir).await?;
+        for from in &files {
+            let Some(name) = from.filename() else {
                 continue;
             };
-            self.rename_object(&from, &to.clone().join(name.as_str()))
-                .await?;
+            self.copy_object(from, &to.clone().join(name)).await?;
         }
-        // On `file://` stores: make the move durable (the new manifest, its folder, the root).
+        // On `file://` stores: the copy is durable before the original goes.
         self.sync_local(&to.clone().join(crate::store::MANIFEST_FILE), true)
             .await?;
+        let (manifest, rest): (Vec<_>, Vec<_>) = files
+            .into_iter()
+            .partition(|p| p.filename() == Some(crate::store::MANIFEST_FILE));
+        for p in manifest.iter().chain(&rest) {
+            self.delete_object(p).await?;
+        }
         Ok(self.display(&to))
     }
 }

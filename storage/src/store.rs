@@ -508,15 +508,15 @@ impl CheckpointStore {
         Ok(files.into_iter().map(|f| f.location).collect())
     }
 
-    /// Moves one object (a rename on `file://`, copy and delete on S3).
-    pub(crate) async fn rename_object(&self, from: &Path, to: &Path) -> Result<()> {
+    /// Copies one object (server-side on S3).
+    pub(crate) async fn copy_object(&self, from: &Path, to: &Path) -> Result<()> {
         self.opts
             .retry
-            .run("move", Error::is_transient, || async {
+            .run("copy", Error::is_transient, || async {
                 self.inner
-                    .rename(from, to)
+                    .copy(from, to)
                     .await
-                    .map_err(|e| Error::store("move", self.display(from), e))
+                    .map_err(|e| Error::store("copy", self.display(from), e))
             })
             .await
     }
@@ -617,7 +617,8 @@ impl CheckpointStore {
             .await
     }
 
-    async fn delete_object(&self, path: &Path) -> Result<()> {
+    /// Deletes one object; one already gone is fine.
+    pub(crate) async fn delete_object(&self, path: &Path) -> Result<()> {
         self.opts
             .retry
             .run("delete", Error::is_transient, || async {

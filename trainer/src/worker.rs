@@ -231,6 +231,13 @@ impl Signals {
 
 /// The ring of a static gang.
 fn static_ring(rank: usize, peers: &[String], config: &JobConfig) -> Result<TcpRing> {
+    if peers.len() > 1 && config.checkpoint.url.starts_with("memory:") {
+        return Err(Error::Invalid(format!(
+            "checkpoint.url `{}` lives in one process's memory; the ranks of a gang are \
+             separate processes: use a file:// or s3:// URL",
+            config.checkpoint.url
+        )));
+    }
     if peers.len() != config.job.world_size as usize {
         return Err(Error::Invalid(format!(
             "--peers lists {} ranks but job.world_size is {}",

@@ -67,10 +67,19 @@ fn read_config(path: &Path, set: &[String]) -> Result<String> {
         path: path.to_path_buf(),
         source,
     })?;
-    lockstep_api::JobConfig::parse(&text, set).map_err(|source| CliError::Config {
+    let config = lockstep_api::JobConfig::parse(&text, set).map_err(|source| CliError::Config {
         file: path.to_path_buf(),
         source,
     })?;
+    // Workers are other processes: an in-memory store of one is invisible to the others.
+    if config.checkpoint.url.starts_with("memory:") {
+        return Err(CliError::Usage(format!(
+            "config {}: checkpoint.url `{}` lives in one process's memory, and a job's workers \
+             are separate processes; use a file:// or s3:// URL",
+            path.display(),
+            config.checkpoint.url
+        )));
+    }
     Ok(text)
 }
 
@@ -167,9 +176,15 @@ pub async fn run(args: RunArgs) -> Result {
             r = changes.changed() => if r.is_err() {
                 return Err(CliError::Usage("the coordinator stopped".into()));
             },
-            _ = tokio::signal::ctrl_c(), if !cancelled => {
+            _ = tokio::signal::ctrl_c() => {
+                if cancelled {
+                    // A second Ctrl-C: no more waiting for the gang to checkpoint.
+                    view.note("interrupted again: killing the workers");
+                    coordinator.kill_workers(&id)?;
+                    return Ok(std::process::ExitCode::from(130));
+                }
                 cancelled = true;
-                view.note("interrupted: tearing the gang down");
+                view.note("interrupted: the gang checkpoints and stops (Ctrl-C again to kill it now)");
                 coordinator.cancel(&id)?;
             }
         }
@@ -185,7 +200,9 @@ fn exit_code(s: &proto::JobStatus, interrupted: bool) -> ExitCode {
 }
 
 /// `lockstep serve`: the coordinator service with a persistent job store.
-pub async fn serve(args: ServeArgs) -> Result {
+pub async fn serve(mut args: ServeArgs) -> Result {
+    // Workers run in their job's directory: every path handed to them must be absolute.
+    args.data_dir = current_dir()?.join(&args.data_dir);
     let dir = args.data_dir.clone();
     let token = tokio::task::spawn_blocking(move || admin_token(&dir, true))
         .await

@@ -79,7 +79,20 @@ pub fn passes_to_workers(name: &std::ffi::OsStr) -> bool {
         "LOCKSTEP_CUDA_DEVICE",
         "CUDA_VISIBLE_DEVICES",
     ];
-    const PREFIXES: &[&str] = &["LC_", "AWS_", "NCCL_"];
+    const PREFIXES: &[&str] = &[
+        "LC_",
+        "AWS_",
+        "NCCL_",
+        // S3 behind a proxy.
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "all_proxy",
+    ];
     let Some(name) = name.to_str() else {
         return false;
     };
@@ -98,6 +111,37 @@ fn last_error(log: &Path) -> Option<String> {
     let text = String::from_utf8_lossy(&tail);
     let line = text.lines().rev().find(|l| l.starts_with("error: "))?;
     Some(line.chars().take(2000).collect())
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
+/// A rough lower estimate of one rank's memory, in bytes: f32 weights, gradients and two
+/// AdamW moments of the `[model]` architecture, activations of one micro-batch, and the
+/// process itself. Rough on purpose: it only has to catch gangs that cannot possibly fit.
+pub fn rank_memory_estimate(config: &lockstep_api::JobConfig) -> u64 {
+    let m = &config.model;
+    let (h, l, i, v) = (
+        u64::from(m.hidden_size),
+        u64::from(m.num_layers),
+        u64::from(m.intermediate_size),
+        u64::from(m.vocab_size),
+    );
+    let kv = h / u64::from(m.num_heads.max(1)) * u64::from(m.num_kv_heads);
+    let per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h;
+    let embeddings = v * h * if m.tie_embeddings { 1 } else { 2 };
+    let params = per_layer * l + embeddings + h;
+    let tokens = u64::from(config.train.batch_size) * u64::from(config.data.seq_len);
+    let activations = tokens * (h * l * 34 + 2 * v);
+    const PROCESS: u64 = 64 << 20;
+    (params * 16)
+        .saturating_add(activations * 4)
+        .saturating_add(PROCESS)
 }
 
 struct LocalWorker {
@@ -131,7 +175,10 @@ pub fn local_trainers(job: &str, worker: Option<u32>) -> Vec<u32> {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         let flag = |name: &str, value: &str| args.windows(2).any(|p| p[0] == name && p[1] == value);
-        let trainer = args.get(1).is_some_and(|a| a == "train") && flag("--job", job);
+        // What this launcher starts: `EXE train … --coordinator URL --job JOB …`.
+        let trainer = args.get(1).is_some_and(|a| a == "train")
+            && args.iter().any(|a| a == "--coordinator")
+            && flag("--job", job);
         let this_worker = worker.is_none_or(|w| flag("--worker", &w.to_string()));
         let zombie = std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|s| {
             s.rsplit(')')
@@ -145,13 +192,14 @@ pub fn local_trainers(job: &str, worker: Option<u32>) -> Vec<u32> {
     pids
 }
 
-/// SIGKILL to process group `pid` (each worker leads its own). ESRCH (already gone) is fine.
+/// SIGKILL to process group `pid` (each worker leads its own); to the process alone when it
+/// leads no group (started by something else). ESRCH (already gone) is fine.
 pub fn kill_group(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let pid = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL).is_err() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -224,6 +272,28 @@ impl Launcher for LocalProcess {
             let _ = exited.send(exit);
         });
         Ok(Box::new(LocalWorker { pid }))
+    }
+
+    /// All ranks run on this machine: their estimated memory must fit in what it has free.
+    fn admit(&self, config: &lockstep_api::JobConfig) -> Result<(), String> {
+        let Some(available) = mem_available() else {
+            return Ok(()); // not Linux: nothing to compare with
+        };
+        let per_rank = rank_memory_estimate(config);
+        let need = per_rank.saturating_mul(u64::from(config.job.world_size));
+        if need > available {
+            return Err(format!(
+                "job.world_size = {} local ranks need about {} MB of memory ({} MB each: \
+                 model, gradients, AdamW moments and activations of train.batch_size × \
+                 data.seq_len), but this machine has {} MB available: lower job.world_size, \
+                 train.batch_size or data.seq_len, or run the job on a cluster",
+                config.job.world_size,
+                need >> 20,
+                per_rank >> 20,
+                available >> 20
+            ));
+        }
+        Ok(())
     }
 
     async fn kill_leftovers(&self, job: &str) {

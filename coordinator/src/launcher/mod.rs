@@ -116,4 +116,10 @@ pub trait Launcher: Send + Sync + 'static {
     /// Kills whatever is left of `job`'s workers from a previous coordinator that died. Only
     /// this job's workers are touched.
     async fn kill_leftovers(&self, job: &str);
+
+    /// Whether this launcher can run `config`'s gang at all (checked before a job is
+    /// accepted); the error says what is short, with the numbers.
+    fn admit(&self, _config: &lockstep_api::JobConfig) -> Result<(), String> {
+        Ok(())
+    }
 }

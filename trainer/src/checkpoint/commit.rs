@@ -180,7 +180,9 @@ impl Checkpoints {
                 protected,
             } => {
                 let shards = gather_shards(&mine.shard, self.rank, self.world, collective)?;
-                let mut status = [0u8];
+                // Rank 0 tells the others how the commit went and the checkpoint's sizes:
+                // [ok: 1 | failed: 2, stored bytes (u64 LE), raw bytes (u64 LE)].
+                let mut status = [0u8; 17];
                 if self.rank == 0 {
                     let commit = StepCommit {
                         job: job.clone(),
@@ -194,7 +196,14 @@ impl Checkpoints {
                         protected: protected.clone(),
                     };
                     let outcome = rt.block_on(self.store.commit_step(commit));
-                    status[0] = if outcome.is_ok() { 1 } else { 2 };
+                    match &outcome {
+                        Ok(c) => {
+                            status[0] = 1;
+                            status[1..9].copy_from_slice(&c.bytes.to_le_bytes());
+                            status[9..17].copy_from_slice(&c.raw_bytes.to_le_bytes());
+                        }
+                        Err(_) => status[0] = 2,
+                    }
                     collective.broadcast(&mut status, 0)?;
                     let c = outcome?;
                     (c.bytes, c.raw_bytes)
@@ -205,7 +214,12 @@ impl Checkpoints {
                             "rank 0 could not commit checkpoint {step} (its log says why)"
                         )));
                     }
-                    (mine.bytes, mine.raw_bytes)
+                    let word = |r: std::ops::Range<usize>| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&status[r]);
+                        u64::from_le_bytes(b)
+                    };
+                    (word(1..9), word(9..17))
                 }
             }
         };
