@@ -5,6 +5,7 @@
 //! Every operation is bounded by a timeout: a dead or hung peer is an error naming it, never a
 //! hang. After an error the collective is broken and every later call fails.
 
+mod handshake;
 #[cfg(feature = "cuda")]
 mod nccl;
 mod tcp_ring;
