@@ -416,19 +416,26 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
     );
 }
 
-/// An error a restart cannot fix (here: a base model that does not exist) fails the job at
-/// once, with the worker's own message in the job's status, instead of being retried
+/// An error a restart cannot fix (here: a base model whose config.json is not one) fails the
+/// job at once, with the worker's own message in the job's status, instead of being retried
 /// `max_restarts` times and reported as a bare exit status.
 #[test]
 fn a_worker_error_that_would_repeat_fails_the_job_at_once_with_its_message() {
     let _gang = one_gang();
     let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("no-such-model");
+    let broken = dir.path().join("broken-model");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(
+        broken.join("config.json"),
+        "{\"model_type\": \"not-llama\"}",
+    )
+    .unwrap();
+    std::fs::write(broken.join("model.safetensors"), "not safetensors").unwrap();
     let job = TestJob::tiny("e2e")
         .world(2)
         .steps(20)
         .set("job.max_restarts", 3)
-        .set("model.base", format!("\"file://{}\"", missing.display()));
+        .set("model.base", format!("\"file://{}\"", broken.display()));
     job.write_to(dir.path());
     let (code, lines) = run(dir.path(), None);
     let end = last(&lines);
@@ -437,7 +444,7 @@ fn a_worker_error_that_would_repeat_fails_the_job_at_once_with_its_message() {
     assert_eq!(end["restarts"], 0, "not retried: {end}");
     let msg = end["message"].as_str().unwrap();
     assert!(
-        msg.contains("no-such-model") && msg.contains("not restarted"),
+        msg.contains("broken-model") && msg.contains("not restarted"),
         "the worker's own error reaches the user: {msg}"
     );
     assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
@@ -465,6 +472,36 @@ fn absurd_config_values_are_refused_before_anything_starts() {
         "{err}"
     );
     assert!(out.stdout.is_empty(), "no job was started");
+
+    // Inputs that do not exist are refused up front, naming the field.
+    let missing = dir.path().join("no-such-model");
+    TestJob::tiny("e2e")
+        .set("model.base", format!("\"file://{}\"", missing.display()))
+        .write_to(dir.path());
+    let out = lockstep(dir.path())
+        .args(["run", "job.toml", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("model.base") && err.contains("config.json not found"),
+        "{err}"
+    );
+    let glob = format!("\"file://{}/nothing-*.jsonl\"", dir.path().display());
+    TestJob::tiny("e2e")
+        .set("data.train", format!("[{glob}]"))
+        .write_to(dir.path());
+    let out = lockstep(dir.path())
+        .args(["run", "job.toml", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("data.train[0]") && err.contains("matches no object"),
+        "{err}"
+    );
 
     // A gang this machine cannot hold is refused with the numbers, before any process starts.
     config(dir.path(), 10, &[("world_size", "4000")]);

@@ -17,6 +17,7 @@
 //! - [`launcher`]: the [`launcher::Launcher`] trait and [`launcher::LocalProcess`].
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
 //! - [`listen`]: bounded, back-off accepting for both servers.
+//! - [`preflight`]: inputs checked before a job is accepted (data and base model exist).
 //! - [`private`]: the data dir and its files, readable by this user only.
 //! - [`cli`]: the commands of the binary that need no Burn (run, serve, submit, status, watch,
 //!   cancel, ckpt).
@@ -38,6 +39,7 @@ pub mod launcher;
 pub mod listen;
 pub mod metrics;
 pub mod persist;
+pub mod preflight;
 pub mod private;
 pub mod record;
 pub mod registry;

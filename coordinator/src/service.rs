@@ -196,6 +196,9 @@ impl Coordinator {
                 workdir.display()
             )));
         }
+        crate::preflight::check(&config, &workdir)
+            .await
+            .map_err(Error::InvalidArgument)?;
         // 64 random bits: ids do not collide in practice, and a collision is refused.
         let id = format!("{}-{}", config.job.name, &auth::new_token()[..16]);
         let now = now_ms();

@@ -47,6 +47,20 @@ pub async fn read_url(url: &str) -> Result<Bytes> {
     got.bytes().await.map_err(err)
 }
 
+/// Whether the object at `url` exists (`Ok(false)` only for a definite "not found").
+pub async fn exists(url: &str) -> Result<bool> {
+    let (store, path) = open_url(url)?;
+    match store.head(&path).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(source) => Err(Error::Store {
+            op: "check",
+            path: url.to_string(),
+            source,
+        }),
+    }
+}
+
 /// True when `url` contains glob characters.
 pub fn is_glob(url: &str) -> bool {
     url.contains(['*', '?', '['])
