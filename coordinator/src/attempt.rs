@@ -94,6 +94,16 @@ impl Attempt {
         Ok(())
     }
 
+    /// The coordinator itself could not hear anyone until `until` (it was stalled: stopped,
+    /// swapped out, starved): no joined rank counts as silent before then.
+    pub fn excuse(&mut self, until: Instant) {
+        for seen in self.last_seen.iter_mut().flatten() {
+            if *seen < until {
+                *seen = until;
+            }
+        }
+    }
+
     /// Rank `rank` reported the end of its training.
     pub fn finish(&mut self, rank: u32, f: Finished) -> Result<()> {
         self.rank_in_gang(rank)?;
@@ -280,6 +290,23 @@ mod tests {
         a.seen(1, t0 + Duration::from_secs(9)).unwrap();
         assert_eq!(a.timed_out(Phase::Running, t0 + T.heartbeat, T), None);
         assert!(a.seen(5, t0).is_err());
+    }
+
+    #[test]
+    fn a_stall_of_the_coordinator_itself_is_not_blamed_on_the_ranks() {
+        let t0 = Instant::now();
+        let mut a = Attempt::new(1, 2, t0, None);
+        a.join(0, "a".into(), t0).unwrap();
+        a.join(1, "b".into(), t0).unwrap();
+        // The coordinator was stopped from t0+5 s to t0+100 s.
+        let resumed = t0 + Duration::from_secs(100);
+        a.excuse(resumed);
+        assert_eq!(a.timed_out(Phase::Running, resumed, T), None);
+        assert_eq!(a.deadline(Phase::Running, T), Some(resumed + T.heartbeat));
+        assert!(
+            a.timed_out(Phase::Running, resumed + T.heartbeat, T)
+                .is_some()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`attempt`]: one attempt's deadlines and timeouts as a pure value.
 //! - [`commit`]: which shards of which step have arrived, and when a step is ready to commit.
 //! - [`registry`]: the jobs in memory and their live attempt (bookkeeping under short locks).
+//! - [`stall`]: noticing the coordinator's own stalls, so they are not blamed on ranks.
 //! - [`supervisor`]: one task per job: launch, watch, tear down, restart.
 //! - [`service`]: [`Coordinator`], the operations behind the gRPC calls.
 //! - [`rpc`]: the gRPC service: proto ↔ domain and [`Error`] → `Status` only.
@@ -45,6 +46,7 @@ pub mod record;
 pub mod registry;
 pub mod rpc;
 pub mod service;
+pub mod stall;
 pub mod state;
 pub mod supervisor;
 #[cfg(any(test, feature = "testing"))]

@@ -57,6 +57,7 @@ pub(crate) struct Inner {
     pub(crate) persister: Persister,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
+    pub(crate) clock: crate::stall::StallClock,
 }
 
 /// A report from a worker's heartbeat stream.
@@ -93,6 +94,7 @@ impl Coordinator {
                 persister,
                 registry: Registry::default(),
                 metrics: Metrics::default(),
+                clock: crate::stall::StallClock::start(),
             }),
         })
     }
@@ -196,7 +198,9 @@ impl Coordinator {
                 workdir.display()
             )));
         }
-        crate::preflight::check(&config, &workdir)
+        self.inner
+            .launcher
+            .preflight(&config, &workdir)
             .await
             .map_err(Error::InvalidArgument)?;
         // 64 random bits: ids do not collide in practice, and a collision is refused.

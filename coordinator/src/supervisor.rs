@@ -44,7 +44,7 @@ pub(crate) async fn supervise(
                 None => return,
             },
             Some(e) = exits.recv() => on_exit(&job, e),
-            () = sleep_until(deadline) => timed_out(&job, &mut retry_at),
+            () = sleep_until(deadline) => timed_out(&inner, &job, &mut retry_at),
         };
         let Some(input) = input else { continue };
         // A final state is published only once its teardown is done, so that whoever sees
@@ -148,19 +148,24 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// A deadline passed: what it means now.
-fn timed_out(job: &Job, retry_at: &mut Option<Instant>) -> Option<Input> {
-    let st = lock(&job.state);
+/// A deadline passed: what it means now. Silence during a stall of the coordinator itself
+/// is excused first.
+fn timed_out(inner: &Inner, job: &Job, retry_at: &mut Option<Instant>) -> Option<Input> {
+    let now = Instant::now();
+    let stall_ended = inner.clock.stall_ended(now);
+    let mut st = lock(&job.state);
     match st.record.phase() {
         Phase::Queued | Phase::Restarting => {
             *retry_at = None;
             Some(Input::Start)
         }
-        phase => st
-            .live
-            .as_ref()?
-            .attempt
-            .timed_out(phase, Instant::now(), job.timeouts()),
+        phase => {
+            let attempt = &mut st.live.as_mut()?.attempt;
+            if let Some(until) = stall_ended {
+                attempt.excuse(until);
+            }
+            attempt.timed_out(phase, now, job.timeouts())
+        }
     }
 }
 

@@ -221,3 +221,50 @@ async fn a_supervisor_that_panics_fails_its_job_and_kills_its_workers() {
     assert_eq!(launcher.specs().len(), 1, "worker 0 was started");
     assert_eq!(launcher.kills(), 1, "and killed");
 }
+
+/// A coordinator that was itself stalled (stopped, starved) does not blame the silence on a
+/// healthy rank: heartbeat timeouts count from the end of its stall.
+#[tokio::test(start_paused = true)]
+async fn a_stall_of_the_coordinator_costs_no_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, launcher) = coordinator(dir.path()).await;
+    let job = TestJob::simulated("sim", 1).set("job.heartbeat_timeout", "\"10s\"");
+    let s = c
+        .submit(job.toml(), vec![], dir.path().to_path_buf())
+        .await
+        .unwrap()
+        .status();
+    let spec = loop {
+        if let Some(s) = launcher.specs().first() {
+            break s.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let mut req = tonic::Request::new(proto::JoinRequest {
+        job_id: spec.job_id.clone(),
+        attempt: spec.attempt,
+        worker: 0,
+        data_addr: "127.0.0.1:1".into(),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", spec.token).parse().unwrap(),
+    );
+    Rpc::join(&c, req).await.unwrap();
+    wait_until(&c, &s.job_id, "running", |s| s.state == "running").await;
+    // The whole coordinator stops for 100 s (the rank's heartbeats could not be heard).
+    let t0 = Instant::now();
+    tokio::time::advance(Duration::from_secs(100)).await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(c.get(&s.job_id).unwrap().status().state, "running");
+    // A rank that stays silent after the stall is still caught, a heartbeat timeout later.
+    let restarting = wait_until(&c, &s.job_id, "restarting", |s| s.state == "restarting").await;
+    let at = t0.elapsed();
+    assert!(
+        at >= Duration::from_secs(110) && at < Duration::from_secs(112),
+        "detected at {at:?}: {}",
+        restarting.message
+    );
+}

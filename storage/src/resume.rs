@@ -313,10 +313,15 @@ impl CheckpointStore {
             let Some(name) = from.filename() else {
                 continue;
             };
-            self.copy_object(from, &to.clone().join(name)).await?;
+            let copy = to.clone().join(name);
+            self.copy_object(from, &copy).await?;
+            // On `file://` stores: each copy is durable before the original goes.
+            self.sync_local(&copy, false).await?;
         }
-        // On `file://` stores: the copy is durable before the original goes.
+        // The copy's folder, `set-aside/` and the root (directories fsync like files).
         self.sync_local(&to.clone().join(crate::store::MANIFEST_FILE), true)
+            .await?;
+        self.sync_local(&self.root.clone().join(SET_ASIDE_DIR), false)
             .await?;
         let (manifest, rest): (Vec<_>, Vec<_>) = files
             .into_iter()

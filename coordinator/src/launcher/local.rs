@@ -296,6 +296,15 @@ impl Launcher for LocalProcess {
         Ok(())
     }
 
+    /// Workers run on this machine: they read what this process can see.
+    async fn preflight(
+        &self,
+        config: &lockstep_api::JobConfig,
+        workdir: &Path,
+    ) -> Result<(), String> {
+        crate::preflight::check(config, workdir).await
+    }
+
     async fn kill_leftovers(&self, job: &str) {
         let job = job.to_string();
         // Reads /proc: on the blocking pool. Processes are this job's workers by their command

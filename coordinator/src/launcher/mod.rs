@@ -122,4 +122,15 @@ pub trait Launcher: Send + Sync + 'static {
     fn admit(&self, _config: &lockstep_api::JobConfig) -> Result<(), String> {
         Ok(())
     }
+
+    /// Checks, where this launcher's workers will read them, that the job's inputs exist
+    /// (before the job is accepted); the error names the field. Relative `file://` URLs
+    /// resolve against `workdir`.
+    async fn preflight(
+        &self,
+        _config: &lockstep_api::JobConfig,
+        _workdir: &std::path::Path,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
