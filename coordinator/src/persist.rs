@@ -12,6 +12,7 @@ use crate::record::{JobRecord, JobStore, StoreError};
 
 enum Msg {
     Put(Box<JobRecord>),
+    Delete(String),
     Flush(oneshot::Sender<Result<(), String>>),
 }
 
@@ -49,6 +50,13 @@ impl Persister {
         }
     }
 
+    /// Deletes job `id`'s record (after anything handed over before).
+    pub fn delete(&self, id: &str) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Delete(id.to_string()));
+        }
+    }
+
     /// Returns once every record handed over before this call is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let Some(tx) = &self.tx else {
@@ -67,7 +75,7 @@ impl Persister {
 
 async fn write_loop(store: Arc<JobStore>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     // Records not yet durable, newest per job: a failed write keeps them for the next try.
-    let mut pending: BTreeMap<String, JobRecord> = BTreeMap::new();
+    let mut pending: BTreeMap<String, Option<JobRecord>> = BTreeMap::new();
     loop {
         let first = if pending.is_empty() {
             match rx.recv().await {
@@ -87,7 +95,10 @@ async fn write_loop(store: Arc<JobStore>, mut rx: mpsc::UnboundedReceiver<Msg>) 
         while let Some(msg) = next {
             match msg {
                 Msg::Put(r) => {
-                    pending.insert(r.id.clone(), *r);
+                    pending.insert(r.id.clone(), Some(*r));
+                }
+                Msg::Delete(id) => {
+                    pending.insert(id, None);
                 }
                 Msg::Flush(w) => waiters.push(w),
             }
@@ -96,9 +107,12 @@ async fn write_loop(store: Arc<JobStore>, mut rx: mpsc::UnboundedReceiver<Msg>) 
         let result = if pending.is_empty() {
             Ok(())
         } else {
-            let records: Vec<JobRecord> = pending.values().cloned().collect();
+            let changes: Vec<(String, Option<JobRecord>)> = pending
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             let store = store.clone();
-            match tokio::task::spawn_blocking(move || store.put_all(&records)).await {
+            match tokio::task::spawn_blocking(move || store.apply(&changes)).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(e) => Err(format!("the job store writer failed: {e}")),
             }

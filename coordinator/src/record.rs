@@ -171,13 +171,30 @@ impl JobStore {
 
     /// Writes `jobs` durably in one transaction (redb commits are fsynced). Blocking.
     pub fn put_all(&self, jobs: &[JobRecord]) -> Result<(), StoreError> {
+        let changes: Vec<(String, Option<JobRecord>)> = jobs
+            .iter()
+            .map(|j| (j.id.clone(), Some(j.clone())))
+            .collect();
+        self.apply(&changes)
+    }
+
+    /// Writes (`Some`) or deletes (`None`) records by job id, durably, in one transaction.
+    /// Blocking.
+    pub fn apply(&self, changes: &[(String, Option<JobRecord>)]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut t = tx.open_table(JOBS).map_err(|e| self.err(e))?;
-            for job in jobs {
-                let value = encode(job).map_err(|e| self.err(e))?;
-                t.insert(job.id.as_str(), value.as_slice())
-                    .map_err(|e| self.err(e))?;
+            for (id, job) in changes {
+                match job {
+                    Some(job) => {
+                        let value = encode(job).map_err(|e| self.err(e))?;
+                        t.insert(id.as_str(), value.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    None => {
+                        t.remove(id.as_str()).map_err(|e| self.err(e))?;
+                    }
+                }
             }
         }
         tx.commit().map_err(|e| self.err(e))
@@ -203,6 +220,24 @@ impl JobStore {
         }
         Ok(stored)
     }
+}
+
+/// How long a finished job is kept (in the store and in `status`).
+pub const FINISHED_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
+/// At most this many finished jobs are kept; older ones go first.
+pub const MAX_FINISHED: usize = 1000;
+
+/// The finished jobs to forget: those finished before `now_ms - keep_ms`, and beyond the
+/// newest `max`. `finished` is (id, last update in ms) of every finished job.
+pub fn expired(finished: &[(String, i64)], now_ms: i64, keep_ms: i64, max: usize) -> Vec<String> {
+    let mut by_age: Vec<&(String, i64)> = finished.iter().collect();
+    by_age.sort_by_key(|(id, ms)| (std::cmp::Reverse(*ms), id.clone()));
+    by_age
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (_, ms))| *i >= max || now_ms.saturating_sub(*ms) > keep_ms)
+        .map(|(_, (id, _))| id.clone())
+        .collect()
 }
 
 /// What [`JobStore::all`] found.
@@ -270,6 +305,23 @@ mod tests {
             updated_ms: 0,
             gang_wait_seconds: 0.0,
         }
+    }
+
+    #[test]
+    fn finished_jobs_are_forgotten_after_a_week_or_beyond_the_newest_thousand() {
+        let day = 24 * 3600 * 1000;
+        let now = 100 * day;
+        let jobs = vec![
+            ("old".to_string(), now - 8 * day),
+            ("fresh".to_string(), now - day),
+            ("newest".to_string(), now),
+        ];
+        assert_eq!(expired(&jobs, now, FINISHED_KEPT_MS, 1000), vec!["old"]);
+        assert_eq!(
+            expired(&jobs, now, FINISHED_KEPT_MS, 1),
+            vec!["fresh", "old"]
+        );
+        assert!(expired(&[], now, FINISHED_KEPT_MS, 0).is_empty());
     }
 
     #[test]

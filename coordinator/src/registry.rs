@@ -56,9 +56,39 @@ impl Registry {
         let jobs: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
         let mut records: Vec<JobRecord> =
             jobs.iter().map(|j| lock(&j.state).record.clone()).collect();
-        records.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
+        records.sort_by_key(newest_first);
         records
     }
+
+    /// Up to `size` records after the cursor `after` (a previous page's last job), newest
+    /// first, and the cursor of the next page (`None` on the last).
+    pub fn page(&self, after: Option<&str>, size: usize) -> (Vec<JobRecord>, Option<String>) {
+        let all = self.records();
+        let start = after
+            .and_then(|cursor| {
+                let (ms, id) = cursor.split_once(':')?;
+                let key = (std::cmp::Reverse(ms.parse::<i64>().ok()?), id.to_string());
+                Some(all.partition_point(|r| newest_first(r) <= key))
+            })
+            .unwrap_or(0);
+        let page: Vec<JobRecord> = all.iter().skip(start).take(size).cloned().collect();
+        let more = start + page.len() < all.len();
+        let next = page
+            .last()
+            .filter(|_| more)
+            .map(|r| format!("{}:{}", r.created_ms, r.id));
+        (page, next)
+    }
+
+    /// Forgets `id` (a finished job past its retention).
+    pub fn remove(&self, id: &str) {
+        lock(&self.jobs).remove(id);
+    }
+}
+
+/// The sort key of the job list: newest first, then by id.
+fn newest_first(r: &JobRecord) -> (std::cmp::Reverse<i64>, String) {
+    (std::cmp::Reverse(r.created_ms), r.id.clone())
 }
 
 /// One job.

@@ -45,8 +45,17 @@ impl Rpc for Coordinator {
         req: Request<proto::ListRequest>,
     ) -> Result<Response<proto::JobList>, Status> {
         self.authorize_admin(req.metadata())?;
-        let jobs = self.list().iter().map(|r| r.status()).collect();
-        Ok(Response::new(proto::JobList { jobs }))
+        let r = req.into_inner();
+        let size = match r.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let (page, next) = self.page(after, size);
+        Ok(Response::new(proto::JobList {
+            jobs: page.iter().map(|r| r.status()).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn cancel(

@@ -118,7 +118,10 @@ impl Coordinator {
             // Tokens are not stored; this coordinator's workers get a new one.
             record.token = auth::new_token();
             let live = !record.phase().is_final();
-            if live {
+            // A job that ended recently may have been mid-teardown when the last coordinator
+            // died: its workers may still be there too.
+            let recent = crate::record::now_ms().saturating_sub(record.updated_ms) < 600_000;
+            if live || recent {
                 self.inner.launcher.kill_leftovers(&record.id).await;
             }
             let config = match JobConfig::parse(&record.config_text, &record.overrides) {
@@ -140,6 +143,14 @@ impl Coordinator {
                 job.send(Input::CoordinatorRestarted);
             }
         }
+        // Finished jobs are kept a week (at most a thousand): the store and `List` stay bounded.
+        let c = self.clone();
+        tokio::spawn(async move {
+            loop {
+                c.forget_expired();
+                tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+            }
+        });
         Ok(())
     }
 
@@ -256,10 +267,39 @@ impl Coordinator {
         self.inner.registry.records()
     }
 
+    /// One page of [`Coordinator::list`]: up to `size` records after the cursor `after`, and
+    /// the next page's cursor.
+    pub fn page(&self, after: Option<&str>, size: usize) -> (Vec<JobRecord>, Option<String>) {
+        self.inner.registry.page(after, size)
+    }
+
     /// Asks a job to stop; its supervisor tears the gang down.
     pub fn cancel(&self, id: &str) -> Result<JobRecord> {
         self.inner.registry.get(id)?.send(Input::Cancel);
         self.get(id)
+    }
+
+    /// Forgets finished jobs past their retention ([`crate::record::expired`]).
+    fn forget_expired(&self) {
+        let finished: Vec<(String, i64)> = self
+            .inner
+            .registry
+            .records()
+            .into_iter()
+            .filter(|r| r.phase().is_final())
+            .map(|r| (r.id, r.updated_ms))
+            .collect();
+        let gone = crate::record::expired(
+            &finished,
+            now_ms(),
+            crate::record::FINISHED_KEPT_MS,
+            crate::record::MAX_FINISHED,
+        );
+        for id in gone {
+            tracing::info!(job = %id, "forgetting a finished job past its retention");
+            self.inner.registry.remove(&id);
+            self.inner.persister.delete(&id);
+        }
     }
 
     /// Kills the job's live workers now, without the grace a cancel gives them (a second

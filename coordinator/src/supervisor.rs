@@ -73,10 +73,16 @@ pub(crate) async fn supervise(
             .then_some(job.config.job.collective_timeout);
             if next.phase.is_final() {
                 st.record.lifecycle.message = format!("{} (stopping the workers)", next.message);
+                st.touch(&job, &inner.persister, false);
+                // Durable at once: a coordinator that dies during the teardown must not
+                // resume a job that was cancelled or failed.
+                let mut durable = st.record.clone();
+                durable.lifecycle = next.clone();
+                inner.persister.put(durable);
             } else {
                 st.record.lifecycle = next.clone();
+                st.touch(&job, &inner.persister, true);
             }
-            st.touch(&job, &inner.persister, true);
             (actions, next, grace)
         };
         for action in actions {

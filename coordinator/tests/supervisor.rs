@@ -268,3 +268,53 @@ async fn a_stall_of_the_coordinator_costs_no_restart() {
         restarting.message
     );
 }
+
+/// `List` pages through every job, newest first, in bounded pages.
+#[tokio::test]
+async fn the_job_list_comes_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "a".repeat(32);
+    let c = Coordinator::open(
+        Settings {
+            data_dir: dir.path().to_path_buf(),
+            admin_token: admin.clone(),
+            persist: false,
+        },
+        Arc::new(Simulated::default()),
+    )
+    .await
+    .unwrap();
+    c.start("http://127.0.0.1:1".into()).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let job = TestJob::simulated("sim", 1).toml();
+        ids.push(
+            c.submit(job, vec![], dir.path().to_path_buf())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let mut req = tonic::Request::new(proto::ListRequest {
+            page_size: 2,
+            page_token: token,
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {admin}").parse().unwrap());
+        let page = Rpc::list(&c, req).await.unwrap().into_inner();
+        assert!(page.jobs.len() <= 2);
+        seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let want: Vec<String> = c.list().into_iter().map(|r| r.id).collect();
+    assert_eq!(seen, want, "every job once, newest first");
+    ids.sort();
+    seen.sort();
+    assert_eq!(seen, ids);
+}

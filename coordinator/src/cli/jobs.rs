@@ -327,7 +327,24 @@ pub async fn status(job: Option<String>, json: bool, args: &ClientArgs) -> Resul
     let mut c = client(args).await?;
     let jobs = match job {
         Some(id) => vec![c.get(proto::JobRef { job_id: id }).await?.into_inner()],
-        None => c.list(proto::ListRequest {}).await?.into_inner().jobs,
+        None => {
+            let mut jobs = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .list(proto::ListRequest {
+                        page_size: 500,
+                        page_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                jobs.extend(page.jobs);
+                if page.next_page_token.is_empty() {
+                    break jobs;
+                }
+                token = page.next_page_token;
+            }
+        }
     };
     if json {
         for j in &jobs {
