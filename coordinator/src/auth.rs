@@ -27,6 +27,14 @@ pub fn new_token() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The bearer token `metadata` carries, if any.
+pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata
+        .get(proto::AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
 /// Checks that `metadata` carries `want` as its bearer token; `whose` names the token in the
 /// error ("the coordinator's admin", "job `x`'s").
 pub fn check(metadata: &tonic::metadata::MetadataMap, want: &str, whose: &str) -> Result<()> {
@@ -49,7 +57,8 @@ pub fn check(metadata: &tonic::metadata::MetadataMap, want: &str, whose: &str) -
     }
 }
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equal, in time that depends only on the lengths.
+pub fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -80,6 +80,14 @@ impl Registry {
         (page, next)
     }
 
+    /// Whether `token` is some job's token (each compared in constant time).
+    pub fn knows_token(&self, token: &str) -> bool {
+        let jobs = lock(&self.jobs);
+        jobs.values().fold(false, |found, job| {
+            found | crate::auth::constant_eq(job.token.as_bytes(), token.as_bytes())
+        })
+    }
+
     /// Forgets `id` (a finished job past its retention).
     pub fn remove(&self, id: &str) {
         lock(&self.jobs).remove(id);

@@ -332,6 +332,45 @@ impl Coordinator {
     }
 
     /// Checks a user call's admin token.
+    /// The gate in front of every call, before its body is decoded: the call must carry the
+    /// admin token or a job's token. One answer for every wrong token, so nobody learns which
+    /// jobs exist. The handlers then check the token against what the call is about.
+    pub fn gate(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+    ) -> std::result::Result<(), tonic::Status> {
+        let Some(token) = auth::bearer(md) else {
+            return Err(tonic::Status::unauthenticated(
+                "this call needs a token (`authorization: Bearer TOKEN`)",
+            ));
+        };
+        let admin = &self.inner.settings.admin_token;
+        let is_admin = admin.len() >= auth::MIN_TOKEN_LEN
+            && auth::constant_eq(admin.as_bytes(), token.as_bytes());
+        if token.len() >= auth::MIN_TOKEN_LEN
+            && (is_admin || self.inner.registry.knows_token(token))
+        {
+            Ok(())
+        } else {
+            Err(tonic::Status::permission_denied(
+                "the token is not valid here",
+            ))
+        }
+    }
+
+    /// [`Coordinator::gate`] as a tonic interceptor.
+    pub fn interceptor(
+        &self,
+    ) -> impl FnMut(tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status>
+    + Clone
+    + use<> {
+        let c = self.clone();
+        move |req: tonic::Request<()>| {
+            c.gate(req.metadata())?;
+            Ok(req)
+        }
+    }
+
     pub(crate) fn authorize_admin(&self, md: &tonic::metadata::MetadataMap) -> Result<()> {
         auth::check(
             md,
@@ -347,7 +386,14 @@ impl Coordinator {
         id: &str,
         attempt: u32,
     ) -> Result<Arc<Job>> {
-        let job = self.inner.registry.get(id)?;
+        // An unknown job answers like a wrong token: callers cannot probe for job ids.
+        let job = self
+            .inner
+            .registry
+            .get(id)
+            .map_err(|_| Error::PermissionDenied {
+                whose: format!("job `{id}`'s"),
+            })?;
         auth::check(md, &job.token, &format!("job `{id}`'s"))?;
         job.live(&mut lock(&job.state), attempt)?;
         Ok(job)

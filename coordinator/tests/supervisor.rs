@@ -318,3 +318,63 @@ async fn the_job_list_comes_in_pages() {
     seen.sort();
     assert_eq!(seen, ids);
 }
+
+/// The gate in front of every call: no token, a wrong one, and one for a job that does not
+/// exist get the same answers whatever the call is about; the admin's and a job's pass.
+#[tokio::test]
+async fn the_gate_admits_only_known_tokens_and_tells_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "a".repeat(32);
+    let c = Coordinator::open(
+        Settings {
+            data_dir: dir.path().to_path_buf(),
+            admin_token: admin.clone(),
+            persist: false,
+        },
+        Arc::new(Simulated::default()),
+    )
+    .await
+    .unwrap();
+    c.start("http://127.0.0.1:1".into()).await.unwrap();
+    let job = c
+        .submit(
+            TestJob::simulated("sim", 1).toml(),
+            vec![],
+            dir.path().to_path_buf(),
+        )
+        .await
+        .unwrap();
+    let md = |token: Option<&str>| {
+        let mut m = tonic::metadata::MetadataMap::new();
+        if let Some(t) = token {
+            m.insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        m
+    };
+    assert_eq!(
+        c.gate(&md(None)).unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let wrong = "b".repeat(32);
+    let e = c.gate(&md(Some(&wrong))).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(!e.message().contains("sim"), "{}", e.message());
+    assert!(c.gate(&md(Some(""))).is_err());
+    assert!(c.gate(&md(Some(&admin))).is_ok());
+    assert!(c.gate(&md(Some(&job.token))).is_ok());
+    // A worker asking about a job that does not exist hears what a wrong token hears.
+    let mut probe = tonic::Request::new(proto::JoinRequest {
+        job_id: "no-such-job".into(),
+        attempt: 1,
+        worker: 0,
+        data_addr: "127.0.0.1:1".into(),
+    });
+    probe.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", job.token).parse().unwrap(),
+    );
+    assert_eq!(
+        Rpc::join(&c, probe).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+}

@@ -101,9 +101,13 @@ async fn serve_grpc(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .concurrency_limit_per_connection(64)
-        .add_service(proto::coordinator_server::CoordinatorServer::new(
-            coordinator,
-        ))
+        // Every call is authenticated before its body is decoded.
+        .add_service(
+            proto::coordinator_server::CoordinatorServer::with_interceptor(
+                coordinator.clone(),
+                coordinator.interceptor(),
+            ),
+        )
         .serve_with_incoming(incoming(listener, MAX_CONNECTIONS))
         .await
 }
