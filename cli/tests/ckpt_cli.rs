@@ -240,3 +240,21 @@ async fn verify_refuses_a_decompression_bomb_within_bounded_memory() {
     assert!(out.contains("decompression bomb"), "{out}");
     assert!(out.contains("rank-00000.shard"), "names the file: {out}");
 }
+
+/// The read-only tools never create anything: a checkpoint root that does not exist is an
+/// error (exit 2), and stays absent.
+#[test]
+fn reading_a_root_that_does_not_exist_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope/a");
+    let url = format!("file://{}", missing.display());
+    for args in [
+        vec!["ckpt", "ls", url.as_str()],
+        vec!["ckpt", "verify", url.as_str()],
+    ] {
+        let o = lockstep(&args, &[]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains("not found"), "{}", text(&o));
+    }
+    assert!(!dir.path().join("nope").exists(), "a directory was created");
+}

@@ -185,6 +185,19 @@ impl CheckpointStore {
         Self::open_with(url, StoreOptions::default())
     }
 
+    /// Opens the checkpoint root at `url` for reading: a `file://` directory that does not
+    /// exist is [`Error::NotFound`], never created (the `ckpt` tools).
+    pub fn open_existing(url: &str) -> Result<Self> {
+        if let Location::File(dir) = Location::parse(url.trim_end_matches('/'))?
+            && !dir.is_dir()
+        {
+            return Err(Error::NotFound {
+                path: dir.display().to_string(),
+            });
+        }
+        Self::open(url)
+    }
+
     /// Opens `url` with `opts`.
     pub fn open_with(url: &str, opts: StoreOptions) -> Result<Self> {
         let mut url = url.to_string();

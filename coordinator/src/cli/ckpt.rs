@@ -76,7 +76,7 @@ fn split_target(target: &str) -> Result<(&str, Option<u64>)> {
 
 async fn resolve(target: &str) -> Result<(CheckpointStore, u64)> {
     let (url, step) = split_target(target)?;
-    let store = CheckpointStore::open(url)?;
+    let store = CheckpointStore::open_existing(url)?;
     let step = match step {
         Some(s) => s,
         None => match store.latest().await? {
@@ -92,7 +92,7 @@ async fn resolve(target: &str) -> Result<(CheckpointStore, u64)> {
 }
 
 async fn ls(url: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
-    let store = CheckpointStore::open(url)?;
+    let store = CheckpointStore::open_existing(url)?;
     let steps = store.list_all().await?;
     if json {
         let rows: Vec<_> = steps
@@ -234,7 +234,7 @@ async fn verify(target: &str, all: bool, out: &mut impl Write) -> Result<ExitCod
                 "--all verifies every checkpoint; drop the @STEP from `{target}`"
             )));
         }
-        let store = CheckpointStore::open(url)?;
+        let store = CheckpointStore::open_existing(url)?;
         let steps = store.list().await?;
         if steps.is_empty() {
             return Err(CliError::Usage(format!(
@@ -288,7 +288,7 @@ async fn gc(
     dry_run: bool,
     out: &mut impl Write,
 ) -> Result<ExitCode> {
-    let store = CheckpointStore::open(url)?;
+    let store = CheckpointStore::open_existing(url)?;
     let report = store.gc(policy, protect, dry_run).await?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     for (step, reason) in &report.kept {
