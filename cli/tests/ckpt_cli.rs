@@ -201,13 +201,15 @@ fn help_explains_each_subcommand() {
     assert!(text(&o).contains("Exits 0 only"), "{}", text(&o));
 }
 
-/// A checkpoint whose shard decodes to far more than it stores (here: 256 MiB of zeros in a
-/// few kilobytes, written by the real writer, so every size and hash is consistent) is refused
-/// before anything is decoded: `verify` reports it (exit 1) within a 1.5 GB address space.
+/// A checkpoint that compresses extremely well is not mistaken for a decompression bomb:
+/// 256 MiB of zeros stored in a few kilobytes (written by the real writer, every size and hash
+/// consistent) verifies, decoding bounded per chunk and per read batch. (Footers that claim
+/// more than any chunk or shard can decode to are refused when parsed, before anything is
+/// decoded: storage/tests/parsers.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_refuses_a_decompression_bomb_within_bounded_memory() {
+async fn verify_accepts_a_highly_compressed_checkpoint_decoding_in_bounded_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}/bomb", dir.path().display());
+    let url = format!("file://{}/zeros", dir.path().display());
     let store = CheckpointStore::open(&url).unwrap();
     let zeros = lockstep_storage::TensorInput {
         name: "model.embed_tokens.weight".into(),
@@ -216,7 +218,7 @@ async fn verify_refuses_a_decompression_bomb_within_bounded_memory() {
         data: bytes::Bytes::from(vec![0u8; 256 << 20]),
     };
     let info = CommitInfo {
-        job: "bomb".into(),
+        job: "zeros".into(),
         step: 1,
         config_hash: "abc".into(),
         parent: None,
@@ -228,7 +230,7 @@ async fn verify_refuses_a_decompression_bomb_within_bounded_memory() {
         Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "ulimit -v 1500000 && exec '{exe}' ckpt verify '{url}'"
+                "ulimit -v 4000000 && exec '{exe}' ckpt verify '{url}'"
             ))
             .output()
             .unwrap()
@@ -236,9 +238,8 @@ async fn verify_refuses_a_decompression_bomb_within_bounded_memory() {
     .await
     .unwrap();
     let out = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{out}");
-    assert!(out.contains("decompression bomb"), "{out}");
-    assert!(out.contains("rank-00000.shard"), "names the file: {out}");
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("OK"), "{out}");
 }
 
 /// The read-only tools never create anything: a checkpoint root that does not exist is an

@@ -15,10 +15,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 512;
-/// A connection must send its first byte within this.
+/// Connections served at once: every rank of the largest gang keeps one, plus room for users.
+pub const MAX_CONNECTIONS: usize = lockstep_api::config::limits::MAX_WORLD_SIZE as usize + 512;
+/// A connection must send its first [`OPENING_BYTES`] within this (an HTTP/2 client's preface
+/// is 24 bytes; after it, HTTP/2 PINGs find peers that stop answering).
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes a new connection must send before [`FIRST_BYTE_TIMEOUT`].
+pub const OPENING_BYTES: usize = 24;
 /// Pause after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -26,6 +29,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub struct Conn {
     stream: TcpStream,
     first_byte: Option<Pin<Box<Sleep>>>,
+    /// Bytes read so far while the opening deadline runs.
+    opened: usize,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -42,6 +47,7 @@ pub fn incoming(listener: TcpListener, max: usize) -> impl Stream<Item = io::Res
                     let conn = Conn {
                         stream,
                         first_byte: Some(Box::pin(tokio::time::sleep(FIRST_BYTE_TIMEOUT))),
+                        opened: 0,
                         _slot: slot,
                     };
                     return Some((Ok(conn), (listener, slots)));
@@ -66,14 +72,19 @@ impl AsyncRead for Conn {
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
         if self.first_byte.is_some() {
             match &r {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_byte = None,
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    self.opened += buf.filled().len() - before;
+                    if self.opened >= OPENING_BYTES {
+                        self.first_byte = None;
+                    }
+                }
                 Poll::Pending => {
                     if let Some(deadline) = self.first_byte.as_mut()
                         && deadline.as_mut().poll(cx).is_ready()
                     {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
-                            "the client sent nothing",
+                            "the client did not open the connection in time",
                         )));
                     }
                 }

@@ -85,7 +85,17 @@ async fn write_loop(store: Arc<JobStore>, mut rx: mpsc::UnboundedReceiver<Msg>) 
         } else {
             // Retry what failed, sooner if more arrives.
             tokio::select! {
-                m = rx.recv() => m,
+                m = rx.recv() => match m {
+                    Some(m) => Some(m),
+                    // Everyone is gone: one last try, then stop.
+                    None => {
+                        let changes: Vec<(String, Option<JobRecord>)> =
+                            pending.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                        let store = store.clone();
+                        let _ = tokio::task::spawn_blocking(move || store.apply(&changes)).await;
+                        return;
+                    }
+                },
                 () = tokio::time::sleep(RETRY_AFTER) => None,
             }
         };

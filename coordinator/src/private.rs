@@ -7,10 +7,18 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-/// Creates `dir` (and its parents) as 0700, and makes an existing `dir` 0700.
+/// Creates `dir` (and its parents) as 0700. An existing directory keeps its mode (it may be
+/// shared, like /tmp); one others can read gets a warning.
 pub fn dir(dir: &Path) -> io::Result<()> {
-    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, Permissions::from_mode(0o700))
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if meta.mode() & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(),
+                "this directory is readable by other users; its files are kept 0600");
+        }
+        return Ok(());
+    }
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 /// Creates (or truncates) `path` as a 0600 file for writing, its directory 0700.
@@ -38,7 +46,9 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let name = path
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
     let result = (|| {
         let mut f = create(&tmp)?;
         f.write_all(bytes)?;
@@ -75,7 +85,11 @@ mod tests {
         std::fs::set_permissions(&d, Permissions::from_mode(0o755)).expect("chmod");
         let token = d.join("admin.token");
         write(&token, b"secret\n").expect("write");
-        assert_eq!(mode(&d), 0o700, "an existing data dir is tightened");
+        assert_eq!(
+            mode(&d),
+            0o755,
+            "an existing (maybe shared) dir keeps its mode"
+        );
         assert_eq!(mode(&token), 0o600);
         write(&token, b"second\n").expect("rewrite");
         assert_eq!(std::fs::read(&token).expect("read"), b"second\n");

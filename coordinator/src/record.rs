@@ -149,6 +149,13 @@ impl JobStore {
         }));
         let db = match opened {
             Ok(Ok(db)) => db,
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                return Err(err(
+                    "another coordinator is using this data dir (its job store is locked); \
+                     stop it, or give this one another --data-dir"
+                        .into(),
+                ));
+            }
             Ok(Err(e)) => return Err(way_out(e.to_string())),
             Err(_) => return Err(way_out("redb could not read it".into())),
         };

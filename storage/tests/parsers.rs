@@ -121,3 +121,42 @@ proptest! {
         prop_assert_eq!(codec::decode(used, &stored, data.len()).unwrap(), data);
     }
 }
+
+/// A footer that claims more decoded bytes than any chunk or shard can hold (the shape of a
+/// decompression bomb: a few kilobytes claiming gigabytes) is refused when parsed, before
+/// anything is decoded or allocated.
+#[test]
+fn footers_claiming_implausible_decoded_sizes_are_refused() {
+    let parse = |chunks: Vec<shard::ChunkEntry>, raw: u64, stored_end: u64| {
+        let footer = ShardFooter {
+            version: 1,
+            chunks,
+            raw_bytes: raw,
+        };
+        let (tail, _) = shard::encode_footer(&footer);
+        let file_len = stored_end + tail.len() as u64;
+        let t = shard::parse_trailer(&tail[tail.len() - 32..], file_len).unwrap();
+        shard::parse_footer(&tail[..tail.len() - 32], &t, file_len)
+    };
+    let chunk = |i: u64, raw_len: u64, len: u64| shard::ChunkEntry {
+        raw_offset: i * raw_len,
+        raw_len,
+        offset: shard::HEADER_LEN + i * len,
+        len,
+        codec: Codec::Zstd,
+        hash: shard::hash128_hex(b"x"),
+    };
+    // One chunk claiming 256 MiB.
+    let e = parse(
+        vec![chunk(0, 256 << 20, 100)],
+        256 << 20,
+        shard::HEADER_LEN + 100,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("implausibly large"), "{e}");
+    // 1,000 chunks of 64 MiB from 10 bytes each: 62.5 GiB from 10 KB.
+    let n = 1000;
+    let chunks: Vec<_> = (0..n).map(|i| chunk(i, 64 << 20, 10)).collect();
+    let e = parse(chunks, n * (64 << 20), shard::HEADER_LEN + n * 10).unwrap_err();
+    assert!(e.to_string().contains("decompression bomb"), "{e}");
+}

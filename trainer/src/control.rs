@@ -33,6 +33,10 @@ pub struct Identity {
     pub attempt: u32,
     /// This worker's index (its rank once joined).
     pub worker: u32,
+    /// How long the coordinator may stay silent (stopped, partitioned) before this worker
+    /// gives it up: at least the job's heartbeat timeout, so a stall the coordinator forgives
+    /// (it counts heartbeat timeouts from the end of its own stalls) does not end the worker.
+    pub patience: Duration,
 }
 
 /// A connected worker.
@@ -99,7 +103,7 @@ impl Control {
             // A coordinator that stops answering (stopped, partitioned) fails the calls in
             // flight within seconds instead of hanging them: HTTP/2 PINGs must be answered.
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_timeout(id.patience.max(Duration::from_secs(20)))
             .keep_alive_while_idle(true);
         let channel = rt
             .block_on(channel.connect())

@@ -113,8 +113,9 @@ impl Error {
             | Error::NotFinite { .. } => true,
             Error::Storage(e) => matches!(
                 e,
-                lockstep_storage::Error::NotFound { .. }
-                    | lockstep_storage::Error::InvalidUrl { .. }
+                // Not `NotFound`: a checkpoint upload can see one transiently. Missing inputs
+                // are caught before launch (the coordinator's preflight) or name their file.
+                lockstep_storage::Error::InvalidUrl { .. }
                     | lockstep_storage::Error::Refused { .. }
                     | lockstep_storage::Error::Invalid(_)
             ),

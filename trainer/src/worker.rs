@@ -148,6 +148,11 @@ pub fn run(opts: &Options) -> Result<u8> {
                 job: job.clone(),
                 attempt: *attempt,
                 worker: *worker,
+                patience: config
+                    .job
+                    .heartbeat_timeout
+                    .saturating_mul(2)
+                    .clamp(Duration::from_secs(20), Duration::from_secs(600)),
             };
             let (ring, control, resume) = join_gang(id, &config, signals.stop.clone())?;
             run.start = Some(Start::Given(resume));

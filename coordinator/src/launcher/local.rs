@@ -121,7 +121,7 @@ fn mem_available() -> Option<u64> {
     Some(kb.saturating_mul(1024))
 }
 
-/// A rough lower estimate of one rank's memory, in bytes: f32 weights, gradients and two
+/// A rough estimate of one rank's memory, in bytes: f32 weights, gradients and two
 /// AdamW moments of the `[model]` architecture, activations of one micro-batch, and the
 /// process itself. Rough on purpose: it only has to catch gangs that cannot possibly fit.
 pub fn rank_memory_estimate(config: &lockstep_api::JobConfig) -> u64 {
@@ -132,16 +132,19 @@ pub fn rank_memory_estimate(config: &lockstep_api::JobConfig) -> u64 {
         u64::from(m.intermediate_size),
         u64::from(m.vocab_size),
     );
-    let kv = h / u64::from(m.num_heads.max(1)) * u64::from(m.num_kv_heads);
+    // u128: the bounded config values still multiply past u64.
+    let (h, l, i, v) = (h as u128, l as u128, i as u128, v as u128);
+    let kv = h / u128::from(m.num_heads.max(1)) * u128::from(m.num_kv_heads);
     let per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h;
     let embeddings = v * h * if m.tie_embeddings { 1 } else { 2 };
     let params = per_layer * l + embeddings + h;
-    let tokens = u64::from(config.train.batch_size) * u64::from(config.data.seq_len);
-    let activations = tokens * (h * l * 34 + 2 * v);
-    const PROCESS: u64 = 64 << 20;
-    (params * 16)
-        .saturating_add(activations * 4)
-        .saturating_add(PROCESS)
+    let tokens = u128::from(config.train.batch_size) * u128::from(config.data.seq_len);
+    // ~34 bytes per token, hidden unit and layer in half precision (Korthikanti et al.); f32
+    // here, and the logits.
+    let activations = tokens * (h * l * 34 * 2 + 4 * v);
+    const PROCESS: u128 = 64 << 20;
+    let total = params * 16 + activations + PROCESS;
+    u64::try_from(total).unwrap_or(u64::MAX)
 }
 
 struct LocalWorker {
@@ -192,13 +195,23 @@ pub fn local_trainers(job: &str, worker: Option<u32>) -> Vec<u32> {
     pids
 }
 
-/// SIGKILL to process group `pid` (each worker leads its own); to the process alone when it
-/// leads no group (started by something else). ESRCH (already gone) is fine.
+/// SIGKILL to process group `pid` (each worker leads its own). ESRCH (already gone) is fine.
 pub fn kill_group(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
-        let pid = nix::unistd::Pid::from_raw(pid);
-        if nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL).is_err() {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// SIGKILL to a leftover worker just found alive in /proc: its group, or the process alone
+/// when it leads none (started by something else).
+fn kill_leftover(pid: u32) {
+    if let Ok(p) = i32::try_from(pid) {
+        let p = nix::unistd::Pid::from_raw(p);
+        if nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL).is_err() {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
@@ -312,7 +325,7 @@ impl Launcher for LocalProcess {
         let scan = tokio::task::spawn_blocking(move || {
             for pid in local_trainers(&job, None) {
                 tracing::warn!(pid, job = %job, "killing a worker left by the previous coordinator");
-                kill_group(pid);
+                kill_leftover(pid);
             }
         });
         if let Err(e) = scan.await {

@@ -206,6 +206,25 @@ pub(super) fn accept_prev(
     }
 }
 
+/// Reads exactly `buf.len()` bytes by `until` (an absolute deadline, not one per read).
+fn read_by(s: &mut TcpStream, buf: &mut [u8], until: Instant) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 enum Refusal {
     /// Not our peer: drop the connection and keep accepting.
     Ignore(String),
@@ -223,29 +242,25 @@ fn hello_from_prev(
     key: &RingKey,
 ) -> Result<TcpStream, Refusal> {
     let ignore = |why: &str| Refusal::Ignore(why.to_string());
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .clamp(Duration::from_millis(1), HELLO_TIMEOUT);
+    // One deadline for the whole handshake, however the peer dribbles its bytes.
+    let until = deadline.min(Instant::now() + HELLO_TIMEOUT);
     s.set_nonblocking(false)
-        .and_then(|_| s.set_read_timeout(Some(left)))
-        .and_then(|_| s.set_write_timeout(Some(left)))
         .map_err(|e| ignore(&e.to_string()))?;
     let mut hello = [0u8; 32];
-    if s.read_exact(&mut hello).is_err() {
-        return Err(ignore("it sent no hello"));
+    if read_by(&mut s, &mut hello, until).is_err() {
+        return Err(ignore("it sent no hello in time"));
     }
     let h: [u8; 16] = hello[..16].try_into().unwrap_or([0; 16]);
     if word(&h, 0) != MAGIC {
         return Err(ignore("not a lockstep rank"));
     }
+    // Before it has proven anything, a peer cannot end the ring: another version is a
+    // refusal like any other (the ring's timeout error then names it).
     if word(&h, 1) != VERSION {
-        return Err(Refusal::Fatal(CollectiveError::Protocol {
-            peer: prev,
-            what: format!(
-                "speaks ring protocol version {}, this rank {VERSION}",
-                word(&h, 1)
-            ),
-        }));
+        return Err(ignore(&format!(
+            "it speaks ring protocol version {}, this rank {VERSION}",
+            word(&h, 1)
+        )));
     }
     let me = (prev + 1) % world;
     let mut answer = [0u8; 64];
@@ -254,7 +269,13 @@ fn hello_from_prev(
     let transcript = [&hello[..], &answer[..32]].concat();
     answer[32..].copy_from_slice(&key.sign(b"accept", &transcript));
     let mut proof = [0u8; 32];
-    if s.write_all(&answer).is_err() || s.read_exact(&mut proof).is_err() {
+    let left = until
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    if s.set_write_timeout(Some(left)).is_err()
+        || s.write_all(&answer).is_err()
+        || read_by(&mut s, &mut proof, until).is_err()
+    {
         return Err(ignore("it did not finish the handshake"));
     }
     if !key.verify(b"connect", &transcript, &proof) {
