@@ -104,6 +104,16 @@ impl Attempt {
         }
     }
 
+    /// The first worker of this attempt that exited with an error a restart cannot fix, and
+    /// how it ended.
+    pub fn permanent_failure(&self) -> Option<(u32, String)> {
+        self.exited
+            .iter()
+            .flatten()
+            .find(|e| e.permanent())
+            .map(|e| (e.worker, e.describe()))
+    }
+
     /// Rank `rank` reported the end of its training.
     pub fn finish(&mut self, rank: u32, f: Finished) -> Result<()> {
         self.rank_in_gang(rank)?;

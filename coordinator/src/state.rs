@@ -208,6 +208,21 @@ impl Lifecycle {
                 }
                 self.restart(format!("attempt {attempt}: rank {worker} {cause}"))
             }
+            // The gang was torn down for another rank's failure, but one of its ranks had
+            // failed for good (its exit arrived second): restarting would only repeat it.
+            Input::WorkerFailed {
+                attempt,
+                worker,
+                cause,
+                permanent: true,
+            } if current(attempt) && self.phase == Phase::Restarting => {
+                self.phase = Phase::Failed;
+                self.message = format!(
+                    "attempt {attempt}: rank {worker} {cause}; not restarted: the error would \
+                     repeat (fix it and submit the job again)"
+                );
+                vec![]
+            }
             Input::HeartbeatTimeout {
                 attempt,
                 rank,
@@ -435,5 +450,29 @@ mod tests {
         assert_eq!(l.restarts, 0);
         assert!(l.message.contains("config.json not found"), "{}", l.message);
         assert!(l.message.contains("not restarted"), "{}", l.message);
+    }
+
+    #[test]
+    fn a_permanent_error_found_while_tearing_down_stops_the_restart() {
+        let mut l = Lifecycle::new(3);
+        l.apply(Input::Start);
+        // Rank 1's transient failure arrives first; the gang is torn down for a restart.
+        l.apply(Input::WorkerFailed {
+            attempt: 1,
+            worker: 1,
+            cause: "exited with status 1".into(),
+            permanent: false,
+        });
+        assert_eq!(l.phase, Phase::Restarting);
+        // Rank 0's exit, collected during the teardown, was permanent.
+        let actions = l.apply(Input::WorkerFailed {
+            attempt: 1,
+            worker: 0,
+            cause: "exited with status 3: error: bad.jsonl:2: not a JSON record".into(),
+            permanent: true,
+        });
+        assert!(actions.is_empty());
+        assert_eq!(l.phase, Phase::Failed);
+        assert!(l.message.contains("bad.jsonl:2"), "{}", l.message);
     }
 }

@@ -87,7 +87,21 @@ pub(crate) async fn supervise(
         };
         for action in actions {
             match action {
-                Action::TearDown => tear_down(&inner, &job, &mut exits, grace).await,
+                Action::TearDown => {
+                    let permanent = tear_down(&inner, &job, &mut exits, grace).await;
+                    // Exits collected while tearing down may show a rank that failed for good
+                    // although another rank's failure arrived first.
+                    if let Some((attempt, worker, cause)) = permanent
+                        && next.phase == Phase::Restarting
+                    {
+                        job.send(Input::WorkerFailed {
+                            attempt,
+                            worker,
+                            cause,
+                            permanent: true,
+                        });
+                    }
+                }
                 Action::RetryAfter(d) => {
                     retry_at = Some(Instant::now().checked_add(d).unwrap_or_else(far_future))
                 }
@@ -301,7 +315,8 @@ async fn launch(
     Ok(())
 }
 
-/// Ends the current attempt. With `grace`, the workers are first asked to stop (they
+/// Ends the current attempt; returns a worker of it that failed for good (attempt, worker,
+/// how), if any. With `grace`, the workers are first asked to stop (they
 /// checkpoint the step they are on, commit it, and exit) and given that long; then every worker
 /// still there is killed with its process group and reaped, so no process outlives the attempt.
 async fn tear_down(
@@ -309,10 +324,8 @@ async fn tear_down(
     job: &Job,
     exits: &mut mpsc::UnboundedReceiver<Exit>,
     grace: Option<Duration>,
-) {
-    let Some(number) = lock(&job.state).live.as_ref().map(|l| l.attempt.number) else {
-        return;
-    };
+) -> Option<(u32, u32, String)> {
+    let number = lock(&job.state).live.as_ref().map(|l| l.attempt.number)?;
     if let Some(grace) = grace {
         let asked = {
             let st = lock(&job.state);
@@ -348,8 +361,14 @@ async fn tear_down(
         tracing::error!(job = %job.id, attempt = number, "workers did not exit after SIGKILL");
     }
     let mut st = lock(&job.state);
+    let permanent = st
+        .live
+        .as_ref()
+        .and_then(|l| l.attempt.permanent_failure())
+        .map(|(worker, cause)| (number, worker, cause));
     st.live = None;
     st.touch(job, &inner.persister, true);
+    permanent
 }
 
 /// Records exits of `attempt`'s launched workers until all have exited (true) or `deadline`
