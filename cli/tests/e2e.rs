@@ -3,15 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use lockstep_api::testing::TestJob;
-use serde_json::Value;
 
-const LOCKSTEP: &str = env!("CARGO_BIN_EXE_lockstep");
+mod common;
+use common::{causes, last, lockstep, run, trainers};
+use serde_json::Value;
 
 /// One gang at a time: these tests measure timeouts (heartbeats, gang formation) on a 2-core
 /// machine, and gangs of several tests at once would starve each other.
@@ -19,12 +19,6 @@ static ONE_GANG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_gang() -> std::sync::MutexGuard<'static, ()> {
     ONE_GANG.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lockstep(dir: &Path) -> Command {
-    let mut c = Command::new(LOCKSTEP);
-    c.current_dir(dir);
-    c
 }
 
 /// A small W=2 job of `steps` steps in `dir/job.toml`, checkpointing every 25 steps.
@@ -41,60 +35,6 @@ fn config(dir: &Path, steps: u64, job_extra: &[(&str, &str)]) -> PathBuf {
         job = job.set(&format!("job.{k}"), v);
     }
     job.write_to(dir)
-}
-
-/// Pids of live `lockstep train` processes of `job` (optionally only worker `worker`).
-fn trainers(job: &str, worker: Option<u32>) -> Vec<i32> {
-    lockstep_coordinator::launcher::local_trainers(job, worker)
-        .into_iter()
-        .map(|p| p as i32)
-        .collect()
-}
-
-fn signal(pid: i32, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
-}
-
-/// Runs `lockstep run --json`; when `hit` is given, sends its signal to its worker once the
-/// job reaches its step. Returns the exit code and every status line.
-fn run(dir: &Path, hit: Option<(u32, nix::sys::signal::Signal, u64)>) -> (i32, Vec<Value>) {
-    let mut child = lockstep(dir)
-        .args(["run", "job.toml", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let mut lines = Vec::new();
-    let mut pending = hit;
-    for line in out.lines() {
-        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if let Some((worker, sig, at)) = pending
-            && s["state"] == "running"
-            && s["step"].as_u64().unwrap() >= at
-        {
-            let pids = trainers(s["job"].as_str().unwrap(), Some(worker));
-            assert_eq!(pids.len(), 1, "worker {worker}: {pids:?}");
-            signal(pids[0], sig);
-            pending = None;
-        }
-        lines.push(s);
-    }
-    let code = child.wait().unwrap().code().unwrap_or(-1);
-    (code, lines)
-}
-
-/// Why the job restarted, each time: for assertion messages.
-fn causes(lines: &[Value]) -> Vec<&str> {
-    lines
-        .iter()
-        .filter(|s| s["state"] == "restarting")
-        .filter_map(|s| s["message"].as_str())
-        .collect()
-}
-
-fn last(lines: &[Value]) -> &Value {
-    lines.last().expect("no status lines")
 }
 
 /// Every tensor (parameters and both AdamW moments) of the newest checkpoint under `dir/ckpt`.
@@ -450,6 +390,19 @@ fn a_worker_error_that_would_repeat_fails_the_job_at_once_with_its_message() {
     assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
 }
 
+/// `lockstep run job.toml` in `dir` refuses the job before starting anything: exit status 1,
+/// no status line. Returns what it printed on stderr.
+fn refused(dir: &Path) -> String {
+    let out = lockstep(dir)
+        .args(["run", "job.toml", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "a job was started: {err}");
+    err
+}
+
 /// Every duration and count of a config is bounded: a timeout that would overflow the
 /// supervisor's clock is refused up front, naming the field and the limit.
 #[test]
@@ -461,29 +414,18 @@ fn absurd_config_values_are_refused_before_anything_starts() {
         10,
         &[("gang_timeout", "\"9223372036854775807s\"")],
     );
-    let out = lockstep(dir.path())
-        .args(["run", "job.toml", "--json"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused(dir.path());
     assert!(
         err.contains("job.gang_timeout") && err.contains("between 1s and 7days"),
         "{err}"
     );
-    assert!(out.stdout.is_empty(), "no job was started");
 
     // Inputs that do not exist are refused up front, naming the field.
     let missing = dir.path().join("no-such-model");
     TestJob::tiny("e2e")
         .set("model.base", format!("\"file://{}\"", missing.display()))
         .write_to(dir.path());
-    let out = lockstep(dir.path())
-        .args(["run", "job.toml", "--json"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused(dir.path());
     assert!(
         err.contains("model.base") && err.contains("config.json not found"),
         "{err}"
@@ -492,12 +434,7 @@ fn absurd_config_values_are_refused_before_anything_starts() {
     TestJob::tiny("e2e")
         .set("data.train", format!("[{glob}]"))
         .write_to(dir.path());
-    let out = lockstep(dir.path())
-        .args(["run", "job.toml", "--json"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused(dir.path());
     assert!(
         err.contains("data.train[0]") && err.contains("matches no object"),
         "{err}"
@@ -505,15 +442,9 @@ fn absurd_config_values_are_refused_before_anything_starts() {
 
     // A gang this machine cannot hold is refused with the numbers, before any process starts.
     config(dir.path(), 10, &[("world_size", "4000")]);
-    let out = lockstep(dir.path())
-        .args(["run", "job.toml", "--json"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = refused(dir.path());
     assert!(
         err.contains("job.world_size = 4000") && err.contains("MB available"),
         "{err}"
     );
-    assert!(out.stdout.is_empty(), "no job was started");
 }

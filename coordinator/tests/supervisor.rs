@@ -9,16 +9,24 @@ use std::time::Duration;
 
 use lockstep_api::proto::{self, coordinator_server::Coordinator as Rpc};
 use lockstep_api::testing::TestJob;
+use lockstep_coordinator::launcher::WorkerSpec;
 use lockstep_coordinator::testing::Simulated;
 use lockstep_coordinator::{Coordinator, Settings};
 use tokio::time::Instant;
 
-async fn coordinator(dir: &std::path::Path) -> (Coordinator, Arc<Simulated>) {
-    let launcher = Arc::new(Simulated::default());
+/// The coordinator's admin token in these tests.
+const ADMIN: &str = "0123456789abcdef0123456789abcdef";
+
+/// A started coordinator whose workers `launcher` simulates.
+async fn coordinator_with(
+    dir: &std::path::Path,
+    launcher: Simulated,
+) -> (Coordinator, Arc<Simulated>) {
+    let launcher = Arc::new(launcher);
     let c = Coordinator::open(
         Settings {
             data_dir: dir.to_path_buf(),
-            admin_token: "admin".into(),
+            admin_token: ADMIN.into(),
             persist: false,
         },
         launcher.clone(),
@@ -27,6 +35,39 @@ async fn coordinator(dir: &std::path::Path) -> (Coordinator, Arc<Simulated>) {
     .unwrap();
     c.start("http://127.0.0.1:1".into()).await.unwrap();
     (c, launcher)
+}
+
+async fn coordinator(dir: &std::path::Path) -> (Coordinator, Arc<Simulated>) {
+    coordinator_with(dir, Simulated::default()).await
+}
+
+/// The first worker the launcher was asked to start (the state is published before it is).
+async fn first_spec(launcher: &Simulated) -> WorkerSpec {
+    loop {
+        if let Some(s) = launcher.specs().first() {
+            return s.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A `Join` of worker 0 of `job`'s `attempt`, with `token` as its bearer token (if any).
+fn join_request(
+    job: &str,
+    attempt: u32,
+    token: Option<&str>,
+) -> tonic::Request<proto::JoinRequest> {
+    let mut r = tonic::Request::new(proto::JoinRequest {
+        job_id: job.into(),
+        attempt,
+        worker: 0,
+        data_addr: "127.0.0.1:1".into(),
+    });
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
 }
 
 async fn wait_until(
@@ -104,60 +145,22 @@ async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
         .unwrap()
         .status();
     wait_until(&c, &s.job_id, "admitting", |s| s.state == "admitting").await;
-    // The state is published before the launch.
-    let spec = loop {
-        if let Some(s) = launcher.specs().first() {
-            break s.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
+    let spec = first_spec(&launcher).await;
 
-    // A wrong token and a stale attempt are refused.
-    let mut bad = tonic::Request::new(proto::JoinRequest {
-        job_id: spec.job_id.clone(),
-        attempt: spec.attempt,
-        worker: 0,
-        data_addr: "127.0.0.1:1".into(),
-    });
-    bad.metadata_mut()
-        .insert("authorization", "Bearer nope".parse().unwrap());
-    let e = Rpc::join(&c, bad).await.unwrap_err();
+    // A wrong token, none, the admin's (not a job token) and a stale attempt are refused.
+    let e = Rpc::join(&c, join_request(&spec.job_id, spec.attempt, Some("nope")))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
-    let anonymous = tonic::Request::new(proto::JoinRequest {
-        job_id: spec.job_id.clone(),
-        attempt: spec.attempt,
-        worker: 0,
-        data_addr: "127.0.0.1:1".into(),
-    });
-    let e = Rpc::join(&c, anonymous).await.unwrap_err();
+    let e = Rpc::join(&c, join_request(&spec.job_id, spec.attempt, None))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    // The admin token is not a job token.
-    let mut admin = tonic::Request::new(proto::JoinRequest {
-        job_id: spec.job_id.clone(),
-        attempt: spec.attempt,
-        worker: 0,
-        data_addr: "127.0.0.1:1".into(),
-    });
-    admin
-        .metadata_mut()
-        .insert("authorization", "Bearer admin".parse().unwrap());
-    assert_eq!(
-        Rpc::join(&c, admin).await.unwrap_err().code(),
-        tonic::Code::PermissionDenied
-    );
-    let join = |attempt| {
-        let mut r = tonic::Request::new(proto::JoinRequest {
-            job_id: spec.job_id.clone(),
-            attempt,
-            worker: 0,
-            data_addr: "127.0.0.1:1".into(),
-        });
-        r.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", spec.token).parse().unwrap(),
-        );
-        r
-    };
+    let e = Rpc::join(&c, join_request(&spec.job_id, spec.attempt, Some(ADMIN)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let join = |attempt| join_request(&spec.job_id, attempt, Some(&spec.token));
     let e = Rpc::join(&c, join(7)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 
@@ -188,18 +191,7 @@ async fn a_joined_rank_that_sends_no_heartbeat_restarts_the_gang() {
 #[tokio::test(start_paused = true)]
 async fn a_supervisor_that_panics_fails_its_job_and_kills_its_workers() {
     let dir = tempfile::tempdir().unwrap();
-    let launcher = Arc::new(Simulated::panicking_at(1));
-    let c = Coordinator::open(
-        Settings {
-            data_dir: dir.path().to_path_buf(),
-            admin_token: "admin".into(),
-            persist: false,
-        },
-        launcher.clone(),
-    )
-    .await
-    .unwrap();
-    c.start("http://127.0.0.1:1".into()).await.unwrap();
+    let (c, launcher) = coordinator_with(dir.path(), Simulated::panicking_at(1)).await;
     let s = c
         .submit(
             TestJob::simulated("sim", 2).toml(),
@@ -234,23 +226,13 @@ async fn a_stall_of_the_coordinator_costs_no_restart() {
         .await
         .unwrap()
         .status();
-    let spec = loop {
-        if let Some(s) = launcher.specs().first() {
-            break s.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
-    let mut req = tonic::Request::new(proto::JoinRequest {
-        job_id: spec.job_id.clone(),
-        attempt: spec.attempt,
-        worker: 0,
-        data_addr: "127.0.0.1:1".into(),
-    });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", spec.token).parse().unwrap(),
-    );
-    Rpc::join(&c, req).await.unwrap();
+    let spec = first_spec(&launcher).await;
+    Rpc::join(
+        &c,
+        join_request(&spec.job_id, spec.attempt, Some(&spec.token)),
+    )
+    .await
+    .unwrap();
     wait_until(&c, &s.job_id, "running", |s| s.state == "running").await;
     // The whole coordinator stops for 100 s (the rank's heartbeats could not be heard).
     let t0 = Instant::now();
@@ -273,18 +255,7 @@ async fn a_stall_of_the_coordinator_costs_no_restart() {
 #[tokio::test]
 async fn the_job_list_comes_in_pages() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = "a".repeat(32);
-    let c = Coordinator::open(
-        Settings {
-            data_dir: dir.path().to_path_buf(),
-            admin_token: admin.clone(),
-            persist: false,
-        },
-        Arc::new(Simulated::default()),
-    )
-    .await
-    .unwrap();
-    c.start("http://127.0.0.1:1".into()).await.unwrap();
+    let (c, _) = coordinator(dir.path()).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
         let job = TestJob::simulated("sim", 1).toml();
@@ -303,7 +274,7 @@ async fn the_job_list_comes_in_pages() {
             page_token: token,
         });
         req.metadata_mut()
-            .insert("authorization", format!("Bearer {admin}").parse().unwrap());
+            .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
         let page = Rpc::list(&c, req).await.unwrap().into_inner();
         assert!(page.jobs.len() <= 2);
         seen.extend(page.jobs.into_iter().map(|j| j.job_id));
@@ -324,18 +295,7 @@ async fn the_job_list_comes_in_pages() {
 #[tokio::test]
 async fn the_gate_admits_only_known_tokens_and_tells_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = "a".repeat(32);
-    let c = Coordinator::open(
-        Settings {
-            data_dir: dir.path().to_path_buf(),
-            admin_token: admin.clone(),
-            persist: false,
-        },
-        Arc::new(Simulated::default()),
-    )
-    .await
-    .unwrap();
-    c.start("http://127.0.0.1:1".into()).await.unwrap();
+    let (c, _) = coordinator(dir.path()).await;
     let job = c
         .submit(
             TestJob::simulated("sim", 1).toml(),
@@ -360,19 +320,10 @@ async fn the_gate_admits_only_known_tokens_and_tells_nothing_else() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(!e.message().contains("sim"), "{}", e.message());
     assert!(c.gate(&md(Some(""))).is_err());
-    assert!(c.gate(&md(Some(&admin))).is_ok());
+    assert!(c.gate(&md(Some(ADMIN))).is_ok());
     assert!(c.gate(&md(Some(&job.token))).is_ok());
     // A worker asking about a job that does not exist hears what a wrong token hears.
-    let mut probe = tonic::Request::new(proto::JoinRequest {
-        job_id: "no-such-job".into(),
-        attempt: 1,
-        worker: 0,
-        data_addr: "127.0.0.1:1".into(),
-    });
-    probe.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", job.token).parse().unwrap(),
-    );
+    let probe = join_request("no-such-job", 1, Some(&job.token));
     assert_eq!(
         Rpc::join(&c, probe).await.unwrap_err().code(),
         tonic::Code::PermissionDenied
