@@ -152,6 +152,18 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Serve gRPC over TLS with this certificate chain (PEM; with --tls-key). Clients then use
+    /// https:// and --tls-ca. Local workers reach the coordinator over a loopback-only
+    /// listener of their own.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow --listen on an address other than loopback without TLS (tokens would cross the
+    /// network in clear; only behind a TLS-terminating proxy or on a trusted network).
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure_plaintext: bool,
 }
 
 /// How a client reaches a coordinator.
@@ -170,6 +182,10 @@ struct ClientArgs {
     /// The coordinator's data dir, for its admin token.
     #[arg(long, env = "LOCKSTEP_DATA_DIR", default_value_os_t = jobs::default_data_dir())]
     data_dir: PathBuf,
+    /// The CA certificate (PEM) that signed an https:// coordinator's certificate (default:
+    /// the system's roots).
+    #[arg(long, env = "LOCKSTEP_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
 }
 
 /// `lockstep ckpt` subcommands.
@@ -277,6 +293,11 @@ struct TrainArgs {
     /// Progress as log lines instead of a bar (the default when stderr is not a terminal).
     #[arg(long)]
     no_progress: bool,
+    /// Where the tokenised training data is cached (private to this user; the ranks of a
+    /// machine share it; unused entries are removed after a week). Default:
+    /// $XDG_CACHE_HOME/lockstep/tokens or ~/.cache/lockstep/tokens.
+    #[arg(long, env = "LOCKSTEP_DATA_CACHE", value_name = "DIR")]
+    data_cache: Option<PathBuf>,
 }
 
 fn parse_resume(s: &str) -> Result<Resume, String> {
@@ -289,6 +310,7 @@ impl ClientArgs {
             coordinator: self.coordinator,
             token: self.token,
             data_dir: self.data_dir,
+            tls_ca: self.tls_ca,
         }
     }
 }
@@ -345,6 +367,7 @@ impl TrainArgs {
             collective: self.collective,
             cuda_device: self.cuda_device,
             progress_bar: !self.no_progress,
+            data_cache: self.data_cache,
         })
     }
 }
@@ -417,6 +440,8 @@ fn main() -> ExitCode {
                 listen: a.listen,
                 data_dir: a.data_dir,
                 metrics_addr: a.metrics_addr,
+                tls: a.tls_cert.zip(a.tls_key),
+                insecure_plaintext: a.insecure_plaintext,
             }),
         ),
         Command::Submit {

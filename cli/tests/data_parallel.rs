@@ -40,7 +40,9 @@ fn spawn(cfg: &Path, rank: usize, peers: &[String], args: &[&str]) -> Child {
         .arg("--config")
         .arg(cfg)
         .arg("--no-progress")
-        .args(args);
+        .args(args)
+        .arg("--data-cache")
+        .arg(cfg.parent().unwrap().join("tokens"));
     if peers.len() > 1 {
         c.arg("--rank")
             .arg(rank.to_string())
@@ -105,6 +107,17 @@ fn replicas_stay_identical_and_match_one_rank_with_the_whole_batch() {
         params_hash(&two[1]),
         "replicas diverged"
     );
+    // The two ranks of this machine tokenised the data once, into one shared store.
+    let built = two
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("tokenised the training data"))
+        .count();
+    assert_eq!(built, 1, "exactly one rank tokenises");
+    let stores = std::fs::read_dir(dir.path().join("tokens"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_dir())
+        .count();
+    assert_eq!(stores, 1);
 
     let one_dir = tempfile::tempdir().unwrap();
     let one = gang(&config(one_dir.path(), 6, 1, 4), 1, &[]);

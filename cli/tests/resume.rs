@@ -33,7 +33,9 @@ fn trainer(cfg: &Path, args: &[&str]) -> Command {
         .arg("--config")
         .arg(cfg)
         .args(args)
-        .arg("--no-progress");
+        .arg("--no-progress")
+        .arg("--data-cache")
+        .arg(cfg.parent().unwrap().join("tokens"));
     c
 }
 

@@ -302,6 +302,7 @@ async fn launch(
             log: dir
                 .join(format!("attempt-{attempt}"))
                 .join(format!("rank-{worker}.log")),
+            data_cache: inner.settings.data_dir.join("tokens"),
         };
         // On failure the state machine fails the attempt and its teardown kills those started.
         let handle = inner.launcher.launch(&spec, exit_tx.clone()).await?;

@@ -43,6 +43,7 @@ async fn killing_a_worker_kills_its_children_too() {
         overrides: vec![],
         workdir: d.to_path_buf(),
         log: d.join("logs/rank-0.log"),
+        data_cache: d.join("tokens"),
     };
     let handle = launcher.launch(&spec, tx).await.unwrap();
     let read = |name: &str| -> Option<u32> {

@@ -47,6 +47,80 @@ pub async fn read_url(url: &str) -> Result<Bytes> {
     got.bytes().await.map_err(err)
 }
 
+/// One object, as it was when [`head_url`] looked: its size and a version tag (ETag, else
+/// modification time) that changes when it is rewritten.
+#[derive(Debug, Clone)]
+pub struct Object {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    /// Its URL.
+    pub url: String,
+    /// Bytes.
+    pub size: u64,
+    /// ETag (or modification time): different after the object is rewritten.
+    pub version: String,
+    e_tag: Option<String>,
+}
+
+/// Looks `url` up without reading it.
+pub async fn head_url(url: &str) -> Result<Object> {
+    let (store, path) = open_url(url)?;
+    let meta = store.head(&path).await.map_err(|source| match source {
+        object_store::Error::NotFound { .. } => Error::NotFound {
+            path: url.to_string(),
+        },
+        source => Error::Store {
+            op: "check",
+            path: url.to_string(),
+            source,
+        },
+    })?;
+    Ok(Object {
+        store,
+        path,
+        url: url.to_string(),
+        size: meta.size,
+        version: meta
+            .e_tag
+            .clone()
+            .unwrap_or_else(|| meta.last_modified.timestamp_micros().to_string()),
+        e_tag: meta.e_tag,
+    })
+}
+
+impl Object {
+    /// Bytes `range` of the object (one request; retried by the store's client). An object
+    /// rewritten since [`head_url`] looked is an error, not a mix of two versions.
+    pub async fn read_range(&self, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let options = object_store::GetOptions {
+            range: Some(range.into()),
+            if_match: self.e_tag.clone(),
+            ..Default::default()
+        };
+        let got = async {
+            self.store
+                .get_opts(&self.path, options)
+                .await?
+                .bytes()
+                .await
+        };
+        got.await.map_err(|source| match source {
+            object_store::Error::NotFound { .. } => Error::NotFound {
+                path: self.url.clone(),
+            },
+            object_store::Error::Precondition { .. } => Error::Invalid(format!(
+                "{}: the object changed while it was being read",
+                self.url
+            )),
+            source => Error::Store {
+                op: "read",
+                path: self.url.clone(),
+                source,
+            },
+        })
+    }
+}
+
 /// Whether the object at `url` exists (`Ok(false)` only for a definite "not found").
 pub async fn exists(url: &str) -> Result<bool> {
     let (store, path) = open_url(url)?;

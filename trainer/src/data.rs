@@ -18,21 +18,7 @@ use crate::error::{Error, Result};
 use crate::model::Batch;
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
-
-/// Tokenised documents.
-#[derive(Debug, Clone, Default)]
-pub struct Corpus {
-    /// Token ids of each document, end-of-sequence included.
-    docs: Vec<Vec<u32>>,
-    /// Per document, how many leading tokens are prompt (not counted as targets).
-    prompt_len: Vec<usize>,
-    /// Tokens over all documents.
-    tokens: u64,
-    /// Records skipped as bad (with `skip_bad_records`).
-    pub skipped: u64,
-    /// Files read.
-    pub files: usize,
-}
+use crate::tokens::TokenStore;
 
 /// A JSONL record. Other fields (ids, sources, metadata) are ignored.
 #[derive(Deserialize)]
@@ -45,110 +31,58 @@ struct Record {
     completion: Option<String>,
 }
 
-impl Corpus {
-    /// Adds the JSONL `bytes` of `file`. A bad record is an error naming the file and line,
-    /// or — with `skip_bad` — counted in [`Corpus::skipped`] and left out.
-    pub fn add_jsonl(
-        &mut self,
-        file: &str,
-        bytes: &[u8],
-        tokenizer: &Tokenizer,
-        vocab: usize,
-        skip_bad: bool,
-    ) -> Result<()> {
-        self.files += 1;
-        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-            let line_no = i as u64 + 1;
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match self.add_record(line, tokenizer, vocab) {
-                Ok(()) => {}
-                Err(_) if skip_bad => self.skipped += 1,
-                Err(reason) => {
-                    return Err(Error::Data {
-                        file: file.into(),
-                        line: line_no,
-                        reason: format!(
-                            "{reason} (set data.skip_bad_records = true to skip such records)"
-                        ),
-                    });
-                }
-            }
+/// The token ids of one JSONL record (end-of-sequence included) and how many leading ones are
+/// prompt; or why the record is bad.
+pub fn encode_record(
+    line: &[u8],
+    tokenizer: &Tokenizer,
+    vocab: usize,
+) -> Result<(Vec<u32>, usize), String> {
+    let r: Record = serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
+    let (prompt, completion) = match (r.text, r.prompt, r.completion) {
+        (Some(t), None, None) => (String::new(), t),
+        (None, Some(p), Some(c)) => (p, c),
+        _ => {
+            return Err("a record needs `text`, or `prompt` and `completion`, not both".into());
         }
-        Ok(())
+    };
+    let enc = |s: &str| tokenizer.encode(s).map_err(|e| e.to_string());
+    let mut tokens = if prompt.is_empty() {
+        Vec::new()
+    } else {
+        enc(&prompt)?
+    };
+    let prompt_len = tokens.len();
+    tokens.extend(enc(&completion)?);
+    tokens.push(tokenizer.eos());
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        ));
     }
-
-    fn add_record(
-        &mut self,
-        line: &[u8],
-        tokenizer: &Tokenizer,
-        vocab: usize,
-    ) -> Result<(), String> {
-        let r: Record =
-            serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
-        let (prompt, completion) = match (r.text, r.prompt, r.completion) {
-            (Some(t), None, None) => (String::new(), t),
-            (None, Some(p), Some(c)) => (p, c),
-            _ => {
-                return Err("a record needs `text`, or `prompt` and `completion`, not both".into());
-            }
-        };
-        let enc = |s: &str| tokenizer.encode(s).map_err(|e| e.to_string());
-        let mut tokens = if prompt.is_empty() {
-            Vec::new()
-        } else {
-            enc(&prompt)?
-        };
-        let prompt_len = tokens.len();
-        tokens.extend(enc(&completion)?);
-        tokens.push(tokenizer.eos());
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(format!(
-                "token id {bad} is outside the model's vocabulary of {vocab}"
-            ));
-        }
-        if tokens.len() == prompt_len + 1 {
-            return Err("the record has no text to learn from".into());
-        }
-        self.tokens += tokens.len() as u64;
-        self.docs.push(tokens);
-        self.prompt_len.push(prompt_len);
-        Ok(())
+    if tokens.len() == prompt_len + 1 {
+        return Err("the record has no text to learn from".into());
     }
-
-    /// Documents.
-    pub fn len(&self) -> usize {
-        self.docs.len()
-    }
-
-    /// True when no document was read.
-    pub fn is_empty(&self) -> bool {
-        self.docs.is_empty()
-    }
-
-    /// Tokens over all documents.
-    pub fn tokens(&self) -> u64 {
-        self.tokens
-    }
+    Ok((tokens, prompt_len))
 }
 
-/// Deals packed sequences of a [`Corpus`] by global window index.
+/// Deals packed sequences of a [`TokenStore`] by global window index.
 #[derive(Debug)]
 pub struct Packer {
-    corpus: Corpus,
+    store: TokenStore,
     seq_len: usize,
     seed: u64,
     windows_per_epoch: u64,
-    /// The epoch whose stream is built: its tokens and whether each counts as a target.
-    epoch: Option<(u64, Vec<u32>, Vec<bool>)>,
+    /// The epoch whose order is built: its documents in order, and where each starts in the
+    /// epoch's token stream (one more entry than documents).
+    epoch: Option<(u64, Vec<u32>, Vec<u64>)>,
 }
 
 impl Packer {
-    /// Packs `corpus` into windows of `seq_len + 1` tokens, shuffled by `seed` per epoch.
-    pub fn new(corpus: Corpus, seq_len: usize, seed: u64) -> Result<Packer> {
-        let windows = corpus.tokens.saturating_sub(1) / seq_len as u64;
+    /// Packs `store`'s documents into windows of `seq_len + 1` tokens, shuffled by `seed` per
+    /// epoch.
+    pub fn new(store: TokenStore, seq_len: usize, seed: u64) -> Result<Packer> {
+        let windows = store.tokens().saturating_sub(1) / seq_len as u64;
         if windows == 0 {
             return Err(Error::Data {
                 file: "data.train".into(),
@@ -156,14 +90,14 @@ impl Packer {
                 reason: format!(
                     "the data holds {} tokens in {} records; data.seq_len = {seq_len} needs at \
                      least {}",
-                    corpus.tokens,
-                    corpus.len(),
+                    store.tokens(),
+                    store.len(),
                     seq_len + 1
                 ),
             });
         }
         Ok(Packer {
-            corpus,
+            store,
             seq_len,
             seed,
             windows_per_epoch: windows,
@@ -176,50 +110,61 @@ impl Packer {
         self.windows_per_epoch
     }
 
-    /// The corpus.
-    pub fn corpus(&self) -> &Corpus {
-        &self.corpus
+    /// The tokenised data.
+    pub fn store(&self) -> &TokenStore {
+        &self.store
     }
 
     fn build_epoch(&mut self, epoch: u64) {
         if matches!(&self.epoch, Some((e, _, _)) if *e == epoch) {
             return;
         }
-        let mut order: Vec<usize> = (0..self.corpus.docs.len()).collect();
+        let n = self.store.len();
+        let mut order: Vec<u32> = (0..n as u32).collect();
         Rng::derive(self.seed, epoch + 1).shuffle(&mut order);
-        let n = self.corpus.tokens as usize;
-        let mut tokens = Vec::with_capacity(n);
-        let mut counts = Vec::with_capacity(n);
-        for d in order {
-            let doc = &self.corpus.docs[d];
-            let p = self.corpus.prompt_len[d];
-            tokens.extend_from_slice(doc);
-            counts.extend((0..doc.len()).map(|i| i >= p));
+        let mut starts = Vec::with_capacity(n + 1);
+        let mut at = 0u64;
+        starts.push(0);
+        for &d in &order {
+            at += u64::from(self.store.doc(d as usize).0);
+            starts.push(at);
         }
-        self.epoch = Some((epoch, tokens, counts));
+        self.epoch = Some((epoch, order, starts));
     }
 
     /// Appends window `index` (global across epochs) to `batch`.
-    fn push_window(&mut self, index: u64, batch: &mut Batch) {
+    fn push_window(&mut self, index: u64, batch: &mut Batch, ids: &mut Vec<u32>) -> Result<()> {
         let epoch = index / self.windows_per_epoch;
-        let start = ((index % self.windows_per_epoch) * self.seq_len as u64) as usize;
+        let start = (index % self.windows_per_epoch) * self.seq_len as u64;
         self.build_epoch(epoch);
-        let Some((_, tokens, counts)) = &self.epoch else {
-            return;
+        let Some((_, order, starts)) = &self.epoch else {
+            return Ok(());
         };
+        let need = self.seq_len as u64 + 1;
+        ids.clear();
+        let mut counts = Vec::with_capacity(need as usize);
+        // The document holding the window's first token, then on until it is full (the
+        // epoch holds at least `start + need` tokens: windows are counted that way).
+        let mut k = starts.partition_point(|&s| s <= start) - 1;
+        let mut pos = start;
+        while (ids.len() as u64) < need {
+            let d = order[k] as usize;
+            let (len, prompt) = self.store.doc(d);
+            let offset = (pos - starts[k]) as u32;
+            let take = (len - offset).min((need - ids.len() as u64) as u32);
+            self.store.read(d, offset, take, ids)?;
+            counts.extend((offset..offset + take).map(|i| i >= prompt));
+            pos += u64::from(take);
+            k += 1;
+        }
         let t = self.seq_len;
+        batch.inputs.extend(ids[..t].iter().map(|&x| x as i32));
+        batch.targets.extend(ids[1..].iter().map(|&x| x as i32));
         batch
-            .inputs
-            .extend(tokens[start..start + t].iter().map(|&x| x as i32));
-        batch
-            .targets
-            .extend(tokens[start + 1..start + t + 1].iter().map(|&x| x as i32));
-        batch.weights.extend(
-            counts[start + 1..start + t + 1]
-                .iter()
-                .map(|&c| if c { 1.0 } else { 0.0 }),
-        );
+            .weights
+            .extend(counts[1..].iter().map(|&c| if c { 1.0 } else { 0.0 }));
         batch.rows += 1;
+        Ok(())
     }
 
     /// `rank`'s micro-batches for the step that starts at window `cursor`.
@@ -230,7 +175,8 @@ impl Packer {
         world: usize,
         batch_size: usize,
         accum: usize,
-    ) -> Vec<Batch> {
+    ) -> Result<Vec<Batch>> {
+        let mut ids = Vec::with_capacity(self.seq_len + 1);
         (0..accum)
             .map(|a| {
                 let mut b = Batch {
@@ -242,9 +188,9 @@ impl Packer {
                 };
                 let first = cursor + ((a * world + rank) * batch_size) as u64;
                 for j in 0..batch_size as u64 {
-                    self.push_window(first + j, &mut b);
+                    self.push_window(first + j, &mut b, &mut ids)?;
                 }
-                b
+                Ok(b)
             })
             .collect()
     }
@@ -259,23 +205,30 @@ impl Packer {
 mod tests {
     use super::*;
 
-    fn corpus(lines: &str, skip: bool) -> Result<Corpus> {
-        let mut c = Corpus::default();
-        c.add_jsonl(
-            "mem://d.jsonl",
-            lines.as_bytes(),
-            &Tokenizer::Bytes,
-            256,
-            skip,
-        )?;
-        Ok(c)
+    use crate::tokens::{Builder, Encoding, Lines, open};
+
+    /// A token store of `lines` (in a temporary directory; the open store outlives it).
+    fn corpus(lines: &str, skip: bool) -> Result<TokenStore> {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("store");
+        let enc = Encoding {
+            tokenizer: &Tokenizer::Bytes,
+            vocab: 256,
+            skip_bad: skip,
+        };
+        let mut b = Builder::create(&dir, &enc)?;
+        let mut l = Lines::new("mem://d.jsonl");
+        l.feed(lines.as_bytes(), |n, line| b.add("mem://d.jsonl", n, line))?;
+        l.finish(|n, line| b.add("mem://d.jsonl", n, line))?;
+        b.finish(&dir)?;
+        open(&dir, &enc)
     }
 
     #[test]
     fn prompt_tokens_are_masked_and_text_counts() {
         let c = corpus(r#"{"prompt":"ab","completion":"cd"}"#, false).unwrap();
         let mut p = Packer::new(c, 4, 1).unwrap();
-        let b = &p.step_batches(0, 0, 1, 1, 1)[0];
+        let b = &p.step_batches(0, 0, 1, 1, 1).unwrap()[0];
         assert_eq!(b.inputs, vec![97, 98, 99, 100]);
         assert_eq!(b.targets, vec![98, 99, 100, 0]);
         // Targets b (prompt) masked; c, d, eos counted.
@@ -288,7 +241,7 @@ mod tests {
         let e = corpus(text, false).unwrap_err().to_string();
         assert!(e.starts_with("mem://d.jsonl:3:"), "{e}");
         let c = corpus(text, true).unwrap();
-        assert_eq!((c.len(), c.skipped), (1, 2));
+        assert_eq!((c.len(), c.skipped()), (1, 2));
         let e = corpus(r#"{"prompt":"only"}"#, false)
             .unwrap_err()
             .to_string();
@@ -312,16 +265,63 @@ mod tests {
         // W=1, b=4 versus W=2, b=2: the same windows in the same step, split by rank.
         for step in 0..30u64 {
             let cursor = step * 4;
-            let whole = one.step_batches(cursor, 0, 1, 4, 1).remove(0);
-            let r0 = two.step_batches(cursor, 0, 2, 2, 1).remove(0);
-            let r1 = two.step_batches(cursor, 1, 2, 2, 1).remove(0);
+            let whole = one.step_batches(cursor, 0, 1, 4, 1).unwrap().remove(0);
+            let r0 = two.step_batches(cursor, 0, 2, 2, 1).unwrap().remove(0);
+            let r1 = two.step_batches(cursor, 1, 2, 2, 1).unwrap().remove(0);
             let joined: Vec<i32> = r0.inputs.iter().chain(&r1.inputs).copied().collect();
             assert_eq!(whole.inputs, joined);
         }
         // Epochs differ in order but hold the same tokens.
         let w = one.windows_per_epoch();
-        let e0 = one.step_batches(0, 0, 1, w as usize, 1).remove(0);
-        let e1 = one.step_batches(w, 0, 1, w as usize, 1).remove(0);
+        let e0 = one.step_batches(0, 0, 1, w as usize, 1).unwrap().remove(0);
+        let e1 = one.step_batches(w, 0, 1, w as usize, 1).unwrap().remove(0);
         assert_ne!(e0.inputs, e1.inputs);
+    }
+
+    #[test]
+    fn windows_are_the_shuffled_documents_back_to_back() {
+        // Documents of different lengths, prompts included, so windows cross document ends.
+        let lines: String = (0..40)
+            .map(|i| {
+                if i % 3 == 0 {
+                    format!(
+                        "{{\"prompt\":\"q{i}\",\"completion\":\"{}\"}}\n",
+                        "a".repeat(i % 7 + 1)
+                    )
+                } else {
+                    format!("{{\"text\":\"{}\"}}\n", "t".repeat(i % 11 + 1))
+                }
+            })
+            .collect();
+        let docs: Vec<(Vec<u32>, usize)> = lines
+            .lines()
+            .map(|l| encode_record(l.as_bytes(), &Tokenizer::Bytes, 256).unwrap())
+            .collect();
+        let mut p = Packer::new(corpus(&lines, false).unwrap(), 5, 9).unwrap();
+        let w = p.windows_per_epoch();
+        for epoch in 0..3u64 {
+            let mut order: Vec<u32> = (0..docs.len() as u32).collect();
+            Rng::derive(9, epoch + 1).shuffle(&mut order);
+            let (mut stream, mut counts) = (Vec::new(), Vec::new());
+            for d in order {
+                let (t, prompt) = &docs[d as usize];
+                stream.extend(t.iter().map(|&x| x as i32));
+                counts.extend((0..t.len()).map(|i| if i >= *prompt { 1.0 } else { 0.0 }));
+            }
+            let b = p
+                .step_batches(epoch * w, 0, 1, w as usize, 1)
+                .unwrap()
+                .remove(0);
+            for i in 0..w as usize {
+                let s = i * 5;
+                assert_eq!(
+                    b.inputs[i * 5..i * 5 + 5],
+                    stream[s..s + 5],
+                    "epoch {epoch} window {i}"
+                );
+                assert_eq!(b.targets[i * 5..i * 5 + 5], stream[s + 1..s + 6]);
+                assert_eq!(b.weights[i * 5..i * 5 + 5], counts[s + 1..s + 6]);
+            }
+        }
     }
 }

@@ -4,10 +4,10 @@
 use lockstep_api::JobConfig;
 use lockstep_storage::objects;
 
-use crate::data::Corpus;
 use crate::error::{Error, Result};
 use crate::model::{LlamaConfig, hf};
 use crate::tokenizer::Tokenizer;
+use crate::tokens::{self, Encoding, TokenStore};
 
 /// `base` as a URL: URLs pass through, bare paths become `file://` URLs.
 fn base_url(base: &str) -> String {
@@ -91,20 +91,19 @@ fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
     })
 }
 
-/// Reads and tokenises every file of `data.train`.
+/// The token store of `data.train` in `cache` (built by the first rank of this machine to
+/// get there, reused by the others and by later runs on the same data).
 pub fn load_corpus(
     config: &JobConfig,
+    cache: &std::path::Path,
     tokenizer: &Tokenizer,
     vocab: usize,
     rt: &tokio::runtime::Runtime,
-) -> Result<Corpus> {
-    let mut corpus = Corpus::default();
-    for pattern in &config.data.train {
-        for url in rt.block_on(objects::expand(pattern))? {
-            let bytes = rt.block_on(objects::read_url(&url))?;
-            corpus.add_jsonl(&url, &bytes, tokenizer, vocab, config.data.skip_bad_records)?;
-            tracing::debug!(file = %url, docs = corpus.len(), "read training data");
-        }
-    }
-    Ok(corpus)
+) -> Result<TokenStore> {
+    let enc = Encoding {
+        tokenizer,
+        vocab,
+        skip_bad: config.data.skip_bad_records,
+    };
+    tokens::prepare(cache, &config.data.train, &enc, rt)
 }

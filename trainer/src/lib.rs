@@ -14,6 +14,7 @@
 //! - [`control`]: the coordinator client: join, heartbeats, shard commits.
 //! - [`data`]: JSONL records, packing, shuffling, sharding by rank; the data cursor.
 //! - [`tokenizer`]: HF `tokenizers` or bytes.
+//! - [`tokens`]: the token store: data tokenised once per machine, read window by window.
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
 
 pub mod checkpoint;
@@ -30,6 +31,7 @@ pub mod resume;
 pub mod rng;
 pub mod step;
 pub mod tokenizer;
+pub mod tokens;
 pub mod train;
 pub mod worker;
 

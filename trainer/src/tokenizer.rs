@@ -13,6 +13,8 @@ pub enum Tokenizer {
         inner: Box<tokenizers::Tokenizer>,
         /// End-of-sequence id.
         eos: u32,
+        /// xxh3-64 of the `tokenizer.json` it was parsed from.
+        hash: u64,
     },
 }
 
@@ -54,6 +56,7 @@ impl Tokenizer {
         Ok(Tokenizer::Hf {
             inner: Box::new(inner),
             eos,
+            hash: xxhash_rust::xxh3::xxh3_64(bytes),
         })
     }
 
@@ -65,6 +68,15 @@ impl Tokenizer {
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| Error::Invalid(format!("tokenize: {e}"))),
+        }
+    }
+
+    /// What decides this tokenizer's output: the same string for the same tokenizer and end
+    /// id, a different one otherwise (it keys the token cache).
+    pub fn fingerprint(&self) -> String {
+        match self {
+            Tokenizer::Bytes => "bytes".into(),
+            Tokenizer::Hf { eos, hash, .. } => format!("hf-{hash:016x}-eos{eos}"),
         }
     }
 

@@ -32,6 +32,9 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// The commit authority (the coordinator). Without one, rank 0 commits.
     pub committer: Option<Arc<dyn ShardCommitter>>,
+    /// Where tokenised data is cached (shared by the ranks of a machine); `None`: the
+    /// per-user default ([`crate::tokens::default_cache`]).
+    pub data_cache: Option<std::path::PathBuf>,
 }
 
 /// What the loop reports as it goes.
@@ -146,8 +149,12 @@ pub fn train<B: AutodiffBackend>(
     );
 
     let base = load_base(config, &rt)?;
-    let corpus = load_corpus(config, &base.tokenizer, base.config.vocab_size, &rt)?;
-    let (docs, data_tokens, skipped) = (corpus.len(), corpus.tokens(), corpus.skipped);
+    let cache = match &opts.data_cache {
+        Some(dir) => dir.clone(),
+        None => crate::tokens::default_cache()?,
+    };
+    let corpus = load_corpus(config, &cache, &base.tokenizer, base.config.vocab_size, &rt)?;
+    let (docs, data_tokens, skipped) = (corpus.len(), corpus.tokens(), corpus.skipped());
     let mut packer = Packer::new(corpus, config.data.seq_len as usize, t.seed)?;
 
     let store = CheckpointStore::open(&config.checkpoint.url)?;
@@ -209,7 +216,7 @@ pub fn train<B: AutodiffBackend>(
             plan.world,
             t.batch_size as usize,
             t.grad_accum as usize,
-        );
+        )?;
         let lr = plan.schedule.at(ts.step);
         let stats = state.step(ts.step, &batches, lr, t.grad_clip, collective)?;
         ts.step += 1;

@@ -112,6 +112,8 @@ pub struct Options {
     pub cuda_device: usize,
     /// A progress bar (on a terminal) instead of log lines.
     pub progress_bar: bool,
+    /// Where tokenised data is cached; `None`: the per-user default.
+    pub data_cache: Option<PathBuf>,
 }
 
 /// Runs one rank to the end; returns the process's exit status: 0 done (or stopped by the
@@ -130,6 +132,7 @@ pub fn run(opts: &Options) -> Result<u8> {
         stop_at: opts.stop_at,
         stop: Some(signals.stop.clone()),
         committer: None,
+        data_cache: opts.data_cache.clone(),
     };
     let (ring, control) = match &opts.gang {
         Gang::Alone => (None, None),

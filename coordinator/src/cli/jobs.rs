@@ -39,6 +39,10 @@ pub struct ServeArgs {
     pub data_dir: PathBuf,
     /// Serve Prometheus metrics here.
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve gRPC over TLS: the certificate chain and private key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Allow a non-loopback `listen` without TLS.
+    pub insecure_plaintext: bool,
 }
 
 /// How a client reaches a coordinator.
@@ -50,6 +54,8 @@ pub struct ClientArgs {
     pub token: Option<String>,
     /// The coordinator's data dir, for its admin token and worker logs.
     pub data_dir: PathBuf,
+    /// The CA certificate (PEM) of an `https://` coordinator; `None`: the system's roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// `~/.lockstep`, or `.lockstep` without a home.
@@ -94,9 +100,14 @@ fn current_dir() -> Result<PathBuf> {
 async fn serve_grpc(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> std::result::Result<(), tonic::transport::Error> {
     use crate::listen::{MAX_CONNECTIONS, incoming};
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         // Dead peers are found by HTTP/2 PINGs; one connection cannot hog the server.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
@@ -161,7 +172,7 @@ pub async fn run(args: RunArgs) -> Result {
     let asked: SocketAddr = ([127, 0, 0, 1], 0).into();
     let listener = bind("the coordinator's gRPC address", asked).await?;
     let addr = local_addr("the coordinator's gRPC address", &listener, asked)?;
-    tokio::spawn(serve_grpc(coordinator.clone(), listener));
+    tokio::spawn(serve_grpc(coordinator.clone(), listener, None));
     coordinator.start(format!("http://{addr}")).await?;
     start_metrics(args.metrics_addr, &coordinator).await?;
     let record = coordinator.submit(text, args.set, cwd).await?;
@@ -207,6 +218,22 @@ fn exit_code(s: &proto::JobStatus, interrupted: bool) -> ExitCode {
 pub async fn serve(mut args: ServeArgs) -> Result {
     // Workers run in their job's directory: every path handed to them must be absolute.
     args.data_dir = current_dir()?.join(&args.data_dir);
+    let tls = match args.tls.clone() {
+        Some((cert, key)) => Some(
+            tokio::task::spawn_blocking(move || server_tls(&cert, &key))
+                .await
+                .map_err(crate::Error::from)??,
+        ),
+        None if !args.listen.ip().is_loopback() && !args.insecure_plaintext => {
+            return Err(CliError::Usage(format!(
+                "--listen {}: not a loopback address, and without TLS every token would cross \
+                 the network in clear; give --tls-cert and --tls-key (or, behind a \
+                 TLS-terminating proxy, --insecure-plaintext)",
+                args.listen
+            )));
+        }
+        None => None,
+    };
     let dir = args.data_dir.clone();
     let token = tokio::task::spawn_blocking(move || admin_token(&dir, true))
         .await
@@ -223,21 +250,83 @@ pub async fn serve(mut args: ServeArgs) -> Result {
     .await?;
     let listener = bind("--listen", args.listen).await?;
     let addr = local_addr("--listen", &listener, args.listen)?;
-    coordinator.start(format!("http://{addr}")).await?;
+    // With TLS, this machine's workers reach the coordinator on a loopback listener of their
+    // own (they hold their job's token, never the admin's); without, on the one listener.
+    let workers = match &tls {
+        Some(_) => {
+            let asked: SocketAddr = ([127, 0, 0, 1], 0).into();
+            let l = bind("the workers' loopback address", asked).await?;
+            let a = local_addr("the workers' loopback address", &l, asked)?;
+            Some((l, a))
+        }
+        None => None,
+    };
+    let worker_addr = workers.as_ref().map_or(addr, |(_, a)| *a);
+    coordinator.start(format!("http://{worker_addr}")).await?;
     start_metrics(args.metrics_addr, &coordinator).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!(
-        "lockstep coordinator listening on http://{addr} (data dir {}, admin token in {})",
+        "lockstep coordinator listening on {scheme}://{addr} (data dir {}, admin token in {})",
         args.data_dir.display(),
         args.data_dir.join("admin.token").display()
     );
+    let for_workers = async {
+        match workers {
+            Some((l, _)) => serve_grpc(coordinator.clone(), l, None).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        r = serve_grpc(coordinator.clone(), listener) => r?,
+        r = serve_grpc(coordinator.clone(), listener, tls) => r?,
+        r = for_workers => r?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("stopping; running jobs resume when the coordinator restarts");
         }
     }
     coordinator.flush().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The TLS identity in `cert` and `key` (PEM), checked now so a bad file is named before
+/// anything starts. Blocking.
+fn server_tls(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConfig> {
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path).map_err(|source| CliError::Io {
+            op: if flag == "--tls-cert" {
+                "read --tls-cert"
+            } else {
+                "read --tls-key"
+            },
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let (c, k) = (read("--tls-cert", cert)?, read("--tls-key", key)?);
+    let config = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(c, k));
+    tonic::transport::Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| {
+            CliError::Usage(format!(
+                "--tls-cert {} / --tls-key {}: not a usable certificate and key: {}",
+                cert.display(),
+                key.display(),
+                error_chain(&e)
+            ))
+        })?;
+    Ok(config)
+}
+
+/// `e` and its sources, joined.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Reads `DIR/admin.token`, creating it (mode 0600) when `create`. Blocking.
@@ -291,12 +380,39 @@ async fn client(args: &ClientArgs) -> Result<Client> {
         url: args.coordinator.clone(),
         reason,
     };
-    let channel = Channel::from_shared(args.coordinator.clone())
+    let mut endpoint = Channel::from_shared(args.coordinator.clone())
         .map_err(|e| connect(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    if args.coordinator.starts_with("https://") {
+        let tls = tonic::transport::ClientTlsConfig::new();
+        let tls = match args.tls_ca.clone() {
+            Some(path) => {
+                let pem = tokio::task::spawn_blocking(move || {
+                    std::fs::read(&path).map_err(|source| CliError::Io {
+                        op: "read --tls-ca",
+                        path,
+                        source,
+                    })
+                })
+                .await
+                .map_err(crate::Error::from)??;
+                tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
+            None => tls.with_native_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| connect(error_chain(&e)))?;
+    } else if args.tls_ca.is_some() {
+        return Err(CliError::Usage(format!(
+            "--tls-ca is for an https:// coordinator; {} is not one",
+            args.coordinator
+        )));
+    }
+    let channel = endpoint
         .connect()
         .await
-        .map_err(|e| connect(e.to_string()))?;
+        .map_err(|e| connect(error_chain(&e)))?;
     Ok(CoordinatorClient::with_interceptor(channel, auth))
 }
 

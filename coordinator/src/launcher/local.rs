@@ -50,6 +50,12 @@ impl LocalProcess {
         ] {
             args.push(a.into());
         }
+        for a in [
+            std::ffi::OsStr::new("--data-cache"),
+            spec.data_cache.as_os_str(),
+        ] {
+            args.push(a.into());
+        }
         for o in &spec.overrides {
             args.push("--set".into());
             args.push(o.into());

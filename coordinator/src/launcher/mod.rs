@@ -32,6 +32,8 @@ pub struct WorkerSpec {
     pub workdir: PathBuf,
     /// Where its stdout and stderr go.
     pub log: PathBuf,
+    /// Where its tokenised data is cached (shared by the coordinator's workers on a machine).
+    pub data_cache: PathBuf,
 }
 
 /// How a worker ended.
