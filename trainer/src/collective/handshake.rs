@@ -18,7 +18,7 @@ pub(super) const MAGIC: u32 = 0x4C53_5452; // "LSTR"
 /// 2: the handshake carries nonces and HMACs.
 pub(super) const VERSION: u32 = 2;
 /// How long an accepted connection has to introduce itself before it is dropped.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Mac = hmac::Hmac<sha2::Sha256>;
 
@@ -157,6 +157,9 @@ pub(super) fn connect_next(
 }
 
 /// Accepts the previous rank's connection and checks who it is.
+/// Handshakes heard at once on a ring port.
+const MAX_HANDSHAKES: usize = 64;
+
 pub(super) fn accept_prev(
     listener: &TcpListener,
     world: usize,
@@ -178,31 +181,52 @@ pub(super) fn accept_prev(
     listener
         .set_nonblocking(true)
         .map_err(|e| fail(e.to_string()))?;
+    // Each accepted connection is heard on its own thread, so a stranger that dribbles its
+    // hello (up to HELLO_TIMEOUT) delays nobody; beyond MAX_HANDSHAKES at once, connections
+    // wait in the listen backlog (the real peer's connect waits there too, not refused).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut in_flight = 0usize;
     let mut last_refusal: Option<String> = None;
     loop {
-        match listener.accept() {
-            Ok((s, _)) => match hello_from_prev(s, world, prev, deadline, key) {
+        while let Ok(heard) = rx.try_recv() {
+            in_flight -= 1;
+            match heard {
                 Ok(s) => return Ok(s),
                 Err(Refusal::Fatal(e)) => return Err(e),
                 Err(Refusal::Ignore(why)) => {
-                    // A stranger (or a rank of another gang): drop it, keep accepting.
+                    // A stranger (or a rank of another gang): dropped; keep accepting.
                     tracing::warn!(reason = %why, "refused a connection on the ring port");
                     last_refusal = Some(why);
                 }
-            },
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(fail(match &last_refusal {
-                        Some(why) => {
-                            format!("no authenticated connection from it (refused: {why})")
-                        }
-                        None => "no connection from it".into(),
-                    }));
-                }
-                std::thread::sleep(Duration::from_millis(5));
             }
-            Err(e) => return Err(fail(e.to_string())),
         }
+        if in_flight < MAX_HANDSHAKES {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    let (tx, key) = (tx.clone(), key.clone());
+                    in_flight += 1;
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("ring-hello".into())
+                            .spawn(move || {
+                                let _ = tx.send(hello_from_prev(s, world, prev, deadline, &key));
+                            });
+                    if let Err(e) = spawned {
+                        return Err(fail(format!("cannot start a handshake thread: {e}")));
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(match &last_refusal {
+                Some(why) => format!("no authenticated connection from it (refused: {why})"),
+                None => "no connection from it".into(),
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -504,4 +504,38 @@ mod tests {
         assert_eq!(a, vec![3.0; 8]);
         assert_eq!(t.join().expect("rank 1").expect("all-reduce"), vec![3.0; 8]);
     }
+
+    #[test]
+    fn silent_strangers_do_not_delay_the_ring() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").to_string())
+            .collect();
+        // Five connections to rank 1's port that never say a word, queued before rank 0's.
+        let silent: Vec<TcpStream> = (0..5)
+            .map(|_| TcpStream::connect(&peers[1]).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let key = RingKey::derive(b"job token", "job/1");
+        let started = Instant::now();
+        let mut ls = listeners.into_iter();
+        let (l0, l1) = (ls.next().expect("l0"), ls.next().expect("l1"));
+        let (p0, p1, k0, k1) = (peers.clone(), peers, key.clone(), key);
+        let timeout = Duration::from_secs(60);
+        let r0 = std::thread::spawn(move || TcpRing::with_listener(l0, 0, &p0, timeout, &k0));
+        let r1 = std::thread::spawn(move || TcpRing::with_listener(l1, 1, &p1, timeout, &k1));
+        r0.join().expect("rank 0").expect("ring 0");
+        r1.join().expect("rank 1").expect("ring 1");
+        // Heard one after another, each would have held rank 1 for its whole 5 s hello
+        // timeout (25 s); heard side by side, none holds it at all.
+        assert!(
+            started.elapsed() < super::super::handshake::HELLO_TIMEOUT,
+            "the ring took {:?}",
+            started.elapsed()
+        );
+        drop(silent);
+    }
 }
