@@ -162,10 +162,21 @@ impl Metrics {
     }
 }
 
+/// How long one metrics connection may take, request to response.
+pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `render()` at `GET /metrics` on `listener` (HTTP/1.1, one response per connection).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     render: impl Fn() -> String + Send + Sync + 'static,
+) {
+    serve_within(listener, render, EXCHANGE_DEADLINE).await;
+}
+
+async fn serve_within(
+    listener: tokio::net::TcpListener,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    deadline: std::time::Duration,
 ) {
     use futures::StreamExt;
     let render = std::sync::Arc::new(render);
@@ -176,19 +187,16 @@ pub async fn serve(
             continue;
         };
         let render = render.clone();
-        tokio::spawn(async move {
+        // One deadline for the whole exchange: a client dribbling its request a byte at a
+        // time cannot hold one of the 64 connections longer than this.
+        tokio::spawn(tokio::time::timeout(deadline, async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             // Read the request head (bounded) and answer.
             while n < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf[n..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                    Ok(Ok(k)) => n += k,
+                match sock.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => n += k,
                 }
                 if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
                     break;
@@ -206,6 +214,59 @@ pub async fn serve(
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;
-        });
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_dribbling_client_is_cut_off_and_a_real_one_is_answered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(super::serve_within(
+            listener,
+            || "lockstep_up 1\n".to_string(),
+            Duration::from_millis(500),
+        ));
+        // A byte every 100 ms: the whole request would take 2.4 s; the exchange may take 0.5 s.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let mut closed = false;
+        for &b in b"GET /metrics HTTP/1.1\r\n\r\n" {
+            if slow.write_all(&[b]).await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut probe = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut probe)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(n)) => panic!("answered a dribbled request: {:?}", &probe[..n]),
+                Err(_) => {}
+            }
+        }
+        assert!(
+            closed,
+            "the dribbling client kept its connection for {:?}",
+            started.elapsed()
+        );
+        let mut fast = tokio::net::TcpStream::connect(addr).await.unwrap();
+        fast.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        fast.read_to_string(&mut resp).await.unwrap();
+        assert!(
+            resp.starts_with("HTTP/1.1 200") && resp.ends_with("lockstep_up 1\n"),
+            "{resp}"
+        );
     }
 }

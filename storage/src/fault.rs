@@ -14,7 +14,7 @@ use futures::{FutureExt, StreamExt};
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
 };
 
 /// What to inject, per request.
@@ -30,6 +30,9 @@ pub struct Faults {
     pub latency: Option<(Duration, Duration)>,
     /// Seed of the fault sequence.
     pub seed: u64,
+    /// Refuse server-side copies of objects larger than this, as S3's CopyObject refuses
+    /// sources over 5 GiB.
+    pub copy_limit: Option<u64>,
 }
 
 impl Default for Faults {
@@ -39,6 +42,7 @@ impl Default for Faults {
             truncate_rate: 0.0,
             latency: None,
             seed: 1,
+            copy_limit: None,
         }
     }
 }
@@ -249,6 +253,17 @@ impl ObjectStore for UnreliableStore {
     ) -> object_store::Result<()> {
         if self.roll().await.is_some() {
             return Err(injected("copy"));
+        }
+        if let Some(limit) = self.faults.copy_limit {
+            let size = self.inner.head(from).await?.size;
+            if size > limit {
+                return Err(object_store::Error::NotSupported {
+                    source: format!(
+                        "the copy source is {size} bytes, over the {limit}-byte copy limit"
+                    )
+                    .into(),
+                });
+            }
         }
         self.inner.copy_opts(from, to, options).await
     }

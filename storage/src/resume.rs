@@ -308,13 +308,13 @@ impl CheckpointStore {
             .join(SET_ASIDE_DIR)
             .join(format!("step-{step:012}-{}-{unique:08x}", now.as_millis()));
         let dir = self.step_dir(step);
-        let files = self.list_dir(&dir).await?;
-        for from in &files {
+        let files = self.list_dir_sizes(&dir).await?;
+        for (from, size) in &files {
             let Some(name) = from.filename() else {
                 continue;
             };
             let copy = to.clone().join(name);
-            self.copy_object(from, &copy).await?;
+            self.copy_object(from, &copy, *size).await?;
             // On `file://` stores: each copy is durable before the original goes.
             self.sync_local(&copy, false).await?;
         }
@@ -325,6 +325,7 @@ impl CheckpointStore {
             .await?;
         let (manifest, rest): (Vec<_>, Vec<_>) = files
             .into_iter()
+            .map(|(p, _)| p)
             .partition(|p| p.filename() == Some(crate::store::MANIFEST_FILE));
         for p in manifest.iter().chain(&rest) {
             self.delete_object(p).await?;

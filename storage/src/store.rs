@@ -41,6 +41,9 @@ pub struct StoreOptions {
     pub retry: RetryPolicy,
     /// `fsync` shards and manifests of `file://` stores before reporting them durable.
     pub fsync: bool,
+    /// Objects larger than this are copied by streaming them through a multipart upload
+    /// instead of one server-side copy (S3's CopyObject refuses sources over 5 GiB).
+    pub server_copy_limit: u64,
 }
 
 impl Default for StoreOptions {
@@ -54,11 +57,18 @@ impl Default for StoreOptions {
             reads_in_flight: 4,
             retry: RetryPolicy::default(),
             fsync: true,
+            server_copy_limit: 5 << 30,
         }
     }
 }
 
 impl StoreOptions {
+    /// Sets [`StoreOptions::server_copy_limit`].
+    #[must_use]
+    pub fn with_server_copy_limit(mut self, bytes: u64) -> Self {
+        self.server_copy_limit = bytes;
+        self
+    }
     /// Sets [`StoreOptions::chunk_size`].
     #[must_use]
     pub fn with_chunk_size(mut self, bytes: usize) -> Self {
@@ -521,8 +531,16 @@ impl CheckpointStore {
         Ok(files.into_iter().map(|f| f.location).collect())
     }
 
-    /// Copies one object (server-side on S3).
-    pub(crate) async fn copy_object(&self, from: &Path, to: &Path) -> Result<()> {
+    /// Copies one object of `size` bytes: server-side up to
+    /// [`StoreOptions::server_copy_limit`], else streamed through a multipart upload.
+    pub(crate) async fn copy_object(&self, from: &Path, to: &Path, size: u64) -> Result<()> {
+        if size > self.opts.server_copy_limit {
+            return self
+                .opts
+                .retry
+                .run("copy", Error::is_transient, || self.stream_copy(from, to))
+                .await;
+        }
         self.opts
             .retry
             .run("copy", Error::is_transient, || async {
@@ -532,6 +550,48 @@ impl CheckpointStore {
                     .map_err(|e| Error::store("copy", self.display(from), e))
             })
             .await
+    }
+
+    /// Copies `from` to `to` by reading it and writing it back in parts.
+    async fn stream_copy(&self, from: &Path, to: &Path) -> Result<()> {
+        use futures::StreamExt;
+        let err = |e| Error::store("copy", self.display(from), e);
+        let got = self.inner.get(from).await.map_err(err)?;
+        let mut stream = got.into_stream();
+        let upload = self.inner.put_multipart(to).await.map_err(err)?;
+        let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, self.opts.part_size);
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(err(e));
+                }
+            };
+            if let Err(e) = w.wait_for_capacity(self.opts.parts_in_flight.max(1)).await {
+                // (`wait_for_capacity` ends the upload's tasks; abort what was uploaded.)
+                return Err(err(e));
+            }
+            w.write(&chunk);
+        }
+        w.finish().await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Every object under `dir`, with its size.
+    pub(crate) async fn list_dir_sizes(&self, dir: &Path) -> Result<Vec<(Path, u64)>> {
+        let files: Vec<_> = self
+            .opts
+            .retry
+            .run("list step", Error::is_transient, || async {
+                self.inner
+                    .list(Some(dir))
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|e| Error::store("list step", self.display(dir), e))
+            })
+            .await?;
+        Ok(files.into_iter().map(|f| (f.location, f.size)).collect())
     }
 
     /// Applies `policy` (see [`RetentionPolicy::decide`]); never deletes the newest committed

@@ -84,6 +84,88 @@ async fn s3_multipart_shards_roundtrip() {
     assert!(c.tensors[0].data == tensors[0].data);
 }
 
+/// Setting aside a checkpoint whose shard is over S3's CopyObject limit (5 GiB; here an
+/// injected 1 MiB limit on the real S3 protocol) streams the copy through a multipart upload;
+/// the copy is byte-identical and the original step is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_set_aside_of_a_shard_over_the_copy_limit_streams_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(dir.path(), &["bucket"]).await.unwrap();
+    let plain = server.store("bucket", "big").unwrap();
+    let limited = lockstep_storage::UnreliableStore::new(
+        plain.object_store().clone(),
+        lockstep_storage::Faults {
+            copy_limit: Some(1 << 20),
+            ..Default::default()
+        },
+    );
+    let with_limit = |limit: u64| {
+        CheckpointStore::new(Arc::new(limited.clone()), "big".into(), "s3://bucket/big")
+            .with_options(s3().with_server_copy_limit(limit))
+    };
+    let data: Vec<u8> = (0..1u32 << 20)
+        .flat_map(|i| ((i.wrapping_mul(2654435761) >> 8) as f32 * 1e-9).to_le_bytes())
+        .collect();
+    let tensors = vec![lockstep_storage::TensorInput {
+        name: "w".into(),
+        dtype: lockstep_storage::DType::F32,
+        shape: vec![1 << 20],
+        data: data.into(),
+    }];
+    let info = |step| lockstep_storage::CommitInfo {
+        job: "big".into(),
+        step,
+        config_hash: "h".into(),
+        parent: None,
+        trainer_state: serde_json::json!(null),
+    };
+    let store = with_limit(1 << 20);
+    let m = store.save(info(1), &tensors, 1).await.unwrap();
+    assert!(
+        m.shards[0].bytes > 1 << 20,
+        "shard {} bytes",
+        m.shards[0].bytes
+    );
+    // Every file of step 1, by name.
+    let raw = plain.object_store().clone();
+    let files = |prefix: String| {
+        let raw = raw.clone();
+        async move {
+            use futures::TryStreamExt;
+            let metas: Vec<_> = raw
+                .list(Some(&prefix.as_str().into()))
+                .try_collect()
+                .await
+                .unwrap();
+            let mut out = std::collections::BTreeMap::new();
+            for m in metas {
+                let bytes = raw.get(&m.location).await.unwrap().bytes().await.unwrap();
+                out.insert(m.location.filename().unwrap().to_string(), bytes);
+            }
+            out
+        }
+    };
+    let before = files("big/step-000000000001".into()).await;
+    assert!(before.len() >= 2, "{:?}", before.keys());
+    // Without the streaming copy (limit above the shard), the server refuses, as S3 does.
+    let e = with_limit(u64::MAX).set_aside(1).await.unwrap_err();
+    assert!(e.to_string().contains("copy limit"), "{e}");
+    assert!(
+        store.load(1).await.is_ok(),
+        "a failed set-aside leaves the step committed"
+    );
+    let moved = store.set_aside(1).await.unwrap();
+    assert!(
+        store.load(1).await.is_err(),
+        "step 1 is no longer committed"
+    );
+    let after = files(moved.trim_start_matches("s3://bucket/").to_string()).await;
+    assert!(
+        after == before,
+        "the copy at {moved} differs from the original"
+    );
+}
+
 /// `LOCKSTEP_TEST_S3_URL=s3://bucket/prefix cargo test -p lockstep-storage -- --ignored`
 /// (credentials from AWS_*).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
