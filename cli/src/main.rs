@@ -18,6 +18,38 @@ use lockstep_trainer::worker::{self, CollectiveKind, Device, Gang};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc reserves address space 1 GiB at a time by default, which under an address-space
+/// limit (`ulimit -v`, common on shared clusters) leaves too little for thread stacks and data:
+/// `lockstep ckpt verify` of a 256 MiB tensor failed under 1.5 GB. mimalloc reads its options
+/// once, before `main`, from the environment; so under such a limit (and only then) lockstep
+/// executes itself again, once, with `MIMALLOC_ARENA_RESERVE=64MiB`. If that fails it carries
+/// on as it is.
+fn fit_address_space_limit() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("MIMALLOC_ARENA_RESERVE").is_some() {
+        return;
+    }
+    let limited = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max address space"))
+                .map(|l| !l.contains("unlimited"))
+        })
+        .unwrap_or(false);
+    if !limited {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("MIMALLOC_ARENA_RESERVE", "64MiB")
+        .exec();
+    eprintln!("warning: could not restart with smaller memory reservations: {err}");
+}
+
 /// lockstep — distributed training and checkpoint runtime.
 ///
 /// Start with `lockstep run configs/quickstart.toml`: it fine-tunes a small Llama model on this
@@ -398,6 +430,7 @@ impl Ckpt {
 }
 
 fn main() -> ExitCode {
+    fit_address_space_limit();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     // `ckpt` documents 2 for "cannot read"; the job commands use 1 for every failure.
