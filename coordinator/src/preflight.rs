@@ -70,6 +70,53 @@ async fn inputs(config: &JobConfig, workdir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The largest `config.json` read to size a base model.
+const MAX_BASE_CONFIG: u64 = 1 << 20;
+
+/// `config` with its `[model]` architecture replaced by that of its Hugging Face base model
+/// (`model.base`'s `config.json`), for estimating memory: the `[model]` section describes only
+/// a random initialisation. `None` when there is no base, or its config cannot be read now
+/// (the workers report why), or it lacks the fields.
+pub async fn with_base_architecture(config: &JobConfig, workdir: &Path) -> Option<JobConfig> {
+    let base = &config.model.base;
+    if base == "init" {
+        return None;
+    }
+    let url = if base.contains("://") {
+        base.trim_end_matches('/').to_string()
+    } else {
+        format!("file://{}", base.trim_end_matches('/'))
+    };
+    let url = format!("{}/config.json", resolve_url(&url, workdir));
+    let read = async {
+        let object = objects::head_url(&url).await.ok()?;
+        if object.size > MAX_BASE_CONFIG {
+            return None;
+        }
+        let bytes = object.read_range(0..object.size).await.ok()?;
+        serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+    };
+    let hf = tokio::time::timeout(LIMIT, read).await.ok()??;
+    let field = |name: &str| {
+        hf.get(name)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let mut out = config.clone();
+    let m = &mut out.model;
+    m.hidden_size = field("hidden_size")?;
+    m.num_layers = field("num_hidden_layers")?;
+    m.intermediate_size = field("intermediate_size")?;
+    m.vocab_size = field("vocab_size")?;
+    m.num_heads = field("num_attention_heads")?;
+    m.num_kv_heads = field("num_key_value_heads").unwrap_or(m.num_heads);
+    m.tie_embeddings = hf
+        .get("tie_word_embeddings")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    Some(out)
+}
+
 /// A store that cannot be reached (or an unusable URL) is not proof that an input is missing.
 fn unreachable_store(e: &lockstep_storage::Error) -> Result<(), String> {
     match e {

@@ -89,3 +89,39 @@ async fn killing_a_worker_kills_its_children_too() {
     assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
     assert!(!env.lines().any(|l| l.starts_with("CARGO_")), "{env}");
 }
+
+/// A job fine-tuning a Hugging Face base model is sized by the base's config.json, not by the
+/// `[model]` section (which only describes a random initialisation): a 70B-parameter base is
+/// refused before any worker starts, with the numbers; a small one is admitted.
+#[tokio::test]
+async fn a_base_model_too_big_for_the_machine_is_refused_by_its_own_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("d.jsonl");
+    std::fs::write(&data, "{\"text\":\"hi\"}\n").unwrap();
+    let base = d.join("base");
+    std::fs::create_dir(&base).unwrap();
+    std::fs::write(base.join("model.safetensors"), b"").unwrap();
+    let job = lockstep_api::testing::TestJob::tiny("big")
+        .set("model.base", format!("\"{}\"", base.display()))
+        .set("data.train", format!("[\"file://{}\"]", data.display()))
+        .config()
+        .unwrap();
+    let launcher = LocalProcess::with_executable(d.join("unused"));
+    let hf = |hidden: u32, layers: u32, inter: u32| {
+        format!(
+            r#"{{"architectures":["LlamaForCausalLM"],"hidden_size":{hidden},
+            "num_hidden_layers":{layers},"intermediate_size":{inter},"vocab_size":128256,
+            "num_attention_heads":64,"num_key_value_heads":8}}"#
+        )
+    };
+    std::fs::write(base.join("config.json"), hf(8192, 80, 28672)).unwrap();
+    assert!(
+        launcher.admit(&job).is_ok(),
+        "the [model] section alone is tiny"
+    );
+    let e = launcher.preflight(&job, d).await.unwrap_err();
+    assert!(e.contains("MB of memory") && e.contains("available"), "{e}");
+    std::fs::write(base.join("config.json"), hf(64, 2, 128)).unwrap();
+    launcher.preflight(&job, d).await.unwrap();
+}

@@ -321,7 +321,12 @@ impl Launcher for LocalProcess {
         config: &lockstep_api::JobConfig,
         workdir: &Path,
     ) -> Result<(), String> {
-        crate::preflight::check(config, workdir).await
+        crate::preflight::check(config, workdir).await?;
+        // A Hugging Face base model's size is in its config.json, not in `[model]`.
+        if let Some(sized) = crate::preflight::with_base_architecture(config, workdir).await {
+            self.admit(&sized)?;
+        }
+        Ok(())
     }
 
     async fn kill_leftovers(&self, job: &str) {
