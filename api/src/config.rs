@@ -138,6 +138,10 @@ pub struct DataSection {
     /// instead of failing with the file and line.
     #[serde(default)]
     pub skip_bad_records: bool,
+    /// Held-out JSONL (URLs or globs, the same record formats): its loss is measured every
+    /// `train.eval_every` steps and at the end, never trained on. Empty: no evaluation.
+    #[serde(default)]
+    pub eval: Vec<String>,
 }
 
 /// `[train]`.
@@ -182,6 +186,10 @@ pub struct TrainSection {
     /// Micro-batches accumulated per optimizer step (each of `batch_size` sequences).
     #[serde(default = "defaults::grad_accum")]
     pub grad_accum: u32,
+    /// Measure the loss on `data.eval` every this many steps (and always after the last);
+    /// 0: only after the last.
+    #[serde(default)]
+    pub eval_every: u64,
 }
 
 /// How the learning rate decays after warmup.
@@ -462,6 +470,8 @@ impl JobConfig {
         most("model.vocab_size", m.vocab_size, MAX_VOCAB)?;
         most("data.seq_len", self.data.seq_len, MAX_SEQ_LEN)?;
         most("data.train", self.data.train.len(), MAX_TRAIN_FILES)?;
+        most("data.eval", self.data.eval.len(), MAX_TRAIN_FILES)?;
+        most("train.eval_every", t.eval_every, MAX_STEPS)?;
         most("train.steps", t.steps, MAX_STEPS)?;
         most("train.warmup_steps", t.warmup_steps, MAX_STEPS)?;
         most("train.batch_size", t.batch_size, MAX_BATCH)?;

@@ -18,6 +18,8 @@ fn config(dir: &Path, steps: u64, world: usize, batch: usize) -> PathBuf {
         .steps(steps)
         .batch(batch as u32)
         .set("job.collective_timeout", "\"5s\"")
+        .set("data.eval", eval_data())
+        .set("train.eval_every", 3)
         .checkpoint_url(&format!("file://{}/ckpt", dir.display()));
     let path = dir.join(format!("job-w{world}.toml"));
     std::fs::write(&path, job.toml()).unwrap();
@@ -73,6 +75,27 @@ fn gang(cfg: &Path, world: usize, args: &[&str]) -> Vec<Output> {
         .collect()
 }
 
+/// The quickstart's held-out split.
+fn eval_data() -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/data/quickstart-eval.jsonl");
+    format!("[\"file://{}\"]", p.canonicalize().unwrap().display())
+}
+
+/// (step, eval loss) of every `evaluated` event in a JSON log.
+fn eval_losses(out: &Output) -> Vec<(u64, f64)> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "evaluated")
+        .map(|v| {
+            (
+                v["fields"]["step"].as_u64().unwrap(),
+                v["fields"]["eval_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 fn params_hash(out: &Output) -> String {
     let s = String::from_utf8_lossy(&out.stdout);
     s.split("params xxh3 ")
@@ -107,17 +130,22 @@ fn replicas_stay_identical_and_match_one_rank_with_the_whole_batch() {
         params_hash(&two[1]),
         "replicas diverged"
     );
-    // The two ranks of this machine tokenised the data once, into one shared store.
-    let built = two
+    // The two ranks of this machine tokenised each data set (training and held-out) once,
+    // into one shared store each.
+    let built: usize = two
         .iter()
-        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("tokenised the training data"))
-        .count();
-    assert_eq!(built, 1, "exactly one rank tokenises");
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .matches("tokenised data into the token store")
+                .count()
+        })
+        .sum();
+    assert_eq!(built, 2, "each data set is tokenised by one rank");
     let stores = std::fs::read_dir(dir.path().join("tokens"))
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().is_dir())
         .count();
-    assert_eq!(stores, 1);
+    assert_eq!(stores, 2);
 
     let one_dir = tempfile::tempdir().unwrap();
     let one = gang(&config(one_dir.path(), 6, 1, 4), 1, &[]);
@@ -129,6 +157,21 @@ fn replicas_stay_identical_and_match_one_rank_with_the_whole_batch() {
         assert!(
             ((x - y) / y).abs() < 1e-5,
             "step {step}: W=2×2 loss {x}, W=1×4 loss {y}"
+        );
+    }
+    // The held-out loss, after steps 3 and 6: the same bits on both ranks, and what one rank
+    // measures on the whole set.
+    let (e2, e1) = (eval_losses(&two[0]), eval_losses(&one[0]));
+    assert_eq!(e2.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 6]);
+    assert_eq!(
+        e2,
+        eval_losses(&two[1]),
+        "ranks measured different eval losses"
+    );
+    for ((step, x), (_, y)) in e2.iter().zip(&e1) {
+        assert!(
+            ((x - y) / y).abs() < 1e-5,
+            "step {step}: W=2 eval loss {x}, W=1 eval loss {y}"
         );
     }
 }

@@ -21,13 +21,22 @@ fn one_gang() -> std::sync::MutexGuard<'static, ()> {
     ONE_GANG.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A small W=2 job of `steps` steps in `dir/job.toml`, checkpointing every 25 steps.
-/// `job_extra` are `job.KEY=VALUE` overrides.
+/// The quickstart's held-out split.
+fn eval_data() -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/data/quickstart-eval.jsonl");
+    format!("[\"file://{}\"]", p.canonicalize().unwrap().display())
+}
+
+/// A small W=2 job of `steps` steps in `dir/job.toml`, checkpointing every 25 steps and
+/// evaluating on the quickstart's held-out split every 50. `job_extra` are `job.KEY=VALUE`
+/// overrides.
 fn config(dir: &Path, steps: u64, job_extra: &[(&str, &str)]) -> PathBuf {
     let mut job = TestJob::tiny("e2e")
         .world(2)
         .steps(steps)
         .set("job.gang_timeout", "\"30s\"")
+        .set("data.eval", eval_data())
+        .set("train.eval_every", 50)
         .set("train.warmup_steps", 5)
         .set("checkpoint.every_steps", 25)
         .set("checkpoint.keep_last", 2);
@@ -97,6 +106,13 @@ fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
     );
     assert_eq!(end["params_hash"], clean["params_hash"]);
     assert!(!clean["params_hash"].as_str().unwrap().is_empty());
+    // The held-out loss after the last step is the same bits as the uninterrupted run's.
+    assert_eq!(end["eval_step"], 300, "{end}");
+    assert!(
+        end["eval_loss"].as_f64().is_some_and(f64::is_finite),
+        "{end}"
+    );
+    assert_eq!(end["eval_loss"], clean["eval_loss"], "{end} vs {clean}");
     let (a, b) = (final_tensors(clean_dir.path()), final_tensors(dir.path()));
     assert_eq!(a.len(), b.len());
     assert!(

@@ -141,6 +141,11 @@ impl Metrics {
         });
         gauge("lockstep_job_loss", "Loss of the newest step.", &|j| j.loss);
         gauge(
+            "lockstep_job_eval_loss",
+            "The newest held-out loss (data.eval).",
+            &|j| j.eval_loss,
+        );
+        gauge(
             "lockstep_job_tokens_per_second",
             "Tokens per second over the gang.",
             &|j| Some(j.tokens_per_sec),

@@ -1,6 +1,6 @@
 //! What can be checked before a gang is launched, so that a job whose inputs do not exist is
 //! refused at once, naming the field, instead of failing in every worker: each `data.train`
-//! entry names at least one object, and a `model.base` directory has its `config.json` and
+//! and `data.eval` entry names at least one object, and a `model.base` directory has its `config.json` and
 //! `model.safetensors`. Only a definite "not found" refuses; a store that cannot be reached
 //! now is left to the workers (they retry, and report).
 
@@ -27,7 +27,14 @@ pub async fn check(config: &JobConfig, workdir: &Path) -> Result<(), String> {
 }
 
 async fn inputs(config: &JobConfig, workdir: &Path) -> Result<(), String> {
-    for (i, url) in config.data.train.iter().enumerate() {
+    let mut entries: Vec<(&str, usize, &String)> = Vec::new();
+    for (field, urls) in [
+        ("data.train", &config.data.train),
+        ("data.eval", &config.data.eval),
+    ] {
+        entries.extend(urls.iter().enumerate().map(|(i, u)| (field, i, u)));
+    }
+    for (field, i, url) in entries {
         let resolved = resolve_url(url, workdir);
         let missing = if objects::is_glob(&resolved) {
             match objects::expand(&resolved).await {
@@ -43,7 +50,7 @@ async fn inputs(config: &JobConfig, workdir: &Path) -> Result<(), String> {
             }
         };
         if let Some(why) = missing {
-            return Err(format!("data.train[{i}] `{url}`: {why}"));
+            return Err(format!("{field}[{i}] `{url}`: {why}"));
         }
     }
     let base = &config.model.base;

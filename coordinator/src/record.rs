@@ -38,6 +38,12 @@ pub struct JobRecord {
     pub loss: Option<f64>,
     /// The first loss this job reported.
     pub first_loss: Option<f64>,
+    /// The newest held-out loss.
+    #[serde(default)]
+    pub eval_loss: Option<f64>,
+    /// The step `eval_loss` was measured after.
+    #[serde(default)]
+    pub eval_step: Option<u64>,
     /// Tokens per second over the gang, last step.
     pub tokens_per_sec: f64,
     /// Newest committed checkpoint.
@@ -68,6 +74,8 @@ impl JobRecord {
             total_steps: self.total_steps,
             loss: self.loss,
             first_loss: self.first_loss,
+            eval_loss: self.eval_loss,
+            eval_step: self.eval_step,
             tokens_per_sec: self.tokens_per_sec,
             last_checkpoint: self.last_checkpoint,
             message: self.lifecycle.message.clone(),
@@ -303,6 +311,8 @@ mod tests {
             step: 0,
             loss: None,
             first_loss: None,
+            eval_loss: None,
+            eval_step: None,
             tokens_per_sec: 0.0,
             last_checkpoint: None,
             params_hash: String::new(),

@@ -194,6 +194,7 @@ fn report(r: proto::WorkerReport) -> Report {
     match r.report {
         None | Some(proto::worker_report::Report::Alive(_)) => Report::Alive,
         Some(proto::worker_report::Report::Step(s)) => Report::Step(s),
+        Some(proto::worker_report::Report::Evaluated(e)) => Report::Evaluated(e),
         Some(proto::worker_report::Report::Finished(f)) => Report::Finished(Finished {
             step: f.step,
             params_hash: f.params_hash,

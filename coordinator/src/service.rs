@@ -69,6 +69,8 @@ pub enum Report {
     Step(proto::StepDone),
     /// Training ended.
     Finished(Finished),
+    /// The held-out loss after a step (rank 0's is the job's).
+    Evaluated(proto::Evaluated),
 }
 
 impl Coordinator {
@@ -229,6 +231,8 @@ impl Coordinator {
             step: 0,
             loss: None,
             first_loss: None,
+            eval_loss: None,
+            eval_step: None,
             tokens_per_sec: 0.0,
             last_checkpoint: None,
             params_hash: String::new(),
@@ -466,6 +470,11 @@ impl Coordinator {
                 st.record.first_loss.get_or_insert(s.loss);
                 st.record.tokens_per_sec = s.tokens_per_sec;
                 self.inner.metrics.step(s.step_seconds, s.stall_seconds);
+                st.touch(job, &self.inner.persister, false);
+            }
+            Report::Evaluated(e) if rank == 0 => {
+                st.record.eval_loss = Some(e.loss);
+                st.record.eval_step = Some(e.step);
                 st.touch(job, &self.inner.persister, false);
             }
             _ => {}

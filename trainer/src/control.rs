@@ -251,6 +251,12 @@ impl Control {
             Event::CheckpointStarted { stall, .. } => {
                 *self.stall.lock().unwrap_or_else(|p| p.into_inner()) += stall.as_secs_f64();
             }
+            Event::Eval { step, loss, .. } if self.rank == 0 => {
+                self.send(proto::worker_report::Report::Evaluated(proto::Evaluated {
+                    step: *step,
+                    loss: *loss,
+                }));
+            }
             _ => {}
         }
     }

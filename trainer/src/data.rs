@@ -195,6 +195,22 @@ impl Packer {
             .collect()
     }
 
+    /// Windows `first..first + count` (global indices) as one batch.
+    pub fn windows(&mut self, first: u64, count: usize) -> Result<Batch> {
+        let mut ids = Vec::with_capacity(self.seq_len + 1);
+        let mut b = Batch {
+            rows: 0,
+            seq_len: self.seq_len,
+            inputs: Vec::new(),
+            targets: Vec::new(),
+            weights: Vec::new(),
+        };
+        for j in 0..count as u64 {
+            self.push_window(first + j, &mut b, &mut ids)?;
+        }
+        Ok(b)
+    }
+
     /// Windows one step consumes.
     pub fn per_step(world: usize, batch_size: usize, accum: usize) -> u64 {
         (world * batch_size * accum) as u64

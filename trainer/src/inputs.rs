@@ -91,10 +91,12 @@ fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
     })
 }
 
-/// The token store of `data.train` in `cache` (built by the first rank of this machine to
-/// get there, reused by the others and by later runs on the same data).
-pub fn load_corpus(
+/// The token store of the JSONL files `urls` (`data.train` or `data.eval`) in `cache` (built
+/// by the first rank of this machine to get there, reused by the others and by later runs on
+/// the same data).
+pub fn load_tokens(
     config: &JobConfig,
+    urls: &[String],
     cache: &std::path::Path,
     tokenizer: &Tokenizer,
     vocab: usize,
@@ -105,5 +107,5 @@ pub fn load_corpus(
         vocab,
         skip_bad: config.data.skip_bad_records,
     };
-    tokens::prepare(cache, &config.data.train, &enc, rt)
+    tokens::prepare(cache, urls, &enc, rt)
 }

@@ -13,6 +13,7 @@
 //! - [`collective`]: the [`Collective`] seam: [`Solo`], the [`TcpRing`] all-reduce, NCCL.
 //! - [`control`]: the coordinator client: join, heartbeats, shard commits.
 //! - [`data`]: JSONL records, packing, shuffling, sharding by rank; the data cursor.
+//! - [`eval`]: the held-out loss, summed over the gang.
 //! - [`tokenizer`]: HF `tokenizers` or bytes.
 //! - [`tokens`]: the token store: data tokenised once per machine, read window by window.
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
@@ -22,6 +23,7 @@ pub mod collective;
 pub mod control;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod inputs;
 pub mod model;
 pub mod optim;

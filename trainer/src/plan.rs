@@ -92,6 +92,7 @@ impl Plan {
             grad_accum: t.grad_accum,
             seq_len: config.data.seq_len,
             loss: restored.and_then(|r| r.loss),
+            eval_loss: restored.and_then(|r| r.eval_loss),
         }
     }
 }

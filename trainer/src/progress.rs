@@ -117,6 +117,28 @@ impl Progress {
                     None => {}
                 }
             }
+            Event::Eval {
+                step,
+                loss,
+                windows,
+                elapsed,
+            } => {
+                tracing::info!(
+                    step,
+                    eval_loss = loss,
+                    windows,
+                    secs = elapsed.as_secs_f64(),
+                    "evaluated"
+                );
+                let line = format!(
+                    "step {step}: eval loss {loss:.4} ({windows} held-out windows, {:.1} s)",
+                    elapsed.as_secs_f64()
+                );
+                match &self.bar {
+                    Some(bar) => bar.println(line),
+                    None => say!("{line}"),
+                }
+            }
             Event::CheckpointStarted {
                 step,
                 stall,
@@ -167,10 +189,13 @@ pub fn print_summary(config: &JobConfig, s: &Summary) {
         );
         return;
     }
-    let loss = match (s.first_loss, s.last_loss) {
+    let mut loss = match (s.first_loss, s.last_loss) {
         (Some(a), Some(b)) => format!("loss {a:.4} → {b:.4}"),
         _ => "no steps run".into(),
     };
+    if let Some(e) = s.eval_loss {
+        loss.push_str(&format!(", eval loss {e:.4}"));
+    }
     let end = if s.stopped_early {
         format!("stopped at step {} of {}", s.step, config.train.steps)
     } else {

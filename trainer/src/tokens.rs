@@ -302,11 +302,7 @@ fn build(
     rt: &tokio::runtime::Runtime,
 ) -> Result<()> {
     let total: u64 = sources.iter().map(|o| o.size).sum();
-    tracing::info!(
-        files = sources.len(),
-        bytes = total,
-        "tokenising the training data"
-    );
+    tracing::info!(files = sources.len(), bytes = total, "tokenising data");
     let mut b = Builder::create(dir, enc)?;
     let (started, mut reported) = (Instant::now(), Instant::now());
     let mut done = 0u64;
@@ -351,7 +347,7 @@ fn build(
         tokens = meta.tokens,
         skipped = meta.skipped,
         secs = started.elapsed().as_secs_f64(),
-        "tokenised the training data"
+        "tokenised data into the token store"
     );
     Ok(())
 }

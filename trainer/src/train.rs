@@ -14,7 +14,8 @@ use crate::checkpoint::{Checkpoints, ShardCommitter, Written};
 use crate::collective::Collective;
 use crate::data::Packer;
 use crate::error::{Error, Result};
-use crate::inputs::{load_base, load_corpus};
+use crate::eval::Evaluator;
+use crate::inputs::{load_base, load_tokens};
 use crate::model::Llama;
 use crate::plan::Plan;
 use crate::resume::{self, Start};
@@ -79,6 +80,17 @@ pub enum Event {
         /// Wall time of the step.
         elapsed: Duration,
     },
+    /// The held-out loss was measured (after `step`).
+    Eval {
+        /// Steps completed.
+        step: u64,
+        /// Mean loss per counted target over `data.eval`.
+        loss: f64,
+        /// Windows evaluated over the gang.
+        windows: u64,
+        /// Wall time of the evaluation.
+        elapsed: Duration,
+    },
     /// A snapshot was handed to the writer.
     CheckpointStarted {
         /// Its step.
@@ -103,6 +115,8 @@ pub struct Summary {
     pub first_loss: Option<f64>,
     /// Loss of the last step.
     pub last_loss: Option<f64>,
+    /// The newest held-out loss (this run's, or the resumed checkpoint's).
+    pub eval_loss: Option<f64>,
     /// Checkpoints committed by this run.
     pub checkpoints: Vec<Written>,
     /// The longest snapshot stall.
@@ -153,9 +167,36 @@ pub fn train<B: AutodiffBackend>(
         Some(dir) => dir.clone(),
         None => crate::tokens::default_cache()?,
     };
-    let corpus = load_corpus(config, &cache, &base.tokenizer, base.config.vocab_size, &rt)?;
+    let vocab = base.config.vocab_size;
+    let corpus = load_tokens(
+        config,
+        &config.data.train,
+        &cache,
+        &base.tokenizer,
+        vocab,
+        &rt,
+    )?;
     let (docs, data_tokens, skipped) = (corpus.len(), corpus.tokens(), corpus.skipped());
-    let mut packer = Packer::new(corpus, config.data.seq_len as usize, t.seed)?;
+    let seq_len = config.data.seq_len as usize;
+    let mut packer = Packer::new(corpus, seq_len, t.seed)?;
+    let mut evaluator = if config.data.eval.is_empty() {
+        None
+    } else {
+        let held_out = load_tokens(
+            config,
+            &config.data.eval,
+            &cache,
+            &base.tokenizer,
+            vocab,
+            &rt,
+        )?;
+        Some(Evaluator::new(
+            held_out,
+            seq_len,
+            t.seed,
+            t.batch_size as usize,
+        )?)
+    };
 
     let store = CheckpointStore::open(&config.checkpoint.url)?;
     let start = opts
@@ -201,6 +242,7 @@ pub fn train<B: AutodiffBackend>(
         step: from_step,
         first_loss: None,
         last_loss: None,
+        eval_loss: ts.eval_loss,
         checkpoints: Vec::new(),
         max_stall: Duration::ZERO,
         tokens_per_sec: 0.0,
@@ -239,6 +281,21 @@ pub fn train<B: AutodiffBackend>(
             .stop
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed));
+        if let Some(ev) = evaluator.as_mut()
+            && !stop
+            && ((t.eval_every > 0 && ts.step.is_multiple_of(t.eval_every)) || ts.step == t.steps)
+        {
+            let started = Instant::now();
+            let loss = ev.run(ts.step, &state.model, collective)?;
+            ts.eval_loss = Some(loss);
+            summary.eval_loss = Some(loss);
+            on_event(&Event::Eval {
+                step: ts.step,
+                loss,
+                windows: ev.windows(),
+                elapsed: started.elapsed(),
+            });
+        }
         let (stop, done) = ckpt.progress(stop, collective, &rt)?;
         if let Some(w) = done {
             committed(w, &mut summary, on_event);

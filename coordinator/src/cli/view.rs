@@ -16,7 +16,8 @@ pub fn status_json(s: &proto::JobStatus) -> serde_json::Value {
         "total_steps": s.total_steps, "loss": s.loss, "first_loss": s.first_loss,
         "tokens_per_sec": s.tokens_per_sec, "last_checkpoint": s.last_checkpoint,
         "message": s.message, "params_hash": s.params_hash, "checkpoint_url": s.checkpoint_url,
-        "gang_wait_seconds": s.gang_wait_seconds,
+        "gang_wait_seconds": s.gang_wait_seconds, "eval_loss": s.eval_loss,
+        "eval_step": s.eval_step,
     })
 }
 
@@ -119,10 +120,13 @@ impl View {
         if self.json {
             return;
         }
-        let loss = match (s.first_loss, s.loss) {
+        let mut loss = match (s.first_loss, s.loss) {
             (Some(a), Some(b)) => format!("loss {a:.3} -> {b:.3}"),
             _ => "no steps run".into(),
         };
+        if let (Some(e), Some(at)) = (s.eval_loss, s.eval_step) {
+            loss.push_str(&format!(", eval loss {e:.3} at step {at}"));
+        }
         eprintln!(
             "{}: {} at step {}/{}; {loss}; {} restart{}; last checkpoint {} at {}{}",
             s.job_id,

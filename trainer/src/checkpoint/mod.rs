@@ -63,6 +63,9 @@ pub struct TrainerState {
     pub seq_len: u32,
     /// Mean loss of the last step (none before the first).
     pub loss: Option<f64>,
+    /// The newest held-out loss (`data.eval`), and none without eval data.
+    #[serde(default)]
+    pub eval_loss: Option<f64>,
 }
 
 /// A host copy of one checkpoint, ready to write.
