@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use lockstep_api::Resume;
 use lockstep_coordinator::cli::{self, ckpt::CkptCommand, jobs};
 use lockstep_storage::RetentionPolicy;
+use lockstep_trainer::export;
+use lockstep_trainer::model::hf::WeightDtype;
 use lockstep_trainer::worker::{self, CollectiveKind, Device, Gang};
 
 /// mimalloc keeps freed memory for reuse instead of returning it to the kernel: checkpoint IO
@@ -153,6 +155,73 @@ enum Command {
     /// once instead of restarting it); 130 / 143 stopped by SIGINT / SIGTERM after
     /// checkpointing.
     Train(TrainArgs),
+    /// Export a checkpoint as a Hugging Face model directory (model.safetensors, config.json,
+    /// generation_config.json, the base's tokenizer files, lockstep.json with the lineage and
+    /// every file's sha256) to TO/NAME/VERSION/, and with --promote move TO/NAME/latest.json to
+    /// it (compare-and-swap) unless its eval loss is worse than the promoted version's by more
+    /// than --max-eval-regression. `lockstep export ls TO/NAME` lists the versions.
+    ///
+    /// Exporting the same weights to the same version again writes nothing; other weights to
+    /// an existing version are refused. Exit status 0 exported (promoted or not: the line
+    /// says which and why), 1 error.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct ExportArgs {
+    #[command(subcommand)]
+    list: Option<ExportList>,
+    /// The checkpoint: URL[@STEP] (without @STEP the newest committed).
+    #[arg(required = true)]
+    checkpoint: Option<String>,
+    /// The export root (a job's export.url): the version goes to TO/NAME/VERSION/.
+    #[arg(long, required = true, value_name = "URL")]
+    to: Option<String>,
+    /// The lineage (default: the checkpoint's job name).
+    #[arg(long)]
+    name: Option<String>,
+    /// The version (default: JOB-YYYYMMDD-stepN from the checkpoint's commit time).
+    #[arg(long)]
+    version: Option<String>,
+    /// Weight dtype of model.safetensors.
+    #[arg(long, value_enum, default_value_t = ExportDtype::F32)]
+    dtype: ExportDtype,
+    /// A Hugging Face directory or URL whose tokenizer files go with the export (the job's
+    /// model.base).
+    #[arg(long, value_name = "DIR_OR_URL")]
+    base: Option<String>,
+    /// Promote the version (move latest.json to it) if it passes the eval-loss gate.
+    #[arg(long)]
+    promote: bool,
+    /// How much worse than the promoted version's eval loss the new one may be and still be
+    /// promoted.
+    #[arg(long, default_value_t = 0.0, value_name = "LOSS")]
+    max_eval_regression: f64,
+    /// One JSON object instead of a line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportList {
+    /// List a lineage's finished versions (step, train and eval loss, promotion decision; `*`
+    /// marks the promoted one).
+    Ls {
+        /// The lineage: TO/NAME, e.g. file://runs/quickstart/export/quickstart.
+        url: String,
+        /// One JSON object per version.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportDtype {
+    /// 32-bit floats: the trained weights exactly.
+    F32,
+    /// bfloat16: half the size, what serving usually loads.
+    Bf16,
 }
 
 #[derive(Debug, Args)]
@@ -454,6 +523,39 @@ fn main() -> ExitCode {
                 }
             },
         },
+        Command::Export(a) => {
+            let result = match (a.list, a.checkpoint, a.to) {
+                (Some(ExportList::Ls { url, json }), _, _) => export::list_cli(&url, json),
+                (None, Some(checkpoint), Some(to)) => export::run_cli(
+                    &export::Request {
+                        checkpoint,
+                        name: a.name,
+                        version: a.version,
+                        dtype: match a.dtype {
+                            ExportDtype::F32 => WeightDtype::F32,
+                            ExportDtype::Bf16 => WeightDtype::Bf16,
+                        },
+                        base: a.base,
+                        promote: a.promote,
+                        max_eval_regression: a.max_eval_regression,
+                        lineage: Default::default(),
+                    },
+                    &to,
+                    a.json,
+                ),
+                // clap requires both without a subcommand.
+                _ => Err(lockstep_trainer::Error::Invalid(
+                    "give a checkpoint and --to, or `export ls URL`".into(),
+                )),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ckpt(cmd) => block_on(2, async move {
             cli::ckpt::run(cmd.into_lib(), &mut std::io::stdout().lock()).await
         }),

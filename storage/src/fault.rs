@@ -74,7 +74,14 @@ impl UnreliableStore {
         UnreliableStore {
             inner,
             faults,
-            rng: Arc::new(Mutex::new(faults.seed.max(1))),
+            // splitmix64 of the seed: xorshift started from a small seed (1, 2, …) gives tiny
+            // numbers first, which would make the first requests fail for every such seed.
+            rng: Arc::new(Mutex::new({
+                let mut z = faults.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                (z ^ (z >> 31)).max(1)
+            })),
             counts: Arc::new(FaultCounts::default()),
         }
     }

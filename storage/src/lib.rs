@@ -25,6 +25,7 @@ pub mod format;
 mod location;
 pub mod objects;
 pub mod plan;
+pub mod pointer;
 pub mod reader;
 pub mod resume;
 pub mod retention;

@@ -14,6 +14,8 @@
 //! - [`control`]: the coordinator client: join, heartbeats, shard commits.
 //! - [`data`]: JSONL records, packing, shuffling, sharding by rank; the data cursor.
 //! - [`eval`]: the held-out loss, summed over the gang.
+//! - [`export`]: a checkpoint as a versioned Hugging Face directory; promotion by
+//!   compare-and-swap of `latest.json` behind an eval-loss gate.
 //! - [`tokenizer`]: HF `tokenizers` or bytes.
 //! - [`tokens`]: the token store: data tokenised once per machine, read window by window.
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
@@ -24,6 +26,7 @@ pub mod control;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod inputs;
 pub mod model;
 pub mod optim;

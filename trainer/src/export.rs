@@ -1,0 +1,780 @@
+//! Export: a committed checkpoint becomes a Hugging Face model directory a serving system can
+//! load, in a lineage of versions with one promoted.
+//!
+//! `<export.url>/<name>/<version>/` holds `model.safetensors` (HF Llama names; f32 or bf16;
+//! the same weights always give the same bytes), `config.json`, `generation_config.json`, the
+//! base model's tokenizer files when it had them, and `lockstep.json` — the lineage (job,
+//! checkpoint, step, config hash, base, train and eval loss, extra facts from the caller) and
+//! the sha256 of every other file. `lockstep.json` is written last: a version without it is
+//! unfinished and is neither listed nor promoted.
+//!
+//! `<export.url>/<name>/latest.json` names the promoted version. It moves only by
+//! compare-and-swap ([`lockstep_storage::pointer`]), only after the new version is complete,
+//! and only if the new eval loss is not worse than the promoted one's by more than
+//! `max_eval_regression`; otherwise the version stays, and its `promotion.json` says why.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lockstep_storage::pointer::{Pointer, Swap};
+use lockstep_storage::{CheckpointStore, objects};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::TrainerState;
+use crate::error::{Error, Result};
+use crate::model::hf::{self, WeightDtype};
+use crate::model::{LlamaConfig, param_specs};
+
+/// The marker (and lineage record) of a finished version.
+pub const LINEAGE_FILE: &str = "lockstep.json";
+/// The promoted version's name.
+pub const LATEST_FILE: &str = "latest.json";
+/// A version's promotion decision.
+pub const PROMOTION_FILE: &str = "promotion.json";
+/// Tokenizer files copied from the base model when present.
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+];
+/// The largest JSON record read back (lockstep.json, latest.json, promotion.json).
+const MAX_RECORD: u64 = 1 << 20;
+
+/// Where a lineage lives: `<export.url>/<name>`.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    url: String,
+    latest: Pointer,
+}
+
+impl Lineage {
+    /// The lineage `name` under `export_url` (`file://` or `s3://`).
+    pub fn open(export_url: &str, name: &str) -> Result<Lineage> {
+        check_segment("export.name", name)?;
+        let url = format!("{}/{name}", export_url.trim_end_matches('/'));
+        let (store, root) = objects::open_url(&url)?;
+        let latest = Pointer::open(&format!("{url}/{LATEST_FILE}"))?;
+        Ok(Lineage {
+            store,
+            root,
+            url,
+            latest,
+        })
+    }
+
+    /// The lineage at `root` of `store` (tests: a wrapped or in-memory store).
+    pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, url: &str) -> Lineage {
+        let latest = Pointer::with_store(store.clone(), root.clone().join(LATEST_FILE), url);
+        Lineage {
+            store,
+            root,
+            url: url.to_string(),
+            latest,
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn put(&self, path: &Path, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| store_err("write", &self.display(path), e))
+    }
+
+    /// A small JSON record, or `None` when absent.
+    async fn read_json<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<Option<T>> {
+        let at = self.display(path);
+        let meta = match self.store.head(path).await {
+            Ok(m) => m,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(store_err("read", &at, e)),
+        };
+        if meta.size > MAX_RECORD {
+            return Err(Error::Invalid(format!(
+                "{at}: {} bytes, more than a {MAX_RECORD}-byte record can be",
+                meta.size
+            )));
+        }
+        let bytes = self
+            .store
+            .get(path)
+            .await
+            .map_err(|e| store_err("read", &at, e))?
+            .bytes()
+            .await
+            .map_err(|e| store_err("read", &at, e))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Invalid(format!("{at}: not a lockstep record: {e}")))
+    }
+
+    fn display(&self, path: &Path) -> String {
+        let rel = path
+            .as_ref()
+            .strip_prefix(self.root.as_ref())
+            .unwrap_or(path.as_ref())
+            .trim_start_matches('/');
+        format!("{}/{rel}", self.url)
+    }
+
+    /// The promoted version, if any.
+    pub async fn latest(&self) -> Result<Option<Latest>> {
+        match self.latest.read().await? {
+            None => Ok(None),
+            Some((bytes, _)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: not a lockstep latest.json: {e}",
+                    self.latest.url()
+                ))
+            }),
+        }
+    }
+
+    /// Every finished version (those with a `lockstep.json`), oldest first by creation time,
+    /// with its promotion decision.
+    pub async fn versions(&self) -> Result<Vec<(Record, Option<Decision>)>> {
+        use futures::TryStreamExt;
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&self.root))
+            .try_collect()
+            .await
+            .map_err(|e| store_err("list", &self.url, e))?;
+        let mut out = Vec::new();
+        for meta in listed {
+            if meta.location.filename() != Some(LINEAGE_FILE) {
+                continue;
+            }
+            let Some(record) = self.read_json::<Record>(&meta.location).await? else {
+                continue;
+            };
+            let decision = self
+                .read_json::<Decision>(
+                    &self
+                        .root
+                        .clone()
+                        .join(record.version.as_str())
+                        .join(PROMOTION_FILE),
+                )
+                .await?;
+            out.push((record, decision));
+        }
+        out.sort_by(|a, b| {
+            (a.0.created_unix_ms, &a.0.version).cmp(&(b.0.created_unix_ms, &b.0.version))
+        });
+        Ok(out)
+    }
+}
+
+fn store_err(op: &'static str, at: &str, e: object_store::Error) -> Error {
+    Error::Storage(lockstep_storage::Error::Store {
+        op,
+        path: at.to_string(),
+        source: e,
+    })
+}
+
+/// A name or version: it becomes one path segment.
+fn check_segment(what: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} `{s}`: use 1–128 letters, digits, `-`, `_` or `.`"
+        )))
+    }
+}
+
+/// One file of a version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Its name in the version directory.
+    pub name: String,
+    /// Bytes.
+    pub bytes: u64,
+    /// Hex sha256 of its bytes.
+    pub sha256: String,
+}
+
+/// `lockstep.json`: a finished version's lineage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// `lockstep-export/1`.
+    pub format: String,
+    /// The lineage.
+    pub name: String,
+    /// This version.
+    pub version: String,
+    /// The job that trained it.
+    pub job: String,
+    /// The checkpoint it was exported from (`URL@STEP`).
+    pub checkpoint: String,
+    /// Its step.
+    pub step: u64,
+    /// The checkpoint's config hash.
+    pub config_hash: String,
+    /// Weight dtype in `model.safetensors`.
+    pub dtype: String,
+    /// The base model the tokenizer files came from, if any.
+    pub base: Option<String>,
+    /// Loss of the checkpoint's last step.
+    pub train_loss: Option<f64>,
+    /// Its held-out loss.
+    pub eval_loss: Option<f64>,
+    /// When the export finished (Unix milliseconds).
+    pub created_unix_ms: u64,
+    /// Every other file of the version.
+    pub files: Vec<FileEntry>,
+    /// Facts the caller knows and the checkpoint does not (attempts, data, base hash, …).
+    #[serde(default)]
+    pub lineage: serde_json::Value,
+}
+
+/// `latest.json`: the promoted version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latest {
+    /// The version.
+    pub version: String,
+    /// Its directory's URL.
+    pub url: String,
+    /// Its step.
+    pub step: u64,
+    /// Its losses.
+    pub train_loss: Option<f64>,
+    /// Its held-out loss.
+    pub eval_loss: Option<f64>,
+    /// When it was promoted (Unix milliseconds).
+    pub promoted_unix_ms: u64,
+}
+
+/// `promotion.json`: what was decided for a version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Whether it became `latest.json`.
+    pub promoted: bool,
+    /// Why not, or what it replaced.
+    pub reason: String,
+    /// When (Unix milliseconds).
+    pub decided_unix_ms: u64,
+}
+
+/// What to export and how.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// `URL[@STEP]` of the checkpoint (no step: the newest committed).
+    pub checkpoint: String,
+    /// The lineage name (default: the checkpoint's job name).
+    pub name: Option<String>,
+    /// The version (default: `JOB-YYYYMMDD-stepN`, from the checkpoint's commit time).
+    pub version: Option<String>,
+    /// Weight dtype.
+    pub dtype: WeightDtype,
+    /// A Hugging Face directory or URL whose tokenizer files go with the export.
+    pub base: Option<String>,
+    /// Move `latest.json` to this version if it passes the gate.
+    pub promote: bool,
+    /// How much worse than the promoted version's eval loss the new one may be.
+    pub max_eval_regression: f64,
+    /// Extra lineage facts for `lockstep.json`.
+    pub lineage: serde_json::Value,
+}
+
+/// What happened to the promotion.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Promotion {
+    /// Not asked for.
+    NotAsked,
+    /// `latest.json` now names the version (it named `replaced` before).
+    Promoted {
+        /// The version promoted before, if any.
+        replaced: Option<String>,
+    },
+    /// The version stays, not promoted.
+    Kept {
+        /// Why.
+        reason: String,
+    },
+    /// This exact version was already exported; nothing was written or promoted again.
+    AlreadyExported,
+}
+
+/// The result of an export.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// The version's record.
+    pub record: Record,
+    /// Its directory's URL.
+    pub url: String,
+    /// The promotion.
+    pub promotion: Promotion,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `YYYYMMDD` of Unix milliseconds (UTC).
+pub fn utc_date(unix_ms: u64) -> String {
+    // Civil from days (Howard Hinnant's algorithm).
+    let days = (unix_ms / 86_400_000) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}")
+}
+
+/// Splits `URL[@STEP]`.
+fn split_target(target: &str) -> Result<(&str, Option<u64>)> {
+    match target.rsplit_once('@') {
+        Some((url, "latest")) => Ok((url, None)),
+        Some((url, step)) if !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()) => {
+            let step = step
+                .parse()
+                .map_err(|_| Error::Invalid(format!("step `{step}` is out of range")))?;
+            Ok((url, Some(step)))
+        }
+        _ => Ok((target, None)),
+    }
+}
+
+/// The model files of a checkpoint: safetensors, config.json, generation_config.json.
+fn model_files(
+    state: &TrainerState,
+    tensors: &[lockstep_storage::Tensor],
+    dtype: WeightDtype,
+) -> Result<Vec<(String, Bytes)>> {
+    let config: &LlamaConfig = &state.model_config;
+    let mut values = Vec::new();
+    for spec in param_specs(config) {
+        let t = tensors
+            .iter()
+            .find(|t| t.name == spec.name)
+            .ok_or_else(|| {
+                Error::Invalid(format!("the checkpoint has no tensor `{}`", spec.name))
+            })?;
+        if t.data.len() != spec.numel() * 4 {
+            return Err(Error::Invalid(format!(
+                "checkpoint tensor `{}` holds {} bytes; its shape needs {}",
+                spec.name,
+                t.data.len(),
+                spec.numel() * 4
+            )));
+        }
+        values.push(
+            t.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<f32>>(),
+        );
+    }
+    let st = hf::export(config, &values, dtype)?;
+    let cfg = hf::config_json(config, dtype)?;
+    let mut generation = serde_json::Map::new();
+    generation.insert("_from_model_config".into(), true.into());
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(v) = config.extra.get(key) {
+            generation.insert(key.into(), v.clone());
+        }
+    }
+    let generation = serde_json::to_string_pretty(&generation)
+        .map_err(|e| Error::Invalid(format!("generation_config.json: {e}")))?;
+    Ok(vec![
+        ("model.safetensors".into(), Bytes::from(st)),
+        ("config.json".into(), Bytes::from(cfg)),
+        (
+            "generation_config.json".into(),
+            Bytes::from(generation + "\n"),
+        ),
+    ])
+}
+
+/// The tokenizer files `base` has (a directory path or URL).
+async fn tokenizer_files(base: &str) -> Result<Vec<(String, Bytes)>> {
+    let base = if base.contains("://") {
+        base.trim_end_matches('/').to_string()
+    } else {
+        format!("file://{}", base.trim_end_matches('/'))
+    };
+    let mut out = Vec::new();
+    for name in TOKENIZER_FILES {
+        match objects::read_url(&format!("{base}/{name}")).await {
+            Ok(b) => out.push((name.to_string(), b)),
+            Err(lockstep_storage::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Exports `req.checkpoint` into `lineage` (opened by the caller from `export.url` and the
+/// name; `None`: open it from `to` and the name the checkpoint implies), and promotes it if
+/// asked and the gate allows.
+pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result<Exported> {
+    let (url, step) = split_target(&req.checkpoint)?;
+    let store = CheckpointStore::open_existing(url)?;
+    let step = match step {
+        Some(s) => s,
+        None => store
+            .latest()
+            .await?
+            .ok_or_else(|| Error::Invalid(format!("{url}: no committed checkpoint to export")))?,
+    };
+    let ckpt = store.load(step).await?;
+    let state: TrainerState =
+        serde_json::from_value(ckpt.manifest.trainer_state.clone()).map_err(|e| Error::Resume {
+            step,
+            reason: format!("its trainer state is not lockstep's: {e}"),
+        })?;
+    let name = req
+        .name
+        .clone()
+        .unwrap_or_else(|| ckpt.manifest.job.clone());
+    let version = req.version.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}-step{step}",
+            ckpt.manifest.job,
+            utc_date(ckpt.manifest.created_unix_ms)
+        )
+    });
+    check_segment("export.name", &name)?;
+    check_segment("the version", &version)?;
+    let lineage = match lineage {
+        Some(l) => l,
+        None => Lineage::open(to, &name)?,
+    };
+    let dir = lineage.root.clone().join(version.as_str());
+    let dir_url = format!("{}/{version}", lineage.url);
+
+    // The files, in memory: hashed before anything is written.
+    let dtype = req.dtype;
+    let tensors = ckpt.tensors;
+    let state2 = state.clone();
+    let mut files = tokio::task::spawn_blocking(move || model_files(&state2, &tensors, dtype))
+        .await
+        .map_err(|e| Error::Invalid(format!("export: {e}")))??;
+    if let Some(base) = &req.base {
+        files.extend(tokenizer_files(base).await?);
+    }
+    let entries: Vec<FileEntry> = files
+        .iter()
+        .map(|(n, b)| FileEntry {
+            name: n.clone(),
+            bytes: b.len() as u64,
+            sha256: sha256_hex(b),
+        })
+        .collect();
+
+    // The same version again: the same weights are a no-op; other weights are refused.
+    if let Some(existing) = lineage
+        .read_json::<Record>(&dir.clone().join(LINEAGE_FILE))
+        .await?
+    {
+        if existing.files == entries {
+            return Ok(Exported {
+                record: existing,
+                url: dir_url,
+                promotion: Promotion::AlreadyExported,
+            });
+        }
+        return Err(Error::Invalid(format!(
+            "{dir_url} already holds a version with other files; choose another version"
+        )));
+    }
+
+    for (n, b) in files {
+        lineage.put(&dir.clone().join(n.as_str()), b).await?;
+    }
+    let record = Record {
+        format: "lockstep-export/1".into(),
+        name,
+        version: version.clone(),
+        job: ckpt.manifest.job.clone(),
+        checkpoint: format!("{}@{step}", store.url()),
+        step,
+        config_hash: ckpt.manifest.config_hash.clone(),
+        dtype: dtype.torch_name().into(),
+        base: req.base.clone(),
+        train_loss: state.loss,
+        eval_loss: state.eval_loss,
+        created_unix_ms: now_ms(),
+        files: entries,
+        lineage: req.lineage.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&record)
+        .map_err(|e| Error::Invalid(format!("lockstep.json: {e}")))?;
+    // Last: from here on the version exists.
+    lineage
+        .put(&dir.clone().join(LINEAGE_FILE), Bytes::from(json))
+        .await?;
+
+    let promotion = if req.promote {
+        promote(&lineage, &record, &dir_url, req.max_eval_regression).await?
+    } else {
+        Promotion::NotAsked
+    };
+    let decision = match &promotion {
+        Promotion::Promoted { replaced } => Some(Decision {
+            promoted: true,
+            reason: replaced
+                .as_ref()
+                .map_or("the first promoted version".into(), |r| {
+                    format!("replaced {r}")
+                }),
+            decided_unix_ms: now_ms(),
+        }),
+        Promotion::Kept { reason } => Some(Decision {
+            promoted: false,
+            reason: reason.clone(),
+            decided_unix_ms: now_ms(),
+        }),
+        _ => None,
+    };
+    if let Some(d) = decision {
+        let json = serde_json::to_vec_pretty(&d)
+            .map_err(|e| Error::Invalid(format!("promotion.json: {e}")))?;
+        if let Err(e) = lineage
+            .put(&dir.clone().join(PROMOTION_FILE), Bytes::from(json))
+            .await
+        {
+            // The decision stands (latest.json is what serving reads); only the note is lost.
+            tracing::warn!(error = %e, version = %version, "cannot record the promotion decision");
+        }
+    }
+    Ok(Exported {
+        record,
+        url: dir_url,
+        promotion,
+    })
+}
+
+/// Why `new` may not replace `old`, if it may not.
+pub fn gate(new: &Record, old: &Latest, max_regression: f64) -> Option<String> {
+    let (n, o, what) = match (new.eval_loss, old.eval_loss) {
+        (Some(n), Some(o)) => (n, o, "eval loss"),
+        _ => match (new.train_loss, old.train_loss) {
+            (Some(n), Some(o)) => (n, o, "train loss (one of the two has no eval loss)"),
+            _ => {
+                return Some(format!(
+                    "{} and the promoted {} have no loss in common to compare",
+                    new.version, old.version
+                ));
+            }
+        },
+    };
+    // A NaN loss never passes.
+    let passes = n.is_finite() && n <= o + max_regression;
+    (!passes).then(|| {
+        format!(
+            "its {what} {n:.4} is worse than the promoted {}'s {o:.4} by more than \
+             export.max_eval_regression = {max_regression}",
+            old.version
+        )
+    })
+}
+
+/// Moves `latest.json` to `record` if the gate allows, by compare-and-swap (re-deciding when
+/// another exporter moved it first).
+async fn promote(
+    lineage: &Lineage,
+    record: &Record,
+    dir_url: &str,
+    max_regression: f64,
+) -> Result<Promotion> {
+    let new = Latest {
+        version: record.version.clone(),
+        url: dir_url.to_string(),
+        step: record.step,
+        train_loss: record.train_loss,
+        eval_loss: record.eval_loss,
+        promoted_unix_ms: now_ms(),
+    };
+    let bytes = Bytes::from(
+        serde_json::to_vec_pretty(&new).map_err(|e| Error::Invalid(format!("latest.json: {e}")))?,
+    );
+    for _ in 0..16 {
+        let current = lineage.latest.read().await?;
+        let (expected, replaced) = match &current {
+            None => (None, None),
+            Some((b, seen)) => {
+                let old: Latest = serde_json::from_slice(b).map_err(|e| {
+                    Error::Invalid(format!(
+                        "{}: not a lockstep latest.json ({e}); move it aside to promote",
+                        lineage.latest.url()
+                    ))
+                })?;
+                if old.version == record.version {
+                    return Ok(Promotion::AlreadyExported);
+                }
+                if let Some(reason) = gate(record, &old, max_regression) {
+                    return Ok(Promotion::Kept { reason });
+                }
+                (Some(seen), Some(old.version))
+            }
+        };
+        match lineage.latest.swap(expected, bytes.clone()).await? {
+            Swap::Done => return Ok(Promotion::Promoted { replaced }),
+            Swap::Conflict => continue,
+        }
+    }
+    Err(Error::Invalid(format!(
+        "{}: moved by other exporters 16 times in a row; try again",
+        lineage.latest.url()
+    )))
+}
+
+/// `lockstep export`: exports, prints what happened (a line, or JSON), returns the exit status
+/// (0 exported, 1 error).
+pub fn run_cli(req: &Request, to: &str, json: bool) -> Result<()> {
+    if !req.max_eval_regression.is_finite() || req.max_eval_regression < 0.0 {
+        return Err(Error::Invalid(format!(
+            "--max-eval-regression {}: must be a finite number ≥ 0",
+            req.max_eval_regression
+        )));
+    }
+    let rt = runtime()?;
+    let out = rt.block_on(export(req, to, None))?;
+    let (promoted, note) = match &out.promotion {
+        Promotion::NotAsked => (false, "not promoted (no --promote)".to_string()),
+        Promotion::Promoted { replaced: None } => (true, "promoted (the first)".into()),
+        Promotion::Promoted { replaced: Some(r) } => (true, format!("promoted, replacing {r}")),
+        Promotion::Kept { reason } => (false, format!("kept, not promoted: {reason}")),
+        Promotion::AlreadyExported => (false, "already exported; nothing written".into()),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"url": out.url, "version": out.record.version,
+                "step": out.record.step, "train_loss": out.record.train_loss,
+                "eval_loss": out.record.eval_loss, "promoted": promoted, "note": note})
+        );
+    } else {
+        let loss = |l: Option<f64>| l.map_or("-".into(), |l| format!("{l:.4}"));
+        println!(
+            "exported step {} to {} (train loss {}, eval loss {}; {} files); {note}",
+            out.record.step,
+            out.url,
+            loss(out.record.train_loss),
+            loss(out.record.eval_loss),
+            out.record.files.len() + 1
+        );
+    }
+    Ok(())
+}
+
+/// `lockstep export ls URL/NAME`: the lineage's versions with their losses, and which is
+/// promoted.
+pub fn list_cli(lineage_url: &str, json: bool) -> Result<()> {
+    let rt = runtime()?;
+    let (store, root) = objects::open_url(lineage_url.trim_end_matches('/'))?;
+    let lineage = Lineage::with_store(store, root, lineage_url.trim_end_matches('/'));
+    let lineage = Lineage {
+        latest: Pointer::open(&format!("{}/{LATEST_FILE}", lineage.url))?,
+        ..lineage
+    };
+    let (versions, latest) = rt
+        .block_on(async { Ok::<_, Error>((lineage.versions().await?, lineage.latest().await?)) })?;
+    let promoted = latest.as_ref().map(|l| l.version.clone());
+    if json {
+        for (r, d) in &versions {
+            println!(
+                "{}",
+                serde_json::json!({"version": r.version, "step": r.step, "job": r.job,
+                    "train_loss": r.train_loss, "eval_loss": r.eval_loss,
+                    "created_unix_ms": r.created_unix_ms,
+                    "promoted": promoted.as_deref() == Some(r.version.as_str()),
+                    "decision": d.as_ref().map(|d| d.reason.clone())})
+            );
+        }
+        return Ok(());
+    }
+    if versions.is_empty() {
+        println!("no finished versions under {}", lineage.url);
+        return Ok(());
+    }
+    println!(
+        "{:<2} {:<40} {:>8} {:>10} {:>10}  NOTE",
+        "", "VERSION", "STEP", "TRAIN", "EVAL"
+    );
+    for (r, d) in &versions {
+        let mark = if promoted.as_deref() == Some(r.version.as_str()) {
+            "*"
+        } else {
+            ""
+        };
+        let loss = |l: Option<f64>| l.map_or("-".into(), |l| format!("{l:.4}"));
+        println!(
+            "{mark:<2} {:<40} {:>8} {:>10} {:>10}  {}",
+            r.version,
+            r.step,
+            loss(r.train_loss),
+            loss(r.eval_loss),
+            d.as_ref().map_or(String::new(), |d| d.reason.clone())
+        );
+    }
+    if promoted.is_none() {
+        println!("(no version is promoted)");
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the IO runtime: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "19700101");
+        assert_eq!(utc_date(1_795_824_000_000), "20261128");
+        assert_eq!(utc_date(951_782_400_000), "20000229");
+    }
+
+    #[test]
+    fn names_are_one_safe_path_segment() {
+        for ok in ["quickstart", "nightly-20261128-step300", "v1.2_b"] {
+            check_segment("x", ok).unwrap();
+        }
+        for bad in ["", "..", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_segment("x", bad).is_err(), "{bad}");
+        }
+    }
+}
