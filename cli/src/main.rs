@@ -31,12 +31,14 @@ fn fit_address_space_limit() {
     if std::env::var_os("MIMALLOC_ARENA_RESERVE").is_some() {
         return;
     }
+    // "Max address space  SOFT  HARD  bytes": the soft limit is the one enforced.
     let limited = std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|t| {
             t.lines()
-                .find(|l| l.starts_with("Max address space"))
-                .map(|l| !l.contains("unlimited"))
+                .find_map(|l| l.strip_prefix("Max address space"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(|soft| soft != "unlimited")
         })
         .unwrap_or(false);
     if !limited {
@@ -45,8 +47,19 @@ fn fit_address_space_limit() {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
+    // Started through the dynamic loader (`ld-linux… lockstep …`): executing "ourselves" would
+    // run the loader without the program.
+    if exe
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("ld-"))
+    {
+        return;
+    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    let err = std::process::Command::new(&exe)
+        .arg0(arg0)
+        .args(args)
         .env("MIMALLOC_ARENA_RESERVE", "64MiB")
         .exec();
     eprintln!("warning: could not restart with smaller memory reservations: {err}");
@@ -287,6 +300,10 @@ struct ClientArgs {
     /// the system's roots).
     #[arg(long, env = "LOCKSTEP_TLS_CA", value_name = "PEM")]
     tls_ca: Option<PathBuf>,
+    /// Allow an http:// coordinator on another machine (the admin token then crosses the
+    /// network in clear; only on a trusted network).
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 /// `lockstep ckpt` subcommands.
@@ -412,6 +429,7 @@ impl ClientArgs {
             token: self.token,
             data_dir: self.data_dir,
             tls_ca: self.tls_ca,
+            insecure_plaintext: self.insecure_plaintext,
         }
     }
 }

@@ -12,8 +12,9 @@ use lockstep_storage::objects;
 
 use crate::service::resolve_url;
 
-/// The longest the checks may take before the job is accepted unchecked.
-const LIMIT: Duration = Duration::from_secs(30);
+/// The longest the checks (and sizing the base model) may take together before the job is
+/// accepted unchecked.
+pub(crate) const LIMIT: Duration = Duration::from_secs(30);
 
 /// Checks `config`'s inputs (relative `file://` URLs resolve against `workdir`).
 pub async fn check(config: &JobConfig, workdir: &Path) -> Result<(), String> {
@@ -84,7 +85,11 @@ const MAX_BASE_CONFIG: u64 = 1 << 20;
 /// (`model.base`'s `config.json`), for estimating memory: the `[model]` section describes only
 /// a random initialisation. `None` when there is no base, or its config cannot be read now
 /// (the workers report why), or it lacks the fields.
-pub async fn with_base_architecture(config: &JobConfig, workdir: &Path) -> Option<JobConfig> {
+pub async fn with_base_architecture(
+    config: &JobConfig,
+    workdir: &Path,
+    deadline: tokio::time::Instant,
+) -> Option<JobConfig> {
     let base = &config.model.base;
     if base == "init" {
         return None;
@@ -103,7 +108,11 @@ pub async fn with_base_architecture(config: &JobConfig, workdir: &Path) -> Optio
         let bytes = object.read_range(0..object.size).await.ok()?;
         serde_json::from_slice::<serde_json::Value>(&bytes).ok()
     };
-    let hf = tokio::time::timeout(LIMIT, read).await.ok()??;
+    let Ok(hf) = tokio::time::timeout_at(deadline, read).await else {
+        tracing::warn!(url = %url, "cannot read the base model's config.json in time; its size is not checked");
+        return None;
+    };
+    let hf = hf?;
     let field = |name: &str| {
         hf.get(name)
             .and_then(serde_json::Value::as_u64)

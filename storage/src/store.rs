@@ -569,11 +569,13 @@ impl CheckpointStore {
                 }
             };
             if let Err(e) = w.wait_for_capacity(self.opts.parts_in_flight.max(1)).await {
-                // (`wait_for_capacity` ends the upload's tasks; abort what was uploaded.)
+                // Abort, or the parts uploaded so far stay (and are billed) on S3.
+                let _ = w.abort().await;
                 return Err(err(e));
             }
             w.write(&chunk);
         }
+        // (On failure `finish` aborts the upload itself.)
         w.finish().await.map_err(err)?;
         Ok(())
     }

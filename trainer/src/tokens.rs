@@ -1,6 +1,6 @@
 //! The token store: a job's training data tokenised once per machine into a private cache
 //! directory and read back window by window with positioned reads. A rank's memory does not
-//! grow with the tokens (it holds 16 bytes per document, not the documents), the JSONL files
+//! grow with the tokens (it holds 16 bytes per document, and 12 more for an epoch's order), the JSONL files
 //! are streamed in 8 MiB ranges rather than read whole, and the ranks of a machine share one
 //! copy: the first to arrive builds it while the others wait on its lock, then all read it.
 //!
@@ -13,7 +13,9 @@
 //! - `meta.json`: the counts, the width and the xxh3 of both files.
 //!
 //! A store is built in `<key>.partial/`, synced, and renamed into place while `<key>.lock` is
-//! held, so a crash never leaves a half-built store that looks finished. The cache is input
+//! held exclusively, so a crash never leaves a half-built store that looks finished; users of
+//! a store hold that lock shared (and check the store side by side), so it is never swept or
+//! rebuilt under them. The cache directory must be the user's own and writable by nobody else. The cache is input
 //! like any other file: on every open both files are checked against `meta.json` (sizes,
 //! hashes, token counts, every id inside the vocabulary), and a store that fails is rebuilt.
 //! Stores unused for [`UNUSED_FOR`] are removed by the next build in the same cache.
@@ -41,6 +43,8 @@ pub const MAX_RECORD_BYTES: usize = 64 << 20;
 pub const UNUSED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often a long tokenisation says how far it got.
 const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// The longest a process waits to build a store others hold.
+const LOCK_PATIENCE: Duration = Duration::from_secs(30 * 60);
 
 /// The cache of a run that names none: `$XDG_CACHE_HOME/lockstep/tokens`, else
 /// `$HOME/.cache/lockstep/tokens`.
@@ -95,6 +99,8 @@ struct Meta {
 #[derive(Debug)]
 pub struct TokenStore {
     dir: PathBuf,
+    /// The store's lock, held shared while it is in use (`None`: opened without the cache).
+    lock: Option<File>,
     tokens_file: File,
     width: u8,
     docs: Vec<Doc>,
@@ -218,51 +224,134 @@ pub fn prepare(
         .mode(0o700)
         .create(cache)
         .map_err(io(cache))?;
+    check_private(cache)?;
     let lock_path = cache.join(format!("{key}.lock"));
-    let lock = private_file(&lock_path, false).map_err(io(&lock_path))?;
-    if lock.try_lock().is_err() {
-        tracing::info!(cache = %cache.display(), "another process on this machine is tokenising the same data; waiting for it");
-        lock.lock().map_err(io(&lock_path))?;
-    }
     let dir = cache.join(&key);
-    let store = if dir.join("meta.json").exists() {
-        match open(&dir, enc) {
-            Ok(store) => Some(store),
-            Err(e) => {
-                tracing::warn!(store = %dir.display(), "the cached token store is damaged ({e}); tokenising again");
-                std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-                None
+    // Readers hold the store's lock shared for as long as they use it (so a sweep cannot
+    // remove it under them) and check it side by side; building takes it exclusively.
+    for _ in 0..3 {
+        let lock = private_file(&lock_path, false).map_err(io(&lock_path))?;
+        if lock.try_lock_shared().is_err() {
+            tracing::info!(cache = %cache.display(), "another process on this machine is tokenising the same data; waiting for it");
+            lock.lock_shared().map_err(io(&lock_path))?;
+        }
+        if dir.join("meta.json").is_file() {
+            match open(&dir, enc) {
+                Ok(mut store) => {
+                    tracing::info!(store = %dir.display(), docs = store.len(), tokens = store.tokens(), "using the tokenised data");
+                    // Mark it used (the sweep's clock); a failure only makes it look older.
+                    let _ = File::options()
+                        .write(true)
+                        .open(dir.join("meta.json"))
+                        .and_then(|f| f.set_modified(SystemTime::now()));
+                    store.lock = Some(lock);
+                    sweep(cache, &key);
+                    return Ok(store);
+                }
+                Err(e) => {
+                    tracing::warn!(store = %dir.display(), "the cached token store is damaged ({e}); tokenising again");
+                }
             }
         }
-    } else {
-        None
-    };
-    let store = match store {
-        Some(store) => {
-            tracing::info!(store = %dir.display(), docs = store.len(), tokens = store.tokens(), "reusing the tokenised data");
-            store
+        drop(lock);
+        let lock = private_file(&lock_path, false).map_err(io(&lock_path))?;
+        lock_exclusive(&lock, &lock_path)?;
+        // Another process may have built (or repaired) it meanwhile.
+        if dir.join("meta.json").is_file() && open(&dir, enc).is_ok() {
+            continue;
         }
-        None => {
-            let partial = cache.join(format!("{key}.partial"));
-            if partial.exists() {
-                std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+        // Whatever is in the way — a damaged store, one without meta.json (a crash while it
+        // was being removed), a stray file or link — goes.
+        remove_any(&dir).map_err(io(&dir))?;
+        let partial = cache.join(format!("{key}.partial"));
+        remove_any(&partial).map_err(io(&partial))?;
+        if let Err(e) = build(&partial, &sources, enc, rt) {
+            // A failed build (a bad record, a full disk) leaves nothing behind.
+            let _ = remove_any(&partial);
+            return Err(e);
+        }
+        std::fs::rename(&partial, &dir).map_err(io(&dir))?;
+        File::open(cache)
+            .and_then(|d| d.sync_all())
+            .map_err(io(cache))?;
+    }
+    Err(Error::Invalid(format!(
+        "{}: the token store could not be opened after building it three times",
+        dir.display()
+    )))
+}
+
+/// Removes `path` whatever it is (a directory, a file, a link: the link, not its target).
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    }
+}
+
+/// Takes `lock` exclusively, saying so while it waits (another process building, or using a
+/// store that must be rebuilt); gives up after [`LOCK_PATIENCE`].
+fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
+    let started = Instant::now();
+    let mut said = None::<Instant>;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(Error::Io {
+                    path: path.display().to_string(),
+                    source,
+                });
             }
-            build(&partial, &sources, enc, rt)?;
-            std::fs::rename(&partial, &dir).map_err(io(&dir))?;
-            File::open(cache)
-                .and_then(|d| d.sync_all())
-                .map_err(io(cache))?;
-            open(&dir, enc)?
         }
-    };
-    // Mark it used (the sweep's clock); a failure only makes it look older.
-    let _ = File::options()
-        .write(true)
-        .open(dir.join("meta.json"))
-        .and_then(|f| f.set_modified(SystemTime::now()));
-    drop(lock);
-    sweep(cache, &key);
-    Ok(store)
+        if started.elapsed() > LOCK_PATIENCE {
+            return Err(Error::Invalid(format!(
+                "{}: still locked by another process after {} minutes",
+                path.display(),
+                LOCK_PATIENCE.as_secs() / 60
+            )));
+        }
+        if said.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            tracing::info!(lock = %path.display(), "waiting for other processes using or building this token store");
+            said = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The effective user: the owner of `/proc/self`.
+fn euid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Refuses a cache directory that others could plant a store in: owned by another user, or
+/// writable by group or others.
+fn check_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::metadata(dir).map_err(|source| Error::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mode = m.permissions().mode() & 0o777;
+    let mine = euid().is_none_or(|u| u == m.uid());
+    if !mine || mode & 0o022 != 0 {
+        return Err(Error::Invalid(format!(
+            "token cache {}: {} (mode {mode:o}, owner uid {}); others could plant tokenised \
+             data there: use a directory only you can write (--data-cache)",
+            dir.display(),
+            if mine {
+                "writable by others"
+            } else {
+                "owned by another user"
+            },
+            m.uid()
+        )));
+    }
+    Ok(())
 }
 
 /// The cache key of `sources` read with `enc`.
@@ -377,11 +466,11 @@ impl Lines {
         mut each: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+            self.bound(nl)?;
             self.line_no += 1;
             let line = if self.pending.is_empty() {
                 &chunk[..nl]
             } else {
-                self.bound(nl)?;
                 self.pending.extend_from_slice(&chunk[..nl]);
                 &self.pending[..]
             };
@@ -421,6 +510,7 @@ impl Lines {
 
 /// Writes a new store.
 pub struct Builder<'a> {
+    dir: PathBuf,
     enc: &'a Encoding<'a>,
     tokens: BufWriter<File>,
     docs: BufWriter<File>,
@@ -448,6 +538,7 @@ impl<'a> Builder<'a> {
                 .map_err(io(&path))
         };
         Ok(Builder {
+            dir: dir.to_path_buf(),
             enc,
             tokens: open("tokens.bin")?,
             docs: open("docs.bin")?,
@@ -509,12 +600,12 @@ impl<'a> Builder<'a> {
         doc[4..].copy_from_slice(&(prompt as u32).to_le_bytes());
         self.tokens_hash.update(&self.ids);
         self.docs_hash.update(&doc);
-        let io = |source| Error::Io {
-            path: "token store".into(),
-            source,
+        let io = |name: &str| {
+            let path = self.dir.join(name).display().to_string();
+            move |source| Error::Io { path, source }
         };
-        self.tokens.write_all(&self.ids).map_err(io)?;
-        self.docs.write_all(&doc).map_err(io)?;
+        self.tokens.write_all(&self.ids).map_err(io("tokens.bin"))?;
+        self.docs.write_all(&doc).map_err(io("docs.bin"))?;
         self.meta.docs += 1;
         self.meta.tokens += u64::from(len);
         Ok(())
@@ -645,8 +736,16 @@ pub fn open(dir: &Path, enc: &Encoding<'_>) -> Result<TokenStore> {
     if format!("{:016x}", hash.digest()) != meta.tokens_xxh3 {
         return Err(damaged("tokens.bin does not match its hash".into()));
     }
+    if meta.docs > u64::from(u32::MAX) {
+        return Err(damaged(format!(
+            "{} documents; at most {} are supported",
+            meta.docs,
+            u32::MAX
+        )));
+    }
     Ok(TokenStore {
         dir: dir.to_path_buf(),
+        lock: None,
         tokens_file,
         width: meta.width,
         docs,
@@ -869,11 +968,14 @@ mod tests {
         assert_eq!(s.tokens(), 5);
         assert_ne!(s.dir(), stores[0].dir());
         assert_eq!(entries(&cache).len(), 4);
-        // A damaged store is rebuilt, not used.
+        // A damaged store is rebuilt, not used (once its users are done with it).
         std::fs::write(s.dir().join("docs.bin"), b"").unwrap();
+        drop(s);
         let again = prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
         assert_eq!(again.tokens(), 5);
-        // A store last used eight days ago is swept by the next build.
+        drop(again);
+        // A store last used eight days ago is swept by the next build — once nobody uses it.
+        let first = stores[0].dir().to_path_buf();
         let old = std::fs::File::options()
             .write(true)
             .open(stores[0].dir().join("meta.json"))
@@ -881,6 +983,75 @@ mod tests {
         old.set_modified(SystemTime::now() - UNUSED_FOR - Duration::from_secs(86400))
             .unwrap();
         prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
-        assert!(!stores[0].dir().exists());
+        assert!(first.exists(), "swept while in use");
+        drop(stores);
+        prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
+        assert!(!first.exists());
+    }
+
+    #[test]
+    fn leftovers_of_crashes_and_failures_do_not_block_the_next_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("d.jsonl");
+        std::fs::write(&data, "{\"text\":\"one\"}\n").unwrap();
+        let url = format!("file://{}", data.display());
+        let cache = tmp.path().join("cache");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let s = prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
+        let dir = s.dir().to_path_buf();
+        drop(s);
+        // A store left without meta.json (killed while being removed), then a stray file.
+        std::fs::remove_file(dir.join("meta.json")).unwrap();
+        assert_eq!(
+            prepare(&cache, std::slice::from_ref(&url), &enc(), &rt)
+                .unwrap()
+                .tokens(),
+            4
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"stray").unwrap();
+        assert_eq!(
+            prepare(&cache, std::slice::from_ref(&url), &enc(), &rt)
+                .unwrap()
+                .tokens(),
+            4
+        );
+        // A build that fails on a bad record leaves no partial store.
+        let bad = tmp.path().join("bad.jsonl");
+        std::fs::write(&bad, "{\"text\":\"ok\"}\nnot json\n").unwrap();
+        let bad_url = format!("file://{}", bad.display());
+        let e = prepare(&cache, std::slice::from_ref(&bad_url), &enc(), &rt).unwrap_err();
+        assert!(e.to_string().contains("bad.jsonl:2:"), "{e}");
+        let partials = std::fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".partial")
+            })
+            .count();
+        assert_eq!(partials, 0);
+    }
+
+    #[test]
+    fn a_cache_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("d.jsonl");
+        std::fs::write(&data, "{\"text\":\"one\"}\n").unwrap();
+        let url = format!("file://{}", data.display());
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let e = prepare(&shared, &[url], &enc(), &rt)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("writable by others") && e.contains("shared"),
+            "{e}"
+        );
     }
 }

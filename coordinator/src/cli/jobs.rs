@@ -56,6 +56,8 @@ pub struct ClientArgs {
     pub data_dir: PathBuf,
     /// The CA certificate (PEM) of an `https://` coordinator; `None`: the system's roots.
     pub tls_ca: Option<PathBuf>,
+    /// Allow `http://` to another machine (the token then crosses the network in clear).
+    pub insecure_plaintext: bool,
 }
 
 /// `~/.lockstep`, or `.lockstep` without a home.
@@ -302,8 +304,10 @@ fn server_tls(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConf
         })
     };
     let (c, k) = (read("--tls-cert", cert)?, read("--tls-key", key)?);
+    // A client has 10 s to finish its TLS handshake: a stalled one cannot hold a connection.
     let config = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(c, k));
+        .identity(tonic::transport::Identity::from_pem(c, k))
+        .timeout(Duration::from_secs(10));
     tonic::transport::Server::builder()
         .tls_config(config.clone())
         .map_err(|e| {
@@ -322,8 +326,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        // Some errors already print their source.
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -380,10 +388,35 @@ async fn client(args: &ClientArgs) -> Result<Client> {
         url: args.coordinator.clone(),
         reason,
     };
-    let mut endpoint = Channel::from_shared(args.coordinator.clone())
+    let url = args.coordinator.clone();
+    let lower = url.to_ascii_lowercase();
+    let https = lower.starts_with("https://");
+    if !https {
+        // The admin token travels in every call: in clear only to this machine.
+        let host = lower
+            .strip_prefix("http://")
+            .unwrap_or(&lower)
+            .split(['/', '?'])
+            .next()
+            .unwrap_or("");
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback && !args.insecure_plaintext {
+            return Err(CliError::Usage(format!(
+                "--coordinator {url}: plain http to another machine would send the admin token \
+                 in clear; use https:// (the coordinator serves TLS with --tls-cert), or pass \
+                 --insecure-plaintext on a trusted network"
+            )));
+        }
+    }
+    let mut endpoint = Channel::from_shared(url.clone())
         .map_err(|e| connect(e.to_string()))?
         .connect_timeout(Duration::from_secs(5));
-    if args.coordinator.starts_with("https://") {
+    if https {
         let tls = tonic::transport::ClientTlsConfig::new();
         let tls = match args.tls_ca.clone() {
             Some(path) => {
@@ -404,15 +437,21 @@ async fn client(args: &ClientArgs) -> Result<Client> {
             .tls_config(tls)
             .map_err(|e| connect(error_chain(&e)))?;
     } else if args.tls_ca.is_some() {
-        return Err(CliError::Usage(format!(
-            "--tls-ca is for an https:// coordinator; {} is not one",
-            args.coordinator
-        )));
+        tracing::warn!("--tls-ca (LOCKSTEP_TLS_CA) is ignored: {url} is not https://");
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| connect(error_chain(&e)))?;
+    // A TLS handshake that never finishes is not allowed to hang the command either.
+    let channel = match tokio::time::timeout(Duration::from_secs(30), endpoint.connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let hint = if https {
+                ""
+            } else {
+                " (if the coordinator serves TLS, use https://)"
+            };
+            return Err(connect(format!("{}{hint}", error_chain(&e))));
+        }
+        Err(_) => return Err(connect("no connection within 30 s".into())),
+    };
     Ok(CoordinatorClient::with_interceptor(channel, auth))
 }
 

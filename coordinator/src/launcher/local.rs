@@ -321,10 +321,14 @@ impl Launcher for LocalProcess {
         config: &lockstep_api::JobConfig,
         workdir: &Path,
     ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + crate::preflight::LIMIT;
         crate::preflight::check(config, workdir).await?;
         // A Hugging Face base model's size is in its config.json, not in `[model]`.
-        if let Some(sized) = crate::preflight::with_base_architecture(config, workdir).await {
-            self.admit(&sized)?;
+        if let Some(sized) =
+            crate::preflight::with_base_architecture(config, workdir, deadline).await
+        {
+            self.admit(&sized)
+                .map_err(|e| format!("{e} (sized by model.base's config.json)"))?;
         }
         Ok(())
     }

@@ -156,10 +156,10 @@ pub(super) fn connect_next(
     }
 }
 
-/// Accepts the previous rank's connection and checks who it is.
 /// Handshakes heard at once on a ring port.
 const MAX_HANDSHAKES: usize = 64;
 
+/// Accepts the previous rank's connection and checks who it is.
 pub(super) fn accept_prev(
     listener: &TcpListener,
     world: usize,
