@@ -243,6 +243,77 @@ async fn verify_accepts_a_highly_compressed_checkpoint_under_a_1_5_gb_address_sp
     assert!(out.contains("OK"), "{out}");
 }
 
+/// A crafted checkpoint whose shard footer claims 64 MiB decoded per chunk from a few stored
+/// bytes (a decompression bomb; its footer hash recomputed so it looks intact) is refused
+/// before anything is decoded: exit 1 naming the file, under a 1.5 GB address-space limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_a_crafted_decompression_bomb_under_a_1_5_gb_limit() {
+    use lockstep_storage::format::shard;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/bomb", dir.path().display());
+    let store = CheckpointStore::open_with(
+        &url,
+        lockstep_storage::StoreOptions::default().with_chunk_size(64 << 10),
+    )
+    .unwrap();
+    let t = lockstep_storage::TensorInput {
+        name: "w".into(),
+        dtype: lockstep_storage::DType::F32,
+        shape: vec![1 << 18],
+        data: bytes::Bytes::from(vec![0u8; 1 << 20]),
+    };
+    let info = CommitInfo {
+        job: "bomb".into(),
+        step: 1,
+        config_hash: "abc".into(),
+        parent: None,
+        trainer_state: serde_json::json!({ "step": 1 }),
+    };
+    store.save(info, &[t], 1).await.unwrap();
+    let file = dir.path().join("bomb/step-000000000001/rank-00000.shard");
+    let bytes = std::fs::read(&file).unwrap();
+    let len = bytes.len() as u64;
+    let trailer = shard::parse_trailer(&bytes[bytes.len() - 32..], len).unwrap();
+    let footer_start = (len - shard::TRAILER_LEN - trailer.footer_len) as usize;
+    let mut footer =
+        shard::parse_footer(&bytes[footer_start..bytes.len() - 32], &trailer, len).unwrap();
+    assert!(footer.chunks.len() >= 4);
+    for (i, c) in footer.chunks.iter_mut().enumerate() {
+        c.raw_len = shard::MAX_CHUNK_RAW_LEN;
+        c.raw_offset = i as u64 * shard::MAX_CHUNK_RAW_LEN;
+    }
+    footer.raw_bytes = footer.chunks.len() as u64 * shard::MAX_CHUNK_RAW_LEN;
+    let (tail, _) = shard::encode_footer(&footer);
+    let mut crafted = bytes[..footer_start].to_vec();
+    crafted.extend_from_slice(&tail);
+    std::fs::write(&file, &crafted).unwrap();
+    // The manifest's size claim follows, as a forger's would.
+    let manifest = dir.path().join("bomb/step-000000000001/manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    m["shards"][0]["bytes"] = crafted.len().into();
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+
+    let exe = env!("CARGO_BIN_EXE_lockstep");
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -v 1500000 && exec '{exe}' ckpt verify '{url}'"
+            ))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("rank-00000.shard") && out.contains("decompression bomb"),
+        "{out}"
+    );
+}
+
 /// The read-only tools never create anything: a checkpoint root that does not exist is an
 /// error (exit 2), and stays absent.
 #[test]

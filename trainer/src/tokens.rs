@@ -229,7 +229,7 @@ pub fn prepare(
     let dir = cache.join(&key);
     // Readers hold the store's lock shared for as long as they use it (so a sweep cannot
     // remove it under them) and check it side by side; building takes it exclusively.
-    for _ in 0..3 {
+    for _ in 0..10 {
         let lock = private_file(&lock_path, false).map_err(io(&lock_path))?;
         if lock.try_lock_shared().is_err() {
             tracing::info!(cache = %cache.display(), "another process on this machine is tokenising the same data; waiting for it");
@@ -253,9 +253,16 @@ pub fn prepare(
                 }
             }
         }
+        let before = stamp(&dir);
         drop(lock);
         let lock = private_file(&lock_path, false).map_err(io(&lock_path))?;
-        lock_exclusive(&lock, &lock_path)?;
+        // Whoever holds the lock may be building this very store: once it appears (or is
+        // replaced), use it instead of waiting for its users to finish.
+        if !lock_exclusive(&lock, &lock_path, || {
+            stamp(&dir).is_some_and(|s| Some(s) != before)
+        })? {
+            continue;
+        }
         // Another process may have built (or repaired) it meanwhile.
         if dir.join("meta.json").is_file() && open(&dir, enc).is_ok() {
             continue;
@@ -276,7 +283,7 @@ pub fn prepare(
             .map_err(io(cache))?;
     }
     Err(Error::Invalid(format!(
-        "{}: the token store could not be opened after building it three times",
+        "{}: the token store could not be opened (built or rebuilt ten times)",
         dir.display()
     )))
 }
@@ -291,14 +298,22 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Takes `lock` exclusively, saying so while it waits (another process building, or using a
-/// store that must be rebuilt); gives up after [`LOCK_PATIENCE`].
-fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
+/// Identifies `dir/meta.json` as it is now (inode and modification time), if it exists.
+fn stamp(dir: &Path) -> Option<(u64, SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir.join("meta.json")).ok()?;
+    Some((m.ino(), m.modified().ok()?))
+}
+
+/// Takes `lock` exclusively (true), saying so while it waits for other processes using or
+/// building the store; returns false without it as soon as `instead()` says the wait is moot;
+/// gives up after [`LOCK_PATIENCE`].
+fn lock_exclusive(lock: &File, path: &Path, instead: impl Fn() -> bool) -> Result<bool> {
     let started = Instant::now();
     let mut said = None::<Instant>;
     loop {
         match lock.try_lock() {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
             Err(std::fs::TryLockError::WouldBlock) => {}
             Err(std::fs::TryLockError::Error(source)) => {
                 return Err(Error::Io {
@@ -306,6 +321,9 @@ fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
                     source,
                 });
             }
+        }
+        if instead() {
+            return Ok(false);
         }
         if started.elapsed() > LOCK_PATIENCE {
             return Err(Error::Invalid(format!(
@@ -318,7 +336,7 @@ fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
             tracing::info!(lock = %path.display(), "waiting for other processes using or building this token store");
             said = Some(Instant::now());
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
