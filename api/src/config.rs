@@ -260,13 +260,36 @@ impl CheckpointSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSection {
-    /// Where the exported model goes.
+    /// Where exported models go: a version lands in `<url>/<name>/<version>/`.
     pub url: String,
+    /// The lineage (default: `job.name`); `<url>/<name>/latest.json` names its promoted
+    /// version.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Weight dtype of `model.safetensors`: `f32` or `bf16`.
+    #[serde(default = "defaults::export_dtype")]
+    pub dtype: String,
+    /// How much worse than the promoted version's eval loss a new version may be and still
+    /// be promoted (0: never promote a regression).
+    #[serde(default)]
+    pub max_eval_regression: f64,
+}
+
+impl ExportSection {
+    /// The lineage name: `name`, else the job's.
+    pub fn lineage<'a>(&'a self, job: &'a str) -> &'a str {
+        self.name.as_deref().unwrap_or(job)
+    }
 }
 
 /// Named defaults of every optional field.
 pub mod defaults {
     use std::time::Duration;
+
+    /// `export.dtype`.
+    pub fn export_dtype() -> String {
+        "f32".into()
+    }
 
     /// `job.world_size`.
     pub fn world_size() -> u32 {
@@ -525,6 +548,31 @@ impl JobConfig {
         }
         if m.num_kv_heads == 0 || !m.num_heads.is_multiple_of(m.num_kv_heads) {
             return bad("model.num_kv_heads", "must divide model.num_heads");
+        }
+        if let Some(e) = &self.export {
+            if e.url.trim().is_empty() {
+                return bad("export.url", "must name where exports go");
+            }
+            if !matches!(e.dtype.as_str(), "f32" | "bf16") {
+                return bad("export.dtype", "must be `f32` or `bf16`");
+            }
+            if !e.max_eval_regression.is_finite() || e.max_eval_regression < 0.0 {
+                return bad("export.max_eval_regression", "must be a finite number ≥ 0");
+            }
+            if let Some(n) = &e.name
+                && (n.is_empty()
+                    || n.len() > 128
+                    || n == "."
+                    || n == ".."
+                    || !n
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+            {
+                return bad(
+                    "export.name",
+                    "use 1–128 letters, digits, `-`, `_` or `.` (it names a directory)",
+                );
+            }
         }
         if self.data.train.is_empty() {
             return bad("data.train", "must list at least one file");

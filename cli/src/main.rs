@@ -214,6 +214,9 @@ struct ExportArgs {
     /// One JSON object instead of a line.
     #[arg(long)]
     json: bool,
+    /// Lineage facts for lockstep.json, as a JSON object (set by the coordinator).
+    #[arg(long, hide = true, value_name = "JSON")]
+    lineage: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -542,6 +545,13 @@ fn main() -> ExitCode {
             },
         },
         Command::Export(a) => {
+            let lineage = match a.lineage.as_deref().map(export::parse_lineage).transpose() {
+                Ok(l) => l.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let result = match (a.list, a.checkpoint, a.to) {
                 (Some(ExportList::Ls { url, json }), _, _) => export::list_cli(&url, json),
                 (None, Some(checkpoint), Some(to)) => export::run_cli(
@@ -556,7 +566,7 @@ fn main() -> ExitCode {
                         base: a.base,
                         promote: a.promote,
                         max_eval_regression: a.max_eval_regression,
-                        lineage: Default::default(),
+                        lineage,
                     },
                     &to,
                     a.json,

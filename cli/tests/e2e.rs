@@ -464,3 +464,75 @@ fn absurd_config_values_are_refused_before_anything_starts() {
         "{err}"
     );
 }
+
+/// A job with an `[export]` section ends `exported`: its final checkpoint is a promoted
+/// version of its lineage; a worse run of the same lineage is exported but kept out of
+/// `latest.json`, saying why; an export that cannot be written fails the job naming it, with
+/// the trained checkpoint left committed.
+#[test]
+fn a_finished_job_is_exported_and_only_improvements_are_promoted() {
+    let _gang = one_gang();
+    let tmp = tempfile::tempdir().unwrap();
+    let export = format!("file://{}/export", tmp.path().display());
+    let job = |dir: &Path, steps: u64, url: &str| {
+        std::fs::create_dir_all(dir).unwrap();
+        TestJob::tiny("lineage")
+            .world(2)
+            .steps(steps)
+            .set("train.warmup_steps", 2)
+            .set("checkpoint.every_steps", steps)
+            .set("data.eval", eval_data())
+            .set("export.url", format!("\"{url}\""))
+            .write_to(dir);
+    };
+    // 60 steps: the first version, promoted.
+    let a = tmp.path().join("a");
+    job(&a, 60, &export);
+    let (code, lines) = run(&a, None);
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "exported", "{end}");
+    let msg = end["message"].as_str().unwrap();
+    assert!(msg.contains("promoted (the first)"), "{msg}");
+    let latest: Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("export/lineage/latest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(latest["step"], 60);
+    assert_eq!(latest["eval_loss"], end["eval_loss"]);
+    // 3 steps: a worse eval loss; exported, not promoted.
+    let b = tmp.path().join("b");
+    job(&b, 3, &export);
+    let (code, lines) = run(&b, None);
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "exported", "{end}");
+    let msg = end["message"].as_str().unwrap();
+    assert!(
+        msg.contains("kept, not promoted") && msg.contains("eval loss"),
+        "{msg}"
+    );
+    let after: Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("export/lineage/latest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(after["version"], latest["version"]);
+    // An export root that cannot be written: failed, naming the export.
+    let c = tmp.path().join("c");
+    std::fs::write(tmp.path().join("not-a-dir"), b"").unwrap();
+    job(
+        &c,
+        3,
+        &format!("file://{}/not-a-dir/x", tmp.path().display()),
+    );
+    let (code, lines) = run(&c, None);
+    let end = last(&lines);
+    assert_eq!(code, 1, "{end}");
+    assert_eq!(end["state"], "failed", "{end}");
+    let msg = end["message"].as_str().unwrap();
+    assert!(
+        msg.contains("export failed") && msg.contains("not-a-dir"),
+        "{msg}"
+    );
+    assert_eq!(end["last_checkpoint"], 3, "{end}");
+}

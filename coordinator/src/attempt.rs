@@ -165,7 +165,11 @@ impl Attempt {
             });
         }
         let all = self.exited.iter().flatten().filter(|x| x.success()).count() as u32 == self.world;
-        all.then_some(Input::AllFinished { attempt: e.attempt })
+        // (Whether to export is the supervisor's to say: it knows the config.)
+        all.then_some(Input::AllFinished {
+            attempt: e.attempt,
+            export: false,
+        })
     }
 
     /// When something must happen next if nothing else does: the gang timeout while
@@ -359,7 +363,10 @@ mod tests {
         assert_eq!(a.on_exit(exit(1, Some(0), None)), None);
         assert_eq!(
             a.on_exit(exit(0, Some(0), None)),
-            Some(Input::AllFinished { attempt: 1 })
+            Some(Input::AllFinished {
+                attempt: 1,
+                export: false
+            })
         );
         assert_eq!(a.final_report().map(|f| f.step), Some(10));
         assert_eq!(a.alive(), 0);

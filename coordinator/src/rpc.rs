@@ -18,7 +18,7 @@ use crate::service::{Coordinator, Report};
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 fn is_final(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled")
+    matches!(state, "succeeded" | "exported" | "failed" | "cancelled")
 }
 
 #[tonic::async_trait]

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! Queued ─launch─▶ Admitting ─all joined─▶ Running ─all finished─▶ Succeeded
-//!                     │                       │
+//!                     │                       │        (with [export]) └─▶ Exporting ─▶ Exported
+//!                     │                       │                                 └─(fails)─▶ Failed
 //!        gang timeout / rank exit   rank exit / heartbeat timeout
 //!                     ▼                       ▼
 //!               Restarting(attempt+1) ◀───────┘   (after backoff; beyond max_restarts: Failed)
@@ -29,6 +30,10 @@ pub enum Phase {
     Restarting,
     /// Trained to the last step; the final checkpoint is committed.
     Succeeded,
+    /// Trained; the final checkpoint is being exported (and promoted if it passes the gate).
+    Exporting,
+    /// Trained and exported (promoted or kept: the message says which).
+    Exported,
     /// Gave up (restarts exhausted or an error no restart fixes).
     Failed,
     /// Stopped by a user.
@@ -38,7 +43,10 @@ pub enum Phase {
 impl Phase {
     /// No transition leaves this phase.
     pub fn is_final(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
+        matches!(
+            self,
+            Phase::Succeeded | Phase::Exported | Phase::Failed | Phase::Cancelled
+        )
     }
 
     /// Lower-case name (the wire and CLI spelling).
@@ -49,6 +57,8 @@ impl Phase {
             Phase::Running => "running",
             Phase::Restarting => "restarting",
             Phase::Succeeded => "succeeded",
+            Phase::Exporting => "exporting",
+            Phase::Exported => "exported",
             Phase::Failed => "failed",
             Phase::Cancelled => "cancelled",
         }
@@ -113,6 +123,18 @@ pub enum Input {
     AllFinished {
         /// The attempt.
         attempt: u32,
+        /// The job has an `[export]` section: export the final checkpoint next.
+        export: bool,
+    },
+    /// The export finished: `note` says what it wrote and whether it was promoted.
+    Exported {
+        /// What happened, in words.
+        note: String,
+    },
+    /// The export failed (the trained checkpoint stays).
+    ExportFailed {
+        /// Why.
+        error: String,
     },
     /// `attempt` could not be launched: a missing binary or unusable checkpoints (restarting
     /// cannot help), or a transient store error while choosing the checkpoint (it can).
@@ -142,6 +164,8 @@ pub enum Action {
     },
     /// Feed [`Input::Start`] back after this long.
     RetryAfter(Duration),
+    /// Export the final checkpoint; feed back [`Input::Exported`] or [`Input::ExportFailed`].
+    Export,
 }
 
 /// Backoff before restart number `restart` (1-based): 1 s, 2 s, 4 s, … capped at 30 s.
@@ -233,10 +257,29 @@ impl Lifecycle {
                      unreachable)"
                 ))
             }
-            Input::AllFinished { attempt } if current(attempt) && self.phase == Phase::Running => {
-                self.phase = Phase::Succeeded;
+            Input::AllFinished { attempt, export }
+                if current(attempt) && self.phase == Phase::Running =>
+            {
                 self.message.clear();
+                if export {
+                    self.phase = Phase::Exporting;
+                    return vec![Action::TearDown, Action::Export];
+                }
+                self.phase = Phase::Succeeded;
                 vec![Action::TearDown]
+            }
+            Input::Exported { note } if self.phase == Phase::Exporting => {
+                self.phase = Phase::Exported;
+                self.message = note;
+                vec![]
+            }
+            Input::ExportFailed { error } if self.phase == Phase::Exporting => {
+                self.phase = Phase::Failed;
+                self.message = format!(
+                    "trained to the last step, but the export failed: {error} (the final \
+                     checkpoint is committed: export it with `lockstep export`)"
+                );
+                vec![]
             }
             Input::LaunchFailed {
                 attempt,
@@ -256,6 +299,8 @@ impl Lifecycle {
                 vec![Action::TearDown]
             }
             Input::CoordinatorRestarted => match self.phase {
+                // Exporting again is safe: the same weights to the same version are a no-op.
+                Phase::Exporting => vec![Action::Export],
                 Phase::Admitting | Phase::Running => self.restart(format!(
                     "attempt {}: the coordinator restarted",
                     self.attempt
@@ -301,7 +346,10 @@ mod tests {
     fn a_clean_run_succeeds() {
         let mut l = running(3);
         assert_eq!(
-            l.apply(Input::AllFinished { attempt: 1 }),
+            l.apply(Input::AllFinished {
+                attempt: 1,
+                export: false
+            }),
             vec![Action::TearDown]
         );
         assert_eq!(l.phase, Phase::Succeeded);
@@ -359,7 +407,10 @@ mod tests {
         let mut l = Lifecycle::new(1);
         l.apply(Input::Start);
         assert_eq!(
-            l.apply(Input::AllFinished { attempt: 1 }),
+            l.apply(Input::AllFinished {
+                attempt: 1,
+                export: false
+            }),
             vec![],
             "not running yet"
         );
@@ -474,5 +525,46 @@ mod tests {
         assert!(actions.is_empty());
         assert_eq!(l.phase, Phase::Failed);
         assert!(l.message.contains("bad.jsonl:2"), "{}", l.message);
+    }
+
+    #[test]
+    fn a_job_with_an_export_section_exports_after_training() {
+        let mut l = running(3);
+        assert_eq!(
+            l.apply(Input::AllFinished {
+                attempt: 1,
+                export: true
+            }),
+            vec![Action::TearDown, Action::Export]
+        );
+        assert_eq!(l.phase, Phase::Exporting);
+        assert!(!l.phase.is_final());
+        // A restarted coordinator exports again (the same version is a no-op).
+        assert_eq!(l.apply(Input::CoordinatorRestarted), vec![Action::Export]);
+        l.apply(Input::Exported {
+            note: "exported v to u; promoted".into(),
+        });
+        assert_eq!(
+            (l.phase, l.message.as_str()),
+            (Phase::Exported, "exported v to u; promoted")
+        );
+        assert!(l.phase.is_final());
+
+        let mut l = running(3);
+        l.apply(Input::AllFinished {
+            attempt: 1,
+            export: true,
+        });
+        l.apply(Input::ExportFailed {
+            error: "file:///x: permission denied".into(),
+        });
+        assert_eq!(l.phase, Phase::Failed);
+        assert!(
+            l.message
+                .contains("export failed: file:///x: permission denied"),
+            "{}",
+            l.message
+        );
+        assert!(l.message.contains("lockstep export"), "{}", l.message);
     }
 }

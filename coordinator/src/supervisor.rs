@@ -105,6 +105,21 @@ pub(crate) async fn supervise(
                 Action::RetryAfter(d) => {
                     retry_at = Some(Instant::now().checked_add(d).unwrap_or_else(far_future))
                 }
+                Action::Export => match export_spec(&inner, &job) {
+                    Ok(spec) => {
+                        tracing::info!(job = %job.id, checkpoint = %spec.checkpoint, to = %spec.to, "exporting");
+                        let (inner, job) = (inner.clone(), job.clone());
+                        // Its own task: a long export must not keep the job from being
+                        // cancelled or listed.
+                        tokio::spawn(async move {
+                            job.send(match inner.launcher.export(&spec).await {
+                                Ok(note) => Input::Exported { note },
+                                Err(error) => Input::ExportFailed { error },
+                            });
+                        });
+                    }
+                    Err(error) => job.send(Input::ExportFailed { error }),
+                },
                 Action::Launch { attempt } => {
                     retry_at = None;
                     if let Err(e) = launch(&inner, &job, attempt, &exit_tx).await {
@@ -194,7 +209,13 @@ fn on_exit(job: &Job, e: Exit) -> Option<Input> {
     let mut st = lock(&job.state);
     let st = &mut *st;
     let live = st.live.as_mut()?;
-    let input = live.attempt.on_exit(e);
+    let input = match live.attempt.on_exit(e) {
+        Some(Input::AllFinished { attempt, .. }) => Some(Input::AllFinished {
+            attempt,
+            export: job.config.export.is_some(),
+        }),
+        other => other,
+    };
     if matches!(input, Some(Input::AllFinished { .. }))
         && let Some(f) = live.attempt.final_report()
     {
@@ -202,6 +223,59 @@ fn on_exit(job: &Job, e: Exit) -> Option<Input> {
         st.record.step = f.step;
     }
     input
+}
+
+/// What exporting `job`'s final checkpoint takes: its `[export]` section, the last committed
+/// step, paths resolved against the job's working directory, and the lineage facts only the
+/// coordinator knows.
+fn export_spec(
+    inner: &Inner,
+    job: &Job,
+) -> std::result::Result<crate::launcher::ExportSpec, String> {
+    use crate::service::resolve_url;
+    let export = job
+        .config
+        .export
+        .as_ref()
+        .ok_or_else(|| "the job has no [export] section".to_string())?;
+    let st = lock(&job.state);
+    let r = &st.record;
+    let step = r
+        .last_checkpoint
+        .ok_or_else(|| "no checkpoint was committed".to_string())?;
+    let base = &job.config.model.base;
+    let base = (base != "init").then(|| {
+        let url = if base.contains("://") {
+            base.trim_end_matches('/').to_string()
+        } else {
+            format!("file://{}", base.trim_end_matches('/'))
+        };
+        resolve_url(&url, &r.workdir)
+    });
+    let lineage = serde_json::json!({
+        "job_id": job.id,
+        "attempts": r.lifecycle.attempt,
+        "restarts": r.lifecycle.restarts,
+        "world_size": r.world_size,
+        "data": {
+            "train": job.config.data.train.iter().map(|u| resolve_url(u, &r.workdir)).collect::<Vec<_>>(),
+            "eval": job.config.data.eval.iter().map(|u| resolve_url(u, &r.workdir)).collect::<Vec<_>>(),
+        },
+        "eval_step": r.eval_step,
+    });
+    let dir = inner.settings.data_dir.join("jobs").join(&job.id);
+    Ok(crate::launcher::ExportSpec {
+        job_id: job.id.clone(),
+        checkpoint: format!("{}@{step}", r.checkpoint_url),
+        to: resolve_url(&export.url, &r.workdir),
+        name: export.lineage(&job.config.job.name).to_string(),
+        dtype: export.dtype.clone(),
+        base,
+        max_eval_regression: export.max_eval_regression,
+        lineage: lineage.to_string(),
+        workdir: r.workdir.clone(),
+        log: dir.join("export.log"),
+    })
 }
 
 /// Chooses the checkpoint, registers the attempt (before any worker starts, so the earliest

@@ -749,6 +749,15 @@ pub fn list_cli(lineage_url: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--lineage`: a JSON object of lineage facts.
+pub fn parse_lineage(text: &str) -> Result<serde_json::Value> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err(Error::Invalid("--lineage must be a JSON object".into())),
+        Err(e) => Err(Error::Invalid(format!("--lineage is not JSON: {e}"))),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -210,7 +210,7 @@ pub async fn run(args: RunArgs) -> Result {
 
 fn exit_code(s: &proto::JobStatus, interrupted: bool) -> ExitCode {
     match s.state.as_str() {
-        "succeeded" => ExitCode::SUCCESS,
+        "succeeded" | "exported" => ExitCode::SUCCESS,
         "cancelled" if interrupted => ExitCode::from(130),
         _ => ExitCode::from(1),
     }

@@ -23,7 +23,7 @@ pub fn status_json(s: &proto::JobStatus) -> serde_json::Value {
 
 /// No transition leaves this state.
 pub fn is_final(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled")
+    matches!(state, "succeeded" | "exported" | "failed" | "cancelled")
 }
 
 /// Progress of a job: a bar on a terminal, log lines otherwise, JSON lines with --json.

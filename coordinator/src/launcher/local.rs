@@ -6,7 +6,7 @@ use std::process::Stdio;
 
 use tokio::sync::mpsc;
 
-use super::{Exit, LaunchError, Launcher, WorkerHandle, WorkerSpec};
+use super::{Exit, ExportSpec, LaunchError, Launcher, WorkerHandle, WorkerSpec};
 
 /// Runs workers as `EXE train …` processes on this machine.
 #[derive(Debug, Clone)]
@@ -331,6 +331,75 @@ impl Launcher for LocalProcess {
                 .map_err(|e| format!("{e} (sized by model.base's config.json)"))?;
         }
         Ok(())
+    }
+
+    async fn export(&self, spec: &ExportSpec) -> Result<String, String> {
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.args([
+            "export",
+            spec.checkpoint.as_str(),
+            "--to",
+            spec.to.as_str(),
+            "--name",
+            spec.name.as_str(),
+            "--dtype",
+            spec.dtype.as_str(),
+            "--promote",
+            "--json",
+            "--max-eval-regression",
+            &spec.max_eval_regression.to_string(),
+            "--lineage",
+            spec.lineage.as_str(),
+        ]);
+        if let Some(base) = &spec.base {
+            cmd.args(["--base", base.as_str()]);
+        }
+        let out = cmd
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| passes_to_workers(k)))
+            .current_dir(&spec.workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| format!("cannot run `{} export`: {e}", self.exe.display()))?;
+        // Its output is kept with the job's logs (disk IO: on the blocking pool).
+        let (path, text) = (
+            spec.log.clone(),
+            [&out.stdout[..], &out.stderr[..]].concat(),
+        );
+        let kept = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            crate::private::create(&path).and_then(|mut f| f.write_all(&text))
+        })
+        .await;
+        if !matches!(kept, Ok(Ok(()))) {
+            tracing::warn!(log = %spec.log.display(), "cannot keep the export's output");
+        }
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("error: "))
+                .map_or_else(
+                    || format!("`lockstep export` ended with {}", out.status),
+                    |l| l.chars().take(2000).collect(),
+                );
+            return Err(format!("{why} (log: {})", spec.log.display()));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| format!("`lockstep export` printed no result ({e}): {line}"))?;
+        Ok(format!(
+            "exported {} to {}; {}",
+            v["version"].as_str().unwrap_or("?"),
+            v["url"].as_str().unwrap_or("?"),
+            v["note"].as_str().unwrap_or("")
+        ))
     }
 
     async fn kill_leftovers(&self, job: &str) {

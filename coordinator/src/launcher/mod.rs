@@ -36,6 +36,33 @@ pub struct WorkerSpec {
     pub data_cache: PathBuf,
 }
 
+/// An export of a job's final checkpoint (`lockstep export`, run by the launcher where the
+/// checkpoint can be read: a process here, a Job on Kubernetes).
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    /// The job.
+    pub job_id: String,
+    /// `URL@STEP` of the checkpoint.
+    pub checkpoint: String,
+    /// `export.url`, resolved.
+    pub to: String,
+    /// The lineage name.
+    pub name: String,
+    /// `f32` or `bf16`.
+    pub dtype: String,
+    /// `model.base` (resolved) when it is a Hugging Face directory: its tokenizer files go
+    /// with the export.
+    pub base: Option<String>,
+    /// The promotion gate.
+    pub max_eval_regression: f64,
+    /// Lineage facts for `lockstep.json` (JSON).
+    pub lineage: String,
+    /// Working directory.
+    pub workdir: PathBuf,
+    /// Where its output goes.
+    pub log: PathBuf,
+}
+
 /// How a worker ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
@@ -134,5 +161,11 @@ pub trait Launcher: Send + Sync + 'static {
         _workdir: &std::path::Path,
     ) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Exports a finished job's checkpoint and promotes it if it passes the gate; returns what
+    /// happened, in words (the version, where, promoted or why not), or why it failed.
+    async fn export(&self, _spec: &ExportSpec) -> Result<String, String> {
+        Err("this launcher cannot run exports".into())
     }
 }
