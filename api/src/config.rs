@@ -273,6 +273,9 @@ pub struct ExportSection {
     /// be promoted (0: never promote a regression).
     #[serde(default)]
     pub max_eval_regression: f64,
+    /// POST a JSON notice (model, version, URL, step, losses) here when a version is promoted.
+    #[serde(default)]
+    pub webhook: Option<String>,
 }
 
 impl ExportSection {
@@ -558,6 +561,12 @@ impl JobConfig {
             }
             if !e.max_eval_regression.is_finite() || e.max_eval_regression < 0.0 {
                 return bad("export.max_eval_regression", "must be a finite number ≥ 0");
+            }
+            if let Some(w) = &e.webhook {
+                let l = w.to_ascii_lowercase();
+                if !(l.starts_with("http://") || l.starts_with("https://")) || w.len() > 2048 {
+                    return bad("export.webhook", "must be an http:// or https:// URL");
+                }
             }
             if let Some(n) = &e.name
                 && (n.is_empty()

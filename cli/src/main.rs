@@ -97,9 +97,11 @@ enum LogFormat {
 enum Command {
     /// Run a job on this machine: a coordinator in this process starts job.world_size ranks
     /// (this executable as `lockstep train`), restarts the whole gang from the newest committed
-    /// checkpoint when a rank dies or hangs, and shows progress until the job ends. Exit
-    /// status 0 when it succeeds, 1 when it fails, 130 when interrupted (the gang is torn down;
-    /// running it again resumes from the newest checkpoint).
+    /// checkpoint when a rank dies or hangs, and shows progress until the job ends; with an
+    /// [export] section the final checkpoint is then exported and, if it passes the eval-loss
+    /// gate, promoted (see `lockstep export`). Exit status 0 when it succeeds (exported or
+    /// not), 1 when it fails, 130 when interrupted (the gang is torn down; running it again
+    /// resumes from the newest checkpoint).
     Run(RunArgs),
     /// Run the coordinator service: jobs are submitted to it (`lockstep submit`) and kept in
     /// DATA_DIR/jobs.redb, so a restarted coordinator resumes every live job.
@@ -214,6 +216,10 @@ struct ExportArgs {
     /// One JSON object instead of a line.
     #[arg(long)]
     json: bool,
+    /// POST a JSON notice (model, version, URL, step, losses) here when the version is
+    /// promoted; retried with backoff for up to a minute.
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
     /// Lineage facts for lockstep.json, as a JSON object (set by the coordinator).
     #[arg(long, hide = true, value_name = "JSON")]
     lineage: Option<String>,
@@ -567,6 +573,7 @@ fn main() -> ExitCode {
                         promote: a.promote,
                         max_eval_regression: a.max_eval_regression,
                         lineage,
+                        webhook: a.webhook,
                     },
                     &to,
                     a.json,

@@ -273,6 +273,7 @@ fn export_spec(
         base,
         max_eval_regression: export.max_eval_regression,
         lineage: lineage.to_string(),
+        webhook: export.webhook.clone(),
         workdir: r.workdir.clone(),
         log: dir.join("export.log"),
     })

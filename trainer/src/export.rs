@@ -294,6 +294,8 @@ pub struct Request {
     pub max_eval_regression: f64,
     /// Extra lineage facts for `lockstep.json`.
     pub lineage: serde_json::Value,
+    /// POST a notice here when the version is promoted ([`crate::webhook`]).
+    pub webhook: Option<String>,
 }
 
 /// What happened to the promotion.
@@ -324,6 +326,8 @@ pub struct Exported {
     pub url: String,
     /// The promotion.
     pub promotion: Promotion,
+    /// The webhook's delivery (the try that was accepted, or why none was), when one was due.
+    pub webhook: Option<std::result::Result<u32, String>>,
 }
 
 fn now_ms() -> u64 {
@@ -506,6 +510,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
                 record: existing,
                 url: dir_url,
                 promotion: Promotion::AlreadyExported,
+                webhook: None,
             });
         }
         return Err(Error::Invalid(format!(
@@ -572,10 +577,23 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
             tracing::warn!(error = %e, version = %version, "cannot record the promotion decision");
         }
     }
+    // The serving handoff, once the promotion is decided and durable.
+    let webhook = match (&promotion, &req.webhook) {
+        (Promotion::Promoted { replaced }, Some(url)) => {
+            let notice = serde_json::json!({
+                "model": record.name, "version": record.version, "url": dir_url,
+                "step": record.step, "train_loss": record.train_loss,
+                "eval_loss": record.eval_loss, "job": record.job, "replaced": replaced,
+            });
+            Some(crate::webhook::notify(url, &notice).await)
+        }
+        _ => None,
+    };
     Ok(Exported {
         record,
         url: dir_url,
         promotion,
+        webhook,
     })
 }
 
@@ -657,6 +675,9 @@ async fn promote(
 /// `lockstep export`: exports, prints what happened (a line, or JSON), returns the exit status
 /// (0 exported, 1 error).
 pub fn run_cli(req: &Request, to: &str, json: bool) -> Result<()> {
+    if let Some(url) = &req.webhook {
+        crate::webhook::check_url(url).map_err(Error::Invalid)?;
+    }
     if !req.max_eval_regression.is_finite() || req.max_eval_regression < 0.0 {
         return Err(Error::Invalid(format!(
             "--max-eval-regression {}: must be a finite number ≥ 0",
@@ -665,13 +686,19 @@ pub fn run_cli(req: &Request, to: &str, json: bool) -> Result<()> {
     }
     let rt = runtime()?;
     let out = rt.block_on(export(req, to, None))?;
-    let (promoted, note) = match &out.promotion {
+    let (promoted, mut note) = match &out.promotion {
         Promotion::NotAsked => (false, "not promoted (no --promote)".to_string()),
         Promotion::Promoted { replaced: None } => (true, "promoted (the first)".into()),
         Promotion::Promoted { replaced: Some(r) } => (true, format!("promoted, replacing {r}")),
         Promotion::Kept { reason } => (false, format!("kept, not promoted: {reason}")),
         Promotion::AlreadyExported => (false, "already exported; nothing written".into()),
     };
+    match &out.webhook {
+        Some(Ok(1)) => note.push_str("; webhook notified"),
+        Some(Ok(n)) => note.push_str(&format!("; webhook notified (try {n})")),
+        Some(Err(e)) => note.push_str(&format!("; webhook FAILED: {e}")),
+        None => {}
+    }
     if json {
         println!(
             "{}",

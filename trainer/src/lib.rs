@@ -18,6 +18,7 @@
 //!   compare-and-swap of `latest.json` behind an eval-loss gate.
 //! - [`tokenizer`]: HF `tokenizers` or bytes.
 //! - [`tokens`]: the token store: data tokenised once per machine, read window by window.
+//! - [`webhook`]: the serving handoff: a notice POSTed when an export is promoted.
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
 
 pub mod checkpoint;
@@ -38,6 +39,7 @@ pub mod step;
 pub mod tokenizer;
 pub mod tokens;
 pub mod train;
+pub mod webhook;
 pub mod worker;
 
 #[cfg(feature = "cuda")]

@@ -63,6 +63,7 @@ fn request(checkpoint: String, version: &str) -> Request {
         promote: true,
         max_eval_regression: 0.0,
         lineage: serde_json::json!({"attempts": 1}),
+        webhook: None,
     }
 }
 
@@ -251,4 +252,103 @@ async fn racing_exporters_cannot_both_replace_the_same_version() {
     // y (eval 1.0) ends promoted whoever came first; x (2.0) is promoted only if it was first.
     let lineage = Lineage::open(&to, "exp").unwrap();
     assert_eq!(lineage.latest().await.unwrap().unwrap().version, "y");
+}
+
+/// A real HTTP server on 127.0.0.1 answering 503 to the first `failures` requests, then
+/// `status`; returns its URL and the bodies it received.
+async fn hook_server(failures: usize, status: u16) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then content-length bytes of body.
+            let body = loop {
+                let k = sock.read(&mut chunk).await.unwrap();
+                if k == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..k]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break Some(text[end + 4..end + 4 + len].to_string());
+                    }
+                }
+            };
+            let Some(body) = body else { continue };
+            n += 1;
+            let code = if n <= failures { 503 } else { status };
+            if code == 200 {
+                seen.lock().unwrap().push(body);
+            }
+            let reply =
+                format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = sock.write_all(reply.as_bytes()).await;
+        }
+    });
+    (url, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_notifies_the_webhook_through_its_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = format!("file://{}/ckpt", dir.path().display());
+    checkpoint(&ckpt, 10, 2.0, Some(2.5), 1).await;
+    checkpoint(&ckpt, 20, 2.0, Some(2.9), 2).await;
+    let to = format!("file://{}/export", dir.path().display());
+    // Two 503s, then accepted on the third try.
+    let (url, bodies) = hook_server(2, 200).await;
+    let mut req = request(format!("{ckpt}@10"), "a");
+    req.webhook = Some(url.clone());
+    let out = export::export(&req, &to, None).await.unwrap();
+    assert_eq!(out.webhook, Some(Ok(3)));
+    let got: Vec<serde_json::Value> = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["model"], "exp");
+    assert_eq!(got[0]["version"], "a");
+    assert_eq!(got[0]["eval_loss"], 2.5);
+    assert!(got[0]["url"].as_str().unwrap().ends_with("/export/exp/a"));
+    // Not promoted (a regression): no notice.
+    let mut req = request(format!("{ckpt}@20"), "b");
+    req.webhook = Some(url);
+    let out = export::export(&req, &to, None).await.unwrap();
+    assert!(matches!(out.promotion, Promotion::Kept { .. }));
+    assert_eq!(out.webhook, None);
+    assert_eq!(bodies.lock().unwrap().len(), 1);
+    // A webhook that refuses (404) is not retried; the promotion stands.
+    checkpoint(&ckpt, 30, 1.0, Some(1.0), 3).await;
+    let (refusing, _) = hook_server(0, 404).await;
+    let mut req = request(format!("{ckpt}@30"), "c");
+    req.webhook = Some(refusing);
+    let out = export::export(&req, &to, None).await.unwrap();
+    assert_eq!(
+        out.promotion,
+        Promotion::Promoted {
+            replaced: Some("a".into())
+        }
+    );
+    match out.webhook {
+        Some(Err(e)) => assert!(e.contains("refused") && e.contains("404"), "{e}"),
+        w => panic!("{w:?}"),
+    }
 }

@@ -354,6 +354,9 @@ impl Launcher for LocalProcess {
         if let Some(base) = &spec.base {
             cmd.args(["--base", base.as_str()]);
         }
+        if let Some(url) = &spec.webhook {
+            cmd.args(["--webhook", url.as_str()]);
+        }
         let out = cmd
             .env_clear()
             .envs(std::env::vars_os().filter(|(k, _)| passes_to_workers(k)))

@@ -57,6 +57,8 @@ pub struct ExportSpec {
     pub max_eval_regression: f64,
     /// Lineage facts for `lockstep.json` (JSON).
     pub lineage: String,
+    /// `export.webhook`.
+    pub webhook: Option<String>,
     /// Working directory.
     pub workdir: PathBuf,
     /// Where its output goes.
