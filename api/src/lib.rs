@@ -8,6 +8,7 @@
 //! - `testing` (feature `testing`): the `TestJob` config builder shared by every crate's tests.
 
 pub mod config;
+pub mod date;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

@@ -113,6 +113,9 @@ enum Command {
         /// Override a config field: `--set train.steps=20` (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
+        /// What `{date}` in the config becomes (YYYY-MM-DD; default: today, UTC).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        date: Option<String>,
         /// Watch it until it ends.
         #[arg(long)]
         watch: bool,
@@ -262,6 +265,9 @@ struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics while the job runs.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// What `{date}` in the config becomes (YYYY-MM-DD; default: today, UTC).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    date: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -420,6 +426,10 @@ struct TrainArgs {
     /// Progress as log lines instead of a bar (the default when stderr is not a terminal).
     #[arg(long)]
     no_progress: bool,
+    /// What `{date}` in the config becomes (YYYY-MM-DD; default: today, UTC). Workers of a
+    /// coordinator get a config in which it is already replaced.
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    date: Option<String>,
     /// Where the tokenised training data is cached (private to this user; the ranks of a
     /// machine share it; unused entries are removed after a week). Default:
     /// $XDG_CACHE_HOME/lockstep/tokens or ~/.cache/lockstep/tokens.
@@ -496,6 +506,7 @@ impl TrainArgs {
             cuda_device: self.cuda_device,
             progress_bar: !self.no_progress,
             data_cache: self.data_cache,
+            date: self.date,
         })
     }
 }
@@ -602,6 +613,7 @@ fn main() -> ExitCode {
                 json: a.json,
                 data_dir: a.data_dir,
                 metrics_addr: a.metrics_addr,
+                date: a.date,
             }),
         ),
         Command::Serve(a) => block_on(
@@ -617,11 +629,20 @@ fn main() -> ExitCode {
         Command::Submit {
             config,
             set,
+            date,
             watch,
             json,
             client,
         } => block_on(1, async move {
-            jobs::submit(&config, set, watch, json, &client.into_lib()).await
+            jobs::submit(
+                &config,
+                set,
+                date.as_deref(),
+                watch,
+                json,
+                &client.into_lib(),
+            )
+            .await
         }),
         Command::Status { job, json, client } => block_on(1, async move {
             jobs::status(job, json, &client.into_lib()).await

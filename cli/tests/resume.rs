@@ -201,3 +201,21 @@ fn bad_inputs_exit_nonzero_naming_the_culprit() {
     assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing-*.jsonl"));
 }
+
+/// `{date}` in a config becomes `--date` (or today, UTC): a nightly job's checkpoints land in
+/// that night's directory; a date that does not exist is refused by name.
+#[test]
+fn date_placeholders_become_the_runs_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TestJob::tiny("dated")
+        .steps(1)
+        .set("checkpoint.every_steps", 1)
+        .checkpoint_url(&format!("file://{}/{{date}}/ckpt", dir.path().display()))
+        .write_to(dir.path());
+    let out = run(&cfg, &["--date", "2026-01-02"]);
+    assert!(out.status.success());
+    assert!(dir.path().join("2026-01-02/ckpt").is_dir());
+    let out = run(&cfg, &["--date", "2026-02-30"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--date `2026-02-30`"));
+}

@@ -55,7 +55,24 @@ async fn inputs(config: &JobConfig, workdir: &Path) -> Result<(), String> {
         }
     }
     let base = &config.model.base;
-    if base != "init" {
+    if let Some(lineage) = base.strip_prefix("latest-export:") {
+        let url = if lineage.contains("://") {
+            lineage.trim_end_matches('/').to_string()
+        } else {
+            format!("file://{}", lineage.trim_end_matches('/'))
+        };
+        let url = resolve_url(&format!("{url}/latest.json"), workdir);
+        match objects::exists(&url).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(format!(
+                    "model.base `{base}`: {url} not found: the lineage has no promoted version \
+                     yet"
+                ));
+            }
+            Err(e) => return unreachable_store(&e),
+        }
+    } else if base != "init" {
         let url = if base.contains("://") {
             base.trim_end_matches('/').to_string()
         } else {
@@ -91,7 +108,8 @@ pub async fn with_base_architecture(
     deadline: tokio::time::Instant,
 ) -> Option<JobConfig> {
     let base = &config.model.base;
-    if base == "init" {
+    // (A promoted export was sized when it was trained.)
+    if base == "init" || base.starts_with("latest-export:") {
         return None;
     }
     let url = if base.contains("://") {

@@ -243,15 +243,20 @@ fn export_spec(
     let step = r
         .last_checkpoint
         .ok_or_else(|| "no checkpoint was committed".to_string())?;
-    let base = &job.config.model.base;
-    let base = (base != "init").then(|| {
-        let url = if base.contains("://") {
-            base.trim_end_matches('/').to_string()
+    let as_url = |b: &str| {
+        let url = if b.contains("://") {
+            b.trim_end_matches('/').to_string()
         } else {
-            format!("file://{}", base.trim_end_matches('/'))
+            format!("file://{}", b.trim_end_matches('/'))
         };
         resolve_url(&url, &r.workdir)
-    });
+    };
+    let base = &job.config.model.base;
+    let base = match base.strip_prefix("latest-export:") {
+        _ if base == "init" => None,
+        Some(lineage) => Some(format!("latest-export:{}", as_url(lineage))),
+        None => Some(as_url(base)),
+    };
     let lineage = serde_json::json!({
         "job_id": job.id,
         "attempts": r.lifecycle.attempt,

@@ -43,6 +43,79 @@ const TOKENIZER_FILES: [&str; 4] = [
 ];
 /// The largest JSON record read back (lockstep.json, latest.json, promotion.json).
 const MAX_RECORD: u64 = 1 << 20;
+/// A `model.base` naming a lineage's promoted version: `latest-export:<export.url>/<name>`.
+pub const LATEST_EXPORT: &str = "latest-export:";
+
+/// The directory URL of the version `<lineage_url>/latest.json` promotes, once every file it
+/// lists in its `lockstep.json` has the size and sha256 recorded there (a damaged export is
+/// refused, naming the file). For a nightly job starting from last night's model.
+pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
+    let lineage_url = lineage_url.trim_end_matches('/');
+    let latest_url = format!("{lineage_url}/{LATEST_FILE}");
+    let model = |file: &str, reason: String| Error::Model {
+        file: file.to_string(),
+        reason,
+    };
+    let read_small = |url: String| async move {
+        let object = match objects::head_url(&url).await {
+            Ok(o) => o,
+            Err(lockstep_storage::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::from(e)),
+        };
+        if object.size > MAX_RECORD {
+            return Err(model(
+                &url,
+                format!("{} bytes: not a lockstep record", object.size),
+            ));
+        }
+        Ok(Some(object.read_range(0..object.size).await?))
+    };
+    let bytes = read_small(latest_url.clone()).await?.ok_or_else(|| {
+        model(
+            &latest_url,
+            "not found: the lineage has no promoted version (export one with --promote first)"
+                .into(),
+        )
+    })?;
+    let latest: Latest = serde_json::from_slice(&bytes)
+        .map_err(|e| model(&latest_url, format!("not a lockstep latest.json: {e}")))?;
+    // The version directory inside this lineage, whatever URL the record claims.
+    check_segment("the promoted version", &latest.version)?;
+    let dir = format!("{lineage_url}/{}", latest.version);
+    let record_url = format!("{dir}/{LINEAGE_FILE}");
+    let bytes = read_small(record_url.clone()).await?.ok_or_else(|| {
+        model(
+            &record_url,
+            "not found: the promoted version is incomplete".into(),
+        )
+    })?;
+    let record: Record = serde_json::from_slice(&bytes)
+        .map_err(|e| model(&record_url, format!("not a lockstep.json: {e}")))?;
+    for f in &record.files {
+        check_segment("a file of the export", &f.name)?;
+        let url = format!("{dir}/{}", f.name);
+        let bytes = objects::read_url(&url).await.map_err(|e| match e {
+            lockstep_storage::Error::NotFound { .. } => {
+                model(&url, "missing (lockstep.json lists it)".into())
+            }
+            e => e.into(),
+        })?;
+        let sha = sha256_hex(&bytes);
+        if bytes.len() as u64 != f.bytes || sha != f.sha256 {
+            return Err(model(
+                &url,
+                format!(
+                    "{} bytes with sha256 {sha}; lockstep.json records {} bytes with sha256 {}: \
+                     the export is damaged",
+                    bytes.len(),
+                    f.bytes,
+                    f.sha256
+                ),
+            ));
+        }
+    }
+    Ok(dir)
+}
 
 /// Where a lineage lives: `<export.url>/<name>`.
 #[derive(Debug, Clone)]
@@ -336,6 +409,15 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A directory path or URL as a URL.
+fn dir_url(base: &str) -> String {
+    if base.contains("://") {
+        base.trim_end_matches('/').to_string()
+    } else {
+        format!("file://{}", base.trim_end_matches('/'))
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -345,18 +427,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// `YYYYMMDD` of Unix milliseconds (UTC).
 pub fn utc_date(unix_ms: u64) -> String {
-    // Civil from days (Howard Hinnant's algorithm).
-    let days = (unix_ms / 86_400_000) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}")
+    lockstep_api::date::iso(unix_ms).replace('-', "")
 }
 
 /// Splits `URL[@STEP]`.
@@ -424,8 +495,16 @@ fn model_files(
     ])
 }
 
-/// The tokenizer files `base` has (a directory path or URL).
+/// The tokenizer files `base` has (a directory path or URL, or a `latest-export:` lineage).
 async fn tokenizer_files(base: &str) -> Result<Vec<(String, Bytes)>> {
+    let resolved;
+    let base = match base.strip_prefix(LATEST_EXPORT) {
+        Some(lineage) => {
+            resolved = resolve_latest(&dir_url(lineage)).await?;
+            resolved.as_str()
+        }
+        None => base,
+    };
     let base = if base.contains("://") {
         base.trim_end_matches('/').to_string()
     } else {

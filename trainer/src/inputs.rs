@@ -37,6 +37,11 @@ pub fn load_base(config: &JobConfig, rt: &tokio::runtime::Runtime) -> Result<Bas
             values: None,
             tokenizer: Tokenizer::Bytes,
         }
+    } else if let Some(lineage) = config.model.base.strip_prefix(crate::export::LATEST_EXPORT) {
+        // Last night's promoted model, checked against its lockstep.json.
+        let dir = rt.block_on(crate::export::resolve_latest(&base_url(lineage)))?;
+        tracing::info!(version = %dir, "starting from the promoted export");
+        load_hf(&dir, rt)?
     } else {
         load_hf(&base_url(&config.model.base), rt)?
     };

@@ -114,6 +114,8 @@ pub struct Options {
     pub progress_bar: bool,
     /// Where tokenised data is cached; `None`: the per-user default.
     pub data_cache: Option<PathBuf>,
+    /// What `{date}` in the config becomes; `None`: today, UTC.
+    pub date: Option<String>,
 }
 
 /// Runs one rank to the end; returns the process's exit status: 0 done (or stopped by the
@@ -124,6 +126,14 @@ pub fn run(opts: &Options) -> Result<u8> {
         path: path.clone(),
         source,
     })?;
+    let date = match &opts.date {
+        Some(d) => {
+            lockstep_api::date::check(d).map_err(Error::Invalid)?;
+            d.clone()
+        }
+        None => lockstep_api::date::today(),
+    };
+    let text = lockstep_api::date::apply(&text, &date);
     let config = JobConfig::parse(&text, &opts.set)
         .map_err(|source| Error::ConfigFile { file: path, source })?;
     let signals = Signals::install()?;

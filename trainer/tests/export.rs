@@ -352,3 +352,43 @@ async fn a_promotion_notifies_the_webhook_through_its_failures() {
         w => panic!("{w:?}"),
     }
 }
+
+/// A nightly job's base, `latest-export:<lineage>`, is the promoted version, every file checked
+/// against its lockstep.json: a damaged file is refused by name; no promoted version is an
+/// error that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_promoted_version_is_checked_before_it_is_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = format!("file://{}/ckpt", dir.path().display());
+    checkpoint(&ckpt, 10, 2.0, Some(2.5), 1).await;
+    let to = format!("file://{}/export", dir.path().display());
+    let lineage = format!("{to}/exp");
+    let e = export::resolve_latest(&lineage)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("latest.json") && e.contains("no promoted version"),
+        "{e}"
+    );
+    export::export(&request(format!("{ckpt}@10"), "a"), &to, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        export::resolve_latest(&lineage).await.unwrap(),
+        format!("{lineage}/a")
+    );
+    let st = dir.path().join("export/exp/a/model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&st, &bytes).unwrap();
+    let e = export::resolve_latest(&lineage)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("damaged"),
+        "{e}"
+    );
+}

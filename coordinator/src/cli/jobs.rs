@@ -28,6 +28,8 @@ pub struct RunArgs {
     pub data_dir: PathBuf,
     /// Serve Prometheus metrics here while the job runs.
     pub metrics_addr: Option<SocketAddr>,
+    /// `{date}` in the config (default: today, UTC).
+    pub date: Option<String>,
 }
 
 /// `lockstep serve`.
@@ -68,13 +70,22 @@ pub fn default_data_dir() -> PathBuf {
     )
 }
 
-/// Reads and validates a config file (blocking: called before any job starts).
-fn read_config(path: &Path, set: &[String]) -> Result<String> {
+/// Reads and validates a config file, `{date}` replaced by `date` (default: today, UTC)
+/// (blocking: called before any job starts).
+fn read_config(path: &Path, set: &[String], date: Option<&str>) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
         op: "read config",
         path: path.to_path_buf(),
         source,
     })?;
+    let date = match date {
+        Some(d) => {
+            lockstep_api::date::check(d).map_err(CliError::Usage)?;
+            d.to_string()
+        }
+        None => lockstep_api::date::today(),
+    };
+    let text = lockstep_api::date::apply(&text, &date);
     let config = lockstep_api::JobConfig::parse(&text, set).map_err(|source| CliError::Config {
         file: path.to_path_buf(),
         source,
@@ -158,7 +169,7 @@ fn local_addr(
 /// `lockstep train`), a progress bar. Exit status 0 succeeded, 1 failed, 130 interrupted.
 pub async fn run(args: RunArgs) -> Result {
     // Validate before starting anything, naming the file.
-    let text = read_config(&args.config, &args.set)?;
+    let text = read_config(&args.config, &args.set, args.date.as_deref())?;
     let launcher = LocalProcess::current_exe().map_err(crate::Error::from)?;
     let cwd = current_dir()?;
     let data_dir = cwd.join(&args.data_dir);
@@ -459,11 +470,12 @@ async fn client(args: &ClientArgs) -> Result<Client> {
 pub async fn submit(
     config: &Path,
     set: Vec<String>,
+    date: Option<&str>,
     watch: bool,
     json: bool,
     args: &ClientArgs,
 ) -> Result {
-    let text = read_config(config, &set)?;
+    let text = read_config(config, &set, date)?;
     let mut c = client(args).await?;
     let cwd = current_dir()?;
     let s = c
