@@ -19,6 +19,10 @@ pub use config::{ConfigError, JobConfig, Resume, Schedule};
 /// bit-identical rerun reproduces). A coordinator fails the job at once instead of retrying.
 pub const EXIT_PERMANENT: u8 = 3;
 
+/// `lockstep train`'s exit status when it failed only because another rank of its gang went
+/// away (the ring broke or stalled): the other rank's failure is the cause worth reporting.
+pub const EXIT_PEER_LOST: u8 = 4;
+
 /// The gRPC protocol (`proto/lockstep.proto`), generated at build time.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {

@@ -170,8 +170,8 @@ enum Command {
     /// Exit status: 0 done; 1 error (the message names the field, file or checkpoint at
     /// fault); 2 bad command line; 3 an error a restart cannot fix (config, base model, data,
     /// a checkpoint of another architecture, a non-finite loss: a coordinator fails the job at
-    /// once instead of restarting it); 130 / 143 stopped by SIGINT / SIGTERM after
-    /// checkpointing.
+    /// once instead of restarting it); 4 another rank of the gang went away (the ring broke or
+    /// stalled); 130 / 143 stopped by SIGINT / SIGTERM after checkpointing.
     Train(TrainArgs),
     /// Export a checkpoint as a Hugging Face model directory (model.safetensors, config.json,
     /// generation_config.json, the base's tokenizer files, lockstep.json with the lineage and
@@ -555,6 +555,8 @@ fn main() -> ExitCode {
                     eprintln!("error: {e}");
                     if e.is_permanent() {
                         ExitCode::from(lockstep_api::EXIT_PERMANENT)
+                    } else if e.is_peer_lost() {
+                        ExitCode::from(lockstep_api::EXIT_PEER_LOST)
                     } else {
                         ExitCode::FAILURE
                     }

@@ -19,6 +19,9 @@ use crate::registry::{Job, Live, lock};
 use crate::service::Inner;
 use crate::state::{Action, Input, Phase};
 
+/// How long a failure that only reports a lost peer waits for that peer's own exit.
+const PEER_FAILURE_GRACE: Duration = Duration::from_secs(2);
+
 /// Drives `job` until it reaches a final state.
 pub(crate) async fn supervise(
     inner: Arc<Inner>,
@@ -27,6 +30,9 @@ pub(crate) async fn supervise(
 ) {
     let (exit_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
     let mut retry_at: Option<Instant> = None;
+    // A rank that failed only because a peer went away is held back briefly: the peer's own
+    // exit (killed, crashed) is the cause worth reporting, and it may be reaped second.
+    let mut held: Option<(Input, Instant)> = None;
     loop {
         let deadline = {
             let st = lock(&job.state);
@@ -38,13 +44,36 @@ pub(crate) async fn supervise(
                     .and_then(|l| l.attempt.deadline(phase, job.timeouts())),
             }
         };
+        let deadline = match (deadline, held.as_ref().map(|h| h.1)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let input = tokio::select! {
             msg = inbox.recv() => match msg {
                 Some(i) => Some(i),
                 None => return,
             },
-            Some(e) = exits.recv() => on_exit(&job, e),
-            () = sleep_until(deadline) => timed_out(&inner, &job, &mut retry_at),
+            Some(e) = exits.recv() => {
+                let secondary = e.peer_lost();
+                match on_exit(&job, e) {
+                    Some(i @ Input::WorkerFailed { .. }) if secondary => {
+                        if held.is_none() {
+                            held = Some((i, Instant::now() + PEER_FAILURE_GRACE));
+                        }
+                        None
+                    }
+                    // The root cause arrived: report it, not the rank that lost it.
+                    Some(i @ Input::WorkerFailed { .. }) => {
+                        held = None;
+                        Some(i)
+                    }
+                    other => other,
+                }
+            }
+            () = sleep_until(deadline) => match held.take_if(|h| Instant::now() >= h.1) {
+                Some((i, _)) => Some(i),
+                None => timed_out(&inner, &job, &mut retry_at),
+            },
         };
         let Some(input) = input else { continue };
         // A final state is published only once its teardown is done, so that whoever sees

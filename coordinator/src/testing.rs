@@ -13,6 +13,8 @@ use crate::registry::lock;
 #[derive(Default)]
 pub struct Simulated {
     specs: Mutex<Vec<WorkerSpec>>,
+    /// Where each launched worker's exit goes, by (attempt, worker).
+    exits: Mutex<Vec<(u32, u32, mpsc::UnboundedSender<Exit>)>>,
     kills: Arc<AtomicU32>,
     panic_at: Option<u32>,
 }
@@ -29,6 +31,20 @@ impl Simulated {
     /// Every worker launched so far, in order.
     pub fn specs(&self) -> Vec<WorkerSpec> {
         lock(&self.specs).clone()
+    }
+
+    /// Worker `worker` of the newest attempt "exits" with `code` or `signal`.
+    pub fn exit(&self, worker: u32, code: Option<i32>, signal: Option<i32>) {
+        let exits = lock(&self.exits);
+        if let Some((attempt, w, tx)) = exits.iter().rev().find(|(_, w, _)| *w == worker) {
+            let _ = tx.send(Exit {
+                message: None,
+                attempt: *attempt,
+                worker: *w,
+                code,
+                signal,
+            });
+        }
     }
 
     /// How many workers have been killed.
@@ -73,6 +89,7 @@ impl Launcher for Simulated {
             spec.worker
         );
         lock(&self.specs).push(spec.clone());
+        lock(&self.exits).push((spec.attempt, spec.worker, exited.clone()));
         Ok(Box::new(Handle {
             attempt: spec.attempt,
             worker: spec.worker,

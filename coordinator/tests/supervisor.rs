@@ -329,3 +329,78 @@ async fn the_gate_admits_only_known_tokens_and_tells_nothing_else() {
         tonic::Code::PermissionDenied
     );
 }
+
+/// When rank 1 is killed, rank 0 fails too ("rank 1 is gone", exit status 4); whichever exit
+/// is reaped first, the restart names rank 1's death. A rank whose peer-lost failure is alone
+/// is reported after a short grace.
+#[tokio::test(start_paused = true)]
+async fn a_restart_names_the_rank_that_died_not_the_one_that_lost_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, launcher) = coordinator(dir.path()).await;
+    let job = TestJob::simulated("sim", 2).set("job.heartbeat_timeout", "\"600s\"");
+    let s = c
+        .submit(job.toml(), vec![], dir.path().to_path_buf())
+        .await
+        .unwrap()
+        .status();
+    let join_all = |attempt: u32| {
+        let (c, launcher) = (c.clone(), launcher.clone());
+        async move {
+            let specs: Vec<WorkerSpec> = loop {
+                let specs: Vec<_> = launcher
+                    .specs()
+                    .into_iter()
+                    .filter(|s| s.attempt == attempt)
+                    .collect();
+                if specs.len() == 2 {
+                    break specs;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            let joins = specs.iter().map(|spec| {
+                let mut r = join_request(&spec.job_id, attempt, Some(&spec.token));
+                r.get_mut().worker = spec.worker;
+                Rpc::join(&c, r)
+            });
+            for j in futures::future::join_all(joins).await {
+                j.unwrap();
+            }
+        }
+    };
+    join_all(1).await;
+    wait_until(&c, &s.job_id, "running", |s| s.state == "running").await;
+    // Rank 0's "peer lost" exit is reaped first, rank 1's SIGKILL half a second later.
+    launcher.exit(0, Some(i32::from(lockstep_api::EXIT_PEER_LOST)), None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    launcher.exit(1, None, Some(9));
+    let r = wait_until(&c, &s.job_id, "restarting", |s| s.state == "restarting").await;
+    assert!(
+        r.message.contains("rank 1 was killed by SIGKILL"),
+        "{}",
+        r.message
+    );
+
+    // Alone, a peer-lost failure is still reported, after the grace.
+    wait_until(&c, &s.job_id, "attempt 2", |s| s.attempt == 2).await;
+    join_all(2).await;
+    wait_until(&c, &s.job_id, "running", |s| {
+        s.state == "running" && s.attempt == 2
+    })
+    .await;
+    let t0 = Instant::now();
+    launcher.exit(1, Some(i32::from(lockstep_api::EXIT_PEER_LOST)), None);
+    let r = wait_until(&c, &s.job_id, "restarting", |s| {
+        s.state == "restarting" && s.attempt == 2
+    })
+    .await;
+    assert!(
+        r.message.contains("rank 1 exited with status 4"),
+        "{}",
+        r.message
+    );
+    let at = t0.elapsed();
+    assert!(
+        at >= Duration::from_secs(2) && at < Duration::from_secs(3),
+        "after {at:?}"
+    );
+}

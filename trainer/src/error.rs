@@ -99,6 +99,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// This rank failed only because a peer broke or stalled the ring (the coordinator looks
+    /// for the peer's own failure before blaming this rank): `lockstep train` exits with
+    /// [`lockstep_api::EXIT_PEER_LOST`].
+    pub fn is_peer_lost(&self) -> bool {
+        matches!(
+            self,
+            Error::Collective(
+                crate::collective::CollectiveError::PeerLost { .. }
+                    | crate::collective::CollectiveError::Timeout { .. }
+            )
+        )
+    }
+
     /// A restart cannot fix it: the config, the base model, the data, a checkpoint this job
     /// cannot resume, a non-finite loss (training is bit-reproducible, so it would recur), or
     /// an input that does not exist. `lockstep train` exits with

@@ -91,6 +91,11 @@ impl Exit {
         self.code == Some(i32::from(lockstep_api::EXIT_PERMANENT))
     }
 
+    /// It failed only because another rank went away ([`lockstep_api::EXIT_PEER_LOST`]).
+    pub fn peer_lost(&self) -> bool {
+        self.code == Some(i32::from(lockstep_api::EXIT_PEER_LOST))
+    }
+
     /// "exited with status 1: error: …", "was killed by SIGKILL".
     pub fn describe(&self) -> String {
         let how = self.how();
