@@ -553,8 +553,12 @@ impl JobConfig {
             return bad("model.num_kv_heads", "must divide model.num_heads");
         }
         if let Some(e) = &self.export {
-            if e.url.trim().is_empty() {
-                return bad("export.url", "must name where exports go");
+            let url = e.url.to_ascii_lowercase();
+            if !(url.starts_with("file://") || url.starts_with("s3://")) || url.len() < 8 {
+                return bad(
+                    "export.url",
+                    "must be a file:// or s3:// URL naming where exports go",
+                );
             }
             if !matches!(e.dtype.as_str(), "f32" | "bf16") {
                 return bad("export.dtype", "must be `f32` or `bf16`");
@@ -564,8 +568,15 @@ impl JobConfig {
             }
             if let Some(w) = &e.webhook {
                 let l = w.to_ascii_lowercase();
-                if !(l.starts_with("http://") || l.starts_with("https://")) || w.len() > 2048 {
-                    return bad("export.webhook", "must be an http:// or https:// URL");
+                let host = l
+                    .strip_prefix("http://")
+                    .or_else(|| l.strip_prefix("https://"))
+                    .unwrap_or("");
+                if host.is_empty() || host.starts_with('/') || w.len() > 2048 {
+                    return bad(
+                        "export.webhook",
+                        "must be an http:// or https:// URL with a host",
+                    );
                 }
             }
             if let Some(n) = &e.name
@@ -728,6 +739,35 @@ mod tests {
         assert!(e.to_string().contains("train.steps"), "{e}");
         let e = JobConfig::parse(MINIMAL, &["job.name=Bad_Name".into()]).unwrap_err();
         assert!(e.to_string().contains("job.name"), "{e}");
+    }
+
+    #[test]
+    fn export_sections_are_checked_before_training() {
+        let base = "[job]\nname = \"x\"\n[model]\n[data]\ntrain = [\"file:///d.jsonl\"]\n[train]\nsteps = 1\n[checkpoint]\nurl = \"file:///c\"\n[export]\n";
+        for (extra, field) in [
+            ("url = \"memory://x\"", "export.url"),
+            ("url = \"ftp://x/y\"", "export.url"),
+            ("url = \"file:///e\"\ndtype = \"f16\"", "export.dtype"),
+            (
+                "url = \"file:///e\"\nwebhook = \"http://\"",
+                "export.webhook",
+            ),
+            ("url = \"file:///e\"\nname = \"../x\"", "export.name"),
+            (
+                "url = \"file:///e\"\nmax_eval_regression = -1.0",
+                "export.max_eval_regression",
+            ),
+        ] {
+            let e = JobConfig::parse(&format!("{base}{extra}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        JobConfig::parse(
+            &format!("{base}url = \"s3://b/e\"\nwebhook = \"https://h/x\"\n"),
+            &[],
+        )
+        .unwrap();
     }
 
     #[test]

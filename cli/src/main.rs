@@ -199,7 +199,9 @@ struct ExportArgs {
     /// The lineage (default: the checkpoint's job name).
     #[arg(long)]
     name: Option<String>,
-    /// The version (default: JOB-YYYYMMDD-stepN from the checkpoint's commit time).
+    /// The version (default: JOB-YYYYMMDD-stepN-HASH: the checkpoint's commit date and the
+    /// first 8 hex digits of model.safetensors' sha256, so the same weights give the same
+    /// version).
     #[arg(long)]
     version: Option<String>,
     /// Weight dtype of model.safetensors.
@@ -221,7 +223,12 @@ struct ExportArgs {
     json: bool,
     /// POST a JSON notice (model, version, URL, step, losses) here when the version is
     /// promoted; retried with backoff for up to a minute.
-    #[arg(long, value_name = "URL")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "LOCKSTEP_EXPORT_WEBHOOK",
+        hide_env_values = true
+    )]
     webhook: Option<String>,
     /// Lineage facts for lockstep.json, as a JSON object (set by the coordinator).
     #[arg(long, hide = true, value_name = "JSON")]

@@ -33,6 +33,8 @@ pub(crate) async fn supervise(
     // A rank that failed only because a peer went away is held back briefly: the peer's own
     // exit (killed, crashed) is the cause worth reporting, and it may be reaped second.
     let mut held: Option<(Input, Instant)> = None;
+    // The running export, so a cancel can stop it (its process dies with the task).
+    let mut export_task: Option<tokio::task::AbortHandle> = None;
     loop {
         let deadline = {
             let st = lock(&job.state);
@@ -114,6 +116,11 @@ pub(crate) async fn supervise(
             }
             (actions, next, grace)
         };
+        if next.phase == Phase::Cancelled
+            && let Some(t) = export_task.take()
+        {
+            t.abort();
+        }
         for action in actions {
             match action {
                 Action::TearDown => {
@@ -139,13 +146,14 @@ pub(crate) async fn supervise(
                         tracing::info!(job = %job.id, checkpoint = %spec.checkpoint, to = %spec.to, "exporting");
                         let (inner, job) = (inner.clone(), job.clone());
                         // Its own task: a long export must not keep the job from being
-                        // cancelled or listed.
-                        tokio::spawn(async move {
+                        // cancelled or listed; a cancel aborts it (and kills its process).
+                        let task = tokio::spawn(async move {
                             job.send(match inner.launcher.export(&spec).await {
                                 Ok(note) => Input::Exported { note },
                                 Err(error) => Input::ExportFailed { error },
                             });
                         });
+                        export_task = Some(task.abort_handle());
                     }
                     Err(error) => job.send(Input::ExportFailed { error }),
                 },

@@ -74,7 +74,7 @@ impl Pointer {
     /// Its bytes and version, or `None` when it does not exist.
     pub async fn read(&self) -> Result<Option<(Bytes, Seen)>> {
         if let Some(file) = self.local.clone() {
-            return tokio::task::spawn_blocking(move || match std::fs::read(&file) {
+            return tokio::task::spawn_blocking(move || match read_local(&file) {
                 Ok(b) => {
                     let seen = Seen {
                         e_tag: Some(content_tag(&b)),
@@ -140,6 +140,28 @@ impl Pointer {
     }
 }
 
+/// The largest pointer read.
+pub const MAX_POINTER_BYTES: u64 = 1 << 20;
+
+/// A local pointer's bytes: a regular file (not a FIFO or device) of at most
+/// [`MAX_POINTER_BYTES`].
+fn read_local(file: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(file)?;
+    let m = f.metadata()?;
+    if !m.is_file() || m.len() > MAX_POINTER_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not a pointer: a regular file of at most {MAX_POINTER_BYTES} bytes is expected"
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    f.take(MAX_POINTER_BYTES).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 /// A local file's version: a hash of its bytes.
 fn content_tag(bytes: &[u8]) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
@@ -169,7 +191,7 @@ fn swap_file(file: &std::path::Path, expected: Option<Seen>, bytes: &[u8]) -> Re
         .open(dir.join(format!(".{name}.lock")))
         .map_err(io)?;
     lock.lock().map_err(io)?;
-    let now = match std::fs::read(file) {
+    let now = match read_local(file) {
         Ok(b) => Some(content_tag(&b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io(e)),

@@ -34,6 +34,8 @@ pub const LINEAGE_FILE: &str = "lockstep.json";
 pub const LATEST_FILE: &str = "latest.json";
 /// A version's promotion decision.
 pub const PROMOTION_FILE: &str = "promotion.json";
+/// The files a version was claimed for (written first, once).
+pub const CLAIM_FILE: &str = "claim.json";
 /// Tokenizer files copied from the base model when present.
 const TOKENIZER_FILES: [&str; 4] = [
     "tokenizer.json",
@@ -226,11 +228,32 @@ impl Lineage {
             .map_err(|e| store_err("list", &self.url, e))?;
         let mut out = Vec::new();
         for meta in listed {
-            if meta.location.filename() != Some(LINEAGE_FILE) {
+            // Only `<root>/<version>/lockstep.json`; the directory names the version.
+            let rel = meta
+                .location
+                .as_ref()
+                .strip_prefix(self.root.as_ref())
+                .unwrap_or("")
+                .trim_start_matches('/')
+                .to_string();
+            let Some((dir, LINEAGE_FILE)) = rel.split_once('/') else {
+                continue;
+            };
+            if dir.contains('/') {
                 continue;
             }
-            let Some(record) = self.read_json::<Record>(&meta.location).await? else {
-                continue;
+            // One damaged record does not hide the others.
+            let record = match self.read_json::<Record>(&meta.location).await {
+                Ok(Some(r)) if r.version == dir => r,
+                Ok(Some(r)) => {
+                    tracing::warn!(dir, claims = %r.version, "skipping a lockstep.json that names another version");
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a damaged version record");
+                    continue;
+                }
             };
             let decision = self
                 .read_json::<Decision>(
@@ -240,7 +263,8 @@ impl Lineage {
                         .join(record.version.as_str())
                         .join(PROMOTION_FILE),
                 )
-                .await?;
+                .await
+                .unwrap_or(None);
             out.push((record, decision));
         }
         out.sort_by(|a, b| {
@@ -536,29 +560,22 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
     };
     let ckpt = store.load(step).await?;
     let state: TrainerState =
-        serde_json::from_value(ckpt.manifest.trainer_state.clone()).map_err(|e| Error::Resume {
-            step,
-            reason: format!("its trainer state is not lockstep's: {e}"),
+        serde_json::from_value(ckpt.manifest.trainer_state.clone()).map_err(|e| {
+            Error::Invalid(format!(
+                "{url}@{step}: cannot export: its trainer state is not lockstep's: {e}"
+            ))
         })?;
+    // An eval loss measured at an earlier step (a run stopped in its last step) does not
+    // describe these weights.
+    let eval_loss = match state.eval_step {
+        Some(at) if at != step => None,
+        _ => state.eval_loss,
+    };
     let name = req
         .name
         .clone()
         .unwrap_or_else(|| ckpt.manifest.job.clone());
-    let version = req.version.clone().unwrap_or_else(|| {
-        format!(
-            "{}-{}-step{step}",
-            ckpt.manifest.job,
-            utc_date(ckpt.manifest.created_unix_ms)
-        )
-    });
     check_segment("export.name", &name)?;
-    check_segment("the version", &version)?;
-    let lineage = match lineage {
-        Some(l) => l,
-        None => Lineage::open(to, &name)?,
-    };
-    let dir = lineage.root.clone().join(version.as_str());
-    let dir_url = format!("{}/{version}", lineage.url);
 
     // The files, in memory: hashed before anything is written.
     let dtype = req.dtype;
@@ -578,55 +595,102 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
             sha256: sha256_hex(b),
         })
         .collect();
-
-    // The same version again: the same weights are a no-op; other weights are refused.
-    if let Some(existing) = lineage
-        .read_json::<Record>(&dir.clone().join(LINEAGE_FILE))
-        .await?
-    {
-        if existing.files == entries {
-            return Ok(Exported {
-                record: existing,
-                url: dir_url,
-                promotion: Promotion::AlreadyExported,
-                webhook: None,
-            });
-        }
-        return Err(Error::Invalid(format!(
-            "{dir_url} already holds a version with other files; choose another version"
-        )));
-    }
-
-    for (n, b) in files {
-        lineage.put(&dir.clone().join(n.as_str()), b).await?;
-    }
-    let record = Record {
-        format: "lockstep-export/1".into(),
-        name,
-        version: version.clone(),
-        job: ckpt.manifest.job.clone(),
-        checkpoint: format!("{}@{step}", store.url()),
-        step,
-        config_hash: ckpt.manifest.config_hash.clone(),
-        dtype: dtype.torch_name().into(),
-        base: req.base.clone(),
-        train_loss: state.loss,
-        eval_loss: state.eval_loss,
-        created_unix_ms: now_ms(),
-        files: entries,
-        lineage: req.lineage.clone(),
+    // The default version names the weights: the same weights (a re-run of the night) give
+    // the same version, other weights (another job of the same name) another.
+    let version = match &req.version {
+        Some(v) => v.clone(),
+        None => format!(
+            "{}-{}-step{step}-{}",
+            ckpt.manifest.job,
+            utc_date(ckpt.manifest.created_unix_ms),
+            &entries[0].sha256[..8]
+        ),
     };
-    let json = serde_json::to_vec_pretty(&record)
-        .map_err(|e| Error::Invalid(format!("lockstep.json: {e}")))?;
-    // Last: from here on the version exists.
-    lineage
-        .put(&dir.clone().join(LINEAGE_FILE), Bytes::from(json))
+    check_segment("the version", &version)?;
+    let lineage = match lineage {
+        Some(l) => l,
+        None => Lineage::open(to, &name)?,
+    };
+    let dir = lineage.root.clone().join(version.as_str());
+    let dir_url = format!("{}/{version}", lineage.url);
+
+    // Claim the version for these files before writing any: an export of other weights under
+    // the same version, at the same time or later, is refused instead of mixing files.
+    let claim = serde_json::to_vec(&entries).map_err(|e| Error::Invalid(e.to_string()))?;
+    let claim_path = dir.clone().join(CLAIM_FILE);
+    match lineage
+        .store
+        .put_opts(
+            &claim_path,
+            PutPayload::from(claim),
+            object_store::PutOptions {
+                mode: object_store::PutMode::Create,
+                ..Default::default()
+            },
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            let theirs: Option<Vec<FileEntry>> = lineage.read_json(&claim_path).await?;
+            if theirs.as_ref() != Some(&entries) {
+                return Err(Error::Invalid(format!(
+                    "{dir_url} is (being) exported with other weights; choose another version"
+                )));
+            }
+        }
+        Err(e) => return Err(store_err("claim", &lineage.display(&claim_path), e)),
+    }
+
+    let existing = lineage
+        .read_json::<Record>(&dir.clone().join(LINEAGE_FILE))
         .await?;
+    let (record, written) = match existing {
+        // The same version again: nothing to write (but it may still need promoting).
+        Some(existing) if existing.files == entries => (existing, false),
+        Some(_) => {
+            return Err(Error::Invalid(format!(
+                "{dir_url} already holds a version with other files; choose another version"
+            )));
+        }
+        None => {
+            for (n, b) in files {
+                lineage.put(&dir.clone().join(n.as_str()), b).await?;
+            }
+            let record = Record {
+                format: "lockstep-export/1".into(),
+                name,
+                version: version.clone(),
+                job: ckpt.manifest.job.clone(),
+                checkpoint: format!("{}@{step}", store.url()),
+                step,
+                config_hash: ckpt.manifest.config_hash.clone(),
+                dtype: dtype.torch_name().into(),
+                base: req.base.clone(),
+                train_loss: state.loss,
+                eval_loss,
+                created_unix_ms: now_ms(),
+                files: entries,
+                lineage: req.lineage.clone(),
+            };
+            let json = serde_json::to_vec_pretty(&record)
+                .map_err(|e| Error::Invalid(format!("lockstep.json: {e}")))?;
+            // Last: from here on the version exists.
+            lineage
+                .put(&dir.clone().join(LINEAGE_FILE), Bytes::from(json))
+                .await?;
+            (record, true)
+        }
+    };
 
     let promotion = if req.promote {
         promote(&lineage, &record, &dir_url, req.max_eval_regression).await?
     } else {
         Promotion::NotAsked
+    };
+    let promotion = match promotion {
+        Promotion::AlreadyExported | Promotion::NotAsked if !written => Promotion::AlreadyExported,
+        p => p,
     };
     let decision = match &promotion {
         Promotion::Promoted { replaced } => Some(Decision {
@@ -678,6 +742,12 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
 
 /// Why `new` may not replace `old`, if it may not.
 pub fn gate(new: &Record, old: &Latest, max_regression: f64) -> Option<String> {
+    // A cross-entropy is never negative: such a loss is a damaged record, never promoted.
+    for (what, l) in [("eval loss", new.eval_loss), ("train loss", new.train_loss)] {
+        if l.is_some_and(|l| !l.is_finite() || l < 0.0) {
+            return Some(format!("its {what} {l:?} is not a plausible loss"));
+        }
+    }
     let (n, o, what) = match (new.eval_loss, old.eval_loss) {
         (Some(n), Some(o)) => (n, o, "eval loss"),
         _ => match (new.train_loss, old.train_loss) {

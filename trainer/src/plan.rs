@@ -93,6 +93,7 @@ impl Plan {
             seq_len: config.data.seq_len,
             loss: restored.and_then(|r| r.loss),
             eval_loss: restored.and_then(|r| r.eval_loss),
+            eval_step: restored.and_then(|r| r.eval_step),
         }
     }
 }

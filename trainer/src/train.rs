@@ -288,6 +288,7 @@ pub fn train<B: AutodiffBackend>(
             let started = Instant::now();
             let loss = ev.run(ts.step, &state.model, collective)?;
             ts.eval_loss = Some(loss);
+            ts.eval_step = Some(ts.step);
             summary.eval_loss = Some(loss);
             on_event(&Event::Eval {
                 step: ts.step,

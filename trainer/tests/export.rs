@@ -25,6 +25,7 @@ async fn checkpoint(url: &str, step: u64, loss: f64, eval_loss: Option<f64>, see
     state.step = step;
     state.loss = Some(loss);
     state.eval_loss = eval_loss;
+    state.eval_step = eval_loss.map(|_| step);
     let tensors: Vec<TensorInput> = param_specs(&model)
         .iter()
         .enumerate()
@@ -128,13 +129,28 @@ async fn the_gate_promotes_improvements_only_and_a_rerun_promotes_nothing_twice(
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("already holds a version"), "{e}");
+    assert!(e.contains("exported with other weights"), "{e}");
+    // Exported without --promote, then again with it: promoted then (not "already done").
+    checkpoint(&ckpt, 40, 1.0, Some(2.0), 4).await;
+    let mut r = request(format!("{ckpt}@40"), "d");
+    r.promote = false;
+    assert_eq!(
+        export::export(&r, &to, None).await.unwrap().promotion,
+        Promotion::NotAsked
+    );
+    r.promote = true;
+    assert_eq!(
+        export::export(&r, &to, None).await.unwrap().promotion,
+        Promotion::Promoted {
+            replaced: Some("c".into())
+        }
+    );
 
     let lineage = Lineage::open(&to, "exp").unwrap();
-    assert_eq!(lineage.latest().await.unwrap().unwrap().version, "c");
+    assert_eq!(lineage.latest().await.unwrap().unwrap().version, "d");
     let versions = lineage.versions().await.unwrap();
     let names: Vec<&str> = versions.iter().map(|(r, _)| r.version.as_str()).collect();
-    assert_eq!(names, vec!["a", "b", "b2", "c"]);
+    assert_eq!(names, vec!["a", "b", "b2", "c", "d"]);
     let (b_record, b_decision) = &versions[1];
     assert!(!b_decision.as_ref().unwrap().promoted);
     assert_eq!(b_record.eval_loss, Some(2.7));

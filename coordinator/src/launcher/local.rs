@@ -354,12 +354,11 @@ impl Launcher for LocalProcess {
         if let Some(base) = &spec.base {
             cmd.args(["--base", base.as_str()]);
         }
-        if let Some(url) = &spec.webhook {
-            cmd.args(["--webhook", url.as_str()]);
-        }
         let out = cmd
             .env_clear()
             .envs(std::env::vars_os().filter(|(k, _)| passes_to_workers(k)))
+            // In the environment, not on the command line: the URL may carry credentials.
+            .envs(spec.webhook.iter().map(|u| ("LOCKSTEP_EXPORT_WEBHOOK", u)))
             .current_dir(&spec.workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

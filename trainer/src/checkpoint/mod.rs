@@ -66,6 +66,9 @@ pub struct TrainerState {
     /// The newest held-out loss (`data.eval`), and none without eval data.
     #[serde(default)]
     pub eval_loss: Option<f64>,
+    /// The step `eval_loss` was measured after.
+    #[serde(default)]
+    pub eval_step: Option<u64>,
 }
 
 /// A host copy of one checkpoint, ready to write.
