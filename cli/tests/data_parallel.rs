@@ -202,7 +202,11 @@ fn killing_a_rank_fails_the_others_within_the_timeout() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(out.status.code(), Some(1));
+    // Status 4: "a peer broke the ring" (a coordinator then reports the peer's own failure).
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(lockstep_api::EXIT_PEER_LOST))
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("collective") && err.contains("rank 1"),

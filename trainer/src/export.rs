@@ -748,6 +748,11 @@ pub fn gate(new: &Record, old: &Latest, max_regression: f64) -> Option<String> {
             return Some(format!("its {what} {l:?} is not a plausible loss"));
         }
     }
+    // A promoted version without any loss (exported from a checkpoint that had none) cannot
+    // be compared with: a measured version may replace it, or the lineage would be stuck.
+    if old.eval_loss.is_none() && old.train_loss.is_none() {
+        return None;
+    }
     let (n, o, what) = match (new.eval_loss, old.eval_loss) {
         (Some(n), Some(o)) => (n, o, "eval loss"),
         _ => match (new.train_loss, old.train_loss) {
