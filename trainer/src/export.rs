@@ -635,7 +635,9 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
             let theirs: Option<Vec<FileEntry>> = lineage.read_json(&claim_path).await?;
             if theirs.as_ref() != Some(&entries) {
                 return Err(Error::Invalid(format!(
-                    "{dir_url} is (being) exported with other weights; choose another version"
+                    "{dir_url} is (being) exported with other weights; choose another version \
+                     (if no export of it is running and it has no lockstep.json, it is an \
+                     abandoned attempt: remove that directory)"
                 )));
             }
         }
