@@ -153,6 +153,40 @@ fn bf16_tied_matches_transformers() {
     check("tiny-llama-bf16-tied", WeightDtype::Bf16);
 }
 
+/// A Llama 3-style model (GQA, tied embeddings, llama3 RoPE scaling across all three
+/// frequency bands, a BPE tokenizer.json): logits and five AdamW steps follow transformers.
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check("tiny-llama3", WeightDtype::F32);
+    let model = hf::read_dir(&fixture("tiny-llama3")).unwrap();
+    assert!(matches!(
+        model.config.rope_scaling(),
+        Ok(lockstep_trainer::model::RopeScaling::Llama3 { .. })
+    ));
+    // The exported config.json says so again.
+    let json = hf::config_json(&model.config, WeightDtype::F32).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["rope_parameters"]["rope_type"], "llama3");
+    assert_eq!(v["rope_parameters"]["factor"], 8.0);
+    // Scalings transformers has and this trainer does not are refused by name.
+    let mut c = model.config.clone();
+    c.extra.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+    );
+    let e = c.rope_scaling().unwrap_err();
+    assert!(
+        e.contains("`yarn` is not supported") && e.contains("llama3"),
+        "{e}"
+    );
+}
+
+/// Linear RoPE scaling follows transformers too.
+#[test]
+fn linear_rope_scaling_matches_transformers() {
+    check("tiny-llama-linear", WeightDtype::F32);
+}
+
 #[test]
 fn mismatched_weights_are_refused_with_the_tensor_named() {
     let dir = fixture("tiny-llama");

@@ -8,6 +8,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// RoPE frequency scaling (`rope_parameters.rope_type`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Unscaled.
+    Default,
+    /// Positions divided by `factor` (all frequencies divided by it).
+    Linear {
+        /// The factor.
+        factor: f64,
+    },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, smoothed between.
+    Llama3 {
+        /// The factor.
+        factor: f64,
+        /// Wavelengths above `original_max_position / low_freq_factor` are divided.
+        low_freq_factor: f64,
+        /// Wavelengths below `original_max_position / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context the model was first trained at.
+        original_max_position: f64,
+    },
+}
+
 /// The fields of a Hugging Face `LlamaConfig` this trainer reads. Every other field of the file
 /// is kept in `extra` and written back unchanged on export.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +134,92 @@ impl LlamaConfig {
             .unwrap_or(10000.0)
     }
 
+    /// The RoPE scaling: `rope_parameters` (transformers 5) or `rope_scaling` (4), by
+    /// `rope_type` (or `type`). `default`, `linear` and `llama3` are supported; others
+    /// (`dynamic`, `yarn`, `longrope`, …) are refused by name.
+    pub fn rope_scaling(&self) -> std::result::Result<RopeScaling, String> {
+        let params = ["rope_parameters", "rope_scaling"]
+            .iter()
+            .filter_map(|k| self.extra.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)))
+            .find(|(_, v)| v.get("rope_type").or_else(|| v.get("type")).is_some());
+        let Some((key, p)) = params else {
+            return Ok(RopeScaling::Default);
+        };
+        let kind = p
+            .get("rope_type")
+            .or_else(|| p.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("");
+        let num = |name: &str| {
+            p.get(name)
+                .and_then(serde_json::Value::as_f64)
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| format!("{key}.{name} must be a positive number for `{kind}`"))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::Default),
+            "linear" => Ok(RopeScaling::Linear {
+                factor: num("factor")?,
+            }),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(format!(
+                        "{key}: high_freq_factor ({high}) must exceed low_freq_factor ({low})"
+                    ));
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position: num("original_max_position_embeddings")?,
+                })
+            }
+            other => Err(format!(
+                "{key}.rope_type `{other}` is not supported (supported: default, linear, llama3)"
+            )),
+        }
+    }
+
+    /// RoPE's inverse frequencies, as transformers computes them (in f32): `theta^(-2i/d)`,
+    /// then the scaling.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let hd = self.head_size();
+        let base: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / (self.theta() as f32).powf((2 * i) as f32 / hd as f32))
+            .collect();
+        match self.rope_scaling().unwrap_or(RopeScaling::Default) {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => {
+                // transformers' `_compute_llama3_parameters`, operation for operation.
+                let (factor, low, high, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    original_max_position as f32,
+                );
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        let smooth = (old / wavelen - low) / (high - low);
+                        let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                        // (transformers: `~(wavelen < high) * ~(wavelen > low)`; no NaN here.)
+                        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+                        if medium { smoothed } else { scaled }
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// Key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -146,21 +255,8 @@ impl LlamaConfig {
                 return bad(format!("`{flag}: true` is not supported"));
             }
         }
-        if let Some(s) = self.extra.get("rope_scaling")
-            && !s.is_null()
-        {
-            return bad(format!("`rope_scaling` {s} is not supported"));
-        }
-        if let Some(t) = self
-            .extra
-            .get("rope_parameters")
-            .and_then(|p| p.get("rope_type"))
-            .and_then(|t| t.as_str())
-            && t != "default"
-        {
-            return bad(format!(
-                "rope_parameters.rope_type `{t}` is not supported (only `default`)"
-            ));
+        if let Err(e) = self.rope_scaling() {
+            return bad(e);
         }
         if !(self.theta().is_finite() && self.theta() > 0.0) {
             return bad("the RoPE base must be a positive number".into());

@@ -17,7 +17,7 @@ use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, RopeScaling};
 
 use crate::rng::Rng;
 
@@ -292,10 +292,9 @@ impl<B: Backend> Rope<B> {
     fn new(c: &LlamaConfig, rows: usize, seq: usize, device: &B::Device) -> Rope<B> {
         let hd = c.head_size();
         let half = hd / 2;
-        // As HF computes them: inverse frequencies in f32, then position × frequency in f32.
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (c.theta() as f32).powf((2 * i) as f32 / hd as f32))
-            .collect();
+        // As HF computes them: inverse frequencies in f32 (scaled as `rope_parameters` says),
+        // then position × frequency in f32.
+        let inv = c.rope_inv_freq();
         let mut cos = Vec::with_capacity(seq * hd);
         let mut sin = Vec::with_capacity(seq * hd);
         for p in 0..seq {
