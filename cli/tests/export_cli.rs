@@ -145,6 +145,17 @@ fn the_quickstart_export_has_the_hf_llama_layout_and_true_hashes() {
         let record: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("lockstep.json")).unwrap()).unwrap();
         assert_eq!(record["step"], 1);
+        // Lineage: what it was trained from, with the records each data file gave.
+        let from = &record["trained_from"];
+        assert_eq!(from["base"], "init", "{record}");
+        assert_eq!(from["train"][0]["records"], 4000, "{record}");
+        assert_eq!(from["eval"][0]["records"], 200, "{record}");
+        assert!(
+            from["train"][0]["url"]
+                .as_str()
+                .unwrap()
+                .ends_with("quickstart.jsonl")
+        );
         assert!(record["eval_loss"].as_f64().is_some(), "{record}");
         assert!(record["train_loss"].as_f64().is_some(), "{record}");
         let files = record["files"].as_array().unwrap();

@@ -342,6 +342,10 @@ pub struct Record {
     /// Facts the caller knows and the checkpoint does not (attempts, data, base hash, …).
     #[serde(default)]
     pub lineage: serde_json::Value,
+    /// What the training run started from and read: the base model (and its safetensors'
+    /// sha256) and the records per training and held-out file.
+    #[serde(default)]
+    pub trained_from: serde_json::Value,
 }
 
 /// `latest.json`: the promoted version.
@@ -674,6 +678,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
                 created_unix_ms: now_ms(),
                 files: entries,
                 lineage: req.lineage.clone(),
+                trained_from: state.provenance.clone(),
             };
             let json = serde_json::to_vec_pretty(&record)
                 .map_err(|e| Error::Invalid(format!("lockstep.json: {e}")))?;

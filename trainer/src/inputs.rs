@@ -26,6 +26,8 @@ pub struct Base {
     pub values: Option<Vec<Vec<f32>>>,
     /// Its tokenizer (bytes when it has none).
     pub tokenizer: Tokenizer,
+    /// Where it was read from and the sha256 of its model.safetensors (`None` for `init`).
+    pub origin: Option<(String, String)>,
 }
 
 /// Loads `model.base` (or describes a random initialisation), checking that the tokenizer fits
@@ -36,6 +38,7 @@ pub fn load_base(config: &JobConfig, rt: &tokio::runtime::Runtime) -> Result<Bas
             config: LlamaConfig::from_section(&config.model, config.data.seq_len as usize),
             values: None,
             tokenizer: Tokenizer::Bytes,
+            origin: None,
         }
     } else if let Some(lineage) = config.model.base.strip_prefix(crate::export::LATEST_EXPORT) {
         // Last night's promoted model, checked against its lockstep.json.
@@ -69,7 +72,16 @@ fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
     })?;
     let llama = LlamaConfig::parse(text, &file)?;
     let file = format!("{base}/model.safetensors");
-    let weights = hf::import(&read("model.safetensors")?, &file, &llama)?;
+    let st = read("model.safetensors")?;
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&st)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let weights = hf::import(&st, &file, &llama)?;
+    drop(st);
     let tokenizer = match read("tokenizer.json") {
         Ok(bytes) => {
             let eos = llama
@@ -93,6 +105,7 @@ fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
         config: llama,
         values: Some(weights.values),
         tokenizer,
+        origin: Some((base.to_string(), sha)),
     })
 }
 

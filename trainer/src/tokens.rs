@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
 /// Bumped when the files' layout changes (old stores are then never opened, only swept).
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 /// Bytes of a JSONL file fetched per request.
 const RANGE: u64 = 8 << 20;
 /// The longest JSONL record accepted (a line without a newline is not read without end).
@@ -93,6 +93,20 @@ struct Meta {
     files: u64,
     tokens_xxh3: String,
     docs_xxh3: String,
+    /// Per file: its URL, the records kept and the records skipped (the lineage of an export).
+    #[serde(default)]
+    per_file: Vec<FileCount>,
+}
+
+/// How many records one data file gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCount {
+    /// The file's URL.
+    pub url: String,
+    /// Records tokenised.
+    pub records: u64,
+    /// Bad records left out (with `data.skip_bad_records`).
+    pub skipped: u64,
 }
 
 /// Tokenised documents, read from disk on demand.
@@ -107,9 +121,15 @@ pub struct TokenStore {
     tokens: u64,
     skipped: u64,
     files: u64,
+    per_file: Vec<FileCount>,
 }
 
 impl TokenStore {
+    /// Records per data file.
+    pub fn per_file(&self) -> &[FileCount] {
+        &self.per_file
+    }
+
     /// Documents.
     pub fn len(&self) -> usize {
         self.docs.len()
@@ -415,6 +435,7 @@ fn build(
     let mut done = 0u64;
     for object in sources {
         let mut lines = Lines::new(&object.url);
+        let (docs_before, skipped_before) = (b.meta.docs, b.meta.skipped);
         let mut offset = 0;
         while offset < object.size {
             let end = (offset + RANGE).min(object.size);
@@ -447,6 +468,11 @@ fn build(
         }
         lines.finish(|line_no, line| b.add(&object.url, line_no, line))?;
         b.meta.files += 1;
+        b.meta.per_file.push(FileCount {
+            url: object.url.clone(),
+            records: b.meta.docs - docs_before,
+            skipped: b.meta.skipped - skipped_before,
+        });
     }
     let meta = b.write_meta(dir)?;
     tracing::info!(
@@ -572,6 +598,7 @@ impl<'a> Builder<'a> {
                 files: 0,
                 tokens_xxh3: String::new(),
                 docs_xxh3: String::new(),
+                per_file: Vec::new(),
             },
             ids: Vec::new(),
         })
@@ -770,6 +797,7 @@ pub fn open(dir: &Path, enc: &Encoding<'_>) -> Result<TokenStore> {
         tokens: meta.tokens,
         skipped: meta.skipped,
         files: meta.files,
+        per_file: meta.per_file,
     })
 }
 

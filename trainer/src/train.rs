@@ -177,6 +177,8 @@ pub fn train<B: AutodiffBackend>(
         &rt,
     )?;
     let (docs, data_tokens, skipped) = (corpus.len(), corpus.tokens(), corpus.skipped());
+    let train_files = corpus.per_file().to_vec();
+    let mut eval_files = Vec::new();
     let seq_len = config.data.seq_len as usize;
     let mut packer = Packer::new(corpus, seq_len, t.seed)?;
     let mut evaluator = if config.data.eval.is_empty() {
@@ -190,6 +192,7 @@ pub fn train<B: AutodiffBackend>(
             vocab,
             &rt,
         )?;
+        eval_files = held_out.per_file().to_vec();
         Some(Evaluator::new(
             held_out,
             seq_len,
@@ -197,6 +200,14 @@ pub fn train<B: AutodiffBackend>(
             t.batch_size as usize,
         )?)
     };
+    // What this run starts from and reads, for an export's lineage.
+    let provenance = serde_json::json!({
+        "base": config.model.base,
+        "base_read_from": base.origin.as_ref().map(|o| o.0.clone()),
+        "base_safetensors_sha256": base.origin.as_ref().map(|o| o.1.clone()),
+        "train": train_files,
+        "eval": eval_files,
+    });
 
     let store = CheckpointStore::open(&config.checkpoint.url)?;
     let start = opts
@@ -212,6 +223,7 @@ pub fn train<B: AutodiffBackend>(
     }
     let (mut state, mut ts) = resume::begin::<B>(&plan, config, base, ckpt.as_ref(), device)?;
     drop(ckpt);
+    ts.provenance = provenance;
     let from_step = ts.step;
     on_event(&Event::Started {
         params: state.model.num_params(),

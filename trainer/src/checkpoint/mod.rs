@@ -69,6 +69,11 @@ pub struct TrainerState {
     /// The step `eval_loss` was measured after.
     #[serde(default)]
     pub eval_step: Option<u64>,
+    /// What the run started from and read, for an export's lineage: `base` (model.base and,
+    /// for a Hugging Face base, the sha256 of its model.safetensors) and the records per
+    /// training and held-out file. Not part of what a resume checks.
+    #[serde(default)]
+    pub provenance: serde_json::Value,
 }
 
 /// A host copy of one checkpoint, ready to write.
