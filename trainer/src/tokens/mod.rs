@@ -21,28 +21,32 @@
 //! Stores unused for [`UNUSED_FOR`] are removed by the next build in the same cache.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use lockstep_storage::objects::{self, Object};
-use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
+mod build;
+mod store;
+
+use build::build;
+pub use build::{Builder, Lines};
+pub use store::{FileCount, TokenStore, open};
+
 /// Bumped when the files' layout changes (old stores are then never opened, only swept).
-const FORMAT: u32 = 2;
+pub(crate) const FORMAT: u32 = 2;
 /// Bytes of a JSONL file fetched per request.
-const RANGE: u64 = 8 << 20;
+pub(crate) const RANGE: u64 = 8 << 20;
 /// The longest JSONL record accepted (a line without a newline is not read without end).
 pub const MAX_RECORD_BYTES: usize = 64 << 20;
 /// A store nobody opened for this long is removed by the next build in its cache.
 pub const UNUSED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often a long tokenisation says how far it got.
-const REPORT_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// The longest a process waits to build a store others hold.
 const LOCK_PATIENCE: Duration = Duration::from_secs(30 * 60);
 
@@ -65,142 +69,6 @@ pub fn default_cache() -> Result<PathBuf> {
                     .into(),
             )
         })
-}
-
-/// One document's place in `tokens.bin`.
-#[derive(Debug, Clone, Copy)]
-struct Doc {
-    /// Offset of its first token.
-    start: u64,
-    /// Tokens, end-of-sequence included.
-    len: u32,
-    /// Leading tokens that are prompt (not counted as targets).
-    prompt: u32,
-}
-
-/// `meta.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Meta {
-    format: u32,
-    /// Bytes per token id (2 or 4).
-    width: u8,
-    vocab: u64,
-    docs: u64,
-    tokens: u64,
-    /// Records left out as bad (with `data.skip_bad_records`).
-    skipped: u64,
-    /// Files read.
-    files: u64,
-    tokens_xxh3: String,
-    docs_xxh3: String,
-    /// Per file: its URL, the records kept and the records skipped (the lineage of an export).
-    #[serde(default)]
-    per_file: Vec<FileCount>,
-}
-
-/// How many records one data file gave.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileCount {
-    /// The file's URL.
-    pub url: String,
-    /// Records tokenised.
-    pub records: u64,
-    /// Bad records left out (with `data.skip_bad_records`).
-    pub skipped: u64,
-}
-
-/// Tokenised documents, read from disk on demand.
-#[derive(Debug)]
-pub struct TokenStore {
-    dir: PathBuf,
-    /// The store's lock, held shared while it is in use (`None`: opened without the cache).
-    lock: Option<File>,
-    tokens_file: File,
-    width: u8,
-    docs: Vec<Doc>,
-    tokens: u64,
-    skipped: u64,
-    files: u64,
-    per_file: Vec<FileCount>,
-}
-
-impl TokenStore {
-    /// Records per data file.
-    pub fn per_file(&self) -> &[FileCount] {
-        &self.per_file
-    }
-
-    /// Documents.
-    pub fn len(&self) -> usize {
-        self.docs.len()
-    }
-
-    /// True when no document was read.
-    pub fn is_empty(&self) -> bool {
-        self.docs.is_empty()
-    }
-
-    /// Tokens over all documents.
-    pub fn tokens(&self) -> u64 {
-        self.tokens
-    }
-
-    /// Records skipped as bad.
-    pub fn skipped(&self) -> u64 {
-        self.skipped
-    }
-
-    /// Files read.
-    pub fn files(&self) -> u64 {
-        self.files
-    }
-
-    /// The directory holding the store.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Token count and prompt length of document `d`.
-    pub fn doc(&self, d: usize) -> (u32, u32) {
-        let doc = self.docs[d];
-        (doc.len, doc.prompt)
-    }
-
-    /// Appends tokens `offset..offset + n` of document `d` to `out`.
-    pub fn read(&self, d: usize, offset: u32, n: u32, out: &mut Vec<u32>) -> Result<()> {
-        let doc = self.docs[d];
-        if u64::from(offset) + u64::from(n) > u64::from(doc.len) {
-            return Err(Error::Invalid(format!(
-                "token store: read past the end of document {d}"
-            )));
-        }
-        let w = u64::from(self.width);
-        let mut buf = vec![0u8; n as usize * self.width as usize];
-        self.tokens_file
-            .read_exact_at(&mut buf, (doc.start + u64::from(offset)) * w)
-            .map_err(|source| Error::Io {
-                path: self.dir.join("tokens.bin").display().to_string(),
-                source,
-            })?;
-        decode(&buf, self.width, out);
-        Ok(())
-    }
-}
-
-fn decode(bytes: &[u8], width: u8, out: &mut Vec<u32>) {
-    if width == 2 {
-        out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
-        );
-    } else {
-        out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
-    }
 }
 
 /// How records become tokens.
@@ -411,7 +279,7 @@ fn cache_key(sources: &[Object], enc: &Encoding<'_>) -> String {
 }
 
 /// A new (truncated) or existing file readable by its owner only.
-fn private_file(path: &Path, truncate: bool) -> std::io::Result<File> {
+pub(crate) fn private_file(path: &Path, truncate: bool) -> std::io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -419,400 +287,6 @@ fn private_file(path: &Path, truncate: bool) -> std::io::Result<File> {
         .truncate(truncate)
         .mode(0o600)
         .open(path)
-}
-
-/// Tokenises `sources` into a new store in `dir`.
-fn build(
-    dir: &Path,
-    sources: &[Object],
-    enc: &Encoding<'_>,
-    rt: &tokio::runtime::Runtime,
-) -> Result<()> {
-    let total: u64 = sources.iter().map(|o| o.size).sum();
-    tracing::info!(files = sources.len(), bytes = total, "tokenising data");
-    let mut b = Builder::create(dir, enc)?;
-    let (started, mut reported) = (Instant::now(), Instant::now());
-    let mut done = 0u64;
-    for object in sources {
-        let mut lines = Lines::new(&object.url);
-        let (docs_before, skipped_before) = (b.meta.docs, b.meta.skipped);
-        let mut offset = 0;
-        while offset < object.size {
-            let end = (offset + RANGE).min(object.size);
-            let chunk = rt.block_on(object.read_range(offset..end))?;
-            if chunk.len() as u64 != end - offset {
-                return Err(Error::Data {
-                    file: object.url.clone(),
-                    line: 0,
-                    reason: format!(
-                        "read {} bytes at offset {offset} where {} were expected (the object \
-                         changed while it was being read?)",
-                        chunk.len(),
-                        end - offset
-                    ),
-                });
-            }
-            lines.feed(&chunk, |line_no, line| b.add(&object.url, line_no, line))?;
-            offset = end;
-            done += chunk.len() as u64;
-            if reported.elapsed() >= REPORT_EVERY {
-                reported = Instant::now();
-                tracing::info!(
-                    "tokenised {} of {} MB ({:.0}%), {} documents",
-                    done >> 20,
-                    total >> 20,
-                    100.0 * done as f64 / total.max(1) as f64,
-                    b.meta.docs
-                );
-            }
-        }
-        lines.finish(|line_no, line| b.add(&object.url, line_no, line))?;
-        b.meta.files += 1;
-        b.meta.per_file.push(FileCount {
-            url: object.url.clone(),
-            records: b.meta.docs - docs_before,
-            skipped: b.meta.skipped - skipped_before,
-        });
-    }
-    let meta = b.write_meta(dir)?;
-    tracing::info!(
-        docs = meta.docs,
-        tokens = meta.tokens,
-        skipped = meta.skipped,
-        secs = started.elapsed().as_secs_f64(),
-        "tokenised data into the token store"
-    );
-    Ok(())
-}
-
-/// Splits a byte stream into JSONL lines, numbering them, bounding their length.
-pub struct Lines {
-    file: String,
-    pending: Vec<u8>,
-    line_no: u64,
-}
-
-impl Lines {
-    /// Lines of `file` (named in errors).
-    pub fn new(file: &str) -> Lines {
-        Lines {
-            file: file.to_string(),
-            pending: Vec::new(),
-            line_no: 0,
-        }
-    }
-
-    /// Hands every line completed by `chunk` to `each` (its 1-based number and bytes, without
-    /// the newline or a trailing `\r`).
-    pub fn feed(
-        &mut self,
-        mut chunk: &[u8],
-        mut each: impl FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<()> {
-        while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
-            self.bound(nl)?;
-            self.line_no += 1;
-            let line = if self.pending.is_empty() {
-                &chunk[..nl]
-            } else {
-                self.pending.extend_from_slice(&chunk[..nl]);
-                &self.pending[..]
-            };
-            each(self.line_no, line.strip_suffix(b"\r").unwrap_or(line))?;
-            self.pending.clear();
-            chunk = &chunk[nl + 1..];
-        }
-        self.bound(chunk.len())?;
-        self.pending.extend_from_slice(chunk);
-        Ok(())
-    }
-
-    /// Hands the last line (one without a newline) to `each`.
-    pub fn finish(mut self, mut each: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.line_no += 1;
-        let line = std::mem::take(&mut self.pending);
-        each(self.line_no, line.strip_suffix(b"\r").unwrap_or(&line))
-    }
-
-    fn bound(&self, more: usize) -> Result<()> {
-        if self.pending.len() + more > MAX_RECORD_BYTES {
-            return Err(Error::Data {
-                file: self.file.clone(),
-                line: self.line_no + 1,
-                reason: format!(
-                    "the record is longer than {} MiB (the limit on one JSONL line)",
-                    MAX_RECORD_BYTES >> 20
-                ),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Writes a new store.
-pub struct Builder<'a> {
-    dir: PathBuf,
-    enc: &'a Encoding<'a>,
-    tokens: BufWriter<File>,
-    docs: BufWriter<File>,
-    tokens_hash: Xxh3,
-    docs_hash: Xxh3,
-    meta: Meta,
-    ids: Vec<u8>,
-}
-
-impl<'a> Builder<'a> {
-    /// Starts a store in `dir` (created, private; it must not exist).
-    pub fn create(dir: &Path, enc: &'a Encoding<'a>) -> Result<Builder<'a>> {
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| Error::Io { path, source }
-        };
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
-        let open = |name: &str| {
-            let path = dir.join(name);
-            private_file(&path, true)
-                .map(|f| BufWriter::with_capacity(1 << 20, f))
-                .map_err(io(&path))
-        };
-        Ok(Builder {
-            dir: dir.to_path_buf(),
-            enc,
-            tokens: open("tokens.bin")?,
-            docs: open("docs.bin")?,
-            tokens_hash: Xxh3::new(),
-            docs_hash: Xxh3::new(),
-            meta: Meta {
-                format: FORMAT,
-                width: enc.width(),
-                vocab: enc.vocab as u64,
-                docs: 0,
-                tokens: 0,
-                skipped: 0,
-                files: 0,
-                tokens_xxh3: String::new(),
-                docs_xxh3: String::new(),
-                per_file: Vec::new(),
-            },
-            ids: Vec::new(),
-        })
-    }
-
-    /// Adds the JSONL record `line` (line `line_no` of `file`): blank lines are skipped, a bad
-    /// record is an error naming the file and line, or — with `skip_bad` — counted and left out.
-    pub fn add(&mut self, file: &str, line_no: u64, line: &[u8]) -> Result<()> {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        let (tokens, prompt) =
-            match crate::data::encode_record(line, self.enc.tokenizer, self.enc.vocab) {
-                Ok(t) => t,
-                Err(_) if self.enc.skip_bad => {
-                    self.meta.skipped += 1;
-                    return Ok(());
-                }
-                Err(reason) => {
-                    return Err(Error::Data {
-                        file: file.into(),
-                        line: line_no,
-                        reason: format!(
-                            "{reason} (set data.skip_bad_records = true to skip such records)"
-                        ),
-                    });
-                }
-            };
-        let len = u32::try_from(tokens.len()).map_err(|_| Error::Data {
-            file: file.into(),
-            line: line_no,
-            reason: "the record has more than 4 billion tokens".into(),
-        })?;
-        self.ids.clear();
-        for &t in &tokens {
-            if self.meta.width == 2 {
-                self.ids.extend_from_slice(&(t as u16).to_le_bytes());
-            } else {
-                self.ids.extend_from_slice(&t.to_le_bytes());
-            }
-        }
-        let mut doc = [0u8; 8];
-        doc[..4].copy_from_slice(&len.to_le_bytes());
-        doc[4..].copy_from_slice(&(prompt as u32).to_le_bytes());
-        self.tokens_hash.update(&self.ids);
-        self.docs_hash.update(&doc);
-        let io = |name: &str| {
-            let path = self.dir.join(name).display().to_string();
-            move |source| Error::Io { path, source }
-        };
-        self.tokens.write_all(&self.ids).map_err(io("tokens.bin"))?;
-        self.docs.write_all(&doc).map_err(io("docs.bin"))?;
-        self.meta.docs += 1;
-        self.meta.tokens += u64::from(len);
-        Ok(())
-    }
-
-    /// Syncs both files and writes `meta.json` (synced) last.
-    pub fn finish(self, dir: &Path) -> Result<()> {
-        self.write_meta(dir).map(|_| ())
-    }
-
-    fn write_meta(mut self, dir: &Path) -> Result<Meta> {
-        let io = |path: PathBuf| {
-            move |source| Error::Io {
-                path: path.display().to_string(),
-                source,
-            }
-        };
-        for (name, w) in [("tokens.bin", self.tokens), ("docs.bin", self.docs)] {
-            let f = w
-                .into_inner()
-                .map_err(|e| io(dir.join(name))(e.into_error()))?;
-            f.sync_all().map_err(io(dir.join(name)))?;
-        }
-        self.meta.tokens_xxh3 = format!("{:016x}", self.tokens_hash.digest());
-        self.meta.docs_xxh3 = format!("{:016x}", self.docs_hash.digest());
-        let path = dir.join("meta.json");
-        let mut f = private_file(&path, true).map_err(io(path.clone()))?;
-        let json = serde_json::to_vec_pretty(&self.meta)
-            .map_err(|e| Error::Invalid(format!("token store meta: {e}")))?;
-        f.write_all(&json)
-            .and_then(|()| f.sync_all())
-            .map_err(io(path))?;
-        Ok(self.meta)
-    }
-}
-
-/// Opens the store in `dir`, checking every claim of its `meta.json` against the files.
-pub fn open(dir: &Path, enc: &Encoding<'_>) -> Result<TokenStore> {
-    let damaged = |reason: String| Error::Invalid(format!("{}: {reason}", dir.display()));
-    let io = |name: &str| {
-        let path = dir.join(name).display().to_string();
-        move |source| Error::Io { path, source }
-    };
-    let meta_bytes = std::fs::read(dir.join("meta.json")).map_err(io("meta.json"))?;
-    let meta: Meta = serde_json::from_slice(&meta_bytes)
-        .map_err(|e| damaged(format!("meta.json is not a token store's: {e}")))?;
-    if meta.format != FORMAT || meta.width != enc.width() || meta.vocab != enc.vocab as u64 {
-        return Err(damaged(format!(
-            "format {}, width {}, vocabulary {} where {FORMAT}, {}, {} were expected",
-            meta.format,
-            meta.width,
-            meta.vocab,
-            enc.width(),
-            enc.vocab
-        )));
-    }
-    // docs.bin: sizes, the hash, and the token total it implies.
-    let mut docs_file = File::open(dir.join("docs.bin")).map_err(io("docs.bin"))?;
-    let docs_len = docs_file.metadata().map_err(io("docs.bin"))?.len();
-    if Some(docs_len) != meta.docs.checked_mul(8) {
-        return Err(damaged(format!(
-            "docs.bin holds {docs_len} bytes; meta.json claims {} documents",
-            meta.docs
-        )));
-    }
-    let mut docs = Vec::new();
-    docs.try_reserve_exact(meta.docs as usize)
-        .map_err(|_| damaged(format!("no memory for {} documents", meta.docs)))?;
-    let mut hash = Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut start = 0u64;
-    loop {
-        let n = read_full(&mut docs_file, &mut buf).map_err(io("docs.bin"))?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        for d in buf[..n].chunks_exact(8) {
-            let len = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
-            let prompt = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
-            if len == 0 || prompt >= len {
-                return Err(damaged(format!(
-                    "document {} claims {len} tokens with a {prompt}-token prompt",
-                    docs.len()
-                )));
-            }
-            docs.push(Doc { start, len, prompt });
-            start += u64::from(len);
-        }
-    }
-    if docs.len() as u64 != meta.docs || start != meta.tokens {
-        return Err(damaged(format!(
-            "docs.bin lists {} documents of {start} tokens; meta.json claims {} of {}",
-            docs.len(),
-            meta.docs,
-            meta.tokens
-        )));
-    }
-    if format!("{:016x}", hash.digest()) != meta.docs_xxh3 {
-        return Err(damaged("docs.bin does not match its hash".into()));
-    }
-    // tokens.bin: size, hash, every id inside the vocabulary.
-    let mut tokens_file = File::open(dir.join("tokens.bin")).map_err(io("tokens.bin"))?;
-    let tokens_len = tokens_file.metadata().map_err(io("tokens.bin"))?.len();
-    if Some(tokens_len) != meta.tokens.checked_mul(u64::from(meta.width)) {
-        return Err(damaged(format!(
-            "tokens.bin holds {tokens_len} bytes; meta.json claims {} tokens of {} bytes",
-            meta.tokens, meta.width
-        )));
-    }
-    let mut hash = Xxh3::new();
-    let mut ids = Vec::new();
-    loop {
-        let n = read_full(&mut tokens_file, &mut buf).map_err(io("tokens.bin"))?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        ids.clear();
-        decode(&buf[..n], meta.width, &mut ids);
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= enc.vocab) {
-            return Err(damaged(format!(
-                "tokens.bin holds id {bad}, outside the vocabulary of {}",
-                enc.vocab
-            )));
-        }
-    }
-    if format!("{:016x}", hash.digest()) != meta.tokens_xxh3 {
-        return Err(damaged("tokens.bin does not match its hash".into()));
-    }
-    if meta.docs > u64::from(u32::MAX) {
-        return Err(damaged(format!(
-            "{} documents; at most {} are supported",
-            meta.docs,
-            u32::MAX
-        )));
-    }
-    Ok(TokenStore {
-        dir: dir.to_path_buf(),
-        lock: None,
-        tokens_file,
-        width: meta.width,
-        docs,
-        tokens: meta.tokens,
-        skipped: meta.skipped,
-        files: meta.files,
-        per_file: meta.per_file,
-    })
-}
-
-/// Reads until `buf` is full or the file ends (a multiple of 8 bytes unless at the end).
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Removes stores of `cache` other than `keep` that nobody opened for [`UNUSED_FOR`], and
@@ -856,6 +330,7 @@ fn sweep(cache: &Path, keep: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::store::Meta;
     use super::*;
 
     fn enc() -> Encoding<'static> {

@@ -13,20 +13,22 @@
 //! and only if the new eval loss is not worse than the promoted one's by more than
 //! `max_eval_regression`; otherwise the version stays, and its `promotion.json` says why.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use lockstep_storage::pointer::{Pointer, Swap};
+use lockstep_storage::pointer::Swap;
 use lockstep_storage::{CheckpointStore, objects};
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use serde::{Deserialize, Serialize};
+use object_store::{ObjectStore, PutPayload};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::TrainerState;
 use crate::error::{Error, Result};
 use crate::model::hf::{self, WeightDtype};
 use crate::model::{LlamaConfig, param_specs};
+
+mod cli;
+mod lineage;
+
+pub use cli::{list_cli, parse_lineage, run_cli};
+pub use lineage::{Decision, FileEntry, Latest, Lineage, Record};
 
 /// The marker (and lineage record) of a finished version.
 pub const LINEAGE_FILE: &str = "lockstep.json";
@@ -119,161 +121,6 @@ pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
     Ok(dir)
 }
 
-/// Where a lineage lives: `<export.url>/<name>`.
-#[derive(Debug, Clone)]
-pub struct Lineage {
-    store: Arc<dyn ObjectStore>,
-    root: Path,
-    url: String,
-    latest: Pointer,
-}
-
-impl Lineage {
-    /// The lineage `name` under `export_url` (`file://` or `s3://`).
-    pub fn open(export_url: &str, name: &str) -> Result<Lineage> {
-        check_segment("export.name", name)?;
-        let url = format!("{}/{name}", export_url.trim_end_matches('/'));
-        let (store, root) = objects::open_url(&url)?;
-        let latest = Pointer::open(&format!("{url}/{LATEST_FILE}"))?;
-        Ok(Lineage {
-            store,
-            root,
-            url,
-            latest,
-        })
-    }
-
-    /// The lineage at `root` of `store` (tests: a wrapped or in-memory store).
-    pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, url: &str) -> Lineage {
-        let latest = Pointer::with_store(store.clone(), root.clone().join(LATEST_FILE), url);
-        Lineage {
-            store,
-            root,
-            url: url.to_string(),
-            latest,
-        }
-    }
-
-    /// Its URL.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    async fn put(&self, path: &Path, bytes: Bytes) -> Result<()> {
-        self.store
-            .put(path, PutPayload::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|e| store_err("write", &self.display(path), e))
-    }
-
-    /// A small JSON record, or `None` when absent.
-    async fn read_json<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<Option<T>> {
-        let at = self.display(path);
-        let meta = match self.store.head(path).await {
-            Ok(m) => m,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(store_err("read", &at, e)),
-        };
-        if meta.size > MAX_RECORD {
-            return Err(Error::Invalid(format!(
-                "{at}: {} bytes, more than a {MAX_RECORD}-byte record can be",
-                meta.size
-            )));
-        }
-        let bytes = self
-            .store
-            .get(path)
-            .await
-            .map_err(|e| store_err("read", &at, e))?
-            .bytes()
-            .await
-            .map_err(|e| store_err("read", &at, e))?;
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::Invalid(format!("{at}: not a lockstep record: {e}")))
-    }
-
-    fn display(&self, path: &Path) -> String {
-        let rel = path
-            .as_ref()
-            .strip_prefix(self.root.as_ref())
-            .unwrap_or(path.as_ref())
-            .trim_start_matches('/');
-        format!("{}/{rel}", self.url)
-    }
-
-    /// The promoted version, if any.
-    pub async fn latest(&self) -> Result<Option<Latest>> {
-        match self.latest.read().await? {
-            None => Ok(None),
-            Some((bytes, _)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                Error::Invalid(format!(
-                    "{}: not a lockstep latest.json: {e}",
-                    self.latest.url()
-                ))
-            }),
-        }
-    }
-
-    /// Every finished version (those with a `lockstep.json`), oldest first by creation time,
-    /// with its promotion decision.
-    pub async fn versions(&self) -> Result<Vec<(Record, Option<Decision>)>> {
-        use futures::TryStreamExt;
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&self.root))
-            .try_collect()
-            .await
-            .map_err(|e| store_err("list", &self.url, e))?;
-        let mut out = Vec::new();
-        for meta in listed {
-            // Only `<root>/<version>/lockstep.json`; the directory names the version.
-            let rel = meta
-                .location
-                .as_ref()
-                .strip_prefix(self.root.as_ref())
-                .unwrap_or("")
-                .trim_start_matches('/')
-                .to_string();
-            let Some((dir, LINEAGE_FILE)) = rel.split_once('/') else {
-                continue;
-            };
-            if dir.contains('/') {
-                continue;
-            }
-            // One damaged record does not hide the others.
-            let record = match self.read_json::<Record>(&meta.location).await {
-                Ok(Some(r)) if r.version == dir => r,
-                Ok(Some(r)) => {
-                    tracing::warn!(dir, claims = %r.version, "skipping a lockstep.json that names another version");
-                    continue;
-                }
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping a damaged version record");
-                    continue;
-                }
-            };
-            let decision = self
-                .read_json::<Decision>(
-                    &self
-                        .root
-                        .clone()
-                        .join(record.version.as_str())
-                        .join(PROMOTION_FILE),
-                )
-                .await
-                .unwrap_or(None);
-            out.push((record, decision));
-        }
-        out.sort_by(|a, b| {
-            (a.0.created_unix_ms, &a.0.version).cmp(&(b.0.created_unix_ms, &b.0.version))
-        });
-        Ok(out)
-    }
-}
-
 fn store_err(op: &'static str, at: &str, e: object_store::Error) -> Error {
     Error::Storage(lockstep_storage::Error::Store {
         op,
@@ -297,83 +144,6 @@ fn check_segment(what: &str, s: &str) -> Result<()> {
             "{what} `{s}`: use 1–128 letters, digits, `-`, `_` or `.`"
         )))
     }
-}
-
-/// One file of a version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// Its name in the version directory.
-    pub name: String,
-    /// Bytes.
-    pub bytes: u64,
-    /// Hex sha256 of its bytes.
-    pub sha256: String,
-}
-
-/// `lockstep.json`: a finished version's lineage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    /// `lockstep-export/1`.
-    pub format: String,
-    /// The lineage.
-    pub name: String,
-    /// This version.
-    pub version: String,
-    /// The job that trained it.
-    pub job: String,
-    /// The checkpoint it was exported from (`URL@STEP`).
-    pub checkpoint: String,
-    /// Its step.
-    pub step: u64,
-    /// The checkpoint's config hash.
-    pub config_hash: String,
-    /// Weight dtype in `model.safetensors`.
-    pub dtype: String,
-    /// The base model the tokenizer files came from, if any.
-    pub base: Option<String>,
-    /// Loss of the checkpoint's last step.
-    pub train_loss: Option<f64>,
-    /// Its held-out loss.
-    pub eval_loss: Option<f64>,
-    /// When the export finished (Unix milliseconds).
-    pub created_unix_ms: u64,
-    /// Every other file of the version.
-    pub files: Vec<FileEntry>,
-    /// Facts the caller knows and the checkpoint does not (attempts, data, base hash, …).
-    #[serde(default)]
-    pub lineage: serde_json::Value,
-    /// What the training run started from and read: the base model (and its safetensors'
-    /// sha256) and the records per training and held-out file.
-    #[serde(default)]
-    pub trained_from: serde_json::Value,
-}
-
-/// `latest.json`: the promoted version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Latest {
-    /// The version.
-    pub version: String,
-    /// Its directory's URL.
-    pub url: String,
-    /// Its step.
-    pub step: u64,
-    /// Its losses.
-    pub train_loss: Option<f64>,
-    /// Its held-out loss.
-    pub eval_loss: Option<f64>,
-    /// When it was promoted (Unix milliseconds).
-    pub promoted_unix_ms: u64,
-}
-
-/// `promotion.json`: what was decided for a version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Decision {
-    /// Whether it became `latest.json`.
-    pub promoted: bool,
-    /// Why not, or what it replaced.
-    pub reason: String,
-    /// When (Unix milliseconds).
-    pub decided_unix_ms: u64,
 }
 
 /// What to export and how.
@@ -831,127 +601,6 @@ async fn promote(
         "{}: moved by other exporters 16 times in a row; try again",
         lineage.latest.url()
     )))
-}
-
-/// `lockstep export`: exports, prints what happened (a line, or JSON), returns the exit status
-/// (0 exported, 1 error).
-pub fn run_cli(req: &Request, to: &str, json: bool) -> Result<()> {
-    if let Some(url) = &req.webhook {
-        crate::webhook::check_url(url).map_err(Error::Invalid)?;
-    }
-    if !req.max_eval_regression.is_finite() || req.max_eval_regression < 0.0 {
-        return Err(Error::Invalid(format!(
-            "--max-eval-regression {}: must be a finite number ≥ 0",
-            req.max_eval_regression
-        )));
-    }
-    let rt = runtime()?;
-    let out = rt.block_on(export(req, to, None))?;
-    let (promoted, mut note) = match &out.promotion {
-        Promotion::NotAsked => (false, "not promoted (no --promote)".to_string()),
-        Promotion::Promoted { replaced: None } => (true, "promoted (the first)".into()),
-        Promotion::Promoted { replaced: Some(r) } => (true, format!("promoted, replacing {r}")),
-        Promotion::Kept { reason } => (false, format!("kept, not promoted: {reason}")),
-        Promotion::AlreadyExported => (false, "already exported; nothing written".into()),
-    };
-    match &out.webhook {
-        Some(Ok(1)) => note.push_str("; webhook notified"),
-        Some(Ok(n)) => note.push_str(&format!("; webhook notified (try {n})")),
-        Some(Err(e)) => note.push_str(&format!("; webhook FAILED: {e}")),
-        None => {}
-    }
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"url": out.url, "version": out.record.version,
-                "step": out.record.step, "train_loss": out.record.train_loss,
-                "eval_loss": out.record.eval_loss, "promoted": promoted, "note": note})
-        );
-    } else {
-        let loss = |l: Option<f64>| l.map_or("-".into(), |l| format!("{l:.4}"));
-        println!(
-            "exported step {} to {} (train loss {}, eval loss {}; {} files); {note}",
-            out.record.step,
-            out.url,
-            loss(out.record.train_loss),
-            loss(out.record.eval_loss),
-            out.record.files.len() + 1
-        );
-    }
-    Ok(())
-}
-
-/// `lockstep export ls URL/NAME`: the lineage's versions with their losses, and which is
-/// promoted.
-pub fn list_cli(lineage_url: &str, json: bool) -> Result<()> {
-    let rt = runtime()?;
-    let (store, root) = objects::open_url(lineage_url.trim_end_matches('/'))?;
-    let lineage = Lineage::with_store(store, root, lineage_url.trim_end_matches('/'));
-    let lineage = Lineage {
-        latest: Pointer::open(&format!("{}/{LATEST_FILE}", lineage.url))?,
-        ..lineage
-    };
-    let (versions, latest) = rt
-        .block_on(async { Ok::<_, Error>((lineage.versions().await?, lineage.latest().await?)) })?;
-    let promoted = latest.as_ref().map(|l| l.version.clone());
-    if json {
-        for (r, d) in &versions {
-            println!(
-                "{}",
-                serde_json::json!({"version": r.version, "step": r.step, "job": r.job,
-                    "train_loss": r.train_loss, "eval_loss": r.eval_loss,
-                    "created_unix_ms": r.created_unix_ms,
-                    "promoted": promoted.as_deref() == Some(r.version.as_str()),
-                    "decision": d.as_ref().map(|d| d.reason.clone())})
-            );
-        }
-        return Ok(());
-    }
-    if versions.is_empty() {
-        println!("no finished versions under {}", lineage.url);
-        return Ok(());
-    }
-    println!(
-        "{:<2} {:<40} {:>8} {:>10} {:>10}  NOTE",
-        "", "VERSION", "STEP", "TRAIN", "EVAL"
-    );
-    for (r, d) in &versions {
-        let mark = if promoted.as_deref() == Some(r.version.as_str()) {
-            "*"
-        } else {
-            ""
-        };
-        let loss = |l: Option<f64>| l.map_or("-".into(), |l| format!("{l:.4}"));
-        println!(
-            "{mark:<2} {:<40} {:>8} {:>10} {:>10}  {}",
-            r.version,
-            r.step,
-            loss(r.train_loss),
-            loss(r.eval_loss),
-            d.as_ref().map_or(String::new(), |d| d.reason.clone())
-        );
-    }
-    if promoted.is_none() {
-        println!("(no version is promoted)");
-    }
-    Ok(())
-}
-
-/// `--lineage`: a JSON object of lineage facts.
-pub fn parse_lineage(text: &str) -> Result<serde_json::Value> {
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(v) if v.is_object() => Ok(v),
-        Ok(_) => Err(Error::Invalid("--lineage must be a JSON object".into())),
-        Err(e) => Err(Error::Invalid(format!("--lineage is not JSON: {e}"))),
-    }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start the IO runtime: {e}")))
 }
 
 #[cfg(test)]

@@ -1,0 +1,249 @@
+//! A lineage (`<export.url>/<name>/`): its versions' records, its promoted version, and the
+//! small JSON records in them.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lockstep_storage::objects;
+use lockstep_storage::pointer::Pointer;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use super::{LATEST_FILE, LINEAGE_FILE, MAX_RECORD, PROMOTION_FILE, check_segment, store_err};
+use crate::error::{Error, Result};
+
+/// Where a lineage lives: `<export.url>/<name>`.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    pub(super) store: Arc<dyn ObjectStore>,
+    pub(super) root: Path,
+    pub(super) url: String,
+    pub(super) latest: Pointer,
+}
+
+impl Lineage {
+    /// The lineage `name` under `export_url` (`file://` or `s3://`).
+    pub fn open(export_url: &str, name: &str) -> Result<Lineage> {
+        check_segment("export.name", name)?;
+        let url = format!("{}/{name}", export_url.trim_end_matches('/'));
+        let (store, root) = objects::open_url(&url)?;
+        let latest = Pointer::open(&format!("{url}/{LATEST_FILE}"))?;
+        Ok(Lineage {
+            store,
+            root,
+            url,
+            latest,
+        })
+    }
+
+    /// The lineage at `root` of `store` (tests: a wrapped or in-memory store).
+    pub fn with_store(store: Arc<dyn ObjectStore>, root: Path, url: &str) -> Lineage {
+        let latest = Pointer::with_store(store.clone(), root.clone().join(LATEST_FILE), url);
+        Lineage {
+            store,
+            root,
+            url: url.to_string(),
+            latest,
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(super) async fn put(&self, path: &Path, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| store_err("write", &self.display(path), e))
+    }
+
+    /// A small JSON record, or `None` when absent.
+    pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &Path,
+    ) -> Result<Option<T>> {
+        let at = self.display(path);
+        let meta = match self.store.head(path).await {
+            Ok(m) => m,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(store_err("read", &at, e)),
+        };
+        if meta.size > MAX_RECORD {
+            return Err(Error::Invalid(format!(
+                "{at}: {} bytes, more than a {MAX_RECORD}-byte record can be",
+                meta.size
+            )));
+        }
+        let bytes = self
+            .store
+            .get(path)
+            .await
+            .map_err(|e| store_err("read", &at, e))?
+            .bytes()
+            .await
+            .map_err(|e| store_err("read", &at, e))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Invalid(format!("{at}: not a lockstep record: {e}")))
+    }
+
+    pub(super) fn display(&self, path: &Path) -> String {
+        let rel = path
+            .as_ref()
+            .strip_prefix(self.root.as_ref())
+            .unwrap_or(path.as_ref())
+            .trim_start_matches('/');
+        format!("{}/{rel}", self.url)
+    }
+
+    /// The promoted version, if any.
+    pub async fn latest(&self) -> Result<Option<Latest>> {
+        match self.latest.read().await? {
+            None => Ok(None),
+            Some((bytes, _)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: not a lockstep latest.json: {e}",
+                    self.latest.url()
+                ))
+            }),
+        }
+    }
+
+    /// Every finished version (those with a `lockstep.json`), oldest first by creation time,
+    /// with its promotion decision.
+    pub async fn versions(&self) -> Result<Vec<(Record, Option<Decision>)>> {
+        use futures::TryStreamExt;
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&self.root))
+            .try_collect()
+            .await
+            .map_err(|e| store_err("list", &self.url, e))?;
+        let mut out = Vec::new();
+        for meta in listed {
+            // Only `<root>/<version>/lockstep.json`; the directory names the version.
+            let rel = meta
+                .location
+                .as_ref()
+                .strip_prefix(self.root.as_ref())
+                .unwrap_or("")
+                .trim_start_matches('/')
+                .to_string();
+            let Some((dir, LINEAGE_FILE)) = rel.split_once('/') else {
+                continue;
+            };
+            if dir.contains('/') {
+                continue;
+            }
+            // One damaged record does not hide the others.
+            let record = match self.read_json::<Record>(&meta.location).await {
+                Ok(Some(r)) if r.version == dir => r,
+                Ok(Some(r)) => {
+                    tracing::warn!(dir, claims = %r.version, "skipping a lockstep.json that names another version");
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a damaged version record");
+                    continue;
+                }
+            };
+            let decision = self
+                .read_json::<Decision>(
+                    &self
+                        .root
+                        .clone()
+                        .join(record.version.as_str())
+                        .join(PROMOTION_FILE),
+                )
+                .await
+                .unwrap_or(None);
+            out.push((record, decision));
+        }
+        out.sort_by(|a, b| {
+            (a.0.created_unix_ms, &a.0.version).cmp(&(b.0.created_unix_ms, &b.0.version))
+        });
+        Ok(out)
+    }
+}
+
+/// One file of a version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Its name in the version directory.
+    pub name: String,
+    /// Bytes.
+    pub bytes: u64,
+    /// Hex sha256 of its bytes.
+    pub sha256: String,
+}
+
+/// `lockstep.json`: a finished version's lineage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// `lockstep-export/1`.
+    pub format: String,
+    /// The lineage.
+    pub name: String,
+    /// This version.
+    pub version: String,
+    /// The job that trained it.
+    pub job: String,
+    /// The checkpoint it was exported from (`URL@STEP`).
+    pub checkpoint: String,
+    /// Its step.
+    pub step: u64,
+    /// The checkpoint's config hash.
+    pub config_hash: String,
+    /// Weight dtype in `model.safetensors`.
+    pub dtype: String,
+    /// The base model the tokenizer files came from, if any.
+    pub base: Option<String>,
+    /// Loss of the checkpoint's last step.
+    pub train_loss: Option<f64>,
+    /// Its held-out loss.
+    pub eval_loss: Option<f64>,
+    /// When the export finished (Unix milliseconds).
+    pub created_unix_ms: u64,
+    /// Every other file of the version.
+    pub files: Vec<FileEntry>,
+    /// Facts the caller knows and the checkpoint does not (attempts, data, base hash, …).
+    #[serde(default)]
+    pub lineage: serde_json::Value,
+    /// What the training run started from and read: the base model (and its safetensors'
+    /// sha256) and the records per training and held-out file.
+    #[serde(default)]
+    pub trained_from: serde_json::Value,
+}
+
+/// `latest.json`: the promoted version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latest {
+    /// The version.
+    pub version: String,
+    /// Its directory's URL.
+    pub url: String,
+    /// Its step.
+    pub step: u64,
+    /// Its losses.
+    pub train_loss: Option<f64>,
+    /// Its held-out loss.
+    pub eval_loss: Option<f64>,
+    /// When it was promoted (Unix milliseconds).
+    pub promoted_unix_ms: u64,
+}
+
+/// `promotion.json`: what was decided for a version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Whether it became `latest.json`.
+    pub promoted: bool,
+    /// Why not, or what it replaced.
+    pub reason: String,
+    /// When (Unix milliseconds).
+    pub decided_unix_ms: u64,
+}

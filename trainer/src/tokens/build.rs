@@ -1,0 +1,281 @@
+//! Building a token store: JSONL streamed in ranges, split into lines, each record tokenised
+//! and appended.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use lockstep_storage::objects::Object;
+use xxhash_rust::xxh3::Xxh3;
+
+use super::store::{FileCount, Meta};
+use super::{Encoding, FORMAT, MAX_RECORD_BYTES, RANGE, REPORT_EVERY, private_file};
+use crate::error::{Error, Result};
+
+/// Tokenises `sources` into a new store in `dir`.
+pub(super) fn build(
+    dir: &Path,
+    sources: &[Object],
+    enc: &Encoding<'_>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let total: u64 = sources.iter().map(|o| o.size).sum();
+    tracing::info!(files = sources.len(), bytes = total, "tokenising data");
+    let mut b = Builder::create(dir, enc)?;
+    let (started, mut reported) = (Instant::now(), Instant::now());
+    let mut done = 0u64;
+    for object in sources {
+        let mut lines = Lines::new(&object.url);
+        let (docs_before, skipped_before) = (b.meta.docs, b.meta.skipped);
+        let mut offset = 0;
+        while offset < object.size {
+            let end = (offset + RANGE).min(object.size);
+            let chunk = rt.block_on(object.read_range(offset..end))?;
+            if chunk.len() as u64 != end - offset {
+                return Err(Error::Data {
+                    file: object.url.clone(),
+                    line: 0,
+                    reason: format!(
+                        "read {} bytes at offset {offset} where {} were expected (the object \
+                         changed while it was being read?)",
+                        chunk.len(),
+                        end - offset
+                    ),
+                });
+            }
+            lines.feed(&chunk, |line_no, line| b.add(&object.url, line_no, line))?;
+            offset = end;
+            done += chunk.len() as u64;
+            if reported.elapsed() >= REPORT_EVERY {
+                reported = Instant::now();
+                tracing::info!(
+                    "tokenised {} of {} MB ({:.0}%), {} documents",
+                    done >> 20,
+                    total >> 20,
+                    100.0 * done as f64 / total.max(1) as f64,
+                    b.meta.docs
+                );
+            }
+        }
+        lines.finish(|line_no, line| b.add(&object.url, line_no, line))?;
+        b.meta.files += 1;
+        b.meta.per_file.push(FileCount {
+            url: object.url.clone(),
+            records: b.meta.docs - docs_before,
+            skipped: b.meta.skipped - skipped_before,
+        });
+    }
+    let meta = b.write_meta(dir)?;
+    tracing::info!(
+        docs = meta.docs,
+        tokens = meta.tokens,
+        skipped = meta.skipped,
+        secs = started.elapsed().as_secs_f64(),
+        "tokenised data into the token store"
+    );
+    Ok(())
+}
+
+/// Splits a byte stream into JSONL lines, numbering them, bounding their length.
+pub struct Lines {
+    file: String,
+    pending: Vec<u8>,
+    line_no: u64,
+}
+
+impl Lines {
+    /// Lines of `file` (named in errors).
+    pub fn new(file: &str) -> Lines {
+        Lines {
+            file: file.to_string(),
+            pending: Vec::new(),
+            line_no: 0,
+        }
+    }
+
+    /// Hands every line completed by `chunk` to `each` (its 1-based number and bytes, without
+    /// the newline or a trailing `\r`).
+    pub fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        mut each: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+            self.bound(nl)?;
+            self.line_no += 1;
+            let line = if self.pending.is_empty() {
+                &chunk[..nl]
+            } else {
+                self.pending.extend_from_slice(&chunk[..nl]);
+                &self.pending[..]
+            };
+            each(self.line_no, line.strip_suffix(b"\r").unwrap_or(line))?;
+            self.pending.clear();
+            chunk = &chunk[nl + 1..];
+        }
+        self.bound(chunk.len())?;
+        self.pending.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// Hands the last line (one without a newline) to `each`.
+    pub fn finish(mut self, mut each: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.line_no += 1;
+        let line = std::mem::take(&mut self.pending);
+        each(self.line_no, line.strip_suffix(b"\r").unwrap_or(&line))
+    }
+
+    fn bound(&self, more: usize) -> Result<()> {
+        if self.pending.len() + more > MAX_RECORD_BYTES {
+            return Err(Error::Data {
+                file: self.file.clone(),
+                line: self.line_no + 1,
+                reason: format!(
+                    "the record is longer than {} MiB (the limit on one JSONL line)",
+                    MAX_RECORD_BYTES >> 20
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Writes a new store.
+pub struct Builder<'a> {
+    dir: PathBuf,
+    enc: &'a Encoding<'a>,
+    tokens: BufWriter<File>,
+    docs: BufWriter<File>,
+    tokens_hash: Xxh3,
+    docs_hash: Xxh3,
+    meta: Meta,
+    ids: Vec<u8>,
+}
+
+impl<'a> Builder<'a> {
+    /// Starts a store in `dir` (created, private; it must not exist).
+    pub fn create(dir: &Path, enc: &'a Encoding<'a>) -> Result<Builder<'a>> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| Error::Io { path, source }
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+        let open = |name: &str| {
+            let path = dir.join(name);
+            private_file(&path, true)
+                .map(|f| BufWriter::with_capacity(1 << 20, f))
+                .map_err(io(&path))
+        };
+        Ok(Builder {
+            dir: dir.to_path_buf(),
+            enc,
+            tokens: open("tokens.bin")?,
+            docs: open("docs.bin")?,
+            tokens_hash: Xxh3::new(),
+            docs_hash: Xxh3::new(),
+            meta: Meta {
+                format: FORMAT,
+                width: enc.width(),
+                vocab: enc.vocab as u64,
+                docs: 0,
+                tokens: 0,
+                skipped: 0,
+                files: 0,
+                tokens_xxh3: String::new(),
+                docs_xxh3: String::new(),
+                per_file: Vec::new(),
+            },
+            ids: Vec::new(),
+        })
+    }
+
+    /// Adds the JSONL record `line` (line `line_no` of `file`): blank lines are skipped, a bad
+    /// record is an error naming the file and line, or — with `skip_bad` — counted and left out.
+    pub fn add(&mut self, file: &str, line_no: u64, line: &[u8]) -> Result<()> {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        let (tokens, prompt) =
+            match crate::data::encode_record(line, self.enc.tokenizer, self.enc.vocab) {
+                Ok(t) => t,
+                Err(_) if self.enc.skip_bad => {
+                    self.meta.skipped += 1;
+                    return Ok(());
+                }
+                Err(reason) => {
+                    return Err(Error::Data {
+                        file: file.into(),
+                        line: line_no,
+                        reason: format!(
+                            "{reason} (set data.skip_bad_records = true to skip such records)"
+                        ),
+                    });
+                }
+            };
+        let len = u32::try_from(tokens.len()).map_err(|_| Error::Data {
+            file: file.into(),
+            line: line_no,
+            reason: "the record has more than 4 billion tokens".into(),
+        })?;
+        self.ids.clear();
+        for &t in &tokens {
+            if self.meta.width == 2 {
+                self.ids.extend_from_slice(&(t as u16).to_le_bytes());
+            } else {
+                self.ids.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+        let mut doc = [0u8; 8];
+        doc[..4].copy_from_slice(&len.to_le_bytes());
+        doc[4..].copy_from_slice(&(prompt as u32).to_le_bytes());
+        self.tokens_hash.update(&self.ids);
+        self.docs_hash.update(&doc);
+        let io = |name: &str| {
+            let path = self.dir.join(name).display().to_string();
+            move |source| Error::Io { path, source }
+        };
+        self.tokens.write_all(&self.ids).map_err(io("tokens.bin"))?;
+        self.docs.write_all(&doc).map_err(io("docs.bin"))?;
+        self.meta.docs += 1;
+        self.meta.tokens += u64::from(len);
+        Ok(())
+    }
+
+    /// Syncs both files and writes `meta.json` (synced) last.
+    pub fn finish(self, dir: &Path) -> Result<()> {
+        self.write_meta(dir).map(|_| ())
+    }
+
+    pub(super) fn write_meta(mut self, dir: &Path) -> Result<Meta> {
+        let io = |path: PathBuf| {
+            move |source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            }
+        };
+        for (name, w) in [("tokens.bin", self.tokens), ("docs.bin", self.docs)] {
+            let f = w
+                .into_inner()
+                .map_err(|e| io(dir.join(name))(e.into_error()))?;
+            f.sync_all().map_err(io(dir.join(name)))?;
+        }
+        self.meta.tokens_xxh3 = format!("{:016x}", self.tokens_hash.digest());
+        self.meta.docs_xxh3 = format!("{:016x}", self.docs_hash.digest());
+        let path = dir.join("meta.json");
+        let mut f = private_file(&path, true).map_err(io(path.clone()))?;
+        let json = serde_json::to_vec_pretty(&self.meta)
+            .map_err(|e| Error::Invalid(format!("token store meta: {e}")))?;
+        f.write_all(&json)
+            .and_then(|()| f.sync_all())
+            .map_err(io(path))?;
+        Ok(self.meta)
+    }
+}
