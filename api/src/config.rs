@@ -285,6 +285,17 @@ impl ExportSection {
     }
 }
 
+/// Whether `s` can name one directory in a URL: 1–128 letters, digits, `-`, `_` or `.`, and
+/// not `.` or `..` (export lineage names and versions).
+pub fn is_path_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// Named defaults of every optional field.
 pub mod defaults {
     use std::time::Duration;
@@ -580,13 +591,7 @@ impl JobConfig {
                 }
             }
             if let Some(n) = &e.name
-                && (n.is_empty()
-                    || n.len() > 128
-                    || n == "."
-                    || n == ".."
-                    || !n
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+                && !is_path_segment(n)
             {
                 return bad(
                     "export.name",

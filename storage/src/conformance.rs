@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use object_store::{ObjectStoreExt, PutPayload};
 
+use crate::pointer::{Pointer, Swap};
 use crate::retention::RetentionPolicy;
 use crate::writer::{CommitInfo, TensorInput};
 use crate::{CheckpointStore, DType, Error};
@@ -510,4 +511,29 @@ async fn set_aside_objects(store: &CheckpointStore) -> Vec<String> {
         .into_iter()
         .map(|o| o.location.to_string())
         .collect()
+}
+
+/// A [`Pointer`] over an empty location is compare-and-swap: creating twice conflicts, and of
+/// two writers that read the same version only the first swap lands.
+pub async fn pointer_swaps(p: &Pointer) {
+    assert!(p.read().await.expect("read").is_none());
+    assert_eq!(p.swap(None, "a".into()).await.expect("swap"), Swap::Done);
+    // Creating again: someone already did.
+    assert_eq!(
+        p.swap(None, "x".into()).await.expect("swap"),
+        Swap::Conflict
+    );
+    let (b, seen) = p.read().await.expect("read").expect("the pointer exists");
+    assert_eq!(&b[..], b"a");
+    // Two writers read the same version; the first swap wins, the second conflicts.
+    assert_eq!(
+        p.swap(Some(&seen), "b".into()).await.expect("swap"),
+        Swap::Done
+    );
+    assert_eq!(
+        p.swap(Some(&seen), "c".into()).await.expect("swap"),
+        Swap::Conflict
+    );
+    let (b, _) = p.read().await.expect("read").expect("the pointer exists");
+    assert_eq!(&b[..], b"b");
 }

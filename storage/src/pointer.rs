@@ -213,23 +213,6 @@ fn swap_file(file: &std::path::Path, expected: Option<Seen>, bytes: &[u8]) -> Re
 mod tests {
     use super::*;
 
-    async fn races(p: &Pointer) {
-        assert!(p.read().await.unwrap().is_none());
-        assert_eq!(p.swap(None, "a".into()).await.unwrap(), Swap::Done);
-        // Creating again: someone already did.
-        assert_eq!(p.swap(None, "x".into()).await.unwrap(), Swap::Conflict);
-        let (b, seen) = p.read().await.unwrap().unwrap();
-        assert_eq!(&b[..], b"a");
-        // Two writers read the same version; the first swap wins, the second conflicts.
-        assert_eq!(p.swap(Some(&seen), "b".into()).await.unwrap(), Swap::Done);
-        assert_eq!(
-            p.swap(Some(&seen), "c".into()).await.unwrap(),
-            Swap::Conflict
-        );
-        let (b, _) = p.read().await.unwrap().unwrap();
-        assert_eq!(&b[..], b"b");
-    }
-
     #[tokio::test]
     async fn only_one_of_two_racing_writers_wins_in_memory_and_on_disk() {
         let mem = Pointer::with_store(
@@ -237,9 +220,9 @@ mod tests {
             Path::from("m/latest.json"),
             "memory://m/latest.json",
         );
-        races(&mem).await;
+        crate::conformance::pointer_swaps(&mem).await;
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}/m/latest.json", dir.path().display());
-        races(&Pointer::open(&url).unwrap()).await;
+        crate::conformance::pointer_swaps(&Pointer::open(&url).unwrap()).await;
     }
 }

@@ -188,6 +188,21 @@ pub struct GcReport {
     pub debris: Vec<u64>,
 }
 
+/// Splits a checkpoint target `URL[@STEP]`; `@latest` and no suffix mean the newest. Only a
+/// numeric suffix is a step (an `@` elsewhere stays in the URL).
+pub fn split_target(target: &str) -> Result<(&str, Option<u64>)> {
+    match target.rsplit_once('@') {
+        Some((url, "latest")) => Ok((url, None)),
+        Some((url, step)) if !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()) => {
+            let step = step
+                .parse()
+                .map_err(|_| Error::Invalid(format!("step `{step}` is out of range")))?;
+            Ok((url, Some(step)))
+        }
+        _ => Ok((target, None)),
+    }
+}
+
 impl CheckpointStore {
     /// Opens the checkpoint root at `url` with default options. `file://` directories are
     /// created if missing; `s3://` reads credentials, region and endpoint from `AWS_*`.
@@ -517,18 +532,8 @@ impl CheckpointStore {
 
     /// Every object under `dir`.
     pub(crate) async fn list_dir(&self, dir: &Path) -> Result<Vec<Path>> {
-        let files: Vec<_> = self
-            .opts
-            .retry
-            .run("list step", Error::is_transient, || async {
-                self.inner
-                    .list(Some(dir))
-                    .try_collect::<Vec<_>>()
-                    .await
-                    .map_err(|e| Error::store("list step", self.display(dir), e))
-            })
-            .await?;
-        Ok(files.into_iter().map(|f| f.location).collect())
+        let files = self.list_dir_sizes(dir).await?;
+        Ok(files.into_iter().map(|(p, _)| p).collect())
     }
 
     /// Copies one object of `size` bytes: server-side up to
@@ -747,6 +752,15 @@ pub(crate) fn parse_step_dir(name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_split_on_a_numeric_suffix_only() {
+        assert_eq!(split_target("file://a@3").unwrap(), ("file://a", Some(3)));
+        assert_eq!(split_target("file://a@latest").unwrap(), ("file://a", None));
+        assert_eq!(split_target("file://a").unwrap(), ("file://a", None));
+        assert_eq!(split_target("s3://b/x@y").unwrap(), ("s3://b/x@y", None));
+        assert!(split_target("file://a@99999999999999999999999").is_err());
+    }
 
     #[test]
     fn step_dirs_parse_strictly() {

@@ -176,21 +176,12 @@ impl Packer {
         batch_size: usize,
         accum: usize,
     ) -> Result<Vec<Batch>> {
-        let mut ids = Vec::with_capacity(self.seq_len + 1);
         (0..accum)
             .map(|a| {
-                let mut b = Batch {
-                    rows: 0,
-                    seq_len: self.seq_len,
-                    inputs: Vec::new(),
-                    targets: Vec::new(),
-                    weights: Vec::new(),
-                };
-                let first = cursor + ((a * world + rank) * batch_size) as u64;
-                for j in 0..batch_size as u64 {
-                    self.push_window(first + j, &mut b, &mut ids)?;
-                }
-                Ok(b)
+                self.windows(
+                    cursor + ((a * world + rank) * batch_size) as u64,
+                    batch_size,
+                )
             })
             .collect()
     }

@@ -60,18 +60,9 @@ pub async fn run(cmd: CkptCommand, out: &mut impl Write) -> Result<ExitCode> {
     }
 }
 
-/// Splits `URL[@STEP]`; `@latest` and no suffix mean the newest.
+/// `URL[@STEP]` (storage's one parser), a bad step being a usage error.
 fn split_target(target: &str) -> Result<(&str, Option<u64>)> {
-    match target.rsplit_once('@') {
-        Some((url, "latest")) => Ok((url, None)),
-        Some((url, step)) if !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()) => {
-            let step = step
-                .parse()
-                .map_err(|_| CliError::Usage(format!("step `{step}` is out of range")))?;
-            Ok((url, Some(step)))
-        }
-        _ => Ok((target, None)),
-    }
+    lockstep_storage::store::split_target(target).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 async fn resolve(target: &str) -> Result<(CheckpointStore, u64)> {
@@ -330,18 +321,5 @@ fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets_split_on_a_numeric_suffix_only() {
-        assert_eq!(split_target("file://a@3").unwrap(), ("file://a", Some(3)));
-        assert_eq!(split_target("file://a@latest").unwrap(), ("file://a", None));
-        assert_eq!(split_target("file://a").unwrap(), ("file://a", None));
-        assert_eq!(split_target("s3://b/x@y").unwrap(), ("s3://b/x@y", None));
     }
 }

@@ -131,13 +131,7 @@ fn store_err(op: &'static str, at: &str, e: object_store::Error) -> Error {
 
 /// A name or version: it becomes one path segment.
 fn check_segment(what: &str, s: &str) -> Result<()> {
-    let ok = !s.is_empty()
-        && s.len() <= 128
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
+    if lockstep_api::config::is_path_segment(s) {
         Ok(())
     } else {
         Err(Error::Invalid(format!(
@@ -228,20 +222,6 @@ pub fn utc_date(unix_ms: u64) -> String {
     lockstep_api::date::iso(unix_ms).replace('-', "")
 }
 
-/// Splits `URL[@STEP]`.
-fn split_target(target: &str) -> Result<(&str, Option<u64>)> {
-    match target.rsplit_once('@') {
-        Some((url, "latest")) => Ok((url, None)),
-        Some((url, step)) if !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()) => {
-            let step = step
-                .parse()
-                .map_err(|_| Error::Invalid(format!("step `{step}` is out of range")))?;
-            Ok((url, Some(step)))
-        }
-        _ => Ok((target, None)),
-    }
-}
-
 /// The model files of a checkpoint: safetensors, config.json, generation_config.json.
 fn model_files(
     state: &TrainerState,
@@ -323,7 +303,7 @@ async fn tokenizer_files(base: &str) -> Result<Vec<(String, Bytes)>> {
 /// name; `None`: open it from `to` and the name the checkpoint implies), and promotes it if
 /// asked and the gate allows.
 pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result<Exported> {
-    let (url, step) = split_target(&req.checkpoint)?;
+    let (url, step) = lockstep_storage::store::split_target(&req.checkpoint)?;
     let store = CheckpointStore::open_existing(url)?;
     let step = match step {
         Some(s) => s,
