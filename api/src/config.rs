@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// A whole job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobConfig {
     /// Gang and recovery settings.
@@ -64,7 +64,7 @@ pub mod limits {
 }
 
 /// `[job]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
     /// Job name: lower-case letters, digits and `-` (it names Kubernetes objects).
@@ -77,20 +77,23 @@ pub struct JobSection {
     pub max_restarts: u32,
     /// Time for all ranks to launch and join before the attempt is torn down.
     #[serde(default = "defaults::gang_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub gang_timeout: Duration,
     /// A rank silent for this long is dead.
     #[serde(default = "defaults::heartbeat_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub heartbeat_timeout: Duration,
     /// How long a collective operation (gradient all-reduce, forming the ring) waits for a peer
     /// before failing: a dead or hung rank is an error within this time, never a hang. It must
     /// also cover rank 0 loading the starting checkpoint and the slowest rank finishing its
     /// shard of a checkpoint still in flight, which the other ranks wait for.
     #[serde(default = "defaults::collective_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub collective_timeout: Duration,
 }
 
 /// `[model]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// `"init"` (random weights, architecture below) or a Hugging Face model directory/URL.
@@ -126,7 +129,7 @@ pub struct ModelSection {
 }
 
 /// `[data]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     /// JSONL files: object_store URLs or globs.
@@ -145,7 +148,7 @@ pub struct DataSection {
 }
 
 /// `[train]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
     /// Optimizer steps.
@@ -193,7 +196,9 @@ pub struct TrainSection {
 }
 
 /// How the learning rate decays after warmup.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Cosine from `lr` to `lr * min_lr_ratio`.
@@ -206,7 +211,7 @@ pub enum Schedule {
 }
 
 /// `[checkpoint]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSection {
     /// Checkpoint root: `file://PATH`, `s3://BUCKET/PREFIX`.
@@ -257,7 +262,7 @@ impl CheckpointSection {
 }
 
 /// `[export]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSection {
     /// Where exported models go: a version lands in `<url>/<name>/<version>/`.
@@ -276,6 +281,10 @@ pub struct ExportSection {
     /// POST a JSON notice (model, version, URL, step, losses) here when a version is promoted.
     #[serde(default)]
     pub webhook: Option<String>,
+    /// On Kubernetes: the serving Deployment (same namespace) whose pod template is annotated
+    /// with each promoted version (`lockstep.dev/model-version`), so it rolls to it.
+    #[serde(default)]
+    pub rollout: Option<String>,
 }
 
 impl ExportSection {
@@ -294,6 +303,18 @@ pub fn is_path_segment(s: &str) -> bool {
         && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Whether `s` is a Kubernetes DNS label (RFC 1123): 1–63 lower-case letters, digits and
+/// `-`, starting and ending with a letter or digit.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 /// Named defaults of every optional field.
@@ -589,6 +610,14 @@ impl JobConfig {
                         "must be an http:// or https:// URL with a host",
                     );
                 }
+            }
+            if let Some(d) = &e.rollout
+                && !is_dns_label(d)
+            {
+                return bad(
+                    "export.rollout",
+                    "must name a Deployment: 1–63 lower-case letters, digits and `-`, starting and ending with a letter or digit",
+                );
             }
             if let Some(n) = &e.name
                 && !is_path_segment(n)

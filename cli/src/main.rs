@@ -106,16 +106,19 @@ enum Command {
     /// Run the coordinator service: jobs are submitted to it (`lockstep submit`) and kept in
     /// DATA_DIR/jobs.redb, so a restarted coordinator resumes every live job.
     Serve(ServeArgs),
-    /// Submit a job to a running coordinator; prints its id.
+    /// Submit a job to a running coordinator; prints its id. With --kubernetes, create it as a
+    /// LockstepJob in the current kubeconfig context instead (the in-cluster coordinator runs
+    /// it); one that already exists under its name is left alone, so a CronJob that runs twice
+    /// the same night submits once.
     Submit {
         /// The job config (TOML).
         config: PathBuf,
-        /// Override a config field: `--set train.steps=20` (repeatable).
-        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-        set: Vec<String>,
-        /// What `{date}` in the config becomes (YYYY-MM-DD; default: today, UTC).
-        #[arg(long, value_name = "YYYY-MM-DD")]
-        date: Option<String>,
+        /// Create a LockstepJob on Kubernetes (the settings below) instead of calling a
+        /// coordinator.
+        #[arg(long)]
+        kubernetes: bool,
+        #[command(flatten)]
+        kube: KubeJobArgs,
         /// Watch it until it ends.
         #[arg(long)]
         watch: bool,
@@ -155,6 +158,32 @@ enum Command {
     /// Inspect, verify and garbage-collect checkpoints.
     #[command(subcommand)]
     Ckpt(Ckpt),
+    /// Print the LockstepJob CustomResourceDefinition (`lockstep crd | kubectl apply -f -`).
+    Crd,
+    /// Print the Kubernetes objects a config becomes, as YAML, for review and GitOps: the
+    /// LockstepJob (`kubectl apply -f` it, as `submit --kubernetes` would create it) and, with
+    /// --attempt, what the coordinator creates for that attempt (the JobSet, or Indexed Job and
+    /// headless Service; the ConfigMap with the config; the NetworkPolicy of the gang).
+    Render {
+        /// The job config (TOML).
+        config: PathBuf,
+        /// Also print the objects of this attempt (1 is the first).
+        #[arg(long, value_name = "N")]
+        attempt: Option<u32>,
+        /// The coordinator URL the trainer pods are given (with --attempt).
+        #[arg(
+            long,
+            value_name = "URL",
+            default_value = "http://lockstep-coordinator:7070"
+        )]
+        coordinator_url: String,
+        /// How a gang is made (with --attempt): a JobSet, or where JobSet is not installed an
+        /// Indexed Job and a headless Service.
+        #[arg(long, value_enum, default_value_t = GangFlavor::Jobset)]
+        flavor: GangFlavor,
+        #[command(flatten)]
+        kube: KubeJobArgs,
+    },
     /// Train as one rank (what `run`, `serve` and Kubernetes pods start; also for debugging).
     ///
     /// Alone it trains the job in CONFIG at world size 1; with --rank and --peers it is one
@@ -230,6 +259,10 @@ struct ExportArgs {
         hide_env_values = true
     )]
     webhook: Option<String>,
+    /// Also write the result (the --json object) to this file (on Kubernetes the export pod's
+    /// /dev/termination-log, where the coordinator reads it).
+    #[arg(long, value_name = "PATH")]
+    result_file: Option<PathBuf>,
     /// Lineage facts for lockstep.json, as a JSON object (set by the coordinator).
     #[arg(long, hide = true, value_name = "JSON")]
     lineage: Option<String>,
@@ -277,16 +310,126 @@ struct RunArgs {
     date: Option<String>,
 }
 
+/// How a LockstepJob's pods run (`render`, `submit --kubernetes`).
+#[derive(Debug, Args)]
+struct KubeJobArgs {
+    /// Override a config field: `--set train.steps=20` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// What `{date}` in the config and --name becomes (YYYY-MM-DD; default: today, UTC).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    date: Option<String>,
+    /// The LockstepJob's name, at most 40 characters (`{date}` allowed, e.g.
+    /// `nightly-{date}`; default: job.name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Its namespace (default: the kubeconfig context's; `default` for render).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// The lockstep image the pods run.
+    #[arg(long, env = "LOCKSTEP_IMAGE", default_value = concat!("lockstep:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// CPU per trainer pod (a Kubernetes quantity: 4, 500m).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Memory per trainer pod (16Gi).
+    #[arg(long)]
+    memory: Option<String>,
+    /// nvidia.com/gpu per trainer pod (the pods then train with --device cuda).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// A Secret with the S3 settings (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT,
+    /// AWS_REGION, …) given to every pod.
+    #[arg(long, value_name = "SECRET")]
+    s3_secret: Option<String>,
+    /// A Kueue LocalQueue: each gang is created suspended and admitted whole.
+    #[arg(long, value_name = "QUEUE")]
+    kueue_queue: Option<String>,
+    /// A ReadWriteMany PersistentVolumeClaim every pod mounts at PATH and runs in, so relative
+    /// file:// URLs resolve under it (default for configs with relative file:// URLs:
+    /// lockstep-data:/data).
+    #[arg(long, value_name = "CLAIM[:PATH]")]
+    shared_volume: Option<String>,
+    /// Create it suspended (no pods until `spec.suspend` is set to false).
+    #[arg(long)]
+    suspend: bool,
+}
+
+impl KubeJobArgs {
+    fn into_lib(self, config: PathBuf) -> cli::kube::JobArgs {
+        cli::kube::JobArgs {
+            config,
+            set: self.set,
+            date: self.date,
+            name: self.name,
+            namespace: self.namespace,
+            image: self.image,
+            resources: lockstep_coordinator::k8s::crd::PodResources {
+                cpu: self.cpu,
+                memory: self.memory,
+                gpu: self.gpus,
+            },
+            s3_secret: self.s3_secret,
+            queue: self.kueue_queue,
+            shared_volume: self.shared_volume,
+            suspend: self.suspend,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GangFlavor {
+    /// jobset.x-k8s.io/v1alpha2 JobSet.
+    Jobset,
+    /// batch/v1 Indexed Job and a headless Service.
+    IndexedJob,
+}
+
+impl GangFlavor {
+    fn into_lib(self) -> lockstep_coordinator::k8s::Flavor {
+        match self {
+            GangFlavor::Jobset => lockstep_coordinator::k8s::Flavor::JobSet,
+            GangFlavor::IndexedJob => lockstep_coordinator::k8s::Flavor::IndexedJob,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LauncherKind {
+    /// Workers are processes of this machine; jobs are kept in DATA_DIR/jobs.redb.
+    Local,
+    /// Workers are pods: the coordinator is the controller of the namespace's LockstepJobs,
+    /// whose status is the job store.
+    Kubernetes,
+}
+
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// Where workers run: on this machine, or as pods (in a cluster: the LockstepJob
+    /// controller).
+    #[arg(long, value_enum, default_value_t = LauncherKind::Local)]
+    launcher: LauncherKind,
+    /// The namespace whose LockstepJobs the controller runs (--launcher kubernetes; default:
+    /// the in-cluster or kubeconfig namespace).
+    #[arg(long, env = "LOCKSTEP_NAMESPACE")]
+    namespace: Option<String>,
+    /// The gRPC URL trainer pods reach this coordinator at (--launcher kubernetes; default:
+    /// http://lockstep-coordinator.NAMESPACE.svc:PORT, the Service in jobsets/).
+    #[arg(long, value_name = "URL")]
+    advertise_url: Option<String>,
+    /// How gangs are made (--launcher kubernetes; default: JobSet where its CRD is served,
+    /// else Indexed Job).
+    #[arg(long, value_enum)]
+    flavor: Option<GangFlavor>,
     /// gRPC address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// Job store (`jobs.redb`), admin token (`admin.token`) and worker logs.
     #[arg(long, env = "LOCKSTEP_DATA_DIR", default_value_os_t = jobs::default_data_dir())]
     data_dir: PathBuf,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus metrics at http://ADDR/metrics, and the probes /healthz and /readyz
+    /// (required with --launcher kubernetes).
+    #[arg(long, value_name = "ADDR", required_if_eq("launcher", "kubernetes"))]
     metrics_addr: Option<SocketAddr>,
     /// Serve gRPC over TLS with this certificate chain (PEM; with --tls-key). Clients then use
     /// https:// and --tls-ca. Local workers reach the coordinator over a loopback-only
@@ -597,6 +740,7 @@ fn main() -> ExitCode {
                     },
                     &to,
                     a.json,
+                    a.result_file.as_deref(),
                 ),
                 // clap requires both without a subcommand.
                 _ => Err(lockstep_trainer::Error::Invalid(
@@ -625,6 +769,34 @@ fn main() -> ExitCode {
                 date: a.date,
             }),
         ),
+        Command::Serve(a) if a.launcher == LauncherKind::Kubernetes => {
+            if a.tls_cert.is_some() {
+                eprintln!(
+                    "error: --tls-cert: with --launcher kubernetes the coordinator serves plain \
+                     gRPC inside the cluster (its NetworkPolicy admits only lockstep pods); \
+                     terminate TLS in front of it for clients outside"
+                );
+                return ExitCode::from(2);
+            }
+            let advertise_url = a.advertise_url.unwrap_or_else(|| {
+                let ns = a.namespace.clone().unwrap_or_else(|| "default".into());
+                format!("http://lockstep-coordinator.{ns}.svc:{}", a.listen.port())
+            });
+            block_on(
+                1,
+                cli::kube::serve(cli::kube::ServeArgs {
+                    listen: a.listen,
+                    advertise_url,
+                    namespace: a.namespace,
+                    // clap requires it with --launcher kubernetes.
+                    http_addr: a
+                        .metrics_addr
+                        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9090))),
+                    data_dir: a.data_dir,
+                    flavor: a.flavor.map(GangFlavor::into_lib),
+                }),
+            )
+        }
         Command::Serve(a) => block_on(
             1,
             jobs::serve(jobs::ServeArgs {
@@ -635,14 +807,49 @@ fn main() -> ExitCode {
                 insecure_plaintext: a.insecure_plaintext,
             }),
         ),
+        Command::Crd => block_on(1, async { cli::kube::crd() }),
+        Command::Render {
+            config,
+            attempt,
+            coordinator_url,
+            flavor,
+            kube,
+        } => block_on(1, async move {
+            cli::kube::render(&cli::kube::RenderArgs {
+                job: kube.into_lib(config),
+                attempt,
+                coordinator_url,
+                flavor: flavor.into_lib(),
+            })
+        }),
         Command::Submit {
             config,
-            set,
-            date,
+            kubernetes: true,
+            kube,
+            watch,
+            ..
+        } => {
+            if watch {
+                eprintln!(
+                    "error: --watch: with --kubernetes, watch with `kubectl get lsj NAME -w` \
+                     (or `lockstep watch JOB` through a port-forward to the coordinator)"
+                );
+                return ExitCode::from(2);
+            }
+            block_on(
+                1,
+                async move { cli::kube::submit(&kube.into_lib(config)).await },
+            )
+        }
+        Command::Submit {
+            config,
+            kube,
             watch,
             json,
             client,
+            ..
         } => block_on(1, async move {
+            let (set, date) = (kube.set, kube.date);
             jobs::submit(
                 &config,
                 set,

@@ -36,6 +36,7 @@ pub mod auth;
 pub mod cli;
 pub mod commit;
 pub mod error;
+pub mod k8s;
 pub mod launcher;
 pub mod listen;
 pub mod metrics;

@@ -1,10 +1,8 @@
-//! Prometheus metrics of the coordinator, in the text exposition format, and the small HTTP
-//! endpoint that serves them (`GET /metrics`).
+//! Prometheus metrics of the coordinator, in the text exposition format, and the coordinator's
+//! HTTP side (axum): `GET /metrics`, and the probes `GET /healthz` and `GET /readyz`.
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::record::JobRecord;
 
@@ -167,58 +165,86 @@ impl Metrics {
     }
 }
 
-/// How long one metrics connection may take, request to response.
+/// How long one HTTP connection may take, request to response.
 pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves `render()` at `GET /metrics` on `listener` (HTTP/1.1, one response per connection).
+/// Serves on `listener` (HTTP/1.1, axum): `GET /metrics` is `render()` (Prometheus text),
+/// `GET /healthz` answers 200 while the process serves, `GET /readyz` 200 when `ready()` is
+/// `Ok` and 503 with its reason otherwise (the kubelet's probes).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     render: impl Fn() -> String + Send + Sync + 'static,
+    ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
 ) {
-    serve_within(listener, render, EXCHANGE_DEADLINE).await;
+    serve_within(listener, render, ready, EXCHANGE_DEADLINE).await;
+}
+
+fn router(
+    render: impl Fn() -> String + Send + Sync + 'static,
+    ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let (render, ready) = (std::sync::Arc::new(render), std::sync::Arc::new(ready));
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let render = render.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "try GET /metrics, /healthz or /readyz\n",
+            )
+        })
 }
 
 async fn serve_within(
     listener: tokio::net::TcpListener,
     render: impl Fn() -> String + Send + Sync + 'static,
+    ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
     deadline: std::time::Duration,
 ) {
     use futures::StreamExt;
-    let render = std::sync::Arc::new(render);
+    let app = router(render, ready);
     // Bounded, backing off on accept errors (see `listen`).
     let mut conns = Box::pin(crate::listen::incoming(listener, 64));
     while let Some(conn) = conns.next().await {
-        let Ok(mut sock) = conn else {
+        let Ok(sock) = conn else {
             continue;
         };
-        let render = render.clone();
-        // One deadline for the whole exchange: a client dribbling its request a byte at a
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // One deadline for the whole connection: a client dribbling its request a byte at a
         // time cannot hold one of the 64 connections longer than this.
         tokio::spawn(tokio::time::timeout(deadline, async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (bounded) and answer.
-            while n < buf.len() {
-                match sock.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if head.starts_with("GET /metrics ") {
-                ("200 OK", render())
-            } else {
-                ("404 Not Found", "try GET /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: \
-                 {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service)
+                .await;
         }));
     }
 }
@@ -236,6 +262,7 @@ mod tests {
         tokio::spawn(super::serve_within(
             listener,
             || "lockstep_up 1\n".to_string(),
+            || Err("still starting".into()),
             Duration::from_millis(500),
         ));
         // A byte every 100 ms: the whole request would take 2.4 s; the exchange may take 0.5 s.
@@ -273,5 +300,22 @@ mod tests {
             resp.starts_with("HTTP/1.1 200") && resp.ends_with("lockstep_up 1\n"),
             "{resp}"
         );
+        // The probes: alive, not ready (with the reason), anything else 404.
+        for (path, status, body) in [
+            ("/healthz", "200", "ok\n"),
+            ("/readyz", "503", "not ready: still starting\n"),
+            ("/nope", "404", "try GET /metrics, /healthz or /readyz\n"),
+        ] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut resp = String::new();
+            c.read_to_string(&mut resp).await.unwrap();
+            assert!(
+                resp.starts_with(&format!("HTTP/1.1 {status}")) && resp.ends_with(body),
+                "{path}: {resp}"
+            );
+        }
     }
 }

@@ -200,6 +200,19 @@ impl Coordinator {
         overrides: Vec<String>,
         workdir: PathBuf,
     ) -> Result<JobRecord> {
+        self.submit_as(None, config_text, overrides, workdir).await
+    }
+
+    /// [`Coordinator::submit`] under a given job id (Kubernetes: derived from the
+    /// LockstepJob, so a restarted coordinator finds the same job). A job with that id must
+    /// not exist.
+    pub async fn submit_as(
+        &self,
+        id: Option<String>,
+        config_text: String,
+        overrides: Vec<String>,
+        workdir: PathBuf,
+    ) -> Result<JobRecord> {
         let config = JobConfig::parse(&config_text, &overrides)?;
         self.inner
             .launcher
@@ -217,7 +230,7 @@ impl Coordinator {
             .await
             .map_err(Error::InvalidArgument)?;
         // 64 random bits: ids do not collide in practice, and a collision is refused.
-        let id = format!("{}-{}", config.job.name, &auth::new_token()[..16]);
+        let id = id.unwrap_or_else(|| format!("{}-{}", config.job.name, &auth::new_token()[..16]));
         let now = now_ms();
         let record = JobRecord {
             id,
@@ -257,6 +270,32 @@ impl Coordinator {
         job.send(Input::Start);
         let record = lock(&job.state).record.clone();
         Ok(record)
+    }
+
+    /// Takes over a job whose record was kept elsewhere (Kubernetes: a LockstepJob's status,
+    /// after this coordinator restarted): whatever is left of its workers is killed, and a live
+    /// job restarts from its newest committed checkpoint as the next attempt.
+    pub async fn adopt(&self, mut record: JobRecord) -> Result<JobRecord> {
+        let config = JobConfig::parse(&record.config_text, &record.overrides)?;
+        record.token = auth::new_token();
+        let live = !record.phase().is_final();
+        if live {
+            self.inner.launcher.kill_leftovers(&record.id).await;
+        }
+        let job = self.add(record, config).await?;
+        if live {
+            tracing::info!(job = %job.id, "adopting a job kept outside this coordinator");
+            job.send(Input::CoordinatorRestarted);
+        }
+        let record = lock(&job.state).record.clone();
+        Ok(record)
+    }
+
+    /// Forgets a job (it must have reached a final state; Kubernetes: its LockstepJob was
+    /// deleted or is resumed after a suspend).
+    pub fn forget(&self, id: &str) {
+        self.inner.registry.remove(id);
+        self.inner.persister.delete(id);
     }
 
     /// A job's record.

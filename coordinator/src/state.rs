@@ -63,6 +63,23 @@ impl Phase {
             Phase::Cancelled => "cancelled",
         }
     }
+
+    /// The phase named `name` (the spelling of [`Phase::as_str`]).
+    pub fn parse(name: &str) -> Option<Phase> {
+        [
+            Phase::Queued,
+            Phase::Admitting,
+            Phase::Running,
+            Phase::Restarting,
+            Phase::Succeeded,
+            Phase::Exporting,
+            Phase::Exported,
+            Phase::Failed,
+            Phase::Cancelled,
+        ]
+        .into_iter()
+        .find(|phase| phase.as_str() == name)
+    }
 }
 
 /// The part of a job the state machine decides on.

@@ -72,7 +72,7 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Reads and validates a config file, `{date}` replaced by `date` (default: today, UTC)
 /// (blocking: called before any job starts).
-fn read_config(path: &Path, set: &[String], date: Option<&str>) -> Result<String> {
+pub(crate) fn read_config(path: &Path, set: &[String], date: Option<&str>) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
         op: "read config",
         path: path.to_path_buf(),
@@ -110,7 +110,7 @@ fn current_dir() -> Result<PathBuf> {
     })
 }
 
-async fn serve_grpc(
+pub(crate) async fn serve_grpc(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
     tls: Option<tonic::transport::ServerTlsConfig>,
@@ -136,7 +136,7 @@ async fn serve_grpc(
         .await
 }
 
-async fn bind(flag: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+pub(crate) async fn bind(flag: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| CliError::Listen { flag, addr, source })
@@ -146,7 +146,11 @@ async fn start_metrics(addr: Option<SocketAddr>, c: &Coordinator) -> Result<()> 
     if let Some(addr) = addr {
         let l = bind("--metrics-addr", addr).await?;
         let c = c.clone();
-        tokio::spawn(crate::metrics::serve(l, move || c.metrics_text()));
+        tokio::spawn(crate::metrics::serve(
+            l,
+            move || c.metrics_text(),
+            || Ok(()),
+        ));
         eprintln!("metrics at http://{addr}/metrics");
     }
     Ok(())

@@ -4,6 +4,7 @@
 
 pub mod ckpt;
 pub mod jobs;
+pub mod kube;
 mod view;
 
 use std::net::SocketAddr;

@@ -8,7 +8,12 @@ use crate::error::{Error, Result};
 
 /// `lockstep export`: exports, prints what happened (a line, or JSON), returns the exit status
 /// (0 exported, 1 error).
-pub fn run_cli(req: &Request, to: &str, json: bool) -> Result<()> {
+pub fn run_cli(
+    req: &Request,
+    to: &str,
+    json: bool,
+    result_file: Option<&std::path::Path>,
+) -> Result<()> {
     if let Some(url) = &req.webhook {
         crate::webhook::check_url(url).map_err(Error::Invalid)?;
     }
@@ -33,13 +38,20 @@ pub fn run_cli(req: &Request, to: &str, json: bool) -> Result<()> {
         Some(Err(e)) => note.push_str(&format!("; webhook FAILED: {e}")),
         None => {}
     }
+    let result = serde_json::json!({"url": out.url, "version": out.record.version,
+        "step": out.record.step, "train_loss": out.record.train_loss,
+        "eval_loss": out.record.eval_loss, "promoted": promoted, "note": note});
+    if let Some(path) = result_file {
+        // On Kubernetes: /dev/termination-log, where the coordinator reads the result.
+        std::fs::write(path, format!("{result}\n")).map_err(|e| {
+            Error::Invalid(format!(
+                "--result-file {}: cannot write it: {e}",
+                path.display()
+            ))
+        })?;
+    }
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"url": out.url, "version": out.record.version,
-                "step": out.record.step, "train_loss": out.record.train_loss,
-                "eval_loss": out.record.eval_loss, "promoted": promoted, "note": note})
-        );
+        println!("{result}");
     } else {
         let loss = |l: Option<f64>| l.map_or("-".into(), |l| format!("{l:.4}"));
         println!(

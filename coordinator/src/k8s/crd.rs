@@ -1,0 +1,344 @@
+//! The `LockstepJob` custom resource (`lockstep.dev/v1alpha1`, short name `lsj`): a job config
+//! (the TOML schema, [`JobConfig`], reused as is) plus how its pods run; its status is the
+//! job's record on Kubernetes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use kube::CustomResource;
+use lockstep_api::JobConfig;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A fine-tune: the job config and how its gang of pods runs.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "lockstep.dev",
+    version = "v1alpha1",
+    kind = "LockstepJob",
+    plural = "lockstepjobs",
+    shortname = "lsj",
+    namespaced,
+    status = "LockstepJobStatus",
+    doc = "A lockstep fine-tune: a job config run as a gang of trainer pods.",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Attempt","type":"integer","jsonPath":".status.attempt"}"#,
+    printcolumn = r#"{"name":"Step","type":"integer","jsonPath":".status.step"}"#,
+    printcolumn = r#"{"name":"Of","type":"integer","jsonPath":".status.totalSteps"}"#,
+    printcolumn = r#"{"name":"Loss","type":"number","jsonPath":".status.loss"}"#,
+    printcolumn = r#"{"name":"Checkpoint","type":"integer","jsonPath":".status.lastCommittedCheckpoint"}"#,
+    printcolumn = r#"{"name":"Export","type":"string","jsonPath":".status.exportVersion"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LockstepJobSpec {
+    /// The job config: the same fields as the TOML file (`job`, `model`, `data`, `train`,
+    /// `checkpoint`, `export`). URLs must be `s3://` or absolute `file://` paths on a volume
+    /// every pod mounts at the same place.
+    pub config: JobConfig,
+    /// The lockstep image every pod runs (the one `lockstep` binary).
+    pub image: String,
+    /// `Always`, `IfNotPresent` or `Never` (default: Kubernetes' own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// What each trainer pod asks for (requests = limits).
+    #[serde(default)]
+    pub resources: PodResources,
+    /// Node labels the trainer pods must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the trainer pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// The ServiceAccount the trainer pods run as (default: the namespace's `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// A Secret in this namespace holding S3 settings (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT`, `AWS_REGION`, …), given to every trainer and
+    /// export pod as environment variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_credentials_secret: Option<String>,
+    /// A PersistentVolumeClaim (ReadWriteMany: NFS and the like) every trainer and export pod
+    /// mounts at `mountPath` and runs in, so relative `file://` URLs of the config resolve
+    /// under it as they do in `lockstep run`'s working directory. The coordinator must mount
+    /// the same claim at the same path (it commits the checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_volume: Option<SharedVolume>,
+    /// Gang admission.
+    #[serde(default)]
+    pub scheduling: Scheduling,
+    /// A suspended job starts no pods; suspending a running job checkpoints and stops it, and
+    /// resuming continues from that checkpoint.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Requests (= limits) of one trainer pod. Unset means none.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodResources {
+    /// CPU, as Kubernetes writes quantities (`"4"`, `"500m"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory (`"16Gi"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// `nvidia.com/gpu` per pod (run with `--device cuda`; 0 or unset: CPU training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<u32>,
+}
+
+/// A claim mounted by every pod of the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SharedVolume {
+    /// The PersistentVolumeClaim in this namespace.
+    pub claim_name: String,
+    /// Where it is mounted (absolute); the pods' working directory.
+    pub mount_path: String,
+}
+
+/// How the gang is admitted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Scheduling {
+    /// A Kueue LocalQueue: the attempt's JobSet carries `kueue.x-k8s.io/queue-name` and is
+    /// created suspended, so Kueue admits all of its pods or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kueue_queue: Option<String>,
+}
+
+impl LockstepJobSpec {
+    /// What the config cannot say: the pod settings are usable. The error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        let image = self.image.trim();
+        if image.is_empty() || image.len() > 512 || image.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "spec.image `{}`: not an image reference",
+                self.image
+            ));
+        }
+        if let Some(p) = &self.image_pull_policy
+            && !["Always", "IfNotPresent", "Never"].contains(&p.as_str())
+        {
+            return Err(format!(
+                "spec.imagePullPolicy `{p}`: must be Always, IfNotPresent or Never"
+            ));
+        }
+        for (field, q) in [
+            ("spec.resources.cpu", &self.resources.cpu),
+            ("spec.resources.memory", &self.resources.memory),
+        ] {
+            if let Some(q) = q
+                && !is_quantity(q)
+            {
+                return Err(format!(
+                    "{field} `{q}`: not a Kubernetes quantity (e.g. \"4\", \"500m\", \"16Gi\")"
+                ));
+            }
+        }
+        if let Some(g) = self.resources.gpu
+            && g > 64
+        {
+            return Err(format!("spec.resources.gpu {g}: at most 64 per pod"));
+        }
+        for (field, name) in [
+            ("spec.serviceAccountName", &self.service_account_name),
+            ("spec.s3CredentialsSecret", &self.s3_credentials_secret),
+            ("spec.scheduling.kueueQueue", &self.scheduling.kueue_queue),
+        ] {
+            if let Some(n) = name
+                && !is_dns_subdomain(n)
+            {
+                return Err(format!(
+                    "{field} `{n}`: not a Kubernetes object name (lower-case letters, digits, `-` and `.`)"
+                ));
+            }
+        }
+        if let Some(v) = &self.shared_volume {
+            if !is_dns_subdomain(&v.claim_name) {
+                return Err(format!(
+                    "spec.sharedVolume.claimName `{}`: not a Kubernetes object name",
+                    v.claim_name
+                ));
+            }
+            let p = &v.mount_path;
+            if !p.starts_with('/')
+                || p == "/"
+                || p.len() > 1024
+                || p.split('/').any(|s| s == ".." || s == ".")
+                || p.contains(':')
+                || ["/etc/lockstep", "/tmp", "/var/cache/lockstep"]
+                    .iter()
+                    .any(|taken| p == taken || p.starts_with(&format!("{taken}/")))
+            {
+                return Err(format!(
+                    "spec.sharedVolume.mountPath `{p}`: must be an absolute path other than /, \
+                     without `.`/`..` or `:`, outside /etc/lockstep, /tmp and /var/cache/lockstep"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(lockstep_api::config::is_dns_label)
+}
+
+/// A Kubernetes quantity: digits (with an optional fraction) and an optional suffix.
+fn is_quantity(q: &str) -> bool {
+    const SUFFIXES: [&str; 14] = [
+        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+    ];
+    let digits = q
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(digits);
+    !num.is_empty()
+        && num.len() <= 20
+        && num.chars().filter(|c| *c == '.').count() <= 1
+        && num.chars().any(|c| c.is_ascii_digit())
+        && SUFFIXES.contains(&suffix)
+}
+
+/// What the coordinator knows of the job: the job's record on Kubernetes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LockstepJobStatus {
+    /// `queued`, `admitting`, `running`, `restarting`, `exporting`, `succeeded`, `exported`,
+    /// `failed`, `cancelled` or `suspended`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The coordinator's job id (`lockstep status`/`watch` take it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// The current (or last) attempt; each has its own JobSet/Job.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Gang restarts so far.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Why the job restarted, failed, was cancelled, or how it was exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Admitted, Running, Restarting, Succeeded, Failed, Exported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Newest step rank 0 reported.
+    #[serde(default)]
+    pub step: u64,
+    /// `train.steps`.
+    #[serde(default)]
+    pub total_steps: u64,
+    /// The newest training loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// The first training loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_loss: Option<f64>,
+    /// The newest held-out loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// The step `evalLoss` was measured after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_step: Option<u64>,
+    /// The newest committed checkpoint step (restarts resume from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_committed_checkpoint: Option<u64>,
+    /// Where the checkpoints are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_url: Option<String>,
+    /// Final parameters' xxh3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params_hash: Option<String>,
+    /// The exported version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_version: Option<String>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A condition (`type`, `status`, `reason`, `message`, `lastTransitionTime`), as
+/// `metav1.Condition`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Admitted`, `Running`, `Restarting`, `Succeeded`, `Failed` or `Exported`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// One CamelCase word.
+    pub reason: String,
+    /// Human words (absent when there are none: the v1.20 API server the tests run turns an
+    /// empty string into null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// RFC 3339.
+    pub last_transition_time: String,
+}
+
+/// The condition types, in the order they are shown.
+pub const CONDITIONS: [&str; 6] = [
+    "Admitted",
+    "Running",
+    "Restarting",
+    "Succeeded",
+    "Failed",
+    "Exported",
+];
+
+impl LockstepJobStatus {
+    /// Sets condition `type_` (its transition time changes only when its status does).
+    pub fn set_condition(
+        &mut self,
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: &str,
+        now: &str,
+    ) {
+        let status = if status { "True" } else { "False" };
+        match self.conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                if c.status != status {
+                    c.last_transition_time = now.to_string();
+                }
+                c.status = status.to_string();
+                c.reason = reason.to_string();
+                c.message = (!message.is_empty()).then(|| message.to_string());
+            }
+            None => self.conditions.push(Condition {
+                type_: type_.to_string(),
+                status: status.to_string(),
+                reason: reason.to_string(),
+                message: (!message.is_empty()).then(|| message.to_string()),
+                last_transition_time: now.to_string(),
+            }),
+        }
+        self.conditions.sort_by_key(|c| {
+            CONDITIONS
+                .iter()
+                .position(|t| *t == c.type_)
+                .unwrap_or(CONDITIONS.len())
+        });
+    }
+
+    /// Condition `type_`, if set.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+/// The CRD as YAML (`lockstep crd`; `jobsets/crd.yaml` is this, and a test keeps them equal).
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    let crd = LockstepJob::crd();
+    Ok(format!(
+        "# Generated by `lockstep crd`; do not edit (a test keeps this file equal to it).\n{}",
+        serde_yaml::to_string(&crd)?
+    ))
+}

@@ -1,0 +1,106 @@
+//! Kubernetes: the `LockstepJob` custom resource ([`crd`]), the objects an attempt is made of
+//! ([`render`], pure), the launcher that creates them and turns pod terminations into worker
+//! exits ([`launcher`]), and the controller that runs LockstepJobs through the coordinator and
+//! keeps their status ([`controller`]).
+//!
+//! On Kubernetes the API server is the job store: a job's record is its LockstepJob's status, so
+//! a coordinator pod that is rescheduled re-reads the objects and restarts their gangs from the
+//! last committed checkpoint.
+
+pub mod controller;
+pub mod crd;
+pub mod launcher;
+pub mod render;
+
+pub use controller::{Controller, ControllerSettings};
+pub use crd::{LockstepJob, LockstepJobSpec, LockstepJobStatus};
+pub use launcher::KubeLauncher;
+pub use render::Flavor;
+
+/// Label: the LockstepJob an object belongs to.
+pub const LABEL_JOB: &str = "lockstep.dev/job";
+/// Label: the attempt an object belongs to.
+pub const LABEL_ATTEMPT: &str = "lockstep.dev/attempt";
+/// Label: `trainer` or `export`.
+pub const LABEL_ROLE: &str = "lockstep.dev/role";
+/// Label on every object lockstep creates.
+pub const LABEL_MANAGED: &str = "app.kubernetes.io/managed-by";
+/// The finalizer that tears a job's gang down before its LockstepJob goes.
+pub const FINALIZER: &str = "lockstep.dev/cleanup";
+/// The annotation a serving Deployment's pod template gets with each promoted version.
+pub const ROLLOUT_ANNOTATION: &str = "lockstep.dev/model-version";
+/// Server-side apply field manager.
+pub const FIELD_MANAGER: &str = "lockstep";
+
+/// What the controller calls on the API server: (API group, resource, verbs). The Role in
+/// `jobsets/rbac.yaml` grants exactly these (a test compares the two).
+pub const API_CALLS: &[(&str, &str, &[&str])] = &[
+    (
+        "lockstep.dev",
+        "lockstepjobs",
+        &["get", "list", "watch", "patch", "update"],
+    ),
+    ("lockstep.dev", "lockstepjobs/status", &["get", "patch"]),
+    ("lockstep.dev", "lockstepjobs/finalizers", &["update"]),
+    (
+        "batch",
+        "jobs",
+        &["get", "list", "create", "patch", "delete"],
+    ),
+    (
+        "jobset.x-k8s.io",
+        "jobsets",
+        &["get", "list", "create", "patch", "delete"],
+    ),
+    ("", "pods", &["get", "list", "watch"]),
+    (
+        "",
+        "services",
+        &["get", "create", "patch", "delete", "list"],
+    ),
+    (
+        "",
+        "configmaps",
+        &["get", "create", "patch", "delete", "list"],
+    ),
+    ("", "secrets", &["get", "create", "patch", "delete", "list"]),
+    (
+        "networking.k8s.io",
+        "networkpolicies",
+        &["get", "create", "patch", "delete", "list"],
+    ),
+];
+
+/// Errors talking to Kubernetes.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// The API server refused or failed a call.
+    #[error("{what}: {source}")]
+    Api {
+        /// The call, in words.
+        what: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// A LockstepJob cannot run as it is.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl KubeError {
+    pub(crate) fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
+        let what = what.into();
+        move |source| KubeError::Api { what, source }
+    }
+
+    /// HTTP status of the API server's answer, if it answered.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            KubeError::Api {
+                source: kube::Error::Api(s),
+                ..
+            } => Some(s.code),
+            _ => None,
+        }
+    }
+}
