@@ -226,6 +226,7 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// A `lockstep serve --launcher kubernetes` acting as the coordinator's ServiceAccount.
 struct Coordinator {
     child: std::process::Child,
+    port: u16,
 }
 
 impl Coordinator {
@@ -262,7 +263,7 @@ impl Coordinator {
             std::thread::sleep(Duration::from_millis(200));
         }
         assert_eq!(http_get(http, "/healthz").unwrap().0, 200);
-        Coordinator { child }
+        Coordinator { child, port }
     }
 
     fn kill(&mut self) {
@@ -774,16 +775,18 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     .await;
     assert_eq!(st.restarts, 1, "{st:#?}");
     let why = st.message.clone().unwrap_or_default();
-    assert!(why.contains("SIGKILL"), "restart reason: {why}");
+    assert!(
+        why.contains("rank 1 was killed by SIGKILL") && !why.contains("checkpoint step"),
+        "restart reason: {why}"
+    );
     eventually(
         Duration::from_secs(30),
-        "JobSet e2e-a2, and e2e-a1 gone",
+        "attempt 2's pods, and e2e-a1 gone",
         || {
             let jobsets = jobsets.clone();
-            async move {
-                (jobsets.get("e2e-a2").await.is_ok() && jobsets.get("e2e-a1").await.is_err())
-                    .then_some(())
-            }
+            // Attempt 2 may already have finished and been deleted: its pods were made.
+            let made = tmp.path().join("pods/e2e-a2-rank-0-1").exists();
+            async move { (made && jobsets.get("e2e-a1").await.is_err()).then_some(()) }
         },
     )
     .await;
@@ -908,6 +911,70 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     assert!(
         jobsets.get("long-a1").await.is_err(),
         "the old gang was left running"
+    );
+
+    // `lockstep status` through the coordinator's gRPC port (a port-forward in a cluster),
+    // with the admin token from its Secret.
+    let admin_secret = Api::<Secret>::namespaced(admin.clone(), NS)
+        .get("lockstep-admin")
+        .await
+        .unwrap();
+    let admin_token = String::from_utf8(admin_secret.data.unwrap()["token"].0.clone()).unwrap();
+    let out = lockstep()
+        .args(["status", st.job_id.as_deref().unwrap(), "--json"])
+        .arg(format!(
+            "--coordinator=http://127.0.0.1:{}",
+            coordinator.port
+        ))
+        .env("LOCKSTEP_ADMIN_TOKEN", &admin_token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["attempt"], 2, "{shown}");
+
+    // Suspend: the gang checkpoints and stops; resume: the next attempt continues from there.
+    let lsjs = Api::<LockstepJob>::namespaced(admin.clone(), NS);
+    let suspend = |on: bool| json!({"spec": {"suspend": on}});
+    lsjs.patch(
+        "long",
+        &PatchParams::default(),
+        &Patch::Merge(&suspend(true)),
+    )
+    .await
+    .unwrap();
+    let st = wait_status(&admin, "long", Duration::from_secs(60), "suspended", |s| {
+        s.phase.as_deref() == Some("suspended")
+    })
+    .await;
+    let stopped_at = st.last_committed_checkpoint.unwrap();
+    eventually(Duration::from_secs(30), "the suspended gang gone", || {
+        let jobsets = jobsets.clone();
+        async move { jobsets.get("long-a2").await.is_err().then_some(()) }
+    })
+    .await;
+    lsjs.patch(
+        "long",
+        &PatchParams::default(),
+        &Patch::Merge(&suspend(false)),
+    )
+    .await
+    .unwrap();
+    let st = wait_status(
+        &admin,
+        "long",
+        Duration::from_secs(120),
+        "resumed as attempt 3",
+        |s| s.attempt == 3 && s.phase.as_deref() == Some("running"),
+    )
+    .await;
+    assert!(
+        st.last_committed_checkpoint.unwrap() >= stopped_at,
+        "{st:#?}"
     );
 
     // Deleting LockstepJobs: the finalizer stops the gang and deletes everything made for it.

@@ -274,6 +274,12 @@ impl KubeLauncher {
             "{LABEL_JOB}={name},{LABEL_ATTEMPT}={attempt},{LABEL_ROLE}=trainer"
         ));
         let (watch, job) = (w.clone(), job_id.to_string());
+        let (client, flavor, ns_, name_) = (
+            self.client.clone(),
+            self.flavor,
+            ns.to_string(),
+            name.to_string(),
+        );
         let task = tokio::spawn(async move {
             let mut events = std::pin::pin!(watcher(pods, cfg));
             while let Some(ev) = events.next().await {
@@ -298,6 +304,16 @@ impl KubeLauncher {
                 if watch.all_delivered() {
                     break;
                 }
+            }
+            // Every worker ended (failed, stopped or done): the attempt is over for good (a
+            // restart is a new attempt), so its objects go. Why it ended is in the job's
+            // status.
+            let delete = {
+                let mut st = lock(&watch.state);
+                !std::mem::replace(&mut st.deleting, true)
+            };
+            if delete {
+                KubeLauncher::delete_attempt(client, flavor, ns_, name_, attempt).await;
             }
         });
         *lock(&w.task) = Some(task.abort_handle());
@@ -344,14 +360,14 @@ impl KubeLauncher {
             let why = pods
                 .items
                 .iter()
+                .rev()
                 .filter_map(message)
-                .filter_map(|m| {
+                .find_map(|m| {
                     m.lines()
                         .rev()
                         .find_map(|l| l.strip_prefix("error: "))
                         .map(str::to_string)
                 })
-                .last()
                 .unwrap_or_else(|| "its pods failed".into());
             return Err(format!("export Job {ns}/{object} failed: {why}"));
         }
@@ -404,16 +420,11 @@ fn pod_exit(pod: &Pod, attempt: u32, world: u32, deleted: bool) -> Option<(u32, 
     };
     match (phase, terminated) {
         ("Succeeded" | "Failed", Some(t)) => {
-            let mut message = t.message.as_deref().and_then(last_words);
-            if t.reason.as_deref() == Some("OOMKilled") {
-                message = Some(format!(
-                    "pod {pod_name} ran out of memory (OOMKilled): raise spec.resources.memory"
-                ));
-            }
-            // Runtimes report a signal as exit status 128 + N (and rarely set `signal`).
+            // Runtimes report a signal as exit status 128 + N (and rarely set `signal`); 130
+            // and 143 are also the trainer's own "stopped after checkpointing" statuses, so
+            // they stay statuses.
             let signal = t.signal.or_else(|| {
-                (129..=192)
-                    .contains(&t.exit_code)
+                ((129..=192).contains(&t.exit_code) && ![130, 143].contains(&t.exit_code))
                     .then(|| t.exit_code - 128)
             });
             let code = if signal.is_some() {
@@ -421,6 +432,16 @@ fn pod_exit(pod: &Pod, attempt: u32, world: u32, deleted: bool) -> Option<(u32, 
             } else {
                 Some(t.exit_code)
             };
+            // A killed trainer said nothing: its log's last line is not a reason.
+            let mut message = t
+                .message
+                .as_deref()
+                .and_then(|m| last_words(m, signal.is_none()));
+            if t.reason.as_deref() == Some("OOMKilled") {
+                message = Some(format!(
+                    "pod {pod_name} ran out of memory (OOMKilled): raise spec.resources.memory"
+                ));
+            }
             Some((worker, exit(code, signal, message)))
         }
         ("Succeeded", None) => Some((worker, exit(Some(0), None, None))),
@@ -441,14 +462,18 @@ fn pod_exit(pod: &Pod, attempt: u32, world: u32, deleted: bool) -> Option<(u32, 
     }
 }
 
-/// A trainer's own last words in its termination message: its last `error: …` line, else its
-/// last line; at most 2,000 characters.
-fn last_words(message: &str) -> Option<String> {
+/// A trainer's own last words in its termination message: its last `error: …` line, else (with
+/// `any_line`) its last line; at most 2,000 characters.
+fn last_words(message: &str, any_line: bool) -> Option<String> {
     let line = message
         .lines()
         .rev()
         .find(|l| l.starts_with("error: "))
-        .or_else(|| message.lines().rev().find(|l| !l.trim().is_empty()))?;
+        .or_else(|| {
+            any_line
+                .then(|| message.lines().rev().find(|l| !l.trim().is_empty()))
+                .flatten()
+        })?;
     Some(line.chars().take(2000).collect())
 }
 
