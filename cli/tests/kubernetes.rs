@@ -676,10 +676,12 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         .await
         .expect("the rollout Role allows patching model-server");
 
-    // A job: W=2, 24 steps, checkpoints every 4, exported and rolled out to model-server.
+    // A job: W=2, 300 steps (long enough to kill a rank mid-run even on a loaded machine),
+    // checkpoints every 10, exported and rolled out to model-server.
     let config = TestJob::tiny("k8s")
         .world(2)
-        .steps(24)
+        .steps(300)
+        .set("checkpoint.every_steps", 10)
         .set("job.gang_timeout", "\"60s\"")
         .set("export.url", "\"file://export\"")
         .set("export.rollout", "\"model-server\"")
@@ -753,7 +755,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         Duration::from_secs(180),
         "a committed checkpoint",
         |s| {
-            s.last_committed_checkpoint.is_some_and(|c| c >= 4)
+            s.last_committed_checkpoint.is_some_and(|c| c >= 10)
                 && s.phase.as_deref() == Some("running")
         },
     )
@@ -797,7 +799,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     })
     .await;
     assert_eq!(st.phase.as_deref(), Some("exported"), "{st:#?}");
-    assert_eq!(st.step, 24);
+    assert_eq!(st.step, 300);
     let version = st.export_version.clone().expect("export version");
     assert!(
         st.condition("Exported").is_some_and(|c| c.status == "True"),

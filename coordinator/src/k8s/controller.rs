@@ -366,6 +366,11 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
     let phase = status.phase.as_deref();
     match ctl.coordinator.get(&id) {
         Ok(record) => {
+            if record.config_text != config_text {
+                tracing::warn!(lockstepjob = %name,
+                    "spec.config changed after the job started; the job keeps the config it \
+                     started with (create a new LockstepJob to run the new one)");
+            }
             if lsj.spec.suspend && !record.phase().is_final() {
                 tracing::info!(lockstepjob = %name, "suspended: checkpointing and stopping its gang");
                 let _ = ctl.coordinator.cancel(&id);
