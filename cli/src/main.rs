@@ -170,13 +170,10 @@ enum Command {
         /// Also print the objects of this attempt (1 is the first).
         #[arg(long, value_name = "N")]
         attempt: Option<u32>,
-        /// The coordinator URL the trainer pods are given (with --attempt).
-        #[arg(
-            long,
-            value_name = "URL",
-            default_value = "http://lockstep-coordinator:7070"
-        )]
-        coordinator_url: String,
+        /// The coordinator URL the trainer pods are given (with --attempt; default: what
+        /// `serve --launcher kubernetes` advertises, http://lockstep-coordinator.NAMESPACE.svc:7070).
+        #[arg(long, value_name = "URL")]
+        coordinator_url: Option<String>,
         /// How a gang is made (with --attempt): a JobSet, or where JobSet is not installed an
         /// Indexed Job and a headless Service.
         #[arg(long, value_enum, default_value_t = GangFlavor::Jobset)]
@@ -815,6 +812,10 @@ fn main() -> ExitCode {
             flavor,
             kube,
         } => block_on(1, async move {
+            let coordinator_url = coordinator_url.unwrap_or_else(|| {
+                let ns = kube.namespace.as_deref().unwrap_or("default");
+                format!("http://lockstep-coordinator.{ns}.svc:7070")
+            });
             cli::kube::render(&cli::kube::RenderArgs {
                 job: kube.into_lib(config),
                 attempt,
