@@ -615,6 +615,12 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     let shared = tmp.path().join("shared");
     ROOT.set(tmp.path().to_path_buf()).unwrap();
     std::fs::create_dir_all(&shared).unwrap();
+    // The data lives on the shared volume, as on a cluster (URLs outside it are refused).
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/data/quickstart.jsonl"),
+        shared.join("data.jsonl"),
+    )
+    .unwrap();
     let cluster = Cluster::new(admin.clone(), tmp.path().to_path_buf());
     let kubelet = tokio::spawn(cluster.clone().run());
     let sa_kubeconfig = api.kubeconfig_as(SA);
@@ -680,6 +686,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     // checkpoints every 10, exported and rolled out to model-server.
     let config = TestJob::tiny("k8s")
         .world(2)
+        .set("data.train", "[\"file://data.jsonl\"]")
         .steps(300)
         .set("checkpoint.every_steps", 10)
         .set("job.gang_timeout", "\"60s\"")
@@ -878,10 +885,30 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "{why}"
     );
 
+    // A config the API server accepts but lockstep cannot read (a duration `banana`) is
+    // refused on its own, naming the field; the controller keeps listing the others (the
+    // coordinator restart below lists it again).
+    let mut poison = serde_json::to_value(&bad_lsj).unwrap();
+    poison["metadata"]["name"] = json!("poison");
+    poison["spec"]["config"]["job"]["gang_timeout"] = json!("banana");
+    let poison: DynamicObject = serde_json::from_value(poison).unwrap();
+    let lsj_resource = kube::core::ApiResource::erase::<LockstepJob>(&());
+    Api::<DynamicObject>::namespaced_with(admin.clone(), NS, &lsj_resource)
+        .create(&PostParams::default(), &poison)
+        .await
+        .unwrap();
+    let st = wait_status(&admin, "poison", Duration::from_secs(30), "refused", |s| {
+        s.phase.as_deref() == Some("failed")
+    })
+    .await;
+    let why = st.message.unwrap_or_default();
+    assert!(why.contains("spec.config.job.gang_timeout"), "{why}");
+
     // The coordinator is killed mid-job; the next one adopts the job from its status and
     // restarts its gang (attempt + 1) from the last committed checkpoint.
     let long = TestJob::tiny("k8s-long")
         .world(2)
+        .set("data.train", "[\"file://data.jsonl\"]")
         .steps(100_000)
         .set("job.gang_timeout", "\"60s\"")
         .write_to(&tmp.path().join("long"));

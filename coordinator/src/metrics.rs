@@ -232,7 +232,9 @@ async fn serve_within(
     use futures::StreamExt;
     let app = router(render, ready);
     // Bounded, backing off on accept errors (see `listen`).
-    let mut conns = Box::pin(crate::listen::incoming(listener, 64));
+    // Room for scrapers, the kubelet's probes and some idle clients; an idle or slow client
+    // loses its connection after 2 s without a complete request head.
+    let mut conns = Box::pin(crate::listen::incoming(listener, 256));
     while let Some(conn) = conns.next().await {
         let Ok(sock) = conn else {
             continue;
@@ -242,6 +244,8 @@ async fn serve_within(
         // time cannot hold one of the 64 connections longer than this.
         tokio::spawn(tokio::time::timeout(deadline, async move {
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(2))
                 .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(sock), service)
                 .await;

@@ -318,10 +318,13 @@ impl Lifecycle {
             Input::CoordinatorRestarted => match self.phase {
                 // Exporting again is safe: the same weights to the same version are a no-op.
                 Phase::Exporting => vec![Action::Export],
-                Phase::Admitting | Phase::Running => self.restart(format!(
-                    "attempt {}: the coordinator restarted",
-                    self.attempt
-                )),
+                // Not the gang's fault: relaunched at once, and not counted against
+                // job.max_restarts (on Kubernetes a coordinator pod is rescheduled routinely).
+                Phase::Admitting | Phase::Running => {
+                    self.phase = Phase::Restarting;
+                    self.message = format!("attempt {}: the coordinator restarted", self.attempt);
+                    vec![Action::TearDown, Action::RetryAfter(Duration::ZERO)]
+                }
                 Phase::Queued | Phase::Restarting => vec![Action::RetryAfter(Duration::ZERO)],
                 _ => vec![],
             },
@@ -484,12 +487,22 @@ mod tests {
 
     #[test]
     fn a_coordinator_restart_relaunches_live_jobs() {
-        let mut l = running(3);
-        assert_eq!(
-            l.apply(Input::CoordinatorRestarted),
-            vec![Action::TearDown, Action::RetryAfter(Duration::from_secs(1))]
-        );
-        assert_eq!(l.phase, Phase::Restarting);
+        // Any number of coordinator restarts: none counts against max_restarts (here 1).
+        let mut l = running(1);
+        for _ in 0..5 {
+            assert_eq!(
+                l.apply(Input::CoordinatorRestarted),
+                vec![Action::TearDown, Action::RetryAfter(Duration::ZERO)]
+            );
+            assert_eq!(l.phase, Phase::Restarting);
+            assert_eq!(l.restarts, 0);
+            let next = l.attempt + 1;
+            assert_eq!(
+                l.apply(Input::Start),
+                vec![Action::Launch { attempt: next }]
+            );
+            assert_eq!(l.apply(Input::AllJoined { attempt: next }), vec![]);
+        }
         let mut q = Lifecycle::new(3);
         assert_eq!(
             q.apply(Input::CoordinatorRestarted),

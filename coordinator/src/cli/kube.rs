@@ -57,7 +57,7 @@ fn parse_shared_volume(s: &str) -> Result<SharedVolume> {
     })
 }
 
-/// Whether any URL of the config is a relative `file://` path.
+/// Whether any URL of the config is a `file://` path (on Kubernetes: on the shared volume).
 fn has_relative_files(c: &lockstep_api::JobConfig) -> bool {
     std::iter::once(&c.checkpoint.url)
         .chain(&c.data.train)
@@ -65,7 +65,7 @@ fn has_relative_files(c: &lockstep_api::JobConfig) -> bool {
         .chain(c.export.iter().map(|e| &e.url))
         .chain(std::iter::once(&c.model.base))
         .map(|u| u.strip_prefix("latest-export:").unwrap_or(u))
-        .any(|u| u.starts_with("file://") && !u.starts_with("file:///"))
+        .any(|u| u.starts_with("file://"))
 }
 
 impl JobArgs {
@@ -91,7 +91,7 @@ impl JobArgs {
             Some(s) => Some(parse_shared_volume(s)?),
             None if has_relative_files(&config) => {
                 eprintln!(
-                    "note: {} has relative file:// URLs; its pods mount PersistentVolumeClaim \
+                    "note: {} has file:// URLs; its pods mount PersistentVolumeClaim \
                      `lockstep-data` at /data and run there (--shared-volume CLAIM:PATH to change)",
                     self.config.display()
                 );
@@ -106,7 +106,7 @@ impl JobArgs {
                 ..ObjectMeta::default()
             },
             spec: LockstepJobSpec {
-                config,
+                config: config.into(),
                 image: self.image.clone(),
                 image_pull_policy: None,
                 resources: self.resources.clone(),

@@ -22,6 +22,7 @@ use crate::Coordinator;
 use crate::record::JobRecord;
 use crate::registry::lock;
 use crate::state::{Lifecycle, Phase};
+use lockstep_api::JobConfig;
 
 /// Where the controller works.
 #[derive(Debug, Clone)]
@@ -43,6 +44,8 @@ pub struct Controller {
 #[derive(Debug, Clone, Default)]
 struct Watched {
     generation: Option<i64>,
+    /// The generation whose changed `spec.config` was last warned about.
+    config_warned: Option<i64>,
     suspend: bool,
     syncing: bool,
 }
@@ -229,7 +232,7 @@ impl Controller {
         workdir: std::path::PathBuf,
     ) -> Result<JobRecord, String> {
         let st = lsj.status.clone().unwrap_or_default();
-        let c = &lsj.spec.config;
+        let c = lsj.spec.config.get()?;
         let phase = match st.phase.as_deref() {
             // Resumed after a suspend: queued for its next attempt.
             Some("suspended") | None => Phase::Queued,
@@ -269,6 +272,22 @@ impl Controller {
             updated_ms: crate::record::now_ms(),
             gang_wait_seconds: 0.0,
         })
+    }
+
+    /// [`Controller::refuse`], after deleting what a coordinator before this one left running
+    /// of the job (its spec was edited into one that cannot run while no coordinator ran).
+    async fn refuse_started(
+        &self,
+        lsj: &Arc<LockstepJob>,
+        id: &str,
+        why: String,
+    ) -> Result<Action, KubeError> {
+        if lsj.status.as_ref().is_some_and(|s| s.attempt > 0) {
+            self.launcher.register(id, lsj.clone());
+            crate::launcher::Launcher::kill_leftovers(&*self.launcher, id).await;
+            self.launcher.unregister(id);
+        }
+        self.refuse(lsj, why).await
     }
 
     /// A LockstepJob that cannot run: failed, saying why.
@@ -339,23 +358,6 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
         ctl.set_finalizers(&lsj, all).await?;
         return Ok(Action::await_change());
     }
-    // What the LockstepJob asks must be runnable before anything starts.
-    if let Err(e) = lsj.spec.config.validate() {
-        return ctl.refuse(&lsj, format!("spec.config: {e}")).await;
-    }
-    if let Err(e) = lsj.spec.check() {
-        return ctl.refuse(&lsj, e).await;
-    }
-    let workdir = workdir_of(&lsj);
-    if let Err(e) =
-        crate::launcher::Launcher::preflight(&*ctl.launcher, &lsj.spec.config, &workdir).await
-    {
-        return ctl.refuse(&lsj, format!("spec.config: {e}")).await;
-    }
-    let config_text = match render::config_toml(&lsj) {
-        Ok(t) => t,
-        Err(e) => return ctl.refuse(&lsj, e).await,
-    };
     {
         let mut jobs = lock(&ctl.jobs);
         let w = jobs.entry(id.clone()).or_default();
@@ -366,10 +368,20 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
     let phase = status.phase.as_deref();
     match ctl.coordinator.get(&id) {
         Ok(record) => {
-            if record.config_text != config_text {
-                tracing::warn!(lockstepjob = %name,
-                    "spec.config changed after the job started; the job keeps the config it \
-                     started with (create a new LockstepJob to run the new one)");
+            // A started job keeps the config it started with, whatever the spec says now.
+            if render::config_toml(&lsj).ok().as_deref() != Some(record.config_text.as_str()) {
+                let first = {
+                    let mut jobs = lock(&ctl.jobs);
+                    let w = jobs.entry(id.clone()).or_default();
+                    let seen = w.config_warned == lsj.metadata.generation;
+                    w.config_warned = lsj.metadata.generation;
+                    !seen
+                };
+                if first {
+                    tracing::warn!(lockstepjob = %name,
+                        "spec.config changed after the job started; the job keeps the config \
+                         it started with (create a new LockstepJob to run the new one)");
+                }
             }
             if lsj.spec.suspend && !record.phase().is_final() {
                 tracing::info!(lockstepjob = %name, "suspended: checkpointing and stopping its gang");
@@ -379,11 +391,15 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
                 && phase == Some("suspended")
             {
                 // Resumed: a new attempt from the checkpoint it stopped at.
+                let started = JobConfig::parse(&record.config_text, &record.overrides)
+                    .map_err(|e| KubeError::Invalid(format!("resume {name}: {e}")))?;
+                let mut kept = (*lsj).clone();
+                kept.spec.config = started.into();
                 ctl.coordinator.forget(&id);
                 let mut r = record;
                 r.lifecycle.phase = Phase::Queued;
                 r.lifecycle.message = "resumed after a suspend".into();
-                ctl.launcher.register(&id, lsj.clone());
+                ctl.launcher.register(&id, Arc::new(kept));
                 ctl.coordinator
                     .adopt(r)
                     .await
@@ -399,6 +415,43 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
             if finished {
                 return Ok(Action::await_change());
             }
+            // What the LockstepJob asks must be runnable before anything starts.
+            if let Err(e) = lsj
+                .spec
+                .config
+                .get()
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+            {
+                return ctl
+                    .refuse_started(&lsj, &id, format!("spec.config: {e}"))
+                    .await;
+            }
+            if let Err(e) = lsj.spec.check() {
+                return ctl.refuse_started(&lsj, &id, e).await;
+            }
+            let workdir = workdir_of(&lsj);
+            if let Err(e) = crate::launcher::Launcher::preflight(
+                &*ctl.launcher,
+                lsj.spec.config.get().map_err(KubeError::Invalid)?,
+                &workdir,
+            )
+            .await
+            {
+                return ctl
+                    .refuse_started(&lsj, &id, format!("spec.config: {e}"))
+                    .await;
+            }
+            let config_text = match render::config_toml(&lsj) {
+                Ok(t) => t,
+                Err(e) => return ctl.refuse_started(&lsj, &id, e).await,
+            };
+            {
+                let mut jobs = lock(&ctl.jobs);
+                let w = jobs.entry(id.clone()).or_default();
+                w.generation = lsj.metadata.generation;
+                w.suspend = lsj.spec.suspend;
+            }
+
             if lsj.spec.suspend {
                 if phase != Some("suspended") {
                     let mut st = status.clone();

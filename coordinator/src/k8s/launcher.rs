@@ -603,7 +603,13 @@ impl Launcher for KubeLauncher {
         let what = format!("worker {} of attempt {}", spec.worker, spec.attempt);
         let lsj = self.lsj(&spec.job_id).map_err(|e| launch_error(&what, e))?;
         let (name, ns) = render::name_of(&lsj).map_err(|e| launch_error(&what, e))?;
-        let world = lsj.spec.config.job.world_size;
+        let world = lsj
+            .spec
+            .config
+            .get()
+            .map_err(|e| launch_error(&what, e))?
+            .job
+            .world_size;
         if spec.worker == 0 {
             self.create_attempt(&lsj, spec)
                 .await
@@ -677,21 +683,41 @@ impl Launcher for KubeLauncher {
         config: &lockstep_api::JobConfig,
         workdir: &std::path::Path,
     ) -> Result<(), String> {
-        // The controller passes the shared volume's mount path; `/` means there is none.
-        if workdir != std::path::Path::new("/") {
-            return Ok(());
-        }
-        for (field, url) in std::iter::once(("checkpoint.url", &config.checkpoint.url))
+        let urls = std::iter::once(("checkpoint.url", &config.checkpoint.url))
             .chain(config.data.train.iter().map(|u| ("data.train", u)))
             .chain(config.data.eval.iter().map(|u| ("data.eval", u)))
             .chain(config.export.iter().map(|e| ("export.url", &e.url)))
             .chain(std::iter::once(("model.base", &config.model.base)))
-        {
-            let url = url.strip_prefix("latest-export:").unwrap_or(url);
-            if url.starts_with("file://") && !url.starts_with("file:///") {
+            .map(|(f, u)| (f, u.strip_prefix("latest-export:").unwrap_or(u)));
+        // The controller passes the shared volume's mount path; `/` means there is none.
+        if workdir != std::path::Path::new("/") {
+            for (field, url) in urls {
+                if let Some(path) = url.strip_prefix("file:///")
+                    && !std::path::Path::new("/").join(path).starts_with(workdir)
+                {
+                    return Err(format!(
+                        "{field} `{url}`: outside spec.sharedVolume.mountPath `{}`, so the pods \
+                         do not share it; make it relative (it then resolves under the volume)",
+                        workdir.display()
+                    ));
+                }
+            }
+            // The coordinator commits checkpoints there: it must mount the same claim at the
+            // same path.
+            return match tokio::fs::metadata(workdir).await {
+                Ok(m) if m.is_dir() => Ok(()),
+                _ => Err(format!(
+                    "spec.sharedVolume.mountPath `{}`: the coordinator does not mount it (it \
+                     commits the checkpoints, so it must mount the same claim at the same path)",
+                    workdir.display()
+                )),
+            };
+        }
+        for (field, url) in urls {
+            if url.starts_with("file://") {
                 return Err(format!(
-                    "{field} `{url}`: a relative file:// URL needs spec.sharedVolume (a volume \
-                     every pod and the coordinator mount); or make it absolute, or use s3://"
+                    "{field} `{url}`: a file:// URL needs spec.sharedVolume (a volume every pod \
+                     and the coordinator mount; relative URLs resolve under it), or use s3://"
                 ));
             }
         }
@@ -727,6 +753,7 @@ impl Launcher for KubeLauncher {
         let rollout = lsj
             .spec
             .config
+            .get()?
             .export
             .as_ref()
             .and_then(|e| e.rollout.clone());

@@ -127,7 +127,7 @@ pub fn export_name(name: &str) -> String {
 
 /// The config as the trainers read it (TOML).
 pub fn config_toml(lsj: &LockstepJob) -> Result<String, String> {
-    toml::to_string(&lsj.spec.config)
+    toml::to_string(lsj.spec.config.get()?)
         .map_err(|e| format!("spec.config: cannot write it as TOML: {e}"))
 }
 
@@ -168,6 +168,7 @@ pub fn secret(lsj: &LockstepJob, token: &str) -> Result<Value, String> {
     if let Some(w) = lsj
         .spec
         .config
+        .get()?
         .export
         .as_ref()
         .and_then(|e| e.webhook.as_ref())
@@ -326,7 +327,7 @@ pub fn attempt_objects(
     attempt: u32,
 ) -> Result<Vec<Value>, String> {
     let (name, _) = name_of(lsj)?;
-    let world = lsj.spec.config.job.world_size;
+    let world = lsj.spec.config.get()?.job.world_size;
     let object = attempt_name(name, attempt);
     let queue = lsj.spec.scheduling.kueue_queue.as_deref();
     let mut meta = metadata(lsj, name, &object, "trainer", Some(attempt));
