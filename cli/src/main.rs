@@ -775,15 +775,11 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            let advertise_url = a.advertise_url.unwrap_or_else(|| {
-                let ns = a.namespace.clone().unwrap_or_else(|| "default".into());
-                format!("http://lockstep-coordinator.{ns}.svc:{}", a.listen.port())
-            });
             block_on(
                 1,
                 cli::kube::serve(cli::kube::ServeArgs {
                     listen: a.listen,
-                    advertise_url,
+                    advertise_url: a.advertise_url,
                     namespace: a.namespace,
                     // clap requires it with --launcher kubernetes.
                     http_addr: a

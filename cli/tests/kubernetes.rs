@@ -1006,8 +1006,33 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "{st:#?}"
     );
 
+    // A user's ConfigMap that a LockstepJob's would replace is neither overwritten nor,
+    // when the LockstepJob goes, deleted.
+    let mine: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "victim-config", "labels": {"lockstep.dev/job": "victim"}},
+        "data": {"mine": "yes"}}))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(admin.clone(), NS)
+        .create(&PostParams::default(), &mine)
+        .await
+        .unwrap();
+    submit(&api, &long, "victim", &shared);
+    let st = wait_status(&admin, "victim", Duration::from_secs(60), "refused", |s| {
+        s.message
+            .as_deref()
+            .is_some_and(|m| m.contains("does not belong to this LockstepJob"))
+    })
+    .await;
+    assert!(
+        st.message
+            .as_deref()
+            .unwrap()
+            .contains("ConfigMap lsj-test/victim-config"),
+        "{st:#?}"
+    );
+
     // Deleting LockstepJobs: the finalizer stops the gang and deletes everything made for it.
-    for name in ["long", "e2e"] {
+    for name in ["long", "e2e", "victim"] {
         Api::<LockstepJob>::namespaced(admin.clone(), NS)
             .delete(name, &DeleteParams::default())
             .await
@@ -1016,11 +1041,21 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     eventually(Duration::from_secs(60), "the LockstepJobs gone", || {
         let admin = admin.clone();
         async move {
-            (lsj(&admin, "long").await.is_none() && lsj(&admin, "e2e").await.is_none())
-                .then_some(())
+            (lsj(&admin, "long").await.is_none()
+                && lsj(&admin, "e2e").await.is_none()
+                && lsj(&admin, "victim").await.is_none())
+            .then_some(())
         }
     })
     .await;
+    let kept = Api::<ConfigMap>::namespaced(admin.clone(), NS)
+        .get("victim-config")
+        .await
+        .expect("the user's ConfigMap survives");
+    assert_eq!(
+        kept.data.unwrap().get("mine").map(String::as_str),
+        Some("yes")
+    );
     let lp = ListParams::default().labels("lockstep.dev/job in (long,e2e)");
     assert!(
         jobsets.list(&lp).await.unwrap().items.is_empty(),

@@ -214,7 +214,8 @@ impl Lifecycle {
         match input {
             Input::Start => match self.phase {
                 Phase::Queued | Phase::Restarting => {
-                    self.attempt += 1;
+                    // Saturating: a record edited by hand cannot overflow it.
+                    self.attempt = self.attempt.saturating_add(1);
                     self.phase = Phase::Admitting;
                     vec![Action::Launch {
                         attempt: self.attempt,

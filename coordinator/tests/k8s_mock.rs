@@ -19,8 +19,9 @@ use serde_json::{Value, json};
 /// (method, path and query, body) of every call.
 type Calls = Arc<Mutex<Vec<(String, String, Value)>>>;
 
-/// Answers as an API server would: an apply returns the object; listing pods returns worker
-/// 1's pod, killed by SIGKILL; a watch stays open; a delete succeeds.
+/// Answers as an API server would: nothing exists before it is applied; an apply returns the
+/// object; listing pods returns worker 1's pod, killed by SIGKILL; a watch stays open; a delete
+/// succeeds.
 fn api_server() -> (Client, Calls) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls: Calls = Arc::default();
@@ -44,6 +45,15 @@ fn api_server() -> (Client, Calls) {
                 }
                 "GET" if uri.contains("watch=true") => {
                     open_watches.push(send);
+                    continue;
+                }
+                // Nothing of the job exists yet (the owner check before each apply).
+                "GET" if !uri.contains("/pods") => {
+                    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404, "message": "not found"});
+                    let mut r = Response::new(Body::from(serde_json::to_vec(&status).unwrap()));
+                    *r.status_mut() = http::StatusCode::NOT_FOUND;
+                    send.send_response(r);
                     continue;
                 }
                 "GET" => json!({"kind": "PodList", "apiVersion": "v1",

@@ -253,8 +253,9 @@ pub async fn submit(args: &JobArgs) -> Result {
 pub struct ServeArgs {
     /// gRPC address (workers and clients).
     pub listen: SocketAddr,
-    /// The URL trainer pods reach this coordinator at (its Service).
-    pub advertise_url: String,
+    /// The URL trainer pods reach this coordinator at (default: its Service in jobsets/,
+    /// `http://lockstep-coordinator.NAMESPACE.svc:PORT`).
+    pub advertise_url: Option<String>,
     /// The namespace whose LockstepJobs it runs (default: its own).
     pub namespace: Option<String>,
     /// Metrics and probes.
@@ -337,6 +338,12 @@ pub async fn serve(args: ServeArgs) -> Result {
         .namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
+    let advertise_url = args.advertise_url.clone().unwrap_or_else(|| {
+        format!(
+            "http://lockstep-coordinator.{ns}.svc:{}",
+            args.listen.port()
+        )
+    });
     let token = admin_token(&client, &ns).await?;
     let flavor = match args.flavor {
         Some(f) => f,
@@ -355,7 +362,7 @@ pub async fn serve(args: ServeArgs) -> Result {
     )
     .await?;
     let listener = super::jobs::bind("--listen", args.listen).await?;
-    coordinator.start(args.advertise_url.clone()).await?;
+    coordinator.start(advertise_url.clone()).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let http = super::jobs::bind("--http-addr", args.http_addr).await?;
     {
@@ -387,7 +394,7 @@ pub async fn serve(args: ServeArgs) -> Result {
     eprintln!(
         "lockstep coordinator: LockstepJob controller of namespace {ns} ({flavor:?} gangs); \
          gRPC on {} (workers reach it at {}); metrics and probes on http://{}",
-        args.listen, args.advertise_url, args.http_addr
+        args.listen, advertise_url, args.http_addr
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller = Controller::new(

@@ -236,7 +236,8 @@ impl Controller {
         let phase = match st.phase.as_deref() {
             // Resumed after a suspend: queued for its next attempt.
             Some("suspended") | None => Phase::Queued,
-            Some(p) => Phase::parse(p).ok_or_else(|| format!("status.phase `{p}` is unknown"))?,
+            // Anything else (edited by hand): queued, so it restarts from its checkpoint.
+            Some(p) => Phase::parse(p).unwrap_or(Phase::Queued),
         };
         let created = lsj
             .metadata
@@ -333,7 +334,8 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
             let _ = ctl.coordinator.cancel(id);
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
-        KubeLauncher::delete_all(&ctl.client, &ns, &name).await?;
+        let uid = lsj.metadata.uid.clone().unwrap_or_default();
+        KubeLauncher::delete_all(&ctl.client, &ns, &name, &uid).await?;
         if let Some(id) = &id {
             ctl.coordinator.forget(id);
             ctl.launcher.unregister(id);
@@ -352,12 +354,6 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
     let Some(id) = id else {
         return Ok(Action::await_change());
     };
-    if !has_finalizer {
-        let mut all = lsj.finalizers().to_vec();
-        all.push(FINALIZER.into());
-        ctl.set_finalizers(&lsj, all).await?;
-        return Ok(Action::await_change());
-    }
     {
         let mut jobs = lock(&ctl.jobs);
         let w = jobs.entry(id.clone()).or_default();
@@ -468,6 +464,14 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
                         .await
                         .map_err(KubeError::api(format!("write the status of {name}")))?;
                 }
+                return Ok(Action::await_change());
+            }
+            // Before anything is made for it: the finalizer that cleans up after it (a
+            // refused or suspended job made nothing and needs none).
+            if !has_finalizer {
+                let mut all = lsj.finalizers().to_vec();
+                all.push(FINALIZER.into());
+                ctl.set_finalizers(&lsj, all).await?;
                 return Ok(Action::await_change());
             }
             ctl.launcher.register(&id, lsj.clone());

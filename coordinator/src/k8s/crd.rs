@@ -220,18 +220,40 @@ impl LockstepJobSpec {
                 ));
             }
             let p = &v.mount_path;
+            // Directories of the image and of the pods' own mounts: a volume on or in them
+            // would hide the binary, the CA certificates or the config. (/tmp and /var may hold
+            // a volume below them, not be one.)
+            const HIDES: [&str; 11] = [
+                "/bin",
+                "/dev",
+                "/etc",
+                "/lib",
+                "/lib64",
+                "/proc",
+                "/run",
+                "/sbin",
+                "/sys",
+                "/usr",
+                "/var/cache/lockstep",
+            ];
+            const IS: [&str; 3] = ["/tmp", "/var", "/var/cache"];
+            let segments: Vec<&str> = p.split('/').skip(1).collect();
             if !p.starts_with('/')
-                || p == "/"
                 || p.len() > 1024
-                || p.split('/').any(|s| s == ".." || s == ".")
-                || p.contains(':')
-                || ["/etc/lockstep", "/tmp", "/var/cache/lockstep"]
+                || segments
                     .iter()
-                    .any(|taken| p == taken || p.starts_with(&format!("{taken}/")))
+                    .any(|s| s.is_empty() || *s == ".." || *s == ".")
+                || p.contains(':')
+                || IS.contains(&p.as_str())
+                || HIDES
+                    .iter()
+                    .any(|d| p == d || p.starts_with(&format!("{d}/")))
             {
                 return Err(format!(
-                    "spec.sharedVolume.mountPath `{p}`: must be an absolute path other than /, \
-                     without `.`/`..` or `:`, outside /etc/lockstep, /tmp and /var/cache/lockstep"
+                    "spec.sharedVolume.mountPath `{p}`: must be an absolute path such as /data or \
+                     /mnt/nfs (no empty, `.` or `..` segments, no `:`; not /, /tmp, /var, or on \
+                     or under {})",
+                    HIDES.join(", ")
                 ));
             }
         }

@@ -22,7 +22,9 @@ use tokio::sync::mpsc;
 
 use super::crd::LockstepJob;
 use super::render::{self, Flavor, Target};
-use super::{FIELD_MANAGER, KubeError, LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, ROLLOUT_ANNOTATION};
+use super::{
+    FIELD_MANAGER, KubeError, LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, LABEL_UID, ROLLOUT_ANNOTATION,
+};
 use crate::launcher::{Exit, ExportSpec, LaunchError, Launcher, WorkerHandle, WorkerSpec};
 use crate::registry::lock;
 
@@ -148,6 +150,46 @@ impl KubeLauncher {
         .map_err(KubeError::api(what))
     }
 
+    /// Refuses to take over an object of that name that this LockstepJob does not own (a
+    /// user's ConfigMap, another job's Secret): applying would overwrite it and deleting the
+    /// LockstepJob would delete it.
+    async fn check_owner(&self, ns: &str, object: &Value, uid: &str) -> Result<(), KubeError> {
+        let kind = object["kind"].as_str().unwrap_or("");
+        let name = object["metadata"]["name"].as_str().unwrap_or("");
+        let c = self.client.clone();
+        let meta = match kind {
+            "ConfigMap" => Api::<ConfigMap>::namespaced(c, ns)
+                .get_metadata_opt(name)
+                .await
+                .map(|m| m.map(|m| m.metadata)),
+            "Secret" => Api::<Secret>::namespaced(c, ns)
+                .get_metadata_opt(name)
+                .await
+                .map(|m| m.map(|m| m.metadata)),
+            "Service" => Api::<Service>::namespaced(c, ns)
+                .get_metadata_opt(name)
+                .await
+                .map(|m| m.map(|m| m.metadata)),
+            "NetworkPolicy" => Api::<NetworkPolicy>::namespaced(c, ns)
+                .get_metadata_opt(name)
+                .await
+                .map(|m| m.map(|m| m.metadata)),
+            "Job" => Api::<Job>::namespaced(c, ns)
+                .get_metadata_opt(name)
+                .await
+                .map(|m| m.map(|m| m.metadata)),
+            _ => return Ok(()),
+        }
+        .map_err(KubeError::api(format!("read {kind} {ns}/{name}")))?;
+        match meta {
+            Some(m) if !owned_by(&m, uid) => Err(KubeError::Invalid(format!(
+                "{kind} {ns}/{name} exists and does not belong to this LockstepJob; lockstep \
+                 will not overwrite it (rename the LockstepJob, or delete the {kind})"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Applies the job's objects and `attempt`'s, and starts watching its pods.
     async fn create_attempt(&self, lsj: &LockstepJob, spec: &WorkerSpec) -> Result<(), KubeError> {
         let (name, ns) = render::name_of(lsj).map_err(KubeError::Invalid)?;
@@ -161,7 +203,9 @@ impl KubeLauncher {
         objects.extend(
             render::attempt_objects(lsj, &target, spec.attempt).map_err(KubeError::Invalid)?,
         );
+        let uid = lsj.metadata.uid.as_deref().unwrap_or("");
         for o in &objects {
+            self.check_owner(ns, o, uid).await?;
             self.apply(ns, o).await?;
         }
         tracing::info!(job = %spec.job_id, lockstepjob = %format!("{ns}/{name}"), attempt = spec.attempt,
@@ -210,7 +254,12 @@ impl KubeLauncher {
     /// Deletes everything lockstep made for LockstepJob `name`: every attempt's JobSet, Jobs,
     /// Services, and the per-job ConfigMap, Secret and NetworkPolicy (what owner references
     /// would also remove, where a garbage collector runs).
-    pub async fn delete_all(client: &Client, ns: &str, name: &str) -> Result<(), KubeError> {
+    pub async fn delete_all(
+        client: &Client,
+        ns: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<(), KubeError> {
         let lp = ListParams::default().labels(&format!("{LABEL_JOB}={name}"));
         let dp = DeleteParams::background();
         macro_rules! sweep {
@@ -220,7 +269,12 @@ impl KubeLauncher {
                     .list(&lp)
                     .await
                     .map_err(KubeError::api(format!("list {}", $what)))?;
-                for o in list.items {
+                // Only what this LockstepJob owns (not a user's object of the same name).
+                for o in list
+                    .items
+                    .into_iter()
+                    .filter(|o| owned_by(&o.metadata, uid))
+                {
                     let n = o.metadata.name.clone().unwrap_or_default();
                     match api.delete(&n, &dp).await {
                         Ok(_) => {}
@@ -262,6 +316,7 @@ impl KubeLauncher {
         job_id: &str,
         attempt: u32,
         world: u32,
+        uid: Option<&str>,
     ) -> Arc<AttemptWatch> {
         let key = (job_id.to_string(), attempt);
         let mut attempts = lock(&self.attempts);
@@ -270,10 +325,15 @@ impl KubeLauncher {
         }
         let w = Arc::new(AttemptWatch::new(world));
         let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
-        let cfg = watcher::Config::default().labels(&format!(
-            "{LABEL_JOB}={name},{LABEL_ATTEMPT}={attempt},{LABEL_ROLE}=trainer"
-        ));
-        let (watch, job) = (w.clone(), job_id.to_string());
+        let mut selector =
+            format!("{LABEL_JOB}={name},{LABEL_ATTEMPT}={attempt},{LABEL_ROLE}=trainer");
+        if let Some(uid) = uid {
+            selector.push_str(&format!(",{LABEL_UID}={uid}"));
+        }
+        let cfg = watcher::Config::default().labels(&selector);
+        // The task holds the watch weakly: once the attempt's workers and this launcher let
+        // go of it, dropping it aborts the task (a gang whose pods never came leaks no watch).
+        let (weak, job) = (Arc::downgrade(&w), job_id.to_string());
         let (client, flavor, ns_, name_) = (
             self.client.clone(),
             self.flavor,
@@ -283,6 +343,7 @@ impl KubeLauncher {
         let task = tokio::spawn(async move {
             let mut events = std::pin::pin!(watcher(pods, cfg));
             while let Some(ev) = events.next().await {
+                let Some(watch) = weak.upgrade() else { return };
                 match ev {
                     Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
                         if let Some((w, exit)) = pod_exit(&pod, attempt, world, false) {
@@ -308,15 +369,19 @@ impl KubeLauncher {
             // Every worker ended (failed, stopped or done): the attempt is over for good (a
             // restart is a new attempt), so its objects go. Why it ended is in the job's
             // status.
+            let Some(watch) = weak.upgrade() else { return };
             let delete = {
                 let mut st = lock(&watch.state);
                 !std::mem::replace(&mut st.deleting, true)
             };
+            drop(watch);
             if delete {
                 KubeLauncher::delete_attempt(client, flavor, ns_, name_, attempt).await;
             }
         });
         *lock(&w.task) = Some(task.abort_handle());
+        // Earlier attempts of the job are over: only their workers' handles keep them now.
+        attempts.retain(|(j, a), _| j != job_id || *a >= attempt);
         attempts.insert(key, w.clone());
         w
     }
@@ -615,7 +680,14 @@ impl Launcher for KubeLauncher {
                 .await
                 .map_err(|e| launch_error(&format!("the pods of attempt {}", spec.attempt), e))?;
         }
-        let watch = self.watch_attempt(ns, name, &spec.job_id, spec.attempt, world);
+        let watch = self.watch_attempt(
+            ns,
+            name,
+            &spec.job_id,
+            spec.attempt,
+            world,
+            lsj.metadata.uid.as_deref(),
+        );
         watch.attach(spec.worker, exited);
         Ok(Box::new(KubeWorker {
             watch,
@@ -765,6 +837,13 @@ impl Launcher for KubeLauncher {
         }
         Ok(note)
     }
+}
+
+/// Whether `meta` names LockstepJob `uid` as an owner.
+fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|o| o.kind == "LockstepJob" && o.uid == uid))
 }
 
 fn attempt_of(meta: &kube::api::ObjectMeta) -> Option<u32> {

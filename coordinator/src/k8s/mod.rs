@@ -19,6 +19,8 @@ pub use render::Flavor;
 
 /// Label: the LockstepJob an object belongs to.
 pub const LABEL_JOB: &str = "lockstep.dev/job";
+/// Label: the uid of the LockstepJob an object belongs to.
+pub const LABEL_UID: &str = "lockstep.dev/job-uid";
 /// Label: the attempt an object belongs to.
 pub const LABEL_ATTEMPT: &str = "lockstep.dev/attempt";
 /// Label: `trainer` or `export`.

@@ -11,7 +11,7 @@
 use serde_json::{Value, json};
 
 use super::crd::LockstepJob;
-use super::{LABEL_ATTEMPT, LABEL_JOB, LABEL_MANAGED, LABEL_ROLE};
+use super::{LABEL_ATTEMPT, LABEL_JOB, LABEL_MANAGED, LABEL_ROLE, LABEL_UID};
 use crate::launcher::ExportSpec;
 
 /// How an attempt's gang is made.
@@ -77,7 +77,7 @@ fn owner(lsj: &LockstepJob) -> Value {
     }])
 }
 
-fn labels(name: &str, role: &str, attempt: Option<u32>) -> Value {
+fn labels(lsj: &LockstepJob, name: &str, role: &str, attempt: Option<u32>) -> Value {
     let mut l = json!({
         "app.kubernetes.io/name": "lockstep",
         LABEL_MANAGED: "lockstep",
@@ -87,7 +87,17 @@ fn labels(name: &str, role: &str, attempt: Option<u32>) -> Value {
     if let Some(a) = attempt {
         l[LABEL_ATTEMPT] = json!(a.to_string());
     }
+    // Which LockstepJob of that name: an earlier one's leftovers are never taken for its.
+    if let Some(uid) = lsj.metadata.uid.as_deref().filter(|u| is_label_value(u)) {
+        l[LABEL_UID] = json!(uid);
+    }
     l
+}
+
+fn is_label_value(v: &str) -> bool {
+    v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn metadata(
@@ -100,7 +110,7 @@ fn metadata(
     json!({
         "name": object,
         "namespace": lsj.metadata.namespace.as_deref().unwrap_or("default"),
-        "labels": labels(name, role, attempt),
+        "labels": labels(lsj, name, role, attempt),
         "ownerReferences": owner(lsj),
     })
 }
@@ -315,7 +325,7 @@ fn trainer_template(lsj: &LockstepJob, t: &Target<'_>, attempt: u32) -> Result<V
     c["terminationMessagePolicy"] = json!("FallbackToLogsOnError");
     let subdomain = (t.flavor == Flavor::IndexedJob).then(|| attempt_name(name, attempt));
     Ok(json!({
-        "metadata": {"labels": labels(name, "trainer", Some(attempt))},
+        "metadata": {"labels": labels(lsj, name, "trainer", Some(attempt))},
         "spec": pod_spec(lsj, name, c, subdomain.as_deref()),
     }))
 }
@@ -437,7 +447,7 @@ pub fn export_job(lsj: &LockstepJob, spec: &ExportSpec) -> Result<Value, String>
             "backoffLimit": 2,
             "activeDeadlineSeconds": 6 * 3600,
             "template": {
-                "metadata": {"labels": labels(name, "export", None)},
+                "metadata": {"labels": labels(lsj, name, "export", None)},
                 "spec": pod,
             },
         },
