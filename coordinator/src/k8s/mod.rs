@@ -35,14 +35,12 @@ pub const ROLLOUT_ANNOTATION: &str = "lockstep.dev/model-version";
 pub const FIELD_MANAGER: &str = "lockstep";
 
 /// What the controller calls on the API server: (API group, resource, verbs). The Role in
-/// `jobsets/rbac.yaml` grants exactly these (a test compares the two).
+/// `jobsets/rbac.yaml` grants exactly these (a test compares the two). `create` is there for
+/// server-side apply, which creates what does not exist yet; `lockstepjobs/finalizers` update
+/// for owner references that block their owner's deletion.
 pub const API_CALLS: &[(&str, &str, &[&str])] = &[
-    (
-        "lockstep.dev",
-        "lockstepjobs",
-        &["get", "list", "watch", "patch", "update"],
-    ),
-    ("lockstep.dev", "lockstepjobs/status", &["get", "patch"]),
+    ("lockstep.dev", "lockstepjobs", &["list", "watch", "patch"]),
+    ("lockstep.dev", "lockstepjobs/status", &["patch"]),
     ("lockstep.dev", "lockstepjobs/finalizers", &["update"]),
     (
         "batch",
@@ -52,24 +50,24 @@ pub const API_CALLS: &[(&str, &str, &[&str])] = &[
     (
         "jobset.x-k8s.io",
         "jobsets",
-        &["get", "list", "create", "patch", "delete"],
+        &["list", "create", "patch", "delete"],
     ),
-    ("", "pods", &["get", "list", "watch"]),
+    ("", "pods", &["list", "watch"]),
     (
         "",
         "services",
-        &["get", "create", "patch", "delete", "list"],
+        &["get", "list", "create", "patch", "delete"],
     ),
     (
         "",
         "configmaps",
-        &["get", "create", "patch", "delete", "list"],
+        &["get", "list", "create", "patch", "delete"],
     ),
-    ("", "secrets", &["get", "create", "patch", "delete", "list"]),
+    ("", "secrets", &["get", "list", "create", "patch", "delete"]),
     (
         "networking.k8s.io",
         "networkpolicies",
-        &["get", "create", "patch", "delete", "list"],
+        &["get", "list", "create", "patch", "delete"],
     ),
 ];
 
