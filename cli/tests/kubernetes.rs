@@ -924,6 +924,12 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     assert_eq!(st.attempt, 1);
     let committed = st.last_committed_checkpoint.unwrap();
     coordinator.kill();
+    // Edited while no coordinator runs: the next one keeps the config the job started with.
+    let edit = json!({"spec": {"config": {"train": {"steps": 7}}}});
+    Api::<LockstepJob>::namespaced(admin.clone(), NS)
+        .patch("long", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .unwrap();
     let mut coordinator = Coordinator::start(&sa_kubeconfig, tmp.path());
     let st = wait_status(
         &admin,
@@ -936,6 +942,10 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     assert!(
         st.last_committed_checkpoint.unwrap() >= committed,
         "{st:#?}"
+    );
+    assert_eq!(
+        st.total_steps, 100_000,
+        "the edited spec.config was run: {st:#?}"
     );
     assert!(
         jobsets.get("long-a1").await.is_err(),

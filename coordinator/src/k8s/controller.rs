@@ -291,6 +291,46 @@ impl Controller {
         self.refuse(lsj, why).await
     }
 
+    /// `lsj` with the config its job started with: the `config.toml` of its ConfigMap (made
+    /// when its first attempt was, owned by it), if there is one.
+    async fn started_config(&self, lsj: &Arc<LockstepJob>) -> Result<Arc<LockstepJob>, KubeError> {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let name = lsj.name_any();
+        let cm_name = render::config_map_name(&name);
+        let cm = Api::<ConfigMap>::namespaced(self.client.clone(), &self.settings.namespace)
+            .get_opt(&cm_name)
+            .await
+            .map_err(KubeError::api(format!("read ConfigMap {cm_name}")))?;
+        let uid = lsj.metadata.uid.as_deref().unwrap_or("");
+        let owned = |cm: &ConfigMap| {
+            cm.metadata
+                .owner_references
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|o| o.kind == "LockstepJob" && o.uid == uid))
+        };
+        let Some(text) = cm
+            .filter(owned)
+            .and_then(|cm| cm.data?.get("config.toml").cloned())
+        else {
+            return Ok(lsj.clone());
+        };
+        match JobConfig::parse(&text, &[]) {
+            Ok(started) => {
+                let mut kept = (**lsj).clone();
+                if kept.spec.config.get().ok() != Some(&started) {
+                    tracing::warn!(lockstepjob = %name,
+                        "spec.config differs from the config the job started with; it keeps \
+                         the one it started with (create a new LockstepJob to run the new one)");
+                }
+                kept.spec.config = started.into();
+                Ok(Arc::new(kept))
+            }
+            Err(e) => Err(KubeError::Invalid(format!(
+                "ConfigMap {cm_name}: the config the job started with does not parse: {e}"
+            ))),
+        }
+    }
+
     /// A LockstepJob that cannot run: failed, saying why.
     async fn refuse(&self, lsj: &LockstepJob, why: String) -> Result<Action, KubeError> {
         let mut st = lsj.status.clone().unwrap_or_default();
@@ -411,16 +451,21 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
             if finished {
                 return Ok(Action::await_change());
             }
+            // A job a coordinator before this one started keeps the config it started with:
+            // the one in its ConfigMap, whatever spec.config says now.
+            let lsj = if status.attempt > 0 {
+                ctl.started_config(&lsj).await?
+            } else {
+                lsj
+            };
             // What the LockstepJob asks must be runnable before anything starts.
             if let Err(e) = lsj
                 .spec
                 .config
                 .get()
-                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+                .and_then(|c| c.validate().map_err(|e| format!("spec.config: {e}")))
             {
-                return ctl
-                    .refuse_started(&lsj, &id, format!("spec.config: {e}"))
-                    .await;
+                return ctl.refuse_started(&lsj, &id, e).await;
             }
             if let Err(e) = lsj.spec.check() {
                 return ctl.refuse_started(&lsj, &id, e).await;
@@ -433,9 +478,13 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
             )
             .await
             {
-                return ctl
-                    .refuse_started(&lsj, &id, format!("spec.config: {e}"))
-                    .await;
+                // Messages name the config field (`checkpoint.url`) or the spec's.
+                let e = if e.starts_with("spec.") {
+                    e
+                } else {
+                    format!("spec.config: {e}")
+                };
+                return ctl.refuse_started(&lsj, &id, e).await;
             }
             let config_text = match render::config_toml(&lsj) {
                 Ok(t) => t,

@@ -178,6 +178,10 @@ impl KubeLauncher {
                 .get_metadata_opt(name)
                 .await
                 .map(|m| m.map(|m| m.metadata)),
+            "JobSet" => Api::<DynamicObject>::namespaced_with(c, ns, &jobset_resource())
+                .get_opt(name)
+                .await
+                .map(|m| m.map(|m| m.metadata)),
             _ => return Ok(()),
         }
         .map_err(KubeError::api(format!("read {kind} {ns}/{name}")))?;

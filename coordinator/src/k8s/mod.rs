@@ -50,7 +50,7 @@ pub const API_CALLS: &[(&str, &str, &[&str])] = &[
     (
         "jobset.x-k8s.io",
         "jobsets",
-        &["list", "create", "patch", "delete"],
+        &["get", "list", "create", "patch", "delete"],
     ),
     ("", "pods", &["list", "watch"]),
     (
