@@ -978,7 +978,8 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
 
     // Suspend: the gang checkpoints and stops; resume: the next attempt continues from there.
     let lsjs = Api::<LockstepJob>::namespaced(admin.clone(), NS);
-    let suspend = |on: bool| json!({"spec": {"suspend": on}});
+    // The image may change while it is suspended: the next attempt runs it.
+    let suspend = |on: bool| json!({"spec": {"suspend": on, "image": "lockstep:edited"}});
     lsjs.patch(
         "long",
         &PatchParams::default(),
@@ -1014,6 +1015,12 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     assert!(
         st.last_committed_checkpoint.unwrap() >= stopped_at,
         "{st:#?}"
+    );
+    let a3 = jobsets.get("long-a3").await.unwrap();
+    assert_eq!(
+        a3.data["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"]
+            [0]["image"],
+        "lockstep:edited"
     );
 
     // A user's ConfigMap that a LockstepJob's would replace is neither overwritten nor,

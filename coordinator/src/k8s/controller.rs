@@ -419,6 +419,21 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
                          it started with (create a new LockstepJob to run the new one)");
                 }
             }
+            // Pod settings (image, resources…) may change: the next attempt uses them, with
+            // the config the job started with. Ones that cannot work are ignored, with a word.
+            match lsj.spec.check() {
+                Ok(()) => {
+                    if let Ok(started) = JobConfig::parse(&record.config_text, &record.overrides) {
+                        let mut kept = (*lsj).clone();
+                        kept.spec.config = started.into();
+                        ctl.launcher.register(&id, Arc::new(kept));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(lockstepjob = %name, error = %e,
+                        "the edited spec cannot work; the job keeps its previous pod settings");
+                }
+            }
             if lsj.spec.suspend && !record.phase().is_final() {
                 tracing::info!(lockstepjob = %name, "suspended: checkpointing and stopping its gang");
                 let _ = ctl.coordinator.cancel(&id);
