@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use lockstep_api::testing::TestJob;
 
 mod common;
-use common::{causes, last, lockstep, run, trainers};
+use common::{causes, free_port, last, lockstep, run, trainers};
 use serde_json::Value;
 
 /// One gang at a time: these tests measure timeouts (heartbeats, gang formation) on a 2-core
@@ -273,14 +273,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

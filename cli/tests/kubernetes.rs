@@ -31,6 +31,9 @@ use lockstep_coordinator::k8s::launcher::jobset_resource;
 use serde_json::{Value, json};
 use tokio::process::Command;
 
+mod common;
+use common::free_port;
+
 const NS: &str = "lsj-test";
 
 /// The test's directory, for [`logs`].
@@ -198,14 +201,6 @@ fn kubectl_apply(api: &ApiServer, file: &Path) {
 
 fn lockstep() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `GET path` on 127.0.0.1:port: (status, body).
@@ -1074,50 +1069,27 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         Some("yes")
     );
     let lp = ListParams::default().labels("lockstep.dev/job in (long,e2e)");
-    assert!(
-        jobsets.list(&lp).await.unwrap().items.is_empty(),
-        "JobSets left"
-    );
-    assert!(
-        Api::<Job>::namespaced(admin.clone(), NS)
+    for (kind, resource) in [
+        ("JobSet", jobset_resource()),
+        ("Job", kube::core::ApiResource::erase::<Job>(&())),
+        ("Secret", kube::core::ApiResource::erase::<Secret>(&())),
+        (
+            "ConfigMap",
+            kube::core::ApiResource::erase::<ConfigMap>(&()),
+        ),
+        ("Service", kube::core::ApiResource::erase::<Service>(&())),
+        (
+            "NetworkPolicy",
+            kube::core::ApiResource::erase::<NetworkPolicy>(&()),
+        ),
+    ] {
+        let left = Api::<DynamicObject>::namespaced_with(admin.clone(), NS, &resource)
             .list(&lp)
             .await
             .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        Api::<Secret>::namespaced(admin.clone(), NS)
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        Api::<ConfigMap>::namespaced(admin.clone(), NS)
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        Api::<Service>::namespaced(admin.clone(), NS)
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        Api::<NetworkPolicy>::namespaced(admin.clone(), NS)
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
+            .items;
+        assert!(left.is_empty(), "{kind}s left: {left:?}");
+    }
     coordinator.kill();
     kubelet.abort();
     // No trainer outlives its pod.

@@ -12,7 +12,7 @@ use lockstep_api::testing::TestJob;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 mod common;
-use common::lockstep;
+use common::{free_port, lockstep};
 
 /// A CA and a certificate it signed for `localhost` and 127.0.0.1, as PEM files in `dir`:
 /// (ca.pem, cert.pem, key.pem).
@@ -28,14 +28,6 @@ fn certificates(dir: &Path) {
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Killed(Child);

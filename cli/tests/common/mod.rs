@@ -24,6 +24,15 @@ pub fn trainers(job: &str, worker: Option<u32>) -> Vec<i32> {
         .collect()
 }
 
+/// A port nothing listens on now (on 127.0.0.1).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
 }

@@ -113,41 +113,29 @@ impl KubeLauncher {
             .ok_or_else(|| format!("job {job_id} has no LockstepJob (was it deleted?)"))
     }
 
+    /// The API of the kind of object lockstep makes, in `ns`.
+    fn api_of(&self, ns: &str, kind: &str) -> Result<Api<DynamicObject>, KubeError> {
+        let resource = match kind {
+            "ConfigMap" => ApiResource::erase::<ConfigMap>(&()),
+            "Secret" => ApiResource::erase::<Secret>(&()),
+            "Service" => ApiResource::erase::<Service>(&()),
+            "NetworkPolicy" => ApiResource::erase::<NetworkPolicy>(&()),
+            "Job" => ApiResource::erase::<Job>(&()),
+            "JobSet" => jobset_resource(),
+            other => return Err(KubeError::Invalid(format!("cannot make a {other}"))),
+        };
+        Ok(Api::namespaced_with(self.client.clone(), ns, &resource))
+    }
+
     async fn apply(&self, ns: &str, object: &Value) -> Result<(), KubeError> {
         let kind = object["kind"].as_str().unwrap_or("");
         let name = object["metadata"]["name"].as_str().unwrap_or("");
-        let what = format!("apply {kind} {ns}/{name}");
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let patch = Patch::Apply(object);
-        let c = self.client.clone();
-        match kind {
-            "ConfigMap" => Api::<ConfigMap>::namespaced(c, ns)
-                .patch(name, &pp, &patch)
-                .await
-                .map(drop),
-            "Secret" => Api::<Secret>::namespaced(c, ns)
-                .patch(name, &pp, &patch)
-                .await
-                .map(drop),
-            "Service" => Api::<Service>::namespaced(c, ns)
-                .patch(name, &pp, &patch)
-                .await
-                .map(drop),
-            "NetworkPolicy" => Api::<NetworkPolicy>::namespaced(c, ns)
-                .patch(name, &pp, &patch)
-                .await
-                .map(drop),
-            "Job" => Api::<Job>::namespaced(c, ns)
-                .patch(name, &pp, &patch)
-                .await
-                .map(drop),
-            "JobSet" => Api::<DynamicObject>::namespaced_with(c, ns, &jobset_resource())
-                .patch(name, &pp, &patch)
-                .await
-                .map(drop),
-            other => return Err(KubeError::Invalid(format!("cannot apply a {other}"))),
-        }
-        .map_err(KubeError::api(what))
+        self.api_of(ns, kind)?
+            .patch(name, &pp, &Patch::Apply(object))
+            .await
+            .map(drop)
+            .map_err(KubeError::api(format!("apply {kind} {ns}/{name}")))
     }
 
     /// Refuses to take over an object of that name that this LockstepJob does not own (a
@@ -156,37 +144,13 @@ impl KubeLauncher {
     async fn check_owner(&self, ns: &str, object: &Value, uid: &str) -> Result<(), KubeError> {
         let kind = object["kind"].as_str().unwrap_or("");
         let name = object["metadata"]["name"].as_str().unwrap_or("");
-        let c = self.client.clone();
-        let meta = match kind {
-            "ConfigMap" => Api::<ConfigMap>::namespaced(c, ns)
-                .get_metadata_opt(name)
-                .await
-                .map(|m| m.map(|m| m.metadata)),
-            "Secret" => Api::<Secret>::namespaced(c, ns)
-                .get_metadata_opt(name)
-                .await
-                .map(|m| m.map(|m| m.metadata)),
-            "Service" => Api::<Service>::namespaced(c, ns)
-                .get_metadata_opt(name)
-                .await
-                .map(|m| m.map(|m| m.metadata)),
-            "NetworkPolicy" => Api::<NetworkPolicy>::namespaced(c, ns)
-                .get_metadata_opt(name)
-                .await
-                .map(|m| m.map(|m| m.metadata)),
-            "Job" => Api::<Job>::namespaced(c, ns)
-                .get_metadata_opt(name)
-                .await
-                .map(|m| m.map(|m| m.metadata)),
-            "JobSet" => Api::<DynamicObject>::namespaced_with(c, ns, &jobset_resource())
-                .get_opt(name)
-                .await
-                .map(|m| m.map(|m| m.metadata)),
-            _ => return Ok(()),
-        }
-        .map_err(KubeError::api(format!("read {kind} {ns}/{name}")))?;
+        let meta = self
+            .api_of(ns, kind)?
+            .get_metadata_opt(name)
+            .await
+            .map_err(KubeError::api(format!("read {kind} {ns}/{name}")))?;
         match meta {
-            Some(m) if !owned_by(&m, uid) => Err(KubeError::Invalid(format!(
+            Some(m) if !owned_by(&m.metadata, uid) => Err(KubeError::Invalid(format!(
                 "{kind} {ns}/{name} exists and does not belong to this LockstepJob; lockstep \
                  will not overwrite it (rename the LockstepJob, or delete the {kind})"
             ))),
