@@ -98,7 +98,8 @@ pub struct JobSection {
 pub struct ModelSection {
     /// `"init"` (random weights, architecture below) or a Hugging Face model directory/URL.
     #[serde(default = "defaults::base")]
-    pub base: String,
+    #[schemars(with = "String")]
+    pub base: crate::BaseModel,
     /// Hidden size (for `init`).
     #[serde(default = "defaults::hidden_size")]
     pub hidden_size: u32,
@@ -347,8 +348,8 @@ pub mod defaults {
         Duration::from_secs(60)
     }
     /// `model.base`.
-    pub fn base() -> String {
-        "init".into()
+    pub fn base() -> crate::BaseModel {
+        crate::BaseModel::Init
     }
     /// `model.hidden_size`.
     pub fn hidden_size() -> u32 {
@@ -469,6 +470,18 @@ pub enum ConfigError {
 }
 
 impl JobConfig {
+    /// Every location the job reads or writes, each with the field that names it, as written
+    /// (URLs or paths): `checkpoint.url`, each `data.train` and `data.eval` entry, `export.url`,
+    /// and `model.base`'s directory or lineage.
+    pub fn urls(&self) -> Vec<(&'static str, &str)> {
+        let mut urls = vec![("checkpoint.url", self.checkpoint.url.as_str())];
+        urls.extend(self.data.train.iter().map(|u| ("data.train", u.as_str())));
+        urls.extend(self.data.eval.iter().map(|u| ("data.eval", u.as_str())));
+        urls.extend(self.export.iter().map(|e| ("export.url", e.url.as_str())));
+        urls.extend(self.model.base.location().map(|b| ("model.base", b)));
+        urls
+    }
+
     /// Parses TOML, applies `overrides` (`section.key=value`, the value in TOML syntax or a bare
     /// string), then validates.
     pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ConfigError> {

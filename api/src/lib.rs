@@ -1,18 +1,24 @@
 //! lockstep-api: the types every lockstep process agrees on. No IO.
 //!
 //! # Layout
+//! - [`base`]: `model.base` — what a job starts from — parsed once.
 //! - [`config`]: the job configuration schema (TOML; the same schema is embedded in the
 //!   Kubernetes LockstepJob), with named defaults, `--set key=value` overrides and validation
 //!   errors that name the field.
+//! - [`phase`]: where a job is ([`Phase`]), typed, with its wire spelling.
 //! - [`proto`]: the gRPC control protocol between the coordinator, its users and trainers.
 //! - `testing` (feature `testing`): the `TestJob` config builder shared by every crate's tests.
 
+pub mod base;
 pub mod config;
 pub mod date;
+pub mod phase;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use base::BaseModel;
 pub use config::{ConfigError, JobConfig, Resume, Schedule};
+pub use phase::Phase;
 
 /// Exit status of `lockstep train` for an error that a restart cannot fix (the config, the
 /// base model, the data, a checkpoint of another architecture, a non-finite loss, which a

@@ -1,9 +1,13 @@
 //! Tokens: the admin token of user calls, one token per job for its workers' calls. Every call
 //! carries `authorization: Bearer TOKEN`; tokens are compared in constant time.
 
+use std::sync::Arc;
+
 use lockstep_api::proto;
 
+use crate::Coordinator;
 use crate::error::{Error, Result};
+use crate::registry::{Job, lock};
 
 /// The shortest token accepted, from a file, a flag or a caller: 128 bits in hex.
 pub const MIN_TOKEN_LEN: usize = 32;
@@ -60,6 +64,76 @@ pub fn check(metadata: &tonic::metadata::MetadataMap, want: &str, whose: &str) -
 /// Equal, in time that depends only on the lengths.
 pub fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The coordinator's side of authentication: the gate in front of every gRPC call and the
+/// checks its handlers make.
+impl Coordinator {
+    /// The gate in front of every call, before its body is decoded: the call must carry the
+    /// admin token or a job's token. One answer for every wrong token, so nobody learns which
+    /// jobs exist. The handlers then check the token against what the call is about.
+    pub fn gate(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+    ) -> std::result::Result<(), tonic::Status> {
+        let Some(token) = bearer(md) else {
+            return Err(tonic::Status::unauthenticated(
+                "this call needs a token (`authorization: Bearer TOKEN`)",
+            ));
+        };
+        let admin = &self.inner.settings.admin_token;
+        let is_admin =
+            admin.len() >= MIN_TOKEN_LEN && constant_eq(admin.as_bytes(), token.as_bytes());
+        if token.len() >= MIN_TOKEN_LEN && (is_admin || self.inner.registry.knows_token(token)) {
+            Ok(())
+        } else {
+            Err(tonic::Status::permission_denied(
+                "the token is not valid here",
+            ))
+        }
+    }
+
+    /// [`Coordinator::gate`] as a tonic interceptor.
+    pub fn interceptor(
+        &self,
+    ) -> impl FnMut(tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status>
+    + Clone
+    + use<> {
+        let c = self.clone();
+        move |req: tonic::Request<()>| {
+            c.gate(req.metadata())?;
+            Ok(req)
+        }
+    }
+
+    /// Checks a user call's admin token.
+    pub(crate) fn authorize_admin(&self, md: &tonic::metadata::MetadataMap) -> Result<()> {
+        check(
+            md,
+            &self.inner.settings.admin_token,
+            "the coordinator's admin",
+        )
+    }
+
+    /// Checks a worker call's token and attempt; returns the job.
+    pub(crate) fn authorize_worker(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        id: &str,
+        attempt: u32,
+    ) -> Result<Arc<Job>> {
+        // An unknown job answers like a wrong token: callers cannot probe for job ids.
+        let job = self
+            .inner
+            .registry
+            .get(id)
+            .map_err(|_| Error::PermissionDenied {
+                whose: format!("job `{id}`'s"),
+            })?;
+        check(md, &job.token, &format!("job `{id}`'s"))?;
+        job.live(&mut lock(&job.state), attempt)?;
+        Ok(job)
+    }
 }
 
 #[cfg(test)]

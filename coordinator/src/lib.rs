@@ -1,18 +1,20 @@
 //! lockstep-coordinator: runs jobs. It keeps each job's record, launches its gang of workers,
 //! lets them meet, commits their checkpoints, and restarts the gang from the last committed
-//! checkpoint when a worker dies. It never links Burn: the `lockstep` binary (crate `cli/`)
-//! links it with the trainer and only parses arguments.
+//! checkpoint when a worker dies. It never links Burn and never prints: the `lockstep` binary
+//! (crate `cli/`, one file per command) links it with the trainer.
 //!
 //! # Layout
 //! - [`state`]: the job lifecycle as pure decisions (unit-tested without IO).
 //! - [`attempt`]: one attempt's deadlines and timeouts as a pure value.
-//! - [`commit`]: which shards of which step have arrived, and when a step is ready to commit.
+//! - [`commit`]: which shards of which step have arrived, and the commit of a step once all
+//!   have.
 //! - [`registry`]: the jobs in memory and their live attempt (bookkeeping under short locks).
 //! - [`stall`]: noticing the coordinator's own stalls, so they are not blamed on ranks.
+//! - `context`: what the parts of a running coordinator share.
 //! - [`supervisor`]: one task per job: launch, watch, tear down, restart.
 //! - [`service`]: [`Coordinator`], the operations behind the gRPC calls.
 //! - [`rpc`]: the gRPC service: proto ↔ domain and [`Error`] → `Status` only.
-//! - [`auth`]: bearer tokens (admin and per job).
+//! - [`auth`]: bearer tokens (admin and per job) and the gate in front of every call.
 //! - [`persist`]: one task writes job records to disk (redb) on the blocking pool.
 //! - [`record`]: jobs as stored.
 //! - [`launcher`]: the [`launcher::Launcher`] trait and [`launcher::LocalProcess`].
@@ -20,8 +22,6 @@
 //! - [`listen`]: bounded, back-off accepting for both servers.
 //! - [`preflight`]: inputs checked before a job is accepted (data and base model exist).
 //! - [`private`]: the data dir and its files, readable by this user only.
-//! - [`cli`]: the commands of the binary that need no Burn (run, serve, submit, status, watch,
-//!   cancel, ckpt).
 //!
 //! # Checkpoints and resume
 //! Workers write shards; the coordinator commits a step with
@@ -33,8 +33,8 @@
 
 pub mod attempt;
 pub mod auth;
-pub mod cli;
 pub mod commit;
+mod context;
 pub mod error;
 pub mod k8s;
 pub mod launcher;

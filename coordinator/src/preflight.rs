@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use lockstep_api::JobConfig;
+use lockstep_api::base::{BaseModel, as_url};
 use lockstep_storage::objects;
 
 use crate::service::resolve_url;
@@ -55,40 +56,34 @@ async fn inputs(config: &JobConfig, workdir: &Path) -> Result<(), String> {
         }
     }
     let base = &config.model.base;
-    if let Some(lineage) = base.strip_prefix("latest-export:") {
-        let url = if lineage.contains("://") {
-            lineage.trim_end_matches('/').to_string()
-        } else {
-            format!("file://{}", lineage.trim_end_matches('/'))
-        };
-        let url = resolve_url(&format!("{url}/latest.json"), workdir);
-        match objects::exists(&url).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(format!(
-                    "model.base `{base}`: {url} not found: the lineage has no promoted version \
-                     yet"
-                ));
-            }
-            Err(e) => return unreachable_store(&e),
-        }
-    } else if base != "init" {
-        let url = if base.contains("://") {
-            base.trim_end_matches('/').to_string()
-        } else {
-            format!("file://{}", base.trim_end_matches('/'))
-        };
-        let url = resolve_url(&url, workdir);
-        for file in ["config.json", "model.safetensors"] {
-            match objects::exists(&format!("{url}/{file}")).await {
+    match base {
+        BaseModel::Init => {}
+        BaseModel::LatestExport(lineage) => {
+            let url = resolve_url(&format!("{}/latest.json", as_url(lineage)), workdir);
+            match objects::exists(&url).await {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(format!(
-                        "model.base `{base}`: {file} not found (a Hugging Face Llama directory \
-                         holds config.json and model.safetensors)"
+                        "model.base `{base}`: {url} not found: the lineage has no promoted \
+                         version yet"
                     ));
                 }
                 Err(e) => return unreachable_store(&e),
+            }
+        }
+        BaseModel::Dir(dir) => {
+            let url = resolve_url(&as_url(dir), workdir);
+            for file in ["config.json", "model.safetensors"] {
+                match objects::exists(&format!("{url}/{file}")).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(format!(
+                            "model.base `{base}`: {file} not found (a Hugging Face Llama \
+                             directory holds config.json and model.safetensors)"
+                        ));
+                    }
+                    Err(e) => return unreachable_store(&e),
+                }
             }
         }
     }
@@ -107,17 +102,11 @@ pub async fn with_base_architecture(
     workdir: &Path,
     deadline: tokio::time::Instant,
 ) -> Option<JobConfig> {
-    let base = &config.model.base;
     // (A promoted export was sized when it was trained.)
-    if base == "init" || base.starts_with("latest-export:") {
+    let BaseModel::Dir(dir) = &config.model.base else {
         return None;
-    }
-    let url = if base.contains("://") {
-        base.trim_end_matches('/').to_string()
-    } else {
-        format!("file://{}", base.trim_end_matches('/'))
     };
-    let url = format!("{}/config.json", resolve_url(&url, workdir));
+    let url = format!("{}/config.json", resolve_url(&as_url(dir), workdir));
     let read = async {
         let object = objects::head_url(&url).await.ok()?;
         if object.size > MAX_BASE_CONFIG {

@@ -60,7 +60,51 @@ pub struct JobRecord {
     pub gang_wait_seconds: f64,
 }
 
+/// Resolves a relative `file://` URL against `workdir`.
+pub fn resolve_url(url: &str, workdir: &Path) -> String {
+    match url.strip_prefix("file://") {
+        Some(p) if !p.starts_with('/') => format!("file://{}", workdir.join(p).display()),
+        _ => url.to_string(),
+    }
+}
+
 impl JobRecord {
+    /// A new job `id` of `config` (parsed from `config_text` with `overrides`), queued for its
+    /// first attempt; relative `file://` URLs resolve against `workdir`. Its token is empty
+    /// until the coordinator gives it one.
+    pub fn new(
+        id: String,
+        config: &lockstep_api::JobConfig,
+        config_text: String,
+        overrides: Vec<String>,
+        workdir: PathBuf,
+    ) -> JobRecord {
+        let now = now_ms();
+        JobRecord {
+            id,
+            name: config.job.name.clone(),
+            token: String::new(),
+            config_text,
+            overrides,
+            lifecycle: Lifecycle::new(config.job.max_restarts),
+            world_size: config.job.world_size,
+            total_steps: config.train.steps,
+            step: 0,
+            loss: None,
+            first_loss: None,
+            eval_loss: None,
+            eval_step: None,
+            tokens_per_sec: 0.0,
+            last_checkpoint: None,
+            params_hash: String::new(),
+            checkpoint_url: resolve_url(&config.checkpoint.url, &workdir),
+            workdir,
+            created_ms: now,
+            updated_ms: now,
+            gang_wait_seconds: 0.0,
+        }
+    }
+
     /// The wire form.
     pub fn status(&self) -> proto::JobStatus {
         proto::JobStatus {
@@ -299,29 +343,14 @@ mod tests {
     use crate::state::Lifecycle;
 
     fn record(id: &str) -> JobRecord {
-        JobRecord {
-            id: id.into(),
-            name: "j".into(),
-            token: "t".repeat(32),
-            config_text: String::new(),
-            overrides: vec![],
-            lifecycle: Lifecycle::new(1),
-            world_size: 1,
-            total_steps: 1,
-            step: 0,
-            loss: None,
-            first_loss: None,
-            eval_loss: None,
-            eval_step: None,
-            tokens_per_sec: 0.0,
-            last_checkpoint: None,
-            params_hash: String::new(),
-            checkpoint_url: "memory://".into(),
-            workdir: PathBuf::from("/"),
-            created_ms: 0,
-            updated_ms: 0,
-            gang_wait_seconds: 0.0,
-        }
+        let config = lockstep_api::testing::TestJob::tiny("j")
+            .world(1)
+            .config()
+            .expect("the test config");
+        let mut r = JobRecord::new(id.into(), &config, String::new(), vec![], "/".into());
+        r.lifecycle = Lifecycle::new(1);
+        (r.created_ms, r.updated_ms) = (0, 0);
+        r
     }
 
     #[test]

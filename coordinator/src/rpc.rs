@@ -17,10 +17,6 @@ use crate::service::{Coordinator, Report};
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn is_final(state: &str) -> bool {
-    matches!(state, "succeeded" | "exported" | "failed" | "cancelled")
-}
-
 #[tonic::async_trait]
 impl Rpc for Coordinator {
     async fn submit(
@@ -81,7 +77,9 @@ impl Rpc for Coordinator {
             loop {
                 rx.borrow_and_update();
                 let status = this.get(&id).map(|r| r.status()).map_err(Status::from);
-                let end = status.as_ref().map_or(true, |s| is_final(&s.state));
+                let end = status.as_ref().map_or(true, |s| {
+                    lockstep_api::Phase::parse(&s.state).is_some_and(lockstep_api::Phase::is_final)
+                });
                 if tx.send(status).await.is_err() || end {
                     return;
                 }

@@ -2,34 +2,28 @@
 //! commits) and runs one [supervisor](crate::supervisor) per job. The gRPC surface is
 //! [`crate::rpc`]; this is the domain side it calls.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use lockstep_api::JobConfig;
 use lockstep_api::proto;
-use lockstep_storage::{CheckpointStore, ShardMeta, StepCommit};
+use lockstep_storage::CheckpointStore;
 use tokio::sync::{broadcast, mpsc, watch};
 // Tokio's clock, so tests can run the supervisor's timeouts in paused time.
 use tokio::time::Instant;
 
 use crate::attempt::Finished;
 use crate::auth;
-use crate::commit::{CommitFailed, Outcome};
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::launcher::Launcher;
 use crate::metrics::Metrics;
 use crate::persist::Persister;
 use crate::record::{JobRecord, JobStore, now_ms};
 use crate::registry::{Job, JobState, Registry, lock};
-use crate::state::{Input, Lifecycle};
+use crate::state::Input;
 
-/// Resolves a relative `file://` URL against `workdir`.
-pub fn resolve_url(url: &str, workdir: &Path) -> String {
-    match url.strip_prefix("file://") {
-        Some(p) if !p.starts_with('/') => format!("file://{}", workdir.join(p).display()),
-        _ => url.to_string(),
-    }
-}
+pub use crate::record::resolve_url;
 
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
@@ -45,19 +39,7 @@ pub struct Settings {
 /// The coordinator. Cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
-    pub(crate) inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) settings: Settings,
-    /// gRPC URL workers call; set once the server is bound.
-    pub(crate) url: Mutex<String>,
-    pub(crate) launcher: Arc<dyn Launcher>,
-    pub(crate) store: Option<Arc<JobStore>>,
-    pub(crate) persister: Persister,
-    pub(crate) registry: Registry,
-    pub(crate) metrics: Metrics,
-    pub(crate) clock: crate::stall::StallClock,
+    pub(crate) inner: Arc<Context>,
 }
 
 /// A report from a worker's heartbeat stream.
@@ -88,7 +70,7 @@ impl Coordinator {
         };
         let persister = Persister::start(store.clone());
         Ok(Coordinator {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Context {
                 settings,
                 url: Mutex::new(String::new()),
                 launcher,
@@ -231,30 +213,8 @@ impl Coordinator {
             .map_err(Error::InvalidArgument)?;
         // 64 random bits: ids do not collide in practice, and a collision is refused.
         let id = id.unwrap_or_else(|| format!("{}-{}", config.job.name, &auth::new_token()[..16]));
-        let now = now_ms();
-        let record = JobRecord {
-            id,
-            name: config.job.name.clone(),
-            token: auth::new_token(),
-            config_text,
-            overrides,
-            lifecycle: Lifecycle::new(config.job.max_restarts),
-            world_size: config.job.world_size,
-            total_steps: config.train.steps,
-            step: 0,
-            loss: None,
-            first_loss: None,
-            eval_loss: None,
-            eval_step: None,
-            tokens_per_sec: 0.0,
-            last_checkpoint: None,
-            params_hash: String::new(),
-            checkpoint_url: resolve_url(&config.checkpoint.url, &workdir),
-            workdir,
-            created_ms: now,
-            updated_ms: now,
-            gang_wait_seconds: 0.0,
-        };
+        let mut record = JobRecord::new(id, &config, config_text, overrides, workdir);
+        record.token = auth::new_token();
         let job = self.add(record, config).await?;
         // The job's current record (its supervisor may already have changed it).
         self.inner.persister.put(lock(&job.state).record.clone());
@@ -374,74 +334,6 @@ impl Coordinator {
         Ok(self.inner.persister.flush().await?)
     }
 
-    /// Checks a user call's admin token.
-    /// The gate in front of every call, before its body is decoded: the call must carry the
-    /// admin token or a job's token. One answer for every wrong token, so nobody learns which
-    /// jobs exist. The handlers then check the token against what the call is about.
-    pub fn gate(
-        &self,
-        md: &tonic::metadata::MetadataMap,
-    ) -> std::result::Result<(), tonic::Status> {
-        let Some(token) = auth::bearer(md) else {
-            return Err(tonic::Status::unauthenticated(
-                "this call needs a token (`authorization: Bearer TOKEN`)",
-            ));
-        };
-        let admin = &self.inner.settings.admin_token;
-        let is_admin = admin.len() >= auth::MIN_TOKEN_LEN
-            && auth::constant_eq(admin.as_bytes(), token.as_bytes());
-        if token.len() >= auth::MIN_TOKEN_LEN
-            && (is_admin || self.inner.registry.knows_token(token))
-        {
-            Ok(())
-        } else {
-            Err(tonic::Status::permission_denied(
-                "the token is not valid here",
-            ))
-        }
-    }
-
-    /// [`Coordinator::gate`] as a tonic interceptor.
-    pub fn interceptor(
-        &self,
-    ) -> impl FnMut(tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status>
-    + Clone
-    + use<> {
-        let c = self.clone();
-        move |req: tonic::Request<()>| {
-            c.gate(req.metadata())?;
-            Ok(req)
-        }
-    }
-
-    pub(crate) fn authorize_admin(&self, md: &tonic::metadata::MetadataMap) -> Result<()> {
-        auth::check(
-            md,
-            &self.inner.settings.admin_token,
-            "the coordinator's admin",
-        )
-    }
-
-    /// Checks a worker call's token and attempt; returns the job.
-    pub(crate) fn authorize_worker(
-        &self,
-        md: &tonic::metadata::MetadataMap,
-        id: &str,
-        attempt: u32,
-    ) -> Result<Arc<Job>> {
-        // An unknown job answers like a wrong token: callers cannot probe for job ids.
-        let job = self
-            .inner
-            .registry
-            .get(id)
-            .map_err(|_| Error::PermissionDenied {
-                whose: format!("job `{id}`'s"),
-            })?;
-        auth::check(md, &job.token, &format!("job `{id}`'s"))?;
-        job.live(&mut lock(&job.state), attempt)?;
-        Ok(job)
-    }
-
     /// The gang barrier: records `worker`'s ring address and returns once the whole gang of
     /// `attempt` has joined (or fails when the attempt is torn down or the gang timeout ends).
     pub(crate) async fn join(
@@ -519,95 +411,5 @@ impl Coordinator {
             _ => {}
         }
         true
-    }
-
-    /// `rank`'s shard of a checkpoint is durable. Once every rank's is, the caller that
-    /// completed the step commits it; every caller returns the outcome (stored and raw bytes).
-    pub(crate) async fn commit_shard(
-        &self,
-        job: &Arc<Job>,
-        attempt: u32,
-        shard: ShardMeta,
-        state: Option<(serde_json::Value, String)>,
-        write_seconds: f64,
-    ) -> Result<(u64, u64)> {
-        let step = shard.step;
-        let (mut rx, ready, resume_step) = {
-            let mut st = lock(&job.state);
-            let live = job.live(&mut st, attempt)?;
-            if shard.rank >= live.attempt.world {
-                return Err(Error::InvalidArgument(format!(
-                    "rank {} is outside a gang of {}",
-                    shard.rank, live.attempt.world
-                )));
-            }
-            let world = live.attempt.world;
-            let (rx, ready) = live.commits.report(world, shard.rank, shard, state);
-            (rx, ready, live.attempt.resume_step)
-        };
-        self.inner.metrics.checkpoint_write(write_seconds);
-        if let Some(ready) = ready {
-            let commit = StepCommit {
-                job: job.config.job.name.clone(),
-                step,
-                config_hash: ready.config_hash,
-                trainer_state: ready.trainer_state,
-                shards: ready.shards,
-                retention: lockstep_storage::RetentionPolicy {
-                    keep_last: job.config.checkpoint.keep_last,
-                    keep_every: job.config.checkpoint.keep_every,
-                },
-                protected: resume_step.into_iter().collect(),
-            };
-            // Its own task: a caller that goes away (a worker killed mid-call) must not cancel
-            // a commit halfway.
-            let (inner, job2) = (self.inner.clone(), job.clone());
-            tokio::spawn(async move {
-                let job = job2;
-                let _store = job.store_lock.lock().await;
-                let live = {
-                    let mut st = lock(&job.state);
-                    job.live(&mut st, attempt).is_ok()
-                };
-                let outcome: Outcome = if !live {
-                    Err(CommitFailed::TornDown)
-                } else {
-                    match job.store.commit_step(commit).await {
-                        Ok(c) => {
-                            inner.metrics.checkpoint_committed(c.bytes);
-                            let mut st = lock(&job.state);
-                            st.record.last_checkpoint = Some(step);
-                            tracing::info!(job = %job.id, step, bytes = c.bytes, "committed checkpoint");
-                            st.touch(&job, &inner.persister, true);
-                            Ok((c.bytes, c.raw_bytes))
-                        }
-                        Err(e) => {
-                            tracing::error!(job = %job.id, step, error = %e, "cannot commit a checkpoint");
-                            Err(CommitFailed::Store(e.to_string()))
-                        }
-                    }
-                };
-                ready.done.send_replace(Some(outcome));
-            });
-        }
-        let wait = rx.wait_for(Option::is_some);
-        let outcome = match tokio::time::timeout(job.config.job.collective_timeout, wait).await {
-            Ok(Ok(v)) => v.clone(),
-            _ => None,
-        };
-        match outcome {
-            Some(Ok(sizes)) => Ok(sizes),
-            // The attempt is over: the worker should exit, not report a failure.
-            Some(Err(CommitFailed::TornDown)) => Err(Error::StaleAttempt {
-                job: job.id.clone(),
-                attempt,
-                current: lock(&job.state).live.as_ref().map(|l| l.attempt.number),
-            }),
-            Some(Err(e)) => Err(Error::Commit {
-                step,
-                reason: e.to_string(),
-            }),
-            None => Err(Error::CommitTimeout { step }),
-        }
     }
 }

@@ -13,10 +13,10 @@ use lockstep_storage::Want;
 use tokio::sync::mpsc;
 
 use crate::attempt::Attempt;
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::launcher::{Exit, WorkerSpec};
 use crate::registry::{Job, Live, lock};
-use crate::service::Inner;
 use crate::state::{Action, Input, Phase};
 
 /// How long a failure that only reports a lost peer waits for that peer's own exit.
@@ -24,7 +24,7 @@ const PEER_FAILURE_GRACE: Duration = Duration::from_secs(2);
 
 /// Drives `job` until it reaches a final state.
 pub(crate) async fn supervise(
-    inner: Arc<Inner>,
+    inner: Arc<Context>,
     job: Arc<Job>,
     mut inbox: mpsc::UnboundedReceiver<Input>,
 ) {
@@ -182,7 +182,7 @@ pub(crate) async fn supervise(
 
 /// The job's supervisor panicked (a bug): fail the job with the cause and kill its workers,
 /// so that nothing keeps running under a job nobody supervises.
-pub(crate) fn crashed(inner: &Inner, job: &Job, panic: Box<dyn std::any::Any + Send>) {
+pub(crate) fn crashed(inner: &Context, job: &Job, panic: Box<dyn std::any::Any + Send>) {
     let what = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_string())
@@ -222,7 +222,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// A deadline passed: what it means now. Silence during a stall of the coordinator itself
 /// is excused first.
-fn timed_out(inner: &Inner, job: &Job, retry_at: &mut Option<Instant>) -> Option<Input> {
+fn timed_out(inner: &Context, job: &Job, retry_at: &mut Option<Instant>) -> Option<Input> {
     let now = Instant::now();
     let stall_ended = inner.clock.stall_ended(now);
     let mut st = lock(&job.state);
@@ -266,7 +266,7 @@ fn on_exit(job: &Job, e: Exit) -> Option<Input> {
 /// step, paths resolved against the job's working directory, and the lineage facts only the
 /// coordinator knows.
 fn export_spec(
-    inner: &Inner,
+    inner: &Context,
     job: &Job,
 ) -> std::result::Result<crate::launcher::ExportSpec, String> {
     use crate::service::resolve_url;
@@ -280,20 +280,13 @@ fn export_spec(
     let step = r
         .last_checkpoint
         .ok_or_else(|| "no checkpoint was committed".to_string())?;
-    let as_url = |b: &str| {
-        let url = if b.contains("://") {
-            b.trim_end_matches('/').to_string()
-        } else {
-            format!("file://{}", b.trim_end_matches('/'))
-        };
-        resolve_url(&url, &r.workdir)
-    };
-    let base = &job.config.model.base;
-    let base = match base.strip_prefix("latest-export:") {
-        _ if base == "init" => None,
-        Some(lineage) => Some(format!("latest-export:{}", as_url(lineage))),
-        None => Some(as_url(base)),
-    };
+    // `lockstep export --base` takes the base as a config writes it, resolved here.
+    let base = job
+        .config
+        .model
+        .base
+        .map_location(|l| resolve_url(&lockstep_api::base::as_url(l), &r.workdir));
+    let base = (base != lockstep_api::BaseModel::Init).then(|| base.to_string());
     let lineage = serde_json::json!({
         "job_id": job.id,
         "attempts": r.lifecycle.attempt,
@@ -324,7 +317,7 @@ fn export_spec(
 /// Chooses the checkpoint, registers the attempt (before any worker starts, so the earliest
 /// `Join` finds it), then launches every worker.
 async fn launch(
-    inner: &Inner,
+    inner: &Context,
     job: &Job,
     attempt: u32,
     exit_tx: &mpsc::UnboundedSender<Exit>,
@@ -438,7 +431,7 @@ async fn launch(
 /// checkpoint the step they are on, commit it, and exit) and given that long; then every worker
 /// still there is killed with its process group and reaped, so no process outlives the attempt.
 async fn tear_down(
-    inner: &Inner,
+    inner: &Context,
     job: &Job,
     exits: &mut mpsc::UnboundedReceiver<Exit>,
     grace: Option<Duration>,

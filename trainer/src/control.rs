@@ -89,12 +89,7 @@ fn rpc(url: &str, what: &str, s: tonic::Status) -> Error {
 impl Control {
     /// Connects to the coordinator.
     pub fn connect(id: Identity) -> Result<Control> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("control")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Invalid(format!("cannot start the control runtime: {e}")))?;
+        let rt = crate::runtime::io("control")?;
         let auth = proto::BearerToken::new(&id.token)
             .ok_or_else(|| Error::Invalid("LOCKSTEP_TOKEN is not a valid header value".into()))?;
         let channel = Channel::from_shared(id.url.clone())

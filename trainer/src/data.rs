@@ -1,9 +1,6 @@
-//! Training data: JSONL records read from object_store URLs, tokenised, shuffled by seed per
-//! epoch, packed into sequences and dealt out to ranks.
-//!
-//! A record is `{"text": ...}` (every token counts in the loss) or `{"prompt": ...,
-//! "completion": ...}` (only the completion's tokens count); other fields are ignored. Each document ends with the
-//! tokenizer's end-of-sequence id.
+//! Training data: the documents of a [`TokenStore`] (JSONL records tokenised once per machine;
+//! what a record may hold is in [`crate::tokens::record`]), shuffled by seed per epoch, packed
+//! into sequences and dealt out to ranks.
 //!
 //! **Order.** Epoch `e` concatenates the documents in a permutation drawn from `(seed, e)` and
 //! cuts the stream into windows of `seq_len + 1` tokens that overlap by one (inputs are the first
@@ -12,59 +9,10 @@
 //! depend on the world size: a step consumes `world_size × grad_accum × batch_size` windows,
 //! rank `r` taking its `batch_size` from each micro-batch's block.
 
-use serde::Deserialize;
-
 use crate::error::{Error, Result};
 use crate::model::Batch;
 use crate::rng::Rng;
-use crate::tokenizer::Tokenizer;
 use crate::tokens::TokenStore;
-
-/// A JSONL record. Other fields (ids, sources, metadata) are ignored.
-#[derive(Deserialize)]
-struct Record {
-    #[serde(default)]
-    text: Option<String>,
-    #[serde(default)]
-    prompt: Option<String>,
-    #[serde(default)]
-    completion: Option<String>,
-}
-
-/// The token ids of one JSONL record (end-of-sequence included) and how many leading ones are
-/// prompt; or why the record is bad.
-pub fn encode_record(
-    line: &[u8],
-    tokenizer: &Tokenizer,
-    vocab: usize,
-) -> Result<(Vec<u32>, usize), String> {
-    let r: Record = serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
-    let (prompt, completion) = match (r.text, r.prompt, r.completion) {
-        (Some(t), None, None) => (String::new(), t),
-        (None, Some(p), Some(c)) => (p, c),
-        _ => {
-            return Err("a record needs `text`, or `prompt` and `completion`, not both".into());
-        }
-    };
-    let enc = |s: &str| tokenizer.encode(s).map_err(|e| e.to_string());
-    let mut tokens = if prompt.is_empty() {
-        Vec::new()
-    } else {
-        enc(&prompt)?
-    };
-    let prompt_len = tokens.len();
-    tokens.extend(enc(&completion)?);
-    tokens.push(tokenizer.eos());
-    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(format!(
-            "token id {bad} is outside the model's vocabulary of {vocab}"
-        ));
-    }
-    if tokens.len() == prompt_len + 1 {
-        return Err("the record has no text to learn from".into());
-    }
-    Ok((tokens, prompt_len))
-}
 
 /// Deals packed sequences of a [`TokenStore`] by global window index.
 #[derive(Debug)]
@@ -212,7 +160,8 @@ impl Packer {
 mod tests {
     use super::*;
 
-    use crate::tokens::{Builder, Encoding, Lines, open};
+    use crate::tokenizer::Tokenizer;
+    use crate::tokens::{Builder, Encoding, Lines, encode_record, open};
 
     /// A token store of `lines` (in a temporary directory; the open store outlives it).
     fn corpus(lines: &str, skip: bool) -> Result<TokenStore> {

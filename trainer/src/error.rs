@@ -96,6 +96,10 @@ pub enum Error {
     /// Anything else that is not valid.
     #[error("{0}")]
     Invalid(String),
+    /// This process failed on its own (a thread or runtime would not start): a restart may
+    /// help.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -138,7 +142,8 @@ impl Error {
             | Error::CoordinatorGone { .. }
             | Error::Refused { .. }
             // Internal failures (threads, runtimes, forming the ring): a restart may help.
-            | Error::Invalid(_) => false,
+            | Error::Invalid(_)
+            | Error::Internal(_) => false,
         }
     }
 }

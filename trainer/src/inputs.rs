@@ -2,6 +2,7 @@
 //! random initialisation), its tokenizer, and the training data.
 
 use lockstep_api::JobConfig;
+use lockstep_api::base::{BaseModel, as_url};
 use lockstep_storage::objects;
 
 use crate::error::{Error, Result};
@@ -10,14 +11,6 @@ use crate::tokenizer::Tokenizer;
 use crate::tokens::{self, Encoding, TokenStore};
 
 /// `base` as a URL: URLs pass through, bare paths become `file://` URLs.
-fn base_url(base: &str) -> String {
-    if base.contains("://") {
-        base.trim_end_matches('/').to_string()
-    } else {
-        format!("file://{}", base.trim_end_matches('/'))
-    }
-}
-
 /// The model a run starts from.
 pub struct Base {
     /// Its architecture and HF config.
@@ -33,24 +26,24 @@ pub struct Base {
 /// Loads `model.base` (or describes a random initialisation), checking that the tokenizer fits
 /// the vocabulary.
 pub fn load_base(config: &JobConfig, rt: &tokio::runtime::Runtime) -> Result<Base> {
-    let base = if config.model.base == "init" {
-        Base {
+    let base = match &config.model.base {
+        BaseModel::Init => Base {
             config: LlamaConfig::from_section(&config.model, config.data.seq_len as usize),
             values: None,
             tokenizer: Tokenizer::Bytes,
             origin: None,
+        },
+        BaseModel::LatestExport(lineage) => {
+            // Last night's promoted model, checked against its lockstep.json.
+            let dir = rt.block_on(crate::export::resolve_latest(&as_url(lineage)))?;
+            tracing::info!(version = %dir, "starting from the promoted export");
+            load_hf(&dir, rt)?
         }
-    } else if let Some(lineage) = config.model.base.strip_prefix(crate::export::LATEST_EXPORT) {
-        // Last night's promoted model, checked against its lockstep.json.
-        let dir = rt.block_on(crate::export::resolve_latest(&base_url(lineage)))?;
-        tracing::info!(version = %dir, "starting from the promoted export");
-        load_hf(&dir, rt)?
-    } else {
-        load_hf(&base_url(&config.model.base), rt)?
+        BaseModel::Dir(dir) => load_hf(&as_url(dir), rt)?,
     };
     if base.tokenizer.vocab_size() > base.config.vocab_size {
         return Err(Error::Model {
-            file: config.model.base.clone(),
+            file: config.model.base.to_string(),
             reason: format!(
                 "the tokenizer has {} ids but the model's vocabulary is {}",
                 base.tokenizer.vocab_size(),

@@ -12,14 +12,16 @@
 //! - [`step`]: one optimizer step (forward, backward, all-reduce, clip, AdamW).
 //! - [`collective`]: the [`Collective`] seam: [`Solo`], the [`TcpRing`] all-reduce, NCCL.
 //! - [`control`]: the coordinator client: join, heartbeats, shard commits.
-//! - [`data`]: JSONL records, packing, shuffling, sharding by rank; the data cursor.
+//! - [`data`]: packing, shuffling, sharding by rank; the data cursor.
 //! - [`eval`]: the held-out loss, summed over the gang.
 //! - [`export`]: a checkpoint as a versioned Hugging Face directory; promotion by
 //!   compare-and-swap of `latest.json` behind an eval-loss gate.
 //! - [`tokenizer`]: HF `tokenizers` or bytes.
-//! - [`tokens`]: the token store: data tokenised once per machine, read window by window.
+//! - [`tokens`]: what a JSONL record holds, and the token store: data tokenised once per
+//!   machine, read window by window.
 //! - [`webhook`]: the serving handoff: a notice POSTed when an export is promoted.
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
+//! - [`runtime`]: the small IO runtimes of the control stream, checkpoint writes and reads.
 
 pub mod checkpoint;
 pub mod collective;
@@ -35,6 +37,7 @@ pub mod plan;
 pub mod progress;
 pub mod resume;
 pub mod rng;
+pub mod runtime;
 pub mod step;
 pub mod tokenizer;
 pub mod tokens;

@@ -13,7 +13,7 @@ use crate::checkpoint::commit::Authority;
 use crate::checkpoint::{Checkpoints, ShardCommitter, Written};
 use crate::collective::Collective;
 use crate::data::Packer;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::eval::Evaluator;
 use crate::inputs::{load_base, load_tokens};
 use crate::model::Llama;
@@ -148,12 +148,7 @@ pub fn train<B: AutodiffBackend>(
     collective: &mut dyn Collective,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Summary> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("trainer-io")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start the IO runtime: {e}")))?;
+    let rt = crate::runtime::io("trainer-io")?;
     let t = &config.train;
     let plan = Plan::new(
         config,

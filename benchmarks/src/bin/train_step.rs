@@ -43,7 +43,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 fn lockstep<B: burn::tensor::backend::Backend>(steps: usize) -> Result<(f64, usize)> {
     let section = ModelSection {
-        base: "init".into(),
+        base: lockstep_api::BaseModel::Init,
         hidden_size: 256,
         num_layers: 4,
         num_heads: 8,

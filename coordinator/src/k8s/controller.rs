@@ -244,35 +244,23 @@ impl Controller {
             .creation_timestamp
             .as_ref()
             .map_or(0, |t| t.0.as_millisecond());
-        Ok(JobRecord {
-            id: id.to_string(),
-            name: c.job.name.clone(),
-            token: String::new(),
-            config_text,
-            overrides: Vec::new(),
-            checkpoint_url: crate::service::resolve_url(&c.checkpoint.url, &workdir),
-            workdir,
-            lifecycle: Lifecycle {
-                phase,
-                attempt: st.attempt,
-                restarts: st.restarts,
-                max_restarts: c.job.max_restarts,
-                message: st.message.clone().unwrap_or_default(),
-            },
-            world_size: c.job.world_size,
-            total_steps: c.train.steps,
-            step: st.step,
-            loss: st.loss,
-            first_loss: st.first_loss,
-            eval_loss: st.eval_loss,
-            eval_step: st.eval_step,
-            tokens_per_sec: 0.0,
-            last_checkpoint: st.last_committed_checkpoint,
-            params_hash: st.params_hash.clone().unwrap_or_default(),
-            created_ms: created,
-            updated_ms: crate::record::now_ms(),
-            gang_wait_seconds: 0.0,
-        })
+        let mut r = JobRecord::new(id.to_string(), c, config_text, Vec::new(), workdir);
+        r.lifecycle = Lifecycle {
+            phase,
+            attempt: st.attempt,
+            restarts: st.restarts,
+            max_restarts: c.job.max_restarts,
+            message: st.message.clone().unwrap_or_default(),
+        };
+        r.step = st.step;
+        r.loss = st.loss;
+        r.first_loss = st.first_loss;
+        r.eval_loss = st.eval_loss;
+        r.eval_step = st.eval_step;
+        r.last_checkpoint = st.last_committed_checkpoint;
+        r.params_hash = st.params_hash.clone().unwrap_or_default();
+        r.created_ms = created;
+        Ok(r)
     }
 
     /// [`Controller::refuse`], after deleting what a coordinator before this one left running
@@ -334,8 +322,9 @@ impl Controller {
     /// A LockstepJob that cannot run: failed, saying why.
     async fn refuse(&self, lsj: &LockstepJob, why: String) -> Result<Action, KubeError> {
         let mut st = lsj.status.clone().unwrap_or_default();
-        if st.phase.as_deref() != Some("failed") || st.message.as_deref() != Some(why.as_str()) {
-            st.phase = Some("failed".into());
+        let failed = Phase::Failed.as_str();
+        if st.phase.as_deref() != Some(failed) || st.message.as_deref() != Some(why.as_str()) {
+            st.phase = Some(failed.into());
             st.message = Some(why.clone());
             st.observed_generation = lsj.metadata.generation;
             st.set_condition("Failed", true, "InvalidSpec", &why, &now_rfc3339());
@@ -459,10 +448,7 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
             ctl.start_sync(&name, &id, status);
         }
         Err(_) => {
-            let finished = matches!(
-                phase,
-                Some("succeeded" | "exported" | "failed" | "cancelled")
-            );
+            let finished = phase.and_then(Phase::parse).is_some_and(Phase::is_final);
             if finished {
                 return Ok(Action::await_change());
             }
@@ -610,6 +596,13 @@ pub fn fill_status(
     st.observed_generation = generation;
     let msg = r.lifecycle.message.as_str();
     let attempt = format!("attempt {}", r.lifecycle.attempt);
+    // Training is over and succeeded (whatever the export does next).
+    let trained = |st: &mut LockstepJobStatus| {
+        st.set_condition("Running", false, "Trained", "", now);
+        st.set_condition("Restarting", false, "Trained", "", now);
+        let steps = format!("trained {} steps", r.step);
+        st.set_condition("Succeeded", true, "Trained", &steps, now);
+    };
     match phase {
         Phase::Queued => st.set_condition("Admitted", false, "Queued", "waiting to launch", now),
         Phase::Admitting => {
@@ -638,38 +631,14 @@ pub fn fill_status(
             st.set_condition("Restarting", true, "GangRestart", msg, now);
         }
         Phase::Exporting => {
-            st.set_condition("Running", false, "Trained", "", now);
-            st.set_condition("Restarting", false, "Trained", "", now);
-            st.set_condition(
-                "Succeeded",
-                true,
-                "Trained",
-                &format!("trained {} steps", r.step),
-                now,
-            );
+            trained(st);
             st.set_condition("Exported", false, "Exporting", "the export Job runs", now);
         }
         Phase::Succeeded => {
-            st.set_condition("Running", false, "Trained", "", now);
-            st.set_condition("Restarting", false, "Trained", "", now);
-            st.set_condition(
-                "Succeeded",
-                true,
-                "Trained",
-                &format!("trained {} steps", r.step),
-                now,
-            );
+            trained(st);
         }
         Phase::Exported => {
-            st.set_condition("Running", false, "Trained", "", now);
-            st.set_condition("Restarting", false, "Trained", "", now);
-            st.set_condition(
-                "Succeeded",
-                true,
-                "Trained",
-                &format!("trained {} steps", r.step),
-                now,
-            );
+            trained(st);
             let reason = if msg.contains("promoted") && !msg.contains("not promoted") {
                 "Promoted"
             } else {

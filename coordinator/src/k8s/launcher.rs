@@ -619,6 +619,14 @@ impl WorkerHandle for KubeWorker {
     }
 }
 
+/// The attempts the `objects` belong to (by their label).
+fn attempts<K: kube::Resource>(objects: &[K]) -> Vec<u32> {
+    objects
+        .iter()
+        .filter_map(|o| attempt_of(o.meta()))
+        .collect()
+}
+
 fn launch_error(what: &str, why: impl std::fmt::Display) -> LaunchError {
     LaunchError::Spawn {
         what: what.to_string(),
@@ -680,22 +688,12 @@ impl Launcher for KubeLauncher {
                 Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &jobset_resource())
                     .list(&lp)
                     .await
-                    .map(|l| {
-                        l.items
-                            .iter()
-                            .filter_map(|o| attempt_of(&o.metadata))
-                            .collect()
-                    })
+                    .map(|l| attempts(&l.items))
             }
             Flavor::IndexedJob => Api::<Job>::namespaced(self.client.clone(), ns)
                 .list(&lp)
                 .await
-                .map(|l| {
-                    l.items
-                        .iter()
-                        .filter_map(|o| attempt_of(&o.metadata))
-                        .collect()
-                }),
+                .map(|l| attempts(&l.items)),
         }
         .unwrap_or_else(|e| {
             tracing::error!(job, error = %e, "cannot list the gangs a previous coordinator left");
@@ -723,12 +721,7 @@ impl Launcher for KubeLauncher {
         config: &lockstep_api::JobConfig,
         workdir: &std::path::Path,
     ) -> Result<(), String> {
-        let urls = std::iter::once(("checkpoint.url", &config.checkpoint.url))
-            .chain(config.data.train.iter().map(|u| ("data.train", u)))
-            .chain(config.data.eval.iter().map(|u| ("data.eval", u)))
-            .chain(config.export.iter().map(|e| ("export.url", &e.url)))
-            .chain(std::iter::once(("model.base", &config.model.base)))
-            .map(|(f, u)| (f, u.strip_prefix("latest-export:").unwrap_or(u)));
+        let urls = config.urls();
         // The controller passes the shared volume's mount path; `/` means there is none.
         if workdir != std::path::Path::new("/") {
             for (field, url) in urls {

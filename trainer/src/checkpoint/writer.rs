@@ -41,12 +41,7 @@ impl CheckpointWriter {
     pub fn spawn(store: CheckpointStore, rank: u32, world_size: u32) -> Result<CheckpointWriter> {
         let (jobs, rx) = mpsc::sync_channel::<Snapshot>(1);
         let (tx, done) = mpsc::channel();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("ckpt-io")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Invalid(format!("cannot start the checkpoint runtime: {e}")))?;
+        let rt = crate::runtime::io("ckpt-io")?;
         let thread = std::thread::Builder::new()
             .name("ckpt-writer".into())
             .spawn(move || {

@@ -345,13 +345,7 @@ mod tests {
 
     /// Forms a ring of `world` threads on loopback and runs `f` on each rank.
     fn gang<T: Send>(world: usize, timeout: Duration, f: impl Fn(TcpRing) -> T + Sync) -> Vec<T> {
-        let listeners: Vec<TcpListener> = (0..world)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let peers: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
+        let (listeners, peers) = loopback(world);
         std::thread::scope(|s| {
             let handles: Vec<_> = listeners
                 .into_iter()
@@ -441,15 +435,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn strangers_and_other_gangs_cannot_join_the_ring() {
-        let listeners: Vec<TcpListener> = (0..2)
+    /// `n` listeners on loopback and their addresses.
+    fn loopback(n: usize) -> (Vec<TcpListener>, Vec<String>) {
+        let listeners: Vec<TcpListener> = (0..n)
             .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
             .collect();
-        let peers: Vec<String> = listeners
+        let peers = listeners
             .iter()
             .map(|l| l.local_addr().expect("addr").to_string())
             .collect();
+        (listeners, peers)
+    }
+
+    #[test]
+    fn strangers_and_other_gangs_cannot_join_the_ring() {
+        let (listeners, peers) = loopback(2);
         let key = RingKey::derive(b"job token", "job/1");
         // A stranger connects to rank 1's port first, claiming to be rank 0 with the right
         // header but no key; another gang's rank 0 does the same with its own key.
@@ -507,13 +507,7 @@ mod tests {
 
     #[test]
     fn silent_strangers_do_not_delay_the_ring() {
-        let listeners: Vec<TcpListener> = (0..2)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let peers: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("addr").to_string())
-            .collect();
+        let (listeners, peers) = loopback(2);
         // Five connections to rank 1's port that never say a word, queued before rank 0's.
         let silent: Vec<TcpStream> = (0..5)
             .map(|_| TcpStream::connect(&peers[1]).expect("connect"))

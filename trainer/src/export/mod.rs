@@ -14,6 +14,7 @@
 //! `max_eval_regression`; otherwise the version stays, and its `promotion.json` says why.
 
 use bytes::Bytes;
+use lockstep_api::base::{BaseModel, as_url};
 use lockstep_storage::pointer::Swap;
 use lockstep_storage::{CheckpointStore, objects};
 use object_store::{ObjectStore, PutPayload};
@@ -24,10 +25,8 @@ use crate::error::{Error, Result};
 use crate::model::hf::{self, WeightDtype};
 use crate::model::{LlamaConfig, param_specs};
 
-mod cli;
 mod lineage;
 
-pub use cli::{list_cli, parse_lineage, run_cli};
 pub use lineage::{Decision, FileEntry, Latest, Lineage, Record};
 
 /// The marker (and lineage record) of a finished version.
@@ -47,8 +46,6 @@ const TOKENIZER_FILES: [&str; 4] = [
 ];
 /// The largest JSON record read back (lockstep.json, latest.json, promotion.json).
 const MAX_RECORD: u64 = 1 << 20;
-/// A `model.base` naming a lineage's promoted version: `latest-export:<export.url>/<name>`.
-pub const LATEST_EXPORT: &str = "latest-export:";
 
 /// The directory URL of the version `<lineage_url>/latest.json` promotes, once every file it
 /// lists in its `lockstep.json` has the size and sha256 recorded there (a damaged export is
@@ -202,14 +199,6 @@ fn now_ms() -> u64 {
 }
 
 /// A directory path or URL as a URL.
-fn dir_url(base: &str) -> String {
-    if base.contains("://") {
-        base.trim_end_matches('/').to_string()
-    } else {
-        format!("file://{}", base.trim_end_matches('/'))
-    }
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -275,18 +264,10 @@ fn model_files(
 
 /// The tokenizer files `base` has (a directory path or URL, or a `latest-export:` lineage).
 async fn tokenizer_files(base: &str) -> Result<Vec<(String, Bytes)>> {
-    let resolved;
-    let base = match base.strip_prefix(LATEST_EXPORT) {
-        Some(lineage) => {
-            resolved = resolve_latest(&dir_url(lineage)).await?;
-            resolved.as_str()
-        }
-        None => base,
-    };
-    let base = if base.contains("://") {
-        base.trim_end_matches('/').to_string()
-    } else {
-        format!("file://{}", base.trim_end_matches('/'))
+    let base = match BaseModel::parse(base) {
+        BaseModel::LatestExport(lineage) => resolve_latest(&as_url(&lineage)).await?,
+        BaseModel::Dir(dir) => as_url(&dir),
+        BaseModel::Init => return Ok(Vec::new()),
     };
     let mut out = Vec::new();
     for name in TOKENIZER_FILES {
@@ -603,4 +584,37 @@ mod tests {
             assert!(check_segment("x", bad).is_err(), "{bad}");
         }
     }
+}
+
+/// A lineage's finished versions, oldest first, each with its promotion decision, and which
+/// one is promoted.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The lineage: `<export.url>/<name>`.
+    pub url: String,
+    /// The finished versions and the decision taken on each (none: promotion not asked).
+    pub versions: Vec<(Record, Option<Decision>)>,
+    /// The promoted version's name (what `latest.json` names).
+    pub promoted: Option<String>,
+}
+
+/// Lists the lineage at `lineage_url` (`<export.url>/<name>`, `file://` or `s3://`).
+pub async fn list(lineage_url: &str) -> Result<Listing> {
+    let url = lineage_url.trim_end_matches('/');
+    let (store, root) = objects::open_url(url)?;
+    let lineage = Lineage::with_store(store, root, url);
+    let lineage = Lineage {
+        latest: lockstep_storage::pointer::Pointer::open(&format!(
+            "{}/{LATEST_FILE}",
+            lineage.url
+        ))?,
+        ..lineage
+    };
+    let versions = lineage.versions().await?;
+    let promoted = lineage.latest().await?.map(|l| l.version);
+    Ok(Listing {
+        url: lineage.url,
+        versions,
+        promoted,
+    })
 }

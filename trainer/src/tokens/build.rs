@@ -203,23 +203,23 @@ impl<'a> Builder<'a> {
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
-        let (tokens, prompt) =
-            match crate::data::encode_record(line, self.enc.tokenizer, self.enc.vocab) {
-                Ok(t) => t,
-                Err(_) if self.enc.skip_bad => {
-                    self.meta.skipped += 1;
-                    return Ok(());
-                }
-                Err(reason) => {
-                    return Err(Error::Data {
-                        file: file.into(),
-                        line: line_no,
-                        reason: format!(
-                            "{reason} (set data.skip_bad_records = true to skip such records)"
-                        ),
-                    });
-                }
-            };
+        let (tokens, prompt) = match super::encode_record(line, self.enc.tokenizer, self.enc.vocab)
+        {
+            Ok(t) => t,
+            Err(_) if self.enc.skip_bad => {
+                self.meta.skipped += 1;
+                return Ok(());
+            }
+            Err(reason) => {
+                return Err(Error::Data {
+                    file: file.into(),
+                    line: line_no,
+                    reason: format!(
+                        "{reason} (set data.skip_bad_records = true to skip such records)"
+                    ),
+                });
+            }
+        };
         let len = u32::try_from(tokens.len()).map_err(|_| Error::Data {
             file: file.into(),
             line: line_no,

@@ -31,10 +31,12 @@ use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
 mod build;
+pub mod record;
 mod store;
 
 use build::build;
 pub use build::{Builder, Lines};
+pub use record::encode_record;
 pub use store::{FileCount, TokenStore, open};
 
 /// Bumped when the files' layout changes (old stores are then never opened, only swept).

@@ -1,0 +1,519 @@
+//! End to end: `lockstep run` / `serve` starting real `lockstep train` workers (the same
+//! binary) on loopback, ranks killed and stopped with real signals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use lockstep_api::testing::TestJob;
+
+use crate::common::{causes, free_port, last, lockstep, one_gang, run, trainers};
+use serde_json::Value;
+
+/// The quickstart's held-out split.
+fn eval_data() -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/data/quickstart-eval.jsonl");
+    format!("[\"file://{}\"]", p.canonicalize().unwrap().display())
+}
+
+/// A small W=2 job of `steps` steps in `dir/job.toml`, checkpointing every 25 steps and
+/// evaluating on the quickstart's held-out split every 50. `job_extra` are `job.KEY=VALUE`
+/// overrides.
+fn config(dir: &Path, steps: u64, job_extra: &[(&str, &str)]) -> PathBuf {
+    let mut job = TestJob::tiny("e2e")
+        .world(2)
+        .steps(steps)
+        .set("job.gang_timeout", "\"30s\"")
+        .set("data.eval", eval_data())
+        .set("train.eval_every", 50)
+        .set("train.warmup_steps", 5)
+        .set("checkpoint.every_steps", 25)
+        .set("checkpoint.keep_last", 2);
+    for (k, v) in job_extra {
+        job = job.set(&format!("job.{k}"), v);
+    }
+    job.write_to(dir)
+}
+
+/// Every tensor (parameters and both AdamW moments) of the newest checkpoint under `dir/ckpt`.
+fn final_tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("file://{}/ckpt", dir.display());
+    let store = lockstep_storage::CheckpointStore::open(&url).unwrap();
+    let step = rt.block_on(store.latest()).unwrap().unwrap();
+    let c = rt.block_on(store.load(step)).unwrap();
+    c.tensors
+        .into_iter()
+        .map(|t| (t.name, t.data.to_vec()))
+        .collect()
+}
+
+fn straight(steps: u64) -> (tempfile::TempDir, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), steps, &[]);
+    let (code, lines) = run(dir.path(), None);
+    assert_eq!(code, 0, "{:?}", last(&lines));
+    let end = last(&lines).clone();
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert_eq!(
+        end["restarts"],
+        0,
+        "a healthy gang restarted: {end}; causes: {:?}",
+        causes(&lines)
+    );
+    (dir, end)
+}
+
+#[test]
+fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
+    let _gang = one_gang();
+    let (clean_dir, clean) = straight(300);
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, &[]);
+    let (code, lines) = run(
+        dir.path(),
+        Some((1, nix::sys::signal::Signal::SIGKILL, 110)),
+    );
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "succeeded");
+    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
+    assert_eq!(end["attempt"], 2);
+    assert!(
+        lines.iter().any(|s| s["state"] == "restarting"
+            && s["message"]
+                .as_str()
+                .unwrap()
+                .contains("rank 1 was killed by SIGKILL")),
+        "the restart names its cause"
+    );
+    // Attempt 2 resumed from the checkpoint before the kill, not from scratch.
+    assert!(
+        lines
+            .iter()
+            .any(|s| s["attempt"] == 2 && s["last_checkpoint"].as_u64().is_some_and(|c| c >= 100)),
+    );
+    assert_eq!(end["params_hash"], clean["params_hash"]);
+    assert!(!clean["params_hash"].as_str().unwrap().is_empty());
+    // The held-out loss after the last step is the same bits as the uninterrupted run's.
+    assert_eq!(end["eval_step"], 300, "{end}");
+    assert!(
+        end["eval_loss"].as_f64().is_some_and(f64::is_finite),
+        "{end}"
+    );
+    assert_eq!(end["eval_loss"], clean["eval_loss"], "{end} vs {clean}");
+    let (a, b) = (final_tensors(clean_dir.path()), final_tensors(dir.path()));
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().any(|(n, _)| n.starts_with("optim.")),
+        "moments are compared too"
+    );
+    for ((na, da), (nb, db)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(
+            da == db,
+            "{na} differs between the clean and the recovered run"
+        );
+    }
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+#[test]
+fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
+    let _gang = one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    // The ring's timeout is far longer than the heartbeat's: only the heartbeat can catch it.
+    config(
+        dir.path(),
+        300,
+        &[
+            ("heartbeat_timeout", "\"5s\""),
+            ("collective_timeout", "\"60s\""),
+        ],
+    );
+    let started = Instant::now();
+    let (code, lines) = run(
+        dir.path(),
+        Some((0, nix::sys::signal::Signal::SIGSTOP, 110)),
+    );
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "succeeded");
+    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
+    let restart = lines
+        .iter()
+        .find(|s| s["state"] == "restarting")
+        .expect("a restart");
+    let msg = restart["message"].as_str().unwrap();
+    assert!(msg.contains("rank 0 sent no heartbeat for 5s"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "well within the ring's 60 s"
+    );
+    // The stopped process was killed with its gang, not left behind.
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+#[test]
+fn past_max_restarts_the_job_fails_with_the_cause() {
+    let _gang = one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, &[("max_restarts", "0")]);
+    let (code, lines) = run(dir.path(), Some((1, nix::sys::signal::Signal::SIGKILL, 60)));
+    let end = last(&lines);
+    assert_eq!(code, 1, "{end}");
+    assert_eq!(end["state"], "failed");
+    let msg = end["message"].as_str().unwrap();
+    assert!(
+        msg.contains("rank 1 was killed by SIGKILL") && msg.contains("gave up after 0 restarts"),
+        "{msg}"
+    );
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    data: PathBuf,
+    metrics: u16,
+}
+
+impl Server {
+    fn start(dir: &Path, port: u16) -> Server {
+        let data = dir.join("coordinator");
+        let metrics = free_port();
+        let child = lockstep(dir)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics}"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            data,
+            metrics,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "serve did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn cli(&self, dir: &Path, args: &[&str]) -> (i32, String) {
+        let out = lockstep(dir)
+            .args(args)
+            .arg("--coordinator")
+            .arg(&self.url)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    fn status(&self, dir: &Path, job: &str) -> Value {
+        let (code, out) = self.cli(dir, &["status", job, "--json"]);
+        assert_eq!(code, 0, "{out}");
+        serde_json::from_str(out.trim()).unwrap()
+    }
+
+    fn wait_for(&self, dir: &Path, job: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.status(dir, job);
+            if f(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "waiting for {what}: {s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Server {
+    /// `GET /metrics`.
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
+    let _gang = one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    config(d, 3000, &[]);
+    let port = free_port();
+    let server = Server::start(d, port);
+
+    // Unauthenticated calls are refused.
+    let (code, out) = server.cli(d, &["status", "--token", "wrong"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("token"), "{out}");
+
+    // (d) cancel.
+    let (code, out) = server.cli(d, &["submit", "job.toml"]);
+    assert_eq!(code, 0, "{out}");
+    let job = out.lines().next().unwrap().trim().to_string();
+    server.wait_for(d, &job, "running", |s| {
+        s["state"] == "running" && s["step"].as_u64() > Some(5)
+    });
+    assert_eq!(trainers(&job, None).len(), 2);
+    let (code, out) = server.cli(d, &["cancel", &job]);
+    assert_eq!(code, 0, "{out}");
+    let end = server.wait_for(d, &job, "cancelled", |s| s["state"] == "cancelled");
+    assert!(
+        trainers(&job, None).is_empty(),
+        "cancel left workers behind"
+    );
+    // The gang was asked to stop first: it checkpointed the step it stopped at.
+    assert_eq!(end["last_checkpoint"], end["step"], "{end}");
+    assert!(end["step"].as_u64() > Some(5));
+
+    // Persistence: kill -9 the coordinator mid-run; its workers go (they lose it), a new one
+    // finds the job in its store and restarts it from the last committed checkpoint.
+    std::fs::remove_dir_all(d.join("ckpt")).ok();
+    config(d, 600, &[("heartbeat_timeout", "\"3s\"")]);
+    let (code, out) = server.cli(d, &["submit", "job.toml"]);
+    assert_eq!(code, 0, "{out}");
+    let job = out.lines().next().unwrap().trim().to_string();
+    server.wait_for(d, &job, "a checkpoint", |s| {
+        s["last_checkpoint"].as_u64().is_some_and(|c| c >= 100)
+    });
+    drop(server); // SIGKILL
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !trainers(&job, None).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "workers outlived their coordinator"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let server = Server::start(d, port);
+    let end = server.wait_for(d, &job, "the end", |s| {
+        matches!(
+            s["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        )
+    });
+    assert_eq!(end["state"], "succeeded", "{end}");
+    assert!(end["attempt"].as_u64() >= Some(2), "{end}");
+    let m = server.metrics();
+    assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
+    for name in [
+        "lockstep_steps_total",
+        "lockstep_checkpoints_total",
+        "lockstep_restarts_total",
+        "lockstep_gang_wait_seconds_total",
+        &format!("lockstep_job_step{{job=\"{job}\",state=\"succeeded\"}} 600"),
+    ] {
+        assert!(m.contains(name), "{name} missing from\n{m}");
+    }
+
+    let (clean_dir, clean) = {
+        let dir = tempfile::tempdir().unwrap();
+        config(dir.path(), 600, &[]);
+        let (code, lines) = run(dir.path(), None);
+        assert_eq!(code, 0);
+        let end = last(&lines).clone();
+        (dir, end)
+    };
+    assert_eq!(end["params_hash"], clean["params_hash"]);
+    let (a, b) = (final_tensors(clean_dir.path()), final_tensors(d));
+    assert!(
+        a == b,
+        "the resumed job's checkpoint differs from a clean run's"
+    );
+}
+
+/// An error a restart cannot fix (here: a base model whose config.json is not one) fails the
+/// job at once, with the worker's own message in the job's status, instead of being retried
+/// `max_restarts` times and reported as a bare exit status.
+#[test]
+fn a_worker_error_that_would_repeat_fails_the_job_at_once_with_its_message() {
+    let _gang = one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken-model");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(
+        broken.join("config.json"),
+        "{\"model_type\": \"not-llama\"}",
+    )
+    .unwrap();
+    std::fs::write(broken.join("model.safetensors"), "not safetensors").unwrap();
+    let job = TestJob::tiny("e2e")
+        .world(2)
+        .steps(20)
+        .set("job.max_restarts", 3)
+        .set("model.base", format!("\"file://{}\"", broken.display()));
+    job.write_to(dir.path());
+    let (code, lines) = run(dir.path(), None);
+    let end = last(&lines);
+    assert_eq!(code, 1, "{end}");
+    assert_eq!(end["state"], "failed", "{end}");
+    assert_eq!(end["restarts"], 0, "not retried: {end}");
+    let msg = end["message"].as_str().unwrap();
+    assert!(
+        msg.contains("broken-model") && msg.contains("not restarted"),
+        "the worker's own error reaches the user: {msg}"
+    );
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+/// `lockstep run job.toml` in `dir` refuses the job before starting anything: exit status 1,
+/// no status line. Returns what it printed on stderr.
+fn refused(dir: &Path) -> String {
+    let out = lockstep(dir)
+        .args(["run", "job.toml", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "a job was started: {err}");
+    err
+}
+
+/// Every duration and count of a config is bounded: a timeout that would overflow the
+/// supervisor's clock is refused up front, naming the field and the limit.
+#[test]
+fn absurd_config_values_are_refused_before_anything_starts() {
+    let _gang = one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    config(
+        dir.path(),
+        10,
+        &[("gang_timeout", "\"9223372036854775807s\"")],
+    );
+    let err = refused(dir.path());
+    assert!(
+        err.contains("job.gang_timeout") && err.contains("between 1s and 7days"),
+        "{err}"
+    );
+
+    // Inputs that do not exist are refused up front, naming the field.
+    let missing = dir.path().join("no-such-model");
+    TestJob::tiny("e2e")
+        .set("model.base", format!("\"file://{}\"", missing.display()))
+        .write_to(dir.path());
+    let err = refused(dir.path());
+    assert!(
+        err.contains("model.base") && err.contains("config.json not found"),
+        "{err}"
+    );
+    let glob = format!("\"file://{}/nothing-*.jsonl\"", dir.path().display());
+    TestJob::tiny("e2e")
+        .set("data.train", format!("[{glob}]"))
+        .write_to(dir.path());
+    let err = refused(dir.path());
+    assert!(
+        err.contains("data.train[0]") && err.contains("matches no object"),
+        "{err}"
+    );
+
+    // A gang this machine cannot hold is refused with the numbers, before any process starts.
+    config(dir.path(), 10, &[("world_size", "4000")]);
+    let err = refused(dir.path());
+    assert!(
+        err.contains("job.world_size = 4000") && err.contains("MB available"),
+        "{err}"
+    );
+}
+
+/// A job with an `[export]` section ends `exported`: its final checkpoint is a promoted
+/// version of its lineage; a worse run of the same lineage is exported but kept out of
+/// `latest.json`, saying why; an export that cannot be written fails the job naming it, with
+/// the trained checkpoint left committed.
+#[test]
+fn a_finished_job_is_exported_and_only_improvements_are_promoted() {
+    let _gang = one_gang();
+    let tmp = tempfile::tempdir().unwrap();
+    let export = format!("file://{}/export", tmp.path().display());
+    let job = |dir: &Path, steps: u64, url: &str| {
+        std::fs::create_dir_all(dir).unwrap();
+        TestJob::tiny("lineage")
+            .world(2)
+            .steps(steps)
+            .set("train.warmup_steps", 2)
+            .set("checkpoint.every_steps", steps)
+            .set("data.eval", eval_data())
+            .set("export.url", format!("\"{url}\""))
+            .write_to(dir);
+    };
+    // 60 steps: the first version, promoted.
+    let a = tmp.path().join("a");
+    job(&a, 60, &export);
+    let (code, lines) = run(&a, None);
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "exported", "{end}");
+    let msg = end["message"].as_str().unwrap();
+    assert!(msg.contains("promoted (the first)"), "{msg}");
+    let latest: Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("export/lineage/latest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(latest["step"], 60);
+    assert_eq!(latest["eval_loss"], end["eval_loss"]);
+    // 3 steps: a worse eval loss; exported, not promoted.
+    let b = tmp.path().join("b");
+    job(&b, 3, &export);
+    let (code, lines) = run(&b, None);
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "exported", "{end}");
+    let msg = end["message"].as_str().unwrap();
+    assert!(
+        msg.contains("kept, not promoted") && msg.contains("eval loss"),
+        "{msg}"
+    );
+    let after: Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("export/lineage/latest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(after["version"], latest["version"]);
+    // An export root that cannot be written: failed, naming the export.
+    let c = tmp.path().join("c");
+    std::fs::write(tmp.path().join("not-a-dir"), b"").unwrap();
+    job(
+        &c,
+        3,
+        &format!("file://{}/not-a-dir/x", tmp.path().display()),
+    );
+    let (code, lines) = run(&c, None);
+    let end = last(&lines);
+    assert_eq!(code, 1, "{end}");
+    assert_eq!(end["state"], "failed", "{end}");
+    let msg = end["message"].as_str().unwrap();
+    assert!(
+        msg.contains("export failed") && msg.contains("not-a-dir"),
+        "{msg}"
+    );
+    assert_eq!(end["last_checkpoint"], 3, "{end}");
+}

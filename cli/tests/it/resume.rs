@@ -1,0 +1,225 @@
+//! Resume is bit-identical: the real `lockstep train` command, stopped (by `--stop-at` or a
+//! real SIGTERM) and started again, ends with exactly the parameters and AdamW moments of an
+//! uninterrupted run; a corrupt newest checkpoint is never loaded; a checkpoint of another
+//! architecture is refused.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use lockstep_api::testing::TestJob;
+use lockstep_storage::CheckpointStore;
+
+const STEPS: u64 = 8;
+
+fn config(dir: &Path) -> PathBuf {
+    config_with_steps(dir, STEPS)
+}
+
+fn config_with_steps(dir: &Path, steps: u64) -> PathBuf {
+    TestJob::tiny("resume-test")
+        .steps(steps)
+        .batch(4)
+        .set("train.grad_accum", 2)
+        .set("train.weight_decay", 0.01)
+        .checkpoint_url(&format!("file://{}/ckpt", dir.display()))
+        .write_to(dir)
+}
+
+fn trainer(cfg: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    c.arg("train")
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .arg("--no-progress")
+        .arg("--data-cache")
+        .arg(cfg.parent().unwrap().join("tokens"));
+    c
+}
+
+fn run(cfg: &Path, args: &[&str]) -> Output {
+    let out = trainer(cfg, args).output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn store(dir: &Path) -> CheckpointStore {
+    CheckpointStore::open(&format!("file://{}/ckpt", dir.display())).unwrap()
+}
+
+/// Every tensor of `step` (parameters and moments) and the trainer state.
+fn final_state(dir: &Path, step: u64) -> (Vec<(String, Vec<u8>)>, serde_json::Value) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt.block_on(store(dir).load(step)).unwrap();
+    let tensors = c.tensors.into_iter().map(|t| (t.name, t.data)).collect();
+    (tensors, c.manifest.trainer_state)
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    assert_same_at(a, b, STEPS)
+}
+
+fn assert_same_at(a: &Path, b: &Path, step: u64) {
+    let (ta, sa) = final_state(a, step);
+    let (tb, sb) = final_state(b, step);
+    assert_eq!(ta.len(), tb.len());
+    assert!(ta.iter().any(|(n, _)| n.starts_with("optim.exp_avg_sq/")));
+    for ((na, da), (nb, db)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(da == db, "tensor `{na}` differs between the runs");
+    }
+    assert_eq!(sa, sb, "trainer state differs");
+}
+
+fn straight_run(steps: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&config_with_steps(dir.path(), steps), &[]);
+    assert!(out.status.success());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(
+        rt.block_on(store(dir.path()).latest()).unwrap(),
+        Some(steps)
+    );
+    dir
+}
+
+#[test]
+fn stop_and_resume_is_bit_identical_and_corrupt_checkpoints_are_skipped() {
+    let _gang = crate::common::one_gang();
+    let straight = straight_run(STEPS);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(
+        rt.block_on(store(straight.path()).list()).unwrap(),
+        vec![4, 8]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let out = run(&cfg, &["--stop-at", "4"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("stopped at step 4 of 8"), "{stdout}");
+    let out = run(&cfg, &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from step 4"));
+    assert_same(straight.path(), dir.path());
+
+    // Flip one byte of the newest checkpoint: the next start refuses it, resumes from step 4,
+    // and trains the same step 8 again.
+    let shard = dir.path().join("ckpt/step-000000000008/rank-00000.shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&shard, bytes).unwrap();
+    let out = run(&cfg, &[]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resuming from step 4"), "{err}");
+    assert!(err.contains("failed verification"), "{err}");
+    assert_same(straight.path(), dir.path());
+}
+
+#[test]
+fn sigterm_checkpoints_and_the_rerun_finishes_identically() {
+    let _gang = crate::common::one_gang();
+    // Enough steps that the signal lands mid-run.
+    const LONG: u64 = 60;
+    let straight = straight_run(LONG);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with_steps(dir.path(), LONG);
+    let mut child = trainer(&cfg, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.starts_with("step ") {
+            let pid = child.id().to_string();
+            assert!(
+                Command::new("kill")
+                    .args(["-TERM", &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            break;
+        }
+    }
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    eprintln!("{}", rest.join("\n"));
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "SIGTERM exits 143 after checkpointing"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stopped_at = rt.block_on(store(dir.path()).latest()).unwrap().unwrap();
+    assert!((2..LONG).contains(&stopped_at), "{stopped_at}");
+    let out = run(&cfg, &[]);
+    assert!(out.status.success());
+    assert_same_at(straight.path(), dir.path(), LONG);
+}
+
+#[test]
+fn another_architecture_is_refused_by_name() {
+    let _gang = crate::common::one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    assert!(run(&cfg, &["--stop-at", "1"]).status.success());
+    let out = run(&cfg, &["--set", "model.intermediate_size=96"]);
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("architecture differs"), "{err}");
+    assert!(
+        err.contains("intermediate_size: checkpoint 64, this job 96"),
+        "{err}"
+    );
+    // And a fresh start over existing checkpoints is refused too.
+    let out = run(&cfg, &["--resume", "none"]);
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds committed"));
+}
+
+#[test]
+fn bad_inputs_exit_nonzero_naming_the_culprit() {
+    let _gang = crate::common::one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let out = run(&cfg, &["--set", "train.lr=-1"]);
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("train.lr"));
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": 3}\n").unwrap();
+    let set = format!("data.train=[\"file://{}\"]", bad.display());
+    let out = run(&cfg, &["--set", &set]);
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.jsonl:2:"), "{err}");
+
+    let set = format!(
+        "data.train=[\"file://{}/missing-*.jsonl\"]",
+        dir.path().display()
+    );
+    let out = run(&cfg, &["--set", &set]);
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing-*.jsonl"));
+}
+
+/// `{date}` in a config becomes `--date` (or today, UTC): a nightly job's checkpoints land in
+/// that night's directory; a date that does not exist is refused by name.
+#[test]
+fn date_placeholders_become_the_runs_date() {
+    let _gang = crate::common::one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TestJob::tiny("dated")
+        .steps(1)
+        .set("checkpoint.every_steps", 1)
+        .checkpoint_url(&format!("file://{}/{{date}}/ckpt", dir.path().display()))
+        .write_to(dir.path());
+    let out = run(&cfg, &["--date", "2026-01-02"]);
+    assert!(out.status.success());
+    assert!(dir.path().join("2026-01-02/ckpt").is_dir());
+    let out = run(&cfg, &["--date", "2026-02-30"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--date `2026-02-30`"));
+}

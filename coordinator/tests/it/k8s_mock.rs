@@ -1,0 +1,220 @@
+//! What the v1.20 API server of the Kubernetes tests cannot serve, against kube's `tower_test`
+//! mock of an API server: the Indexed Job gang (completionMode Indexed is v1.21+) — the objects
+//! the launcher applies, a pod's termination becoming its worker's exit, and the kill deleting
+//! the attempt. The same launcher's JobSet gang runs against a real API server in
+//! cli/tests/kubernetes.rs.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use lockstep_coordinator::k8s::{Flavor, KubeLauncher, LockstepJob};
+use lockstep_coordinator::launcher::{Launcher, WorkerSpec};
+use serde_json::{Value, json};
+
+/// (method, path and query, body) of every call.
+type Calls = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+/// Answers as an API server would: nothing exists before it is applied; an apply returns the
+/// object; listing pods returns worker 1's pod, killed by SIGKILL; a watch stays open; a delete
+/// succeeds.
+fn api_server() -> (Client, Calls) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    tokio::spawn(async move {
+        let mut open_watches = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let body = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            seen.lock()
+                .unwrap()
+                .push((method.clone(), uri.clone(), body.clone()));
+            let reply = match method.as_str() {
+                "PATCH" => {
+                    let mut o = body;
+                    o["metadata"]["resourceVersion"] = json!("1");
+                    o["metadata"]["uid"] = json!("u");
+                    o
+                }
+                "GET" if uri.contains("watch=true") => {
+                    open_watches.push(send);
+                    continue;
+                }
+                // Nothing of the job exists yet (the owner check before each apply).
+                "GET" if !uri.contains("/pods") => {
+                    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404, "message": "not found"});
+                    let mut r = Response::new(Body::from(serde_json::to_vec(&status).unwrap()));
+                    *r.status_mut() = http::StatusCode::NOT_FOUND;
+                    send.send_response(r);
+                    continue;
+                }
+                "GET" => json!({"kind": "PodList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": "1"}, "items": [{
+                        "metadata": {"name": "ft-a1-1-xyz", "namespace": "ml",
+                            "annotations": {"batch.kubernetes.io/job-completion-index": "1"}},
+                        "status": {"phase": "Failed", "containerStatuses": [{
+                            "name": "trainer", "image": "lockstep", "imageID": "", "ready": false,
+                            "restartCount": 0, "state": {"terminated": {"exitCode": 137,
+                                "message": "step 3/10\nerror: the ring to rank 0 broke"}}}]}}]}),
+                "DELETE" => json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                other => panic!("unexpected {other} {uri}"),
+            };
+            send.send_response(Response::new(Body::from(
+                serde_json::to_vec(&reply).unwrap(),
+            )));
+        }
+    });
+    (Client::new(service, "default"), calls)
+}
+
+fn lockstep_job() -> LockstepJob {
+    let config = lockstep_api::testing::TestJob::tiny("ft")
+        .world(2)
+        .checkpoint_url("s3://bucket/ft")
+        .config()
+        .unwrap();
+    serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1",
+        "kind": "LockstepJob",
+        "metadata": {"name": "ft", "namespace": "ml", "uid": "0123456789abcdef-0000"},
+        "spec": {"config": config, "image": "lockstep:1", "resources": {"gpu": 1}},
+    }))
+    .unwrap()
+}
+
+fn worker(w: u32) -> WorkerSpec {
+    WorkerSpec {
+        job_id: "ft-0123456789abcdef".into(),
+        attempt: 1,
+        worker: w,
+        coordinator: "http://lockstep-coordinator.ml.svc:7070".into(),
+        token: "t".repeat(43),
+        config: "/unused".into(),
+        overrides: Vec::new(),
+        workdir: "/".into(),
+        log: "/unused".into(),
+        data_cache: "/unused".into(),
+    }
+}
+
+#[tokio::test]
+async fn an_indexed_job_gang_is_applied_its_pod_exits_reach_the_workers_and_kill_deletes_it() {
+    let (client, calls) = api_server();
+    let launcher = KubeLauncher::new(client, Flavor::IndexedJob);
+    launcher.register("ft-0123456789abcdef", Arc::new(lockstep_job()));
+    let (tx0, mut rx0) = tokio::sync::mpsc::unbounded_channel();
+    let (tx1, mut rx1) = tokio::sync::mpsc::unbounded_channel();
+    let w0 = launcher.launch(&worker(0), tx0).await.unwrap();
+    let _w1 = launcher.launch(&worker(1), tx1).await.unwrap();
+
+    // Worker 1's pod was killed (exit 137): its worker exits by SIGKILL, with its last words.
+    let exit = tokio::time::timeout(Duration::from_secs(10), rx1.recv())
+        .await
+        .expect("worker 1's exit")
+        .unwrap();
+    assert_eq!((exit.code, exit.signal), (None, Some(9)), "{exit:?}");
+    assert_eq!(
+        exit.message.as_deref(),
+        Some("error: the ring to rank 0 broke")
+    );
+    assert!(rx0.try_recv().is_err(), "worker 0 still runs");
+
+    let applied: Vec<(String, String, Value)> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _, _)| m == "PATCH")
+        .cloned()
+        .collect();
+    let find = |path: &str| {
+        applied
+            .iter()
+            .find(|(_, uri, _)| uri.starts_with(path))
+            .unwrap_or_else(|| panic!("no apply of {path}: {applied:#?}"))
+    };
+    // Server-side apply, as lockstep, forcing its fields.
+    let (_, uri, _) = find("/apis/batch/v1/namespaces/ml/jobs/ft-a1");
+    assert!(
+        uri.contains("fieldManager=lockstep") && uri.contains("force=true"),
+        "{uri}"
+    );
+    let (_, _, job) = find("/apis/batch/v1/namespaces/ml/jobs/ft-a1");
+    assert_eq!(job["spec"]["completionMode"], "Indexed");
+    assert_eq!(job["spec"]["completions"], 2);
+    assert_eq!(job["spec"]["parallelism"], 2);
+    assert_eq!(
+        job["spec"]["backoffLimit"], 0,
+        "the coordinator owns restarts"
+    );
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["subdomain"], "ft-a1",
+        "pods resolve through the headless Service"
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--device", "cuda"]),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--worker", "$(LOCKSTEP_WORKER)"]),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|a| a.contains(&"t".repeat(43))),
+        "the token is in the args"
+    );
+    assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "LockstepJob");
+    let (_, _, svc) = find("/api/v1/namespaces/ml/services/ft-a1");
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    assert_eq!(svc["spec"]["selector"]["lockstep.dev/attempt"], "1");
+    let (_, _, secret) = find("/api/v1/namespaces/ml/secrets/ft-token");
+    assert_eq!(secret["stringData"]["token"], "t".repeat(43));
+    find("/api/v1/namespaces/ml/configmaps/ft-config");
+    find("/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/ft-gang");
+
+    // Killing a worker deletes the attempt's Job and Service; its exit arrives.
+    w0.kill();
+    let exit = tokio::time::timeout(Duration::from_secs(10), rx0.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.signal, Some(9));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let deleted: Vec<String> = calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(m, _, _)| m == "DELETE")
+                .map(|(_, u, _)| u.clone())
+                .collect();
+            if deleted
+                .iter()
+                .any(|u| u.starts_with("/apis/batch/v1/namespaces/ml/jobs/ft-a1"))
+                && deleted
+                    .iter()
+                    .any(|u| u.starts_with("/api/v1/namespaces/ml/services/ft-a1"))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the attempt's Job and Service deleted");
+}

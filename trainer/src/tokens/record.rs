@@ -1,0 +1,55 @@
+//! What a JSONL record may hold, and its tokens.
+//!
+//! A record is `{"text": ...}` (every token counts in the loss) or `{"prompt": ...,
+//! "completion": ...}` (only the completion's tokens count); other fields (ids, sources,
+//! metadata) are ignored. Each document ends with the tokenizer's end-of-sequence id.
+
+use serde::Deserialize;
+
+use crate::tokenizer::Tokenizer;
+
+/// A JSONL record. Other fields (ids, sources, metadata) are ignored.
+#[derive(Deserialize)]
+struct Record {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    completion: Option<String>,
+}
+
+/// The token ids of one JSONL record (end-of-sequence included) and how many leading ones are
+/// prompt; or why the record is bad.
+pub fn encode_record(
+    line: &[u8],
+    tokenizer: &Tokenizer,
+    vocab: usize,
+) -> Result<(Vec<u32>, usize), String> {
+    let r: Record = serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
+    let (prompt, completion) = match (r.text, r.prompt, r.completion) {
+        (Some(t), None, None) => (String::new(), t),
+        (None, Some(p), Some(c)) => (p, c),
+        _ => {
+            return Err("a record needs `text`, or `prompt` and `completion`, not both".into());
+        }
+    };
+    let enc = |s: &str| tokenizer.encode(s).map_err(|e| e.to_string());
+    let mut tokens = if prompt.is_empty() {
+        Vec::new()
+    } else {
+        enc(&prompt)?
+    };
+    let prompt_len = tokens.len();
+    tokens.extend(enc(&completion)?);
+    tokens.push(tokenizer.eos());
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        ));
+    }
+    if tokens.len() == prompt_len + 1 {
+        return Err("the record has no text to learn from".into());
+    }
+    Ok((tokens, prompt_len))
+}
