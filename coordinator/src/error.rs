@@ -45,6 +45,9 @@ pub enum Error {
     /// A checkpoint store failed.
     #[error(transparent)]
     Storage(#[from] lockstep_storage::Error),
+    /// The launcher will not run the job as configured, or its inputs are missing.
+    #[error(transparent)]
+    Refused(#[from] crate::launcher::Refused),
     /// The launcher could not start a worker.
     #[error(transparent)]
     Launch(#[from] LaunchError),
@@ -93,7 +96,9 @@ impl From<Error> for Status {
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             // The caller's attempt is over (torn down, or its gang never formed).
             Error::StaleAttempt { .. } | Error::GangNotFormed => Code::FailedPrecondition,
-            Error::InvalidArgument(_) | Error::Config(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Refused(_) | Error::Config(_) => {
+                Code::InvalidArgument
+            }
             Error::Commit { .. } => Code::Aborted,
             Error::CommitTimeout { .. } => Code::DeadlineExceeded,
             Error::Storage(s) if s.is_transient() => Code::Unavailable,

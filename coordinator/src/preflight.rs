@@ -11,6 +11,7 @@ use lockstep_api::JobConfig;
 use lockstep_api::base::{BaseModel, as_url};
 use lockstep_storage::objects;
 
+use crate::launcher::Refused;
 use crate::service::resolve_url;
 
 /// The longest the checks (and sizing the base model) may take together before the job is
@@ -18,9 +19,9 @@ use crate::service::resolve_url;
 pub(crate) const LIMIT: Duration = Duration::from_secs(30);
 
 /// Checks `config`'s inputs (relative `file://` URLs resolve against `workdir`).
-pub async fn check(config: &JobConfig, workdir: &Path) -> Result<(), String> {
+pub async fn check(config: &JobConfig, workdir: &Path) -> Result<(), Refused> {
     match tokio::time::timeout(LIMIT, inputs(config, workdir)).await {
-        Ok(r) => r,
+        Ok(r) => r.map_err(Refused),
         Err(_) => {
             tracing::warn!("checking the job's inputs took over {LIMIT:?}; accepting it unchecked");
             Ok(())

@@ -196,21 +196,14 @@ impl Coordinator {
         workdir: PathBuf,
     ) -> Result<JobRecord> {
         let config = JobConfig::parse(&config_text, &overrides)?;
-        self.inner
-            .launcher
-            .admit(&config)
-            .map_err(Error::InvalidArgument)?;
+        self.inner.launcher.admit(&config)?;
         if !workdir.is_absolute() {
             return Err(Error::InvalidArgument(format!(
                 "workdir `{}` must be absolute",
                 workdir.display()
             )));
         }
-        self.inner
-            .launcher
-            .preflight(&config, &workdir)
-            .await
-            .map_err(Error::InvalidArgument)?;
+        self.inner.launcher.preflight(&config, &workdir).await?;
         // 64 random bits: ids do not collide in practice, and a collision is refused.
         let id = id.unwrap_or_else(|| format!("{}-{}", config.job.name, &auth::new_token()[..16]));
         let mut record = JobRecord::new(id, &config, config_text, overrides, workdir);

@@ -150,7 +150,9 @@ pub(crate) async fn supervise(
                         let task = tokio::spawn(async move {
                             job.send(match inner.launcher.export(&spec).await {
                                 Ok(note) => Input::Exported { note },
-                                Err(error) => Input::ExportFailed { error },
+                                Err(e) => Input::ExportFailed {
+                                    error: e.to_string(),
+                                },
                             });
                         });
                         export_task = Some(task.abort_handle());

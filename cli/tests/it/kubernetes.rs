@@ -25,7 +25,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use lockstep_api::testing::TestJob;
 use lockstep_coordinator::k8s::LockstepJob;
-use lockstep_coordinator::k8s::launcher::jobset_resource;
+use lockstep_coordinator::k8s::jobset_resource;
 use serde_json::{Value, json};
 use tokio::process::Command;
 

@@ -480,8 +480,8 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
             .await
             {
                 // Messages name the config field (`checkpoint.url`) or the spec's.
-                let e = if e.starts_with("spec.") {
-                    e
+                let e = if e.0.starts_with("spec.") {
+                    e.0
                 } else {
                     format!("spec.config: {e}")
                 };
@@ -539,7 +539,11 @@ async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action
             };
             match r {
                 Ok(_) => ctl.start_sync(&name, &id, status),
-                Err(e @ (crate::Error::InvalidArgument(_) | crate::Error::Config(_))) => {
+                Err(
+                    e @ (crate::Error::InvalidArgument(_)
+                    | crate::Error::Refused(_)
+                    | crate::Error::Config(_)),
+                ) => {
                     ctl.launcher.unregister(&id);
                     return ctl.refuse(&lsj, e.to_string()).await;
                 }

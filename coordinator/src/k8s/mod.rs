@@ -9,12 +9,16 @@
 
 pub mod controller;
 pub mod crd;
+mod exits;
+mod export;
 pub mod launcher;
+mod objects;
 pub mod render;
 
 pub use controller::{Controller, ControllerSettings};
 pub use crd::{LockstepJob, LockstepJobSpec, LockstepJobStatus};
 pub use launcher::KubeLauncher;
+pub use objects::jobset_resource;
 pub use render::Flavor;
 
 /// Label: the LockstepJob an object belongs to.

@@ -6,7 +6,9 @@ use std::process::Stdio;
 
 use tokio::sync::mpsc;
 
-use super::{Exit, ExportSpec, LaunchError, Launcher, WorkerHandle, WorkerSpec};
+use super::{
+    Exit, ExportError, ExportSpec, LaunchError, Launcher, Refused, WorkerHandle, WorkerSpec,
+};
 
 /// Runs workers as `EXE train …` processes on this machine.
 #[derive(Debug, Clone)]
@@ -294,14 +296,14 @@ impl Launcher for LocalProcess {
     }
 
     /// All ranks run on this machine: their estimated memory must fit in what it has free.
-    fn admit(&self, config: &lockstep_api::JobConfig) -> Result<(), String> {
+    fn admit(&self, config: &lockstep_api::JobConfig) -> Result<(), Refused> {
         let Some(available) = mem_available() else {
             return Ok(()); // not Linux: nothing to compare with
         };
         let per_rank = rank_memory_estimate(config);
         let need = per_rank.saturating_mul(u64::from(config.job.world_size));
         if need > available {
-            return Err(format!(
+            return Err(Refused(format!(
                 "job.world_size = {} local ranks need about {} MB of memory ({} MB each: \
                  model, gradients, AdamW moments and activations of train.batch_size × \
                  data.seq_len), but this machine has {} MB available: lower job.world_size, \
@@ -310,7 +312,7 @@ impl Launcher for LocalProcess {
                 need >> 20,
                 per_rank >> 20,
                 available >> 20
-            ));
+            )));
         }
         Ok(())
     }
@@ -320,7 +322,7 @@ impl Launcher for LocalProcess {
         &self,
         config: &lockstep_api::JobConfig,
         workdir: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refused> {
         let deadline = tokio::time::Instant::now() + crate::preflight::LIMIT;
         crate::preflight::check(config, workdir).await?;
         // A Hugging Face base model's size is in its config.json, not in `[model]`.
@@ -328,12 +330,12 @@ impl Launcher for LocalProcess {
             crate::preflight::with_base_architecture(config, workdir, deadline).await
         {
             self.admit(&sized)
-                .map_err(|e| format!("{e} (sized by model.base's config.json)"))?;
+                .map_err(|e| Refused(format!("{e} (sized by model.base's config.json)")))?;
         }
         Ok(())
     }
 
-    async fn export(&self, spec: &ExportSpec) -> Result<String, String> {
+    async fn export(&self, spec: &ExportSpec) -> Result<String, ExportError> {
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.args([
             "export",
@@ -366,7 +368,9 @@ impl Launcher for LocalProcess {
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(|e| format!("cannot run `{} export`: {e}", self.exe.display()))?;
+            .map_err(|e| {
+                ExportError::Failed(format!("cannot run `{} export`: {e}", self.exe.display()))
+            })?;
         // Its output is kept with the job's logs (disk IO: on the blocking pool).
         let (path, text) = (
             spec.log.clone(),
@@ -390,12 +394,16 @@ impl Launcher for LocalProcess {
                     || format!("`lockstep export` ended with {}", out.status),
                     |l| l.chars().take(2000).collect(),
                 );
-            return Err(format!("{why} (log: {})", spec.log.display()));
+            return Err(ExportError::Failed(format!(
+                "{why} (log: {})",
+                spec.log.display()
+            )));
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout.lines().last().unwrap_or("");
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| format!("`lockstep export` printed no result ({e}): {line}"))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            ExportError::Failed(format!("`lockstep export` printed no result ({e}): {line}"))
+        })?;
         Ok(format!(
             "exported {} to {}; {}",
             v["version"].as_str().unwrap_or("?"),

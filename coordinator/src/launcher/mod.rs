@@ -133,6 +133,23 @@ pub enum LaunchError {
     },
 }
 
+/// A job a launcher will not run as configured, or whose inputs are missing: the message names
+/// the field (and the figures). The user's to fix: the same config gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Why an export produced no version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExportError {
+    /// This launcher has no way to run exports.
+    #[error("this launcher cannot run exports")]
+    Unsupported,
+    /// The export ran and failed, or its result could not be read: the message says why.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A started worker.
 pub trait WorkerHandle: Send + Sync {
     /// Kills it and everything it started (idempotent). Its exit still arrives on the channel.
@@ -155,7 +172,7 @@ pub trait Launcher: Send + Sync + 'static {
 
     /// Whether this launcher can run `config`'s gang at all (checked before a job is
     /// accepted); the error says what is short, with the numbers.
-    fn admit(&self, _config: &lockstep_api::JobConfig) -> Result<(), String> {
+    fn admit(&self, _config: &lockstep_api::JobConfig) -> Result<(), Refused> {
         Ok(())
     }
 
@@ -166,13 +183,13 @@ pub trait Launcher: Send + Sync + 'static {
         &self,
         _config: &lockstep_api::JobConfig,
         _workdir: &std::path::Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refused> {
         Ok(())
     }
 
     /// Exports a finished job's checkpoint and promotes it if it passes the gate; returns what
     /// happened, in words (the version, where, promoted or why not), or why it failed.
-    async fn export(&self, _spec: &ExportSpec) -> Result<String, String> {
-        Err("this launcher cannot run exports".into())
+    async fn export(&self, _spec: &ExportSpec) -> Result<String, ExportError> {
+        Err(ExportError::Unsupported)
     }
 }
