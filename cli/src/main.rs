@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         Command::Ckpt(args) => cmd::ckpt::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Run(args) => cmd::block_on(1, cmd::run::run(args)),
-        Command::Submit(args) => cmd::block_on(1, cmd::client::submit(args)),
+        Command::Submit(args) => cmd::client::run_submit(args),
         Command::Status(args) => cmd::block_on(1, cmd::client::status(args)),
         Command::Watch(args) => cmd::block_on(1, cmd::client::watch(args)),
         Command::Cancel(args) => cmd::block_on(1, cmd::client::cancel(args)),

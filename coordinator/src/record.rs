@@ -14,7 +14,7 @@ use crate::state::{Lifecycle, Phase};
 pub struct JobRecord {
     /// `NAME-` and 16 hex digits (64 random bits).
     pub id: String,
-    /// `job.name`.
+    /// `job.name`: the name users see, and the checkpoints' and exports' job.
     pub name: String,
     /// The job's secret: workers present it on every call. In memory only, never stored: a
     /// coordinator that restarts gives each live job a new one (the old workers are killed).
@@ -26,15 +26,15 @@ pub struct JobRecord {
     pub overrides: Vec<String>,
     /// Where relative `file://` URLs resolve.
     pub workdir: PathBuf,
-    /// State machine.
+    /// Phase, attempt and restarts: what the state machine decides on.
     pub lifecycle: Lifecycle,
-    /// Ranks.
+    /// Ranks in the gang (`job.world_size`).
     pub world_size: u32,
-    /// `train.steps`.
+    /// The step training ends at (`train.steps`).
     pub total_steps: u64,
     /// Newest step reported by rank 0.
     pub step: u64,
-    /// Its loss.
+    /// The training loss of that step (rank 0's, summed over the gang).
     pub loss: Option<f64>,
     /// The first loss this job reported.
     pub first_loss: Option<f64>,
@@ -46,15 +46,15 @@ pub struct JobRecord {
     pub eval_step: Option<u64>,
     /// Tokens per second over the gang, last step.
     pub tokens_per_sec: f64,
-    /// Newest committed checkpoint.
+    /// The step of the newest checkpoint this coordinator committed for the job.
     pub last_checkpoint: Option<u64>,
     /// Final parameters' xxh3 (rank 0's report).
     pub params_hash: String,
     /// `checkpoint.url`, resolved.
     pub checkpoint_url: String,
-    /// Unix ms.
+    /// When the job was accepted (Unix ms).
     pub created_ms: i64,
-    /// Unix ms.
+    /// When the record last changed (Unix ms); finished jobs are forgotten a week after.
     pub updated_ms: i64,
     /// Seconds the current attempt's gang took to join.
     pub gang_wait_seconds: f64,

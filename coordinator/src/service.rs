@@ -175,13 +175,15 @@ impl Coordinator {
     }
 
     /// Accepts a job: parses and validates the config, opens its checkpoint store, stores the
-    /// job durably, queues it.
+    /// job durably, queues it. Refused where the launcher takes no direct submits (Kubernetes:
+    /// the jobs are LockstepJobs).
     pub async fn submit(
         &self,
         config_text: String,
         overrides: Vec<String>,
         workdir: PathBuf,
     ) -> Result<JobRecord> {
+        self.inner.launcher.accepts_submits()?;
         self.submit_as(None, config_text, overrides, workdir).await
     }
 

@@ -1,6 +1,6 @@
 //! The conformance suite every backend must pass. Each function takes a store over an empty
 //! root and panics with a description when the backend breaks the [`CheckpointStore`]
-//! contract. `tests/backends.rs` runs all of them against `memory://`, `file://` and S3 over
+//! contract. `tests/it/backends.rs` runs all of them against `memory://`, `file://` and S3 over
 //! HTTP; point `LOCKSTEP_TEST_S3_URL` at a real bucket to run them there too.
 
 use bytes::Bytes;

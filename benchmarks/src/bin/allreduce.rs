@@ -141,15 +141,7 @@ fn gloo(sizes: &[usize]) -> Result<Vec<(usize, f64)>> {
 }
 
 fn main() -> Result<()> {
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|s| s.parse().context("sizes are MiB numbers"))
-        .collect::<Result<_>>()?;
-    let sizes = if sizes.is_empty() {
-        vec![1, 16, 64, 256]
-    } else {
-        sizes
-    };
+    let sizes = lockstep_benchmarks::sizes_mib()?;
     let limit = loopback()?;
     let anchor = gloo(&sizes)?;
     let bus = |alg: f64| alg * 2.0 * (WORLD as f64 - 1.0) / WORLD as f64;

@@ -18,15 +18,7 @@ use lockstep_trainer::{Collective, Nccl, TcpRing};
 use serde_json::json;
 
 fn main() -> Result<()> {
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|s| s.parse().context("sizes are MiB numbers"))
-        .collect::<Result<_>>()?;
-    let sizes = if sizes.is_empty() {
-        vec![1, 16, 64, 256]
-    } else {
-        sizes
-    };
+    let sizes = lockstep_benchmarks::sizes_mib()?;
     let timeout = Duration::from_secs(60);
     let mut nccl = Nccl::new(TcpRing::alone(timeout), 0, timeout).context("form NCCL")?;
     println!("NCCL all-reduce through lockstep_trainer::Nccl, world size 1 (one GPU)");

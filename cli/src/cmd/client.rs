@@ -180,16 +180,21 @@ async fn client(args: &ClientArgs) -> Result<Client> {
 }
 
 /// `lockstep submit CONFIG`: prints the job id; with `--watch`, follows it. With
-/// `--kubernetes`, creates the LockstepJob instead.
-pub async fn submit(args: SubmitArgs) -> Result {
+/// `--kubernetes`, creates the LockstepJob instead. Exit status 0 submitted (or, with `--watch`, as `run`), 1 failed, 2 for arguments that
+/// cannot work together.
+pub fn run_submit(args: SubmitArgs) -> ExitCode {
+    if args.kubernetes && args.watch {
+        eprintln!(
+            "error: --watch: with --kubernetes, watch with `kubectl get lsj NAME -w` (or \
+             `lockstep watch JOB` through a port-forward to the coordinator)"
+        );
+        return ExitCode::from(2);
+    }
+    super::block_on(1, submit(args))
+}
+
+async fn submit(args: SubmitArgs) -> Result {
     if args.kubernetes {
-        if args.watch {
-            return Err(CliError::Usage(
-                "--watch: with --kubernetes, watch with `kubectl get lsj NAME -w` (or `lockstep \
-                 watch JOB` through a port-forward to the coordinator)"
-                    .into(),
-            ));
-        }
         return super::kube::submit(&args.kube, &args.config).await;
     }
     let (set, date) = (args.kube.set, args.kube.date);

@@ -163,10 +163,11 @@ async fn write(req: &Request, to: &str, json: bool, result_file: Option<&Path>) 
         // On Kubernetes: /dev/termination-log, where the coordinator reads the result.
         let (path, text) = (path.to_path_buf(), format!("{result}\n"));
         tokio::task::spawn_blocking(move || {
-            std::fs::write(&path, text).map_err(|source| CliError::Io {
-                op: "write --result-file",
-                path,
-                source,
+            std::fs::write(&path, text).map_err(|e| {
+                CliError::Usage(format!(
+                    "--result-file {}: cannot write it: {e}",
+                    path.display()
+                ))
             })
         })
         .await??;

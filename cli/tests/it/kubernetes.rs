@@ -970,6 +970,21 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     );
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["attempt"], 2, "{shown}");
+    // A plain `lockstep submit` cannot run here (the jobs are LockstepJobs): refused before
+    // anything is made, saying how to submit instead.
+    let out = lockstep()
+        .arg("submit")
+        .arg(&long)
+        .arg(format!(
+            "--coordinator=http://127.0.0.1:{}",
+            coordinator.port
+        ))
+        .env("LOCKSTEP_ADMIN_TOKEN", &admin_token)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("lockstep submit --kubernetes"), "{err}");
 
     // Suspend: the gang checkpoints and stops; resume: the next attempt continues from there.
     let lsjs = Api::<LockstepJob>::namespaced(admin.clone(), NS);

@@ -290,12 +290,7 @@ impl Controller {
             .await
             .map_err(KubeError::api(format!("read ConfigMap {cm_name}")))?;
         let uid = lsj.metadata.uid.as_deref().unwrap_or("");
-        let owned = |cm: &ConfigMap| {
-            cm.metadata
-                .owner_references
-                .as_ref()
-                .is_some_and(|o| o.iter().any(|o| o.kind == "LockstepJob" && o.uid == uid))
-        };
+        let owned = |cm: &ConfigMap| super::objects::owned_by(&cm.metadata, uid);
         let Some(text) = cm
             .filter(owned)
             .and_then(|cm| cm.data?.get("config.toml").cloned())

@@ -397,6 +397,15 @@ impl Launcher for KubeLauncher {
         }
     }
 
+    fn accepts_submits(&self) -> Result<(), Refused> {
+        Err(Refused(
+            "this coordinator runs the LockstepJobs of its namespace and takes no jobs over \
+             gRPC: submit with `lockstep submit --kubernetes CONFIG`, or `kubectl apply -f` the \
+             LockstepJob that `lockstep render CONFIG` prints"
+                .into(),
+        ))
+    }
+
     async fn preflight(
         &self,
         config: &lockstep_api::JobConfig,

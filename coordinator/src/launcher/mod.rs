@@ -14,7 +14,7 @@ pub use local::{LocalProcess, kill_group, local_trainers};
 /// What a worker needs to find its job.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
-    /// The job.
+    /// The job id (`NAME-` and 16 hex digits).
     pub job_id: String,
     /// The attempt this worker belongs to.
     pub attempt: u32,
@@ -22,7 +22,7 @@ pub struct WorkerSpec {
     pub worker: u32,
     /// The coordinator's gRPC URL (`http://host:port`).
     pub coordinator: String,
-    /// The job's token.
+    /// The job's secret: the worker presents it on every call (never on a command line).
     pub token: String,
     /// The job config file and its overrides.
     pub config: PathBuf,
@@ -40,26 +40,28 @@ pub struct WorkerSpec {
 /// checkpoint can be read: a process here, a Job on Kubernetes).
 #[derive(Debug, Clone)]
 pub struct ExportSpec {
-    /// The job.
+    /// The job id.
     pub job_id: String,
     /// `URL@STEP` of the checkpoint.
     pub checkpoint: String,
     /// `export.url`, resolved.
     pub to: String,
-    /// The lineage name.
+    /// The lineage the version joins (`<to>/<name>/`; the job's name).
     pub name: String,
     /// `f32` or `bf16`.
     pub dtype: String,
     /// `model.base` (resolved) when it is a Hugging Face directory: its tokenizer files go
     /// with the export.
     pub base: Option<String>,
-    /// The promotion gate.
+    /// How much worse than the promoted version's eval loss the new one may be and still be
+    /// promoted.
     pub max_eval_regression: f64,
     /// Lineage facts for `lockstep.json` (JSON).
     pub lineage: String,
-    /// `export.webhook`.
+    /// `export.webhook`: where the promotion notice is POSTed (passed in the environment, as
+    /// it may carry credentials).
     pub webhook: Option<String>,
-    /// Working directory.
+    /// Where the export runs (relative `file://` URLs resolve against it).
     pub workdir: PathBuf,
     /// Where its output goes.
     pub log: PathBuf,
@@ -68,9 +70,9 @@ pub struct ExportSpec {
 /// How a worker ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
-    /// Its attempt.
+    /// The attempt the worker belonged to.
     pub attempt: u32,
-    /// Its index.
+    /// Its index in the attempt (its rank).
     pub worker: u32,
     /// Exit status, when it exited.
     pub code: Option<i32>,
@@ -126,9 +128,9 @@ pub enum LaunchError {
     /// Spawning failed.
     #[error("cannot start {what}: {source}")]
     Spawn {
-        /// What.
+        /// What could not be started ("worker 1 of attempt 2").
         what: String,
-        /// Why.
+        /// The operating system's (or the API server's) reason.
         source: std::io::Error,
     },
 }
@@ -169,6 +171,13 @@ pub trait Launcher: Send + Sync + 'static {
     /// Kills whatever is left of `job`'s workers from a previous coordinator that died. Only
     /// this job's workers are touched.
     async fn kill_leftovers(&self, job: &str);
+
+    /// Whether jobs may be submitted to the coordinator directly (`lockstep submit`, the gRPC
+    /// `Submit`). Not where something else owns the jobs (on Kubernetes, LockstepJobs): the
+    /// refusal says how to submit there instead.
+    fn accepts_submits(&self) -> Result<(), Refused> {
+        Ok(())
+    }
 
     /// Whether this launcher can run `config`'s gang at all (checked before a job is
     /// accepted); the error says what is short, with the numbers.
