@@ -118,14 +118,14 @@ impl Coordinator {
         let (mut rx, ready, resume_step) = {
             let mut st = lock(&job.state);
             let live = job.live(&mut st, attempt)?;
-            if shard.rank >= live.attempt.world {
+            if shard.shard.rank >= live.attempt.world {
                 return Err(Error::InvalidArgument(format!(
                     "rank {} is outside a gang of {}",
-                    shard.rank, live.attempt.world
+                    shard.shard.rank, live.attempt.world
                 )));
             }
             let world = live.attempt.world;
-            let (rx, ready) = live.commits.report(world, shard.rank, shard, state);
+            let (rx, ready) = live.commits.report(world, shard.shard.rank, shard, state);
             (rx, ready, live.attempt.resume_step)
         };
         self.inner.metrics.checkpoint_write(write_seconds);
@@ -202,12 +202,14 @@ mod tests {
     fn shard(step: u64, rank: u32) -> ShardMeta {
         ShardMeta {
             step,
-            rank,
-            file: format!("rank-{rank:05}.shard"),
-            bytes: 10,
-            raw_bytes: 20,
-            chunks: 1,
-            footer_hash: "0".repeat(16),
+            shard: lockstep_storage::ShardInfo {
+                rank,
+                file: format!("rank-{rank:05}.shard"),
+                bytes: 10,
+                raw_bytes: 20,
+                chunks: 1,
+                footer_hash: "0".repeat(16),
+            },
             pieces: vec![],
         }
     }
@@ -229,7 +231,11 @@ mod tests {
         let ready = r.expect("complete");
         assert_eq!(ready.step, 4);
         assert_eq!(
-            ready.shards.iter().map(|s| s.rank).collect::<Vec<_>>(),
+            ready
+                .shards
+                .iter()
+                .map(|s| s.shard.rank)
+                .collect::<Vec<_>>(),
             vec![0, 1, 2]
         );
         assert_eq!(ready.config_hash, "hash");

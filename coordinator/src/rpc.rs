@@ -162,10 +162,10 @@ impl Rpc for Coordinator {
         let r = req.into_inner();
         let shard: ShardMeta = serde_json::from_slice(&r.shard_meta_json)
             .map_err(|e| Error::InvalidArgument(format!("shard metadata: {e}")))?;
-        if shard.rank != r.rank || shard.step != r.step {
+        if shard.shard.rank != r.rank || shard.step != r.step {
             return Err(Error::InvalidArgument(format!(
                 "shard metadata says rank {} step {}, the call rank {} step {}",
-                shard.rank, shard.step, r.rank, r.step
+                shard.shard.rank, shard.step, r.rank, r.step
             ))
             .into());
         }

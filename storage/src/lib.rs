@@ -38,7 +38,7 @@ pub mod writer;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use fault::{Faults, UnreliableStore};
-pub use format::manifest::Manifest;
+pub use format::manifest::{Manifest, ShardInfo};
 pub use location::Location;
 pub use reader::{Checkpoint, Tensor, VerifyReport};
 pub use resume::{SetAside, StartPoint, Want};

@@ -488,8 +488,8 @@ impl CheckpointStore {
     /// [`Committed::retention`].
     pub async fn commit_step(&self, c: StepCommit) -> Result<Committed> {
         let parent = self.list().await?.into_iter().filter(|&s| s < c.step).max();
-        let bytes = c.shards.iter().map(|m| m.bytes).sum();
-        let raw_bytes = c.shards.iter().map(|m| m.raw_bytes).sum();
+        let bytes = c.shards.iter().map(|m| m.shard.bytes).sum();
+        let raw_bytes = c.shards.iter().map(|m| m.shard.raw_bytes).sum();
         let info = CommitInfo {
             job: c.job,
             step: c.step,

@@ -49,18 +49,10 @@ pub struct PieceInput {
 pub struct ShardMeta {
     /// Step of the checkpoint.
     pub step: u64,
-    /// Rank that wrote it.
-    pub rank: u32,
-    /// File name within the step directory.
-    pub file: String,
-    /// File size.
-    pub bytes: u64,
-    /// Decoded bytes.
-    pub raw_bytes: u64,
-    /// Chunks written.
-    pub chunks: u64,
-    /// xxh3-64 of the footer, 16 hex digits.
-    pub footer_hash: String,
+    /// The shard file as the manifest will record it (rank, file, sizes, chunks, footer hash);
+    /// flattened, so the JSON a rank sends keeps its fields at the top level.
+    #[serde(flatten)]
+    pub shard: ShardInfo,
     /// The pieces, in shard order.
     pub pieces: Vec<PieceMeta>,
 }
@@ -129,14 +121,14 @@ pub fn pieces_for_rank(tensors: &[TensorInput], rank: u32, world_size: u32) -> V
 
 /// Builds and validates the manifest from every rank's [`ShardMeta`] (any order).
 pub fn assemble_manifest(info: CommitInfo, mut shards: Vec<ShardMeta>) -> Result<Manifest> {
-    shards.sort_by_key(|s| s.rank);
+    shards.sort_by_key(|s| s.shard.rank);
     let mut tensors: Vec<TensorEntry> = Vec::new();
     let mut index = std::collections::HashMap::<String, usize>::new();
     for s in &shards {
         if s.step != info.step {
             return Err(Error::Invalid(format!(
                 "rank {} reported a shard of step {}, not {}",
-                s.rank, s.step, info.step
+                s.shard.rank, s.step, info.step
             )));
         }
         for p in &s.pieces {
@@ -157,7 +149,7 @@ pub fn assemble_manifest(info: CommitInfo, mut shards: Vec<ShardMeta>) -> Result
                 )));
             }
             t.pieces.push(PieceEntry {
-                shard: s.rank,
+                shard: s.shard.rank,
                 tensor_offset: p.tensor_offset,
                 offset: p.offset,
                 length: p.length,
@@ -180,17 +172,7 @@ pub fn assemble_manifest(info: CommitInfo, mut shards: Vec<ShardMeta>) -> Result
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default(),
-        shards: shards
-            .iter()
-            .map(|s| ShardInfo {
-                rank: s.rank,
-                file: s.file.clone(),
-                bytes: s.bytes,
-                raw_bytes: s.raw_bytes,
-                chunks: s.chunks,
-                footer_hash: s.footer_hash.clone(),
-            })
-            .collect(),
+        shards: shards.iter().map(|s| s.shard.clone()).collect(),
         tensors,
         trainer_state: info.trainer_state,
     };
@@ -478,12 +460,14 @@ impl ShardWriter {
         );
         Ok(ShardMeta {
             step: self.step,
-            rank: self.rank,
-            file: CheckpointStore::shard_file(self.rank),
-            bytes: total,
-            raw_bytes: self.raw_offset,
-            chunks: footer.chunks.len() as u64,
-            footer_hash: format!("{footer_hash:016x}"),
+            shard: ShardInfo {
+                rank: self.rank,
+                file: CheckpointStore::shard_file(self.rank),
+                bytes: total,
+                raw_bytes: self.raw_offset,
+                chunks: footer.chunks.len() as u64,
+                footer_hash: format!("{footer_hash:016x}"),
+            },
             pieces: self.pieces,
         })
     }

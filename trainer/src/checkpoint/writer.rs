@@ -54,8 +54,8 @@ impl CheckpointWriter {
                         .block_on(store.write_shard(step, rank, &pieces))
                         .map(|shard| Written {
                             step,
-                            bytes: shard.bytes,
-                            raw_bytes: shard.raw_bytes,
+                            bytes: shard.shard.bytes,
+                            raw_bytes: shard.shard.raw_bytes,
                             elapsed: started.elapsed(),
                             shard,
                         })
