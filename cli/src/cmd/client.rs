@@ -180,8 +180,8 @@ async fn client(args: &ClientArgs) -> Result<Client> {
 }
 
 /// `lockstep submit CONFIG`: prints the job id; with `--watch`, follows it. With
-/// `--kubernetes`, creates the LockstepJob instead. Exit status 0 submitted (or, with `--watch`, as `run`), 1 failed, 2 for arguments that
-/// cannot work together.
+/// `--kubernetes`, creates the LockstepJob instead. Exit status 0 submitted (or, with
+/// `--watch`, as `run`), 1 failed, 2 for arguments that cannot work together.
 pub fn run_submit(args: SubmitArgs) -> ExitCode {
     if args.kubernetes && args.watch {
         eprintln!(
