@@ -209,8 +209,7 @@ pub fn render(args: RenderArgs) -> Result {
         }
         let mut owned = lsj.clone();
         owned.metadata.uid = Some(RENDER_UID.into());
-        let job_id =
-            lockstep_coordinator::k8s::controller::job_id(&owned).map_err(CliError::Usage)?;
+        let job_id = lockstep_coordinator::k8s::job_id(&owned).map_err(CliError::Usage)?;
         let target = Target {
             job_id: &job_id,
             coordinator_url: &coordinator_url,

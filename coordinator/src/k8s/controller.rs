@@ -3,26 +3,35 @@
 //! record is written back to the LockstepJob's status as it changes. The status is the job's
 //! durable record: a coordinator that restarts adopts every live LockstepJob from it and
 //! restarts its gang from the last committed checkpoint.
+//!
+//! Each reconcile observes (the coordinator's record, the ConfigMap of a job started before),
+//! [decides](super::decide) in pure code, and applies the steps. The finalizer
+//! (`kube::runtime::finalizer`) stops the gang and deletes what was made for a LockstepJob
+//! before it goes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller as Runtime};
+use kube::runtime::finalizer::{self, Event, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use serde_json::json;
 
-use super::crd::{LockstepJob, LockstepJobStatus};
+use super::crd::LockstepJob;
+use super::decide::{self, Observed, Step, decide, job_id, workdir_of};
 use super::launcher::KubeLauncher;
+use super::status::now_rfc3339;
 use super::{FINALIZER, KubeError, render};
 use crate::Coordinator;
-use crate::record::JobRecord;
+use crate::launcher::Launcher;
 use crate::registry::lock;
-use crate::state::{Lifecycle, Phase};
-use lockstep_api::JobConfig;
+
+/// How long a deletion waits for the job's gang to checkpoint and stop before it looks again.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Where the controller works.
 #[derive(Debug, Clone)]
@@ -33,57 +42,24 @@ pub struct ControllerSettings {
 
 /// The controller. Cheap to share.
 pub struct Controller {
-    client: Client,
-    coordinator: Coordinator,
-    launcher: Arc<KubeLauncher>,
+    pub(super) client: Client,
+    pub(super) coordinator: Coordinator,
+    pub(super) launcher: Arc<KubeLauncher>,
     settings: ControllerSettings,
     /// Per job id: what the status writer needs from the newest LockstepJob seen.
-    jobs: Mutex<HashMap<String, Watched>>,
+    pub(super) jobs: Mutex<HashMap<String, Watched>>,
 }
 
 #[derive(Debug, Clone, Default)]
-struct Watched {
-    generation: Option<i64>,
+pub(super) struct Watched {
+    pub(super) generation: Option<i64>,
     /// The generation whose changed `spec.config` was last warned about.
-    config_warned: Option<i64>,
-    suspend: bool,
-    syncing: bool,
+    pub(super) config_warned: Option<i64>,
+    pub(super) suspend: bool,
+    pub(super) syncing: bool,
 }
 
-/// The coordinator's job id for a LockstepJob: its name and 16 hex digits of its uid (stable
-/// across coordinator restarts, new for a LockstepJob deleted and created again).
-pub fn job_id(lsj: &LockstepJob) -> Result<String, String> {
-    let (name, _) = render::name_of(lsj)?;
-    let uid: String = lsj
-        .metadata
-        .uid
-        .as_deref()
-        .unwrap_or("")
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(16)
-        .collect();
-    if uid.len() < 16 {
-        return Err("metadata.uid: missing (is this object from the API server?)".into());
-    }
-    Ok(format!("{name}-{}", uid.to_ascii_lowercase()))
-}
-
-/// Where relative `file://` URLs resolve: the shared volume's mount path, or `/` (none).
-fn workdir_of(lsj: &LockstepJob) -> std::path::PathBuf {
-    lsj.spec
-        .shared_volume
-        .as_ref()
-        .map_or_else(|| "/".into(), |v| v.mount_path.clone().into())
-}
-
-/// RFC 3339 UTC of now, to the second.
-fn now_rfc3339() -> String {
-    k8s_openapi::jiff::Timestamp::now()
-        .round(k8s_openapi::jiff::Unit::Second)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
-}
+type ReconcileError = finalizer::Error<KubeError>;
 
 impl Controller {
     /// A controller of `settings.namespace`'s LockstepJobs running them on `coordinator`,
@@ -103,7 +79,7 @@ impl Controller {
         })
     }
 
-    fn api(&self) -> Api<LockstepJob> {
+    pub(super) fn api(&self) -> Api<LockstepJob> {
         Api::namespaced(self.client.clone(), &self.settings.namespace)
     }
 
@@ -123,542 +99,221 @@ impl Controller {
             .await;
     }
 
-    async fn patch_status(
-        &self,
-        name: &str,
-        status: &LockstepJobStatus,
-    ) -> Result<(), kube::Error> {
-        self.api()
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await
-            .map(drop)
-    }
-
-    /// Writes job `id`'s record into LockstepJob `name`'s status whenever it changes, until
-    /// the job is final (and written) or the LockstepJob is gone.
-    fn start_sync(self: &Arc<Self>, name: &str, id: &str, mut status: LockstepJobStatus) {
-        {
-            let mut jobs = lock(&self.jobs);
-            let w = jobs.entry(id.to_string()).or_default();
-            if w.syncing {
-                return;
-            }
-            w.syncing = true;
-        }
-        let (ctl, name, id) = (self.clone(), name.to_string(), id.to_string());
-        tokio::spawn(async move {
-            let Ok(mut changed) = ctl.coordinator.subscribe(&id) else {
-                ctl.sync_ended(&id);
-                return;
-            };
-            loop {
-                let Ok(record) = ctl.coordinator.get(&id) else {
-                    break;
-                };
-                let w = lock(&ctl.jobs).get(&id).cloned().unwrap_or_default();
-                let before = status.clone();
-                fill_status(
-                    &mut status,
-                    &record,
-                    w.generation,
-                    w.suspend,
-                    ctl.launcher.exported_version(&id),
-                    &now_rfc3339(),
-                );
-                let done = record.phase().is_final();
-                if status != before {
-                    match ctl.patch_status(&name, &status).await {
-                        Ok(()) => {}
-                        Err(kube::Error::Api(s)) if s.code == 404 => break,
-                        Err(e) => {
-                            tracing::warn!(lockstepjob = %name, error = %e, "cannot write the status; retrying");
-                            status = before;
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                            continue;
-                        }
-                    }
-                }
-                if done {
-                    break;
-                }
-                // At most one write a second; at least a look every 30 s.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = tokio::time::timeout(Duration::from_secs(30), changed.changed()).await;
-            }
-            ctl.sync_ended(&id);
-        });
-    }
-
-    fn sync_ended(&self, id: &str) {
-        if let Some(w) = lock(&self.jobs).get_mut(id) {
-            w.syncing = false;
-        }
-    }
-
-    async fn set_finalizers(
-        &self,
-        lsj: &LockstepJob,
-        finalizers: Vec<String>,
-    ) -> Result<(), KubeError> {
-        // With the resourceVersion: a concurrent change makes this fail and the reconcile retry.
-        let patch = json!({"metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": lsj.metadata.resource_version,
-        }});
-        self.api()
-            .patch(
-                &lsj.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map(drop)
-            .map_err(KubeError::api(format!(
-                "update the finalizers of {}",
-                lsj.name_any()
-            )))
-    }
-
-    /// The job's record as its status keeps it, to adopt it.
-    fn record_from_status(
-        &self,
-        lsj: &LockstepJob,
-        id: &str,
-        config_text: String,
-        workdir: std::path::PathBuf,
-    ) -> Result<JobRecord, String> {
-        let st = lsj.status.clone().unwrap_or_default();
-        let c = lsj.spec.config.get()?;
-        let phase = match st.phase.as_deref() {
-            // Resumed after a suspend: queued for its next attempt.
-            Some("suspended") | None => Phase::Queued,
-            // Anything else (edited by hand): queued, so it restarts from its checkpoint.
-            Some(p) => Phase::parse(p).unwrap_or(Phase::Queued),
-        };
-        let created = lsj
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map_or(0, |t| t.0.as_millisecond());
-        let mut r = JobRecord::new(id.to_string(), c, config_text, Vec::new(), workdir);
-        r.lifecycle = Lifecycle {
-            phase,
-            attempt: st.attempt,
-            restarts: st.restarts,
-            max_restarts: c.job.max_restarts,
-            message: st.message.clone().unwrap_or_default(),
-        };
-        r.step = st.step;
-        r.loss = st.loss;
-        r.first_loss = st.first_loss;
-        r.eval_loss = st.eval_loss;
-        r.eval_step = st.eval_step;
-        r.last_checkpoint = st.last_committed_checkpoint;
-        r.params_hash = st.params_hash.clone().unwrap_or_default();
-        r.created_ms = created;
-        Ok(r)
-    }
-
-    /// [`Controller::refuse`], after deleting what a coordinator before this one left running
-    /// of the job (its spec was edited into one that cannot run while no coordinator ran).
-    async fn refuse_started(
-        &self,
-        lsj: &Arc<LockstepJob>,
-        id: &str,
-        why: String,
-    ) -> Result<Action, KubeError> {
-        if lsj.status.as_ref().is_some_and(|s| s.attempt > 0) {
-            self.launcher.register(id, lsj.clone());
-            crate::launcher::Launcher::kill_leftovers(&*self.launcher, id).await;
-            self.launcher.unregister(id);
-        }
-        self.refuse(lsj, why).await
-    }
-
-    /// `lsj` with the config its job started with: the `config.toml` of its ConfigMap (made
-    /// when its first attempt was, owned by it), if there is one.
-    async fn started_config(&self, lsj: &Arc<LockstepJob>) -> Result<Arc<LockstepJob>, KubeError> {
-        use k8s_openapi::api::core::v1::ConfigMap;
-        let name = lsj.name_any();
-        let cm_name = render::config_map_name(&name);
+    /// The `config.toml` of the LockstepJob's own ConfigMap (made with its first attempt).
+    async fn started_config(&self, lsj: &LockstepJob) -> Result<Option<String>, KubeError> {
+        let cm_name = render::config_map_name(&lsj.name_any());
         let cm = Api::<ConfigMap>::namespaced(self.client.clone(), &self.settings.namespace)
             .get_opt(&cm_name)
             .await
             .map_err(KubeError::api(format!("read ConfigMap {cm_name}")))?;
         let uid = lsj.metadata.uid.as_deref().unwrap_or("");
-        let owned = |cm: &ConfigMap| super::objects::owned_by(&cm.metadata, uid);
-        let Some(text) = cm
-            .filter(owned)
-            .and_then(|cm| cm.data?.get("config.toml").cloned())
-        else {
-            return Ok(lsj.clone());
+        Ok(cm
+            .filter(|cm| super::objects::owned_by(&cm.metadata, uid))
+            .and_then(|cm| cm.data?.get("config.toml").cloned()))
+    }
+
+    /// Observe, decide, apply.
+    async fn apply(self: &Arc<Self>, lsj: Arc<LockstepJob>) -> Result<Action, KubeError> {
+        let id = job_id(&lsj).ok();
+        let record = id.as_ref().and_then(|id| self.coordinator.get(id).ok());
+        let started_before = lsj.status.as_ref().is_some_and(|s| s.attempt > 0);
+        let started_config = if record.is_none() && started_before {
+            self.started_config(&lsj).await?
+        } else {
+            None
         };
-        match JobConfig::parse(&text, &[]) {
-            Ok(started) => {
-                let mut kept = (**lsj).clone();
-                if kept.spec.config.get().ok() != Some(&started) {
-                    tracing::warn!(lockstepjob = %name,
-                        "spec.config differs from the config the job started with; it keeps \
-                         the one it started with (create a new LockstepJob to run the new one)");
-                }
-                kept.spec.config = started.into();
-                Ok(Arc::new(kept))
+        let config_warned = id.as_ref().and_then(|id| {
+            let mut jobs = lock(&self.jobs);
+            let w = jobs.entry(id.clone()).or_default();
+            w.generation = lsj.metadata.generation;
+            w.suspend = lsj.spec.suspend;
+            w.config_warned
+        });
+        let seen = Observed {
+            record,
+            started_config,
+            config_warned,
+            now: now_rfc3339(),
+        };
+        let mut steps: VecDeque<Step> = decide(&lsj, &seen).into();
+        while let Some(step) = steps.pop_front() {
+            if let Err(why) = self.apply_step(&lsj, step).await? {
+                // Refused where it was to start: nothing of it runs; say why.
+                let leftovers = started_before.then(|| id.clone()).flatten();
+                steps = decide::refuse(&lsj, leftovers, why, &seen.now).into();
             }
-            Err(e) => Err(KubeError::Invalid(format!(
-                "ConfigMap {cm_name}: the config the job started with does not parse: {e}"
-            ))),
+        }
+        Ok(Action::requeue(Duration::from_secs(300)))
+    }
+
+    /// Carries out one step; `Ok(Err(why))`: the job is refused.
+    async fn apply_step(
+        self: &Arc<Self>,
+        lsj: &Arc<LockstepJob>,
+        step: Step,
+    ) -> Result<Result<(), String>, KubeError> {
+        let name = lsj.name_any();
+        match step {
+            Step::WriteStatus(st) => self.write_status(&name, &st).await?,
+            Step::KillLeftovers { id } => {
+                self.launcher.register(&id, lsj.clone());
+                self.launcher.kill_leftovers(&id).await;
+                self.launcher.unregister(&id);
+            }
+            Step::WarnConfigChanged { generation } => {
+                if let Some(w) = lock(&self.jobs).get_mut(&job_id(lsj).unwrap_or_default()) {
+                    w.config_warned = generation;
+                }
+                tracing::warn!(lockstepjob = %name,
+                    "spec.config changed after the job started; the job keeps the config it \
+                     started with (create a new LockstepJob to run the new one)");
+            }
+            Step::WarnPodSettings(e) => tracing::warn!(lockstepjob = %name, error = %e,
+                "the edited spec cannot work; the job keeps its previous pod settings"),
+            Step::UsePodSettings { id, lsj } => self.launcher.register(&id, lsj),
+            Step::Suspend { id } => {
+                tracing::info!(lockstepjob = %name, "suspended: checkpointing and stopping its gang");
+                let _ = self.coordinator.cancel(&id);
+            }
+            Step::Sync { id } => {
+                self.start_sync(&name, &id, lsj.status.clone().unwrap_or_default())
+            }
+            Step::Submit {
+                id,
+                config_text,
+                workdir,
+                lsj,
+            } => {
+                if let Err(why) = self.preflight(&lsj).await? {
+                    return Ok(Err(why));
+                }
+                tracing::info!(lockstepjob = %name, job = %id, "new job");
+                self.launcher.register(&id, lsj.clone());
+                let r = self
+                    .coordinator
+                    .submit_as(Some(id.clone()), config_text, Vec::new(), workdir)
+                    .await;
+                return self.started(&lsj, &id, r.map(drop));
+            }
+            Step::Adopt {
+                record,
+                lsj,
+                forget,
+            } => {
+                let id = record.id.clone();
+                if forget {
+                    self.coordinator.forget(&id);
+                } else if let Err(why) = self.preflight(&lsj).await? {
+                    return Ok(Err(why));
+                }
+                self.launcher.register(&id, lsj.clone());
+                let r = self.coordinator.adopt(*record).await;
+                return self.started(&lsj, &id, r.map(drop));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// The launcher's checks of where the job's inputs are; `Ok(Err(why))` when they fail.
+    async fn preflight(&self, lsj: &LockstepJob) -> Result<Result<(), String>, KubeError> {
+        let config = lsj.spec.config.get().map_err(KubeError::Invalid)?;
+        Ok(
+            match self.launcher.preflight(config, &workdir_of(lsj)).await {
+                Ok(()) => Ok(()),
+                // Messages name the config field (`checkpoint.url`) or the spec's.
+                Err(e) if e.0.starts_with("spec.") => Err(e.0),
+                Err(e) => Err(format!("spec.config: {e}")),
+            },
+        )
+    }
+
+    /// After a submit or adopt: keep its status, or say why it cannot run.
+    fn started(
+        self: &Arc<Self>,
+        lsj: &LockstepJob,
+        id: &str,
+        r: crate::Result<()>,
+    ) -> Result<Result<(), String>, KubeError> {
+        let name = lsj.name_any();
+        match r {
+            Ok(()) => {
+                self.start_sync(&name, id, lsj.status.clone().unwrap_or_default());
+                Ok(Ok(()))
+            }
+            Err(
+                e @ (crate::Error::InvalidArgument(_)
+                | crate::Error::Refused(_)
+                | crate::Error::Config(_)),
+            ) => {
+                self.launcher.unregister(id);
+                Ok(Err(e.to_string()))
+            }
+            Err(e) => {
+                self.launcher.unregister(id);
+                Err(KubeError::Invalid(format!("start {name}: {e}")))
+            }
         }
     }
 
-    /// A LockstepJob that cannot run: failed, saying why.
-    async fn refuse(&self, lsj: &LockstepJob, why: String) -> Result<Action, KubeError> {
-        let mut st = lsj.status.clone().unwrap_or_default();
-        let failed = Phase::Failed.as_str();
-        if st.phase.as_deref() != Some(failed) || st.message.as_deref() != Some(why.as_str()) {
-            st.phase = Some(failed.into());
-            st.message = Some(why.clone());
-            st.observed_generation = lsj.metadata.generation;
-            st.set_condition("Failed", true, "InvalidSpec", &why, &now_rfc3339());
-            self.patch_status(&lsj.name_any(), &st)
-                .await
-                .map_err(KubeError::api(format!(
-                    "write the status of {}",
-                    lsj.name_any()
-                )))?;
+    /// Deleted: stop the gang (it checkpoints), delete what was made for it, forget it.
+    async fn cleanup(&self, lsj: Arc<LockstepJob>) -> Result<Action, KubeError> {
+        let name = lsj.name_any();
+        let id = job_id(&lsj).ok();
+        if let Some(id) = &id
+            && let Ok(r) = self.coordinator.get(id)
+            && !r.phase().is_final()
+        {
+            tracing::info!(lockstepjob = %name, job = %id, "deleted: stopping its gang");
+            let _ = self.coordinator.cancel(id);
+            if let Ok(mut changed) = self.coordinator.subscribe(id) {
+                let stopped = async {
+                    while self
+                        .coordinator
+                        .get(id)
+                        .is_ok_and(|r| !r.phase().is_final())
+                    {
+                        if changed.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(STOP_WAIT, stopped).await;
+            }
+            if self
+                .coordinator
+                .get(id)
+                .is_ok_and(|r| !r.phase().is_final())
+            {
+                return Err(KubeError::Stopping(name));
+            }
         }
+        let uid = lsj.metadata.uid.clone().unwrap_or_default();
+        KubeLauncher::delete_all(&self.client, &self.settings.namespace, &name, &uid).await?;
+        if let Some(id) = &id {
+            self.coordinator.forget(id);
+            self.launcher.unregister(id);
+            lock(&self.jobs).remove(id);
+        }
+        tracing::info!(lockstepjob = %name, "deleted; its objects are gone");
         Ok(Action::await_change())
     }
 }
 
 /// One LockstepJob: run it, keep its status, clean up after it.
-async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action, KubeError> {
-    let name = lsj.name_any();
-    let ns = ctl.settings.namespace.clone();
-    let id = match job_id(&lsj) {
-        Ok(id) => Some(id),
-        Err(e) if lsj.metadata.deletion_timestamp.is_none() => return ctl.refuse(&lsj, e).await,
-        Err(_) => None,
-    };
-    let has_finalizer = lsj.finalizers().iter().any(|f| f == FINALIZER);
-
-    // Deleted: stop the gang (it checkpoints), delete what was made for it, let it go.
-    if lsj.metadata.deletion_timestamp.is_some() {
-        if !has_finalizer {
-            return Ok(Action::await_change());
+async fn reconcile(lsj: Arc<LockstepJob>, ctl: Arc<Controller>) -> Result<Action, ReconcileError> {
+    finalizer(&ctl.api(), FINALIZER, lsj, |event| async {
+        match event {
+            Event::Apply(lsj) => ctl.apply(lsj).await,
+            Event::Cleanup(lsj) => ctl.cleanup(lsj).await,
         }
-        if let Some(id) = &id
-            && let Ok(r) = ctl.coordinator.get(id)
-            && !r.phase().is_final()
-        {
-            tracing::info!(lockstepjob = %name, job = %id, "deleted: stopping its gang");
-            let _ = ctl.coordinator.cancel(id);
-            return Ok(Action::requeue(Duration::from_secs(2)));
-        }
-        let uid = lsj.metadata.uid.clone().unwrap_or_default();
-        KubeLauncher::delete_all(&ctl.client, &ns, &name, &uid).await?;
-        if let Some(id) = &id {
-            ctl.coordinator.forget(id);
-            ctl.launcher.unregister(id);
-            lock(&ctl.jobs).remove(id);
-        }
-        let rest: Vec<String> = lsj
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        ctl.set_finalizers(&lsj, rest).await?;
-        tracing::info!(lockstepjob = %name, "deleted; its objects are gone");
-        return Ok(Action::await_change());
-    }
-    let Some(id) = id else {
-        return Ok(Action::await_change());
-    };
-    {
-        let mut jobs = lock(&ctl.jobs);
-        let w = jobs.entry(id.clone()).or_default();
-        w.generation = lsj.metadata.generation;
-        w.suspend = lsj.spec.suspend;
-    }
-    let status = lsj.status.clone().unwrap_or_default();
-    let phase = status.phase.as_deref();
-    match ctl.coordinator.get(&id) {
-        Ok(record) => {
-            // A started job keeps the config it started with, whatever the spec says now.
-            if render::config_toml(&lsj).ok().as_deref() != Some(record.config_text.as_str()) {
-                let first = {
-                    let mut jobs = lock(&ctl.jobs);
-                    let w = jobs.entry(id.clone()).or_default();
-                    let seen = w.config_warned == lsj.metadata.generation;
-                    w.config_warned = lsj.metadata.generation;
-                    !seen
-                };
-                if first {
-                    tracing::warn!(lockstepjob = %name,
-                        "spec.config changed after the job started; the job keeps the config \
-                         it started with (create a new LockstepJob to run the new one)");
-                }
-            }
-            // Pod settings (image, resources…) may change: the next attempt uses them, with
-            // the config the job started with. Ones that cannot work are ignored, with a word.
-            match lsj.spec.check() {
-                Ok(()) => {
-                    if let Ok(started) = JobConfig::parse(&record.config_text, &record.overrides) {
-                        let mut kept = (*lsj).clone();
-                        kept.spec.config = started.into();
-                        ctl.launcher.register(&id, Arc::new(kept));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(lockstepjob = %name, error = %e,
-                        "the edited spec cannot work; the job keeps its previous pod settings");
-                }
-            }
-            if lsj.spec.suspend && !record.phase().is_final() {
-                tracing::info!(lockstepjob = %name, "suspended: checkpointing and stopping its gang");
-                let _ = ctl.coordinator.cancel(&id);
-            } else if !lsj.spec.suspend
-                && record.phase() == Phase::Cancelled
-                && phase == Some("suspended")
-            {
-                // Resumed: a new attempt from the checkpoint it stopped at.
-                let started = JobConfig::parse(&record.config_text, &record.overrides)
-                    .map_err(|e| KubeError::Invalid(format!("resume {name}: {e}")))?;
-                let mut kept = (*lsj).clone();
-                kept.spec.config = started.into();
-                ctl.coordinator.forget(&id);
-                let mut r = record;
-                r.lifecycle.phase = Phase::Queued;
-                r.lifecycle.message = "resumed after a suspend".into();
-                ctl.launcher.register(&id, Arc::new(kept));
-                ctl.coordinator
-                    .adopt(r)
-                    .await
-                    .map_err(|e| KubeError::Invalid(format!("resume {name}: {e}")))?;
-            }
-            ctl.start_sync(&name, &id, status);
-        }
-        Err(_) => {
-            let finished = phase.and_then(Phase::parse).is_some_and(Phase::is_final);
-            if finished {
-                return Ok(Action::await_change());
-            }
-            // A job a coordinator before this one started keeps the config it started with:
-            // the one in its ConfigMap, whatever spec.config says now.
-            let lsj = if status.attempt > 0 {
-                ctl.started_config(&lsj).await?
-            } else {
-                lsj
-            };
-            // What the LockstepJob asks must be runnable before anything starts.
-            if let Err(e) = lsj
-                .spec
-                .config
-                .get()
-                .and_then(|c| c.validate().map_err(|e| format!("spec.config: {e}")))
-            {
-                return ctl.refuse_started(&lsj, &id, e).await;
-            }
-            if let Err(e) = lsj.spec.check() {
-                return ctl.refuse_started(&lsj, &id, e).await;
-            }
-            let workdir = workdir_of(&lsj);
-            if let Err(e) = crate::launcher::Launcher::preflight(
-                &*ctl.launcher,
-                lsj.spec.config.get().map_err(KubeError::Invalid)?,
-                &workdir,
-            )
-            .await
-            {
-                // Messages name the config field (`checkpoint.url`) or the spec's.
-                let e = if e.0.starts_with("spec.") {
-                    e.0
-                } else {
-                    format!("spec.config: {e}")
-                };
-                return ctl.refuse_started(&lsj, &id, e).await;
-            }
-            let config_text = match render::config_toml(&lsj) {
-                Ok(t) => t,
-                Err(e) => return ctl.refuse_started(&lsj, &id, e).await,
-            };
-            {
-                let mut jobs = lock(&ctl.jobs);
-                let w = jobs.entry(id.clone()).or_default();
-                w.generation = lsj.metadata.generation;
-                w.suspend = lsj.spec.suspend;
-            }
-
-            if lsj.spec.suspend {
-                if phase != Some("suspended") {
-                    let mut st = status.clone();
-                    st.phase = Some("suspended".into());
-                    st.observed_generation = lsj.metadata.generation;
-                    st.set_condition(
-                        "Running",
-                        false,
-                        "Suspended",
-                        "spec.suspend is true",
-                        &now_rfc3339(),
-                    );
-                    ctl.patch_status(&name, &st)
-                        .await
-                        .map_err(KubeError::api(format!("write the status of {name}")))?;
-                }
-                return Ok(Action::await_change());
-            }
-            // Before anything is made for it: the finalizer that cleans up after it (a
-            // refused or suspended job made nothing and needs none).
-            if !has_finalizer {
-                let mut all = lsj.finalizers().to_vec();
-                all.push(FINALIZER.into());
-                ctl.set_finalizers(&lsj, all).await?;
-                return Ok(Action::await_change());
-            }
-            ctl.launcher.register(&id, lsj.clone());
-            let r = if status.attempt == 0 {
-                tracing::info!(lockstepjob = %name, job = %id, "new job");
-                ctl.coordinator
-                    .submit_as(Some(id.clone()), config_text, Vec::new(), workdir)
-                    .await
-            } else {
-                // A coordinator before this one ran it: adopt it from its status.
-                let record = ctl
-                    .record_from_status(&lsj, &id, config_text, workdir)
-                    .map_err(KubeError::Invalid)?;
-                ctl.coordinator.adopt(record).await
-            };
-            match r {
-                Ok(_) => ctl.start_sync(&name, &id, status),
-                Err(
-                    e @ (crate::Error::InvalidArgument(_)
-                    | crate::Error::Refused(_)
-                    | crate::Error::Config(_)),
-                ) => {
-                    ctl.launcher.unregister(&id);
-                    return ctl.refuse(&lsj, e.to_string()).await;
-                }
-                Err(e) => {
-                    ctl.launcher.unregister(&id);
-                    return Err(KubeError::Invalid(format!("start {name}: {e}")));
-                }
-            }
-        }
-    }
-    Ok(Action::requeue(Duration::from_secs(300)))
+    })
+    .await
 }
 
-fn error_policy(lsj: Arc<LockstepJob>, error: &KubeError, _ctl: Arc<Controller>) -> Action {
+fn error_policy(lsj: Arc<LockstepJob>, error: &ReconcileError, _ctl: Arc<Controller>) -> Action {
+    if let finalizer::Error::CleanupFailed(KubeError::Stopping(_)) = error {
+        return Action::requeue(Duration::from_secs(2));
+    }
     tracing::warn!(lockstepjob = %lsj.name_any(), %error, "reconcile failed; retrying in 5 s");
     Action::requeue(Duration::from_secs(5))
-}
-
-/// The status a job record means (conditions keep their transition times while unchanged).
-pub fn fill_status(
-    st: &mut LockstepJobStatus,
-    r: &JobRecord,
-    generation: Option<i64>,
-    suspend: bool,
-    export_version: Option<String>,
-    now: &str,
-) {
-    let phase = r.phase();
-    let suspended = suspend && phase == Phase::Cancelled;
-    st.phase = Some(
-        if suspended {
-            "suspended"
-        } else {
-            phase.as_str()
-        }
-        .into(),
-    );
-    st.job_id = Some(r.id.clone());
-    st.attempt = r.lifecycle.attempt;
-    st.restarts = r.lifecycle.restarts;
-    st.message = (!r.lifecycle.message.is_empty()).then(|| r.lifecycle.message.clone());
-    st.step = r.step;
-    st.total_steps = r.total_steps;
-    st.loss = r.loss;
-    st.first_loss = r.first_loss;
-    st.eval_loss = r.eval_loss;
-    st.eval_step = r.eval_step;
-    st.last_committed_checkpoint = r.last_checkpoint;
-    st.checkpoint_url = Some(r.checkpoint_url.clone());
-    st.params_hash = (!r.params_hash.is_empty()).then(|| r.params_hash.clone());
-    if export_version.is_some() {
-        st.export_version = export_version;
-    }
-    st.observed_generation = generation;
-    let msg = r.lifecycle.message.as_str();
-    let attempt = format!("attempt {}", r.lifecycle.attempt);
-    // Training is over and succeeded (whatever the export does next).
-    let trained = |st: &mut LockstepJobStatus| {
-        st.set_condition("Running", false, "Trained", "", now);
-        st.set_condition("Restarting", false, "Trained", "", now);
-        let steps = format!("trained {} steps", r.step);
-        st.set_condition("Succeeded", true, "Trained", &steps, now);
-    };
-    match phase {
-        Phase::Queued => st.set_condition("Admitted", false, "Queued", "waiting to launch", now),
-        Phase::Admitting => {
-            st.set_condition(
-                "Admitted",
-                true,
-                "GangCreated",
-                &format!("{attempt}: pods created; waiting for all to join"),
-                now,
-            );
-            st.set_condition("Running", false, "GangForming", &attempt, now);
-        }
-        Phase::Running => {
-            st.set_condition("Admitted", true, "GangCreated", &attempt, now);
-            st.set_condition(
-                "Running",
-                true,
-                "AllJoined",
-                &format!("{attempt}: every rank joined"),
-                now,
-            );
-            st.set_condition("Restarting", false, "Running", "", now);
-        }
-        Phase::Restarting => {
-            st.set_condition("Running", false, "GangLost", msg, now);
-            st.set_condition("Restarting", true, "GangRestart", msg, now);
-        }
-        Phase::Exporting => {
-            trained(st);
-            st.set_condition("Exported", false, "Exporting", "the export Job runs", now);
-        }
-        Phase::Succeeded => {
-            trained(st);
-        }
-        Phase::Exported => {
-            trained(st);
-            let reason = if msg.contains("promoted") && !msg.contains("not promoted") {
-                "Promoted"
-            } else {
-                "Kept"
-            };
-            st.set_condition("Exported", true, reason, msg, now);
-        }
-        Phase::Failed => {
-            st.set_condition("Running", false, "Failed", "", now);
-            st.set_condition("Restarting", false, "Failed", "", now);
-            st.set_condition("Failed", true, "JobFailed", msg, now);
-        }
-        Phase::Cancelled => {
-            st.set_condition(
-                "Running",
-                false,
-                if suspended { "Suspended" } else { "Cancelled" },
-                msg,
-                now,
-            );
-            st.set_condition("Restarting", false, "Stopped", "", now);
-        }
-    }
 }

@@ -165,6 +165,41 @@ pub struct Scheduling {
     pub kueue_queue: Option<String>,
 }
 
+#[cfg(test)]
+impl LockstepJob {
+    /// A LockstepJob as the API server would hand it over (namespace `ns`, a uid, generation
+    /// 1, no status) running `TestJob::tiny(name)` with checkpoints on S3, for unit tests.
+    pub fn test(name: &str) -> LockstepJob {
+        let config = lockstep_api::testing::TestJob::tiny(name)
+            .checkpoint_url("s3://bucket/ckpt")
+            .config()
+            .unwrap_or_else(|e| panic!("TestJob: {e}"));
+        LockstepJob {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                uid: Some("0123abcd-4567-89ef-0123-456789abcdef".into()),
+                generation: Some(1),
+                ..Default::default()
+            },
+            spec: LockstepJobSpec {
+                config: config.into(),
+                image: "lockstep:1".into(),
+                image_pull_policy: None,
+                resources: PodResources::default(),
+                node_selector: BTreeMap::new(),
+                tolerations: Vec::new(),
+                service_account_name: None,
+                s3_credentials_secret: None,
+                shared_volume: None,
+                scheduling: Scheduling::default(),
+                suspend: false,
+            },
+            status: None,
+        }
+    }
+}
+
 impl LockstepJobSpec {
     /// What the config cannot say: the pod settings are usable. The error names the field.
     pub fn check(&self) -> Result<(), String> {

@@ -1,7 +1,7 @@
 //! Kubernetes: the `LockstepJob` custom resource ([`crd`]), the objects an attempt is made of
 //! ([`render`], pure), the launcher that creates them and turns pod terminations into worker
 //! exits ([`launcher`]), and the controller that runs LockstepJobs through the coordinator and
-//! keeps their status ([`controller`]).
+//! keeps their status ([`controller`]), deciding what to do in pure code ([`decide`]).
 //!
 //! On Kubernetes the API server is the job store: a job's record is its LockstepJob's status, so
 //! a coordinator pod that is rescheduled re-reads the objects and restarts their gangs from the
@@ -9,14 +9,17 @@
 
 pub mod controller;
 pub mod crd;
+pub mod decide;
 mod exits;
 mod export;
 pub mod launcher;
 mod objects;
 pub mod render;
+mod status;
 
 pub use controller::{Controller, ControllerSettings};
 pub use crd::{LockstepJob, LockstepJobSpec, LockstepJobStatus};
+pub use decide::job_id;
 pub use launcher::KubeLauncher;
 pub use objects::jobset_resource;
 pub use render::Flavor;
@@ -89,6 +92,9 @@ pub enum KubeError {
     /// A LockstepJob cannot run as it is.
     #[error("{0}")]
     Invalid(String),
+    /// LockstepJob NAME was deleted and its gang is still checkpointing and stopping.
+    #[error("{0}: deleted; its gang is still stopping")]
+    Stopping(String),
 }
 
 impl KubeError {
