@@ -16,7 +16,8 @@ use crate::state::{Input, Phase};
 /// How long a gang may take to assemble, and a rank to stay silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// `job.gang_timeout`: from launch until every worker has joined.
+    /// `job.gang_timeout`: from admission (launch, or when a queue let the gang start) until
+    /// every worker has joined.
     pub gang: Duration,
     /// `job.heartbeat_timeout`: the longest silence of a rank.
     pub heartbeat: Duration,
@@ -44,6 +45,9 @@ pub struct Attempt {
     pub started: Instant,
     /// The committed checkpoint it starts from.
     pub resume_step: Option<u64>,
+    /// When its workers were let start: at `started`, or later when a queue held the gang
+    /// back (Kueue); `None` while one does.
+    admitted: Option<Instant>,
     joined: BTreeMap<u32, String>,
     last_seen: Vec<Option<Instant>>,
     exited: Vec<Option<Exit>>,
@@ -59,6 +63,7 @@ impl Attempt {
             world,
             started,
             resume_step,
+            admitted: Some(started),
             joined: BTreeMap::new(),
             last_seen: vec![None; w],
             exited: vec![None; w],
@@ -75,6 +80,24 @@ impl Attempt {
         Ok(self
             .all_joined()
             .then(|| self.joined.values().cloned().collect()))
+    }
+
+    /// A queue holds the gang back (its workers were launched but may not start yet): no gang
+    /// timeout runs until [`Attempt::admit`].
+    pub fn queue(&mut self) {
+        if self.joined.is_empty() {
+            self.admitted = None;
+        }
+    }
+
+    /// The queue let the gang start at `now`: the gang timeout counts from here.
+    pub fn admit(&mut self, now: Instant) {
+        self.admitted.get_or_insert(now);
+    }
+
+    /// Whether a queue still holds the gang back.
+    pub fn queued(&self) -> bool {
+        self.admitted.is_none()
     }
 
     /// Every worker has joined.
@@ -177,11 +200,11 @@ impl Attempt {
     /// too far to represent, which is the same).
     pub fn deadline(&self, phase: Phase, t: Timeouts) -> Option<Instant> {
         match phase {
-            Phase::Admitting => self.started.checked_add(t.gang),
+            Phase::Admitting => self.admitted?.checked_add(t.gang),
             Phase::Running => self
                 .last_seen
                 .iter()
-                .filter_map(|s| s.unwrap_or(self.started).checked_add(t.heartbeat))
+                .filter_map(|s| s.unwrap_or(self.since()).checked_add(t.heartbeat))
                 .min(),
             _ => None,
         }
@@ -193,15 +216,17 @@ impl Attempt {
         let past =
             |since: Instant, limit: Duration| since.checked_add(limit).is_some_and(|d| now >= d);
         match phase {
-            Phase::Admitting if past(self.started, t.gang) => Some(Input::GangTimeout {
-                attempt: self.number,
-                joined: self.joined(),
-                world: self.world,
-            }),
+            Phase::Admitting if self.admitted.is_some_and(|a| past(a, t.gang)) => {
+                Some(Input::GangTimeout {
+                    attempt: self.number,
+                    joined: self.joined(),
+                    world: self.world,
+                })
+            }
             Phase::Running => self
                 .last_seen
                 .iter()
-                .position(|s| past(s.unwrap_or(self.started), t.heartbeat))
+                .position(|s| past(s.unwrap_or(self.since()), t.heartbeat))
                 .map(|rank| Input::HeartbeatTimeout {
                     attempt: self.number,
                     rank: rank as u32,
@@ -209,6 +234,11 @@ impl Attempt {
                 }),
             _ => None,
         }
+    }
+
+    /// When the gang was let start (or now, while queued).
+    fn since(&self) -> Instant {
+        self.admitted.unwrap_or_else(Instant::now)
     }
 
     fn rank_in_gang(&self, rank: u32) -> Result<()> {
@@ -234,6 +264,7 @@ mod tests {
     fn exit(worker: u32, code: Option<i32>, signal: Option<i32>) -> Exit {
         Exit {
             message: None,
+            unstartable: false,
             attempt: 1,
             worker,
             code,
@@ -282,6 +313,32 @@ mod tests {
                 world: 2
             })
         );
+    }
+
+    #[test]
+    fn a_queued_gang_has_no_gang_timeout_until_admitted_and_then_the_whole_timeout() {
+        let t0 = Instant::now();
+        let mut a = Attempt::new(2, 2, t0, None);
+        a.queue();
+        assert!(a.queued());
+        assert_eq!(a.deadline(Phase::Admitting, T), None);
+        let hour = t0 + Duration::from_secs(3600);
+        assert_eq!(
+            a.timed_out(Phase::Admitting, hour, T),
+            None,
+            "queued for an hour"
+        );
+        a.admit(hour);
+        assert!(!a.queued());
+        assert_eq!(a.deadline(Phase::Admitting, T), Some(hour + T.gang));
+        assert_eq!(
+            a.timed_out(Phase::Admitting, hour + Duration::from_secs(59), T),
+            None
+        );
+        assert!(a.timed_out(Phase::Admitting, hour + T.gang, T).is_some());
+        // Admitted once: a later look does not move it.
+        a.admit(hour + T.gang);
+        assert_eq!(a.deadline(Phase::Admitting, T), Some(hour + T.gang));
     }
 
     #[test]

@@ -19,6 +19,9 @@ use crate::launcher::{Exit, WorkerSpec};
 use crate::registry::{Job, Live, lock};
 use crate::state::{Action, Input, Phase};
 
+/// How often a gang that a queue holds back is looked at (to start its gang timeout).
+const QUEUE_POLL: Duration = Duration::from_secs(1);
+
 /// How long a failure that only reports a lost peer waits for that peer's own exit.
 const PEER_FAILURE_GRACE: Duration = Duration::from_secs(2);
 
@@ -35,10 +38,24 @@ pub(crate) async fn supervise(
     let mut held: Option<(Input, Instant)> = None;
     // The running export, so a cancel can stop it (its process dies with the task).
     let mut export_task: Option<tokio::task::AbortHandle> = None;
+    let mut queue_poll: Option<Instant> = None;
     loop {
         let deadline = {
-            let st = lock(&job.state);
-            match st.record.phase() {
+            let mut st = lock(&job.state);
+            let phase = st.record.phase();
+            // A gang a queue holds back (Kueue) has no gang timeout yet: look again shortly.
+            if phase == Phase::Admitting
+                && let Some(l) = st.live.as_mut()
+                && l.attempt.queued()
+            {
+                if l.workers.iter().all(|w| w.admitted()) {
+                    tracing::info!(job = %job.id, attempt = l.attempt.number, "the queue admitted the gang");
+                    l.attempt.admit(Instant::now());
+                } else {
+                    queue_poll = Some(Instant::now() + QUEUE_POLL);
+                }
+            }
+            match phase {
                 Phase::Queued | Phase::Restarting => retry_at,
                 phase => st
                     .live
@@ -46,10 +63,10 @@ pub(crate) async fn supervise(
                     .and_then(|l| l.attempt.deadline(phase, job.timeouts())),
             }
         };
-        let deadline = match (deadline, held.as_ref().map(|h| h.1)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = [deadline, held.as_ref().map(|h| h.1), queue_poll.take()]
+            .into_iter()
+            .flatten()
+            .min();
         let input = tokio::select! {
             msg = inbox.recv() => match msg {
                 Some(i) => Some(i),
@@ -420,7 +437,12 @@ async fn launch(
         let handle = inner.launcher.launch(&spec, exit_tx.clone()).await?;
         let mut st = lock(&job.state);
         match st.live.as_mut() {
-            Some(l) if l.attempt.number == attempt => l.workers.push(handle),
+            Some(l) if l.attempt.number == attempt => {
+                if !handle.admitted() {
+                    l.attempt.queue();
+                }
+                l.workers.push(handle);
+            }
             _ => handle.kill(),
         }
     }

@@ -39,6 +39,7 @@ impl Simulated {
         if let Some((attempt, w, tx)) = exits.iter().rev().find(|(_, w, _)| *w == worker) {
             let _ = tx.send(Exit {
                 message: None,
+                unstartable: false,
                 attempt: *attempt,
                 worker: *w,
                 code,
@@ -67,6 +68,7 @@ impl WorkerHandle for Handle {
             self.kills.fetch_add(1, Ordering::SeqCst);
             let _ = self.exited.send(Exit {
                 message: None,
+                unstartable: false,
                 attempt: self.attempt,
                 worker: self.worker,
                 code: None,

@@ -307,6 +307,10 @@ impl Cluster {
             let mut owners: Vec<(String, Value, u32)> = Vec::new();
             if let Ok(list) = jobsets.list(&ListParams::default()).await {
                 for js in list.items {
+                    // Suspended: Kueue has not admitted it yet.
+                    if js.data["spec"]["suspend"] == json!(true) {
+                        continue;
+                    }
                     let name = js.metadata.name.clone().unwrap();
                     let job = &js.data["spec"]["replicatedJobs"][0]["template"]["spec"];
                     let n = job["parallelism"].as_u64().unwrap_or(1) as u32;
@@ -315,6 +319,9 @@ impl Cluster {
             }
             if let Ok(list) = jobs.list(&ListParams::default()).await {
                 for j in list.items {
+                    if j.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
+                        continue;
+                    }
                     let name = j.metadata.name.clone().unwrap();
                     let spec = serde_json::to_value(j.spec.as_ref().unwrap()).unwrap();
                     owners.push((name, spec["template"].clone(), 1));
@@ -389,6 +396,34 @@ impl Cluster {
     /// refs and Secrets, the config from its ConfigMap), then writes its exit into the pod.
     async fn run_container(self, pod: String, spec: Value, index: u32) {
         let c = &spec["containers"][0];
+        // Images the kubelet cannot pull (a registry that does not exist) or parse (upper
+        // case): the container waits, and never runs.
+        let image = c["image"].as_str().unwrap_or("");
+        let waiting = if image.starts_with("registry.invalid/") {
+            Some((
+                "ImagePullBackOff",
+                format!("Back-off pulling image \"{image}\""),
+            ))
+        } else if image.chars().any(|c| c.is_ascii_uppercase()) {
+            Some((
+                "InvalidImageName",
+                format!(
+                    "Failed to apply default image tag \"{image}\": couldn't parse image reference"
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, message)) = waiting {
+            let patch = json!({"status": {"phase": "Pending", "containerStatuses": [{
+                "name": c["name"], "image": image, "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}},
+            }]}});
+            let _ = Api::<Pod>::namespaced(self.admin.clone(), NS)
+                .patch_status(&pod, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            return;
+        }
         let dir = self.root.join("pods").join(&pod);
         std::fs::create_dir_all(&dir).unwrap();
         // The config volume.
@@ -898,6 +933,131 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     .await;
     let why = st.message.unwrap_or_default();
     assert!(why.contains("spec.config.job.gang_timeout"), "{why}");
+
+    // A pod that waits for what may never come is named in the status with the reason; one
+    // that can never start (an invalid image name) fails the job at once, not at the gang
+    // timeout (10 minutes here).
+    let small = |name: &str, image: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = TestJob::tiny(name)
+            .set("data.train", "[\"file://data.jsonl\"]")
+            .checkpoint_url(&format!("file://ckpt-{name}"))
+            .set("job.gang_timeout", "\"10m\"")
+            .write_to(&dir);
+        let out = lockstep()
+            .env("KUBECONFIG", api.kubeconfig())
+            .args(["submit", "--kubernetes"])
+            .arg(&config)
+            .args(["--namespace", NS, "--name", name, "--image", image])
+            .arg(format!("--shared-volume=shared:{}", shared.display()))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    small("stuck", "registry.invalid/lockstep:1", &[]);
+    small("badname", "Lockstep:BAD", &[]);
+    let st = wait_status(&admin, "stuck", Duration::from_secs(60), "Waiting", |s| {
+        s.condition("Waiting").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    let waiting = st.condition("Waiting").unwrap();
+    let said = waiting.message.clone().unwrap_or_default();
+    assert_eq!(waiting.reason, "ImagePullBackOff", "{st:#?}");
+    assert!(
+        said.contains("pod stuck-a1-rank-0-0") && said.contains("spec.image"),
+        "{said}"
+    );
+    assert_eq!(st.phase.as_deref(), Some("admitting"), "{st:#?}");
+    let st = wait_status(&admin, "badname", Duration::from_secs(60), "failed", |s| {
+        s.phase.as_deref() == Some("failed")
+    })
+    .await;
+    let why = st.message.clone().unwrap_or_default();
+    assert!(
+        why.contains("InvalidImageName") && why.contains("badname-a1-rank-0-0"),
+        "{why}"
+    );
+    assert_eq!(st.restarts, 0, "{st:#?}");
+
+    // Kueue holds a gang back (its JobSet suspended): no gang timeout (3 s here) runs while it
+    // is queued, the status says it waits; once admitted, it runs.
+    let dir = tmp.path().join("queued");
+    std::fs::create_dir_all(&dir).unwrap();
+    let queued = TestJob::tiny("queued")
+        .set("data.train", "[\"file://data.jsonl\"]")
+        .checkpoint_url("file://ckpt-queued")
+        .set("job.gang_timeout", "\"3s\"")
+        .write_to(&dir);
+    let out = lockstep()
+        .env("KUBECONFIG", api.kubeconfig())
+        .args(["submit", "--kubernetes"])
+        .arg(&queued)
+        .args([
+            "--namespace",
+            NS,
+            "--name",
+            "queued",
+            "--image",
+            "lockstep:test",
+        ])
+        .args(["--kueue-queue", "team-a"])
+        .arg(format!("--shared-volume=shared:{}", shared.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = wait_status(&admin, "queued", Duration::from_secs(60), "queued", |s| {
+        s.condition("Waiting").is_some_and(|c| c.reason == "Queued")
+    })
+    .await;
+    assert!(
+        st.condition("Waiting")
+            .unwrap()
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("team-a")
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let st = lsj(&admin, "queued").await.unwrap().status.unwrap();
+    assert_eq!(
+        (st.phase.as_deref(), st.attempt, st.restarts),
+        (Some("admitting"), 1, 0),
+        "{st:#?}"
+    );
+    let admit = json!({"spec": {"suspend": false}});
+    jobsets
+        .patch("queued-a1", &PatchParams::default(), &Patch::Merge(&admit))
+        .await
+        .unwrap();
+    let st = wait_status(
+        &admin,
+        "queued",
+        Duration::from_secs(120),
+        "succeeded",
+        |s| s.phase.as_deref() == Some("succeeded"),
+    )
+    .await;
+    assert_eq!((st.attempt, st.restarts, st.step), (1, 0, 8), "{st:#?}");
+    assert_eq!(
+        st.condition("Waiting").map(|c| c.status.as_str()),
+        Some("False")
+    );
+    for name in ["stuck", "badname", "queued"] {
+        Api::<LockstepJob>::namespaced(admin.clone(), NS)
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
 
     // The coordinator is killed mid-job; the next one adopts the job from its status and
     // restarts its gang (attempt + 1) from the last committed checkpoint.

@@ -337,7 +337,7 @@ pub struct LockstepJobStatus {
     /// Why the job restarted, failed, was cancelled, or how it was exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// Admitted, Running, Restarting, Succeeded, Failed, Exported.
+    /// Admitted, Waiting, Running, Restarting, Succeeded, Failed, Exported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Newest step rank 0 reported.
@@ -380,7 +380,9 @@ pub struct LockstepJobStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Admitted`, `Running`, `Restarting`, `Succeeded`, `Failed` or `Exported`.
+    /// `Admitted`, `Waiting` (a pod stuck: an image it cannot pull, a missing Secret, no node
+    /// that fits; or the gang queued in Kueue), `Running`, `Restarting`, `Succeeded`, `Failed`
+    /// or `Exported`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
@@ -396,8 +398,9 @@ pub struct Condition {
 }
 
 /// The condition types, in the order they are shown.
-pub const CONDITIONS: [&str; 6] = [
+pub const CONDITIONS: [&str; 7] = [
     "Admitted",
+    "Waiting",
     "Running",
     "Restarting",
     "Succeeded",

@@ -1,6 +1,9 @@
 //! What a pod's state means for its worker: a trainer pod that terminated (or was deleted)
 //! becomes that worker's [`Exit`] — its exit status, the signal that killed it (137 reads as
-//! SIGKILL), OOMKilled, and its own last `error:` line from the termination message.
+//! SIGKILL), OOMKilled, and its own last `error:` line from the termination message. A pod
+//! that waits for what may never come (an image it cannot pull, a Secret that is missing, no
+//! node that fits it) is [`Waiting`]; one that can never start (an invalid image name) is an
+//! exit a restart cannot fix.
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -29,6 +32,7 @@ pub(super) fn pod_exit(pod: &Pod, attempt: u32, world: u32, deleted: bool) -> Op
         code,
         signal,
         message,
+        unstartable: false,
     };
     match (phase, terminated) {
         ("Succeeded" | "Failed", Some(t)) => {
@@ -72,6 +76,125 @@ pub(super) fn pod_exit(pod: &Pod, attempt: u32, world: u32, deleted: bool) -> Op
         )),
         _ => None,
     }
+}
+
+/// A trainer pod waiting for something that may never come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// The pod.
+    pub pod: String,
+    /// Its worker.
+    pub worker: u32,
+    /// The kubelet's or scheduler's reason (`ImagePullBackOff`, `Unschedulable`, …).
+    pub reason: String,
+    /// `pod NAME: REASON: what Kubernetes says (what to check)`.
+    pub message: String,
+    /// It cannot resolve without a new spec: the worker fails for good.
+    pub permanent: bool,
+}
+
+impl Waiting {
+    /// The exit it means for its worker when it is permanent.
+    pub fn exit(&self, attempt: u32) -> Option<Exit> {
+        self.permanent.then(|| Exit {
+            attempt,
+            worker: self.worker,
+            code: None,
+            signal: None,
+            message: Some(self.message.clone()),
+            unstartable: true,
+        })
+    }
+}
+
+/// Waiting reasons of the trainer container: (reason, permanent, what to check).
+const WAITING: [(&str, bool, &str); 7] = [
+    (
+        "InvalidImageName",
+        true,
+        "spec.image is not a valid image reference",
+    ),
+    (
+        "ErrImageNeverPull",
+        true,
+        "spec.imagePullPolicy is Never and the node lacks spec.image",
+    ),
+    (
+        "ErrImagePull",
+        false,
+        "check spec.image and the registry's credentials",
+    ),
+    (
+        "ImagePullBackOff",
+        false,
+        "check spec.image and the registry's credentials",
+    ),
+    (
+        "CreateContainerConfigError",
+        false,
+        "a Secret or ConfigMap the pod needs is missing (spec.s3CredentialsSecret?)",
+    ),
+    (
+        "CreateContainerError",
+        false,
+        "the runtime cannot create the container",
+    ),
+    (
+        "RunContainerError",
+        false,
+        "the runtime cannot start the container",
+    ),
+];
+
+/// What a trainer pod of a gang of `world` is stuck on, if anything.
+pub(super) fn pod_waiting(pod: &Pod, world: u32) -> Option<Waiting> {
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let index = pod.metadata.annotations.as_ref()?.get(INDEX_ANNOTATION)?;
+    let worker = index.parse::<u32>().ok().filter(|w| *w < world)?;
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let waiting = |reason: &str, said: Option<&str>, permanent: bool, hint: &str| {
+        let said: String = said.unwrap_or("").chars().take(500).collect();
+        let said = if said.is_empty() {
+            String::new()
+        } else {
+            format!("{said} ")
+        };
+        Waiting {
+            pod: pod_name.clone(),
+            worker,
+            reason: reason.to_string(),
+            message: format!("pod {pod_name}: {reason}: {said}({hint})"),
+            permanent,
+        }
+    };
+    let container = status
+        .container_statuses
+        .as_ref()
+        .and_then(|cs| cs.iter().find(|c| c.name == "trainer"))
+        .and_then(|c| c.state.as_ref()?.waiting.as_ref());
+    if let Some(w) = container
+        && let Some(reason) = w.reason.as_deref()
+        && let Some((_, permanent, hint)) = WAITING.iter().find(|(r, _, _)| *r == reason)
+    {
+        return Some(waiting(reason, w.message.as_deref(), *permanent, hint));
+    }
+    // Not placed: no node fits it, or its claim is not bound.
+    let unschedulable = status
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .filter(|c| c.reason.as_deref() == Some("Unschedulable"))?;
+    Some(waiting(
+        "Unschedulable",
+        unschedulable.message.as_deref(),
+        false,
+        "no node fits spec.resources, spec.nodeSelector and spec.tolerations, or \
+         spec.sharedVolume's claim is not bound",
+    ))
 }
 
 /// A trainer's own last words in its termination message: its last `error: …` line, else (with
@@ -196,6 +319,78 @@ mod tests {
             exit.message.as_deref(),
             Some("pod q-1-trainer-0-0 failed: Evicted the node was low on memory")
         );
+    }
+
+    fn waiting(reason: &str, message: &str) -> Pod {
+        pod(
+            "1",
+            serde_json::json!({"phase": "Pending", "containerStatuses": [{
+                "name": "trainer", "image": "lockstep", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}}]}),
+        )
+    }
+
+    #[test]
+    fn a_pod_that_cannot_pull_its_image_is_named_with_the_field_to_check() {
+        let p = waiting(
+            "ImagePullBackOff",
+            "Back-off pulling image \"lockstep:nope\"",
+        );
+        let w = pod_waiting(&p, 2).expect("waiting");
+        assert_eq!(
+            (w.worker, w.reason.as_str(), w.permanent),
+            (1, "ImagePullBackOff", false)
+        );
+        assert_eq!(
+            w.message,
+            "pod q-1-trainer-0-1: ImagePullBackOff: Back-off pulling image \"lockstep:nope\" \
+             (check spec.image and the registry's credentials)"
+        );
+        assert_eq!(w.exit(1), None, "the image may still appear: no exit");
+        let secret = waiting("CreateContainerConfigError", "secret \"s3\" not found");
+        let w = pod_waiting(&secret, 2).expect("waiting");
+        assert!(
+            !w.permanent && w.message.contains("spec.s3CredentialsSecret"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_image_name_fails_the_worker_for_good() {
+        let p = waiting(
+            "InvalidImageName",
+            "couldn't parse image reference \"Lockstep:X\"",
+        );
+        let w = pod_waiting(&p, 2).expect("waiting");
+        let exit = w.exit(4).expect("permanent");
+        assert_eq!((exit.attempt, exit.worker), (4, 1));
+        assert!(exit.permanent());
+        assert_eq!(
+            exit.describe(),
+            "cannot start: pod q-1-trainer-0-1: InvalidImageName: couldn't parse image \
+             reference \"Lockstep:X\" (spec.image is not a valid image reference)"
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_pod_says_why_and_a_starting_one_is_not_stuck() {
+        let p = pod(
+            "0",
+            serde_json::json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+                "status": "False", "reason": "Unschedulable",
+                "message": "pod has unbound immediate PersistentVolumeClaims"}]}),
+        );
+        let w = pod_waiting(&p, 1).expect("waiting");
+        assert_eq!(w.reason, "Unschedulable");
+        assert!(
+            w.message
+                .contains("unbound immediate PersistentVolumeClaims"),
+            "{w:?}"
+        );
+        assert!(w.message.contains("spec.sharedVolume"), "{w:?}");
+        assert_eq!(pod_waiting(&waiting("ContainerCreating", ""), 2), None);
+        let running = pod("0", serde_json::json!({"phase": "Running"}));
+        assert_eq!(pod_waiting(&running, 1), None);
     }
 
     #[test]

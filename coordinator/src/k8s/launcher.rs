@@ -17,7 +17,7 @@ use kube::runtime::watcher;
 use tokio::sync::mpsc;
 
 use super::crd::LockstepJob;
-use super::exits::pod_exit;
+use super::exits::{Waiting, pod_exit, pod_waiting};
 use super::objects::{attempts, jobset_resource};
 use super::render::{self, Flavor, Target};
 use super::{KubeError, LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, LABEL_UID};
@@ -36,6 +36,8 @@ pub struct KubeLauncher {
     attempts: Mutex<HashMap<(String, u32), Arc<AttemptWatch>>>,
     /// The version each job's export produced.
     pub(super) exported: Mutex<HashMap<String, String>>,
+    /// Notified when a pod of a gang starts or stops waiting (the status shows it).
+    pub(super) pods_changed: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for KubeLauncher {
@@ -55,6 +57,7 @@ impl KubeLauncher {
             jobs: Mutex::default(),
             attempts: Mutex::default(),
             exported: Mutex::default(),
+            pods_changed: Arc::default(),
         })
     }
 
@@ -91,6 +94,30 @@ impl KubeLauncher {
         lock(&self.exported).get(job_id).cloned()
     }
 
+    /// A pod of `job_id`'s newest attempt that waits for what may never come (an image it
+    /// cannot pull, a missing Secret, no node that fits), if one does.
+    pub fn waiting(&self, job_id: &str) -> Option<Waiting> {
+        let attempts = lock(&self.attempts);
+        let (_, watch) = attempts
+            .iter()
+            .filter(|((j, _), _)| j == job_id)
+            .max_by_key(|((_, a), _)| *a)?;
+        let st = lock(&watch.state);
+        if let Some(w) = st.waiting.values().next() {
+            return Some(w.clone());
+        }
+        let queue = watch.queue.as_ref().filter(|_| !st.pods_seen)?;
+        Some(Waiting {
+            pod: String::new(),
+            worker: 0,
+            reason: "Queued".into(),
+            message: format!(
+                "the gang waits for Kueue to admit it (queue {queue}); its gang timeout starts then"
+            ),
+            permanent: false,
+        })
+    }
+
     pub(super) fn lsj(&self, job_id: &str) -> Result<Arc<LockstepJob>, String> {
         lock(&self.jobs)
             .get(job_id)
@@ -123,19 +150,20 @@ impl KubeLauncher {
 
     fn watch_attempt(
         &self,
-        ns: &str,
-        name: &str,
+        lsj: &LockstepJob,
         job_id: &str,
         attempt: u32,
         world: u32,
-        uid: Option<&str>,
-    ) -> Arc<AttemptWatch> {
+    ) -> Result<Arc<AttemptWatch>, String> {
+        let (name, ns) = render::name_of(lsj)?;
+        let uid = lsj.metadata.uid.as_deref();
         let key = (job_id.to_string(), attempt);
         let mut attempts = lock(&self.attempts);
         if let Some(w) = attempts.get(&key) {
-            return w.clone();
+            return Ok(w.clone());
         }
-        let w = Arc::new(AttemptWatch::new(world));
+        let queue = lsj.spec.scheduling.kueue_queue.clone();
+        let w = Arc::new(AttemptWatch::new(world, queue));
         let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
         let mut selector =
             format!("{LABEL_JOB}={name},{LABEL_ATTEMPT}={attempt},{LABEL_ROLE}=trainer");
@@ -152,17 +180,29 @@ impl KubeLauncher {
             ns.to_string(),
             name.to_string(),
         );
+        let pods_changed = self.pods_changed.clone();
         let task = tokio::spawn(async move {
             let mut events = std::pin::pin!(watcher(pods, cfg));
             while let Some(ev) = events.next().await {
                 let Some(watch) = weak.upgrade() else { return };
                 match ev {
                     Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                        let waiting = pod_waiting(&pod, world);
+                        let fatal = waiting.as_ref().and_then(|w| w.exit(attempt));
+                        if watch.waits(&pod, waiting) {
+                            pods_changed.notify_waiters();
+                        }
                         if let Some((w, exit)) = pod_exit(&pod, attempt, world, false) {
                             watch.deliver(w, exit);
+                        } else if let Some(exit) = fatal {
+                            tracing::error!(job = %job, attempt, cause = %exit.describe(), "a pod of the gang cannot start");
+                            watch.deliver(exit.worker, exit);
                         }
                     }
                     Ok(watcher::Event::Delete(pod)) => {
+                        if watch.waits(&pod, None) {
+                            pods_changed.notify_waiters();
+                        }
                         if let Some((w, exit)) = pod_exit(&pod, attempt, world, true) {
                             watch.deliver(w, exit);
                         }
@@ -195,12 +235,14 @@ impl KubeLauncher {
         // Earlier attempts of the job are over: only their workers' handles keep them now.
         attempts.retain(|(j, a), _| j != job_id || *a >= attempt);
         attempts.insert(key, w.clone());
-        w
+        Ok(w)
     }
 }
 
 /// One attempt's workers and the exits seen for them.
 struct AttemptWatch {
+    /// The Kueue queue that admits the gang (its JobSet or Job is created suspended).
+    queue: Option<String>,
     state: Mutex<WatchState>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -210,19 +252,39 @@ struct WatchState {
     delivered: Vec<bool>,
     pending: BTreeMap<u32, Exit>,
     deleting: bool,
+    /// Pods seen (a queue that held the gang back let it start).
+    pods_seen: bool,
+    /// Pods waiting for what may never come, by name.
+    waiting: BTreeMap<String, Waiting>,
 }
 
 impl AttemptWatch {
-    fn new(world: u32) -> AttemptWatch {
+    fn new(world: u32, queue: Option<String>) -> AttemptWatch {
         AttemptWatch {
+            queue,
             state: Mutex::new(WatchState {
                 senders: vec![None; world as usize],
                 delivered: vec![false; world as usize],
                 pending: BTreeMap::new(),
                 deleting: false,
+                pods_seen: false,
+                waiting: BTreeMap::new(),
             }),
             task: Mutex::new(None),
         }
+    }
+
+    /// Records that `pod` exists and what it waits for (`None`: nothing, or it is gone);
+    /// true when that changed what the gang waits for.
+    fn waits(&self, pod: &Pod, waiting: Option<Waiting>) -> bool {
+        let mut st = lock(&self.state);
+        st.pods_seen = true;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let before = match waiting {
+            Some(w) => st.waiting.insert(name, w.clone()).filter(|b| *b == w),
+            None => return st.waiting.remove(&name).is_some(),
+        };
+        before.is_none()
     }
 
     /// Worker `w`'s exit, once.
@@ -303,8 +365,14 @@ impl WorkerHandle for KubeWorker {
                 code: None,
                 signal: Some(9),
                 message: Some("its pod was deleted with the attempt".into()),
+                unstartable: false,
             },
         );
+    }
+
+    /// Kueue unsuspends the gang's JobSet (or Job) when it admits it; its pods appear then.
+    fn admitted(&self) -> bool {
+        self.watch.queue.is_none() || lock(&self.watch.state).pods_seen
     }
 }
 
@@ -337,14 +405,9 @@ impl Launcher for KubeLauncher {
                 .await
                 .map_err(|e| launch_error(&format!("the pods of attempt {}", spec.attempt), e))?;
         }
-        let watch = self.watch_attempt(
-            ns,
-            name,
-            &spec.job_id,
-            spec.attempt,
-            world,
-            lsj.metadata.uid.as_deref(),
-        );
+        let watch = self
+            .watch_attempt(&lsj, &spec.job_id, spec.attempt, world)
+            .map_err(|e| launch_error(&what, e))?;
         watch.attach(spec.worker, exited);
         Ok(Box::new(KubeWorker {
             watch,

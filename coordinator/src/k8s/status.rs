@@ -11,6 +11,7 @@ use super::KubeError;
 use super::controller::Controller;
 use super::crd::LockstepJobStatus;
 use super::decide::SUSPENDED;
+use super::exits::Waiting;
 use crate::record::JobRecord;
 use crate::registry::lock;
 use crate::state::Phase;
@@ -67,15 +68,14 @@ impl Controller {
             while let Ok(record) = ctl.coordinator.get(&id) {
                 let w = lock(&ctl.jobs).get(&id).cloned().unwrap_or_default();
                 let before = status.clone();
-                let export = ctl.launcher.exported_version(&id);
-                fill_status(
-                    &mut status,
-                    &record,
-                    w.generation,
-                    w.suspend,
-                    export,
-                    &now_rfc3339(),
-                );
+                let waiting = ctl.launcher.waiting(&id);
+                let seen = Seen {
+                    generation: w.generation,
+                    suspend: w.suspend,
+                    export_version: ctl.launcher.exported_version(&id),
+                    waiting: waiting.as_ref(),
+                };
+                fill_status(&mut status, &record, &seen, &now_rfc3339());
                 if status != before {
                     match ctl.write_status(&name, &status).await {
                         Ok(()) => {}
@@ -93,7 +93,14 @@ impl Controller {
                 }
                 // At most one write a second; at least a look every 30 s.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = tokio::time::timeout(Duration::from_secs(30), changed.changed()).await;
+                let pods = ctl.launcher.pods_changed.clone();
+                let either = async {
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        () = pods.notified() => {}
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(30), either).await;
             }
             ctl.sync_ended(&id);
         });
@@ -106,17 +113,23 @@ impl Controller {
     }
 }
 
+/// What the status shows beside the job's record.
+#[derive(Debug, Clone, Default)]
+pub struct Seen<'a> {
+    /// The spec generation it describes.
+    pub generation: Option<i64>,
+    /// `spec.suspend`: a cancelled job shows `suspended`.
+    pub suspend: bool,
+    /// The version the job's export produced, once it did.
+    pub export_version: Option<String>,
+    /// A pod of the newest attempt stuck waiting, or the gang waiting in a queue.
+    pub waiting: Option<&'a Waiting>,
+}
+
 /// The status a job record means (conditions keep their transition times while unchanged).
-pub fn fill_status(
-    st: &mut LockstepJobStatus,
-    r: &JobRecord,
-    generation: Option<i64>,
-    suspend: bool,
-    export_version: Option<String>,
-    now: &str,
-) {
+pub fn fill_status(st: &mut LockstepJobStatus, r: &JobRecord, seen: &Seen<'_>, now: &str) {
     let phase = r.phase();
-    let suspended = suspend && phase == Phase::Cancelled;
+    let suspended = seen.suspend && phase == Phase::Cancelled;
     st.phase = Some(if suspended { SUSPENDED } else { phase.as_str() }.into());
     st.job_id = Some(r.id.clone());
     st.attempt = r.lifecycle.attempt;
@@ -131,10 +144,21 @@ pub fn fill_status(
     st.last_committed_checkpoint = r.last_checkpoint;
     st.checkpoint_url = Some(r.checkpoint_url.clone());
     st.params_hash = (!r.params_hash.is_empty()).then(|| r.params_hash.clone());
-    if export_version.is_some() {
-        st.export_version = export_version;
+    if seen.export_version.is_some() {
+        st.export_version.clone_from(&seen.export_version);
     }
-    st.observed_generation = generation;
+    st.observed_generation = seen.generation;
+    // A pod stuck waiting (or a gang Kueue holds back) while the gang forms or runs.
+    match seen
+        .waiting
+        .filter(|_| matches!(phase, Phase::Admitting | Phase::Running))
+    {
+        Some(w) => st.set_condition("Waiting", true, &w.reason, &w.message, now),
+        None if st.condition("Waiting").is_some() => {
+            st.set_condition("Waiting", false, "NotWaiting", "", now);
+        }
+        None => {}
+    }
     let msg = r.lifecycle.message.as_str();
     let attempt = format!("attempt {}", r.lifecycle.attempt);
     // Training is over and succeeded (whatever the export does next).

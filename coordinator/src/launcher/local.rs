@@ -273,6 +273,7 @@ impl Launcher for LocalProcess {
                     code: status.code(),
                     signal: status.signal(),
                     message: None,
+                    unstartable: false,
                 },
                 Err(_) => Exit {
                     attempt,
@@ -280,6 +281,7 @@ impl Launcher for LocalProcess {
                     code: None,
                     signal: None,
                     message: None,
+                    unstartable: false,
                 },
             };
             // The worker is gone; anything it started in its group goes with it.

@@ -80,6 +80,9 @@ pub struct Exit {
     pub signal: Option<i32>,
     /// Its own last words when it failed: the `error: …` line it printed.
     pub message: Option<String>,
+    /// It never started and cannot as specified (Kubernetes: an invalid image name): a
+    /// restart cannot fix it. `message` says why.
+    pub unstartable: bool,
 }
 
 impl Exit {
@@ -90,7 +93,7 @@ impl Exit {
 
     /// It failed with an error a restart cannot fix ([`lockstep_api::EXIT_PERMANENT`]).
     pub fn permanent(&self) -> bool {
-        self.code == Some(i32::from(lockstep_api::EXIT_PERMANENT))
+        self.unstartable || self.code == Some(i32::from(lockstep_api::EXIT_PERMANENT))
     }
 
     /// It failed only because another rank went away ([`lockstep_api::EXIT_PEER_LOST`]).
@@ -109,6 +112,7 @@ impl Exit {
 
     fn how(&self) -> String {
         match (self.code, self.signal) {
+            _ if self.unstartable => "cannot start".into(),
             (Some(c), _) => format!("exited with status {c}"),
             (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {
                 Ok(sig) => format!("was killed by {sig}"),
@@ -156,6 +160,13 @@ pub enum ExportError {
 pub trait WorkerHandle: Send + Sync {
     /// Kills it and everything it started (idempotent). Its exit still arrives on the channel.
     fn kill(&self);
+
+    /// Whether it may start: false while a queue holds its gang back (Kubernetes: Kueue keeps
+    /// the attempt's JobSet suspended until it admits the whole gang). The gang timeout counts
+    /// from when every worker may start.
+    fn admitted(&self) -> bool {
+        true
+    }
 }
 
 /// Starts workers.
