@@ -306,6 +306,20 @@ pub fn is_path_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Whether `url` can be a webhook: an http:// or https:// URL with a host, at most 2,048
+/// characters. The error says what it must be.
+pub fn check_webhook(url: &str) -> Result<(), &'static str> {
+    let l = url.to_ascii_lowercase();
+    let host = l
+        .strip_prefix("http://")
+        .or_else(|| l.strip_prefix("https://"))
+        .unwrap_or("");
+    if host.is_empty() || host.starts_with('/') || url.len() > 2048 {
+        return Err("must be an http:// or https:// URL with a host");
+    }
+    Ok(())
+}
+
 /// Whether `s` is a Kubernetes DNS label (RFC 1123): 1–63 lower-case letters, digits and
 /// `-`, starting and ending with a letter or digit.
 pub fn is_dns_label(s: &str) -> bool {
@@ -611,18 +625,10 @@ impl JobConfig {
             if !e.max_eval_regression.is_finite() || e.max_eval_regression < 0.0 {
                 return bad("export.max_eval_regression", "must be a finite number ≥ 0");
             }
-            if let Some(w) = &e.webhook {
-                let l = w.to_ascii_lowercase();
-                let host = l
-                    .strip_prefix("http://")
-                    .or_else(|| l.strip_prefix("https://"))
-                    .unwrap_or("");
-                if host.is_empty() || host.starts_with('/') || w.len() > 2048 {
-                    return bad(
-                        "export.webhook",
-                        "must be an http:// or https:// URL with a host",
-                    );
-                }
+            if let Some(w) = &e.webhook
+                && let Err(why) = check_webhook(w)
+            {
+                return bad("export.webhook", why);
             }
             if let Some(d) = &e.rollout
                 && !is_dns_label(d)

@@ -10,7 +10,7 @@ use clap::Args;
 use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
 use lockstep_coordinator::k8s::crd::{
-    LockstepJob, LockstepJobSpec, PodResources, Scheduling, SharedVolume,
+    LockstepJob, LockstepJobSpec, PodResources, Scheduling, SecretKey, SharedVolume,
 };
 use lockstep_coordinator::k8s::render::{self, Target};
 use serde_json::Value;
@@ -52,6 +52,10 @@ pub struct KubeJobArgs {
     /// A Kueue LocalQueue: each gang is created suspended and admitted whole.
     #[arg(long, value_name = "QUEUE")]
     kueue_queue: Option<String>,
+    /// Take the export's webhook URL from key KEY of Secret SECRET (instead of
+    /// export.webhook in the config, which would be stored in the LockstepJob as plain text).
+    #[arg(long, value_name = "SECRET:KEY")]
+    export_webhook_secret: Option<String>,
     /// A ReadWriteMany PersistentVolumeClaim every pod mounts at PATH and runs in, so relative
     /// file:// URLs resolve under it (default for configs with relative file:// URLs:
     /// lockstep-data:/data).
@@ -115,6 +119,18 @@ fn parse_shared_volume(s: &str) -> Result<SharedVolume> {
     })
 }
 
+fn parse_secret_key(s: &str) -> Result<SecretKey> {
+    let Some((name, key)) = s.split_once(':') else {
+        return Err(CliError::Usage(format!(
+            "--export-webhook-secret `{s}`: expected SECRET:KEY"
+        )));
+    };
+    Ok(SecretKey {
+        name: name.to_string(),
+        key: key.to_string(),
+    })
+}
+
 /// Whether any URL of the config is a `file://` path (on Kubernetes: on the shared volume).
 fn has_relative_files(c: &lockstep_api::JobConfig) -> bool {
     c.urls().iter().any(|(_, u)| u.starts_with("file://"))
@@ -160,6 +176,10 @@ impl KubeJobArgs {
                 service_account_name: None,
                 s3_credentials_secret: self.s3_secret.clone(),
                 shared_volume,
+                export_webhook_secret: match &self.export_webhook_secret {
+                    Some(s) => Some(parse_secret_key(s)?),
+                    None => None,
+                },
                 scheduling: Scheduling {
                     kueue_queue: self.kueue_queue.clone(),
                 },

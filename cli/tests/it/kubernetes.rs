@@ -962,6 +962,17 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     };
     small("stuck", "registry.invalid/lockstep:1", &[]);
     small("badname", "Lockstep:BAD", &[]);
+    // The export's webhook URL from a Secret: one that is not there is refused up front.
+    small(
+        "hooked",
+        "lockstep:test",
+        &[
+            "--set",
+            "export.url=\"file://exports-hooked\"",
+            "--export-webhook-secret",
+            "serving-hooks:url",
+        ],
+    );
     let st = wait_status(&admin, "stuck", Duration::from_secs(60), "Waiting", |s| {
         s.condition("Waiting").is_some_and(|c| c.status == "True")
     })
@@ -984,6 +995,15 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "{why}"
     );
     assert_eq!(st.restarts, 0, "{st:#?}");
+    let st = wait_status(&admin, "hooked", Duration::from_secs(60), "refused", |s| {
+        s.phase.as_deref() == Some("failed")
+    })
+    .await;
+    let why = st.message.clone().unwrap_or_default();
+    assert!(
+        why.starts_with("spec.exportWebhookSecret: Secret serving-hooks has no key `url`"),
+        "{why}"
+    );
 
     // Kueue holds a gang back (its JobSet suspended): no gang timeout (3 s here) runs while it
     // is queued, the status says it waits; once admitted, it runs.
@@ -1052,7 +1072,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         st.condition("Waiting").map(|c| c.status.as_str()),
         Some("False")
     );
-    for name in ["stuck", "badname", "queued"] {
+    for name in ["stuck", "badname", "hooked", "queued"] {
         Api::<LockstepJob>::namespaced(admin.clone(), NS)
             .delete(name, &DeleteParams::default())
             .await

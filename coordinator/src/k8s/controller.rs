@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller as Runtime};
 use kube::runtime::finalizer::{self, Event, finalizer};
@@ -214,8 +214,31 @@ impl Controller {
         Ok(Ok(()))
     }
 
-    /// The launcher's checks of where the job's inputs are; `Ok(Err(why))` when they fail.
+    /// The launcher's checks of where the job's inputs are, and the Secret the export's
+    /// webhook URL is in; `Ok(Err(why))` when they fail.
     async fn preflight(&self, lsj: &LockstepJob) -> Result<Result<(), String>, KubeError> {
+        if let Some(w) = &lsj.spec.export_webhook_secret {
+            let secrets = Api::<Secret>::namespaced(self.client.clone(), &self.settings.namespace);
+            let secret = secrets
+                .get_opt(&w.name)
+                .await
+                .map_err(KubeError::api(format!("read Secret {}", w.name)))?;
+            let value = secret.and_then(|s| s.data?.remove(&w.key)).map(|v| v.0);
+            let url = value.map(|v| String::from_utf8_lossy(&v).trim().to_string());
+            if let Some(Err(why)) = url.as_deref().map(lockstep_api::config::check_webhook) {
+                return Ok(Err(format!(
+                    "spec.exportWebhookSecret: key `{}` of Secret {}: {why}",
+                    w.key, w.name
+                )));
+            }
+            if url.is_none() {
+                return Ok(Err(format!(
+                    "spec.exportWebhookSecret: Secret {} has no key `{}` (create it before the \
+                     job, or fix the reference)",
+                    w.name, w.key
+                )));
+            }
+        }
         let config = lsj.spec.config.get().map_err(KubeError::Invalid)?;
         Ok(
             match self.launcher.preflight(config, &workdir_of(lsj)).await {

@@ -65,6 +65,11 @@ pub struct LockstepJobSpec {
     /// the same claim at the same path (it commits the checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_volume: Option<SharedVolume>,
+    /// Where the export's webhook URL is (`export.webhook` of the config, which then stays
+    /// unset): a key of a Secret in this namespace, as the URL may carry credentials. The
+    /// coordinator checks that it is there before the job starts; only the export pod reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_webhook_secret: Option<SecretKey>,
     /// Gang admission.
     #[serde(default)]
     pub scheduling: Scheduling,
@@ -155,6 +160,16 @@ pub struct SharedVolume {
     pub mount_path: String,
 }
 
+/// A key of a Secret in the LockstepJob's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKey {
+    /// The Secret.
+    pub name: String,
+    /// The key whose value is used.
+    pub key: String,
+}
+
 /// How the gang is admitted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -192,6 +207,7 @@ impl LockstepJob {
                 service_account_name: None,
                 s3_credentials_secret: None,
                 shared_volume: None,
+                export_webhook_secret: None,
                 scheduling: Scheduling::default(),
                 suspend: false,
             },
@@ -245,6 +261,39 @@ impl LockstepJobSpec {
                 return Err(format!(
                     "{field} `{n}`: not a Kubernetes object name (lower-case letters, digits, `-` and `.`)"
                 ));
+            }
+        }
+        if let Some(w) = &self.export_webhook_secret {
+            if !is_dns_subdomain(&w.name) {
+                return Err(format!(
+                    "spec.exportWebhookSecret.name `{}`: not a Kubernetes object name",
+                    w.name
+                ));
+            }
+            let key_ok = |b: u8| b.is_ascii_alphanumeric() || b"-._".contains(&b);
+            if w.key.is_empty() || w.key.len() > 253 || !w.key.bytes().all(key_ok) {
+                return Err(format!(
+                    "spec.exportWebhookSecret.key `{}`: not a Secret key (letters, digits, `-`, \
+                     `_` and `.`)",
+                    w.key
+                ));
+            }
+            match self.config.get().ok().map(|c| c.export.as_ref()) {
+                Some(None) => {
+                    return Err(
+                        "spec.exportWebhookSecret: the config has no [export] section, \
+                                so there is no export to notify"
+                            .into(),
+                    );
+                }
+                Some(Some(e)) if e.webhook.is_some() => {
+                    return Err(
+                        "spec.exportWebhookSecret and spec.config.export.webhook: set \
+                                one of them"
+                            .into(),
+                    );
+                }
+                _ => {}
             }
         }
         if let Some(v) = &self.shared_volume {

@@ -418,14 +418,20 @@ pub fn export_job(lsj: &LockstepJob, spec: &ExportSpec) -> Result<Value, String>
     if let Some(base) = &spec.base {
         args.extend(["--base".into(), base.clone()]);
     }
-    let mut env = Vec::new();
-    if spec.webhook.is_some() {
-        // From the job's Secret: the URL may carry credentials.
-        env.push(
+    // From a Secret (the URL may carry credentials): the user's, or the job's own with the
+    // config's `export.webhook`.
+    let webhook = match (&lsj.spec.export_webhook_secret, &spec.webhook) {
+        (Some(w), _) => Some((w.name.clone(), w.key.as_str())),
+        (None, Some(_)) => Some((secret_name(name), "webhook")),
+        (None, None) => None,
+    };
+    let env: Vec<Value> = webhook
+        .map(|(secret, key)| {
             json!({"name": "LOCKSTEP_EXPORT_WEBHOOK", "valueFrom": {"secretKeyRef": {
-            "name": secret_name(name), "key": "webhook"}}}),
-        );
-    }
+                "name": secret, "key": key}}})
+        })
+        .into_iter()
+        .collect();
     let mut c = container(lsj, "export", args, env);
     // The result goes to the termination log; a failed export's last log lines do instead.
     c["terminationMessagePolicy"] = json!("FallbackToLogsOnError");
@@ -452,4 +458,61 @@ pub fn export_job(lsj: &LockstepJob, spec: &ExportSpec) -> Result<Value, String>
             },
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::crd::SecretKey;
+
+    fn export_spec(webhook: Option<&str>) -> ExportSpec {
+        ExportSpec {
+            job_id: "e2e-0123abcd456789ef".into(),
+            checkpoint: "s3://bucket/ckpt@8".into(),
+            to: "s3://bucket/exports".into(),
+            name: "e2e".into(),
+            dtype: "f32".into(),
+            base: None,
+            max_eval_regression: 0.0,
+            lineage: "{}".into(),
+            webhook: webhook.map(str::to_string),
+            workdir: "/".into(),
+            log: "/dev/null".into(),
+        }
+    }
+
+    /// Where the export pod's LOCKSTEP_EXPORT_WEBHOOK comes from: (Secret, key).
+    fn webhook_source(job: &Value) -> Option<(String, String)> {
+        let env = job["spec"]["template"]["spec"]["containers"][0]["env"].as_array()?;
+        let e = env
+            .iter()
+            .find(|e| e["name"] == "LOCKSTEP_EXPORT_WEBHOOK")?;
+        let r = &e["valueFrom"]["secretKeyRef"];
+        Some((r["name"].as_str()?.into(), r["key"].as_str()?.into()))
+    }
+
+    #[test]
+    fn the_export_pod_reads_the_webhook_from_a_secret_never_from_its_spec() {
+        let mut lsj = LockstepJob::test("e2e");
+        let plain = export_job(&lsj, &export_spec(Some("https://hook.example/x"))).unwrap();
+        assert_eq!(
+            webhook_source(&plain),
+            Some(("e2e-token".into(), "webhook".into()))
+        );
+        assert!(!plain.to_string().contains("hook.example"), "{plain}");
+        lsj.spec.export_webhook_secret = Some(SecretKey {
+            name: "serving-hooks".into(),
+            key: "url".into(),
+        });
+        let referenced = export_job(&lsj, &export_spec(None)).unwrap();
+        assert_eq!(
+            webhook_source(&referenced),
+            Some(("serving-hooks".into(), "url".into()))
+        );
+        lsj.spec.export_webhook_secret = None;
+        assert_eq!(
+            webhook_source(&export_job(&lsj, &export_spec(None)).unwrap()),
+            None
+        );
+    }
 }

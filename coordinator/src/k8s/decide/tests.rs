@@ -289,3 +289,31 @@ fn suspending_stops_a_live_job_and_resuming_adopts_it_queued() {
         "{steps:?}"
     );
 }
+
+#[test]
+fn a_webhook_secret_needs_an_export_and_excludes_a_plain_webhook() {
+    let mut lsj = LockstepJob::test("e2e");
+    lsj.spec.export_webhook_secret = Some(crate::k8s::crd::SecretKey {
+        name: "hooks".into(),
+        key: "url".into(),
+    });
+    let steps = decide(&Arc::new(lsj.clone()), &seen(None));
+    let why = written(&steps).message.clone().unwrap();
+    assert!(
+        why.starts_with("spec.exportWebhookSecret: the config has no [export]"),
+        "{why}"
+    );
+    let mut c = lsj.spec.config.get().unwrap().clone();
+    let mut export: lockstep_api::config::ExportSection =
+        toml::from_str("url = \"s3://bucket/exports\"\nwebhook = \"https://h/x\"").unwrap();
+    c.export = Some(export.clone());
+    lsj.spec.config = c.clone().into();
+    let steps = decide(&Arc::new(lsj.clone()), &seen(None));
+    let why = written(&steps).message.clone().unwrap();
+    assert!(why.contains("set one of them"), "{why}");
+    export.webhook = None;
+    c.export = Some(export);
+    lsj.spec.config = c.into();
+    let steps = decide(&Arc::new(lsj), &seen(None));
+    assert!(matches!(&steps[..], [Step::Submit { .. }]), "{steps:?}");
+}
