@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::attempt::{Attempt, Timeouts};
 use crate::commit::Commits;
 use crate::error::{Error, Result};
-use crate::launcher::WorkerHandle;
+use crate::launcher::{Placement, WorkerHandle};
 use crate::persist::Persister;
 use crate::record::{JobRecord, now_ms};
 use crate::state::Input;
@@ -107,6 +107,8 @@ pub struct Job {
     pub token: String,
     /// Its validated config.
     pub config: JobConfig,
+    /// Where and how its workers run beyond the config (each launch takes the current one).
+    pub placement: Mutex<Placement>,
     /// Its checkpoint store, opened once (an S3 store keeps its connection pool).
     pub store: CheckpointStore,
     /// Serialises what changes which checkpoints exist: a commit (and its retention) and an

@@ -16,7 +16,7 @@ use crate::attempt::Finished;
 use crate::auth;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::launcher::Launcher;
+use crate::launcher::{Launcher, Placement};
 use crate::metrics::Metrics;
 use crate::persist::Persister;
 use crate::record::{JobRecord, JobStore, now_ms};
@@ -96,7 +96,10 @@ impl Coordinator {
             // Its workers may still run: kill them even though the job cannot be resumed.
             tracing::error!(job = %id, reason = %why,
                 "a stored job record is unreadable; killing what is left of its workers and skipping it");
-            self.inner.launcher.kill_leftovers(&id).await;
+            self.inner
+                .launcher
+                .kill_leftovers(&id, &Placement::Here)
+                .await;
         }
         for mut record in stored.jobs {
             // Tokens are not stored; this coordinator's workers get a new one.
@@ -106,7 +109,8 @@ impl Coordinator {
             // died: its workers may still be there too.
             let recent = crate::record::now_ms().saturating_sub(record.updated_ms) < 600_000;
             if live || recent {
-                self.inner.launcher.kill_leftovers(&record.id).await;
+                let here = Placement::Here;
+                self.inner.launcher.kill_leftovers(&record.id, &here).await;
             }
             let config = match JobConfig::parse(&record.config_text, &record.overrides) {
                 Ok(c) => c,
@@ -115,7 +119,7 @@ impl Coordinator {
                     continue;
                 }
             };
-            let job = match self.add(record, config).await {
+            let job = match self.add(record, config, Placement::Here).await {
                 Ok(j) => j,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot resume a stored job");
@@ -140,7 +144,12 @@ impl Coordinator {
 
     /// Registers a job and starts its supervisor. Opening its checkpoint store (which may
     /// create a directory) runs on the blocking pool.
-    async fn add(&self, record: JobRecord, config: JobConfig) -> Result<Arc<Job>> {
+    async fn add(
+        &self,
+        record: JobRecord,
+        config: JobConfig,
+        placement: Placement,
+    ) -> Result<Arc<Job>> {
         let url = record.checkpoint_url.clone();
         let store = tokio::task::spawn_blocking(move || CheckpointStore::open(&url))
             .await?
@@ -152,6 +161,7 @@ impl Coordinator {
             store,
             store_lock: tokio::sync::Mutex::new(()),
             config,
+            placement: Mutex::new(placement),
             state: Mutex::new(JobState { record, live: None }),
             changed: watch::channel(0).0,
             inbox,
@@ -184,18 +194,20 @@ impl Coordinator {
         workdir: PathBuf,
     ) -> Result<JobRecord> {
         self.inner.launcher.accepts_submits()?;
-        self.submit_as(None, config_text, overrides, workdir).await
+        self.submit_as(None, config_text, overrides, workdir, Placement::Here)
+            .await
     }
 
     /// [`Coordinator::submit`] under a given job id (Kubernetes: derived from the
-    /// LockstepJob, so a restarted coordinator finds the same job). A job with that id must
-    /// not exist.
+    /// LockstepJob, so a restarted coordinator finds the same job) and placement (Kubernetes:
+    /// the LockstepJob its pods are made from). A job with that id must not exist.
     pub async fn submit_as(
         &self,
         id: Option<String>,
         config_text: String,
         overrides: Vec<String>,
         workdir: PathBuf,
+        placement: Placement,
     ) -> Result<JobRecord> {
         let config = JobConfig::parse(&config_text, &overrides)?;
         self.inner.launcher.admit(&config)?;
@@ -210,7 +222,7 @@ impl Coordinator {
         let id = id.unwrap_or_else(|| format!("{}-{}", config.job.name, &auth::new_token()[..16]));
         let mut record = JobRecord::new(id, &config, config_text, overrides, workdir);
         record.token = auth::new_token();
-        let job = self.add(record, config).await?;
+        let job = self.add(record, config, placement).await?;
         // The job's current record (its supervisor may already have changed it).
         self.inner.persister.put(lock(&job.state).record.clone());
         if let Err(e) = self.inner.persister.flush().await {
@@ -228,16 +240,20 @@ impl Coordinator {
     }
 
     /// Takes over a job whose record was kept elsewhere (Kubernetes: a LockstepJob's status,
-    /// after this coordinator restarted): whatever is left of its workers is killed, and a live
-    /// job restarts from its newest committed checkpoint as the next attempt.
-    pub async fn adopt(&self, mut record: JobRecord) -> Result<JobRecord> {
+    /// after this coordinator restarted), placed by `placement`: whatever is left of its
+    /// workers is killed, and a live job restarts from its newest committed checkpoint as the
+    /// next attempt.
+    pub async fn adopt(&self, mut record: JobRecord, placement: Placement) -> Result<JobRecord> {
         let config = JobConfig::parse(&record.config_text, &record.overrides)?;
         record.token = auth::new_token();
         let live = !record.phase().is_final();
         if live {
-            self.inner.launcher.kill_leftovers(&record.id).await;
+            self.inner
+                .launcher
+                .kill_leftovers(&record.id, &placement)
+                .await;
         }
-        let job = self.add(record, config).await?;
+        let job = self.add(record, config, placement).await?;
         if live {
             tracing::info!(job = %job.id, "adopting a job kept outside this coordinator");
             job.send(Input::CoordinatorRestarted);
@@ -251,6 +267,13 @@ impl Coordinator {
     pub fn forget(&self, id: &str) {
         self.inner.registry.remove(id);
         self.inner.persister.delete(id);
+    }
+
+    /// Replaces job `id`'s placement: its next attempt (and export) uses `placement`.
+    pub fn set_placement(&self, id: &str, placement: Placement) -> Result<()> {
+        let job = self.inner.registry.get(id)?;
+        *lock(&job.placement) = placement;
+        Ok(())
     }
 
     /// A job's record.

@@ -330,6 +330,7 @@ fn export_spec(
         webhook: export.webhook.clone(),
         workdir: r.workdir.clone(),
         log: dir.join("export.log"),
+        placement: lock(&job.placement).clone(),
     })
 }
 
@@ -418,6 +419,8 @@ async fn launch(
         st.touch(job, &inner.persister, true);
     }
     let url = lock(&inner.url).clone();
+    // Every worker of the attempt is placed alike (a change applies to the next attempt).
+    let placement = lock(&job.placement).clone();
     for worker in 0..world {
         let spec = WorkerSpec {
             job_id: job.id.clone(),
@@ -432,6 +435,7 @@ async fn launch(
                 .join(format!("attempt-{attempt}"))
                 .join(format!("rank-{worker}.log")),
             data_cache: inner.settings.data_dir.join("tokens"),
+            placement: placement.clone(),
         };
         // On failure the state machine fails the attempt and its teardown kills those started.
         let handle = inner.launcher.launch(&spec, exit_tx.clone()).await?;

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::launcher::{Exit, LaunchError, Launcher, WorkerHandle, WorkerSpec};
+use crate::launcher::{Exit, LaunchError, Launcher, Placement, WorkerHandle, WorkerSpec};
 use crate::registry::lock;
 
 /// Records what it would start and starts nothing. A killed worker "exits" at once with
@@ -101,5 +101,5 @@ impl Launcher for Simulated {
         }))
     }
 
-    async fn kill_leftovers(&self, _job: &str) {}
+    async fn kill_leftovers(&self, _job: &str, _placement: &Placement) {}
 }

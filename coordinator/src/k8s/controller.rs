@@ -27,7 +27,7 @@ use super::launcher::KubeLauncher;
 use super::status::now_rfc3339;
 use super::{FINALIZER, KubeError, render};
 use crate::Coordinator;
-use crate::launcher::Launcher;
+use crate::launcher::{Launcher, Placement};
 use crate::registry::lock;
 
 /// How long a deletion waits for the job's gang to checkpoint and stop before it looks again.
@@ -156,9 +156,8 @@ impl Controller {
         match step {
             Step::WriteStatus(st) => self.write_status(&name, &st).await?,
             Step::KillLeftovers { id } => {
-                self.launcher.register(&id, lsj.clone());
-                self.launcher.kill_leftovers(&id).await;
-                self.launcher.unregister(&id);
+                let placement = Placement::Pods(lsj.clone());
+                self.launcher.kill_leftovers(&id, &placement).await;
             }
             Step::WarnConfigChanged { generation } => {
                 if let Some(w) = lock(&self.jobs).get_mut(&job_id(lsj).unwrap_or_default()) {
@@ -170,7 +169,9 @@ impl Controller {
             }
             Step::WarnPodSettings(e) => tracing::warn!(lockstepjob = %name, error = %e,
                 "the edited spec cannot work; the job keeps its previous pod settings"),
-            Step::UsePodSettings { id, lsj } => self.launcher.register(&id, lsj),
+            Step::UsePodSettings { id, lsj } => {
+                let _ = self.coordinator.set_placement(&id, Placement::Pods(lsj));
+            }
             Step::Suspend { id } => {
                 tracing::info!(lockstepjob = %name, "suspended: checkpointing and stopping its gang");
                 let _ = self.coordinator.cancel(&id);
@@ -188,10 +189,16 @@ impl Controller {
                     return Ok(Err(why));
                 }
                 tracing::info!(lockstepjob = %name, job = %id, "new job");
-                self.launcher.register(&id, lsj.clone());
+                let placement = Placement::Pods(lsj.clone());
                 let r = self
                     .coordinator
-                    .submit_as(Some(id.clone()), config_text, Vec::new(), workdir)
+                    .submit_as(
+                        Some(id.clone()),
+                        config_text,
+                        Vec::new(),
+                        workdir,
+                        placement,
+                    )
                     .await;
                 return self.started(&lsj, &id, r.map(drop));
             }
@@ -206,8 +213,8 @@ impl Controller {
                 } else if let Err(why) = self.preflight(&lsj).await? {
                     return Ok(Err(why));
                 }
-                self.launcher.register(&id, lsj.clone());
-                let r = self.coordinator.adopt(*record).await;
+                let placement = Placement::Pods(lsj.clone());
+                let r = self.coordinator.adopt(*record, placement).await;
                 return self.started(&lsj, &id, r.map(drop));
             }
         }
@@ -267,14 +274,8 @@ impl Controller {
                 e @ (crate::Error::InvalidArgument(_)
                 | crate::Error::Refused(_)
                 | crate::Error::Config(_)),
-            ) => {
-                self.launcher.unregister(id);
-                Ok(Err(e.to_string()))
-            }
-            Err(e) => {
-                self.launcher.unregister(id);
-                Err(KubeError::Invalid(format!("start {name}: {e}")))
-            }
+            ) => Ok(Err(e.to_string())),
+            Err(e) => Err(KubeError::Invalid(format!("start {name}: {e}"))),
         }
     }
 
@@ -314,7 +315,7 @@ impl Controller {
         KubeLauncher::delete_all(&self.client, &self.settings.namespace, &name, &uid).await?;
         if let Some(id) = &id {
             self.coordinator.forget(id);
-            self.launcher.unregister(id);
+            self.launcher.forget(id);
             lock(&self.jobs).remove(id);
         }
         tracing::info!(lockstepjob = %name, "deleted; its objects are gone");

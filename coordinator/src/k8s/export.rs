@@ -24,9 +24,9 @@ const EXPORT_POLL: Duration = Duration::from_secs(2);
 impl KubeLauncher {
     /// Runs `spec`'s export Job to its end; returns what happened, in words.
     pub(super) async fn run_export(&self, spec: &ExportSpec) -> Result<String, String> {
-        let lsj = self.lsj(&spec.job_id)?;
-        let (name, ns) = render::name_of(&lsj)?;
-        let job = render::export_job(&lsj, spec)?;
+        let lsj = KubeLauncher::lsj(&spec.job_id, &spec.placement)?;
+        let (name, ns) = render::name_of(lsj)?;
+        let job = render::export_job(lsj, spec)?;
         self.apply(ns, &job).await.map_err(|e| e.to_string())?;
         tracing::info!(job = %spec.job_id, export = %render::export_name(name), "started the export Job");
         // A cancel drops this future: the export Job goes with it.

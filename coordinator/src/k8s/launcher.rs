@@ -22,7 +22,8 @@ use super::objects::{attempts, jobset_resource};
 use super::render::{self, Flavor, Target};
 use super::{KubeError, LABEL_ATTEMPT, LABEL_JOB, LABEL_ROLE, LABEL_UID};
 use crate::launcher::{
-    Exit, ExportError, ExportSpec, LaunchError, Launcher, Refused, WorkerHandle, WorkerSpec,
+    Exit, ExportError, ExportSpec, LaunchError, Launcher, Placement, Refused, WorkerHandle,
+    WorkerSpec,
 };
 use crate::registry::lock;
 
@@ -30,8 +31,6 @@ use crate::registry::lock;
 pub struct KubeLauncher {
     pub(super) client: Client,
     pub(super) flavor: Flavor,
-    /// The LockstepJob of each job id the controller handed over.
-    jobs: Mutex<HashMap<String, Arc<LockstepJob>>>,
     /// Live attempts: (job id, attempt) → their exits.
     attempts: Mutex<HashMap<(String, u32), Arc<AttemptWatch>>>,
     /// The version each job's export produced.
@@ -54,7 +53,6 @@ impl KubeLauncher {
         Arc::new(KubeLauncher {
             client,
             flavor,
-            jobs: Mutex::default(),
             attempts: Mutex::default(),
             exported: Mutex::default(),
             pods_changed: Arc::default(),
@@ -77,14 +75,8 @@ impl KubeLauncher {
         self.flavor
     }
 
-    /// Hands over `job_id`'s LockstepJob (before the coordinator launches anything of it).
-    pub fn register(&self, job_id: &str, lsj: Arc<LockstepJob>) {
-        lock(&self.jobs).insert(job_id.to_string(), lsj);
-    }
-
-    /// Forgets a job (its LockstepJob is gone).
-    pub fn unregister(&self, job_id: &str) {
-        lock(&self.jobs).remove(job_id);
+    /// Forgets what it knows of a job (its LockstepJob is gone).
+    pub fn forget(&self, job_id: &str) {
         lock(&self.exported).remove(job_id);
         lock(&self.attempts).retain(|(j, _), _| j != job_id);
     }
@@ -118,11 +110,18 @@ impl KubeLauncher {
         })
     }
 
-    pub(super) fn lsj(&self, job_id: &str) -> Result<Arc<LockstepJob>, String> {
-        lock(&self.jobs)
-            .get(job_id)
-            .cloned()
-            .ok_or_else(|| format!("job {job_id} has no LockstepJob (was it deleted?)"))
+    /// The LockstepJob a job's pods are made from.
+    pub(super) fn lsj<'a>(
+        job_id: &str,
+        placement: &'a Placement,
+    ) -> Result<&'a Arc<LockstepJob>, String> {
+        match placement {
+            Placement::Pods(lsj) => Ok(lsj),
+            Placement::Here => Err(format!(
+                "job {job_id} has no LockstepJob to make its pods from (a Kubernetes \
+                 coordinator runs LockstepJobs only)"
+            )),
+        }
     }
 
     /// Applies the job's objects and `attempt`'s, and starts watching its pods.
@@ -391,8 +390,9 @@ impl Launcher for KubeLauncher {
         exited: mpsc::UnboundedSender<Exit>,
     ) -> Result<Box<dyn WorkerHandle>, LaunchError> {
         let what = format!("worker {} of attempt {}", spec.worker, spec.attempt);
-        let lsj = self.lsj(&spec.job_id).map_err(|e| launch_error(&what, e))?;
-        let (name, ns) = render::name_of(&lsj).map_err(|e| launch_error(&what, e))?;
+        let lsj =
+            KubeLauncher::lsj(&spec.job_id, &spec.placement).map_err(|e| launch_error(&what, e))?;
+        let (name, ns) = render::name_of(lsj).map_err(|e| launch_error(&what, e))?;
         let world = lsj
             .spec
             .config
@@ -401,12 +401,12 @@ impl Launcher for KubeLauncher {
             .job
             .world_size;
         if spec.worker == 0 {
-            self.create_attempt(&lsj, spec)
+            self.create_attempt(lsj, spec)
                 .await
                 .map_err(|e| launch_error(&format!("the pods of attempt {}", spec.attempt), e))?;
         }
         let watch = self
-            .watch_attempt(&lsj, &spec.job_id, spec.attempt, world)
+            .watch_attempt(lsj, &spec.job_id, spec.attempt, world)
             .map_err(|e| launch_error(&what, e))?;
         watch.attach(spec.worker, exited);
         Ok(Box::new(KubeWorker {
@@ -420,9 +420,11 @@ impl Launcher for KubeLauncher {
         }))
     }
 
-    async fn kill_leftovers(&self, job: &str) {
-        let Ok(lsj) = self.lsj(job) else { return };
-        let Ok((name, ns)) = render::name_of(&lsj) else {
+    async fn kill_leftovers(&self, job: &str, placement: &Placement) {
+        let Ok(lsj) = KubeLauncher::lsj(job, placement) else {
+            return;
+        };
+        let Ok((name, ns)) = render::name_of(lsj) else {
             return;
         };
         // Every attempt's gang: a restarted coordinator starts a new attempt.

@@ -478,6 +478,7 @@ mod tests {
             webhook: webhook.map(str::to_string),
             workdir: "/".into(),
             log: "/dev/null".into(),
+            placement: crate::launcher::Placement::Here,
         }
     }
 

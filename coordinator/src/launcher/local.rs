@@ -7,7 +7,8 @@ use std::process::Stdio;
 use tokio::sync::mpsc;
 
 use super::{
-    Exit, ExportError, ExportSpec, LaunchError, Launcher, Refused, WorkerHandle, WorkerSpec,
+    Exit, ExportError, ExportSpec, LaunchError, Launcher, Placement, Refused, WorkerHandle,
+    WorkerSpec,
 };
 
 /// Runs workers as `EXE train …` processes on this machine.
@@ -414,7 +415,7 @@ impl Launcher for LocalProcess {
         ))
     }
 
-    async fn kill_leftovers(&self, job: &str) {
+    async fn kill_leftovers(&self, job: &str, _placement: &Placement) {
         let job = job.to_string();
         // Reads /proc: on the blocking pool. Processes are this job's workers by their command
         // line (`train … --job JOB`), so a reused pid is never mistaken for one.

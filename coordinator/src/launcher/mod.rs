@@ -6,10 +6,24 @@
 mod local;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 pub use local::{LocalProcess, kill_group, local_trainers};
+
+/// What a job's launcher needs beyond its config, from whoever submitted it. It travels with
+/// every launch, export and cleanup of the job: set when the job is submitted or adopted,
+/// replaced by [`crate::Coordinator::set_placement`] (the next attempt uses the new one).
+#[derive(Debug, Clone, Default)]
+pub enum Placement {
+    /// Nothing more: processes on this machine.
+    #[default]
+    Here,
+    /// Pods made from this LockstepJob: its pod settings, with the config the job started
+    /// with in its `spec.config`.
+    Pods(Arc<crate::k8s::LockstepJob>),
+}
 
 /// What a worker needs to find its job.
 #[derive(Debug, Clone)]
@@ -34,6 +48,8 @@ pub struct WorkerSpec {
     pub log: PathBuf,
     /// Where its tokenised data is cached (shared by the coordinator's workers on a machine).
     pub data_cache: PathBuf,
+    /// Where and how it runs, beyond its config.
+    pub placement: Placement,
 }
 
 /// An export of a job's final checkpoint (`lockstep export`, run by the launcher where the
@@ -65,6 +81,8 @@ pub struct ExportSpec {
     pub workdir: PathBuf,
     /// Where its output goes.
     pub log: PathBuf,
+    /// Where and how it runs, beyond the job's config.
+    pub placement: Placement,
 }
 
 /// How a worker ended.
@@ -181,7 +199,7 @@ pub trait Launcher: Send + Sync + 'static {
 
     /// Kills whatever is left of `job`'s workers from a previous coordinator that died. Only
     /// this job's workers are touched.
-    async fn kill_leftovers(&self, job: &str);
+    async fn kill_leftovers(&self, job: &str, placement: &Placement);
 
     /// Whether jobs may be submitted to the coordinator directly (`lockstep submit`, the gRPC
     /// `Submit`). Not where something else owns the jobs (on Kubernetes, LockstepJobs): the

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use kube::Client;
 use kube::client::Body;
 use lockstep_coordinator::k8s::{Flavor, KubeLauncher, LockstepJob};
-use lockstep_coordinator::launcher::{Launcher, WorkerSpec};
+use lockstep_coordinator::launcher::{Launcher, Placement, WorkerSpec};
 use serde_json::{Value, json};
 
 /// (method, path and query, body) of every call.
@@ -100,6 +100,7 @@ fn worker(w: u32) -> WorkerSpec {
         workdir: "/".into(),
         log: "/unused".into(),
         data_cache: "/unused".into(),
+        placement: Placement::Pods(Arc::new(lockstep_job())),
     }
 }
 
@@ -107,7 +108,6 @@ fn worker(w: u32) -> WorkerSpec {
 async fn an_indexed_job_gang_is_applied_its_pod_exits_reach_the_workers_and_kill_deletes_it() {
     let (client, calls) = api_server();
     let launcher = KubeLauncher::new(client, Flavor::IndexedJob);
-    launcher.register("ft-0123456789abcdef", Arc::new(lockstep_job()));
     let (tx0, mut rx0) = tokio::sync::mpsc::unbounded_channel();
     let (tx1, mut rx1) = tokio::sync::mpsc::unbounded_channel();
     let w0 = launcher.launch(&worker(0), tx0).await.unwrap();

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lockstep_coordinator::launcher::{Launcher, LocalProcess, WorkerSpec};
+use lockstep_coordinator::launcher::{Launcher, LocalProcess, Placement, WorkerSpec};
 
 fn alive(pid: u32) -> bool {
     // A zombie has exited; only its parent's wait is missing.
@@ -42,6 +42,7 @@ async fn killing_a_worker_kills_its_children_too() {
         workdir: d.to_path_buf(),
         log: d.join("logs/rank-0.log"),
         data_cache: d.join("tokens"),
+        placement: Placement::Here,
     };
     let handle = launcher.launch(&spec, tx).await.unwrap();
     let read = |name: &str| -> Option<u32> {
