@@ -25,6 +25,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use lockstep_api::testing::TestJob;
 use lockstep_coordinator::k8s::LockstepJob;
+use lockstep_coordinator::k8s::crd::JobPhase;
 use lockstep_coordinator::k8s::jobset_resource;
 use serde_json::{Value, json};
 use tokio::process::Command;
@@ -793,7 +794,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "a committed checkpoint",
         |s| {
             s.last_committed_checkpoint.is_some_and(|c| c >= 10)
-                && s.phase.as_deref() == Some("running")
+                && s.phase == Some(JobPhase::Running)
         },
     )
     .await;
@@ -832,10 +833,10 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
 
     // Success: the export Job runs, the version is promoted and model-server rolls to it.
     let st = wait_status(&admin, "e2e", Duration::from_secs(300), "exported", |s| {
-        matches!(s.phase.as_deref(), Some("exported" | "failed"))
+        matches!(s.phase, Some(JobPhase::Exported | JobPhase::Failed))
     })
     .await;
-    assert_eq!(st.phase.as_deref(), Some("exported"), "{st:#?}");
+    assert_eq!(st.phase, Some(JobPhase::Exported), "{st:#?}");
     assert_eq!(st.step, 300);
     let version = st.export_version.clone().expect("export version");
     assert!(
@@ -906,7 +907,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         .await
         .unwrap();
     let st = wait_status(&admin, "bad", Duration::from_secs(30), "refused", |s| {
-        s.phase.as_deref() == Some("failed")
+        s.phase == Some(JobPhase::Failed)
     })
     .await;
     let why = st.message.unwrap_or_default();
@@ -928,7 +929,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         .await
         .unwrap();
     let st = wait_status(&admin, "poison", Duration::from_secs(30), "refused", |s| {
-        s.phase.as_deref() == Some("failed")
+        s.phase == Some(JobPhase::Failed)
     })
     .await;
     let why = st.message.unwrap_or_default();
@@ -984,9 +985,9 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         said.contains("pod stuck-a1-rank-0-0") && said.contains("spec.image"),
         "{said}"
     );
-    assert_eq!(st.phase.as_deref(), Some("admitting"), "{st:#?}");
+    assert_eq!(st.phase, Some(JobPhase::Admitting), "{st:#?}");
     let st = wait_status(&admin, "badname", Duration::from_secs(60), "failed", |s| {
-        s.phase.as_deref() == Some("failed")
+        s.phase == Some(JobPhase::Failed)
     })
     .await;
     let why = st.message.clone().unwrap_or_default();
@@ -996,7 +997,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     );
     assert_eq!(st.restarts, 0, "{st:#?}");
     let st = wait_status(&admin, "hooked", Duration::from_secs(60), "refused", |s| {
-        s.phase.as_deref() == Some("failed")
+        s.phase == Some(JobPhase::Failed)
     })
     .await;
     let why = st.message.clone().unwrap_or_default();
@@ -1050,8 +1051,8 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let st = lsj(&admin, "queued").await.unwrap().status.unwrap();
     assert_eq!(
-        (st.phase.as_deref(), st.attempt, st.restarts),
-        (Some("admitting"), 1, 0),
+        (st.phase, st.attempt, st.restarts),
+        (Some(JobPhase::Admitting), 1, 0),
         "{st:#?}"
     );
     let admit = json!({"spec": {"suspend": false}});
@@ -1064,7 +1065,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "queued",
         Duration::from_secs(120),
         "succeeded",
-        |s| s.phase.as_deref() == Some("succeeded"),
+        |s| s.phase == Some(JobPhase::Succeeded),
     )
     .await;
     assert_eq!((st.attempt, st.restarts, st.step), (1, 0, 8), "{st:#?}");
@@ -1093,7 +1094,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "long",
         Duration::from_secs(120),
         "running with a checkpoint",
-        |s| s.phase.as_deref() == Some("running") && s.last_committed_checkpoint.is_some(),
+        |s| s.phase == Some(JobPhase::Running) && s.last_committed_checkpoint.is_some(),
     )
     .await;
     assert_eq!(st.attempt, 1);
@@ -1111,7 +1112,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "long",
         Duration::from_secs(120),
         "adopted as attempt 2",
-        |s| s.attempt == 2 && s.phase.as_deref() == Some("running"),
+        |s| s.attempt == 2 && s.phase == Some(JobPhase::Running),
     )
     .await;
     assert!(
@@ -1178,7 +1179,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     .await
     .unwrap();
     let st = wait_status(&admin, "long", Duration::from_secs(60), "suspended", |s| {
-        s.phase.as_deref() == Some("suspended")
+        s.phase == Some(JobPhase::Suspended)
     })
     .await;
     let stopped_at = st.last_committed_checkpoint.unwrap();
@@ -1199,7 +1200,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "long",
         Duration::from_secs(120),
         "resumed as attempt 3",
-        |s| s.attempt == 3 && s.phase.as_deref() == Some("running"),
+        |s| s.attempt == 3 && s.phase == Some(JobPhase::Running),
     )
     .await;
     assert!(

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Toleration;
 use kube::CustomResource;
-use lockstep_api::JobConfig;
+use lockstep_api::{JobConfig, Phase};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -370,10 +370,9 @@ fn is_quantity(q: &str) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LockstepJobStatus {
-    /// `queued`, `admitting`, `running`, `restarting`, `exporting`, `succeeded`, `exported`,
-    /// `failed`, `cancelled` or `suspended`.
+    /// Where the job is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<JobPhase>,
     /// The coordinator's job id (`lockstep status`/`watch` take it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
@@ -422,6 +421,71 @@ pub struct LockstepJobStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// Where a LockstepJob's job is: a [`Phase`] of the coordinator's, or suspended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobPhase {
+    /// Accepted, not launched yet.
+    Queued,
+    /// Pods created; waiting for all of them to join.
+    Admitting,
+    /// Every rank joined; training.
+    Running,
+    /// The gang was torn down; relaunching after the backoff.
+    Restarting,
+    /// Trained; the export Job runs.
+    Exporting,
+    /// Trained to the last step; the final checkpoint is committed.
+    Succeeded,
+    /// Trained and exported (promoted or kept: the message says which).
+    Exported,
+    /// Gave up, or cannot run (the message names the field).
+    Failed,
+    /// Stopped by a user.
+    Cancelled,
+    /// `spec.suspend` is true: no pods (a running gang checkpointed and stopped).
+    Suspended,
+}
+
+impl JobPhase {
+    /// The coordinator's phase this is (`None`: suspended).
+    pub fn job(self) -> Option<Phase> {
+        Some(match self {
+            JobPhase::Queued => Phase::Queued,
+            JobPhase::Admitting => Phase::Admitting,
+            JobPhase::Running => Phase::Running,
+            JobPhase::Restarting => Phase::Restarting,
+            JobPhase::Exporting => Phase::Exporting,
+            JobPhase::Succeeded => Phase::Succeeded,
+            JobPhase::Exported => Phase::Exported,
+            JobPhase::Failed => Phase::Failed,
+            JobPhase::Cancelled => Phase::Cancelled,
+            JobPhase::Suspended => return None,
+        })
+    }
+
+    /// No transition leaves this phase (suspended is left by resuming).
+    pub fn is_final(self) -> bool {
+        self.job().is_some_and(Phase::is_final)
+    }
+}
+
+impl From<Phase> for JobPhase {
+    fn from(p: Phase) -> JobPhase {
+        match p {
+            Phase::Queued => JobPhase::Queued,
+            Phase::Admitting => JobPhase::Admitting,
+            Phase::Running => JobPhase::Running,
+            Phase::Restarting => JobPhase::Restarting,
+            Phase::Exporting => JobPhase::Exporting,
+            Phase::Succeeded => JobPhase::Succeeded,
+            Phase::Exported => JobPhase::Exported,
+            Phase::Failed => JobPhase::Failed,
+            Phase::Cancelled => JobPhase::Cancelled,
+        }
+    }
 }
 
 /// A condition (`type`, `status`, `reason`, `message`, `lastTransitionTime`), as

@@ -8,14 +8,10 @@ use std::sync::Arc;
 
 use lockstep_api::JobConfig;
 
-use super::crd::{LockstepJob, LockstepJobStatus};
+use super::crd::{JobPhase, LockstepJob, LockstepJobStatus};
 use super::render;
 use crate::record::JobRecord;
 use crate::state::{Lifecycle, Phase};
-
-/// The phase a suspended job shows (not a phase of the coordinator's: its job is cancelled, or
-/// was never started).
-pub const SUSPENDED: &str = "suspended";
 
 /// What was read for a LockstepJob before deciding.
 #[derive(Debug, Clone, Default)]
@@ -166,10 +162,13 @@ fn decide_known(
         }
         Err(e) => steps.push(Step::WarnPodSettings(e)),
     }
-    let shown = lsj.status.as_ref().and_then(|s| s.phase.as_deref());
+    let shown = lsj.status.as_ref().and_then(|s| s.phase);
     if lsj.spec.suspend && !record.phase().is_final() {
         steps.push(Step::Suspend { id: id.clone() });
-    } else if !lsj.spec.suspend && record.phase() == Phase::Cancelled && shown == Some(SUSPENDED) {
+    } else if !lsj.spec.suspend
+        && record.phase() == Phase::Cancelled
+        && shown == Some(JobPhase::Suspended)
+    {
         // Resumed: a new attempt from the checkpoint it stopped at.
         let Some(lsj) = kept else {
             let why = "resume: the config the job started with no longer parses".to_string();
@@ -191,8 +190,8 @@ fn decide_known(
 /// A job this coordinator does not know: new, finished, or started by a coordinator before it.
 fn decide_new(lsj: &Arc<LockstepJob>, id: String, seen: &Observed) -> Vec<Step> {
     let status = lsj.status.clone().unwrap_or_default();
-    let shown = status.phase.as_deref();
-    if shown.and_then(Phase::parse).is_some_and(Phase::is_final) {
+    let shown = status.phase;
+    if shown.is_some_and(JobPhase::is_final) {
         return Vec::new();
     }
     let started_before = status.attempt > 0;
@@ -232,11 +231,11 @@ fn decide_new(lsj: &Arc<LockstepJob>, id: String, seen: &Observed) -> Vec<Step> 
         Err(e) => return refuse(&lsj, leftovers, e, &seen.now),
     };
     if lsj.spec.suspend {
-        if shown == Some(SUSPENDED) {
+        if shown == Some(JobPhase::Suspended) {
             return Vec::new();
         }
         let mut st = status;
-        st.phase = Some(SUSPENDED.into());
+        st.phase = Some(JobPhase::Suspended);
         st.observed_generation = lsj.metadata.generation;
         st.set_condition(
             "Running",
@@ -273,9 +272,8 @@ pub fn refuse(lsj: &LockstepJob, leftovers: Option<String>, why: String, now: &s
         .into_iter()
         .collect();
     let mut st = lsj.status.clone().unwrap_or_default();
-    let failed = Phase::Failed.as_str();
-    if st.phase.as_deref() != Some(failed) || st.message.as_deref() != Some(why.as_str()) {
-        st.phase = Some(failed.into());
+    if st.phase != Some(JobPhase::Failed) || st.message.as_deref() != Some(why.as_str()) {
+        st.phase = Some(JobPhase::Failed);
         st.message = Some(why.clone());
         st.observed_generation = lsj.metadata.generation;
         st.set_condition("Failed", true, "InvalidSpec", &why, now);
@@ -293,12 +291,8 @@ fn record_from_status(
     workdir: PathBuf,
 ) -> JobRecord {
     let st = lsj.status.clone().unwrap_or_default();
-    let phase = match st.phase.as_deref() {
-        // Resumed after a suspend: queued for its next attempt.
-        Some(SUSPENDED) | None => Phase::Queued,
-        // Anything else (edited by hand): queued, so it restarts from its checkpoint.
-        Some(p) => Phase::parse(p).unwrap_or(Phase::Queued),
-    };
+    // Resumed after a suspend (or never started): queued for its next attempt.
+    let phase = st.phase.and_then(JobPhase::job).unwrap_or(Phase::Queued);
     let created = lsj
         .metadata
         .creation_timestamp

@@ -9,8 +9,7 @@ use serde_json::json;
 
 use super::KubeError;
 use super::controller::Controller;
-use super::crd::LockstepJobStatus;
-use super::decide::SUSPENDED;
+use super::crd::{JobPhase, LockstepJobStatus};
 use super::exits::Waiting;
 use crate::record::JobRecord;
 use crate::registry::lock;
@@ -130,7 +129,11 @@ pub struct Seen<'a> {
 pub fn fill_status(st: &mut LockstepJobStatus, r: &JobRecord, seen: &Seen<'_>, now: &str) {
     let phase = r.phase();
     let suspended = seen.suspend && phase == Phase::Cancelled;
-    st.phase = Some(if suspended { SUSPENDED } else { phase.as_str() }.into());
+    st.phase = Some(if suspended {
+        JobPhase::Suspended
+    } else {
+        phase.into()
+    });
     st.job_id = Some(r.id.clone());
     st.attempt = r.lifecycle.attempt;
     st.restarts = r.lifecycle.restarts;

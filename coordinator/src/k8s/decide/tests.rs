@@ -1,6 +1,6 @@
 //! [`decide`](super::decide) over LockstepJobs as the API server hands them over.
 use super::*;
-use crate::k8s::crd::LockstepJobStatus;
+use crate::k8s::crd::{JobPhase, LockstepJobStatus};
 
 const ID: &str = "e2e-0123abcd456789ef";
 const NOW: &str = "2026-12-03T00:00:00Z";
@@ -13,9 +13,9 @@ fn seen(record: Option<JobRecord>) -> Observed {
     }
 }
 
-fn status(phase: &str, attempt: u32) -> LockstepJobStatus {
+fn status(phase: JobPhase, attempt: u32) -> LockstepJobStatus {
     LockstepJobStatus {
-        phase: Some(phase.into()),
+        phase: Some(phase),
         attempt,
         step: 40,
         last_committed_checkpoint: Some(40),
@@ -70,7 +70,7 @@ fn an_object_without_a_uid_is_refused_naming_the_field() {
     lsj.metadata.uid = None;
     let steps = decide(&Arc::new(lsj), &seen(None));
     let st = written(&steps);
-    assert_eq!(st.phase.as_deref(), Some("failed"));
+    assert_eq!(st.phase, Some(JobPhase::Failed));
     assert!(
         st.message.as_deref().unwrap().contains("metadata.uid"),
         "{st:?}"
@@ -120,7 +120,7 @@ fn a_job_created_suspended_says_so_once_and_starts_nothing() {
     lsj.spec.suspend = true;
     let steps = decide(&Arc::new(lsj.clone()), &seen(None));
     let st = written(&steps).clone();
-    assert_eq!(st.phase.as_deref(), Some(SUSPENDED));
+    assert_eq!(st.phase, Some(JobPhase::Suspended));
     assert_eq!(st.condition("Running").unwrap().reason, "Suspended");
     lsj.status = Some(st);
     assert!(decide(&Arc::new(lsj.clone()), &seen(None)).is_empty());
@@ -132,10 +132,15 @@ fn a_job_created_suspended_says_so_once_and_starts_nothing() {
 
 #[test]
 fn a_finished_job_is_left_alone_by_a_new_coordinator() {
-    for phase in ["succeeded", "exported", "failed", "cancelled"] {
+    for phase in [
+        JobPhase::Succeeded,
+        JobPhase::Exported,
+        JobPhase::Failed,
+        JobPhase::Cancelled,
+    ] {
         let mut lsj = LockstepJob::test("e2e");
         lsj.status = Some(status(phase, 3));
-        assert!(decide(&Arc::new(lsj), &seen(None)).is_empty(), "{phase}");
+        assert!(decide(&Arc::new(lsj), &seen(None)).is_empty(), "{phase:?}");
     }
 }
 
@@ -149,7 +154,7 @@ fn a_job_started_before_is_adopted_with_the_config_it_started_with() {
     c.train.steps = 500;
     lsj.spec.config = c.into();
     lsj.spec.image = "lockstep:2".into();
-    lsj.status = Some(status("running", 2));
+    lsj.status = Some(status(JobPhase::Running, 2));
     let observed = Observed {
         started_config: Some(started_text.clone()),
         ..seen(None)
@@ -177,7 +182,7 @@ fn a_job_started_before_is_adopted_with_the_config_it_started_with() {
 #[test]
 fn an_adopted_job_whose_started_config_is_damaged_is_refused_and_its_gang_deleted() {
     let mut lsj = LockstepJob::test("e2e");
-    lsj.status = Some(status("running", 2));
+    lsj.status = Some(status(JobPhase::Running, 2));
     let observed = Observed {
         started_config: Some("[train\nsteps = ".into()),
         ..seen(None)
@@ -263,7 +268,7 @@ fn suspending_stops_a_live_job_and_resuming_adopts_it_queued() {
     );
     // Stopped (its record cancelled, its status `suspended`), then resumed.
     let cancelled = record(&lsj, Phase::Cancelled);
-    lsj.status = Some(status(SUSPENDED, 1));
+    lsj.status = Some(status(JobPhase::Suspended, 1));
     let steps = decide(&Arc::new(lsj.clone()), &seen(Some(cancelled.clone())));
     assert!(
         !steps
@@ -282,7 +287,7 @@ fn suspending_stops_a_live_job_and_resuming_adopts_it_queued() {
     };
     assert_eq!(record.phase(), Phase::Queued);
     // A job cancelled by a user (not suspended) is not resumed by the spec.
-    lsj.status = Some(status("cancelled", 1));
+    lsj.status = Some(status(JobPhase::Cancelled, 1));
     let steps = decide(&Arc::new(lsj), &seen(Some(cancelled)));
     assert!(
         !steps.iter().any(|s| matches!(s, Step::Adopt { .. })),
