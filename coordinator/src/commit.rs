@@ -13,11 +13,12 @@ use crate::error::{Error, Result};
 use crate::registry::{Job, lock};
 
 /// How a commit ended, as every waiting rank sees it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CommitFailed {
-    /// The store refused or failed the commit.
+    /// The store refused or failed the commit ([`lockstep_storage::Error::is_transient`] says
+    /// whether trying again may help).
     #[error("{0}")]
-    Store(String),
+    Store(Arc<lockstep_storage::Error>),
     /// The attempt ended before the checkpoint was committed.
     #[error("the attempt was torn down")]
     TornDown,
@@ -166,7 +167,7 @@ impl Coordinator {
                         }
                         Err(e) => {
                             tracing::error!(job = %job.id, step, error = %e, "cannot commit a checkpoint");
-                            Err(CommitFailed::Store(e.to_string()))
+                            Err(CommitFailed::Store(Arc::new(e)))
                         }
                     }
                 };
@@ -186,10 +187,7 @@ impl Coordinator {
                 attempt,
                 current: lock(&job.state).live.as_ref().map(|l| l.attempt.number),
             }),
-            Some(Err(e)) => Err(Error::Commit {
-                step,
-                reason: e.to_string(),
-            }),
+            Some(Err(CommitFailed::Store(source))) => Err(Error::Commit { step, source }),
             None => Err(Error::CommitTimeout { step }),
         }
     }
@@ -240,7 +238,7 @@ mod tests {
         );
         assert_eq!(ready.config_hash, "hash");
         ready.done.send_replace(Some(Ok((30, 60))));
-        assert_eq!(*rx.borrow_and_update(), Some(Ok((30, 60))));
+        assert!(matches!(*rx.borrow_and_update(), Some(Ok((30, 60)))));
     }
 
     #[test]
@@ -254,6 +252,6 @@ mod tests {
         let mut c = Commits::default();
         let (rx, _) = c.report(2, 0, shard(4, 0), state());
         c.tear_down();
-        assert_eq!(*rx.borrow(), Some(Err(CommitFailed::TornDown)));
+        assert!(matches!(*rx.borrow(), Some(Err(CommitFailed::TornDown))));
     }
 }

@@ -51,13 +51,13 @@ pub enum Error {
     /// The launcher could not start a worker.
     #[error(transparent)]
     Launch(#[from] LaunchError),
-    /// A checkpoint could not be committed.
-    #[error("checkpoint {step}: {reason}")]
+    /// The store refused or failed a checkpoint's commit.
+    #[error("checkpoint {step}: {source}")]
     Commit {
         /// Its step.
         step: u64,
-        /// Why.
-        reason: String,
+        /// The store's error (shared by every rank waiting on the commit).
+        source: std::sync::Arc<lockstep_storage::Error>,
     },
     /// Not every rank reported its shard of a checkpoint in time.
     #[error("checkpoint {step}: not every rank reported its shard within job.collective_timeout")]
@@ -87,6 +87,18 @@ pub enum Error {
     Task(#[from] tokio::task::JoinError),
 }
 
+impl Error {
+    /// The store failed in a way that trying again may fix (a timeout, a throttled or
+    /// unreachable store), here or in a checkpoint's commit.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Storage(s) => s.is_transient(),
+            Error::Commit { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
@@ -99,6 +111,7 @@ impl From<Error> for Status {
             Error::InvalidArgument(_) | Error::Refused(_) | Error::Config(_) => {
                 Code::InvalidArgument
             }
+            // The attempt restarts (and retries the checkpoint) either way.
             Error::Commit { .. } => Code::Aborted,
             Error::CommitTimeout { .. } => Code::DeadlineExceeded,
             Error::Storage(s) if s.is_transient() => Code::Unavailable,

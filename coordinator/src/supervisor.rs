@@ -180,7 +180,7 @@ pub(crate) async fn supervise(
                     retry_at = None;
                     if let Err(e) = launch(&inner, &job, attempt, &exit_tx).await {
                         tracing::error!(job = %job.id, attempt, error = %e, "cannot launch the gang");
-                        let transient = matches!(&e, Error::Storage(s) if s.is_transient());
+                        let transient = e.is_transient();
                         job.send(Input::LaunchFailed {
                             attempt,
                             error: e.to_string(),

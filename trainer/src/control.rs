@@ -91,9 +91,9 @@ impl Control {
     pub fn connect(id: Identity) -> Result<Control> {
         let rt = crate::runtime::io("control")?;
         let auth = proto::BearerToken::new(&id.token)
-            .ok_or_else(|| Error::Invalid("LOCKSTEP_TOKEN is not a valid header value".into()))?;
+            .ok_or_else(|| Error::Usage("LOCKSTEP_TOKEN is not a valid header value".into()))?;
         let channel = Channel::from_shared(id.url.clone())
-            .map_err(|e| Error::Invalid(format!("--coordinator {}: {e}", id.url)))?
+            .map_err(|e| Error::Usage(format!("--coordinator {}: {e}", id.url)))?
             .connect_timeout(Duration::from_secs(10))
             // A coordinator that stops answering (stopped, partitioned) fails the calls in
             // flight within seconds instead of hanging them: HTTP/2 PINGs must be answered.
@@ -271,7 +271,7 @@ impl Control {
             .block_on(async { tokio::time::timeout(wait, acked.wait_for(|a| *a)).await });
         match got {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(Error::Invalid(format!(
+            _ => Err(Error::Internal(format!(
                 "the coordinator did not acknowledge the end of training within {wait:?}"
             ))),
         }
@@ -281,7 +281,7 @@ impl Control {
 impl ShardCommitter for Control {
     fn commit_shard(&self, r: ShardReport<'_>) -> Result<(u64, u64)> {
         let encode = |what: &str, v: serde_json::Result<Vec<u8>>| {
-            v.map_err(|e| Error::Invalid(format!("cannot serialise the {what}: {e}")))
+            v.map_err(|e| Error::Internal(format!("cannot serialise the {what}: {e}")))
         };
         let req = proto::CommitShardRequest {
             job_id: self.id.job.clone(),

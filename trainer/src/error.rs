@@ -93,11 +93,13 @@ pub enum Error {
         /// The coordinator's words.
         message: String,
     },
-    /// Anything else that is not valid.
+    /// What was asked cannot work as given: a bad argument or setting, a build without the
+    /// feature asked for, a file that is not what it must be, a version name that is taken.
+    /// The user's to fix; a restart would fail the same way.
     #[error("{0}")]
-    Invalid(String),
-    /// This process failed on its own (a thread or runtime would not start): a restart may
-    /// help.
+    Usage(String),
+    /// This process (or a peer it depends on) failed on its own: a thread or runtime would not
+    /// start, the ring would not form, a peer sent what it must not. A restart may help.
     #[error("{0}")]
     Internal(String),
 }
@@ -127,7 +129,8 @@ impl Error {
             | Error::Model { .. }
             | Error::Data { .. }
             | Error::Resume { .. }
-            | Error::NotFinite { .. } => true,
+            | Error::NotFinite { .. }
+            | Error::Usage(_) => true,
             Error::Storage(e) => matches!(
                 e,
                 // Not `NotFound`: a checkpoint upload can see one transiently. Missing inputs
@@ -141,8 +144,8 @@ impl Error {
             | Error::AttemptOver { .. }
             | Error::CoordinatorGone { .. }
             | Error::Refused { .. }
-            // Internal failures (threads, runtimes, forming the ring): a restart may help.
-            | Error::Invalid(_)
+            // Internal failures (threads, runtimes, forming the ring, a peer's bad word): a
+            // restart may help.
             | Error::Internal(_) => false,
         }
     }

@@ -70,7 +70,7 @@ pub fn agree(
         collective.broadcast(&mut code, 0)?;
         match u64::from_le_bytes(code) {
             FRESH => Ok((None, vec![])),
-            FAILED => Err(Error::Invalid(
+            FAILED => Err(Error::Internal(
                 "rank 0 could not choose a checkpoint to start from (its log says why)".into(),
             )),
             step => Ok((load(Some(step))?, vec![])),

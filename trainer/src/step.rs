@@ -122,7 +122,7 @@ impl<B: AutodiffBackend> TrainState<B> {
                     .into_iter()
                     .map(|h| {
                         h.join().unwrap_or_else(|_| {
-                            Err(Error::Invalid("a training lane panicked".into()))
+                            Err(Error::Internal("a training lane panicked".into()))
                         })
                     })
                     .collect()
@@ -136,7 +136,8 @@ impl<B: AutodiffBackend> TrainState<B> {
                 });
             }
         }
-        let mut grads = grads.ok_or_else(|| Error::Invalid("a step needs a micro-batch".into()))?;
+        let mut grads =
+            grads.ok_or_else(|| Error::Internal("a step needs a micro-batch".into()))?;
 
         if collective.world_size() > 1 {
             let mut flat: Vec<f32> = Vec::with_capacity(self.model.num_params() + 1);

@@ -67,7 +67,7 @@ impl Tokenizer {
             Tokenizer::Hf { inner, .. } => inner
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| Error::Invalid(format!("tokenize: {e}"))),
+                .map_err(|e| Error::Internal(format!("tokenize: {e}"))),
         }
     }
 

@@ -128,7 +128,7 @@ pub fn run(opts: &Options) -> Result<u8> {
     })?;
     let date = match &opts.date {
         Some(d) => {
-            lockstep_api::date::check(d).map_err(Error::Invalid)?;
+            lockstep_api::date::check(d).map_err(Error::Usage)?;
             d.clone()
         }
         None => lockstep_api::date::today(),
@@ -156,7 +156,7 @@ pub fn run(opts: &Options) -> Result<u8> {
             let id = Identity {
                 url: url.clone(),
                 token: std::env::var("LOCKSTEP_TOKEN").map_err(|_| {
-                    Error::Invalid("--coordinator: the job token must be in LOCKSTEP_TOKEN".into())
+                    Error::Usage("--coordinator: the job token must be in LOCKSTEP_TOKEN".into())
                 })?,
                 job: job.clone(),
                 attempt: *attempt,
@@ -223,7 +223,7 @@ impl Signals {
             int: Arc::new(AtomicBool::new(false)),
             stop: Arc::new(AtomicBool::new(false)),
         };
-        let err = |e: std::io::Error| Error::Invalid(format!("cannot handle signals: {e}"));
+        let err = |e: std::io::Error| Error::Internal(format!("cannot handle signals: {e}"));
         // A second signal while the first one's checkpoint is being taken exits at once.
         signal_hook::flag::register_conditional_shutdown(SIGTERM, 143, s.stop.clone())
             .map_err(err)?;
@@ -250,21 +250,21 @@ impl Signals {
 /// The ring of a static gang.
 fn static_ring(rank: usize, peers: &[String], config: &JobConfig) -> Result<TcpRing> {
     if peers.len() > 1 && config.checkpoint.url.starts_with("memory:") {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "checkpoint.url `{}` lives in one process's memory; the ranks of a gang are \
              separate processes: use a file:// or s3:// URL",
             config.checkpoint.url
         )));
     }
     if peers.len() != config.job.world_size as usize {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--peers lists {} ranks but job.world_size is {}",
             peers.len(),
             config.job.world_size
         )));
     }
     if rank >= peers.len() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--rank {rank} is outside the {} peers",
             peers.len()
         )));
@@ -279,7 +279,7 @@ fn static_ring(rank: usize, peers: &[String], config: &JobConfig) -> Result<TcpR
     }
     let key = RingKey::derive(secret.as_bytes(), &format!("static/{}", config.job.name));
     TcpRing::connect(rank, peers, config.job.collective_timeout, &key)
-        .map_err(|e| Error::Invalid(format!("form the gradient ring as rank {rank}: {e}")))
+        .map_err(|e| Error::Internal(format!("form the gradient ring as rank {rank}: {e}")))
 }
 
 /// Worker mode: connect to the coordinator, listen for ring peers, join the gang, start
@@ -297,15 +297,15 @@ fn join_gang(
     // The ring listens on LOCKSTEP_DATA_HOST (a pod's IP on Kubernetes), loopback by default.
     let host = std::env::var("LOCKSTEP_DATA_HOST").unwrap_or_else(|_| "127.0.0.1".into());
     let listener = std::net::TcpListener::bind((host.as_str(), 0))
-        .map_err(|e| Error::Invalid(format!("listen for ring peers on {host}: {e}")))?;
+        .map_err(|e| Error::Internal(format!("listen for ring peers on {host}: {e}")))?;
     let port = listener
         .local_addr()
-        .map_err(|e| Error::Invalid(format!("listen for ring peers on {host}: {e}")))?
+        .map_err(|e| Error::Internal(format!("listen for ring peers on {host}: {e}")))?
         .port();
     let joined = control.join(format!("{host}:{port}"))?;
     tracing::debug!(%job, attempt, worker, "joined");
     if joined.world_size != config.job.world_size {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "the coordinator's gang has {} ranks but job.world_size is {}",
             joined.world_size, config.job.world_size
         )));
@@ -322,7 +322,7 @@ fn join_gang(
         config.job.collective_timeout,
         &key,
     )
-    .map_err(|e| Error::Invalid(format!("form the gradient ring as rank {rank}: {e}")))?;
+    .map_err(|e| Error::Internal(format!("form the gradient ring as rank {rank}: {e}")))?;
     Ok((ring, Arc::new(control), joined.resume_step))
 }
 
@@ -337,9 +337,7 @@ fn make_collective(
         CollectiveKind::Ring => false,
         CollectiveKind::Nccl => {
             if opts.device != Device::Cuda {
-                return Err(Error::Invalid(
-                    "--collective nccl needs --device cuda".into(),
-                ));
+                return Err(Error::Usage("--collective nccl needs --device cuda".into()));
             }
             true
         }
@@ -362,13 +360,13 @@ fn make_collective(
 fn make_nccl(ring: TcpRing, ordinal: usize, timeout: Duration) -> Result<Box<dyn Collective>> {
     let rank = ring.rank();
     let nccl = crate::collective::Nccl::new(ring, ordinal, timeout)
-        .map_err(|e| Error::Invalid(format!("form the NCCL communicator as rank {rank}: {e}")))?;
+        .map_err(|e| Error::Internal(format!("form the NCCL communicator as rank {rank}: {e}")))?;
     Ok(Box::new(nccl))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn make_nccl(_: TcpRing, _: usize, _: Duration) -> Result<Box<dyn Collective>> {
-    Err(Error::Invalid(
+    Err(Error::Usage(
         "NCCL: this lockstep was built without the `cuda` feature".into(),
     ))
 }
@@ -399,7 +397,7 @@ fn train_cuda(
     _: &mut dyn Collective,
     _: &mut dyn FnMut(&Event),
 ) -> Result<Summary> {
-    Err(Error::Invalid(
+    Err(Error::Usage(
         "--device cuda: this lockstep was built without the `cuda` feature".into(),
     ))
 }

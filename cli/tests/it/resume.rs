@@ -203,6 +203,10 @@ fn bad_inputs_exit_nonzero_naming_the_culprit() {
     let out = run(&cfg, &["--set", &set]);
     assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing-*.jsonl"));
+    // An argument that cannot work: the user's to fix, not a restart's.
+    let out = run(&cfg, &["--collective", "nccl"]);
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--collective nccl needs --device cuda"));
 }
 
 /// `{date}` in a config becomes `--date` (or today, UTC): a nightly job's checkpoints land in

@@ -423,7 +423,7 @@ pub struct LockstepJobStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// Where a LockstepJob's job is: a [`Phase`] of the coordinator's, or suspended.
+/// Where a LockstepJob's job is: one of the coordinator's phases, or suspended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobPhase {

@@ -134,7 +134,7 @@ impl Checkpoints {
         };
         if result.is_none() {
             *result = Some(self.writer.wait().and_then(|w| {
-                w.ok_or_else(|| Error::Invalid("the checkpoint writer lost a checkpoint".into()))
+                w.ok_or_else(|| Error::Internal("the checkpoint writer lost a checkpoint".into()))
             }));
         }
         let mut failed = [if matches!(result, Some(Err(_))) {
@@ -161,7 +161,7 @@ impl Checkpoints {
             Some(Ok(w)) if !any_failed => w,
             Some(Err(e)) => return Err(e),
             _ => {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Internal(format!(
                     "another rank failed to write its shard of checkpoint {step} (its log says why)"
                 )));
             }
@@ -189,7 +189,7 @@ impl Checkpoints {
                         step,
                         config_hash: self.config_hash.clone(),
                         trainer_state: serde_json::to_value(&state).map_err(|e| {
-                            Error::Invalid(format!("cannot serialise the trainer state: {e}"))
+                            Error::Internal(format!("cannot serialise the trainer state: {e}"))
                         })?,
                         shards,
                         retention: *retention,
@@ -210,7 +210,7 @@ impl Checkpoints {
                 } else {
                     collective.broadcast(&mut status, 0)?;
                     if status[0] != 1 {
-                        return Err(Error::Invalid(format!(
+                        return Err(Error::Internal(format!(
                             "rank 0 could not commit checkpoint {step} (its log says why)"
                         )));
                     }
@@ -240,7 +240,7 @@ fn gather_shards(
     collective: &mut dyn Collective,
 ) -> Result<Vec<ShardMeta>> {
     let json = serde_json::to_vec(mine)
-        .map_err(|e| Error::Invalid(format!("cannot serialise a shard's metadata: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot serialise a shard's metadata: {e}")))?;
     let mut metas = Vec::new();
     for r in 0..world {
         if r == rank && rank == 0 {
@@ -255,7 +255,7 @@ fn gather_shards(
         // A shard's metadata is a few KB per tensor piece; anything past this is not one.
         const MAX_META: u64 = 256 << 20;
         if len > MAX_META {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "rank {r} announced {len} bytes of shard metadata (more than {MAX_META})"
             )));
         }
@@ -267,7 +267,7 @@ fn gather_shards(
         collective.broadcast(&mut buf, r)?;
         if rank == 0 && r != 0 {
             let m: ShardMeta = serde_json::from_slice(&buf)
-                .map_err(|e| Error::Invalid(format!("rank {r} sent bad shard metadata: {e}")))?;
+                .map_err(|e| Error::Internal(format!("rank {r} sent bad shard metadata: {e}")))?;
             metas.push(m);
         }
     }

@@ -65,7 +65,7 @@ impl CheckpointWriter {
                     }
                 }
             })
-            .map_err(|e| Error::Invalid(format!("cannot start the checkpoint writer: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the checkpoint writer: {e}")))?;
         Ok(CheckpointWriter {
             jobs: Some(jobs),
             done,
@@ -86,7 +86,7 @@ impl CheckpointWriter {
         }
         match self.done.recv() {
             Ok(r) => r.map(Some),
-            Err(_) => Err(Error::Invalid("the checkpoint writer stopped".into())),
+            Err(_) => Err(Error::Internal("the checkpoint writer stopped".into())),
         }
     }
 
@@ -103,7 +103,7 @@ impl CheckpointWriter {
             Err(mpsc::TryRecvError::Empty) => Ok(None),
             Err(mpsc::TryRecvError::Disconnected) => {
                 self.in_flight = None;
-                Err(Error::Invalid("the checkpoint writer stopped".into()))
+                Err(Error::Internal("the checkpoint writer stopped".into()))
             }
         }
     }
@@ -113,9 +113,9 @@ impl CheckpointWriter {
         let step = snap.step;
         self.jobs
             .as_ref()
-            .ok_or_else(|| Error::Invalid("the checkpoint writer is closed".into()))?
+            .ok_or_else(|| Error::Internal("the checkpoint writer is closed".into()))?
             .send(snap)
-            .map_err(|_| Error::Invalid("the checkpoint writer stopped".into()))?;
+            .map_err(|_| Error::Internal("the checkpoint writer stopped".into()))?;
         self.in_flight = Some(step);
         Ok(())
     }

@@ -73,7 +73,7 @@ impl Lineage {
             Err(e) => return Err(store_err("read", &at, e)),
         };
         if meta.size > MAX_RECORD {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "{at}: {} bytes, more than a {MAX_RECORD}-byte record can be",
                 meta.size
             )));
@@ -88,7 +88,7 @@ impl Lineage {
             .map_err(|e| store_err("read", &at, e))?;
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| Error::Invalid(format!("{at}: not a lockstep record: {e}")))
+            .map_err(|e| Error::Usage(format!("{at}: not a lockstep record: {e}")))
     }
 
     pub(super) fn display(&self, path: &Path) -> String {
@@ -105,7 +105,7 @@ impl Lineage {
         match self.latest.read().await? {
             None => Ok(None),
             Some((bytes, _)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                Error::Invalid(format!(
+                Error::Usage(format!(
                     "{}: not a lockstep latest.json: {e}",
                     self.latest.url()
                 ))

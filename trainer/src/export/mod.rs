@@ -131,7 +131,7 @@ fn check_segment(what: &str, s: &str) -> Result<()> {
     if lockstep_api::config::is_path_segment(s) {
         Ok(())
     } else {
-        Err(Error::Invalid(format!(
+        Err(Error::Usage(format!(
             "{what} `{s}`: use 1–128 letters, digits, `-`, `_` or `.`"
         )))
     }
@@ -223,11 +223,9 @@ fn model_files(
         let t = tensors
             .iter()
             .find(|t| t.name == spec.name)
-            .ok_or_else(|| {
-                Error::Invalid(format!("the checkpoint has no tensor `{}`", spec.name))
-            })?;
+            .ok_or_else(|| Error::Usage(format!("the checkpoint has no tensor `{}`", spec.name)))?;
         if t.data.len() != spec.numel() * 4 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "checkpoint tensor `{}` holds {} bytes; its shape needs {}",
                 spec.name,
                 t.data.len(),
@@ -251,7 +249,7 @@ fn model_files(
         }
     }
     let generation = serde_json::to_string_pretty(&generation)
-        .map_err(|e| Error::Invalid(format!("generation_config.json: {e}")))?;
+        .map_err(|e| Error::Internal(format!("generation_config.json: {e}")))?;
     Ok(vec![
         ("model.safetensors".into(), Bytes::from(st)),
         ("config.json".into(), Bytes::from(cfg)),
@@ -291,12 +289,12 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         None => store
             .latest()
             .await?
-            .ok_or_else(|| Error::Invalid(format!("{url}: no committed checkpoint to export")))?,
+            .ok_or_else(|| Error::Usage(format!("{url}: no committed checkpoint to export")))?,
     };
     let ckpt = store.load(step).await?;
     let state: TrainerState =
         serde_json::from_value(ckpt.manifest.trainer_state.clone()).map_err(|e| {
-            Error::Invalid(format!(
+            Error::Usage(format!(
                 "{url}@{step}: cannot export: its trainer state is not lockstep's: {e}"
             ))
         })?;
@@ -318,7 +316,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
     let state2 = state.clone();
     let mut files = tokio::task::spawn_blocking(move || model_files(&state2, &tensors, dtype))
         .await
-        .map_err(|e| Error::Invalid(format!("export: {e}")))??;
+        .map_err(|e| Error::Internal(format!("export: {e}")))??;
     if let Some(base) = &req.base {
         files.extend(tokenizer_files(base).await?);
     }
@@ -351,7 +349,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
 
     // Claim the version for these files before writing any: an export of other weights under
     // the same version, at the same time or later, is refused instead of mixing files.
-    let claim = serde_json::to_vec(&entries).map_err(|e| Error::Invalid(e.to_string()))?;
+    let claim = serde_json::to_vec(&entries).map_err(|e| Error::Internal(e.to_string()))?;
     let claim_path = dir.clone().join(CLAIM_FILE);
     match lineage
         .store
@@ -369,7 +367,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         Err(object_store::Error::AlreadyExists { .. }) => {
             let theirs: Option<Vec<FileEntry>> = lineage.read_json(&claim_path).await?;
             if theirs.as_ref() != Some(&entries) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Usage(format!(
                     "{dir_url} is (being) exported with other weights; choose another version \
                      (if no export of it is running and it has no lockstep.json, it is an \
                      abandoned attempt: remove that directory)"
@@ -386,7 +384,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         // The same version again: nothing to write (but it may still need promoting).
         Some(existing) if existing.files == entries => (existing, false),
         Some(_) => {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "{dir_url} already holds a version with other files; choose another version"
             )));
         }
@@ -412,7 +410,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
                 trained_from: state.provenance.clone(),
             };
             let json = serde_json::to_vec_pretty(&record)
-                .map_err(|e| Error::Invalid(format!("lockstep.json: {e}")))?;
+                .map_err(|e| Error::Internal(format!("lockstep.json: {e}")))?;
             // Last: from here on the version exists.
             lineage
                 .put(&dir.clone().join(LINEAGE_FILE), Bytes::from(json))
@@ -449,7 +447,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
     };
     if let Some(d) = decision {
         let json = serde_json::to_vec_pretty(&d)
-            .map_err(|e| Error::Invalid(format!("promotion.json: {e}")))?;
+            .map_err(|e| Error::Internal(format!("promotion.json: {e}")))?;
         if let Err(e) = lineage
             .put(&dir.clone().join(PROMOTION_FILE), Bytes::from(json))
             .await
@@ -531,7 +529,8 @@ async fn promote(
         promoted_unix_ms: now_ms(),
     };
     let bytes = Bytes::from(
-        serde_json::to_vec_pretty(&new).map_err(|e| Error::Invalid(format!("latest.json: {e}")))?,
+        serde_json::to_vec_pretty(&new)
+            .map_err(|e| Error::Internal(format!("latest.json: {e}")))?,
     );
     for _ in 0..16 {
         let current = lineage.latest.read().await?;
@@ -539,7 +538,7 @@ async fn promote(
             None => (None, None),
             Some((b, seen)) => {
                 let old: Latest = serde_json::from_slice(b).map_err(|e| {
-                    Error::Invalid(format!(
+                    Error::Usage(format!(
                         "{}: not a lockstep latest.json ({e}); move it aside to promote",
                         lineage.latest.url()
                     ))
@@ -558,7 +557,7 @@ async fn promote(
             Swap::Conflict => continue,
         }
     }
-    Err(Error::Invalid(format!(
+    Err(Error::Internal(format!(
         "{}: moved by other exporters 16 times in a row; try again",
         lineage.latest.url()
     )))

@@ -155,7 +155,7 @@ pub fn narrow(values: &[f32], dtype: WeightDtype) -> Vec<u8> {
 pub fn export(config: &LlamaConfig, values: &[Vec<f32>], dtype: WeightDtype) -> Result<Vec<u8>> {
     let specs = param_specs(config);
     if specs.len() != values.len() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Internal(format!(
             "{} tensors given for {} parameters",
             values.len(),
             specs.len()
@@ -165,12 +165,12 @@ pub fn export(config: &LlamaConfig, values: &[Vec<f32>], dtype: WeightDtype) -> 
     let mut views = Vec::with_capacity(specs.len());
     for (s, b) in specs.iter().zip(&bytes) {
         let view = TensorView::new(dtype.safetensors(), s.shape.clone(), b)
-            .map_err(|e| Error::Invalid(format!("tensor `{}`: {e}", s.name)))?;
+            .map_err(|e| Error::Internal(format!("tensor `{}`: {e}", s.name)))?;
         views.push((s.name.clone(), view));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize(views, Some(metadata))
-        .map_err(|e| Error::Invalid(format!("cannot serialise safetensors: {e}")))
+        .map_err(|e| Error::Internal(format!("cannot serialise safetensors: {e}")))
 }
 
 /// A model directory's `config.json` as written by export: the config with `torch_dtype` set.
@@ -185,7 +185,7 @@ pub fn config_json(config: &LlamaConfig, dtype: WeightDtype) -> Result<String> {
     c.extra.insert(key.into(), dtype.torch_name().into());
     serde_json::to_string_pretty(&c)
         .map(|s| s + "\n")
-        .map_err(|e| Error::Invalid(format!("cannot serialise config.json: {e}")))
+        .map_err(|e| Error::Internal(format!("cannot serialise config.json: {e}")))
 }
 
 /// A Hugging Face model directory read from disk.

@@ -272,7 +272,7 @@ impl<'a> Builder<'a> {
         let path = dir.join("meta.json");
         let mut f = private_file(&path, true).map_err(io(path.clone()))?;
         let json = serde_json::to_vec_pretty(&self.meta)
-            .map_err(|e| Error::Invalid(format!("token store meta: {e}")))?;
+            .map_err(|e| Error::Internal(format!("token store meta: {e}")))?;
         f.write_all(&json)
             .and_then(|()| f.sync_all())
             .map_err(io(path))?;

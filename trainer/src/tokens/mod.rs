@@ -65,7 +65,7 @@ pub fn default_cache() -> Result<PathBuf> {
         .or_else(|| var("HOME").map(|h| h.join(".cache")))
         .map(|c| c.join("lockstep").join("tokens"))
         .ok_or_else(|| {
-            Error::Invalid(
+            Error::Usage(
                 "no place for the tokenised data: set --data-cache (or LOCKSTEP_DATA_CACHE, \
                  XDG_CACHE_HOME or HOME)"
                     .into(),
@@ -172,7 +172,7 @@ pub fn prepare(
             .and_then(|d| d.sync_all())
             .map_err(io(cache))?;
     }
-    Err(Error::Invalid(format!(
+    Err(Error::Internal(format!(
         "{}: the token store could not be opened (built or rebuilt ten times)",
         dir.display()
     )))
@@ -216,7 +216,7 @@ fn lock_exclusive(lock: &File, path: &Path, instead: impl Fn() -> bool) -> Resul
             return Ok(false);
         }
         if started.elapsed() > LOCK_PATIENCE {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "{}: still locked by another process after {} minutes",
                 path.display(),
                 LOCK_PATIENCE.as_secs() / 60
@@ -247,7 +247,7 @@ fn check_private(dir: &Path) -> Result<()> {
     let mode = m.permissions().mode() & 0o777;
     let mine = euid().is_none_or(|u| u == m.uid());
     if !mine || mode & 0o022 != 0 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Usage(format!(
             "token cache {}: {} (mode {mode:o}, owner uid {}); others could plant tokenised \
              data there: use a directory only you can write (--data-cache)",
             dir.display(),

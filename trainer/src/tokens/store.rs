@@ -115,7 +115,7 @@ impl TokenStore {
     pub fn read(&self, d: usize, offset: u32, n: u32, out: &mut Vec<u32>) -> Result<()> {
         let doc = self.docs[d];
         if u64::from(offset) + u64::from(n) > u64::from(doc.len) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Internal(format!(
                 "token store: read past the end of document {d}"
             )));
         }
@@ -150,7 +150,7 @@ fn decode(bytes: &[u8], width: u8, out: &mut Vec<u32>) {
 
 /// Opens the store in `dir`, checking every claim of its `meta.json` against the files.
 pub fn open(dir: &Path, enc: &Encoding<'_>) -> Result<TokenStore> {
-    let damaged = |reason: String| Error::Invalid(format!("{}: {reason}", dir.display()));
+    let damaged = |reason: String| Error::Internal(format!("{}: {reason}", dir.display()));
     let io = |name: &str| {
         let path = dir.join(name).display().to_string();
         move |source| Error::Io { path, source }
