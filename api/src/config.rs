@@ -484,6 +484,21 @@ pub enum ConfigError {
 }
 
 impl JobConfig {
+    /// A hash of what decides a run's results (the model, data and train sections): stored in
+    /// each checkpoint's manifest, and checked by each worker against the coordinator's when it
+    /// joins. 16 hex digits of xxh3 over their JSON.
+    pub fn results_hash(&self) -> String {
+        let key = serde_json::json!({
+            "model": self.model,
+            "data": self.data,
+            "train": self.train,
+        });
+        format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(key.to_string().as_bytes())
+        )
+    }
+
     /// Every location the job reads or writes, each with the field that names it, as written
     /// (URLs or paths): `checkpoint.url`, each `data.train` and `data.eval` entry, `export.url`,
     /// and `model.base`'s directory or lineage.

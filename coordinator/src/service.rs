@@ -372,6 +372,7 @@ impl Coordinator {
                     peers,
                     collective: "ring".into(),
                     resume_step: live.attempt.resume_step,
+                    config_hash: job.config.results_hash(),
                 }));
                 job.send(Input::AllJoined { attempt });
             }

@@ -99,15 +99,8 @@ impl Plan {
     }
 }
 
-/// A hash of what decides a run's results (model, data, training): stored in each manifest.
+/// A hash of what decides a run's results (model, data, training): stored in each manifest
+/// ([`JobConfig::results_hash`]).
 pub fn config_hash(config: &JobConfig) -> String {
-    let key = serde_json::json!({
-        "model": config.model,
-        "data": config.data,
-        "train": config.train,
-    });
-    format!(
-        "{:016x}",
-        xxhash_rust::xxh3::xxh3_64(key.to_string().as_bytes())
-    )
+    config.results_hash()
 }

@@ -310,6 +310,15 @@ fn join_gang(
             joined.world_size, config.job.world_size
         )));
     }
+    let mine = config.results_hash();
+    if !joined.config_hash.is_empty() && joined.config_hash != mine {
+        return Err(Error::Usage(format!(
+            "this worker's config (model, data, train: hash {mine}) differs from the one the \
+             coordinator started job {job} with (hash {}): its config file was changed, or the \
+             worker runs another lockstep version than the coordinator",
+            joined.config_hash
+        )));
+    }
     let rank = joined.rank as usize;
     tracing::info!(rank, world = joined.world_size, resume = ?joined.resume_step, "joined the gang");
     let hb = (config.job.heartbeat_timeout / 5)

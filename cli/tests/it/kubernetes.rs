@@ -434,7 +434,22 @@ impl Cluster {
             .await
             .unwrap();
         let config = dir.join("config.toml");
-        std::fs::write(&config, &cm.data.unwrap()["config.toml"]).unwrap();
+        let mut text = cm.data.unwrap()["config.toml"].clone();
+        // Another lockstep version, reading the config otherwise (a learning rate).
+        if image == "lockstep:skewed" {
+            let lines: Vec<&str> = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("lr = ") {
+                        "lr = 0.5"
+                    } else {
+                        l
+                    }
+                })
+                .collect();
+            text = lines.join("\n");
+        }
+        std::fs::write(&config, text).unwrap();
         let termination_log = dir.join("termination-log");
         let mut env: HashMap<String, String> = HashMap::new();
         for e in c["env"].as_array().unwrap() {
@@ -963,6 +978,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     };
     small("stuck", "registry.invalid/lockstep:1", &[]);
     small("badname", "Lockstep:BAD", &[]);
+    small("skewed", "lockstep:skewed", &[]);
     // The export's webhook URL from a Secret: one that is not there is refused up front.
     small(
         "hooked",
@@ -993,6 +1009,18 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     let why = st.message.clone().unwrap_or_default();
     assert!(
         why.contains("InvalidImageName") && why.contains("badname-a1-rank-0-0"),
+        "{why}"
+    );
+    assert_eq!(st.restarts, 0, "{st:#?}");
+    // A worker whose config is not the one the coordinator started the job with refuses to
+    // train, and that is not a restart's to fix.
+    let st = wait_status(&admin, "skewed", Duration::from_secs(60), "failed", |s| {
+        s.phase == Some(JobPhase::Failed)
+    })
+    .await;
+    let why = st.message.clone().unwrap_or_default();
+    assert!(
+        why.contains("differs from the one the coordinator started"),
         "{why}"
     );
     assert_eq!(st.restarts, 0, "{st:#?}");
@@ -1073,7 +1101,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         st.condition("Waiting").map(|c| c.status.as_str()),
         Some("False")
     );
-    for name in ["stuck", "badname", "hooked", "queued"] {
+    for name in ["stuck", "badname", "skewed", "hooked", "queued"] {
         Api::<LockstepJob>::namespaced(admin.clone(), NS)
             .delete(name, &DeleteParams::default())
             .await
