@@ -15,7 +15,6 @@
 
 use bytes::Bytes;
 use lockstep_api::base::{BaseModel, as_url};
-use lockstep_storage::pointer::Swap;
 use lockstep_storage::{CheckpointStore, objects};
 use object_store::{ObjectStore, PutPayload};
 use sha2::{Digest, Sha256};
@@ -26,8 +25,13 @@ use crate::model::hf::{self, WeightDtype};
 use crate::model::{LlamaConfig, param_specs};
 
 mod lineage;
+mod promote;
+mod read;
 
 pub use lineage::{Decision, FileEntry, Latest, Lineage, Record};
+pub use promote::gate;
+use promote::promote;
+pub use read::{Listing, list, resolve_latest};
 
 /// The marker (and lineage record) of a finished version.
 pub const LINEAGE_FILE: &str = "lockstep.json";
@@ -46,77 +50,6 @@ const TOKENIZER_FILES: [&str; 4] = [
 ];
 /// The largest JSON record read back (lockstep.json, latest.json, promotion.json).
 const MAX_RECORD: u64 = 1 << 20;
-
-/// The directory URL of the version `<lineage_url>/latest.json` promotes, once every file it
-/// lists in its `lockstep.json` has the size and sha256 recorded there (a damaged export is
-/// refused, naming the file). For a nightly job starting from last night's model.
-pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
-    let lineage_url = lineage_url.trim_end_matches('/');
-    let latest_url = format!("{lineage_url}/{LATEST_FILE}");
-    let model = |file: &str, reason: String| Error::Model {
-        file: file.to_string(),
-        reason,
-    };
-    let read_small = |url: String| async move {
-        let object = match objects::head_url(&url).await {
-            Ok(o) => o,
-            Err(lockstep_storage::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(Error::from(e)),
-        };
-        if object.size > MAX_RECORD {
-            return Err(model(
-                &url,
-                format!("{} bytes: not a lockstep record", object.size),
-            ));
-        }
-        Ok(Some(object.read_range(0..object.size).await?))
-    };
-    let bytes = read_small(latest_url.clone()).await?.ok_or_else(|| {
-        model(
-            &latest_url,
-            "not found: the lineage has no promoted version (export one with --promote first)"
-                .into(),
-        )
-    })?;
-    let latest: Latest = serde_json::from_slice(&bytes)
-        .map_err(|e| model(&latest_url, format!("not a lockstep latest.json: {e}")))?;
-    // The version directory inside this lineage, whatever URL the record claims.
-    check_segment("the promoted version", &latest.version)?;
-    let dir = format!("{lineage_url}/{}", latest.version);
-    let record_url = format!("{dir}/{LINEAGE_FILE}");
-    let bytes = read_small(record_url.clone()).await?.ok_or_else(|| {
-        model(
-            &record_url,
-            "not found: the promoted version is incomplete".into(),
-        )
-    })?;
-    let record: Record = serde_json::from_slice(&bytes)
-        .map_err(|e| model(&record_url, format!("not a lockstep.json: {e}")))?;
-    for f in &record.files {
-        check_segment("a file of the export", &f.name)?;
-        let url = format!("{dir}/{}", f.name);
-        let bytes = objects::read_url(&url).await.map_err(|e| match e {
-            lockstep_storage::Error::NotFound { .. } => {
-                model(&url, "missing (lockstep.json lists it)".into())
-            }
-            e => e.into(),
-        })?;
-        let sha = sha256_hex(&bytes);
-        if bytes.len() as u64 != f.bytes || sha != f.sha256 {
-            return Err(model(
-                &url,
-                format!(
-                    "{} bytes with sha256 {sha}; lockstep.json records {} bytes with sha256 {}: \
-                     the export is damaged",
-                    bytes.len(),
-                    f.bytes,
-                    f.sha256
-                ),
-            ));
-        }
-    }
-    Ok(dir)
-}
 
 fn store_err(op: &'static str, at: &str, e: object_store::Error) -> Error {
     Error::Storage(lockstep_storage::Error::Store {
@@ -476,93 +409,6 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
     })
 }
 
-/// Why `new` may not replace `old`, if it may not.
-pub fn gate(new: &Record, old: &Latest, max_regression: f64) -> Option<String> {
-    // A cross-entropy is never negative: such a loss is a damaged record, never promoted.
-    for (what, l) in [("eval loss", new.eval_loss), ("train loss", new.train_loss)] {
-        if l.is_some_and(|l| !l.is_finite() || l < 0.0) {
-            return Some(format!("its {what} {l:?} is not a plausible loss"));
-        }
-    }
-    // A promoted version without any loss (exported from a checkpoint that had none) cannot
-    // be compared with: a measured version may replace it, or the lineage would be stuck.
-    if old.eval_loss.is_none() && old.train_loss.is_none() {
-        return None;
-    }
-    let (n, o, what) = match (new.eval_loss, old.eval_loss) {
-        (Some(n), Some(o)) => (n, o, "eval loss"),
-        _ => match (new.train_loss, old.train_loss) {
-            (Some(n), Some(o)) => (n, o, "train loss (one of the two has no eval loss)"),
-            _ => {
-                return Some(format!(
-                    "{} and the promoted {} have no loss in common to compare",
-                    new.version, old.version
-                ));
-            }
-        },
-    };
-    // A NaN loss never passes.
-    let passes = n.is_finite() && n <= o + max_regression;
-    (!passes).then(|| {
-        format!(
-            "its {what} {n:.4} is worse than the promoted {}'s {o:.4} by more than \
-             export.max_eval_regression = {max_regression}",
-            old.version
-        )
-    })
-}
-
-/// Moves `latest.json` to `record` if the gate allows, by compare-and-swap (re-deciding when
-/// another exporter moved it first).
-async fn promote(
-    lineage: &Lineage,
-    record: &Record,
-    dir_url: &str,
-    max_regression: f64,
-) -> Result<Promotion> {
-    let new = Latest {
-        version: record.version.clone(),
-        url: dir_url.to_string(),
-        step: record.step,
-        train_loss: record.train_loss,
-        eval_loss: record.eval_loss,
-        promoted_unix_ms: now_ms(),
-    };
-    let bytes = Bytes::from(
-        serde_json::to_vec_pretty(&new)
-            .map_err(|e| Error::Internal(format!("latest.json: {e}")))?,
-    );
-    for _ in 0..16 {
-        let current = lineage.latest.read().await?;
-        let (expected, replaced) = match &current {
-            None => (None, None),
-            Some((b, seen)) => {
-                let old: Latest = serde_json::from_slice(b).map_err(|e| {
-                    Error::Usage(format!(
-                        "{}: not a lockstep latest.json ({e}); move it aside to promote",
-                        lineage.latest.url()
-                    ))
-                })?;
-                if old.version == record.version {
-                    return Ok(Promotion::AlreadyExported);
-                }
-                if let Some(reason) = gate(record, &old, max_regression) {
-                    return Ok(Promotion::Kept { reason });
-                }
-                (Some(seen), Some(old.version))
-            }
-        };
-        match lineage.latest.swap(expected, bytes.clone()).await? {
-            Swap::Done => return Ok(Promotion::Promoted { replaced }),
-            Swap::Conflict => continue,
-        }
-    }
-    Err(Error::Internal(format!(
-        "{}: moved by other exporters 16 times in a row; try again",
-        lineage.latest.url()
-    )))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,37 +429,4 @@ mod tests {
             assert!(check_segment("x", bad).is_err(), "{bad}");
         }
     }
-}
-
-/// A lineage's finished versions, oldest first, each with its promotion decision, and which
-/// one is promoted.
-#[derive(Debug, Clone)]
-pub struct Listing {
-    /// The lineage: `<export.url>/<name>`.
-    pub url: String,
-    /// The finished versions and the decision taken on each (none: promotion not asked).
-    pub versions: Vec<(Record, Option<Decision>)>,
-    /// The promoted version's name (what `latest.json` names).
-    pub promoted: Option<String>,
-}
-
-/// Lists the lineage at `lineage_url` (`<export.url>/<name>`, `file://` or `s3://`).
-pub async fn list(lineage_url: &str) -> Result<Listing> {
-    let url = lineage_url.trim_end_matches('/');
-    let (store, root) = objects::open_url(url)?;
-    let lineage = Lineage::with_store(store, root, url);
-    let lineage = Lineage {
-        latest: lockstep_storage::pointer::Pointer::open(&format!(
-            "{}/{LATEST_FILE}",
-            lineage.url
-        ))?,
-        ..lineage
-    };
-    let versions = lineage.versions().await?;
-    let promoted = lineage.latest().await?.map(|l| l.version);
-    Ok(Listing {
-        url: lineage.url,
-        versions,
-        promoted,
-    })
 }

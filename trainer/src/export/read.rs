@@ -1,0 +1,114 @@
+//! Reading a lineage: the promoted version, verified file by file (the base of a nightly
+//! run), and the list of versions with their promotion decisions (`lockstep export ls`).
+
+use lockstep_storage::objects;
+
+use super::lineage::Decision;
+use super::{
+    LATEST_FILE, LINEAGE_FILE, Latest, Lineage, MAX_RECORD, Record, check_segment, sha256_hex,
+};
+use crate::error::{Error, Result};
+
+/// The directory URL of the version `<lineage_url>/latest.json` promotes, once every file it
+/// lists in its `lockstep.json` has the size and sha256 recorded there (a damaged export is
+/// refused, naming the file). For a nightly job starting from last night's model.
+pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
+    let lineage_url = lineage_url.trim_end_matches('/');
+    let latest_url = format!("{lineage_url}/{LATEST_FILE}");
+    let model = |file: &str, reason: String| Error::Model {
+        file: file.to_string(),
+        reason,
+    };
+    let read_small = |url: String| async move {
+        let object = match objects::head_url(&url).await {
+            Ok(o) => o,
+            Err(lockstep_storage::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::from(e)),
+        };
+        if object.size > MAX_RECORD {
+            return Err(model(
+                &url,
+                format!("{} bytes: not a lockstep record", object.size),
+            ));
+        }
+        Ok(Some(object.read_range(0..object.size).await?))
+    };
+    let bytes = read_small(latest_url.clone()).await?.ok_or_else(|| {
+        model(
+            &latest_url,
+            "not found: the lineage has no promoted version (export one with --promote first)"
+                .into(),
+        )
+    })?;
+    let latest: Latest = serde_json::from_slice(&bytes)
+        .map_err(|e| model(&latest_url, format!("not a lockstep latest.json: {e}")))?;
+    // The version directory inside this lineage, whatever URL the record claims.
+    check_segment("the promoted version", &latest.version)?;
+    let dir = format!("{lineage_url}/{}", latest.version);
+    let record_url = format!("{dir}/{LINEAGE_FILE}");
+    let bytes = read_small(record_url.clone()).await?.ok_or_else(|| {
+        model(
+            &record_url,
+            "not found: the promoted version is incomplete".into(),
+        )
+    })?;
+    let record: Record = serde_json::from_slice(&bytes)
+        .map_err(|e| model(&record_url, format!("not a lockstep.json: {e}")))?;
+    for f in &record.files {
+        check_segment("a file of the export", &f.name)?;
+        let url = format!("{dir}/{}", f.name);
+        let bytes = objects::read_url(&url).await.map_err(|e| match e {
+            lockstep_storage::Error::NotFound { .. } => {
+                model(&url, "missing (lockstep.json lists it)".into())
+            }
+            e => e.into(),
+        })?;
+        let sha = sha256_hex(&bytes);
+        if bytes.len() as u64 != f.bytes || sha != f.sha256 {
+            return Err(model(
+                &url,
+                format!(
+                    "{} bytes with sha256 {sha}; lockstep.json records {} bytes with sha256 {}: \
+                     the export is damaged",
+                    bytes.len(),
+                    f.bytes,
+                    f.sha256
+                ),
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+/// A lineage's finished versions, oldest first, each with its promotion decision, and which
+/// one is promoted.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The lineage: `<export.url>/<name>`.
+    pub url: String,
+    /// The finished versions and the decision taken on each (none: promotion not asked).
+    pub versions: Vec<(Record, Option<Decision>)>,
+    /// The promoted version's name (what `latest.json` names).
+    pub promoted: Option<String>,
+}
+
+/// Lists the lineage at `lineage_url` (`<export.url>/<name>`, `file://` or `s3://`).
+pub async fn list(lineage_url: &str) -> Result<Listing> {
+    let url = lineage_url.trim_end_matches('/');
+    let (store, root) = objects::open_url(url)?;
+    let lineage = Lineage::with_store(store, root, url);
+    let lineage = Lineage {
+        latest: lockstep_storage::pointer::Pointer::open(&format!(
+            "{}/{LATEST_FILE}",
+            lineage.url
+        ))?,
+        ..lineage
+    };
+    let versions = lineage.versions().await?;
+    let promoted = lineage.latest().await?.map(|l| l.version);
+    Ok(Listing {
+        url: lineage.url,
+        versions,
+        promoted,
+    })
+}
