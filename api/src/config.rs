@@ -15,11 +15,11 @@ pub struct JobConfig {
     pub job: JobSection,
     /// Model architecture or base model.
     pub model: ModelSection,
-    /// Training data.
+    /// What to train on (and evaluate on), and how it is packed into sequences.
     pub data: DataSection,
-    /// Optimisation.
+    /// The optimizer and its schedule: steps, batch size, learning rate, AdamW, clipping.
     pub train: TrainSection,
-    /// Checkpointing.
+    /// Where checkpoints go, how often, how many are kept, and where a run resumes from.
     pub checkpoint: CheckpointSection,
     /// Export of the finished model; none means no export.
     #[serde(default)]
@@ -63,7 +63,7 @@ pub mod limits {
     pub const MAX_KEEP_LAST: usize = 1_000_000;
 }
 
-/// `[job]`.
+/// `[job]`: the job's name, its gang (world size), and how it recovers (restarts, timeouts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
@@ -92,7 +92,7 @@ pub struct JobSection {
     pub collective_timeout: Duration,
 }
 
-/// `[model]`.
+/// `[model]`: the Llama architecture to train from scratch, or the base model to fine-tune.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -129,7 +129,7 @@ pub struct ModelSection {
     pub tie_embeddings: bool,
 }
 
-/// `[data]`.
+/// `[data]`: the training (and held-out) JSONL files and the sequence length.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
@@ -148,11 +148,12 @@ pub struct DataSection {
     pub eval: Vec<String>,
 }
 
-/// `[train]`.
+/// `[train]`: the optimizer (AdamW), its learning-rate schedule and the batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    /// Optimizer steps.
+    /// Optimizer steps to train for (each `batch_size × grad_accum` sequences per rank); the
+    /// job ends, and exports, after the last.
     pub steps: u64,
     /// Sequences per rank per step.
     #[serde(default = "defaults::batch_size")]
@@ -181,7 +182,7 @@ pub struct TrainSection {
     /// AdamW second-moment decay.
     #[serde(default = "defaults::beta2")]
     pub beta2: f64,
-    /// AdamW epsilon.
+    /// AdamW epsilon: added to the second moment's square root in the update's denominator.
     #[serde(default = "defaults::adam_eps")]
     pub eps: f64,
     /// Clip the global gradient norm to this; 0 turns clipping off.
@@ -211,7 +212,8 @@ pub enum Schedule {
     Constant,
 }
 
-/// `[checkpoint]`.
+/// `[checkpoint]`: where checkpoints are committed, how often, how many are kept, and which
+/// one a run resumes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSection {
@@ -262,7 +264,8 @@ impl CheckpointSection {
     }
 }
 
-/// `[export]`.
+/// `[export]`: where the finished model goes as a Hugging Face directory, in which dtype, and
+/// the gate and notices of its promotion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSection {
