@@ -22,6 +22,7 @@ mod dtype;
 mod error;
 pub mod fault;
 pub mod format;
+mod local;
 mod location;
 pub mod objects;
 pub mod plan;

@@ -271,7 +271,7 @@ impl CheckpointStore {
     }
 
     /// Verifies `step` and classifies the outcome.
-    async fn verdict(&self, step: u64) -> Result<Verdict> {
+    pub(crate) async fn verdict(&self, step: u64) -> Result<Verdict> {
         let report = match self.verify(step).await {
             Ok(r) => r,
             Err(Error::NotCommitted { .. }) => return Ok(Verdict::Gone),

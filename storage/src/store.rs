@@ -140,6 +140,10 @@ pub struct StepListing {
     pub files: usize,
     /// Stored bytes in the directory.
     pub bytes: u64,
+    /// Symbolic links that are the directory or are in it (`file://` stores). lockstep writes
+    /// none and never follows one: a step with links is not a usable checkpoint until they are
+    /// removed (`lockstep ckpt gc` removes the links themselves).
+    pub links: Vec<String>,
 }
 
 /// One checkpoint to commit with [`CheckpointStore::commit_step`].
@@ -186,6 +190,11 @@ pub struct GcReport {
     /// Uncommitted step directories older than the newest commit (debris of failed attempts),
     /// deleted.
     pub debris: Vec<u64>,
+    /// Committed steps that do not verify, with why: kept (resume sets them aside), not
+    /// counted towards the policy.
+    pub unverified: Vec<(u64, String)>,
+    /// Symbolic links found in the tree and removed (the links, not what they point to).
+    pub links: Vec<String>,
 }
 
 /// Splits a checkpoint target `URL[@STEP]`; `@latest` and no suffix mean the newest. Only a
@@ -333,6 +342,30 @@ impl CheckpointStore {
 
     /// Lists every step directory, committed or not, in ascending step order.
     pub async fn list_all(&self) -> Result<Vec<StepListing>> {
+        if let Some(dir) = self.local_dir.clone() {
+            // Not through object_store: its local listing follows links (out of the tree,
+            // or round a loop).
+            let listed = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || crate::local::list_steps(&dir)
+            })
+            .await?
+            .map_err(|source| Error::Io {
+                op: "list checkpoints",
+                path: dir,
+                source,
+            })?;
+            return Ok(listed
+                .into_iter()
+                .map(|s| StepListing {
+                    step: s.step,
+                    committed: s.manifest && s.links.is_empty(),
+                    files: s.files,
+                    bytes: s.bytes,
+                    links: s.links.iter().map(|l| l.display().to_string()).collect(),
+                })
+                .collect());
+        }
         let root = (!self.root.as_ref().is_empty()).then_some(&self.root);
         let objects: Vec<_> = self
             .opts
@@ -362,6 +395,7 @@ impl CheckpointStore {
                 committed: false,
                 files: 0,
                 bytes: 0,
+                links: Vec::new(),
             });
             e.files += 1;
             e.bytes += o.size;
@@ -370,11 +404,14 @@ impl CheckpointStore {
         Ok(steps.into_values().collect())
     }
 
-    /// Committed steps, ascending.
+    /// Committed steps, ascending. A symbolic link in the tree is refused, naming it (a
+    /// run must not start from, or past, a checkpoint it cannot read as written).
     pub async fn list(&self) -> Result<Vec<u64>> {
-        Ok(self
-            .list_all()
-            .await?
+        let all = self.list_all().await?;
+        if let Some(link) = all.iter().flat_map(|s| &s.links).next() {
+            return Err(link_refused(link));
+        }
+        Ok(all
             .into_iter()
             .filter(|s| s.committed)
             .map(|s| s.step)
@@ -386,8 +423,25 @@ impl CheckpointStore {
         Ok(self.list().await?.last().copied())
     }
 
-    /// Reads and validates `step`'s manifest.
+    /// Reads and validates `step`'s manifest (a step directory that is or holds a symbolic
+    /// link is refused, naming it: its files are not read through links).
     pub async fn manifest(&self, step: u64) -> Result<Manifest> {
+        if let Some(dir) = &self.local_dir {
+            let dir = dir.join(format!("step-{step:012}"));
+            let links = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || crate::local::links_in(&dir)
+            })
+            .await?
+            .map_err(|source| Error::Io {
+                op: "read checkpoint directory",
+                path: dir,
+                source,
+            })?;
+            if let Some(l) = links.first() {
+                return Err(link_refused(&l.display().to_string()));
+            }
+        }
         let path = self.manifest_path(step);
         let bytes = match self.get(&path, "read manifest").await {
             Err(Error::NotFound { .. }) => {
@@ -522,6 +576,21 @@ impl CheckpointStore {
     /// Deletes `step`: the manifest first (so the checkpoint stops existing atomically), then
     /// the rest of the directory. Deleting a missing step succeeds.
     pub async fn delete(&self, step: u64) -> Result<()> {
+        if let Some(dir) = &self.local_dir {
+            // Not through object_store, whose local listing follows links: a link is removed,
+            // never what it points to.
+            let dir = dir.join(format!("step-{step:012}"));
+            return tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || crate::local::remove_step(&dir)
+            })
+            .await?
+            .map_err(|source| Error::Io {
+                op: "delete checkpoint",
+                path: dir,
+                source,
+            });
+        }
         let manifest = self.manifest_path(step);
         self.delete_object(&manifest).await?;
         for f in self.list_dir(&self.step_dir(step)).await? {
@@ -601,24 +670,75 @@ impl CheckpointStore {
         Ok(files.into_iter().map(|f| (f.location, f.size)).collect())
     }
 
-    /// Applies `policy` (see [`RetentionPolicy::decide`]); never deletes the newest committed
-    /// step or a `protected` one. Also removes uncommitted debris older than the newest commit.
-    /// With `dry_run`, reports without deleting.
+    /// Applies `policy` (see [`RetentionPolicy::decide`]) to the checkpoints that verify, with
+    /// the rules resume uses: each checkpoint the policy would keep is verified first (read in
+    /// full), and one that does not verify is kept but not counted, so the policy keeps that
+    /// many verified ones besides (and gc deletes nothing when none verifies). Never deletes
+    /// the newest verified step or a `protected` one. Also removes uncommitted debris older
+    /// than the newest commit, and symbolic links in the tree (the links themselves, never
+    /// what they point to). With `dry_run`, reports without deleting.
     pub async fn gc(
         &self,
         policy: &RetentionPolicy,
         protected: &[u64],
         dry_run: bool,
     ) -> Result<GcReport> {
-        let listing = self.list_all().await?;
+        let mut report = GcReport::default();
+        let mut listing = self.list_all().await?;
+        let links: Vec<String> = listing.iter().flat_map(|s| s.links.clone()).collect();
+        if !links.is_empty() {
+            if !dry_run {
+                let paths: Vec<PathBuf> = links.iter().map(PathBuf::from).collect();
+                tokio::task::spawn_blocking(move || crate::local::remove_links(&paths))
+                    .await?
+                    .map_err(|source| Error::Io {
+                        op: "remove symbolic links",
+                        path: self.local_dir.clone().unwrap_or_default(),
+                        source,
+                    })?;
+                listing = self.list_all().await?;
+            }
+            report.links = links;
+        }
         let committed: Vec<u64> = listing
             .iter()
             .filter(|s| s.committed)
             .map(|s| s.step)
             .collect();
         let newest = committed.iter().max().copied();
-        let mut report = GcReport::default();
-        for action in policy.decide(&committed, protected) {
+        // Decide on the checkpoints that verify: verify what would be kept, newest first; one
+        // that fails is set apart and the policy decides again without it.
+        let mut verified = std::collections::BTreeSet::new();
+        let actions = 'decide: loop {
+            let counted: Vec<u64> = committed
+                .iter()
+                .filter(|s| !report.unverified.iter().any(|(u, _)| u == *s))
+                .copied()
+                .collect();
+            let actions = policy.decide(&counted, protected);
+            for a in &actions {
+                if let RetentionAction::Keep { step, .. } = a
+                    && !verified.contains(step)
+                {
+                    match self.verdict(*step).await? {
+                        crate::resume::Verdict::Valid => {
+                            verified.insert(*step);
+                        }
+                        crate::resume::Verdict::Gone => {
+                            report.unverified.push((*step, "deleted meanwhile".into()));
+                            continue 'decide;
+                        }
+                        crate::resume::Verdict::Corrupt(why)
+                        | crate::resume::Verdict::Unsupported(why) => {
+                            report.unverified.push((*step, why));
+                            continue 'decide;
+                        }
+                    }
+                }
+            }
+            break actions;
+        };
+        for action in actions {
             match action {
                 RetentionAction::Keep { step, reason } => report.kept.push((step, reason)),
                 RetentionAction::Delete { step } => report.deleted.push(step),
@@ -741,6 +861,17 @@ impl CheckpointStore {
 }
 
 /// Parses `step-000000001200` into 1200.
+/// A symbolic link in a checkpoint tree: a permanent refusal naming it.
+fn link_refused(link: &str) -> Error {
+    Error::Refused {
+        reason: format!(
+            "`{link}` is a symbolic link in the checkpoint tree: lockstep never follows links \
+             there (remove it; `lockstep ckpt gc` removes links without touching what they \
+             point to)"
+        ),
+    }
+}
+
 pub(crate) fn parse_step_dir(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("step-")?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {

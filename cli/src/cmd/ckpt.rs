@@ -11,7 +11,8 @@ use super::{CliError, Result};
 /// Inspect, verify and garbage-collect checkpoints.
 #[derive(Debug, Subcommand)]
 pub enum CkptCommand {
-    /// List the checkpoints under URL: committed ones and uncommitted debris.
+    /// List the checkpoints under URL: committed ones, uncommitted debris, and step directories
+    /// that are or hold a symbolic link (never followed; not usable until removed).
     Ls {
         /// Checkpoint root, e.g. file://runs/quickstart/checkpoints or s3://bucket/job/checkpoints.
         url: String,
@@ -38,7 +39,14 @@ pub enum CkptCommand {
         all: bool,
     },
     /// Delete committed checkpoints outside the retention policy, and uncommitted debris older
-    /// than the newest commit. The newest committed checkpoint is never deleted.
+    /// than the newest commit.
+    ///
+    /// Counts only checkpoints that verify, with the rules resume uses: every checkpoint it
+    /// would keep is verified first (read in full), and one that does not verify is kept but
+    /// not counted, so --keep-last verified checkpoints remain beside it; when none verifies,
+    /// nothing is deleted. The newest verified checkpoint and --protect steps are never
+    /// deleted. Symbolic links in the tree (lockstep makes none) are removed, never followed:
+    /// what they point to is not touched.
     Gc {
         /// Checkpoint root.
         url: String,
@@ -116,7 +124,7 @@ async fn ls(url: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
         let rows: Vec<_> = steps
             .iter()
             .map(|s| {
-                serde_json::json!({"step": s.step, "committed": s.committed, "files": s.files, "bytes": s.bytes})
+                serde_json::json!({"step": s.step, "committed": s.committed, "files": s.files, "bytes": s.bytes, "links": s.links})
             })
             .collect();
         let text = serde_json::to_string_pretty(&rows)
@@ -134,7 +142,9 @@ async fn ls(url: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
         "STEP", "STATE", "FILES", "SIZE"
     )?;
     for s in &steps {
-        let state = if s.committed {
+        let state = if !s.links.is_empty() {
+            "symlink"
+        } else if s.committed {
             "committed"
         } else {
             "uncommitted"
@@ -318,12 +328,25 @@ async fn gc(
     for step in &report.debris {
         writeln!(out, "{verb:<12}  {step:>14}  (uncommitted debris)")?;
     }
+    for (step, why) in &report.unverified {
+        writeln!(
+            out,
+            "keep          {step:>14}  (does not verify, not counted: {why})"
+        )?;
+    }
+    let unlink = if dry_run { "would remove" } else { "removed" };
+    for link in &report.links {
+        writeln!(out, "{unlink} symbolic link {link} (not followed)")?;
+    }
     writeln!(
         out,
-        "{} checkpoint(s) kept, {} {verb}, {} debris director(ies) {verb}",
+        "{} checkpoint(s) kept, {} {verb}, {} debris director(ies) {verb}, {} not verifying \
+         (kept), {} symbolic link(s) {unlink}",
         report.kept.len(),
         report.deleted.len(),
-        report.debris.len()
+        report.debris.len(),
+        report.unverified.len(),
+        report.links.len()
     )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -143,20 +143,27 @@ async fn ls_inspect_verify_gc_on_disk() {
         text(&o)
     );
 
-    // gc: keep the newest only.
+    // gc: keep the newest only (of those that verify; the damaged ones above are outside the
+    // policy's window, the protected one is kept although it does not verify).
+    for step in [400, 500, 600] {
+        save(&store, step, 2).await;
+    }
     let o = lockstep(&["ckpt", "gc", &url, "--keep-last", "1", "--dry-run"], &[]);
     assert!(
         o.status.success() && text(&o).contains("would delete"),
         "{}",
         text(&o)
     );
-    assert_eq!(store.list().await.unwrap(), vec![100, 200, 300]);
+    assert_eq!(
+        store.list().await.unwrap(),
+        vec![100, 200, 300, 400, 500, 600]
+    );
     let o = lockstep(
         &["ckpt", "gc", &url, "--keep-last", "1", "--protect", "100"],
         &[],
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(store.list().await.unwrap(), vec![100, 300]);
+    assert_eq!(store.list().await.unwrap(), vec![100, 600]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,4 +336,105 @@ fn reading_a_root_that_does_not_exist_creates_nothing() {
         assert!(text(&o).contains("not found"), "{}", text(&o));
     }
     assert!(!dir.path().join("nope").exists(), "a directory was created");
+}
+
+/// A symbolic link in a checkpoint tree (lockstep makes none) is never followed: `ls` shows it,
+/// `verify` and resume refuse it at once naming it, and `gc` removes the link itself, never the
+/// files it points to, nor a kept checkpoint reached through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_ls_and_verify_never_follow_symbolic_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ck");
+    let url = format!("file://{}", root.display());
+    let store = CheckpointStore::open(&url).unwrap();
+    for step in [5, 6] {
+        save(&store, step, 1).await;
+    }
+    let step_dir = |s: u64| root.join(format!("step-{s:012}"));
+    // Elsewhere: files gc must not touch.
+    let outside = dir.path().join("precious");
+    std::fs::create_dir_all(&outside).unwrap();
+    for i in 0..5 {
+        std::fs::write(outside.join(format!("f{i}")), b"keep me").unwrap();
+    }
+    std::os::unix::fs::symlink(&outside, step_dir(2)).unwrap();
+    // Another step reaching the kept step 6; a loop inside step 5.
+    std::os::unix::fs::symlink(step_dir(6), step_dir(9)).unwrap();
+    std::os::unix::fs::symlink("..", step_dir(5).join("up")).unwrap();
+
+    let o = lockstep(&["ckpt", "ls", &url], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&o).matches("symlink").count(), 3, "{}", text(&o));
+
+    let started = std::time::Instant::now();
+    let o = lockstep(&["ckpt", "verify", &format!("{url}@5")], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("step-000000000005/up` is a symbolic link"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "no retries"
+    );
+    // Resume refuses the tree, naming the link, as a permanent error.
+    let e = store
+        .choose_start(lockstep_storage::Want::Latest)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, lockstep_storage::Error::Refused { .. }), "{e}");
+
+    let o = lockstep(&["ckpt", "gc", &url, "--keep-last", "1"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("3 symbolic link(s) removed"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        5,
+        "files behind a link"
+    );
+    assert!(!step_dir(2).exists() && !step_dir(9).exists());
+    assert!(std::fs::symlink_metadata(step_dir(5).join("up")).is_err());
+    // The checkpoints themselves are whole: the newest kept, the older one deleted by policy.
+    let o = lockstep(&["ckpt", "verify", &format!("{url}@6")], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(store.list().await.unwrap(), vec![6]);
+}
+
+/// gc counts only checkpoints that verify: with the newest corrupt, `--keep-last 1` keeps it
+/// (resume sets it aside) and the newest one that verifies, so something restorable is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_keeps_a_verified_checkpoint_when_the_newest_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/ck", dir.path().display());
+    let store = CheckpointStore::open(&url).unwrap();
+    for step in [100, 200, 300] {
+        save(&store, step, 1).await;
+    }
+    rewrite(&store, &store.shard_path(300, 0), |b| b[20] ^= 0x10).await;
+    let o = lockstep(&["ckpt", "gc", &url, "--keep-last", "1"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("does not verify, not counted"), "{out}");
+    assert_eq!(store.list().await.unwrap(), vec![200, 300], "{out}");
+    let start = store
+        .choose_start(lockstep_storage::Want::Latest)
+        .await
+        .unwrap();
+    assert_eq!(start.step, Some(200));
+    // When none verifies, nothing is deleted.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/ck", dir.path().display());
+    let store = CheckpointStore::open(&url).unwrap();
+    for step in [1, 2] {
+        save(&store, step, 1).await;
+        rewrite(&store, &store.shard_path(step, 0), |b| b[20] ^= 0x10).await;
+    }
+    let o = lockstep(&["ckpt", "gc", &url, "--keep-last", "1"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(store.list().await.unwrap(), vec![1, 2], "{}", text(&o));
 }
