@@ -233,6 +233,11 @@ pub struct CheckpointSection {
     /// existing checkpoints) or a step number.
     #[serde(default = "defaults::resume")]
     pub resume: String,
+    /// Also resume checkpoints written by the job of this name (to continue a renamed job).
+    /// By default a run resumes only checkpoints its own `job.name` wrote, so two jobs never
+    /// share a checkpoint directory (and train on, or export, each other's weights) unnoticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_job: Option<String>,
 }
 
 /// Where a started job begins (see [`CheckpointSection::resume`]).
@@ -604,19 +609,24 @@ impl JobConfig {
                 reason: reason.to_string(),
             })
         };
-        let name = &self.job.name;
-        if name.is_empty()
-            || name.len() > 63
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            || name.starts_with('-')
-            || name.ends_with('-')
+        let job_name = |name: &str| {
+            !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !name.starts_with('-')
+                && !name.ends_with('-')
+        };
+        const NAME_RULE: &str =
+            "must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'";
+        if !job_name(&self.job.name) {
+            return bad("job.name", NAME_RULE);
+        }
+        if let Some(other) = &self.checkpoint.resume_job
+            && !job_name(other)
         {
-            return bad(
-                "job.name",
-                "must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'",
-            );
+            return bad("checkpoint.resume_job", NAME_RULE);
         }
         if self.job.world_size == 0 {
             return bad("job.world_size", "must be at least 1");

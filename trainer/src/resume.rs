@@ -78,6 +78,35 @@ pub fn agree(
     }
 }
 
+/// Whether this job may resume `m`: one its own job (or `checkpoint.resume_job`) wrote, not
+/// past its own last step.
+fn check_owner(config: &JobConfig, m: &lockstep_storage::Manifest) -> Result<()> {
+    let (mine, theirs) = (&config.job.name, &m.job);
+    if theirs != mine && config.checkpoint.resume_job.as_ref() != Some(theirs) {
+        return Err(Error::Resume {
+            step: m.step,
+            reason: format!(
+                "job `{theirs}` wrote it; this is job `{mine}`, and two jobs must not share \
+                 checkpoint.url `{}` (use a URL of its own; to continue a renamed job, set \
+                 checkpoint.resume_job = \"{theirs}\")",
+                config.checkpoint.url
+            ),
+        });
+    }
+    if m.step > config.train.steps {
+        return Err(Error::Resume {
+            step: m.step,
+            reason: format!(
+                "it is past this job's train.steps = {}: there is nothing to train, and its \
+                 weights are not this job's to export (raise train.steps to train on, or use \
+                 another checkpoint.url)",
+                config.train.steps
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The model, optimizer and trainer state a run starts with: restored from `ckpt` (its
 /// architecture must be the base model's), or the base model's weights (or a random init)
 /// with fresh moments.
@@ -98,6 +127,7 @@ pub fn begin<B: AutodiffBackend>(
         let ts = plan.trainer_state(config, &base.config, None);
         return Ok((TrainState { model, optim }, ts));
     };
+    check_owner(config, &ckpt.manifest)?;
     let (mut state, restored) = TrainState::<B>::restore(&base.config, ckpt, device)?;
     if restored.seq_len != config.data.seq_len || restored.seed != config.train.seed {
         tracing::warn!(

@@ -1113,6 +1113,7 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
     let long = TestJob::tiny("k8s-long")
         .world(2)
         .set("data.train", "[\"file://data.jsonl\"]")
+        .checkpoint_url("file://ckpt-long")
         .steps(100_000)
         .set("job.gang_timeout", "\"60s\"")
         .write_to(&tmp.path().join("long"));

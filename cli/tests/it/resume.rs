@@ -179,6 +179,49 @@ fn another_architecture_is_refused_by_name() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds committed"));
 }
 
+/// Two jobs must not share a checkpoint directory: another job's checkpoint is refused by
+/// name (unless `checkpoint.resume_job` names that job), and so is one past this job's last
+/// step (its weights are not this job's to export).
+#[test]
+fn another_jobs_checkpoint_is_refused_by_name() {
+    let _gang = crate::common::one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    assert!(run(&cfg, &["--stop-at", "4"]).status.success());
+    let out = run(&cfg, &["--set", "job.name=\"intruder\""]);
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("job `resume-test` wrote it; this is job `intruder`"),
+        "{err}"
+    );
+    // Renamed on purpose: resumes.
+    let out = run(
+        &cfg,
+        &[
+            "--set",
+            "job.name=\"renamed\"",
+            "--set",
+            "checkpoint.resume_job=\"resume-test\"",
+            "--stop-at",
+            "6",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Step 6 was written by `renamed`; the original job resuming past its 5 steps is refused.
+    let out = run(
+        &cfg,
+        &["--set", "job.name=\"renamed\"", "--set", "train.steps=5"],
+    );
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("past this job's train.steps = 5"), "{err}");
+}
+
 #[test]
 fn bad_inputs_exit_nonzero_naming_the_culprit() {
     let _gang = crate::common::one_gang();
