@@ -38,6 +38,7 @@ mod context;
 pub mod error;
 pub mod k8s;
 pub mod launcher;
+pub mod lease;
 pub mod listen;
 pub mod metrics;
 pub mod persist;

@@ -109,6 +109,8 @@ pub struct Job {
     pub config: JobConfig,
     /// Where and how its workers run beyond the config (each launch takes the current one).
     pub placement: Mutex<Placement>,
+    /// Its lease on its checkpoint URL while it lives ([`crate::lease`]).
+    pub lease: tokio::sync::Mutex<Option<lockstep_storage::lease::Lease>>,
     /// Its checkpoint store, opened once (an S3 store keeps its connection pool).
     pub store: CheckpointStore,
     /// Serialises what changes which checkpoints exist: a commit (and its retention) and an

@@ -143,7 +143,8 @@ impl Coordinator {
     }
 
     /// Registers a job and starts its supervisor. Opening its checkpoint store (which may
-    /// create a directory) runs on the blocking pool.
+    /// create a directory) runs on the blocking pool. A live job takes its checkpoint URL's
+    /// lease first: a URL another live job writes to is refused, naming that job.
     async fn add(
         &self,
         record: JobRecord,
@@ -154,6 +155,15 @@ impl Coordinator {
         let store = tokio::task::spawn_blocking(move || CheckpointStore::open(&url))
             .await?
             .map_err(|e| Error::InvalidArgument(format!("checkpoint.url: {e}")))?;
+        // (Before the lease: taking it for a job id that exists would take the live job's.)
+        if self.inner.registry.get(&record.id).is_ok() {
+            return Err(Error::JobExists(record.id.clone()));
+        }
+        let lease = if record.phase().is_final() {
+            None
+        } else {
+            crate::lease::take(&record.checkpoint_url, &record.id).await?
+        };
         let (inbox, rx) = mpsc::unbounded_channel();
         let job = Arc::new(Job {
             id: record.id.clone(),
@@ -162,11 +172,14 @@ impl Coordinator {
             store_lock: tokio::sync::Mutex::new(()),
             config,
             placement: Mutex::new(placement),
+            lease: tokio::sync::Mutex::new(lease),
             state: Mutex::new(JobState { record, live: None }),
             changed: watch::channel(0).0,
             inbox,
         });
+        // (A lease taken for a job that then cannot be added expires by itself.)
         self.inner.registry.insert(job.clone())?;
+        crate::lease::hold(job.clone());
         let supervisor = tokio::spawn(crate::supervisor::supervise(
             self.inner.clone(),
             job.clone(),

@@ -101,6 +101,12 @@ pub enum Input {
     },
     /// A user asked to cancel.
     Cancel,
+    /// The job cannot go on, for a reason outside its gang (it lost its checkpoint URL's
+    /// lease to another job): it fails, its gang torn down.
+    Fail {
+        /// Why.
+        why: String,
+    },
     /// The coordinator restarted and found the job mid-attempt; its old workers are gone.
     CoordinatorRestarted,
 }
@@ -250,6 +256,11 @@ impl Lifecycle {
             Input::Cancel => {
                 self.phase = Phase::Cancelled;
                 self.message = "cancelled by a user".into();
+                vec![Action::TearDown]
+            }
+            Input::Fail { why } => {
+                self.phase = Phase::Failed;
+                self.message = why;
                 vec![Action::TearDown]
             }
             Input::CoordinatorRestarted => match self.phase {

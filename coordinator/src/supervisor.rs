@@ -191,6 +191,8 @@ pub(crate) async fn supervise(
             }
         }
         if next.phase.is_final() {
+            // The checkpoint URL is free before anyone sees the end.
+            crate::lease::release(&job).await;
             let mut st = lock(&job.state);
             st.record.lifecycle = next;
             st.touch(&job, &inner.persister, true);

@@ -22,6 +22,7 @@ mod dtype;
 mod error;
 pub mod fault;
 pub mod format;
+pub mod lease;
 mod local;
 mod location;
 pub mod objects;

@@ -286,6 +286,13 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
         s["state"] == "running" && s["step"].as_u64() > Some(5)
     });
     assert_eq!(trainers(&job, None).len(), 2);
+    // One live job per checkpoint URL: a second submit (to this coordinator) and a `lockstep
+    // run` (another coordinator) of the same config are refused, naming the job holding it.
+    let (code, out) = server.cli(d, &["submit", "job.toml"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("in use by job {job}")), "{out}");
+    let err = refused(d);
+    assert!(err.contains(&format!("in use by job {job}")), "{err}");
     let (code, out) = server.cli(d, &["cancel", &job]);
     assert_eq!(code, 0, "{out}");
     let end = server.wait_for(d, &job, "cancelled", |s| s["state"] == "cancelled");

@@ -1253,7 +1253,12 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         .create(&PostParams::default(), &mine)
         .await
         .unwrap();
-    submit(&api, &long, "victim", &shared);
+    std::fs::create_dir_all(tmp.path().join("victim")).unwrap();
+    let victim = TestJob::tiny("k8s-victim")
+        .set("data.train", "[\"file://data.jsonl\"]")
+        .checkpoint_url("file://ckpt-victim")
+        .write_to(&tmp.path().join("victim"));
+    submit(&api, &victim, "victim", &shared);
     let st = wait_status(&admin, "victim", Duration::from_secs(60), "refused", |s| {
         s.message
             .as_deref()

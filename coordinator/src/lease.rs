@@ -1,0 +1,108 @@
+//! The lease a live job holds on its checkpoint URL ([`lockstep_storage::lease`]): taken when
+//! the job is accepted or adopted, renewed while it lives, given up when it ends. A second
+//! live job on the same URL (in this coordinator or another: two `lockstep run`s) is refused,
+//! naming the holder; a job that loses its lease (its coordinator stalled past the lease's
+//! time to live and another job took it) fails rather than write beside that job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep_storage::lease::Lease;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::launcher::Refused;
+use crate::registry::Job;
+use crate::state::Input;
+
+/// How long a lease holds without renewal: a dead coordinator's jobs block their checkpoint
+/// URLs this long at most.
+pub const LEASE_TTL: Duration = Duration::from_secs(60);
+
+/// Who holds the leases of this process's jobs, for people: "coordinator pid N on HOST".
+fn by() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "an unknown host".into());
+    format!("coordinator pid {} on {host}", std::process::id())
+}
+
+/// Takes job `id`'s lease on `checkpoint_url` (`None` for `memory://`). Another live job's is
+/// [`Error::Refused`], naming it.
+pub async fn take(checkpoint_url: &str, id: &str) -> Result<Option<Lease>> {
+    match Lease::acquire(checkpoint_url, id, &by(), LEASE_TTL).await {
+        Ok(l) => Ok(l),
+        Err(lockstep_storage::Error::Refused { reason }) => Err(Error::Refused(Refused(reason))),
+        Err(e) => Err(Error::Storage(e)),
+    }
+}
+
+/// Gives up `job`'s lease (when it ended: before its final state is published, so that a
+/// run that waits for the end can start the next job on the URL at once).
+pub async fn release(job: &Job) {
+    if let Some(l) = job.lease.lock().await.take()
+        && let Err(e) = l.release().await
+    {
+        tracing::warn!(job = %job.id, error = %e, "cannot release the checkpoint URL's lease (it expires by itself)");
+    }
+}
+
+/// Renews `job`'s lease while it lives (until [`release`] takes it). Losing it fails the job.
+pub fn hold(job: Arc<Job>) {
+    tokio::spawn(async move {
+        let Some(ttl) = job.lease.lock().await.as_ref().map(Lease::ttl) else {
+            return;
+        };
+        let every = ttl / 4;
+        let mut valid_until = Instant::now() + ttl;
+        loop {
+            tokio::time::sleep(every).await;
+            let renewed = {
+                let mut held = job.lease.lock().await;
+                let Some(lease) = held.as_mut() else { return };
+                match lease.renew().await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(lease
+                        .holder()
+                        .await
+                        .map_or_else(|| "another job".into(), |h| h.describe())),
+                    Err(e) => {
+                        if Instant::now() < valid_until {
+                            tracing::warn!(job = %job.id, error = %e, "cannot renew the checkpoint URL's lease; trying again");
+                            continue;
+                        }
+                        return fail(
+                            &job,
+                            format!(
+                                "cannot renew the lease on checkpoint.url `{}` within {} s: {e}",
+                                job.store.url(),
+                                ttl.as_secs()
+                            ),
+                        );
+                    }
+                }
+            };
+            match renewed {
+                Ok(()) => valid_until = Instant::now() + ttl,
+                Err(who) => {
+                    return fail(
+                        &job,
+                        format!(
+                            "lost the lease on checkpoint.url `{}` to {who} (this coordinator did \
+                             not renew it within {} s); stopped so that two jobs do not write \
+                             there",
+                            job.store.url(),
+                            ttl.as_secs()
+                        ),
+                    );
+                }
+            }
+        }
+    });
+}
+
+fn fail(job: &Job, why: String) {
+    tracing::error!(job = %job.id, %why, "failing the job");
+    job.send(Input::Fail { why });
+}

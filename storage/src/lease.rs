@@ -1,0 +1,210 @@
+//! A lease on a checkpoint root: one live job at a time writes under a `checkpoint.url`.
+//!
+//! `<checkpoint.url>/lease.json` names the job that holds the root and until when. It is taken
+//! and renewed by compare-and-swap ([`crate::pointer`]: a conditional put on S3, a locked
+//! read-compare-rename on `file://`), so two coordinators (two `lockstep run`s, or a `serve`
+//! and a `run`) cannot both take it. The holder renews it well before it expires and gives it
+//! up when its job ends; a holder that died keeps it only until it expires. The same job (a
+//! restarted coordinator adopting it) takes its own lease back at once.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::pointer::{Pointer, Seen, Swap};
+use crate::{Error, Location, Result};
+
+/// The lease object under a checkpoint root.
+pub const LEASE_FILE: &str = "lease.json";
+
+/// What the lease object says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The job id holding it.
+    pub job: String,
+    /// Who runs that job, for people: the coordinator's process and host.
+    pub by: String,
+    /// Until when (Unix milliseconds); a lease past it is free.
+    pub expires_unix_ms: u64,
+}
+
+impl Holder {
+    /// "job ID (BY)".
+    pub fn describe(&self) -> String {
+        format!("job {} ({})", self.job, self.by)
+    }
+}
+
+/// A held lease. Renew it within its time to live; release it when the job ends.
+#[derive(Debug)]
+pub struct Lease {
+    pointer: Pointer,
+    me: Holder,
+    ttl: Duration,
+    seen: Seen,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn encode(h: &Holder) -> Result<Bytes> {
+    serde_json::to_vec_pretty(h)
+        .map(Bytes::from)
+        .map_err(|e| Error::Invalid(format!("{LEASE_FILE}: {e}")))
+}
+
+impl Lease {
+    /// Takes the lease on checkpoint root `url` for job `job` (described by `by`) for `ttl`.
+    /// `Ok(None)` for `memory://` roots (one process's own: nothing to share). Another live
+    /// job's lease is [`Error::Refused`], naming it and until when it holds.
+    pub async fn acquire(url: &str, job: &str, by: &str, ttl: Duration) -> Result<Option<Lease>> {
+        if matches!(Location::parse(url)?, Location::Memory) {
+            return Ok(None);
+        }
+        let root = url.trim_end_matches('/');
+        let pointer = Pointer::open(&format!("{root}/{LEASE_FILE}"))?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        for _ in 0..8 {
+            let me = Holder {
+                job: job.to_string(),
+                by: by.to_string(),
+                expires_unix_ms: now_ms().saturating_add(ttl_ms),
+            };
+            let current = pointer.read().await?;
+            let expected = match &current {
+                None => None,
+                Some((bytes, seen)) => {
+                    // A lease object that is not one (damaged, hand-edited) holds nothing.
+                    if let Ok(h) = serde_json::from_slice::<Holder>(bytes)
+                        && h.job != job
+                        && h.expires_unix_ms > now_ms()
+                    {
+                        let left = (h.expires_unix_ms - now_ms()).div_ceil(1000);
+                        return Err(Error::Refused {
+                            reason: format!(
+                                "checkpoint.url `{root}` is in use by {} (its lease runs \
+                                 {left} s more, renewed while that job lives): two jobs must \
+                                 not write one checkpoint directory; wait for it to end, \
+                                 cancel it, or use another checkpoint.url",
+                                h.describe()
+                            ),
+                        });
+                    }
+                    Some(seen)
+                }
+            };
+            match pointer.swap(expected, encode(&me)?).await? {
+                Swap::Conflict => continue,
+                Swap::Done => {
+                    let Some((_, seen)) = pointer.read().await? else {
+                        continue;
+                    };
+                    return Ok(Some(Lease {
+                        pointer,
+                        me,
+                        ttl,
+                        seen,
+                    }));
+                }
+            }
+        }
+        Err(Error::Refused {
+            reason: format!(
+                "checkpoint.url `{root}`: its lease changed hands 8 times while taking it; try \
+                 again"
+            ),
+        })
+    }
+
+    /// Extends the lease by its time to live. `Ok(false)`: it was lost (taken by another job
+    /// after it expired); the job must stop writing there.
+    pub async fn renew(&mut self) -> Result<bool> {
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut next = self.me.clone();
+        next.expires_unix_ms = now_ms().saturating_add(ttl_ms);
+        match self.pointer.swap(Some(&self.seen), encode(&next)?).await? {
+            Swap::Conflict => Ok(false),
+            Swap::Done => {
+                let Some((bytes, seen)) = self.pointer.read().await? else {
+                    return Ok(false);
+                };
+                let mine = serde_json::from_slice::<Holder>(&bytes).is_ok_and(|h| h == next);
+                self.seen = seen;
+                self.me = next;
+                Ok(mine)
+            }
+        }
+    }
+
+    /// Who holds it now, as its object says (for a message after it was lost).
+    pub async fn holder(&self) -> Option<Holder> {
+        let (bytes, _) = self.pointer.read().await.ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Gives it up (marks it expired, if it is still this job's).
+    pub async fn release(self) -> Result<()> {
+        let mut gone = self.me.clone();
+        gone.expires_unix_ms = 0;
+        self.pointer.swap(Some(&self.seen), encode(&gone)?).await?;
+        Ok(())
+    }
+
+    /// Its time to live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_job_holds_a_root_until_it_releases_or_its_lease_expires() {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/ckpt", d.path().display());
+        let ttl = Duration::from_secs(60);
+        let mut a = Lease::acquire(&url, "a-1", "pid 1 on h", ttl)
+            .await
+            .unwrap()
+            .unwrap();
+        let e = Lease::acquire(&url, "b-2", "pid 2 on h", ttl)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("in use by job a-1 (pid 1 on h)"),
+            "{e}"
+        );
+        assert!(a.renew().await.unwrap());
+        // The same job (its coordinator restarted) takes it back.
+        let a2 = Lease::acquire(&url, "a-1", "pid 3 on h", ttl)
+            .await
+            .unwrap()
+            .unwrap();
+        // The first holder's renewal now finds it moved: lost.
+        assert!(!a.renew().await.unwrap());
+        a2.release().await.unwrap();
+        let b = Lease::acquire(&url, "b-2", "pid 2 on h", Duration::from_millis(1))
+            .await
+            .unwrap()
+            .unwrap();
+        // Expired (a dead holder): free for the next job.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let c = Lease::acquire(&url, "c-3", "pid 4 on h", ttl)
+            .await
+            .unwrap();
+        assert!(c.is_some());
+        drop(b);
+        assert!(
+            Lease::acquire("memory://", "x", "y", ttl)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
