@@ -222,6 +222,14 @@ impl Coordinator {
         workdir: PathBuf,
         placement: Placement,
     ) -> Result<JobRecord> {
+        // `{date}` left in what was sent (the command line fills it from --date) is today's:
+        // the job's config is fixed when it is accepted, for every attempt and worker.
+        let today = lockstep_api::date::today();
+        let config_text = lockstep_api::date::apply(&config_text, &today);
+        let overrides: Vec<String> = overrides
+            .iter()
+            .map(|o| lockstep_api::date::apply(o, &today))
+            .collect();
         let config = JobConfig::parse(&config_text, &overrides)?;
         self.inner.launcher.admit(&config)?;
         if !workdir.is_absolute() {

@@ -134,7 +134,12 @@ pub fn run(opts: &Options) -> Result<u8> {
         None => lockstep_api::date::today(),
     };
     let text = lockstep_api::date::apply(&text, &date);
-    let config = JobConfig::parse(&text, &opts.set)
+    let sets: Vec<String> = opts
+        .set
+        .iter()
+        .map(|s| lockstep_api::date::apply(s, &date))
+        .collect();
+    let config = JobConfig::parse(&text, &sets)
         .map_err(|source| Error::ConfigFile { file: path, source })?;
     let signals = Signals::install()?;
     let mut run = RunOptions {

@@ -204,7 +204,7 @@ async fn submit(args: SubmitArgs) -> Result {
     let s = c
         .submit(proto::SubmitRequest {
             config_toml: loaded.text,
-            overrides: set,
+            overrides: loaded.sets,
             workdir: cwd.display().to_string(),
         })
         .await?

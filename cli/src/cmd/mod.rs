@@ -135,6 +135,8 @@ pub struct Loaded {
     pub config: JobConfig,
     /// What `{date}` became (YYYY-MM-DD).
     pub date: String,
+    /// The `--set` overrides, `{date}` replaced in them too.
+    pub sets: Vec<String>,
 }
 
 /// Reads and validates the config at `path` once: `{date}` replaced by `date` (default: today,
@@ -154,11 +156,20 @@ pub fn load(path: &Path, sets: &[String], date: Option<&str>) -> Result<Loaded> 
         source,
     })?;
     let text = lockstep_api::date::apply(&text, &date);
-    let config = JobConfig::parse(&text, sets).map_err(|source| CliError::Config {
+    let sets: Vec<String> = sets
+        .iter()
+        .map(|s| lockstep_api::date::apply(s, &date))
+        .collect();
+    let config = JobConfig::parse(&text, &sets).map_err(|source| CliError::Config {
         file: path.to_path_buf(),
         source,
     })?;
-    Ok(Loaded { text, config, date })
+    Ok(Loaded {
+        text,
+        config,
+        date,
+        sets,
+    })
 }
 
 /// Loads a config whose job runs as separate worker processes (`run`, `submit`): an

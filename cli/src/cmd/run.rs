@@ -66,7 +66,7 @@ pub async fn run(args: RunArgs) -> Result {
     tokio::spawn(serve_grpc(coordinator.clone(), listener, None));
     coordinator.start(format!("http://{addr}")).await?;
     start_metrics(args.metrics_addr, &coordinator).await?;
-    let record = coordinator.submit(loaded.text, args.set, cwd).await?;
+    let record = coordinator.submit(loaded.text, loaded.sets, cwd).await?;
     let id = record.id.clone();
     let mut changes = coordinator.subscribe(&id)?;
     let mut view = View::new(args.json, &record.status());

@@ -405,7 +405,7 @@ impl Cluster {
                 "ImagePullBackOff",
                 format!("Back-off pulling image \"{image}\""),
             ))
-        } else if image.chars().any(|c| c.is_ascii_uppercase()) {
+        } else if image == "lockstep:unparseable" {
             Some((
                 "InvalidImageName",
                 format!(
@@ -977,7 +977,28 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         );
     };
     small("stuck", "registry.invalid/lockstep:1", &[]);
-    small("badname", "Lockstep:BAD", &[]);
+    small("badname", "lockstep:unparseable", &[]);
+    // One lockstep can tell is not an image reference is refused before anything is made.
+    let out = lockstep()
+        .env("KUBECONFIG", api.kubeconfig())
+        .args(["submit", "--kubernetes"])
+        .arg(tmp.path().join("bad").join("job.toml"))
+        .args([
+            "--namespace",
+            NS,
+            "--name",
+            "upper",
+            "--image",
+            "Lockstep:BAD",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("spec.image `Lockstep:BAD`: not an image reference"),
+        "{err}"
+    );
     small("skewed", "lockstep:skewed", &[]);
     // The export's webhook URL from a Secret: one that is not there is refused up front.
     small(

@@ -269,4 +269,17 @@ fn date_placeholders_become_the_runs_date() {
     let out = run(&cfg, &["--date", "2026-02-30"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--date `2026-02-30`"));
+    // In a --set value too (not last night's directory under a literal `{date}`).
+    let set = format!(
+        "checkpoint.url=\"file://{}/set-{{date}}/ckpt\"",
+        dir.path().display()
+    );
+    let out = run(&cfg, &["--date", "2026-01-03", "--set", &set]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("set-2026-01-03/ckpt").is_dir());
+    assert!(!dir.path().join("set-{date}").exists());
 }

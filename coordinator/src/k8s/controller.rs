@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller as Runtime};
 use kube::runtime::finalizer::{self, Event, finalizer};
@@ -55,6 +55,10 @@ pub(super) struct Watched {
     pub(super) generation: Option<i64>,
     /// The generation whose changed `spec.config` was last warned about.
     pub(super) config_warned: Option<i64>,
+    /// The generation whose unusable pod settings were last warned about.
+    pub(super) pod_settings_warned: Option<i64>,
+    /// Stopped by this controller for a suspend (until resumed).
+    pub(super) suspending: bool,
     pub(super) suspend: bool,
     pub(super) syncing: bool,
 }
@@ -122,17 +126,22 @@ impl Controller {
         } else {
             None
         };
-        let config_warned = id.as_ref().and_then(|id| {
-            let mut jobs = lock(&self.jobs);
-            let w = jobs.entry(id.clone()).or_default();
-            w.generation = lsj.metadata.generation;
-            w.suspend = lsj.spec.suspend;
-            w.config_warned
-        });
+        let w = id
+            .as_ref()
+            .map(|id| {
+                let mut jobs = lock(&self.jobs);
+                let w = jobs.entry(id.clone()).or_default();
+                w.generation = lsj.metadata.generation;
+                w.suspend = lsj.spec.suspend;
+                w.clone()
+            })
+            .unwrap_or_default();
         let seen = Observed {
             record,
             started_config,
-            config_warned,
+            config_warned: w.config_warned,
+            pod_settings_warned: w.pod_settings_warned,
+            suspending: w.suspending,
             now: now_rfc3339(),
         };
         let mut steps: VecDeque<Step> = decide(&lsj, &seen).into();
@@ -167,13 +176,21 @@ impl Controller {
                     "spec.config changed after the job started; the job keeps the config it \
                      started with (create a new LockstepJob to run the new one)");
             }
-            Step::WarnPodSettings(e) => tracing::warn!(lockstepjob = %name, error = %e,
-                "the edited spec cannot work; the job keeps its previous pod settings"),
+            Step::WarnPodSettings { generation, error } => {
+                if let Some(w) = lock(&self.jobs).get_mut(&job_id(lsj).unwrap_or_default()) {
+                    w.pod_settings_warned = generation;
+                }
+                tracing::warn!(lockstepjob = %name, %error,
+                    "the edited spec cannot work; the job keeps its previous pod settings");
+            }
             Step::UsePodSettings { id, lsj } => {
                 let _ = self.coordinator.set_placement(&id, Placement::Pods(lsj));
             }
             Step::Suspend { id } => {
                 tracing::info!(lockstepjob = %name, "suspended: checkpointing and stopping its gang");
+                if let Some(w) = lock(&self.jobs).get_mut(&id) {
+                    w.suspending = true;
+                }
                 let _ = self.coordinator.cancel(&id);
             }
             Step::Sync { id } => {
@@ -185,7 +202,7 @@ impl Controller {
                 workdir,
                 lsj,
             } => {
-                if let Err(why) = self.preflight(&lsj).await? {
+                if let Err(why) = self.preflight(&lsj, true).await? {
                     return Ok(Err(why));
                 }
                 tracing::info!(lockstepjob = %name, job = %id, "new job");
@@ -208,10 +225,14 @@ impl Controller {
                 forget,
             } => {
                 let id = record.id.clone();
+                if let Err(why) = self.preflight(&lsj, false).await? {
+                    return Ok(Err(why));
+                }
                 if forget {
                     self.coordinator.forget(&id);
-                } else if let Err(why) = self.preflight(&lsj).await? {
-                    return Ok(Err(why));
+                    if let Some(w) = lock(&self.jobs).get_mut(&id) {
+                        w.suspending = false;
+                    }
                 }
                 let placement = Placement::Pods(lsj.clone());
                 let r = self.coordinator.adopt(*record, placement).await;
@@ -221,30 +242,21 @@ impl Controller {
         Ok(Ok(()))
     }
 
-    /// The launcher's checks of where the job's inputs are, and the Secret the export's
-    /// webhook URL is in; `Ok(Err(why))` when they fail.
-    async fn preflight(&self, lsj: &LockstepJob) -> Result<Result<(), String>, KubeError> {
-        if let Some(w) = &lsj.spec.export_webhook_secret {
-            let secrets = Api::<Secret>::namespaced(self.client.clone(), &self.settings.namespace);
-            let secret = secrets
-                .get_opt(&w.name)
-                .await
-                .map_err(KubeError::api(format!("read Secret {}", w.name)))?;
-            let value = secret.and_then(|s| s.data?.remove(&w.key)).map(|v| v.0);
-            let url = value.map(|v| String::from_utf8_lossy(&v).trim().to_string());
-            if let Some(Err(why)) = url.as_deref().map(lockstep_api::config::check_webhook) {
-                return Ok(Err(format!(
-                    "spec.exportWebhookSecret: key `{}` of Secret {}: {why}",
-                    w.key, w.name
-                )));
-            }
-            if url.is_none() {
-                return Ok(Err(format!(
-                    "spec.exportWebhookSecret: Secret {} has no key `{}` (create it before the \
-                     job, or fix the reference)",
-                    w.name, w.key
-                )));
-            }
+    /// The launcher's checks of where the job's inputs are, and (for a `new` job; the export
+    /// checks it again before it runs) the Secret the export's webhook URL is in;
+    /// `Ok(Err(why))` when they fail.
+    async fn preflight(
+        &self,
+        lsj: &LockstepJob,
+        new: bool,
+    ) -> Result<Result<(), String>, KubeError> {
+        if let Some(w) = &lsj.spec.export_webhook_secret
+            && new
+            && let Err(why) =
+                super::objects::check_webhook_secret(&self.client, &self.settings.namespace, w)
+                    .await?
+        {
+            return Ok(Err(why));
         }
         let config = lsj.spec.config.get().map_err(KubeError::Invalid)?;
         Ok(

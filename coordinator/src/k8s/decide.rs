@@ -23,6 +23,11 @@ pub struct Observed {
     pub started_config: Option<String>,
     /// The generation whose changed `spec.config` was last warned about.
     pub config_warned: Option<i64>,
+    /// The generation whose unusable pod settings were last warned about.
+    pub pod_settings_warned: Option<i64>,
+    /// This controller stopped the job for a suspend (its status may not say so yet: the gang
+    /// can still be checkpointing).
+    pub suspending: bool,
     /// Now, RFC 3339 (for condition transition times).
     pub now: String,
 }
@@ -45,8 +50,14 @@ pub enum Step {
         /// The generation warned about.
         generation: Option<i64>,
     },
-    /// Log that the edited pod settings cannot work (the job keeps its previous ones).
-    WarnPodSettings(String),
+    /// Log (once per generation) that the edited pod settings cannot work (the job keeps its
+    /// previous ones).
+    WarnPodSettings {
+        /// The generation warned about.
+        generation: Option<i64>,
+        /// What is wrong, naming the field.
+        error: String,
+    },
     /// The pods of the job's next attempts are made from this LockstepJob (its pod settings,
     /// with the config the job started with).
     UsePodSettings {
@@ -151,7 +162,7 @@ fn decide_known(
         kept.spec.config = c.into();
         Arc::new(kept)
     });
-    match lsj.spec.check() {
+    let usable = match lsj.spec.check() {
         Ok(()) => {
             if let Some(lsj) = &kept {
                 steps.push(Step::UsePodSettings {
@@ -159,16 +170,21 @@ fn decide_known(
                     lsj: lsj.clone(),
                 });
             }
+            true
         }
-        Err(e) => steps.push(Step::WarnPodSettings(e)),
-    }
+        Err(error) => {
+            if seen.pod_settings_warned != generation {
+                steps.push(Step::WarnPodSettings { generation, error });
+            }
+            false
+        }
+    };
     let shown = lsj.status.as_ref().and_then(|s| s.phase);
+    let suspended = shown == Some(JobPhase::Suspended) || seen.suspending;
     if lsj.spec.suspend && !record.phase().is_final() {
         steps.push(Step::Suspend { id: id.clone() });
-    } else if !lsj.spec.suspend
-        && record.phase() == Phase::Cancelled
-        && shown == Some(JobPhase::Suspended)
-    {
+    } else if !lsj.spec.suspend && record.phase() == Phase::Cancelled && suspended && usable {
+        // (With pod settings that cannot work it stays suspended until they are fixed.)
         // Resumed: a new attempt from the checkpoint it stopped at.
         let Some(lsj) = kept else {
             let why = "resume: the config the job started with no longer parses".to_string();
@@ -215,6 +231,10 @@ fn decide_new(lsj: &Arc<LockstepJob>, id: String, seen: &Observed) -> Vec<Step> 
         },
         _ => lsj.clone(),
     };
+    let lsj = match fill_date(&lsj, &seen.now) {
+        Ok(l) => l,
+        Err(e) => return refuse(&lsj, leftovers, e, &seen.now),
+    };
     // What the LockstepJob asks must be runnable before anything starts.
     let config = match lsj.spec.config.get() {
         Ok(c) => c,
@@ -234,6 +254,11 @@ fn decide_new(lsj: &Arc<LockstepJob>, id: String, seen: &Observed) -> Vec<Step> 
         if shown == Some(JobPhase::Suspended) {
             return Vec::new();
         }
+        // A coordinator before this one may have left its gang running: it goes.
+        let mut steps: Vec<Step> = leftovers
+            .map(|id| Step::KillLeftovers { id })
+            .into_iter()
+            .collect();
         let mut st = status;
         st.phase = Some(JobPhase::Suspended);
         st.observed_generation = lsj.metadata.generation;
@@ -244,7 +269,8 @@ fn decide_new(lsj: &Arc<LockstepJob>, id: String, seen: &Observed) -> Vec<Step> 
             "spec.suspend is true",
             &seen.now,
         );
-        return vec![Step::WriteStatus(Box::new(st))];
+        steps.push(Step::WriteStatus(Box::new(st)));
+        return steps;
     }
     let workdir = workdir_of(&lsj);
     if started_before {
@@ -262,6 +288,26 @@ fn decide_new(lsj: &Arc<LockstepJob>, id: String, seen: &Observed) -> Vec<Step> 
             lsj,
         }]
     }
+}
+
+/// `lsj` with `{date}` in its config replaced by the day it was created (UTC; `now`'s day if
+/// the object has no creation time): the job's config is fixed for every attempt and every
+/// coordinator that runs it, and the ConfigMap its pods read holds it filled.
+fn fill_date(lsj: &Arc<LockstepJob>, now: &str) -> Result<Arc<LockstepJob>, String> {
+    let text = render::config_toml(lsj)?;
+    if !text.contains("{date}") {
+        return Ok(lsj.clone());
+    }
+    let date = lsj.metadata.creation_timestamp.as_ref().map_or_else(
+        || now.chars().take(10).collect(),
+        |t| lockstep_api::date::iso(u64::try_from(t.0.as_millisecond()).unwrap_or(0)),
+    );
+    let filled = lockstep_api::date::apply(&text, &date);
+    let config = JobConfig::parse(&filled, &[])
+        .map_err(|e| format!("spec.config (with {{date}} = {date}): {e}"))?;
+    let mut kept = (**lsj).clone();
+    kept.spec.config = config.into();
+    Ok(Arc::new(kept))
 }
 
 /// A LockstepJob that cannot run: failed, saying why (nothing to write when its status says

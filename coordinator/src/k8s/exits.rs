@@ -2,8 +2,8 @@
 //! becomes that worker's [`Exit`] — its exit status, the signal that killed it (137 reads as
 //! SIGKILL), OOMKilled, and its own last `error:` line from the termination message. A pod
 //! that waits for what may never come (an image it cannot pull, a Secret that is missing, no
-//! node that fits it) is [`Waiting`]; one that can never start (an invalid image name) is an
-//! exit a restart cannot fix.
+//! node that fits it) is [`Waiting`]; one that can never start anywhere (an invalid image
+//! name) is an exit a restart cannot fix.
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -114,10 +114,11 @@ const WAITING: [(&str, bool, &str); 7] = [
         true,
         "spec.image is not a valid image reference",
     ),
+    // Per node: a restart may land where the image is.
     (
         "ErrImageNeverPull",
-        true,
-        "spec.imagePullPolicy is Never and the node lacks spec.image",
+        false,
+        "spec.imagePullPolicy is Never and this node lacks spec.image",
     ),
     (
         "ErrImagePull",

@@ -26,6 +26,13 @@ impl KubeLauncher {
     pub(super) async fn run_export(&self, spec: &ExportSpec) -> Result<String, String> {
         let lsj = KubeLauncher::lsj(&spec.job_id, &spec.placement)?;
         let (name, ns) = render::name_of(lsj)?;
+        // The export pod reads the webhook URL from the user's Secret: a missing one would
+        // leave it waiting for hours; say so now (the trained checkpoint stays committed).
+        if let Some(w) = &lsj.spec.export_webhook_secret {
+            super::objects::check_webhook_secret(&self.client, ns, w)
+                .await
+                .map_err(|e| e.to_string())??;
+        }
         let job = render::export_job(lsj, spec)?;
         self.apply(ns, &job).await.map_err(|e| e.to_string())?;
         tracing::info!(job = %spec.job_id, export = %render::export_name(name), "started the export Job");

@@ -36,7 +36,7 @@ pub struct KubeLauncher {
     /// The version each job's export produced.
     pub(super) exported: Mutex<HashMap<String, String>>,
     /// Notified when a pod of a gang starts or stops waiting (the status shows it).
-    pub(super) pods_changed: Arc<tokio::sync::Notify>,
+    pub(super) pods_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for KubeLauncher {
@@ -55,7 +55,7 @@ impl KubeLauncher {
             flavor,
             attempts: Mutex::default(),
             exported: Mutex::default(),
-            pods_changed: Arc::default(),
+            pods_changed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -98,7 +98,10 @@ impl KubeLauncher {
         if let Some(w) = st.waiting.values().next() {
             return Some(w.clone());
         }
-        let queue = watch.queue.as_ref().filter(|_| !st.pods_seen)?;
+        let queue = watch
+            .queue
+            .as_ref()
+            .filter(|_| !st.pods_seen && !st.admitted)?;
         Some(Waiting {
             pod: String::new(),
             worker: 0,
@@ -189,7 +192,7 @@ impl KubeLauncher {
                         let waiting = pod_waiting(&pod, world);
                         let fatal = waiting.as_ref().and_then(|w| w.exit(attempt));
                         if watch.waits(&pod, waiting) {
-                            pods_changed.notify_waiters();
+                            pods_changed.send_modify(|n| *n = n.wrapping_add(1));
                         }
                         if let Some((w, exit)) = pod_exit(&pod, attempt, world, false) {
                             watch.deliver(w, exit);
@@ -200,7 +203,7 @@ impl KubeLauncher {
                     }
                     Ok(watcher::Event::Delete(pod)) => {
                         if watch.waits(&pod, None) {
-                            pods_changed.notify_waiters();
+                            pods_changed.send_modify(|n| *n = n.wrapping_add(1));
                         }
                         if let Some((w, exit)) = pod_exit(&pod, attempt, world, true) {
                             watch.deliver(w, exit);
@@ -230,11 +233,69 @@ impl KubeLauncher {
                 KubeLauncher::delete_attempt(client, flavor, ns_, name_, attempt).await;
             }
         });
-        *lock(&w.task) = Some(task.abort_handle());
+        lock(&w.tasks).push(task.abort_handle());
+        if w.queue.is_some() {
+            let admission = KubeLauncher::watch_admission(
+                self.client.clone(),
+                self.flavor,
+                ns.to_string(),
+                render::attempt_name(name, attempt),
+                Arc::downgrade(&w),
+                self.pods_changed.clone(),
+            );
+            lock(&w.tasks).push(admission.abort_handle());
+        }
         // Earlier attempts of the job are over: only their workers' handles keep them now.
         attempts.retain(|(j, a), _| j != job_id || *a >= attempt);
         attempts.insert(key, w.clone());
         Ok(w)
+    }
+}
+
+impl KubeLauncher {
+    /// Looks every 2 s at a queued attempt's JobSet (or Job) until the queue unsuspends it:
+    /// the gang is admitted then, whether or not its pods come (the gang timeout bounds that).
+    fn watch_admission(
+        client: Client,
+        flavor: Flavor,
+        ns: String,
+        object: String,
+        watch: std::sync::Weak<AttemptWatch>,
+        changed: tokio::sync::watch::Sender<u64>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let suspended = match flavor {
+                    Flavor::JobSet => Api::<DynamicObject>::namespaced_with(
+                        client.clone(),
+                        &ns,
+                        &jobset_resource(),
+                    )
+                    .get_opt(&object)
+                    .await
+                    .map(|o| o.map(|o| o.data["spec"]["suspend"] == serde_json::json!(true))),
+                    Flavor::IndexedJob => Api::<Job>::namespaced(client.clone(), &ns)
+                        .get_opt(&object)
+                        .await
+                        .map(|j| j.map(|j| j.spec.and_then(|s| s.suspend) == Some(true))),
+                };
+                match suspended {
+                    Ok(Some(false)) => {
+                        let Some(w) = watch.upgrade() else { return };
+                        lock(&w.state).admitted = true;
+                        changed.send_modify(|n| *n = n.wrapping_add(1));
+                        return;
+                    }
+                    // Not created yet, still suspended, or the API server did not answer.
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(%object, error = %e, "looking at a queued gang"),
+                }
+                if watch.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
     }
 }
 
@@ -243,7 +304,8 @@ struct AttemptWatch {
     /// The Kueue queue that admits the gang (its JobSet or Job is created suspended).
     queue: Option<String>,
     state: Mutex<WatchState>,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Its watch tasks, aborted when it goes.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 struct WatchState {
@@ -253,6 +315,8 @@ struct WatchState {
     deleting: bool,
     /// Pods seen (a queue that held the gang back let it start).
     pods_seen: bool,
+    /// The queue unsuspended the attempt's JobSet (or Job): it admitted the gang.
+    admitted: bool,
     /// Pods waiting for what may never come, by name.
     waiting: BTreeMap<String, Waiting>,
 }
@@ -267,9 +331,10 @@ impl AttemptWatch {
                 pending: BTreeMap::new(),
                 deleting: false,
                 pods_seen: false,
+                admitted: false,
                 waiting: BTreeMap::new(),
             }),
-            task: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
         }
     }
 
@@ -324,7 +389,7 @@ impl AttemptWatch {
 
 impl Drop for AttemptWatch {
     fn drop(&mut self) {
-        if let Some(t) = lock(&self.task).take() {
+        for t in lock(&self.tasks).drain(..) {
             t.abort();
         }
     }
@@ -371,7 +436,8 @@ impl WorkerHandle for KubeWorker {
 
     /// Kueue unsuspends the gang's JobSet (or Job) when it admits it; its pods appear then.
     fn admitted(&self) -> bool {
-        self.watch.queue.is_none() || lock(&self.watch.state).pods_seen
+        let st = lock(&self.watch.state);
+        self.watch.queue.is_none() || st.admitted || st.pods_seen
     }
 }
 

@@ -189,3 +189,36 @@ pub(super) fn attempts<K: kube::Resource>(objects: &[K]) -> Vec<u32> {
         .filter_map(|o| attempt_of(o.meta()))
         .collect()
 }
+
+/// Whether Secret key `w` holds a usable webhook URL (the export pod reads it as is);
+/// `Ok(Err(why))` names the field and what is wrong.
+pub(super) async fn check_webhook_secret(
+    client: &Client,
+    ns: &str,
+    w: &super::crd::SecretKey,
+) -> Result<Result<(), String>, KubeError> {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&w.name)
+        .await
+        .map_err(KubeError::api(format!("read Secret {}", w.name)))?;
+    let Some(value) = secret.and_then(|s| s.data?.remove(&w.key)).map(|v| v.0) else {
+        return Ok(Err(format!(
+            "spec.exportWebhookSecret: Secret {} has no key `{}` (create it, or fix the \
+             reference)",
+            w.name, w.key
+        )));
+    };
+    let url = String::from_utf8_lossy(&value);
+    let why = if url.trim() != url {
+        Some("it has surrounding whitespace (a trailing newline?)")
+    } else {
+        lockstep_api::config::check_webhook(&url).err()
+    };
+    Ok(match why {
+        Some(why) => Err(format!(
+            "spec.exportWebhookSecret: key `{}` of Secret {}: {why}",
+            w.key, w.name
+        )),
+        None => Ok(()),
+    })
+}

@@ -64,13 +64,15 @@ impl Controller {
                 ctl.sync_ended(&id);
                 return;
             };
+            // (A receiver sees a change made while its task slept.)
+            let mut pods = ctl.launcher.pods_changed.subscribe();
             while let Ok(record) = ctl.coordinator.get(&id) {
                 let w = lock(&ctl.jobs).get(&id).cloned().unwrap_or_default();
                 let before = status.clone();
                 let waiting = ctl.launcher.waiting(&id);
                 let seen = Seen {
                     generation: w.generation,
-                    suspend: w.suspend,
+                    suspend: w.suspend || w.suspending,
                     export_version: ctl.launcher.exported_version(&id),
                     waiting: waiting.as_ref(),
                 };
@@ -92,11 +94,10 @@ impl Controller {
                 }
                 // At most one write a second; at least a look every 30 s.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let pods = ctl.launcher.pods_changed.clone();
                 let either = async {
                     tokio::select! {
                         _ = changed.changed() => {}
-                        () = pods.notified() => {}
+                        _ = pods.changed() => {}
                     }
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(30), either).await;

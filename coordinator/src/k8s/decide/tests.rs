@@ -248,7 +248,8 @@ fn pod_settings_that_cannot_work_are_not_taken() {
     assert!(
         matches!(
             &steps[..],
-            [Step::WarnPodSettings(e), Step::Sync { .. }] if e.contains("spec.resources.memory")
+            [Step::WarnPodSettings { error, .. }, Step::Sync { .. }]
+                if error.contains("spec.resources.memory")
         ),
         "{steps:?}"
     );
@@ -321,4 +322,105 @@ fn a_webhook_secret_needs_an_export_and_excludes_a_plain_webhook() {
     lsj.spec.config = c.into();
     let steps = decide(&Arc::new(lsj), &seen(None));
     assert!(matches!(&steps[..], [Step::Submit { .. }]), "{steps:?}");
+}
+
+#[test]
+fn a_resume_that_comes_while_the_suspend_still_stops_the_gang_is_not_lost() {
+    let mut lsj = LockstepJob::test("e2e");
+    // Suspended and resumed before the status said `suspended`: the record ends cancelled.
+    lsj.status = Some(status(JobPhase::Running, 1));
+    let cancelled = record(&lsj, Phase::Cancelled);
+    let seen = Observed {
+        suspending: true,
+        ..seen(Some(cancelled.clone()))
+    };
+    let steps = decide(&Arc::new(lsj.clone()), &seen);
+    assert!(
+        steps
+            .iter()
+            .any(|s| matches!(s, Step::Adopt { forget: true, .. })),
+        "{steps:?}"
+    );
+    // Without the suspend it was a user's cancel: final.
+    let steps = decide(&Arc::new(lsj), &self::seen(Some(cancelled)));
+    assert!(
+        !steps.iter().any(|s| matches!(s, Step::Adopt { .. })),
+        "{steps:?}"
+    );
+}
+
+#[test]
+fn a_resume_with_pod_settings_that_cannot_work_waits_warning_once() {
+    let mut lsj = LockstepJob::test("e2e");
+    lsj.status = Some(status(JobPhase::Suspended, 1));
+    lsj.spec.resources.memory = Some("16GB".into());
+    lsj.metadata.generation = Some(3);
+    let cancelled = record(&lsj, Phase::Cancelled);
+    let steps = decide(&Arc::new(lsj.clone()), &seen(Some(cancelled.clone())));
+    assert!(
+        !steps.iter().any(|s| matches!(s, Step::Adopt { .. })),
+        "{steps:?}"
+    );
+    assert!(steps.iter().any(|s| matches!(
+        s,
+        Step::WarnPodSettings {
+            generation: Some(3),
+            ..
+        }
+    )));
+    let again = Observed {
+        pod_settings_warned: Some(3),
+        ..seen(Some(cancelled))
+    };
+    let steps = decide(&Arc::new(lsj), &again);
+    assert!(
+        !steps
+            .iter()
+            .any(|s| matches!(s, Step::WarnPodSettings { .. })),
+        "{steps:?}"
+    );
+}
+
+#[test]
+fn suspending_a_job_no_coordinator_runs_deletes_the_gang_it_left() {
+    let mut lsj = LockstepJob::test("e2e");
+    lsj.spec.suspend = true;
+    lsj.status = Some(status(JobPhase::Running, 2));
+    let steps = decide(&Arc::new(lsj), &seen(None));
+    assert!(
+        matches!(&steps[0], Step::KillLeftovers { id } if id == ID),
+        "{steps:?}"
+    );
+    assert_eq!(written(&steps).phase, Some(JobPhase::Suspended));
+}
+
+#[test]
+fn date_in_a_lockstep_job_is_the_day_it_was_created() {
+    let mut lsj = LockstepJob::test("e2e");
+    let mut c = lsj.spec.config.get().unwrap().clone();
+    c.checkpoint.url = "s3://bucket/nightly/{date}/ckpt".into();
+    lsj.spec.config = c.into();
+    lsj.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-11-28T23:59:00Z".parse().unwrap(),
+    ));
+    let steps = decide(&Arc::new(lsj), &seen(None));
+    let [
+        Step::Submit {
+            config_text,
+            lsj: run,
+            ..
+        },
+    ] = &steps[..]
+    else {
+        panic!("{steps:?}")
+    };
+    assert!(
+        config_text.contains("s3://bucket/nightly/2026-11-28/ckpt"),
+        "{config_text}"
+    );
+    assert_eq!(
+        run.spec.config.get().unwrap().checkpoint.url,
+        "s3://bucket/nightly/2026-11-28/ckpt",
+        "the pods read the filled config"
+    );
 }
