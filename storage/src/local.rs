@@ -8,6 +8,20 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::store::{MANIFEST_FILE, parse_step_dir};
+use crate::{Error, Result};
+
+/// Runs `f` on `path` on the blocking pool; an I/O error is [`Error::Io`] naming `op` and
+/// `path`.
+pub(crate) async fn blocking<T: Send + 'static>(
+    op: &'static str,
+    path: PathBuf,
+    f: impl FnOnce(&Path) -> io::Result<T> + Send + 'static,
+) -> Result<T> {
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || f(&p))
+        .await?
+        .map_err(|source| Error::Io { op, path, source })
+}
 
 /// One step directory as found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use crate::format::manifest::{Manifest, ManifestError};
 use crate::location::Location;
-use crate::retention::{KeepReason, RetentionAction, RetentionPolicy};
+use crate::retention::{KeepReason, RetentionPolicy};
 use crate::retry::RetryPolicy;
 use crate::writer::{CommitInfo, ShardMeta, assemble_manifest};
 use crate::{Error, Result};
@@ -345,16 +345,8 @@ impl CheckpointStore {
         if let Some(dir) = self.local_dir.clone() {
             // Not through object_store: its local listing follows links (out of the tree,
             // or round a loop).
-            let listed = tokio::task::spawn_blocking({
-                let dir = dir.clone();
-                move || crate::local::list_steps(&dir)
-            })
-            .await?
-            .map_err(|source| Error::Io {
-                op: "list checkpoints",
-                path: dir,
-                source,
-            })?;
+            let listed =
+                crate::local::blocking("list checkpoints", dir, crate::local::list_steps).await?;
             return Ok(listed
                 .into_iter()
                 .map(|s| StepListing {
@@ -428,16 +420,9 @@ impl CheckpointStore {
     pub async fn manifest(&self, step: u64) -> Result<Manifest> {
         if let Some(dir) = &self.local_dir {
             let dir = dir.join(format!("step-{step:012}"));
-            let links = tokio::task::spawn_blocking({
-                let dir = dir.clone();
-                move || crate::local::links_in(&dir)
-            })
-            .await?
-            .map_err(|source| Error::Io {
-                op: "read checkpoint directory",
-                path: dir,
-                source,
-            })?;
+            let links =
+                crate::local::blocking("read checkpoint directory", dir, crate::local::links_in)
+                    .await?;
             if let Some(l) = links.first() {
                 return Err(link_refused(&l.display().to_string()));
             }
@@ -580,16 +565,8 @@ impl CheckpointStore {
             // Not through object_store, whose local listing follows links: a link is removed,
             // never what it points to.
             let dir = dir.join(format!("step-{step:012}"));
-            return tokio::task::spawn_blocking({
-                let dir = dir.clone();
-                move || crate::local::remove_step(&dir)
-            })
-            .await?
-            .map_err(|source| Error::Io {
-                op: "delete checkpoint",
-                path: dir,
-                source,
-            });
+            return crate::local::blocking("delete checkpoint", dir, crate::local::remove_step)
+                .await;
         }
         let manifest = self.manifest_path(step);
         self.delete_object(&manifest).await?;
@@ -668,94 +645,6 @@ impl CheckpointStore {
             })
             .await?;
         Ok(files.into_iter().map(|f| (f.location, f.size)).collect())
-    }
-
-    /// Applies `policy` (see [`RetentionPolicy::decide`]) to the checkpoints that verify, with
-    /// the rules resume uses: each checkpoint the policy would keep is verified first (read in
-    /// full), and one that does not verify is kept but not counted, so the policy keeps that
-    /// many verified ones besides (and gc deletes nothing when none verifies). Never deletes
-    /// the newest verified step or a `protected` one. Also removes uncommitted debris older
-    /// than the newest commit, and symbolic links in the tree (the links themselves, never
-    /// what they point to). With `dry_run`, reports without deleting.
-    pub async fn gc(
-        &self,
-        policy: &RetentionPolicy,
-        protected: &[u64],
-        dry_run: bool,
-    ) -> Result<GcReport> {
-        let mut report = GcReport::default();
-        let mut listing = self.list_all().await?;
-        let links: Vec<String> = listing.iter().flat_map(|s| s.links.clone()).collect();
-        if !links.is_empty() {
-            if !dry_run {
-                let paths: Vec<PathBuf> = links.iter().map(PathBuf::from).collect();
-                tokio::task::spawn_blocking(move || crate::local::remove_links(&paths))
-                    .await?
-                    .map_err(|source| Error::Io {
-                        op: "remove symbolic links",
-                        path: self.local_dir.clone().unwrap_or_default(),
-                        source,
-                    })?;
-                listing = self.list_all().await?;
-            }
-            report.links = links;
-        }
-        let committed: Vec<u64> = listing
-            .iter()
-            .filter(|s| s.committed)
-            .map(|s| s.step)
-            .collect();
-        let newest = committed.iter().max().copied();
-        // Decide on the checkpoints that verify: verify what would be kept, newest first; one
-        // that fails is set apart and the policy decides again without it.
-        let mut verified = std::collections::BTreeSet::new();
-        let actions = 'decide: loop {
-            let counted: Vec<u64> = committed
-                .iter()
-                .filter(|s| !report.unverified.iter().any(|(u, _)| u == *s))
-                .copied()
-                .collect();
-            let actions = policy.decide(&counted, protected);
-            for a in &actions {
-                if let RetentionAction::Keep { step, .. } = a
-                    && !verified.contains(step)
-                {
-                    match self.verdict(*step).await? {
-                        crate::resume::Verdict::Valid => {
-                            verified.insert(*step);
-                        }
-                        crate::resume::Verdict::Gone => {
-                            report.unverified.push((*step, "deleted meanwhile".into()));
-                            continue 'decide;
-                        }
-                        crate::resume::Verdict::Corrupt(why)
-                        | crate::resume::Verdict::Unsupported(why) => {
-                            report.unverified.push((*step, why));
-                            continue 'decide;
-                        }
-                    }
-                }
-            }
-            break actions;
-        };
-        for action in actions {
-            match action {
-                RetentionAction::Keep { step, reason } => report.kept.push((step, reason)),
-                RetentionAction::Delete { step } => report.deleted.push(step),
-            }
-        }
-        report.debris = listing
-            .iter()
-            .filter(|s| !s.committed && newest.is_some_and(|n| s.step < n))
-            .map(|s| s.step)
-            .collect();
-        if !dry_run {
-            for &step in report.deleted.iter().chain(&report.debris) {
-                self.delete(step).await?;
-                tracing::info!(step, url = %self.url, "checkpoint deleted");
-            }
-        }
-        Ok(report)
     }
 
     pub(crate) async fn get(&self, path: &Path, op: &'static str) -> Result<Bytes> {

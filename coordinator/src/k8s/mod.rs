@@ -13,6 +13,7 @@ pub mod decide;
 mod exits;
 mod export;
 pub mod launcher;
+mod names;
 mod objects;
 pub mod render;
 mod status;
