@@ -9,8 +9,8 @@
 //! (`kube::runtime::finalizer`) stops the gang and deletes what was made for a LockstepJob
 //! before it goes.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -24,11 +24,10 @@ use kube::{Client, ResourceExt};
 use super::crd::LockstepJob;
 use super::decide::{self, Observed, Step, decide, job_id, workdir_of};
 use super::launcher::KubeLauncher;
-use super::status::now_rfc3339;
+use super::status::{StatusWriter, now_rfc3339};
 use super::{FINALIZER, KubeError, render};
 use crate::Coordinator;
 use crate::launcher::{Launcher, Placement};
-use crate::registry::lock;
 
 /// How long a deletion waits for the job's gang to checkpoint and stop before it looks again.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -42,25 +41,12 @@ pub struct ControllerSettings {
 
 /// The controller. Cheap to share.
 pub struct Controller {
-    pub(super) client: Client,
-    pub(super) coordinator: Coordinator,
-    pub(super) launcher: Arc<KubeLauncher>,
+    client: Client,
+    coordinator: Coordinator,
+    launcher: Arc<KubeLauncher>,
     settings: ControllerSettings,
-    /// Per job id: what the status writer needs from the newest LockstepJob seen.
-    pub(super) jobs: Mutex<HashMap<String, Watched>>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub(super) struct Watched {
-    pub(super) generation: Option<i64>,
-    /// The generation whose changed `spec.config` was last warned about.
-    pub(super) config_warned: Option<i64>,
-    /// The generation whose unusable pod settings were last warned about.
-    pub(super) pod_settings_warned: Option<i64>,
-    /// Stopped by this controller for a suspend (until resumed).
-    pub(super) suspending: bool,
-    pub(super) suspend: bool,
-    pub(super) syncing: bool,
+    /// The one writer of the statuses, and what it remembers of each job.
+    status: Arc<StatusWriter>,
 }
 
 type ReconcileError = finalizer::Error<KubeError>;
@@ -74,16 +60,18 @@ impl Controller {
         launcher: Arc<KubeLauncher>,
         settings: ControllerSettings,
     ) -> Arc<Controller> {
+        let api = Api::namespaced(client.clone(), &settings.namespace);
+        let status = StatusWriter::new(api, coordinator.clone(), launcher.clone());
         Arc::new(Controller {
             client,
             coordinator,
             launcher,
             settings,
-            jobs: Mutex::default(),
+            status,
         })
     }
 
-    pub(super) fn api(&self) -> Api<LockstepJob> {
+    fn api(&self) -> Api<LockstepJob> {
         Api::namespaced(self.client.clone(), &self.settings.namespace)
     }
 
@@ -129,11 +117,10 @@ impl Controller {
         let w = id
             .as_ref()
             .map(|id| {
-                let mut jobs = lock(&self.jobs);
-                let w = jobs.entry(id.clone()).or_default();
-                w.generation = lsj.metadata.generation;
-                w.suspend = lsj.spec.suspend;
-                w.clone()
+                self.status.update(id, |w| {
+                    w.generation = lsj.metadata.generation;
+                    w.suspend = lsj.spec.suspend;
+                })
             })
             .unwrap_or_default();
         let seen = Observed {
@@ -163,23 +150,23 @@ impl Controller {
     ) -> Result<Result<(), String>, KubeError> {
         let name = lsj.name_any();
         match step {
-            Step::WriteStatus(st) => self.write_status(&name, &st).await?,
+            Step::WriteStatus(st) => self.status.write(&name, &st).await?,
             Step::KillLeftovers { id } => {
                 let placement = Placement::Pods(lsj.clone());
                 self.launcher.kill_leftovers(&id, &placement).await;
             }
             Step::WarnConfigChanged { generation } => {
-                if let Some(w) = lock(&self.jobs).get_mut(&job_id(lsj).unwrap_or_default()) {
-                    w.config_warned = generation;
-                }
+                self.status.update(&job_id(lsj).unwrap_or_default(), |w| {
+                    w.config_warned = generation
+                });
                 tracing::warn!(lockstepjob = %name,
                     "spec.config changed after the job started; the job keeps the config it \
                      started with (create a new LockstepJob to run the new one)");
             }
             Step::WarnPodSettings { generation, error } => {
-                if let Some(w) = lock(&self.jobs).get_mut(&job_id(lsj).unwrap_or_default()) {
-                    w.pod_settings_warned = generation;
-                }
+                self.status.update(&job_id(lsj).unwrap_or_default(), |w| {
+                    w.pod_settings_warned = generation
+                });
                 tracing::warn!(lockstepjob = %name, %error,
                     "the edited spec cannot work; the job keeps its previous pod settings");
             }
@@ -188,13 +175,12 @@ impl Controller {
             }
             Step::Suspend { id } => {
                 tracing::info!(lockstepjob = %name, "suspended: checkpointing and stopping its gang");
-                if let Some(w) = lock(&self.jobs).get_mut(&id) {
-                    w.suspending = true;
-                }
+                self.status.update(&id, |w| w.suspending = true);
                 let _ = self.coordinator.cancel(&id);
             }
             Step::Sync { id } => {
-                self.start_sync(&name, &id, lsj.status.clone().unwrap_or_default())
+                self.status
+                    .start_sync(&name, &id, lsj.status.clone().unwrap_or_default())
             }
             Step::Submit {
                 id,
@@ -230,9 +216,7 @@ impl Controller {
                 }
                 if forget {
                     self.coordinator.forget(&id);
-                    if let Some(w) = lock(&self.jobs).get_mut(&id) {
-                        w.suspending = false;
-                    }
+                    self.status.update(&id, |w| w.suspending = false);
                 }
                 let placement = Placement::Pods(lsj.clone());
                 let r = self.coordinator.adopt(*record, placement).await;
@@ -279,7 +263,8 @@ impl Controller {
         let name = lsj.name_any();
         match r {
             Ok(()) => {
-                self.start_sync(&name, id, lsj.status.clone().unwrap_or_default());
+                self.status
+                    .start_sync(&name, id, lsj.status.clone().unwrap_or_default());
                 Ok(Ok(()))
             }
             Err(
@@ -328,7 +313,7 @@ impl Controller {
         if let Some(id) = &id {
             self.coordinator.forget(id);
             self.launcher.forget(id);
-            lock(&self.jobs).remove(id);
+            self.status.forget(id);
         }
         tracing::info!(lockstepjob = %name, "deleted; its objects are gone");
         Ok(Action::await_change())

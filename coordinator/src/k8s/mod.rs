@@ -16,7 +16,7 @@ pub mod launcher;
 mod names;
 mod objects;
 pub mod render;
-mod status;
+pub mod status;
 
 pub use controller::{Controller, ControllerSettings};
 pub use crd::{LockstepJob, LockstepJobSpec, LockstepJobStatus};

@@ -1,16 +1,18 @@
 //! A LockstepJob's status: what a job's record means (phase, figures and conditions, computed
 //! in pure code: [`fill_status`]) and the controller's one writer of it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::KubeError;
-use super::controller::Controller;
-use super::crd::{JobPhase, LockstepJobStatus};
+use super::crd::{JobPhase, LockstepJob, LockstepJobStatus};
 use super::exits::Waiting;
+use super::launcher::KubeLauncher;
+use crate::Coordinator;
 use crate::record::JobRecord;
 use crate::registry::lock;
 use crate::state::Phase;
@@ -23,14 +25,64 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-impl Controller {
-    /// The one place a status is written.
-    pub(super) async fn write_status(
-        &self,
-        name: &str,
-        status: &LockstepJobStatus,
-    ) -> Result<(), KubeError> {
-        self.api()
+/// What the controller remembers of a job from the newest LockstepJob seen (the status writer
+/// reads it).
+#[derive(Debug, Clone, Default)]
+pub struct Watched {
+    /// The spec generation last seen.
+    pub generation: Option<i64>,
+    /// The generation whose changed `spec.config` was last warned about.
+    pub config_warned: Option<i64>,
+    /// The generation whose unusable pod settings were last warned about.
+    pub pod_settings_warned: Option<i64>,
+    /// `spec.suspend` as last seen.
+    pub suspend: bool,
+    /// Stopped by the controller for a suspend (until resumed).
+    pub suspending: bool,
+    /// A writer task keeps its status.
+    syncing: bool,
+}
+
+/// The one writer of LockstepJob statuses: a task per live job writes its record as it
+/// changes; the controller writes a refusal or a suspension through [`StatusWriter::write`].
+pub struct StatusWriter {
+    api: Api<LockstepJob>,
+    coordinator: Coordinator,
+    launcher: Arc<KubeLauncher>,
+    jobs: Mutex<HashMap<String, Watched>>,
+}
+
+impl StatusWriter {
+    /// A writer through `api` of the jobs `coordinator` runs on `launcher`.
+    pub fn new(
+        api: Api<LockstepJob>,
+        coordinator: Coordinator,
+        launcher: Arc<KubeLauncher>,
+    ) -> Arc<StatusWriter> {
+        Arc::new(StatusWriter {
+            api,
+            coordinator,
+            launcher,
+            jobs: Mutex::default(),
+        })
+    }
+
+    /// Changes what is remembered of job `id`; returns it as changed.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut Watched)) -> Watched {
+        let mut jobs = lock(&self.jobs);
+        let w = jobs.entry(id.to_string()).or_default();
+        f(w);
+        w.clone()
+    }
+
+    /// Forgets job `id` (its LockstepJob is gone).
+    pub fn forget(&self, id: &str) {
+        lock(&self.jobs).remove(id);
+    }
+
+    /// Writes LockstepJob `name`'s status.
+    pub async fn write(&self, name: &str, status: &LockstepJobStatus) -> Result<(), KubeError> {
+        self.api
             .patch_status(
                 name,
                 &PatchParams::default(),
@@ -41,44 +93,36 @@ impl Controller {
             .map_err(KubeError::api(format!("write the status of {name}")))
     }
 
-    /// The status writer of a live job: writes job `id`'s record into LockstepJob `name`'s
-    /// status whenever it changes, until the job is final (and written) or the LockstepJob is
-    /// gone. One per job.
-    pub(super) fn start_sync(
-        self: &Arc<Self>,
-        name: &str,
-        id: &str,
-        mut status: LockstepJobStatus,
-    ) {
-        {
-            let mut jobs = lock(&self.jobs);
-            let w = jobs.entry(id.to_string()).or_default();
-            if w.syncing {
-                return;
-            }
-            w.syncing = true;
+    /// Keeps job `id`'s record in LockstepJob `name`'s status: writes it whenever it changes
+    /// (at most once a second), until the job is final (and written) or the LockstepJob is
+    /// gone. One task per job.
+    pub fn start_sync(self: &Arc<Self>, name: &str, id: &str, mut status: LockstepJobStatus) {
+        let mut first = false;
+        self.update(id, |w| first = !std::mem::replace(&mut w.syncing, true));
+        if !first {
+            return;
         }
-        let (ctl, name, id) = (self.clone(), name.to_string(), id.to_string());
+        let (this, name, id) = (self.clone(), name.to_string(), id.to_string());
         tokio::spawn(async move {
-            let Ok(mut changed) = ctl.coordinator.subscribe(&id) else {
-                ctl.sync_ended(&id);
+            let Ok(mut changed) = this.coordinator.subscribe(&id) else {
+                this.update(&id, |w| w.syncing = false);
                 return;
             };
             // (A receiver sees a change made while its task slept.)
-            let mut pods = ctl.launcher.pods_changed.subscribe();
-            while let Ok(record) = ctl.coordinator.get(&id) {
-                let w = lock(&ctl.jobs).get(&id).cloned().unwrap_or_default();
+            let mut pods = this.launcher.pods_changed.subscribe();
+            while let Ok(record) = this.coordinator.get(&id) {
+                let w = this.update(&id, |_| {});
                 let before = status.clone();
-                let waiting = ctl.launcher.waiting(&id);
+                let waiting = this.launcher.waiting(&id);
                 let seen = Seen {
                     generation: w.generation,
                     suspend: w.suspend || w.suspending,
-                    export_version: ctl.launcher.exported_version(&id),
+                    export_version: this.launcher.exported_version(&id),
                     waiting: waiting.as_ref(),
                 };
                 fill_status(&mut status, &record, &seen, &now_rfc3339());
                 if status != before {
-                    match ctl.write_status(&name, &status).await {
+                    match this.write(&name, &status).await {
                         Ok(()) => {}
                         Err(e) if e.code() == Some(404) => break,
                         Err(e) => {
@@ -102,14 +146,8 @@ impl Controller {
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(30), either).await;
             }
-            ctl.sync_ended(&id);
+            this.update(&id, |w| w.syncing = false);
         });
-    }
-
-    fn sync_ended(&self, id: &str) {
-        if let Some(w) = lock(&self.jobs).get_mut(id) {
-            w.syncing = false;
-        }
     }
 }
 
