@@ -62,7 +62,14 @@ async fn inputs(config: &JobConfig, workdir: &Path) -> Result<(), String> {
         BaseModel::LatestExport(lineage) => {
             let url = resolve_url(&format!("{}/latest.json", as_url(lineage)), workdir);
             match objects::exists(&url).await {
-                Ok(true) => {}
+                Ok(true) => {
+                    if !names_a_version(&url).await {
+                        return Err(format!(
+                            "model.base `{base}`: {url} does not name a version of the lineage \
+                             (damaged: fix or remove it, then promote a version)"
+                        ));
+                    }
+                }
                 Ok(false) => {
                     return Err(format!(
                         "model.base `{base}`: {url} not found: the lineage has no promoted \
@@ -89,6 +96,27 @@ async fn inputs(config: &JobConfig, workdir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether the `latest.json` at `url` names a version (one path segment inside its lineage,
+/// not one of the lineage's own files). A store error is not a verdict: true (the worker
+/// reads it again and says why).
+async fn names_a_version(url: &str) -> bool {
+    let Ok(object) = objects::head_url(url).await else {
+        return true;
+    };
+    if object.size > MAX_BASE_CONFIG {
+        return false;
+    }
+    let Ok(bytes) = object.read_range(0..object.size).await else {
+        return true;
+    };
+    let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|j| j["version"].as_str().map(str::to_string));
+    version.is_some_and(|v| {
+        lockstep_api::config::is_path_segment(&v) && !v.starts_with('.') && v != "latest.json"
+    })
 }
 
 /// The largest `config.json` read to size a base model.

@@ -444,6 +444,27 @@ fn absurd_config_values_are_refused_before_anything_starts() {
         "{err}"
     );
 
+    // A promoted version that leaves its lineage (a damaged latest.json) is refused up front,
+    // not retried as if a restart could fix it.
+    let lineage = dir.path().join("lineage");
+    std::fs::create_dir_all(&lineage).unwrap();
+    std::fs::write(
+        lineage.join("latest.json"),
+        r#"{"version": "../elsewhere"}"#,
+    )
+    .unwrap();
+    TestJob::tiny("e2e")
+        .set(
+            "model.base",
+            format!("\"latest-export:file://{}\"", lineage.display()),
+        )
+        .write_to(dir.path());
+    let err = refused(dir.path());
+    assert!(
+        err.contains("model.base") && err.contains("does not name a version"),
+        "{err}"
+    );
+
     // A gang this machine cannot hold is refused with the numbers, before any process starts.
     config(dir.path(), 10, &[("world_size", "4000")]);
     let err = refused(dir.path());

@@ -70,6 +70,19 @@ fn check_segment(what: &str, s: &str) -> Result<()> {
     }
 }
 
+/// A version name: one path segment that is not one of the lineage's own files
+/// (`latest.json`, its lock, any other hidden name).
+pub fn check_version(v: &str) -> Result<()> {
+    check_segment("the version", v)?;
+    if v.starts_with('.') || v == LATEST_FILE {
+        return Err(Error::Usage(format!(
+            "the version `{v}`: reserved for the lineage's own files (`{LATEST_FILE}`, and \
+             names starting with `.`); choose another"
+        )));
+    }
+    Ok(())
+}
+
 /// What to export and how.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -272,7 +285,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
             &entries[0].sha256[..8]
         ),
     };
-    check_segment("the version", &version)?;
+    check_version(&version)?;
     let lineage = match lineage {
         Some(l) => l,
         None => Lineage::open(to, &name)?,
@@ -428,5 +441,11 @@ mod tests {
         for bad in ["", "..", "a/b", "a b", &"x".repeat(129)] {
             assert!(check_segment("x", bad).is_err(), "{bad}");
         }
+        for reserved in ["latest.json", ".latest.json.lock", ".hidden"] {
+            let e = check_version(reserved).unwrap_err();
+            assert!(e.to_string().contains("reserved"), "{e}");
+            assert!(e.is_permanent(), "{e}");
+        }
+        check_version("nightly-2026-12-03").unwrap();
     }
 }

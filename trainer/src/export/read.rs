@@ -5,7 +5,8 @@ use lockstep_storage::objects;
 
 use super::lineage::Decision;
 use super::{
-    LATEST_FILE, LINEAGE_FILE, Latest, Lineage, MAX_RECORD, Record, check_segment, sha256_hex,
+    LATEST_FILE, LINEAGE_FILE, Latest, Lineage, MAX_RECORD, Record, check_segment, check_version,
+    sha256_hex,
 };
 use crate::error::{Error, Result};
 
@@ -43,7 +44,16 @@ pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
     let latest: Latest = serde_json::from_slice(&bytes)
         .map_err(|e| model(&latest_url, format!("not a lockstep latest.json: {e}")))?;
     // The version directory inside this lineage, whatever URL the record claims.
-    check_segment("the promoted version", &latest.version)?;
+    if check_version(&latest.version).is_err() {
+        return Err(model(
+            &latest_url,
+            format!(
+                "names version `{}`, which is not a version of this lineage: the lineage is \
+                 damaged",
+                latest.version
+            ),
+        ));
+    }
     let dir = format!("{lineage_url}/{}", latest.version);
     let record_url = format!("{dir}/{LINEAGE_FILE}");
     let bytes = read_small(record_url.clone()).await?.ok_or_else(|| {
@@ -54,8 +64,28 @@ pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
     })?;
     let record: Record = serde_json::from_slice(&bytes)
         .map_err(|e| model(&record_url, format!("not a lockstep.json: {e}")))?;
+    // What makes a model: an export without them (an empty list checks nothing) is refused.
+    for required in ["model.safetensors", "config.json"] {
+        if !record.files.iter().any(|f| f.name == required) {
+            return Err(model(
+                &record_url,
+                format!("lists no `{required}`: not a complete export, so it cannot be a base"),
+            ));
+        }
+    }
+    // Every name first: none may lead outside the version's directory.
     for f in &record.files {
-        check_segment("a file of the export", &f.name)?;
+        if check_segment("a file of the export", &f.name).is_err() {
+            return Err(model(
+                &record_url,
+                format!(
+                    "lists file `{}`, which is not a file name: the export is damaged",
+                    f.name
+                ),
+            ));
+        }
+    }
+    for f in &record.files {
         let url = format!("{dir}/{}", f.name);
         let bytes = objects::read_url(&url).await.map_err(|e| match e {
             lockstep_storage::Error::NotFound { .. } => {

@@ -405,4 +405,54 @@ async fn the_promoted_version_is_checked_before_it_is_trained_on() {
         e.contains("model.safetensors") && e.contains("damaged"),
         "{e}"
     );
+    // A lockstep.json that lists nothing would check nothing: refused, as permanent.
+    let record = dir.path().join("export/exp/a/lockstep.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    json["files"] = serde_json::json!([]);
+    std::fs::write(&record, serde_json::to_vec(&json).unwrap()).unwrap();
+    let e = export::resolve_latest(&lineage).await.unwrap_err();
+    assert!(e.is_permanent(), "{e}");
+    assert!(
+        e.to_string().contains("lists no `model.safetensors`"),
+        "{e}"
+    );
+    // A file name or a promoted version that leaves the lineage: damaged, permanent.
+    json["files"] = serde_json::json!([
+        {"name": "model.safetensors", "bytes": 1, "sha256": "00"},
+        {"name": "config.json", "bytes": 1, "sha256": "00"},
+        {"name": "../../escape", "bytes": 1, "sha256": "00"},
+    ]);
+    std::fs::write(&record, serde_json::to_vec(&json).unwrap()).unwrap();
+    let e = export::resolve_latest(&lineage).await.unwrap_err();
+    assert!(
+        e.is_permanent() && e.to_string().contains("`../../escape`"),
+        "{e}"
+    );
+    let latest = dir.path().join("export/exp/latest.json");
+    let mut l: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&latest).unwrap()).unwrap();
+    l["version"] = serde_json::json!("../other");
+    std::fs::write(&latest, serde_json::to_vec(&l).unwrap()).unwrap();
+    let e = export::resolve_latest(&lineage).await.unwrap_err();
+    assert!(
+        e.is_permanent() && e.to_string().contains("`../other`"),
+        "{e}"
+    );
+}
+
+/// The lineage's own file names cannot be versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_names_are_not_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = format!("file://{}/ckpt", dir.path().display());
+    checkpoint(&ckpt, 10, 2.0, Some(2.5), 1).await;
+    let to = format!("file://{}/export", dir.path().display());
+    for v in ["latest.json", ".latest.json.lock"] {
+        let e = export::export(&request(format!("{ckpt}@10"), v), &to, None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{v}: {e}");
+    }
+    assert!(!dir.path().join("export/exp/latest.json").exists());
 }
