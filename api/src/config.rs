@@ -522,6 +522,8 @@ impl JobConfig {
     /// Parses TOML, applies `overrides` (`section.key=value`, the value in TOML syntax or a bare
     /// string), then validates.
     pub fn parse(text: &str, overrides: &[String]) -> Result<JobConfig, ConfigError> {
+        // A UTF-8 byte order mark (editors on Windows write one) is not part of the TOML.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut doc: toml::Table = toml::from_str(text)?;
         for spec in overrides {
             apply_override(&mut doc, spec)?;

@@ -43,8 +43,8 @@ pub struct ServeArgs {
     /// else Indexed Job).
     #[arg(long, value_enum)]
     flavor: Option<GangFlavor>,
-    /// gRPC address to listen on.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    /// gRPC address to listen on: IP:PORT, or localhost:PORT.
+    #[arg(long, default_value = "127.0.0.1:7070", value_parser = parse_listen)]
     listen: SocketAddr,
     /// Job store (`jobs.redb`), admin token (`admin.token`) and worker logs.
     #[arg(long, env = "LOCKSTEP_DATA_DIR", default_value_os_t = default_data_dir())]
@@ -351,6 +351,19 @@ fn server_tls(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConf
     Ok(config)
 }
 
+/// `--listen`: an IP address and port, or `localhost:PORT` (the loopback address).
+fn parse_listen(s: &str) -> std::result::Result<SocketAddr, String> {
+    if let Some(port) = s.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{s}`: the port must be a number 0-65535"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|e| {
+        format!("`{s}`: {e} (expected IP:PORT such as 127.0.0.1:7070 or 0.0.0.0:7070, or localhost:PORT)")
+    })
+}
+
 /// Reads `DIR/admin.token`, creating it (mode 0600) when `create`. Blocking.
 pub(super) fn admin_token(dir: &Path, create: bool) -> Result<String> {
     let path = dir.join("admin.token");
@@ -359,6 +372,24 @@ pub(super) fn admin_token(dir: &Path, create: bool) -> Result<String> {
         path: path.clone(),
         source,
     };
+    // The coordinator's own token file must be its own: a plain file no one else can read
+    // (a token others may have read is not kept).
+    if create && let Ok(m) = std::fs::symlink_metadata(&path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = m.permissions().mode() & 0o777;
+        if !m.file_type().is_file() || mode & 0o077 != 0 {
+            return Err(CliError::Usage(format!(
+                "{}: {} (mode {mode:o}); others may have read the admin token: delete it and \
+                 restart `lockstep serve` to make a new one (mode 600)",
+                path.display(),
+                if m.file_type().is_file() {
+                    "readable by others"
+                } else {
+                    "not a plain file"
+                }
+            )));
+        }
+    }
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= MIN_TOKEN_LEN => return Ok(t.trim().to_string()),
         Ok(t) => {

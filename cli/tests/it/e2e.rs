@@ -545,3 +545,91 @@ fn a_finished_job_is_exported_and_only_improvements_are_promoted() {
     );
     assert_eq!(end["last_checkpoint"], 3, "{end}");
 }
+
+/// `serve` keeps no admin token others could have read: a token file readable by others (or
+/// not a plain file) is refused at start, naming it.
+#[test]
+fn serve_refuses_an_admin_token_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("coordinator");
+    std::fs::create_dir_all(&data).unwrap();
+    let token = data.join("admin.token");
+    std::fs::write(&token, "x".repeat(64)).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut child = lockstep(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve started with a token file others can read");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("admin.token") && err.contains("readable by others"),
+        "{err}"
+    );
+
+    // Mode 600: it starts, and `localhost:PORT` is a listen address.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = free_port();
+    let mut child = lockstep(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            &format!("localhost:{port}"),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "serve exited");
+        assert!(
+            Instant::now() < deadline,
+            "serve did not listen on localhost:{port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A config saved with a UTF-8 byte order mark (Windows editors) reads like any other.
+#[test]
+fn a_config_with_a_byte_order_mark_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TestJob::tiny("bom").write_to(dir.path());
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("\u{feff}{text}")).unwrap();
+    let out = lockstep(dir.path())
+        .args([
+            "render",
+            "job.toml",
+            "--namespace",
+            "ml",
+            "--shared-volume",
+            "data:/data",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
