@@ -10,7 +10,11 @@
 //! CONFIG defaults to configs/quickstart.toml, KILLS to 5, SEED to 1. Both runs write their
 //! checkpoints under a temporary directory (`--set checkpoint.url=...`). Uses
 //! target/release/lockstep (its workers are the same binary). Prints each kill and, last, one JSON
-//! object.
+//! object; exits with an error when the chaos run does not end as the clean one did (the same
+//! final state, succeeded or exported, and the same parameters).
+//!
+//! `chaos --smoke` is the test suite's run (benchmarks/tests/smoke.rs): a tiny two-rank job,
+//! one kill, the binary `$LOCKSTEP_BIN` (default target/debug/lockstep); seconds, no figures.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -104,20 +108,40 @@ fn run(lockstep: &Path, config: &Path, ckpt: &Path, plan: &[(u64, u32)]) -> Resu
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = PathBuf::from(
-        args.first()
-            .map_or("configs/quickstart.toml", |s| s.as_str()),
-    );
-    let kills: usize = args.get(1).map_or(Ok(5), |s| s.parse()).context("KILLS")?;
-    let seed: u64 = args.get(2).map_or(Ok(1), |s| s.parse()).context("SEED")?;
-    let lockstep = PathBuf::from("target/release/lockstep");
+    let tmp = std::env::temp_dir().join(format!("lockstep-chaos-{}", std::process::id()));
+    let smoke = args.first().map(String::as_str) == Some("--smoke");
+    let (config, kills, seed, lockstep) = if smoke {
+        std::fs::create_dir_all(&tmp)?;
+        let config = lockstep_api::testing::TestJob::tiny("chaos-smoke")
+            .world(2)
+            .steps(300)
+            .set("checkpoint.every_steps", 20)
+            .write_to(&tmp);
+        let bin = std::env::var("LOCKSTEP_BIN").unwrap_or_else(|_| "target/debug/lockstep".into());
+        (config, 1, 1, PathBuf::from(bin))
+    } else {
+        let config = PathBuf::from(
+            args.first()
+                .map_or("configs/quickstart.toml", |s| s.as_str()),
+        );
+        let kills: usize = args.get(1).map_or(Ok(5), |s| s.parse()).context("KILLS")?;
+        let seed: u64 = args.get(2).map_or(Ok(1), |s| s.parse()).context("SEED")?;
+        (
+            config,
+            kills,
+            seed,
+            PathBuf::from("target/release/lockstep"),
+        )
+    };
     if !lockstep.is_file() {
-        bail!("build first: cargo build --release");
+        bail!(
+            "{} not found: build first (cargo build --release)",
+            lockstep.display()
+        );
     }
     let text = std::fs::read_to_string(&config).with_context(|| config.display().to_string())?;
     let parsed = lockstep_api::JobConfig::parse(&text, &[])?;
     let (steps, world) = (parsed.train.steps, parsed.job.world_size);
-    let tmp = std::env::temp_dir().join(format!("lockstep-chaos-{}", std::process::id()));
     // Kill steps spread over the run, a random rank each time.
     let mut rng = seed;
     let mut plan: Vec<(u64, u32)> = (0..kills)
@@ -142,9 +166,11 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let chaos = run(&lockstep, &config, &tmp.join("chaos/ckpt"), &plan)?;
     let chaos_secs = t.elapsed().as_secs_f64();
+    // Jobs with an [export] end `exported`, others `succeeded`: both runs must end alike.
+    let ended = |o: &Outcome| matches!(o.end["state"].as_str(), Some("succeeded" | "exported"));
     let same = clean.end["params_hash"] == chaos.end["params_hash"]
-        && chaos.end["state"] == "succeeded"
-        && clean.end["state"] == "succeeded";
+        && chaos.end["state"] == clean.end["state"]
+        && ended(&clean);
     let mean = chaos.recoveries.iter().sum::<f64>() / chaos.recoveries.len().max(1) as f64;
     println!(
         "clean {clean_secs:.1} s, chaos {chaos_secs:.1} s, {} kills, {} restarts, mean recovery \
