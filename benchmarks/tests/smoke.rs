@@ -32,3 +32,18 @@ fn chaos_smoke_ends_like_an_uninterrupted_run() {
     assert!(text.contains("SIGKILL rank"), "no kill happened: {text}");
     assert!(text.contains("IDENTICAL"), "{text}");
 }
+
+#[test]
+fn rendezvous_smoke_forms_a_small_gang() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rendezvous"))
+        .arg("8")
+        .output()
+        .expect("run rendezvous");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("8 workers joined"), "{text}");
+}
