@@ -187,7 +187,18 @@ impl KubeJobArgs {
             },
             status: None,
         };
-        render::name_of(&lsj).map_err(|e| CliError::Usage(format!("--name: {e}")))?;
+        render::name_of(&lsj).map_err(|e| {
+            CliError::Usage(if e.starts_with("metadata.namespace") {
+                format!("--namespace: {e}")
+            } else if self.name.is_some() {
+                format!("--name: {e}")
+            } else {
+                format!(
+                    "{}: job.name names the LockstepJob: {e}; choose another name with --name",
+                    path.display()
+                )
+            })
+        })?;
         lsj.spec.check().map_err(CliError::Usage)?;
         Ok(lsj)
     }
@@ -267,7 +278,51 @@ fn usage(e: impl std::fmt::Display) -> CliError {
 }
 
 fn to_yaml(v: &Value) -> Result<String> {
-    serde_yaml::to_string(v).map_err(|e| CliError::Usage(format!("cannot write YAML: {e}")))
+    serde_yaml::to_string(v)
+        .map(|y| yaml11_floats(&y))
+        .map_err(|e| CliError::Usage(format!("cannot write YAML: {e}")))
+}
+
+/// `yaml` with numbers like `1e-8` written `1.0e-8`: YAML 1.1 readers (PyYAML, so most
+/// Python GitOps tooling) read a float only with a `.` and a signed exponent, and would take
+/// `1e-8` for a string.
+fn yaml11_floats(yaml: &str) -> String {
+    let fix = |v: &str| -> Option<String> {
+        let (mantissa, exp) = v.split_once(['e', 'E'])?;
+        let digits = mantissa.strip_prefix('-').unwrap_or(mantissa);
+        let exp_digits = exp.strip_prefix(['-', '+']).unwrap_or(exp);
+        let number = !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && !exp_digits.is_empty()
+            && exp_digits.bytes().all(|b| b.is_ascii_digit());
+        if !number {
+            return None;
+        }
+        let mantissa = if digits.contains('.') {
+            mantissa.to_string()
+        } else {
+            format!("{mantissa}.0")
+        };
+        let sign = if exp.starts_with(['-', '+']) { "" } else { "+" };
+        Some(format!("{mantissa}e{sign}{exp}"))
+    };
+    let mut out = String::with_capacity(yaml.len());
+    for line in yaml.lines() {
+        let split = line.rfind(": ").map(|i| i + 2).or_else(|| {
+            line.trim_start()
+                .starts_with("- ")
+                .then(|| line.find("- ").map_or(0, |i| i + 2))
+        });
+        match split.and_then(|i| fix(&line[i..]).map(|v| (i, v))) {
+            Some((i, v)) => {
+                out.push_str(&line[..i]);
+                out.push_str(&v);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// A client of the API server of the kubeconfig context (or the cluster this runs in).
@@ -302,5 +357,17 @@ pub(super) async fn submit(args: &KubeJobArgs, config: &Path) -> Result {
         Err(e) => Err(CliError::Rpc(format!(
             "create LockstepJob {ns}/{name}: {e}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn floats_are_written_so_yaml_1_1_reads_them_as_floats() {
+        let y = "eps: 1e-8\nlr: 0.0003\nbig: 1e20\nx: -2.5e-7\nname: 1e-8x\n- 3e5\n";
+        assert_eq!(
+            super::yaml11_floats(y),
+            "eps: 1.0e-8\nlr: 0.0003\nbig: 1.0e+20\nx: -2.5e-7\nname: 1e-8x\n- 3.0e+5\n"
+        );
     }
 }

@@ -632,4 +632,27 @@ fn a_config_with_a_byte_order_mark_is_read() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Floats as YAML 1.1 (PyYAML) reads them: `1.0e-8`, not `1e-8` (a string there).
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        yaml.contains("eps: 1.0e-8") && !yaml.contains(": 1e-8"),
+        "{yaml}"
+    );
+    // A namespace Kubernetes would refuse is refused here, naming the flag.
+    let out = lockstep(dir.path())
+        .args([
+            "render",
+            "job.toml",
+            "--namespace",
+            "Bad_NS",
+            "--shared-volume",
+            "data:/data",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--namespace: metadata.namespace `Bad_NS`"),
+        "{err}"
+    );
 }

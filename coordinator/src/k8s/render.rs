@@ -61,6 +61,12 @@ pub fn name_of(lsj: &LockstepJob) -> Result<(&str, &str), String> {
              (its pods are named after it)"
         ));
     }
+    if !lockstep_api::config::is_dns_label(ns) {
+        return Err(format!(
+            "metadata.namespace `{ns}`: not a namespace name (1–63 lower-case letters, digits \
+             and `-`)"
+        ));
+    }
     Ok((name, ns))
 }
 
