@@ -145,14 +145,9 @@ async fn client(args: &ClientArgs) -> Result<Client> {
         let tls = tonic::transport::ClientTlsConfig::new();
         let tls = match args.tls_ca.clone() {
             Some(path) => {
-                let pem = tokio::task::spawn_blocking(move || {
-                    std::fs::read(&path).map_err(|source| CliError::Io {
-                        op: "read --tls-ca",
-                        path,
-                        source,
-                    })
-                })
-                .await??;
+                let pem =
+                    tokio::task::spawn_blocking(move || super::read_small("read --tls-ca", &path))
+                        .await??;
                 tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
             }
             None => tls.with_native_roots(),

@@ -150,10 +150,12 @@ pub fn load(path: &Path, sets: &[String], date: Option<&str>) -> Result<Loaded> 
         }
         None => lockstep_api::date::today(),
     };
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
-        op: "read config",
-        path: path.to_path_buf(),
-        source,
+    let text = String::from_utf8(read_small("read config", path)?).map_err(|e| {
+        CliError::Usage(format!(
+            "{}: not UTF-8 text (byte {}): not a config",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
     })?;
     let text = lockstep_api::date::apply(&text, &date);
     let sets: Vec<String> = sets
@@ -185,6 +187,33 @@ pub fn load_for_workers(path: &Path, sets: &[String], date: Option<&str>) -> Res
         )));
     }
     Ok(loaded)
+}
+
+/// The most bytes read from a config, certificate or key file: far more than any real one,
+/// and a `/dev/zero` given by mistake is refused instead of filling memory.
+pub const MAX_SMALL_FILE: u64 = 4 << 20;
+
+/// Reads `path` (for `op`, e.g. "read --tls-cert"), refusing one larger than
+/// [`MAX_SMALL_FILE`] (or endless). Blocking.
+pub fn read_small(op: &'static str, path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let io = |source| CliError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SMALL_FILE + 1).read_to_end(&mut bytes))
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_SMALL_FILE {
+        return Err(CliError::Usage(format!(
+            "{}: larger than {} MiB: not a config, certificate or key ({op})",
+            path.display(),
+            MAX_SMALL_FILE >> 20
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The working directory (relative paths of a config resolve against it).

@@ -326,14 +326,10 @@ pub(super) fn local_addr(
 /// The TLS identity in `cert` and `key` (PEM), checked now so a bad file is named before
 /// anything starts. Blocking.
 fn server_tls(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConfig> {
-    let read = |op: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|source| CliError::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    let (c, k) = (read("read --tls-cert", cert)?, read("read --tls-key", key)?);
+    let (c, k) = (
+        super::read_small("read --tls-cert", cert)?,
+        super::read_small("read --tls-key", key)?,
+    );
     // A client has 10 s to finish its TLS handshake: a stalled one cannot hold a connection.
     let config = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(c, k))

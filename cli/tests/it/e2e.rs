@@ -582,6 +582,34 @@ fn serve_refuses_an_admin_token_others_can_read() {
         "{err}"
     );
 
+    // Endless files given by mistake are refused, not read into memory.
+    let out = lockstep(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "/dev/zero",
+        ])
+        .args(["--tls-key", "/dev/zero", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/dev/zero: larger than 4 MiB"),
+        "{err}"
+    );
+    let out = lockstep(dir.path())
+        .args(["run", "/dev/zero"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/dev/zero: larger than 4 MiB"),
+        "{err}"
+    );
+
     // Mode 600: it starts, and `localhost:PORT` is a listen address.
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let port = free_port();
