@@ -3,6 +3,7 @@
 //! [`crate::Coordinator`] holds one behind an `Arc`; each job's supervisor gets a clone of
 //! that `Arc`.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::launcher::Launcher;
@@ -10,7 +11,6 @@ use crate::metrics::Metrics;
 use crate::persist::Persister;
 use crate::record::JobStore;
 use crate::registry::Registry;
-use crate::service::Settings;
 use crate::stall::StallClock;
 
 /// A coordinator's shared state.
@@ -31,4 +31,15 @@ pub(crate) struct Context {
     pub(crate) metrics: Metrics,
     /// Notices this process's own stalls, so they are not blamed on workers.
     pub(crate) clock: StallClock,
+}
+
+/// Settings of a coordinator.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Job logs and configs go under `DATA_DIR/jobs/ID/`; the job store lives here.
+    pub data_dir: PathBuf,
+    /// Token of the user calls.
+    pub admin_token: String,
+    /// Keep jobs in `DATA_DIR/jobs.redb` (serve) or only in memory (run).
+    pub persist: bool,
 }

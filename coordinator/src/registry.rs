@@ -14,7 +14,7 @@ use lockstep_storage::CheckpointStore;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::attempt::{Attempt, Timeouts};
-use crate::commit::Commits;
+use crate::commit::book::Commits;
 use crate::error::{Error, Result};
 use crate::launcher::{Placement, WorkerHandle};
 use crate::persist::Persister;
@@ -80,12 +80,11 @@ impl Registry {
         (page, next)
     }
 
-    /// Whether `token` is some job's token (each compared in constant time).
-    pub fn knows_token(&self, token: &str) -> bool {
+    /// Whether `pred` holds for some job, asking every job (no early exit: how long it takes
+    /// does not tell which job matched).
+    pub fn any_job(&self, pred: impl Fn(&Job) -> bool) -> bool {
         let jobs = lock(&self.jobs);
-        jobs.values().fold(false, |found, job| {
-            found | crate::auth::constant_eq(job.token.as_bytes(), token.as_bytes())
-        })
+        jobs.values().fold(false, |found, job| found | pred(job))
     }
 
     /// Forgets `id` (a finished job past its retention).

@@ -25,16 +25,7 @@ use crate::state::Input;
 
 pub use crate::record::resolve_url;
 
-/// Settings of a coordinator.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Job logs and configs go under `DATA_DIR/jobs/ID/`; the job store lives here.
-    pub data_dir: PathBuf,
-    /// Token of the user calls.
-    pub admin_token: String,
-    /// Keep jobs in `DATA_DIR/jobs.redb` (serve) or only in memory (run).
-    pub persist: bool,
-}
+pub use crate::context::Settings;
 
 /// The coordinator. Cheap to clone.
 #[derive(Clone)]

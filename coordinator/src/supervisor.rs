@@ -290,7 +290,7 @@ fn export_spec(
     inner: &Context,
     job: &Job,
 ) -> std::result::Result<crate::launcher::ExportSpec, String> {
-    use crate::service::resolve_url;
+    use crate::record::resolve_url;
     let export = job
         .config
         .export

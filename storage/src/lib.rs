@@ -22,6 +22,8 @@ mod dtype;
 mod error;
 pub mod fault;
 pub mod format;
+mod gc;
+mod layout;
 pub mod lease;
 mod local;
 mod location;

@@ -7,7 +7,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::store::{MANIFEST_FILE, parse_step_dir};
+use crate::layout::{MANIFEST_FILE, parse_step_dir};
 use crate::{Error, Result};
 
 /// Runs `f` on `path` on the blocking pool; an I/O error is [`Error::Io`] naming `op` and

@@ -9,14 +9,14 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::format::manifest::{Manifest, ManifestError};
+use crate::layout::parse_step_dir;
 use crate::location::Location;
 use crate::retention::{KeepReason, RetentionPolicy};
 use crate::retry::RetryPolicy;
 use crate::writer::{CommitInfo, ShardMeta, assemble_manifest};
 use crate::{Error, Result};
 
-/// Name of the commit marker in a step directory.
-pub const MANIFEST_FILE: &str = "manifest.json";
+pub use crate::layout::MANIFEST_FILE;
 
 /// The smallest part S3 accepts (but for the last part of an upload).
 pub const MIN_S3_PART: usize = 5 << 20;
@@ -759,14 +759,6 @@ fn link_refused(link: &str) -> Error {
              point to)"
         ),
     }
-}
-
-pub(crate) fn parse_step_dir(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix("step-")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
 }
 
 #[cfg(test)]

@@ -309,7 +309,7 @@ impl Controller {
             }
         }
         let uid = lsj.metadata.uid.clone().unwrap_or_default();
-        KubeLauncher::delete_all(&self.client, &self.settings.namespace, &name, &uid).await?;
+        super::objects::delete_all(&self.client, &self.settings.namespace, &name, &uid).await?;
         if let Some(id) = &id {
             self.coordinator.forget(id);
             self.launcher.forget(id);

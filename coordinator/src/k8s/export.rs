@@ -34,7 +34,9 @@ impl KubeLauncher {
                 .map_err(|e| e.to_string())??;
         }
         let job = render::export_job(lsj, spec)?;
-        self.apply(ns, &job).await.map_err(|e| e.to_string())?;
+        super::objects::apply(&self.client, ns, &job)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(job = %spec.job_id, export = %render::export_name(name), "started the export Job");
         // A cancel drops this future: the export Job goes with it.
         let guard = DeleteOnDrop {

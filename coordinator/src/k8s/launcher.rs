@@ -61,13 +61,7 @@ impl KubeLauncher {
 
     /// JobSet where its CRD is served, else Indexed Job.
     pub async fn detect_flavor(client: &Client) -> Flavor {
-        match client
-            .list_api_group_resources("jobset.x-k8s.io/v1alpha2")
-            .await
-        {
-            Ok(list) if list.resources.iter().any(|r| r.name == "jobsets") => Flavor::JobSet,
-            _ => Flavor::IndexedJob,
-        }
+        super::objects::detect_flavor(client).await
     }
 
     /// How gangs are made.
@@ -142,8 +136,8 @@ impl KubeLauncher {
         );
         let uid = lsj.metadata.uid.as_deref().unwrap_or("");
         for o in &objects {
-            self.check_owner(ns, o, uid).await?;
-            self.apply(ns, o).await?;
+            super::objects::check_owner(&self.client, ns, o, uid).await?;
+            super::objects::apply(&self.client, ns, o).await?;
         }
         tracing::info!(job = %spec.job_id, lockstepjob = %format!("{ns}/{name}"), attempt = spec.attempt,
             flavor = ?self.flavor, "created the attempt's objects");
@@ -230,7 +224,7 @@ impl KubeLauncher {
             };
             drop(watch);
             if delete {
-                KubeLauncher::delete_attempt(client, flavor, ns_, name_, attempt).await;
+                super::objects::delete_attempt(client, flavor, ns_, name_, attempt).await;
             }
         });
         lock(&w.tasks).push(task.abort_handle());
@@ -413,7 +407,7 @@ impl WorkerHandle for KubeWorker {
             !std::mem::replace(&mut st.deleting, true)
         };
         if first {
-            tokio::spawn(KubeLauncher::delete_attempt(
+            tokio::spawn(super::objects::delete_attempt(
                 self.client.clone(),
                 self.flavor,
                 self.ns.clone(),
@@ -517,7 +511,7 @@ impl Launcher for KubeLauncher {
                 attempt = a,
                 "deleting a gang left by the previous coordinator"
             );
-            KubeLauncher::delete_attempt(
+            super::objects::delete_attempt(
                 self.client.clone(),
                 self.flavor,
                 ns.into(),

@@ -10,7 +10,6 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::Value;
 
-use super::launcher::KubeLauncher;
 use super::render::{self, Flavor};
 use super::{FIELD_MANAGER, KubeError, LABEL_ATTEMPT, LABEL_JOB};
 
@@ -22,152 +21,156 @@ pub fn jobset_resource() -> ApiResource {
     )
 }
 
-impl KubeLauncher {
-    /// The API of the kind of object lockstep makes, in `ns`.
-    fn api_of(&self, ns: &str, kind: &str) -> Result<Api<DynamicObject>, KubeError> {
-        let resource = match kind {
-            "ConfigMap" => ApiResource::erase::<ConfigMap>(&()),
-            "Secret" => ApiResource::erase::<Secret>(&()),
-            "Service" => ApiResource::erase::<Service>(&()),
-            "NetworkPolicy" => ApiResource::erase::<NetworkPolicy>(&()),
-            "Job" => ApiResource::erase::<Job>(&()),
-            "JobSet" => jobset_resource(),
-            other => return Err(KubeError::Invalid(format!("cannot make a {other}"))),
-        };
-        Ok(Api::namespaced_with(self.client.clone(), ns, &resource))
+/// JobSet where its CRD is served, else Indexed Job.
+pub async fn detect_flavor(client: &Client) -> Flavor {
+    match client
+        .list_api_group_resources("jobset.x-k8s.io/v1alpha2")
+        .await
+    {
+        Ok(list) if list.resources.iter().any(|r| r.name == "jobsets") => Flavor::JobSet,
+        _ => Flavor::IndexedJob,
     }
+}
 
-    pub(super) async fn apply(&self, ns: &str, object: &Value) -> Result<(), KubeError> {
-        let kind = object["kind"].as_str().unwrap_or("");
-        let name = object["metadata"]["name"].as_str().unwrap_or("");
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        self.api_of(ns, kind)?
-            .patch(name, &pp, &Patch::Apply(object))
-            .await
-            .map(drop)
-            .map_err(KubeError::api(format!("apply {kind} {ns}/{name}")))
-    }
+/// The API of the kind of object lockstep makes, in `ns`.
+fn api_of(client: &Client, ns: &str, kind: &str) -> Result<Api<DynamicObject>, KubeError> {
+    let resource = match kind {
+        "ConfigMap" => ApiResource::erase::<ConfigMap>(&()),
+        "Secret" => ApiResource::erase::<Secret>(&()),
+        "Service" => ApiResource::erase::<Service>(&()),
+        "NetworkPolicy" => ApiResource::erase::<NetworkPolicy>(&()),
+        "Job" => ApiResource::erase::<Job>(&()),
+        "JobSet" => jobset_resource(),
+        other => return Err(KubeError::Invalid(format!("cannot make a {other}"))),
+    };
+    Ok(Api::namespaced_with(client.clone(), ns, &resource))
+}
 
-    /// Refuses to take over an object of that name that this LockstepJob does not own (a
-    /// user's ConfigMap, another job's Secret): applying would overwrite it and deleting the
-    /// LockstepJob would delete it.
-    pub(super) async fn check_owner(
-        &self,
-        ns: &str,
-        object: &Value,
-        uid: &str,
-    ) -> Result<(), KubeError> {
-        let kind = object["kind"].as_str().unwrap_or("");
-        let name = object["metadata"]["name"].as_str().unwrap_or("");
-        let meta = self
-            .api_of(ns, kind)?
-            .get_metadata_opt(name)
-            .await
-            .map_err(KubeError::api(format!("read {kind} {ns}/{name}")))?;
-        match meta {
-            Some(m) if !owned_by(&m.metadata, uid) => Err(KubeError::Invalid(format!(
-                "{kind} {ns}/{name} exists and does not belong to this LockstepJob; lockstep \
+/// Server-side applies `object` in `ns` (a retry is harmless).
+pub(super) async fn apply(client: &Client, ns: &str, object: &Value) -> Result<(), KubeError> {
+    let kind = object["kind"].as_str().unwrap_or("");
+    let name = object["metadata"]["name"].as_str().unwrap_or("");
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    api_of(client, ns, kind)?
+        .patch(name, &pp, &Patch::Apply(object))
+        .await
+        .map(drop)
+        .map_err(KubeError::api(format!("apply {kind} {ns}/{name}")))
+}
+
+/// Refuses to take over an object of that name that this LockstepJob does not own (a
+/// user's ConfigMap, another job's Secret): applying would overwrite it and deleting the
+/// LockstepJob would delete it.
+pub(super) async fn check_owner(
+    client: &Client,
+    ns: &str,
+    object: &Value,
+    uid: &str,
+) -> Result<(), KubeError> {
+    let kind = object["kind"].as_str().unwrap_or("");
+    let name = object["metadata"]["name"].as_str().unwrap_or("");
+    let meta = api_of(client, ns, kind)?
+        .get_metadata_opt(name)
+        .await
+        .map_err(KubeError::api(format!("read {kind} {ns}/{name}")))?;
+    match meta {
+        Some(m) if !owned_by(&m.metadata, uid) => Err(KubeError::Invalid(format!(
+            "{kind} {ns}/{name} exists and does not belong to this LockstepJob; lockstep \
                  will not overwrite it (rename the LockstepJob, or delete the {kind})"
-            ))),
-            _ => Ok(()),
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes `attempt`'s JobSet/Job and Service (their pods go with them).
+pub(super) async fn delete_attempt(
+    client: Client,
+    flavor: Flavor,
+    ns: String,
+    name: String,
+    attempt: u32,
+) {
+    let object = render::attempt_name(&name, attempt);
+    let dp = DeleteParams::background();
+    let r = match flavor {
+        Flavor::JobSet => {
+            Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &jobset_resource())
+                .delete(&object, &dp)
+                .await
+                .map(drop)
+        }
+        Flavor::IndexedJob => {
+            let a = Api::<Job>::namespaced(client.clone(), &ns)
+                .delete(&object, &dp)
+                .await
+                .map(drop);
+            let b = Api::<Service>::namespaced(client.clone(), &ns)
+                .delete(&object, &dp)
+                .await
+                .map(drop);
+            a.and(b)
+        }
+    };
+    match r {
+        Ok(()) => tracing::info!(attempt = %object, "deleted the attempt's objects"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => {
+            tracing::error!(attempt = %object, error = %e, "cannot delete the attempt's objects")
         }
     }
+}
 
-    /// Deletes `attempt`'s JobSet/Job and Service (their pods go with them).
-    pub(super) async fn delete_attempt(
-        client: Client,
-        flavor: Flavor,
-        ns: String,
-        name: String,
-        attempt: u32,
-    ) {
-        let object = render::attempt_name(&name, attempt);
-        let dp = DeleteParams::background();
-        let r = match flavor {
-            Flavor::JobSet => {
-                Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &jobset_resource())
-                    .delete(&object, &dp)
-                    .await
-                    .map(drop)
-            }
-            Flavor::IndexedJob => {
-                let a = Api::<Job>::namespaced(client.clone(), &ns)
-                    .delete(&object, &dp)
-                    .await
-                    .map(drop);
-                let b = Api::<Service>::namespaced(client.clone(), &ns)
-                    .delete(&object, &dp)
-                    .await
-                    .map(drop);
-                a.and(b)
-            }
-        };
-        match r {
-            Ok(()) => tracing::info!(attempt = %object, "deleted the attempt's objects"),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => {
-                tracing::error!(attempt = %object, error = %e, "cannot delete the attempt's objects")
-            }
-        }
-    }
-
-    /// Deletes everything lockstep made for LockstepJob `name`: every attempt's JobSet, Jobs,
-    /// Services, and the per-job ConfigMap, Secret and NetworkPolicy (what owner references
-    /// would also remove, where a garbage collector runs).
-    pub async fn delete_all(
-        client: &Client,
-        ns: &str,
-        name: &str,
-        uid: &str,
-    ) -> Result<(), KubeError> {
-        let lp = ListParams::default().labels(&format!("{LABEL_JOB}={name}"));
-        let dp = DeleteParams::background();
-        macro_rules! sweep {
-            ($api:expr, $what:expr) => {{
-                let api = $api;
-                let list = api
-                    .list(&lp)
-                    .await
-                    .map_err(KubeError::api(format!("list {}", $what)))?;
-                // Only what this LockstepJob owns (not a user's object of the same name).
-                for o in list
-                    .items
-                    .into_iter()
-                    .filter(|o| owned_by(&o.metadata, uid))
-                {
-                    let n = o.metadata.name.clone().unwrap_or_default();
-                    match api.delete(&n, &dp).await {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(s)) if s.code == 404 => {}
-                        Err(e) => {
-                            return Err(KubeError::Api {
-                                what: format!("delete {} {n}", $what),
-                                source: e,
-                            });
-                        }
+/// Deletes everything lockstep made for LockstepJob `name`: every attempt's JobSet, Jobs,
+/// Services, and the per-job ConfigMap, Secret and NetworkPolicy (what owner references
+/// would also remove, where a garbage collector runs).
+pub async fn delete_all(client: &Client, ns: &str, name: &str, uid: &str) -> Result<(), KubeError> {
+    let lp = ListParams::default().labels(&format!("{LABEL_JOB}={name}"));
+    let dp = DeleteParams::background();
+    macro_rules! sweep {
+        ($api:expr, $what:expr) => {{
+            let api = $api;
+            let list = api
+                .list(&lp)
+                .await
+                .map_err(KubeError::api(format!("list {}", $what)))?;
+            // Only what this LockstepJob owns (not a user's object of the same name).
+            for o in list
+                .items
+                .into_iter()
+                .filter(|o| owned_by(&o.metadata, uid))
+            {
+                let n = o.metadata.name.clone().unwrap_or_default();
+                match api.delete(&n, &dp).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => {
+                        return Err(KubeError::Api {
+                            what: format!("delete {} {n}", $what),
+                            source: e,
+                        });
                     }
                 }
-            }};
-        }
-        sweep!(Api::<Job>::namespaced(client.clone(), ns), "jobs");
-        if KubeLauncher::detect_flavor(client).await == Flavor::JobSet {
-            sweep!(
-                Api::<DynamicObject>::namespaced_with(client.clone(), ns, &jobset_resource()),
-                "jobsets"
-            );
-        }
-        sweep!(Api::<Service>::namespaced(client.clone(), ns), "services");
-        sweep!(
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-            "configmaps"
-        );
-        sweep!(Api::<Secret>::namespaced(client.clone(), ns), "secrets");
-        sweep!(
-            Api::<NetworkPolicy>::namespaced(client.clone(), ns),
-            "networkpolicies"
-        );
-        Ok(())
+            }
+        }};
     }
+    sweep!(Api::<Job>::namespaced(client.clone(), ns), "jobs");
+    if detect_flavor(client).await == Flavor::JobSet {
+        sweep!(
+            Api::<DynamicObject>::namespaced_with(client.clone(), ns, &jobset_resource()),
+            "jobsets"
+        );
+    }
+    sweep!(Api::<Service>::namespaced(client.clone(), ns), "services");
+    sweep!(
+        Api::<ConfigMap>::namespaced(client.clone(), ns),
+        "configmaps"
+    );
+    sweep!(Api::<Secret>::namespaced(client.clone(), ns), "secrets");
+    sweep!(
+        Api::<NetworkPolicy>::namespaced(client.clone(), ns),
+        "networkpolicies"
+    );
+    Ok(())
 }
 
 /// Whether `meta` names LockstepJob `uid` as an owner.
