@@ -58,6 +58,15 @@ pub fn hold(job: Arc<Job>) {
         let mut valid_until = Instant::now() + ttl;
         loop {
             tokio::time::sleep(every).await;
+            // A job that ended (however) holds nothing.
+            if job
+                .state
+                .lock()
+                .is_ok_and(|st| st.record.phase().is_final())
+            {
+                release(&job).await;
+                return;
+            }
             let renewed = {
                 let mut held = job.lease.lock().await;
                 let Some(lease) = held.as_mut() else { return };

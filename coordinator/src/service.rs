@@ -239,11 +239,14 @@ impl Coordinator {
         self.inner.persister.put(lock(&job.state).record.clone());
         if let Err(e) = self.inner.persister.flush().await {
             // Not durable, so not accepted: it must not run (nor linger as queued).
-            let mut st = lock(&job.state);
-            st.record.lifecycle.phase = crate::state::Phase::Failed;
-            st.record.lifecycle.message = format!("cannot store the job: {e}");
-            // Replaces the queued record still waiting to be written.
-            st.touch(&job, &self.inner.persister, true);
+            {
+                let mut st = lock(&job.state);
+                st.record.lifecycle.phase = crate::state::Phase::Failed;
+                st.record.lifecycle.message = format!("cannot store the job: {e}");
+                // Replaces the queued record still waiting to be written.
+                st.touch(&job, &self.inner.persister, true);
+            }
+            crate::lease::release(&job).await;
             return Err(e.into());
         }
         job.send(Input::Start);

@@ -227,6 +227,16 @@ pub(crate) fn crashed(inner: &Context, job: &Job, panic: Box<dyn std::any::Any +
         );
     }
     st.touch(job, &inner.persister, true);
+    // Its checkpoint URL is free again (the lease would otherwise be renewed for ever).
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let job = job.id.clone();
+        let registry_job = inner.registry.get(&job).ok();
+        handle.spawn(async move {
+            if let Some(j) = registry_job {
+                crate::lease::release(&j).await;
+            }
+        });
+    }
 }
 
 /// About 30 years from now: a deadline that never comes.

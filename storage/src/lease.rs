@@ -62,10 +62,16 @@ impl Lease {
     /// `Ok(None)` for `memory://` roots (one process's own: nothing to share). Another live
     /// job's lease is [`Error::Refused`], naming it and until when it holds.
     pub async fn acquire(url: &str, job: &str, by: &str, ttl: Duration) -> Result<Option<Lease>> {
-        if matches!(Location::parse(url)?, Location::Memory) {
-            return Ok(None);
-        }
-        let root = url.trim_end_matches('/');
+        let root = match Location::parse(url)? {
+            Location::Memory => return Ok(None),
+            // One directory, one lease, however its URL is spelt (`..`, links, slashes).
+            Location::File(dir) => {
+                let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+                format!("file://{}", dir.display())
+            }
+            Location::S3 { .. } => url.trim_end_matches('/').to_string(),
+        };
+        let root = root.as_str();
         let pointer = Pointer::open(&format!("{root}/{LEASE_FILE}"))?;
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         for _ in 0..8 {
@@ -79,9 +85,12 @@ impl Lease {
                 None => None,
                 Some((bytes, seen)) => {
                     // A lease object that is not one (damaged, hand-edited) holds nothing.
+                    // An expiry further off than a lease lives (hand-edited) holds nothing.
+                    let plausible = now_ms().saturating_add(ttl_ms.saturating_mul(2));
                     if let Ok(h) = serde_json::from_slice::<Holder>(bytes)
                         && h.job != job
                         && h.expires_unix_ms > now_ms()
+                        && h.expires_unix_ms <= plausible
                     {
                         let left = (h.expires_unix_ms - now_ms()).div_ceil(1000);
                         return Err(Error::Refused {
@@ -160,6 +169,28 @@ impl Lease {
     }
 }
 
+/// The live job holding checkpoint root `url`, if one does (for a writer that takes no lease
+/// of its own, such as a standalone `lockstep train`, to refuse to write beside it).
+pub async fn holder(url: &str) -> Result<Option<Holder>> {
+    let root = match Location::parse(url)? {
+        Location::Memory => return Ok(None),
+        Location::File(dir) => {
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            format!("file://{}", dir.display())
+        }
+        Location::S3 { .. } => url.trim_end_matches('/').to_string(),
+    };
+    let pointer = Pointer::open(&format!("{root}/{LEASE_FILE}"))?;
+    let Some((bytes, _)) = pointer.read().await? else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    // (An expiry further off than any lease lives is a hand-edited one: not a holder.)
+    Ok(serde_json::from_slice::<Holder>(&bytes)
+        .ok()
+        .filter(|h| h.expires_unix_ms > now && h.expires_unix_ms <= now + 600_000))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +231,20 @@ mod tests {
             .unwrap();
         assert!(c.is_some());
         drop(b);
+        // The lock file planted as a link elsewhere: refused, the other file untouched.
+        let d2 = tempfile::tempdir().unwrap();
+        let root = d2.path().join("ckpt");
+        std::fs::create_dir_all(&root).unwrap();
+        let victim = d2.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join(".lease.json.lock")).unwrap();
+        let url2 = format!("file://{}", root.display());
+        assert!(Lease::acquire(&url2, "a-1", "h", ttl).await.is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // `..` in the URL is the same directory, and the same lease.
+        let spelt = format!("file://{}/ckpt/../ckpt", d.path().display());
+        let e = Lease::acquire(&spelt, "z-9", "h", ttl).await.unwrap_err();
+        assert!(e.to_string().contains("in use by job c-3"), "{e}");
         assert!(
             Lease::acquire("memory://", "x", "y", ttl)
                 .await

@@ -145,9 +145,28 @@ pub const MAX_POINTER_BYTES: u64 = 1 << 20;
 
 /// A local pointer's bytes: a regular file (not a FIFO or device) of at most
 /// [`MAX_POINTER_BYTES`].
+/// Opens `path` without following a symbolic link (one there is an error, never someone
+/// else's file written through) and without blocking on a FIFO.
+fn open_plain(
+    path: &std::path::Path,
+    opts: &mut std::fs::OpenOptions,
+) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = opts
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
+}
+
 fn read_local(file: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let f = std::fs::File::open(file)?;
+    let f = open_plain(file, std::fs::OpenOptions::new().read(true))?;
     let m = f.metadata()?;
     if !m.is_file() || m.len() > MAX_POINTER_BYTES {
         return Err(std::io::Error::new(
@@ -184,12 +203,14 @@ fn swap_file(file: &std::path::Path, expected: Option<Seen>, bytes: &[u8]) -> Re
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(format!(".{name}.lock")))
-        .map_err(io)?;
+    let lock = open_plain(
+        &dir.join(format!(".{name}.lock")),
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true),
+    )
+    .map_err(io)?;
     lock.lock().map_err(io)?;
     let now = match read_local(file) {
         Ok(b) => Some(content_tag(&b)),
@@ -199,8 +220,16 @@ fn swap_file(file: &std::path::Path, expected: Option<Seen>, bytes: &[u8]) -> Re
     if now != expected.and_then(|s| s.e_tag) {
         return Ok(Swap::Conflict);
     }
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    // A fresh name, created new: nothing planted there can be written through.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = dir.join(format!(".{name}.{}.{nonce:x}.tmp", std::process::id()));
+    let mut f = open_plain(
+        &tmp,
+        std::fs::OpenOptions::new().write(true).create_new(true),
+    )
+    .map_err(io)?;
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)?;
     std::fs::rename(&tmp, file).map_err(io)?;
     std::fs::File::open(dir)

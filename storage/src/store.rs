@@ -780,5 +780,10 @@ mod tests {
         assert_eq!(parse_step_dir("step-"), None);
         assert_eq!(parse_step_dir("step-12a"), None);
         assert_eq!(parse_step_dir("rank-1"), None);
+        assert_eq!(parse_step_dir("step-35"), None, "not as lockstep writes it");
+        assert_eq!(
+            parse_step_dir("step-1234567890123"),
+            Some(1_234_567_890_123)
+        );
     }
 }

@@ -149,6 +149,21 @@ pub fn run(opts: &Options) -> Result<u8> {
         committer: None,
         data_cache: opts.data_cache.clone(),
     };
+    // Without a coordinator this run takes no lease on the checkpoint URL: it must not write
+    // beside a job that holds one.
+    if !matches!(opts.gang, Gang::Coordinated { .. }) {
+        let url = config.checkpoint.url.clone();
+        let held =
+            crate::runtime::io("lease check")?.block_on(lockstep_storage::lease::holder(&url))?;
+        if let Some(h) = held {
+            return Err(Error::Usage(format!(
+                "checkpoint.url `{url}` is in use by {}: a `lockstep train` without a \
+                 coordinator must not write beside it (wait for that job, or use another \
+                 checkpoint.url)",
+                h.describe()
+            )));
+        }
+    }
     let (ring, control) = match &opts.gang {
         Gang::Alone => (None, None),
         Gang::Static { rank, peers } => (Some(static_ring(*rank, peers, &config)?), None),

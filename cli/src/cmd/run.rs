@@ -66,6 +66,7 @@ pub async fn run(args: RunArgs) -> Result {
     tokio::spawn(serve_grpc(coordinator.clone(), listener, None));
     coordinator.start(format!("http://{addr}")).await?;
     start_metrics(args.metrics_addr, &coordinator).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let record = coordinator.submit(loaded.text, loaded.sets, cwd).await?;
     let id = record.id.clone();
     let mut changes = coordinator.subscribe(&id)?;
@@ -82,7 +83,8 @@ pub async fn run(args: RunArgs) -> Result {
             r = changes.changed() => if r.is_err() {
                 return Err(CliError::Usage("the coordinator stopped".into()));
             },
-            _ = tokio::signal::ctrl_c() => {
+            // SIGTERM (`kill`, `timeout`, a service manager) stops the run as Ctrl-C does.
+            () = stop_signal(&mut term) => {
                 if cancelled {
                     // A second Ctrl-C: no more waiting for the gang to checkpoint.
                     view.note("interrupted again: killing the workers");
@@ -93,6 +95,21 @@ pub async fn run(args: RunArgs) -> Result {
                 view.note("interrupted: the gang checkpoints and stops (Ctrl-C again to kill it now)");
                 coordinator.cancel(&id)?;
             }
+        }
+    }
+}
+
+/// The next SIGINT or SIGTERM (SIGINT only where SIGTERM cannot be caught).
+async fn stop_signal(term: &mut Option<tokio::signal::unix::Signal>) {
+    match term {
+        Some(t) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = t.recv() => {}
+            }
+        }
+        None => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

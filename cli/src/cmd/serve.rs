@@ -371,17 +371,21 @@ pub(super) fn admin_token(dir: &Path, create: bool) -> Result<String> {
     // The coordinator's own token file must be its own: a plain file no one else can read
     // (a token others may have read is not kept).
     if create && let Ok(m) = std::fs::symlink_metadata(&path) {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let mode = m.permissions().mode() & 0o777;
-        if !m.file_type().is_file() || mode & 0o077 != 0 {
+        // Owned by whoever owns the data dir (this coordinator's user), not planted by another.
+        let foreign = std::fs::metadata(dir).is_ok_and(|d| d.uid() != m.uid());
+        if !m.file_type().is_file() || mode & 0o077 != 0 || foreign {
             return Err(CliError::Usage(format!(
                 "{}: {} (mode {mode:o}); others may have read the admin token: delete it and \
                  restart `lockstep serve` to make a new one (mode 600)",
                 path.display(),
-                if m.file_type().is_file() {
-                    "readable by others"
-                } else {
+                if !m.file_type().is_file() {
                     "not a plain file"
+                } else if foreign {
+                    "owned by another user than the data directory"
+                } else {
+                    "readable by others"
                 }
             )));
         }

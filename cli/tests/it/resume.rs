@@ -222,6 +222,36 @@ fn another_jobs_checkpoint_is_refused_by_name() {
     assert!(err.contains("past this job's train.steps = 5"), "{err}");
 }
 
+/// A `lockstep train` without a coordinator takes no lease, so it must not write beside a job
+/// that holds the checkpoint URL.
+#[test]
+fn a_standalone_train_refuses_a_checkpoint_url_a_live_job_holds() {
+    let _gang = crate::common::one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let url = format!("file://{}/ckpt", dir.path().display());
+    std::fs::create_dir_all(dir.path().join("ckpt")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lease = rt
+        .block_on(lockstep_storage::lease::Lease::acquire(
+            &url,
+            "other-0123456789abcdef",
+            "coordinator pid 1 on h",
+            std::time::Duration::from_secs(60),
+        ))
+        .unwrap()
+        .unwrap();
+    let out = run(&cfg, &[]);
+    assert_eq!(out.status.code(), Some(3), "a restart cannot fix it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use by job other-0123456789abcdef"),
+        "{err}"
+    );
+    rt.block_on(lease.release()).unwrap();
+    assert!(run(&cfg, &["--stop-at", "1"]).status.success());
+}
+
 #[test]
 fn bad_inputs_exit_nonzero_naming_the_culprit() {
     let _gang = crate::common::one_gang();
