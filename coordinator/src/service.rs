@@ -110,10 +110,28 @@ impl Coordinator {
                     continue;
                 }
             };
-            let job = match self.add(record, config, Placement::Here).await {
+            let id = record.id.clone();
+            let job = match self
+                .add(record.clone(), config.clone(), Placement::Here)
+                .await
+            {
                 Ok(j) => j,
+                // Its checkpoint URL is another live job's now: it cannot go on, and says so
+                // (kept as failed, so that `status` shows why instead of losing it).
+                Err(Error::Refused(why)) if live => {
+                    tracing::error!(job = %id, reason = %why, "cannot resume a stored job");
+                    let mut failed = record;
+                    failed.lifecycle.phase = crate::state::Phase::Failed;
+                    failed.lifecycle.message =
+                        format!("not resumed after a coordinator restart: {why}");
+                    if let Ok(job) = self.add(failed, config, Placement::Here).await {
+                        let st = lock(&job.state);
+                        self.inner.persister.put(st.record.clone());
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot resume a stored job");
+                    tracing::error!(job = %id, error = %e, "cannot resume a stored job");
                     continue;
                 }
             };
