@@ -45,6 +45,22 @@ pub struct Lease {
     seen: Seen,
 }
 
+/// The root's URL as the lease names it, and its lease object; `None` for `memory://` roots
+/// (one process's own: nothing to share). One directory has one lease however its URL is
+/// spelt (`..`, links, trailing slashes).
+fn lease_object(url: &str) -> Result<Option<(String, Pointer)>> {
+    let root = match Location::parse(url)? {
+        Location::Memory => return Ok(None),
+        Location::File(dir) => {
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            format!("file://{}", dir.display())
+        }
+        Location::S3 { .. } => url.trim_end_matches('/').to_string(),
+    };
+    let pointer = Pointer::open(&format!("{root}/{LEASE_FILE}"))?;
+    Ok(Some((root, pointer)))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -62,17 +78,10 @@ impl Lease {
     /// `Ok(None)` for `memory://` roots (one process's own: nothing to share). Another live
     /// job's lease is [`Error::Refused`], naming it and until when it holds.
     pub async fn acquire(url: &str, job: &str, by: &str, ttl: Duration) -> Result<Option<Lease>> {
-        let root = match Location::parse(url)? {
-            Location::Memory => return Ok(None),
-            // One directory, one lease, however its URL is spelt (`..`, links, slashes).
-            Location::File(dir) => {
-                let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-                format!("file://{}", dir.display())
-            }
-            Location::S3 { .. } => url.trim_end_matches('/').to_string(),
+        let Some((root, pointer)) = lease_object(url)? else {
+            return Ok(None);
         };
         let root = root.as_str();
-        let pointer = Pointer::open(&format!("{root}/{LEASE_FILE}"))?;
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         for _ in 0..8 {
             let me = Holder {
@@ -172,15 +181,9 @@ impl Lease {
 /// The live job holding checkpoint root `url`, if one does (for a writer that takes no lease
 /// of its own, such as a standalone `lockstep train`, to refuse to write beside it).
 pub async fn holder(url: &str) -> Result<Option<Holder>> {
-    let root = match Location::parse(url)? {
-        Location::Memory => return Ok(None),
-        Location::File(dir) => {
-            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-            format!("file://{}", dir.display())
-        }
-        Location::S3 { .. } => url.trim_end_matches('/').to_string(),
+    let Some((_, pointer)) = lease_object(url)? else {
+        return Ok(None);
     };
-    let pointer = Pointer::open(&format!("{root}/{LEASE_FILE}"))?;
     let Some((bytes, _)) = pointer.read().await? else {
         return Ok(None);
     };
