@@ -15,9 +15,9 @@ use super::{CliError, Result};
 /// (compare-and-swap) unless its eval loss is worse than the promoted version's by more than
 /// --max-eval-regression. `lockstep export ls TO/NAME` lists the versions.
 ///
-/// Exporting the same weights to the same version again writes nothing; other weights to an
-/// existing version are refused. Exit status 0 exported (promoted or not: the line says which
-/// and why), 1 error.
+/// Exporting the same weights to the same version again writes no file (a webhook notice an
+/// earlier export of it owes is delivered); other weights to an existing version are refused.
+/// Exit status 0 exported (promoted or not: the line says which and why), 1 error.
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ExportArgs {
@@ -75,7 +75,8 @@ pub struct ExportArgs {
 #[derive(Debug, Subcommand)]
 enum ExportList {
     /// List a lineage's finished versions (step, train and eval loss, promotion decision; `*`
-    /// marks the promoted one).
+    /// marks the promoted one), and what is damaged: a version whose lockstep.json cannot be
+    /// read, a promoted version that is missing or lacks a file, an unreadable latest.json.
     Ls {
         /// The lineage: TO/NAME, e.g. file://runs/quickstart/export/quickstart.
         url: String,
@@ -148,9 +149,18 @@ async fn write(req: &Request, to: &str, json: bool, result_file: Option<&Path>) 
         Promotion::Promoted { replaced: None } => (true, "promoted (the first)".into()),
         Promotion::Promoted { replaced: Some(r) } => (true, format!("promoted, replacing {r}")),
         Promotion::Kept { reason } => (false, format!("kept, not promoted: {reason}")),
-        Promotion::AlreadyExported => (false, "already exported; nothing written".into()),
+        Promotion::AlreadyExported { promoted: true } => (
+            true,
+            "already exported, and the promoted version; files not written again".into(),
+        ),
+        Promotion::AlreadyExported { promoted: false } => {
+            (false, "already exported; files not written again".into())
+        }
     };
     match &out.webhook {
+        Some(Ok(_)) if matches!(out.promotion, Promotion::AlreadyExported { .. }) => {
+            note.push_str("; webhook notified (an earlier export had not delivered it)")
+        }
         Some(Ok(1)) => note.push_str("; webhook notified"),
         Some(Ok(n)) => note.push_str(&format!("; webhook notified (try {n})")),
         Some(Err(e)) => note.push_str(&format!("; webhook FAILED: {e}")),
@@ -203,9 +213,16 @@ async fn list(lineage_url: &str, json: bool) -> Result {
                     "decision": d.as_ref().map(|d| d.reason.clone())})
             );
         }
+        for d in &listing.damaged {
+            println!(
+                "{}",
+                serde_json::json!({"version": d.version,
+                    "promoted": promoted == Some(d.version.as_str()), "damaged": d.why})
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    if listing.versions.is_empty() {
+    if listing.versions.is_empty() && listing.damaged.is_empty() {
         println!("no finished versions under {}", listing.url);
         return Ok(ExitCode::SUCCESS);
     }
@@ -227,6 +244,14 @@ async fn list(lineage_url: &str, json: bool) -> Result {
             loss(r.eval_loss),
             d.as_ref().map_or(String::new(), |d| d.reason.clone())
         );
+    }
+    for d in &listing.damaged {
+        let mark = if promoted == Some(d.version.as_str()) {
+            "*"
+        } else {
+            ""
+        };
+        println!("{mark:<2} {:<40} DAMAGED: {}", d.version, d.why);
     }
     if promoted.is_none() {
         println!("(no version is promoted)");

@@ -74,11 +74,8 @@ fn hf_llama_layout(dtype: &str) -> Vec<(String, String, Vec<u64>)> {
     out
 }
 
-#[test]
-fn the_quickstart_export_has_the_hf_llama_layout_and_true_hashes() {
-    let _gang = crate::common::one_gang();
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
+/// Trains the quickstart model one step into `d/ckpt`; returns the checkpoint URL.
+fn train_one_step(d: &Path) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()
@@ -114,6 +111,15 @@ fn the_quickstart_export_has_the_hf_llama_layout_and_true_hashes() {
         ],
     );
     assert_eq!(code, 0, "{out}");
+    ckpt
+}
+
+#[test]
+fn the_quickstart_export_has_the_hf_llama_layout_and_true_hashes() {
+    let _gang = crate::common::one_gang();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let ckpt = train_one_step(d);
     let to = format!("file://{}/export", d.display());
     for (dtype, st_dtype) in [("f32", "F32"), ("bf16", "BF16")] {
         let version = format!("v-{dtype}");
@@ -189,4 +195,228 @@ fn the_quickstart_export_has_the_hf_llama_layout_and_true_hashes() {
     let (code, out) = lockstep(d, &["export", &ckpt, "--to", &to, "--version", "../x"]);
     assert_eq!(code, 1);
     assert!(out.contains("the version `../x`"), "{out}");
+}
+
+/// A webhook on 127.0.0.1: answers `status` to every notice, or (`None`) reads it and never
+/// answers. Returns its URL and the notices it has read.
+fn hook(status: Option<u16>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let notices = seen.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let body = loop {
+                let Ok(k) = sock.read(&mut chunk) else {
+                    break None;
+                };
+                if k == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..k]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .and_then(|v| v.trim().parse().ok())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break Some(text[end + 4..end + 4 + len].to_string());
+                    }
+                }
+            };
+            let Some(body) = body else { continue };
+            seen.lock().unwrap().push(body);
+            match status {
+                Some(code) => {
+                    let reply = format!(
+                        "HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = sock.write_all(reply.as_bytes());
+                }
+                None => held.push(sock),
+            }
+        }
+    });
+    (url, notices)
+}
+
+/// The files under `dir` with their modification times (directories too).
+fn tree(dir: &Path) -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        out.push((
+            d.clone(),
+            std::fs::metadata(&d).unwrap().modified().unwrap(),
+        ));
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push((
+                    p.clone(),
+                    std::fs::metadata(&p).unwrap().modified().unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Promotion and the serving handoff are one outcome: an export killed after it moved
+/// latest.json but before its webhook notice was delivered leaves the notice owed, and the
+/// next export of that version delivers it (once) instead of saying it was done; a re-export
+/// of a finished, promoted version writes nothing, also where the store is read-only; `export
+/// ls` shows a damaged promoted version instead of hiding it.
+#[test]
+fn an_export_cut_off_before_its_webhook_delivers_it_on_the_next_run() {
+    let _gang = crate::common::one_gang();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let ckpt = train_one_step(d);
+    let to = format!("file://{}/export", d.display());
+    let export = |extra: &[&str]| {
+        let mut args = vec!["export", ckpt.as_str(), "--to", &to, "--version", "v1"];
+        args.extend_from_slice(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+
+    // The notice is read but never answered: the export is killed while it waits.
+    let (silent, heard) = hook(None);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .current_dir(d)
+        .args(export(&["--promote", "--webhook", &silent]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while heard.lock().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "the export never sent its notice"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the export ended early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lineage = d.join("export/quickstart");
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lineage.join("latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["version"], "v1");
+    let decision: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lineage.join("v1/promotion.json")).unwrap()).unwrap();
+    assert!(decision["promoted"].as_bool().unwrap(), "{decision}");
+    assert!(
+        decision["handoff"]["delivered_unix_ms"].is_null(),
+        "{decision}"
+    );
+
+    // The next export of the version delivers the owed notice, and says so.
+    let (good, notices) = hook(Some(200));
+    let (code, out) = lockstep(
+        d,
+        &export(&["--promote", "--json", "--webhook", &good])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, 0, "{out}");
+    let result: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(result["promoted"], true, "{out}");
+    let note = result["note"].as_str().unwrap();
+    assert!(
+        note.contains("webhook notified") && note.contains("earlier export"),
+        "{note}"
+    );
+    let got = notices.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let notice: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(notice["version"], "v1");
+    let decision: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lineage.join("v1/promotion.json")).unwrap()).unwrap();
+    assert!(
+        decision["handoff"]["delivered_unix_ms"].is_u64(),
+        "{decision}"
+    );
+
+    // Delivered once: a further export sends nothing and writes nothing, even read-only.
+    let before = tree(&lineage);
+    set_writable(&lineage, false);
+    let (code, out) = lockstep(
+        d,
+        &export(&["--promote", "--json", "--webhook", &good])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    set_writable(&lineage, true);
+    assert_eq!(code, 0, "{out}");
+    let result: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(result["promoted"], true, "{out}");
+    assert!(
+        result["note"]
+            .as_str()
+            .unwrap()
+            .contains("not written again"),
+        "{out}"
+    );
+    assert_eq!(notices.lock().unwrap().len(), 1);
+    assert_eq!(tree(&lineage), before, "a re-export changed the lineage");
+
+    // A damaged promoted version is shown as such, not hidden.
+    std::fs::write(lineage.join("v1/lockstep.json"), b"{ torn").unwrap();
+    let url = format!("{to}/quickstart");
+    let (code, out) = lockstep(d, &["export", "ls", &url]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("no finished versions"), "{out}");
+    let line = out.lines().find(|l| l.contains("v1")).unwrap_or_default();
+    assert!(
+        line.starts_with('*') && line.contains("DAMAGED") && line.contains("lockstep.json"),
+        "{out}"
+    );
+    let (code, out) = lockstep(d, &["export", "ls", &url, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(row["version"], "v1");
+    assert_eq!(row["promoted"], true);
+    assert!(row["damaged"].is_string(), "{row}");
+    // So is a promoted version missing a file.
+    std::fs::remove_dir_all(lineage.join("v1")).unwrap();
+    let (_, out) = lockstep(d, &["export", "ls", &url]);
+    assert!(
+        out.contains("DAMAGED") && out.contains("no lockstep.json"),
+        "{out}"
+    );
+}
+
+/// Makes `dir` and everything in it read-only (or writable again). Root ignores the modes: the
+/// tree comparison is what proves nothing was written.
+fn set_writable(dir: &Path, writable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    for (p, _) in tree(dir) {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        let mode = if writable {
+            mode | 0o200
+        } else {
+            mode & !0o222
+        };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
 }

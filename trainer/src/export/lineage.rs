@@ -116,6 +116,12 @@ impl Lineage {
     /// Every finished version (those with a `lockstep.json`), oldest first by creation time,
     /// with its promotion decision.
     pub async fn versions(&self) -> Result<Vec<(Record, Option<Decision>)>> {
+        Ok(self.scan().await?.0)
+    }
+
+    /// Every finished version (as [`Lineage::versions`]), and every version directory whose
+    /// `lockstep.json` cannot be read, with why.
+    pub(super) async fn scan(&self) -> Result<(Vec<(Record, Option<Decision>)>, Vec<Damaged>)> {
         use futures::TryStreamExt;
         let listed: Vec<_> = self
             .store
@@ -124,6 +130,7 @@ impl Lineage {
             .await
             .map_err(|e| store_err("list", &self.url, e))?;
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for meta in listed {
             // Only `<root>/<version>/lockstep.json`; the directory names the version.
             let rel = meta
@@ -143,12 +150,18 @@ impl Lineage {
             let record = match self.read_json::<Record>(&meta.location).await {
                 Ok(Some(r)) if r.version == dir => r,
                 Ok(Some(r)) => {
-                    tracing::warn!(dir, claims = %r.version, "skipping a lockstep.json that names another version");
+                    damaged.push(Damaged {
+                        version: dir.to_string(),
+                        why: format!("its lockstep.json names version `{}`", r.version),
+                    });
                     continue;
                 }
                 Ok(None) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "skipping a damaged version record");
+                    damaged.push(Damaged {
+                        version: dir.to_string(),
+                        why: e.to_string(),
+                    });
                     continue;
                 }
             };
@@ -167,8 +180,17 @@ impl Lineage {
         out.sort_by(|a, b| {
             (a.0.created_unix_ms, &a.0.version).cmp(&(b.0.created_unix_ms, &b.0.version))
         });
-        Ok(out)
+        Ok((out, damaged))
     }
+}
+
+/// A version directory that is not a usable version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Damaged {
+    /// The directory's name (or `latest.json`).
+    pub version: String,
+    /// What is wrong.
+    pub why: String,
 }
 
 /// One file of a version.
@@ -246,4 +268,33 @@ pub struct Decision {
     pub reason: String,
     /// When (Unix milliseconds).
     pub decided_unix_ms: u64,
+    /// The version it replaced, when promoted (absent in records of older exports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<String>,
+    /// The serving handoff (the webhook notice) of a promoted version, when one was due:
+    /// written as pending before the notice is sent and as delivered (or failed) after, so an
+    /// export cut off in between is finished by the next export of the same version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<Handoff>,
+}
+
+/// The webhook notice of a promoted version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Handoff {
+    /// When the webhook accepted it (Unix milliseconds); `None`: not delivered (yet).
+    pub delivered_unix_ms: Option<u64>,
+    /// Why the last delivery failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Decision {
+    /// Whether a webhook notice of this promoted version is still owed.
+    pub fn owes_handoff(&self) -> bool {
+        self.promoted
+            && self
+                .handoff
+                .as_ref()
+                .is_none_or(|h| h.delivered_unix_ms.is_none())
+    }
 }

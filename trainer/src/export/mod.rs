@@ -28,7 +28,7 @@ mod lineage;
 mod promote;
 mod read;
 
-pub use lineage::{Decision, FileEntry, Latest, Lineage, Record};
+pub use lineage::{Damaged, Decision, FileEntry, Handoff, Latest, Lineage, Record};
 pub use promote::gate;
 use promote::promote;
 pub use read::{Listing, list, resolve_latest};
@@ -74,7 +74,8 @@ fn check_segment(what: &str, s: &str) -> Result<()> {
 /// (`latest.json`, its lock, any other hidden name).
 pub fn check_version(v: &str) -> Result<()> {
     check_segment("the version", v)?;
-    if v.starts_with('.') || v == LATEST_FILE {
+    // Case-insensitively: on a case-insensitive file system `LATEST.JSON` is `latest.json`.
+    if v.starts_with('.') || v.eq_ignore_ascii_case(LATEST_FILE) {
         return Err(Error::Usage(format!(
             "the version `{v}`: reserved for the lineage's own files (`{LATEST_FILE}`, and \
              names starting with `.`); choose another"
@@ -121,8 +122,11 @@ pub enum Promotion {
         /// Why.
         reason: String,
     },
-    /// This exact version was already exported; nothing was written or promoted again.
-    AlreadyExported,
+    /// This exact version was already exported; its files were not written again.
+    AlreadyExported {
+        /// Whether it is the promoted version (`latest.json` names it).
+        promoted: bool,
+    },
 }
 
 /// The result of an export.
@@ -293,9 +297,85 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
     let dir = lineage.root.clone().join(version.as_str());
     let dir_url = format!("{}/{version}", lineage.url);
 
-    // Claim the version for these files before writing any: an export of other weights under
-    // the same version, at the same time or later, is refused instead of mixing files.
-    let claim = serde_json::to_vec(&entries).map_err(|e| Error::Internal(e.to_string()))?;
+    // A version finished with these files is not written again (it may still need promoting,
+    // or its serving handoff delivering). Looked at before the claim, so that re-exporting a
+    // finished version writes nothing, also on a store this exporter may only read.
+    let record_path = dir.clone().join(LINEAGE_FILE);
+    let same = |existing: Option<Record>| match existing {
+        Some(existing) if existing.files == entries => Ok(Some(existing)),
+        Some(_) => Err(Error::Usage(format!(
+            "{dir_url} already holds a version with other files; choose another version"
+        ))),
+        None => Ok(None),
+    };
+    let (record, written) = match same(lineage.read_json::<Record>(&record_path).await?)? {
+        Some(existing) => (existing, false),
+        None => {
+            claim(&lineage, &dir, &dir_url, &entries).await?;
+            // Another exporter of the same files may have finished meanwhile.
+            match same(lineage.read_json::<Record>(&record_path).await?)? {
+                Some(existing) => (existing, false),
+                None => {
+                    for (n, b) in files {
+                        lineage.put(&dir.clone().join(n.as_str()), b).await?;
+                    }
+                    let record = Record {
+                        format: "lockstep-export/1".into(),
+                        name,
+                        version: version.clone(),
+                        job: ckpt.manifest.job.clone(),
+                        checkpoint: format!("{}@{step}", store.url()),
+                        step,
+                        config_hash: ckpt.manifest.config_hash.clone(),
+                        dtype: dtype.torch_name().into(),
+                        base: req.base.clone(),
+                        train_loss: state.loss,
+                        eval_loss,
+                        created_unix_ms: now_ms(),
+                        files: entries,
+                        lineage: req.lineage.clone(),
+                        trained_from: state.provenance.clone(),
+                    };
+                    let json = serde_json::to_vec_pretty(&record)
+                        .map_err(|e| Error::Internal(format!("lockstep.json: {e}")))?;
+                    // Last: from here on the version exists.
+                    lineage.put(&record_path, Bytes::from(json)).await?;
+                    (record, true)
+                }
+            }
+        }
+    };
+
+    let promotion = if req.promote {
+        promote(&lineage, &record, &dir_url, req.max_eval_regression).await?
+    } else {
+        Promotion::NotAsked
+    };
+    let promotion = match promotion {
+        Promotion::NotAsked if !written => Promotion::AlreadyExported {
+            promoted: matches!(lineage.latest().await, Ok(Some(l)) if l.version == version),
+        },
+        p => p,
+    };
+    let webhook = handoff(&lineage, &record, &dir_url, &promotion, req).await;
+    Ok(Exported {
+        record,
+        url: dir_url,
+        promotion,
+        webhook,
+    })
+}
+
+/// Claims the version directory for `entries` before any file is written: an export of other
+/// weights under the same version, at the same time or later, is refused instead of mixing
+/// files.
+async fn claim(
+    lineage: &Lineage,
+    dir: &object_store::path::Path,
+    dir_url: &str,
+    entries: &[FileEntry],
+) -> Result<()> {
+    let claim = serde_json::to_vec(entries).map_err(|e| Error::Internal(e.to_string()))?;
     let claim_path = dir.clone().join(CLAIM_FILE);
     match lineage
         .store
@@ -309,72 +389,45 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         )
         .await
     {
-        Ok(_) => {}
+        Ok(_) => Ok(()),
         Err(object_store::Error::AlreadyExists { .. }) => {
             let theirs: Option<Vec<FileEntry>> = lineage.read_json(&claim_path).await?;
-            if theirs.as_ref() != Some(&entries) {
-                return Err(Error::Usage(format!(
+            if theirs.as_deref() == Some(entries) {
+                Ok(())
+            } else {
+                Err(Error::Usage(format!(
                     "{dir_url} is (being) exported with other weights; choose another version \
                      (if no export of it is running and it has no lockstep.json, it is an \
                      abandoned attempt: remove that directory)"
-                )));
+                )))
             }
         }
-        Err(e) => return Err(store_err("claim", &lineage.display(&claim_path), e)),
+        Err(e) => Err(store_err("claim", &lineage.display(&claim_path), e)),
     }
+}
 
-    let existing = lineage
-        .read_json::<Record>(&dir.clone().join(LINEAGE_FILE))
-        .await?;
-    let (record, written) = match existing {
-        // The same version again: nothing to write (but it may still need promoting).
-        Some(existing) if existing.files == entries => (existing, false),
-        Some(_) => {
-            return Err(Error::Usage(format!(
-                "{dir_url} already holds a version with other files; choose another version"
-            )));
-        }
-        None => {
-            for (n, b) in files {
-                lineage.put(&dir.clone().join(n.as_str()), b).await?;
-            }
-            let record = Record {
-                format: "lockstep-export/1".into(),
-                name,
-                version: version.clone(),
-                job: ckpt.manifest.job.clone(),
-                checkpoint: format!("{}@{step}", store.url()),
-                step,
-                config_hash: ckpt.manifest.config_hash.clone(),
-                dtype: dtype.torch_name().into(),
-                base: req.base.clone(),
-                train_loss: state.loss,
-                eval_loss,
-                created_unix_ms: now_ms(),
-                files: entries,
-                lineage: req.lineage.clone(),
-                trained_from: state.provenance.clone(),
-            };
-            let json = serde_json::to_vec_pretty(&record)
-                .map_err(|e| Error::Internal(format!("lockstep.json: {e}")))?;
-            // Last: from here on the version exists.
-            lineage
-                .put(&dir.clone().join(LINEAGE_FILE), Bytes::from(json))
-                .await?;
-            (record, true)
-        }
-    };
-
-    let promotion = if req.promote {
-        promote(&lineage, &record, &dir_url, req.max_eval_regression).await?
-    } else {
-        Promotion::NotAsked
-    };
-    let promotion = match promotion {
-        Promotion::AlreadyExported | Promotion::NotAsked if !written => Promotion::AlreadyExported,
-        p => p,
-    };
-    let decision = match &promotion {
+/// Records the promotion decision in the version's `promotion.json` and delivers the serving
+/// handoff (the webhook notice) of a promoted version: recorded as owed before it is sent and
+/// as delivered after, so that an export stopped in between (Ctrl-C, a cancel, a crash) is
+/// finished by the next export of the same version, which finds the notice still owed.
+/// Returns the webhook's delivery when one was due.
+async fn handoff(
+    lineage: &Lineage,
+    record: &Record,
+    dir_url: &str,
+    promotion: &Promotion,
+    req: &Request,
+) -> Option<std::result::Result<u32, String>> {
+    let path = lineage
+        .root
+        .clone()
+        .join(record.version.as_str())
+        .join(PROMOTION_FILE);
+    let owed = req.webhook.as_ref().map(|_| Handoff {
+        delivered_unix_ms: None,
+        error: None,
+    });
+    let decision = match promotion {
         Promotion::Promoted { replaced } => Some(Decision {
             promoted: true,
             reason: replaced
@@ -383,43 +436,76 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
                     format!("replaced {r}")
                 }),
             decided_unix_ms: now_ms(),
+            replaced: replaced.clone(),
+            handoff: owed,
         }),
         Promotion::Kept { reason } => Some(Decision {
             promoted: false,
             reason: reason.clone(),
             decided_unix_ms: now_ms(),
+            replaced: None,
+            handoff: None,
         }),
+        // Promoted by an earlier export: its notice may never have gone out.
+        Promotion::AlreadyExported { promoted: true } if req.promote && owed.is_some() => {
+            let prior = match lineage.read_json::<Decision>(&path).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the earlier promotion decision");
+                    None
+                }
+            };
+            match prior {
+                Some(d) if d.promoted && !d.owes_handoff() => None,
+                Some(d) if d.promoted => Some(Decision { handoff: owed, ..d }),
+                // latest.json names it, whatever was (or was not) recorded.
+                _ => Some(Decision {
+                    promoted: true,
+                    reason: "promoted by an earlier export".into(),
+                    decided_unix_ms: now_ms(),
+                    replaced: None,
+                    handoff: owed,
+                }),
+            }
+        }
         _ => None,
     };
-    if let Some(d) = decision {
-        let json = serde_json::to_vec_pretty(&d)
-            .map_err(|e| Error::Internal(format!("promotion.json: {e}")))?;
-        if let Err(e) = lineage
-            .put(&dir.clone().join(PROMOTION_FILE), Bytes::from(json))
-            .await
-        {
-            // The decision stands (latest.json is what serving reads); only the note is lost.
-            tracing::warn!(error = %e, version = %version, "cannot record the promotion decision");
-        }
+    let mut decision = decision?;
+    write_decision(lineage, &path, &decision).await;
+    let url = req
+        .webhook
+        .as_ref()
+        .filter(|_| decision.handoff.is_some())?;
+    let notice = serde_json::json!({
+        "model": record.name, "version": record.version, "url": dir_url,
+        "step": record.step, "train_loss": record.train_loss,
+        "eval_loss": record.eval_loss, "job": record.job, "replaced": decision.replaced,
+    });
+    let delivery = crate::webhook::notify(url, &notice).await;
+    decision.handoff = Some(match &delivery {
+        Ok(_) => Handoff {
+            delivered_unix_ms: Some(now_ms()),
+            error: None,
+        },
+        Err(e) => Handoff {
+            delivered_unix_ms: None,
+            error: Some(e.clone()),
+        },
+    });
+    write_decision(lineage, &path, &decision).await;
+    Some(delivery)
+}
+
+/// Writes `promotion.json`. The decision stands without it (`latest.json` is what serving
+/// reads); only the note is lost, and a handoff recorded as owed is delivered again.
+async fn write_decision(lineage: &Lineage, path: &object_store::path::Path, d: &Decision) {
+    let written = match serde_json::to_vec_pretty(d) {
+        Ok(json) => lineage.put(path, Bytes::from(json)).await,
+        Err(e) => Err(Error::Internal(format!("promotion.json: {e}"))),
+    };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, at = %lineage.display(path), "cannot record the promotion decision");
     }
-    // The serving handoff, once the promotion is decided and durable.
-    let webhook = match (&promotion, &req.webhook) {
-        (Promotion::Promoted { replaced }, Some(url)) => {
-            let notice = serde_json::json!({
-                "model": record.name, "version": record.version, "url": dir_url,
-                "step": record.step, "train_loss": record.train_loss,
-                "eval_loss": record.eval_loss, "job": record.job, "replaced": replaced,
-            });
-            Some(crate::webhook::notify(url, &notice).await)
-        }
-        _ => None,
-    };
-    Ok(Exported {
-        record,
-        url: dir_url,
-        promotion,
-        webhook,
-    })
 }
 
 #[cfg(test)]
@@ -441,7 +527,7 @@ mod tests {
         for bad in ["", "..", "a/b", "a b", &"x".repeat(129)] {
             assert!(check_segment("x", bad).is_err(), "{bad}");
         }
-        for reserved in ["latest.json", ".latest.json.lock", ".hidden"] {
+        for reserved in ["latest.json", "LATEST.JSON", ".latest.json.lock", ".hidden"] {
             let e = check_version(reserved).unwrap_err();
             assert!(e.to_string().contains("reserved"), "{e}");
             assert!(e.is_permanent(), "{e}");

@@ -74,7 +74,7 @@ pub(super) async fn promote(
                     ))
                 })?;
                 if old.version == record.version {
-                    return Ok(Promotion::AlreadyExported);
+                    return Ok(Promotion::AlreadyExported { promoted: true });
                 }
                 if let Some(reason) = gate(record, &old, max_regression) {
                     return Ok(Promotion::Kept { reason });

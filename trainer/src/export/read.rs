@@ -3,7 +3,7 @@
 
 use lockstep_storage::objects;
 
-use super::lineage::Decision;
+use super::lineage::{Damaged, Decision};
 use super::{
     LATEST_FILE, LINEAGE_FILE, Latest, Lineage, MAX_RECORD, Record, check_segment, check_version,
     sha256_hex,
@@ -120,6 +120,10 @@ pub struct Listing {
     pub versions: Vec<(Record, Option<Decision>)>,
     /// The promoted version's name (what `latest.json` names).
     pub promoted: Option<String>,
+    /// What is wrong in the lineage: version directories whose `lockstep.json` cannot be read,
+    /// a promoted version that is missing or lacks a file (or has one of another size) than
+    /// its record lists, a `latest.json` that cannot be read. Serving would meet these.
+    pub damaged: Vec<Damaged>,
 }
 
 /// Lists the lineage at `lineage_url` (`<export.url>/<name>`, `file://` or `s3://`).
@@ -134,11 +138,53 @@ pub async fn list(lineage_url: &str) -> Result<Listing> {
         ))?,
         ..lineage
     };
-    let versions = lineage.versions().await?;
-    let promoted = lineage.latest().await?.map(|l| l.version);
+    let (versions, mut damaged) = lineage.scan().await?;
+    let promoted = match lineage.latest().await {
+        Ok(l) => l.map(|l| l.version),
+        Err(e) => {
+            damaged.push(Damaged {
+                version: LATEST_FILE.into(),
+                why: e.to_string(),
+            });
+            None
+        }
+    };
+    // The promoted version is what serving loads: each of its files must be there, of the
+    // size its record lists (the sha256 is checked where it is loaded: `resolve_latest`).
+    if let Some(p) = &promoted {
+        match versions.iter().find(|(r, _)| &r.version == p) {
+            Some((record, _)) => {
+                for f in &record.files {
+                    let url = format!("{}/{p}/{}", lineage.url, f.name);
+                    let why = match objects::head_url(&url).await {
+                        Ok(o) if o.size == f.bytes => continue,
+                        Ok(o) => format!(
+                            "the promoted version's {} holds {} bytes; its lockstep.json \
+                             records {}",
+                            f.name, o.size, f.bytes
+                        ),
+                        Err(e) => format!("the promoted version's {}: {e}", f.name),
+                    };
+                    damaged.push(Damaged {
+                        version: p.clone(),
+                        why,
+                    });
+                }
+            }
+            None if damaged.iter().any(|d| &d.version == p) => {}
+            None => damaged.push(Damaged {
+                version: p.clone(),
+                why: format!(
+                    "{LATEST_FILE} promotes it, but it has no {LINEAGE_FILE} (unfinished or \
+                     removed)"
+                ),
+            }),
+        }
+    }
     Ok(Listing {
         url: lineage.url,
         versions,
         promoted,
+        damaged,
     })
 }

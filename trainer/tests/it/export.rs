@@ -120,14 +120,22 @@ async fn the_gate_promotes_improvements_only_and_a_rerun_promotes_nothing_twice(
     // The same export again: nothing written, nothing promoted twice.
     assert_eq!(
         run(30, "c", 0.0).await.promotion,
-        Promotion::AlreadyExported
+        Promotion::AlreadyExported { promoted: true }
     );
+    // An exported version that was kept is judged again against today's promoted one.
+    match run(20, "b", 0.0).await.promotion {
+        Promotion::Kept { reason } => assert!(reason.contains("promoted c's 2.4000"), "{reason}"),
+        p => panic!("{p:?}"),
+    }
     // Other weights under an existing version are refused.
     let e = export::export(&request(format!("{ckpt}@10"), "c"), &to, None)
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("exported with other weights"), "{e}");
+    assert!(
+        e.contains("already holds a version with other files"),
+        "{e}"
+    );
     // Exported without --promote, then again with it: promoted then (not "already done").
     checkpoint(&ckpt, 40, 1.0, Some(2.0), 4).await;
     let mut r = request(format!("{ckpt}@40"), "d");
@@ -365,6 +373,29 @@ async fn a_promotion_notifies_the_webhook_through_its_failures() {
         Some(Err(e)) => assert!(e.contains("refused") && e.contains("404"), "{e}"),
         w => panic!("{w:?}"),
     }
+    // The notice is still owed: the next export of the version delivers it, once.
+    let (good, delivered) = hook_server(0, 200).await;
+    req.webhook = Some(good);
+    let out = export::export(&req, &to, None).await.unwrap();
+    assert_eq!(out.promotion, Promotion::AlreadyExported { promoted: true });
+    assert_eq!(out.webhook, Some(Ok(1)));
+    let notice: serde_json::Value = serde_json::from_str(&delivered.lock().unwrap()[0]).unwrap();
+    assert_eq!(notice["version"], "c");
+    assert_eq!(notice["replaced"], "a");
+    let out = export::export(&req, &to, None).await.unwrap();
+    assert_eq!(out.webhook, None);
+    assert_eq!(delivered.lock().unwrap().len(), 1);
+    // Not promoted: a version that is not latest.json's owes no notice.
+    let mut req_b = request(format!("{ckpt}@20"), "b");
+    req_b.webhook = req.webhook.clone();
+    let out = export::export(&req_b, &to, None).await.unwrap();
+    assert!(
+        matches!(out.promotion, Promotion::Kept { .. }),
+        "{:?}",
+        out.promotion
+    );
+    assert_eq!(out.webhook, None);
+    assert_eq!(delivered.lock().unwrap().len(), 1);
 }
 
 /// A nightly job's base, `latest-export:<lineage>`, is the promoted version, every file checked
