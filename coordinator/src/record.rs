@@ -58,6 +58,11 @@ pub struct JobRecord {
     pub updated_ms: i64,
     /// Seconds the current attempt's gang took to join.
     pub gang_wait_seconds: f64,
+    /// What a rank of an attempt said it is doing before its first step (tokenising, waiting
+    /// for another job's tokenising): the attempt and `rank N: …`. Shown while that attempt
+    /// is admitting or running and has taken no step; not stored.
+    #[serde(skip)]
+    pub doing: Option<(u32, String)>,
 }
 
 /// Resolves a relative `file://` URL against `workdir`.
@@ -102,6 +107,7 @@ impl JobRecord {
             created_ms: now,
             updated_ms: now,
             gang_wait_seconds: 0.0,
+            doing: None,
         }
     }
 
@@ -128,6 +134,15 @@ impl JobRecord {
             created_ms: self.created_ms,
             updated_ms: self.updated_ms,
             gang_wait_seconds: self.gang_wait_seconds,
+            doing: match &self.doing {
+                Some((attempt, words))
+                    if *attempt == self.lifecycle.attempt
+                        && matches!(self.phase(), Phase::Admitting | Phase::Running) =>
+                {
+                    words.clone()
+                }
+                _ => String::new(),
+            },
         }
     }
 

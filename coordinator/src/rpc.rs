@@ -190,7 +190,10 @@ impl Rpc for Coordinator {
 /// A heartbeat report in domain terms (an empty one says the worker is alive).
 fn report(r: proto::WorkerReport) -> Report {
     match r.report {
-        None | Some(proto::worker_report::Report::Alive(_)) => Report::Alive,
+        None => Report::Alive {
+            doing: String::new(),
+        },
+        Some(proto::worker_report::Report::Alive(a)) => Report::Alive { doing: a.doing },
         Some(proto::worker_report::Report::Step(s)) => Report::Step(s),
         Some(proto::worker_report::Report::Evaluated(e)) => Report::Evaluated(e),
         Some(proto::worker_report::Report::Finished(f)) => Report::Finished(Finished {

@@ -36,8 +36,11 @@ pub struct Coordinator {
 /// A report from a worker's heartbeat stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
-    /// Still here.
-    Alive,
+    /// Still here (and, before the first step, what it is doing).
+    Alive {
+        /// In words; empty once training runs.
+        doing: String,
+    },
     /// A step finished (rank 0's numbers are the job's).
     Step(proto::StepDone),
     /// Training ended.
@@ -447,7 +450,26 @@ impl Coordinator {
             Report::Finished(f) => {
                 let _ = live.attempt.finish(rank, f);
             }
+            Report::Alive { doing } => {
+                // A rank's words, bounded and printable: they are shown to users.
+                let doing: String = doing
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(300)
+                    .collect();
+                let mine = format!("rank {rank}: ");
+                let now = match &st.record.doing {
+                    _ if !doing.is_empty() => Some((attempt, format!("{mine}{doing}"))),
+                    Some((a, w)) if *a == attempt && w.starts_with(&mine) => None,
+                    other => other.clone(),
+                };
+                if now != st.record.doing {
+                    st.record.doing = now;
+                    st.touch(job, &self.inner.persister, false);
+                }
+            }
             Report::Step(s) if rank == 0 => {
+                st.record.doing = None;
                 st.record.step = s.step;
                 st.record.loss = Some(s.loss);
                 st.record.first_loss.get_or_insert(s.loss);

@@ -57,7 +57,8 @@ pub struct Object {
     pub url: String,
     /// Bytes.
     pub size: u64,
-    /// ETag (or modification time): different after the object is rewritten.
+    /// ETag (or modification time; for a local file also its status-change time, which
+    /// every write moves): different after the object is rewritten.
     pub version: String,
     e_tag: Option<String>,
 }
@@ -75,15 +76,28 @@ pub async fn head_url(url: &str) -> Result<Object> {
             source,
         },
     })?;
+    let mut version = meta
+        .e_tag
+        .clone()
+        .unwrap_or_else(|| meta.last_modified.timestamp_micros().to_string());
+    // A local file's tag is its inode, size and modification time, which an in-place rewrite
+    // can keep (`cp -p`, `rsync --inplace -t`, `touch -d`); its status-change time it cannot.
+    if let Ok(Location::File(local)) = Location::parse(url) {
+        let ctime = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(local).map(|m| (m.ctime(), m.ctime_nsec()))
+        })
+        .await;
+        if let Ok(Ok((secs, nanos))) = ctime {
+            version.push_str(&format!("-c{secs}.{nanos:09}"));
+        }
+    }
     Ok(Object {
         store,
         path,
         url: url.to_string(),
         size: meta.size,
-        version: meta
-            .e_tag
-            .clone()
-            .unwrap_or_else(|| meta.last_modified.timestamp_micros().to_string()),
+        version,
         e_tag: meta.e_tag,
     })
 }

@@ -50,6 +50,8 @@ pub struct Control {
     acked_tx: watch::Sender<bool>,
     finishing: Arc<AtomicBool>,
     stall: Mutex<f64>,
+    /// What this rank is doing before its first step, sent with every heartbeat.
+    doing: Arc<Mutex<String>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -119,6 +121,7 @@ impl Control {
             acked_tx,
             finishing: Arc::new(AtomicBool::new(false)),
             stall: Mutex::new(0.0),
+            doing: Arc::default(),
         })
     }
 
@@ -156,7 +159,7 @@ impl Control {
             rank: self.rank,
             report: Some(r),
         };
-        let alive = report(proto::worker_report::Report::Alive(proto::Alive {}));
+        let alive = report(proto::worker_report::Report::Alive(proto::Alive::default()));
         let _ = tx.send(alive.clone());
         *self.reports.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
         let mut client = self.client.clone();
@@ -200,11 +203,17 @@ impl Control {
                 }
             }
         });
+        let doing = self.doing.clone();
         self.rt.spawn(async move {
             let mut tick = tokio::time::interval(interval);
             loop {
                 tick.tick().await;
-                if tx.send(alive.clone()).is_err() {
+                let mut report = alive.clone();
+                let now = doing.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                report.report = Some(proto::worker_report::Report::Alive(proto::Alive {
+                    doing: now,
+                }));
+                if tx.send(report).is_err() {
                     return;
                 }
             }
@@ -223,9 +232,19 @@ impl Control {
         }
     }
 
+    fn doing_now(&self, doing: &str) {
+        doing.clone_into(&mut self.doing.lock().unwrap_or_else(|p| p.into_inner()));
+        self.send(proto::worker_report::Report::Alive(proto::Alive {
+            doing: doing.to_string(),
+        }));
+    }
+
     /// Forwards a training event (steps; checkpoint stalls ride on the next step).
     pub fn on_event(&self, e: &Event) {
         match e {
+            // Said now and with every heartbeat until the first step.
+            Event::Preparing { doing } => self.doing_now(doing),
+            Event::Started { .. } => self.doing_now(""),
             Event::Step {
                 step,
                 loss,

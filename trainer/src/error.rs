@@ -93,6 +93,13 @@ pub enum Error {
         /// The coordinator's words.
         message: String,
     },
+    /// The run was asked to stop (a signal, the coordinator's cancel) before training began;
+    /// nothing was left half-done.
+    #[error("stopped while {what}")]
+    Stopped {
+        /// What it was doing.
+        what: String,
+    },
     /// What was asked cannot work as given: a bad argument or setting, a build without the
     /// feature asked for, a file that is not what it must be, a version name that is taken.
     /// The user's to fix; a restart would fail the same way.
@@ -144,6 +151,7 @@ impl Error {
             | Error::AttemptOver { .. }
             | Error::CoordinatorGone { .. }
             | Error::Refused { .. }
+            | Error::Stopped { .. }
             // Internal failures (threads, runtimes, forming the ring, a peer's bad word): a
             // restart may help.
             | Error::Internal(_) => false,

@@ -8,7 +8,7 @@ use lockstep_storage::objects;
 use crate::error::{Error, Result};
 use crate::model::{LlamaConfig, hf};
 use crate::tokenizer::Tokenizer;
-use crate::tokens::{self, Encoding, TokenStore};
+use crate::tokens::{self, Encoding, TokenStore, Watch};
 
 /// `base` as a URL: URLs pass through, bare paths become `file://` URLs.
 /// The model a run starts from.
@@ -112,11 +112,12 @@ pub fn load_tokens(
     tokenizer: &Tokenizer,
     vocab: usize,
     rt: &tokio::runtime::Runtime,
+    watch: &mut Watch<'_>,
 ) -> Result<TokenStore> {
     let enc = Encoding {
         tokenizer,
         vocab,
         skip_bad: config.data.skip_bad_records,
     };
-    tokens::prepare(cache, urls, &enc, rt)
+    tokens::prepare(cache, urls, &enc, rt, watch)
 }

@@ -40,6 +40,8 @@ impl Progress {
     /// Shows one event.
     pub fn on(&mut self, e: &Event) {
         match e {
+            // Logged where it happens (tokens); the coordinator shows it to `lockstep run`.
+            Event::Preparing { .. } => {}
             Event::Started {
                 params,
                 docs,

@@ -41,6 +41,12 @@ pub struct RunOptions {
 /// What the loop reports as it goes.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// Before the first step: what takes long (tokenising the data, waiting for another
+    /// process's tokenising of it), in words.
+    Preparing {
+        /// What, and how far.
+        doing: String,
+    },
     /// Model, data and starting point are ready.
     Started {
         /// Parameters.
@@ -163,6 +169,12 @@ pub fn train<B: AutodiffBackend>(
         None => crate::tokens::default_cache()?,
     };
     let vocab = base.config.vocab_size;
+    let mut note = |doing: String| on_event(&Event::Preparing { doing });
+    let mut watch = crate::tokens::Watch {
+        who: format!("job {}", config.job.name),
+        stop: opts.stop.as_deref(),
+        note: &mut note,
+    };
     let corpus = load_tokens(
         config,
         &config.data.train,
@@ -170,6 +182,7 @@ pub fn train<B: AutodiffBackend>(
         &base.tokenizer,
         vocab,
         &rt,
+        &mut watch,
     )?;
     let (docs, data_tokens, skipped) = (corpus.len(), corpus.tokens(), corpus.skipped());
     let train_files = corpus.per_file().to_vec();
@@ -186,6 +199,7 @@ pub fn train<B: AutodiffBackend>(
             &base.tokenizer,
             vocab,
             &rt,
+            &mut watch,
         )?;
         eval_files = held_out.per_file().to_vec();
         Some(Evaluator::new(

@@ -201,7 +201,7 @@ pub fn run(opts: &Options) -> Result<u8> {
             c.on_event(e);
         }
     };
-    let summary = match opts.device {
+    let trained = match opts.device {
         Device::Cpu => {
             use burn::backend::{Autodiff, Flex};
             train::<Autodiff<Flex>>(
@@ -210,7 +210,7 @@ pub fn run(opts: &Options) -> Result<u8> {
                 &Default::default(),
                 collective.as_mut(),
                 &mut on_event,
-            )?
+            )
         }
         Device::Cuda => train_cuda(
             &config,
@@ -218,7 +218,16 @@ pub fn run(opts: &Options) -> Result<u8> {
             opts.cuda_device,
             collective.as_mut(),
             &mut on_event,
-        )?,
+        ),
+    };
+    let summary = match trained {
+        // Stopped before the first step (a signal, a cancel): nothing to checkpoint.
+        Err(Error::Stopped { what }) => {
+            progress.finish();
+            eprintln!("stopped while {what}; nothing was trained");
+            return Ok(signals.exit_status());
+        }
+        other => other?,
     };
     progress.finish();
     if let Some(c) = &control {

@@ -17,7 +17,7 @@ pub fn status_json(s: &proto::JobStatus) -> serde_json::Value {
         "tokens_per_sec": s.tokens_per_sec, "last_checkpoint": s.last_checkpoint,
         "message": s.message, "params_hash": s.params_hash, "checkpoint_url": s.checkpoint_url,
         "gang_wait_seconds": s.gang_wait_seconds, "eval_loss": s.eval_loss,
-        "eval_step": s.eval_step,
+        "eval_step": s.eval_step, "doing": s.doing,
     })
 }
 
@@ -33,6 +33,7 @@ pub struct View {
     last_line: String,
     last_state: String,
     last_restarts: u32,
+    last_doing: String,
 }
 
 impl View {
@@ -57,6 +58,7 @@ impl View {
             last_line: String::new(),
             last_state: String::new(),
             last_restarts: 0,
+            last_doing: String::new(),
         }
     }
 
@@ -87,6 +89,13 @@ impl View {
             self.note(&line);
             self.last_state = s.state.clone();
             self.last_restarts = s.restarts;
+        }
+        // Before the first step: what takes long (tokenising, waiting for another job's).
+        if s.doing != self.last_doing {
+            if !s.doing.is_empty() {
+                self.note(&format!("{}: {}", s.job_id, s.doing));
+            }
+            self.last_doing = s.doing.clone();
         }
         let msg = format!(
             "loss {} | {:.0} tok/s | restarts {} | ckpt {}",

@@ -684,3 +684,66 @@ fn a_config_with_a_byte_order_mark_is_read() {
         "{err}"
     );
 }
+
+/// Ctrl-C while the data is being tokenised: `lockstep run` has said what the ranks are doing
+/// (tokenising, or waiting for the rank that does), and it stops at once — not after the
+/// collective timeout — without finishing the store or leaving a half-built one behind.
+#[test]
+fn ctrl_c_while_tokenising_stops_at_once_and_leaves_nothing_half_built() {
+    use std::io::{BufRead, BufReader, Write};
+    let _gang = one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 64 MB of text: seconds of tokenising, eight 8 MiB ranges.
+    let data = d.join("big.jsonl");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&data).unwrap());
+    let line = format!("{{\"text\":\"{}\"}}\n", "lockstep ".repeat(110));
+    for _ in 0..(64 << 20) / line.len() {
+        w.write_all(line.as_bytes()).unwrap();
+    }
+    w.flush().unwrap();
+    drop(w);
+    TestJob::tiny("tok")
+        .world(2)
+        .steps(5)
+        .set("data.train", format!("[\"file://{}\"]", data.display()))
+        .set("job.gang_timeout", "\"60s\"")
+        .write_to(d);
+    let mut child = lockstep(d)
+        .args(["run", "job.toml", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut doing = String::new();
+    for line in out.by_ref() {
+        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        assert_ne!(s["state"], "failed", "{s}");
+        if let Some(d) = s["doing"].as_str().filter(|d| d.contains("tokenis")) {
+            doing = d.to_string();
+            break;
+        }
+    }
+    assert!(doing.starts_with("rank "), "never said it was tokenising");
+    let interrupted = Instant::now();
+    crate::common::signal(child.id() as i32, nix::sys::signal::Signal::SIGINT);
+    let lines: Vec<Value> = out
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    let code = child.wait().unwrap().code();
+    let took = interrupted.elapsed();
+    assert_eq!(code, Some(130), "{:?}", lines.last());
+    assert_eq!(last(&lines)["state"], "cancelled", "{:?}", lines.last());
+    // Before the fix the ranks finished tokenising first and waited out a 60 s timeout.
+    assert!(took < Duration::from_secs(30), "stopping took {took:?}");
+    assert!(trainers(last(&lines)["job"].as_str().unwrap(), None).is_empty());
+    // Nothing half-built, and no store finished after the stop.
+    let tokens = d.join(".lockstep/tokens");
+    let left: Vec<String> = std::fs::read_dir(&tokens)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "left in the token cache: {left:?}");
+}

@@ -11,7 +11,7 @@ use lockstep_storage::objects::Object;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::store::{FileCount, Meta};
-use super::{Encoding, FORMAT, MAX_RECORD_BYTES, RANGE, REPORT_EVERY, private_file};
+use super::{Encoding, FORMAT, MAX_RECORD_BYTES, RANGE, REPORT_EVERY, Watch, private_file};
 use crate::error::{Error, Result};
 
 /// Tokenises `sources` into a new store in `dir`.
@@ -20,9 +20,15 @@ pub(super) fn build(
     sources: &[Object],
     enc: &Encoding<'_>,
     rt: &tokio::runtime::Runtime,
+    watch: &mut Watch<'_>,
 ) -> Result<()> {
     let total: u64 = sources.iter().map(|o| o.size).sum();
     tracing::info!(files = sources.len(), bytes = total, "tokenising data");
+    (watch.note)(format!(
+        "tokenising {} file(s), {} MB",
+        sources.len(),
+        total >> 20
+    ));
     let mut b = Builder::create(dir, enc)?;
     let (started, mut reported) = (Instant::now(), Instant::now());
     let mut done = 0u64;
@@ -31,6 +37,7 @@ pub(super) fn build(
         let (docs_before, skipped_before) = (b.meta.docs, b.meta.skipped);
         let mut offset = 0;
         while offset < object.size {
+            watch.stopped()?;
             let end = (offset + RANGE).min(object.size);
             let chunk = rt.block_on(object.read_range(offset..end))?;
             if chunk.len() as u64 != end - offset {
@@ -50,13 +57,15 @@ pub(super) fn build(
             done += chunk.len() as u64;
             if reported.elapsed() >= REPORT_EVERY {
                 reported = Instant::now();
-                tracing::info!(
+                let line = format!(
                     "tokenised {} of {} MB ({:.0}%), {} documents",
                     done >> 20,
                     total >> 20,
                     100.0 * done as f64 / total.max(1) as f64,
                     b.meta.docs
                 );
+                tracing::info!("{line}");
+                (watch.note)(line);
             }
         }
         lines.finish(|line_no, line| b.add(&object.url, line_no, line))?;

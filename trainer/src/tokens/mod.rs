@@ -23,6 +23,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use lockstep_storage::objects::{self, Object};
@@ -89,6 +90,30 @@ impl Encoding<'_> {
     }
 }
 
+/// Who is preparing a store, what stops them, and where they say what they are doing.
+pub struct Watch<'a> {
+    /// Who this is, for others waiting on its build (`job NAME`).
+    pub who: String,
+    /// Set when the run is to stop (a signal, the coordinator's cancel): tokenising and
+    /// waiting end with [`Error::Stopped`] and leave nothing half-built behind.
+    pub stop: Option<&'a AtomicBool>,
+    /// Told what is going on while it takes long (tokenising progress, waiting for another
+    /// process's build), so that a run never looks hung.
+    pub note: &'a mut dyn FnMut(String),
+}
+
+impl Watch<'_> {
+    fn stopped(&self) -> Result<()> {
+        if self.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            Err(Error::Stopped {
+                what: "tokenising the data".into(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// The token store of the JSONL files `urls` (globs allowed) in `cache`: opened if this
 /// machine already built it, built otherwise. Concurrent callers on one machine (the ranks of
 /// a gang) build it once.
@@ -97,6 +122,7 @@ pub fn prepare(
     urls: &[String],
     enc: &Encoding<'_>,
     rt: &tokio::runtime::Runtime,
+    watch: &mut Watch<'_>,
 ) -> Result<TokenStore> {
     let mut sources = Vec::new();
     for pattern in urls {
@@ -121,10 +147,7 @@ pub fn prepare(
     // remove it under them) and check it side by side; building takes it exclusively.
     for _ in 0..10 {
         let lock = private_file(&lock_path, false).map_err(io(&lock_path))?;
-        if lock.try_lock_shared().is_err() {
-            tracing::info!(cache = %cache.display(), "another process on this machine is tokenising the same data; waiting for it");
-            lock.lock_shared().map_err(io(&lock_path))?;
-        }
+        wait_for(&lock, &lock_path, false, watch, || false)?;
         if dir.join("meta.json").is_file() {
             match open(&dir, enc) {
                 Ok(mut store) => {
@@ -148,11 +171,13 @@ pub fn prepare(
         let lock = private_file(&lock_path, false).map_err(io(&lock_path))?;
         // Whoever holds the lock may be building this very store: once it appears (or is
         // replaced), use it instead of waiting for its users to finish.
-        if !lock_exclusive(&lock, &lock_path, || {
+        if !wait_for(&lock, &lock_path, true, watch, || {
             stamp(&dir).is_some_and(|s| Some(s) != before)
         })? {
             continue;
         }
+        // Others waiting for this build are told whose it is.
+        holder_write(&lock, &watch.who);
         // Another process may have built (or repaired) it meanwhile.
         if dir.join("meta.json").is_file() && open(&dir, enc).is_ok() {
             continue;
@@ -162,8 +187,9 @@ pub fn prepare(
         remove_any(&dir).map_err(io(&dir))?;
         let partial = cache.join(format!("{key}.partial"));
         remove_any(&partial).map_err(io(&partial))?;
-        if let Err(e) = build(&partial, &sources, enc, rt) {
-            // A failed build (a bad record, a full disk) leaves nothing behind.
+        if let Err(e) = build(&partial, &sources, enc, rt, watch) {
+            // A failed or stopped build (a bad record, a full disk, a cancel) leaves nothing
+            // behind.
             let _ = remove_any(&partial);
             return Err(e);
         }
@@ -195,14 +221,25 @@ fn stamp(dir: &Path) -> Option<(u64, SystemTime)> {
     Some((m.ino(), m.modified().ok()?))
 }
 
-/// Takes `lock` exclusively (true), saying so while it waits for other processes using or
-/// building the store; returns false without it as soon as `instead()` says the wait is moot;
-/// gives up after [`LOCK_PATIENCE`].
-fn lock_exclusive(lock: &File, path: &Path, instead: impl Fn() -> bool) -> Result<bool> {
+/// Takes `lock` (exclusively, or shared) and returns true, saying who holds it while it waits;
+/// returns false without it as soon as `instead()` says the wait is moot; ends with
+/// [`Error::Stopped`] when the run is stopped, and gives up after [`LOCK_PATIENCE`].
+fn wait_for(
+    lock: &File,
+    path: &Path,
+    exclusive: bool,
+    watch: &mut Watch<'_>,
+    instead: impl Fn() -> bool,
+) -> Result<bool> {
     let started = Instant::now();
     let mut said = None::<Instant>;
     loop {
-        match lock.try_lock() {
+        let tried = if exclusive {
+            lock.try_lock()
+        } else {
+            lock.try_lock_shared()
+        };
+        match tried {
             Ok(()) => return Ok(true),
             Err(std::fs::TryLockError::WouldBlock) => {}
             Err(std::fs::TryLockError::Error(source)) => {
@@ -212,6 +249,7 @@ fn lock_exclusive(lock: &File, path: &Path, instead: impl Fn() -> bool) -> Resul
                 });
             }
         }
+        watch.stopped()?;
         if instead() {
             return Ok(false);
         }
@@ -222,12 +260,54 @@ fn lock_exclusive(lock: &File, path: &Path, instead: impl Fn() -> bool) -> Resul
                 LOCK_PATIENCE.as_secs() / 60
             )));
         }
-        if said.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-            tracing::info!(lock = %path.display(), "waiting for other processes using or building this token store");
+        if said.is_none_or(|t| t.elapsed() > REPORT_EVERY * 6) {
+            let holder = holder_read(path);
+            let line = if exclusive {
+                format!(
+                    "waiting for other processes using or building this machine's token store \
+                     of the same data{} ({}s so far)",
+                    holder.map_or(String::new(), |h| format!("; last built by {h}")),
+                    started.elapsed().as_secs()
+                )
+            } else {
+                format!(
+                    "waiting for {} to finish tokenising the same data on this machine ({}s so \
+                     far)",
+                    holder.unwrap_or_else(|| "another process".into()),
+                    started.elapsed().as_secs()
+                )
+            };
+            tracing::info!(lock = %path.display(), "{line}");
+            (watch.note)(line);
             said = Some(Instant::now());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Writes who builds the store into its lock file (held exclusively), for those who wait.
+fn holder_write(lock: &File, who: &str) {
+    use std::io::{Seek, Write};
+    let mut f = lock;
+    let text = format!("{who} (pid {})\n", std::process::id());
+    // Best effort: a waiter without it only says "another process".
+    let _ = f
+        .set_len(0)
+        .and_then(|()| f.seek(std::io::SeekFrom::Start(0)))
+        .and_then(|_| f.write_all(text.as_bytes()));
+}
+
+/// Who last built the store whose lock file is `path` (one short line of printable text).
+fn holder_read(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    File::open(path)
+        .ok()?
+        .take(200)
+        .read_to_string(&mut text)
+        .ok()?;
+    let line = text.lines().next()?.trim();
+    (!line.is_empty() && line.chars().all(|c| !c.is_control())).then(|| line.to_string())
 }
 
 /// The effective user: the owner of `/proc/self`.
@@ -334,6 +414,16 @@ fn sweep(cache: &Path, keep: &str) {
 mod tests {
     use super::store::Meta;
     use super::*;
+
+    /// `prepare` of one file, nobody watching.
+    fn prep(cache: &Path, url: &str, rt: &tokio::runtime::Runtime) -> Result<TokenStore> {
+        let mut watch = Watch {
+            who: "job test".into(),
+            stop: None,
+            note: &mut |_| {},
+        };
+        prepare(cache, &[url.to_string()], &enc(), rt, &mut watch)
+    }
 
     fn enc() -> Encoding<'static> {
         Encoding {
@@ -454,7 +544,7 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let stores: Vec<TokenStore> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| prepare(&cache, std::slice::from_ref(&url), &enc(), &rt)))
+                .map(|_| s.spawn(|| prep(&cache, &url, &rt)))
                 .collect();
             handles
                 .into_iter()
@@ -487,14 +577,14 @@ mod tests {
 
         // New data: a new store; the old one stays until unused for a week.
         std::fs::write(&data, "{\"text\":\"four\"}\n").unwrap();
-        let s = prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
+        let s = prep(&cache, &url, &rt).unwrap();
         assert_eq!(s.tokens(), 5);
         assert_ne!(s.dir(), stores[0].dir());
         assert_eq!(entries(&cache).len(), 4);
         // A damaged store is rebuilt, not used (once its users are done with it).
         std::fs::write(s.dir().join("docs.bin"), b"").unwrap();
         drop(s);
-        let again = prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
+        let again = prep(&cache, &url, &rt).unwrap();
         assert_eq!(again.tokens(), 5);
         drop(again);
         // A store last used eight days ago is swept by the next build — once nobody uses it.
@@ -505,10 +595,10 @@ mod tests {
             .unwrap();
         old.set_modified(SystemTime::now() - UNUSED_FOR - Duration::from_secs(86400))
             .unwrap();
-        prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
+        prep(&cache, &url, &rt).unwrap();
         assert!(first.exists(), "swept while in use");
         drop(stores);
-        prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
+        prep(&cache, &url, &rt).unwrap();
         assert!(!first.exists());
     }
 
@@ -520,30 +610,20 @@ mod tests {
         let url = format!("file://{}", data.display());
         let cache = tmp.path().join("cache");
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let s = prepare(&cache, std::slice::from_ref(&url), &enc(), &rt).unwrap();
+        let s = prep(&cache, &url, &rt).unwrap();
         let dir = s.dir().to_path_buf();
         drop(s);
         // A store left without meta.json (killed while being removed), then a stray file.
         std::fs::remove_file(dir.join("meta.json")).unwrap();
-        assert_eq!(
-            prepare(&cache, std::slice::from_ref(&url), &enc(), &rt)
-                .unwrap()
-                .tokens(),
-            4
-        );
+        assert_eq!(prep(&cache, &url, &rt).unwrap().tokens(), 4);
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::write(&dir, b"stray").unwrap();
-        assert_eq!(
-            prepare(&cache, std::slice::from_ref(&url), &enc(), &rt)
-                .unwrap()
-                .tokens(),
-            4
-        );
+        assert_eq!(prep(&cache, &url, &rt).unwrap().tokens(), 4);
         // A build that fails on a bad record leaves no partial store.
         let bad = tmp.path().join("bad.jsonl");
         std::fs::write(&bad, "{\"text\":\"ok\"}\nnot json\n").unwrap();
         let bad_url = format!("file://{}", bad.display());
-        let e = prepare(&cache, std::slice::from_ref(&bad_url), &enc(), &rt).unwrap_err();
+        let e = prep(&cache, &bad_url, &rt).unwrap_err();
         assert!(e.to_string().contains("bad.jsonl:2:"), "{e}");
         let partials = std::fs::read_dir(&cache)
             .unwrap()
@@ -569,12 +649,123 @@ mod tests {
         std::fs::create_dir(&shared).unwrap();
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let e = prepare(&shared, &[url], &enc(), &rt)
-            .unwrap_err()
-            .to_string();
+        let e = prep(&shared, &url, &rt).unwrap_err().to_string();
         assert!(
             e.contains("writable by others") && e.contains("shared"),
             "{e}"
         );
+    }
+
+    fn partials(cache: &Path) -> usize {
+        std::fs::read_dir(cache)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".partial")
+            })
+            .count()
+    }
+
+    /// A stop (Ctrl-C, a cancel) ends tokenising at once and leaves no partial store; one that
+    /// comes while waiting for another process's build ends the wait, which is said, naming
+    /// whose build it is.
+    #[test]
+    fn a_stop_ends_tokenising_and_waiting_and_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("d.jsonl");
+        let line = format!("{{\"text\":\"{}\"}}\n", "x".repeat(1000));
+        std::fs::write(&data, line.repeat(1000)).unwrap();
+        let url = format!("file://{}", data.display());
+        let cache = tmp.path().join("cache");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let stop = AtomicBool::new(false);
+        let mut said = Vec::new();
+        let e = {
+            let mut note = |line: String| {
+                said.push(line);
+                // Stopped once tokenising is under way.
+                stop.store(true, Ordering::SeqCst);
+            };
+            let mut watch = Watch {
+                who: "job a".into(),
+                stop: Some(&stop),
+                note: &mut note,
+            };
+            prepare(&cache, std::slice::from_ref(&url), &enc(), &rt, &mut watch).unwrap_err()
+        };
+        assert!(matches!(e, Error::Stopped { .. }), "{e}");
+        assert!(said[0].starts_with("tokenising 1 file(s)"), "{said:?}");
+        assert_eq!(partials(&cache), 0);
+        assert!(
+            !std::fs::read_dir(&cache).unwrap().any(|e| e
+                .unwrap()
+                .path()
+                .join("meta.json")
+                .exists()),
+            "a stopped build must not look finished"
+        );
+
+        // Another process builds the store (it holds the lock exclusively): the waiter says
+        // whose build it waits for, and a stop ends the wait.
+        let key = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .find_map(|n| n.strip_suffix(".lock").map(str::to_string))
+            .unwrap();
+        let lock_path = cache.join(format!("{key}.lock"));
+        let builder = private_file(&lock_path, false).unwrap();
+        builder.lock().unwrap();
+        holder_write(&builder, "job nightly");
+        let stop = AtomicBool::new(false);
+        let mut said = Vec::new();
+        let e = {
+            let mut note = |line: String| {
+                said.push(line);
+                stop.store(true, Ordering::SeqCst);
+            };
+            let mut watch = Watch {
+                who: "job b".into(),
+                stop: Some(&stop),
+                note: &mut note,
+            };
+            prepare(&cache, std::slice::from_ref(&url), &enc(), &rt, &mut watch).unwrap_err()
+        };
+        assert!(matches!(e, Error::Stopped { .. }), "{e}");
+        assert!(
+            said[0].starts_with("waiting for job nightly (pid ")
+                && said[0].contains("to finish tokenising the same data"),
+            "{said:?}"
+        );
+    }
+
+    /// A data file rewritten in place with its size and modification time kept (`cp -p`,
+    /// `rsync --inplace -t`) is tokenised again, not served from the old tokens.
+    #[test]
+    fn data_rewritten_in_place_with_the_same_size_and_mtime_is_tokenised_again() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("d.jsonl");
+        std::fs::write(&data, "{\"text\":\"aaaa\"}\n").unwrap();
+        let mtime = std::fs::metadata(&data).unwrap().modified().unwrap();
+        let url = format!("file://{}", data.display());
+        let cache = tmp.path().join("cache");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let first = prep(&cache, &url, &rt).unwrap();
+        let mut old = Vec::new();
+        first.read(0, 0, 4, &mut old).unwrap();
+        drop(first);
+        // Same inode, same size, the old modification time put back.
+        let mut f = std::fs::File::options().write(true).open(&data).unwrap();
+        f.write_all(b"{\"text\":\"bbbb\"}\n").unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        let second = prep(&cache, &url, &rt).unwrap();
+        let mut new = Vec::new();
+        second.read(0, 0, 4, &mut new).unwrap();
+        assert_ne!(old, new, "stale tokens served for rewritten data");
+        assert!(new.contains(&u32::from(b'b')), "{new:?}");
     }
 }
