@@ -33,6 +33,25 @@ impl CheckpointStore {
                 })
                 .await?;
                 listing = self.list_all().await?;
+            } else if let Some(root) = self.local_dir.clone() {
+                // What the run will list once the links are gone: a step directory that is
+                // a link disappears; one with links inside is committed if its manifest is a
+                // plain file.
+                let after = crate::local::blocking("list checkpoints", root.clone(), |r| {
+                    crate::local::list_steps(r)
+                })
+                .await?;
+                listing = after
+                    .into_iter()
+                    .filter(|s| !s.links.iter().any(|l| l.parent() == Some(root.as_path())))
+                    .map(|s| crate::store::StepListing {
+                        step: s.step,
+                        committed: s.manifest,
+                        files: s.files,
+                        bytes: s.bytes,
+                        links: Vec::new(),
+                    })
+                    .collect();
             }
             report.links = links;
         }

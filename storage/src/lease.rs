@@ -106,8 +106,9 @@ impl Lease {
                             reason: format!(
                                 "checkpoint.url `{root}` is in use by {} (its lease runs \
                                  {left} s more, renewed while that job lives): two jobs must \
-                                 not write one checkpoint directory; wait for it to end, \
-                                 cancel it, or use another checkpoint.url",
+                                 not write one checkpoint directory; wait for it to end \
+                                 (a job whose coordinator was killed holds it no longer than \
+                                 that), cancel it, or use another checkpoint.url",
                                 h.describe()
                             ),
                         });

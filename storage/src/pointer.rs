@@ -172,7 +172,9 @@ fn read_local(file: &std::path::Path) -> std::io::Result<Vec<u8>> {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
-                "not a pointer: a regular file of at most {MAX_POINTER_BYTES} bytes is expected"
+                "not what lockstep keeps there (a latest.json, or a checkpoint directory's \
+                 lease.json): a regular file of at most {MAX_POINTER_BYTES} bytes is \
+                 expected; move it aside"
             ),
         ));
     }

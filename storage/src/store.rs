@@ -18,6 +18,10 @@ use crate::{Error, Result};
 
 pub use crate::layout::MANIFEST_FILE;
 
+/// The largest manifest read: a Llama 3 8B (291 tensors) with every tensor split over 1,024
+/// ranks needs about 25 MB.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
 /// The smallest part S3 accepts (but for the last part of an upload).
 pub const MIN_S3_PART: usize = 5 << 20;
 
@@ -420,15 +424,29 @@ impl CheckpointStore {
     pub async fn manifest(&self, step: u64) -> Result<Manifest> {
         if let Some(dir) = &self.local_dir {
             let dir = dir.join(format!("step-{step:012}"));
-            let links =
-                crate::local::blocking("read checkpoint directory", dir, crate::local::links_in)
-                    .await?;
+            let (links, not_dir) =
+                crate::local::blocking("read checkpoint directory", dir.clone(), |d| {
+                    let not_dir = std::fs::symlink_metadata(d).is_ok_and(|m| m.is_file());
+                    Ok((crate::local::links_in(d)?, not_dir))
+                })
+                .await?;
             if let Some(l) = links.first() {
                 return Err(link_refused(&l.display().to_string()));
             }
+            // A file where the step's directory belongs: nothing to retry.
+            if not_dir {
+                return Err(Error::Refused {
+                    reason: format!(
+                        "`{}` is a file, not a checkpoint directory (remove it)",
+                        dir.display()
+                    ),
+                });
+            }
         }
         let path = self.manifest_path(step);
-        let bytes = match self.get(&path, "read manifest").await {
+        let file = self.display(&path);
+        // Its size is a claim like any other: a manifest past the cap is not read.
+        let size = match self.head_size(&path, "read manifest").await {
             Err(Error::NotFound { .. }) => {
                 return Err(Error::NotCommitted {
                     url: self.url.clone(),
@@ -437,7 +455,25 @@ impl CheckpointStore {
             }
             r => r?,
         };
-        let file = self.display(&path);
+        if size > MAX_MANIFEST_BYTES {
+            return Err(Error::corrupt(
+                &file,
+                None,
+                format!(
+                    "the manifest is {size} bytes, more than the {} MiB one may be",
+                    MAX_MANIFEST_BYTES >> 20
+                ),
+            ));
+        }
+        let bytes = match self.get_range(&path, 0..size, "read manifest").await {
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::NotCommitted {
+                    url: self.url.clone(),
+                    step,
+                });
+            }
+            r => r?,
+        };
         let m = Manifest::parse(&bytes).map_err(|e| match e {
             ManifestError::Version(found) => Error::UnsupportedVersion {
                 file: file.clone(),

@@ -161,6 +161,11 @@ async fn ls(url: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `ckpt inspect` lists at most, line by line (`--json` gives everything).
+const SHOWN_SHARDS: usize = 64;
+const SHOWN_TENSORS: usize = 1000;
+const SHOWN_STATE_CHARS: usize = 4000;
+
 async fn inspect(target: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
     let (store, step) = resolve(target).await?;
     let m = store.manifest(step).await?;
@@ -168,10 +173,13 @@ async fn inspect(target: &str, json: bool, out: &mut impl Write) -> Result<ExitC
         writeln!(out, "{}", String::from_utf8_lossy(&m.to_json()))?;
         return Ok(ExitCode::SUCCESS);
     }
-    // Stored bytes per tensor, from the shards' chunk indexes (no chunk data is read).
+    // Stored bytes per tensor, from the shards' chunk indexes (no chunk data is read). A
+    // manifest of many shards is summarised: the first SHOWN_SHARDS are read and listed, and
+    // per-tensor ratios (which need every index) are left out.
+    let every_shard = m.shards.len() <= SHOWN_SHARDS;
     let mut stored = vec![0u64; m.tensors.len()];
     let mut shard_rows = Vec::new();
-    for info in &m.shards {
+    for info in m.shards.iter().take(SHOWN_SHARDS) {
         let footer = store.read_index(step, info).await?;
         let mut codecs = std::collections::BTreeMap::<&'static str, u64>::new();
         for c in &footer.chunks {
@@ -220,13 +228,23 @@ async fn inspect(target: &str, json: bool, out: &mut impl Write) -> Result<ExitC
             codecs.join(" ")
         )?;
     }
+    if !every_shard {
+        let rest = &m.shards[SHOWN_SHARDS..];
+        writeln!(
+            out,
+            "  … and {} more shards: {} stored, {} raw (--json lists them all)",
+            rest.len(),
+            human_bytes(rest.iter().map(|s| s.bytes).sum()),
+            human_bytes(rest.iter().map(|s| s.raw_bytes).sum()),
+        )?;
+    }
     writeln!(out, "\ntensors ({})", m.tensors.len())?;
     writeln!(
         out,
         "  {:<40}  {:<5}  {:<18}  {:>10}  {:>6}  {:>6}",
         "NAME", "DTYPE", "SHAPE", "RAW", "RATIO", "PIECES"
     )?;
-    for (t, stored) in m.tensors.iter().zip(&stored) {
+    for (t, stored) in m.tensors.iter().zip(&stored).take(SHOWN_TENSORS) {
         let raw = t.nbytes().unwrap_or_default();
         writeln!(
             out,
@@ -235,8 +253,19 @@ async fn inspect(target: &str, json: bool, out: &mut impl Write) -> Result<ExitC
             t.dtype.name(),
             format!("{:?}", t.shape),
             human_bytes(raw),
-            ratio(*stored, raw),
+            if every_shard {
+                ratio(*stored, raw)
+            } else {
+                "-".into()
+            },
             t.pieces.len()
+        )?;
+    }
+    if m.tensors.len() > SHOWN_TENSORS {
+        writeln!(
+            out,
+            "  … and {} more tensors (--json lists them all)",
+            m.tensors.len() - SHOWN_TENSORS
         )?;
     }
     let (total_stored, total_raw): (u64, u64) = m
@@ -250,7 +279,16 @@ async fn inspect(target: &str, json: bool, out: &mut impl Write) -> Result<ExitC
         human_bytes(total_raw),
         ratio(total_stored, total_raw)
     )?;
-    writeln!(out, "trainer state  {}", m.trainer_state)?;
+    let state = m.trainer_state.to_string();
+    match state.char_indices().nth(SHOWN_STATE_CHARS) {
+        None => writeln!(out, "trainer state  {state}")?,
+        Some((cut, _)) => writeln!(
+            out,
+            "trainer state  {}… ({} bytes; --json shows it all)",
+            &state[..cut],
+            state.len()
+        )?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 

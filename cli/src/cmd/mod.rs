@@ -203,7 +203,21 @@ pub fn read_small(op: &'static str, path: &Path) -> Result<Vec<u8>> {
         source,
     };
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
+    // Opened without blocking (a FIFO nobody writes to would hang the open), then read
+    // blocking: a pipe (`<(…)`) still delivers what its writer writes, and one without a
+    // writer reads as empty.
+    let open = || -> std::io::Result<std::fs::File> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(OFlag::O_NONBLOCK.bits())
+            .open(path)?;
+        let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL)?);
+        fcntl(&f, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+        Ok(f)
+    };
+    open()
         .and_then(|f| f.take(MAX_SMALL_FILE + 1).read_to_end(&mut bytes))
         .map_err(io)?;
     if bytes.len() as u64 > MAX_SMALL_FILE {

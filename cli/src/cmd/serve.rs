@@ -330,6 +330,7 @@ fn server_tls(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConf
         super::read_small("read --tls-cert", cert)?,
         super::read_small("read --tls-key", key)?,
     );
+    check_end_entity(cert, &c)?;
     // A client has 10 s to finish its TLS handshake: a stalled one cannot hold a connection.
     let config = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(c, k))
@@ -345,6 +346,29 @@ fn server_tls(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConf
             ))
         })?;
     Ok(config)
+}
+
+/// Refuses a CA certificate as the server's own (the first of the chain): rustls clients
+/// reject it (`CaUsedAsEndEntity`) on every connection, which would surface only there.
+fn check_end_entity(path: &Path, pem: &[u8]) -> Result<()> {
+    let Ok((_, first)) = x509_parser::pem::parse_x509_pem(pem) else {
+        // Not PEM: the identity check that follows names the file.
+        return Ok(());
+    };
+    let Ok(cert) = first.parse_x509() else {
+        return Ok(());
+    };
+    if cert.is_ca() {
+        return Err(CliError::Usage(format!(
+            "--tls-cert {}: its first certificate ({}) is a CA certificate (basicConstraints \
+             CA:TRUE), which clients refuse as a server's; give the server's own certificate, \
+             signed by that CA, as --tls-cert (followed by any intermediates), and the CA to \
+             clients as --tls-ca",
+            path.display(),
+            cert.subject()
+        )));
+    }
+    Ok(())
 }
 
 /// `--listen`: an IP address and port, or `localhost:PORT` (the loopback address).

@@ -385,6 +385,12 @@ async fn gc_ls_and_verify_never_follow_symbolic_links() {
         .unwrap_err();
     assert!(matches!(e, lockstep_storage::Error::Refused { .. }), "{e}");
 
+    // A dry run says what the run will do: step 5 (a link inside, a whole checkpoint) is
+    // deleted by the policy, not called uncommitted debris.
+    let o = lockstep(&["ckpt", "gc", &url, "--keep-last", "1", "--dry-run"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("(uncommitted debris)"), "{}", text(&o));
+    assert!(text(&o).contains("would delete"), "{}", text(&o));
     let o = lockstep(&["ckpt", "gc", &url, "--keep-last", "1"], &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
@@ -437,4 +443,50 @@ async fn gc_keeps_a_verified_checkpoint_when_the_newest_is_corrupt() {
     let o = lockstep(&["ckpt", "gc", &url, "--keep-last", "1"], &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(store.list().await.unwrap(), vec![1, 2], "{}", text(&o));
+}
+
+/// What `ckpt inspect` reads and prints is bounded: a checkpoint of 100 shards lists 64 and
+/// sums the rest in one line (`--json` has them all); a manifest past 64 MiB is refused by its
+/// size before it is read (trailing spaces keep it valid JSON, so only the cap refuses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_summarises_many_shards_and_a_huge_manifest_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/ck", tmp.path().display());
+    let store = CheckpointStore::open(&url).unwrap();
+    save(&store, 3, 100).await;
+    let out = lockstep(&["ckpt", "inspect", &format!("{url}@3")], &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let shard_lines = t
+        .lines()
+        .filter(|l| l.contains("rank-") && l.contains(".shard"))
+        .count();
+    assert_eq!(shard_lines, 64, "{t}");
+    assert!(t.contains("… and 36 more shards"), "{t}");
+    let out = lockstep(&["ckpt", "inspect", &format!("{url}@3"), "--json"], &[]);
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["shards"].as_array().unwrap().len(), 100);
+
+    let manifest = tmp.path().join("ck/step-000000000003/manifest.json");
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    bytes.resize(65 << 20, b' ');
+    std::fs::write(&manifest, &bytes).unwrap();
+    let out = lockstep(&["ckpt", "inspect", &format!("{url}@3")], &[]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("68157440 bytes") && t.contains("64 MiB") && t.contains("manifest.json"),
+        "{t}"
+    );
+    // A file where a step's directory belongs is refused at once, not retried for 25 s.
+    std::fs::write(tmp.path().join("ck/step-000000000009"), b"x").unwrap();
+    let started = std::time::Instant::now();
+    let out = lockstep(&["ckpt", "verify", &format!("{url}@9")], &[]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("is a file, not a checkpoint directory"), "{t}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{t}"
+    );
 }

@@ -747,3 +747,33 @@ fn ctrl_c_while_tokenising_stops_at_once_and_leaves_nothing_half_built() {
         .collect();
     assert!(left.is_empty(), "left in the token cache: {left:?}");
 }
+
+/// A FIFO named as the config is read as what its writer writes (`lockstep run <(…)` works)
+/// and, with no writer, as empty: refused naming the file, never a hang.
+#[test]
+fn a_fifo_config_without_a_writer_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("job.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut child = lockstep(dir.path())
+        .args(["run", "job.toml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("`lockstep run FIFO` hung");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("job.toml"), "{err}");
+}

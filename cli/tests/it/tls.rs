@@ -12,11 +12,13 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 use crate::common::{free_port, lockstep};
 
 /// A CA and a certificate it signed for `localhost` and 127.0.0.1, as PEM files in `dir`:
-/// (ca.pem, cert.pem, key.pem).
+/// (ca.pem and its ca-key.pem, cert.pem, key.pem).
 fn certificates(dir: &Path) {
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    std::fs::write(dir.join("ca-key.pem"), ca_key.serialize_pem()).unwrap();
+    let ca = CertifiedIssuer::self_signed(ca, ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
         .unwrap()
@@ -161,4 +163,21 @@ fn bad_tls_files_and_plaintext_beyond_loopback_are_refused_by_name() {
     ]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("missing.pem"), "{out}");
+    // The CA's own certificate as the server's: every client would fail the handshake
+    // (CaUsedAsEndEntity); the mistake is named at start.
+    let (code, out) = serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "ca.pem",
+        "--tls-key",
+        "ca-key.pem",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("--tls-cert ca.pem")
+            && out.contains("CA certificate")
+            && out.contains("--tls-ca"),
+        "{out}"
+    );
 }
