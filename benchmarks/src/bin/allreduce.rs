@@ -7,6 +7,8 @@
 //! cargo run --release -p lockstep-benchmarks --bin allreduce [-- MiB ...]
 //! ```
 //!
+//! `allreduce --smoke` (the test suite's run): 1 MiB, a 16 MiB loopback stream, no anchor.
+//!
 //! Method as the anchor's (nccl-tests conventions): per size, 2 warm-up all-reduces, then
 //! `max(3, 256 / MiB)` timed ones ending with a barrier; algbw = bytes / time, busbw = algbw ×
 //! 2(W−1)/W. lockstep's two ranks are two threads of this process, each with its own ring and
@@ -51,6 +53,15 @@ fn ring(mib: usize) -> Result<f64> {
                         Duration::from_secs(60),
                         &RingKey::derive(b"bench", "allreduce"),
                     )?;
+                    // Right before fast: ranks holding 1 and 2 must both end with 3.
+                    let mut check = vec![rank as f32 + 1.0; n];
+                    ring.all_reduce_sum(&mut check)?;
+                    if let Some(bad) = check.iter().position(|&x| x != 3.0) {
+                        bail!(
+                            "rank {rank}: element {bad} all-reduced to {}, not 3",
+                            check[bad]
+                        );
+                    }
                     let mut buf = vec![1.0f32; n];
                     for _ in 0..2 {
                         ring.all_reduce_sum(&mut buf)?;
@@ -73,11 +84,15 @@ fn ring(mib: usize) -> Result<f64> {
     Ok(times[0])
 }
 
-/// GB/s of one TCP stream on loopback (1 GiB in 1 MiB writes).
+/// GB/s of one TCP stream on loopback (1 GiB in 1 MiB writes; 16 MiB in smoke mode).
 fn loopback() -> Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
-    let total: usize = 1 << 30;
+    let total: usize = if lockstep_benchmarks::smoke() {
+        16 << 20
+    } else {
+        1 << 30
+    };
     let reader = std::thread::spawn(move || -> Result<()> {
         let (mut s, _) = l.accept()?;
         let mut buf = vec![0u8; 1 << 20];
@@ -143,7 +158,11 @@ fn gloo(sizes: &[usize]) -> Result<Vec<(usize, f64)>> {
 fn main() -> Result<()> {
     let sizes = lockstep_benchmarks::sizes_mib()?;
     let limit = loopback()?;
-    let anchor = gloo(&sizes)?;
+    let anchor = if lockstep_benchmarks::smoke() {
+        Vec::new()
+    } else {
+        gloo(&sizes)?
+    };
     let bus = |alg: f64| alg * 2.0 * (WORLD as f64 - 1.0) / WORLD as f64;
     println!("all-reduce, world size {WORLD}, loopback; one TCP stream: {limit:.2} GB/s");
     println!("  size    lockstep busbw    gloo busbw   ÷ gloo   ÷ loopback");

@@ -11,6 +11,7 @@
 //! lockstep's save (with fsync) and load of the same-sized state (fp32 params + AdamW moments,
 //! and the same in bf16), the codec's single-core speed, and compression ratios on trained
 //! weights (MiniLM). It prints a table and, last, one JSON object with every figure.
+//! `ckpt --smoke` (the test suite's run): half a million parameters, a few MB, no anchor.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,18 +29,26 @@ use serde_json::{Value, json};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
+    let smoke = lockstep_benchmarks::smoke();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(
-        args.first()
-            .cloned()
-            .unwrap_or_else(|| "target/bench-ckpt".into()),
-    );
+    let dir = if smoke {
+        std::env::temp_dir().join(format!("lockstep-ckpt-smoke-{}", std::process::id()))
+    } else {
+        PathBuf::from(
+            args.first()
+                .cloned()
+                .unwrap_or_else(|| "target/bench-ckpt".into()),
+        )
+    };
     let params_m: f64 = match args.get(1) {
+        _ if smoke => 0.5,
         Some(s) => s
             .parse()
             .with_context(|| format!("PARAMS_MILLIONS `{s}`"))?,
         None => 100.0,
     };
+    // Smoke: a few MB everywhere, no anchor.
+    let scale = |bytes: usize| if smoke { bytes >> 8 } else { bytes };
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -49,11 +58,11 @@ fn main() -> Result<()> {
     // On a VM the first touch of guest memory the host has never backed costs ~2 s/GB (measured
     // here: 2.58 s for 1.17 GB the first time, 0.14 s after). Touch a working set once, before
     // anything is timed, so neither the anchor nor lockstep pays it inside a measurement.
-    warm_memory(6 << 30);
+    warm_memory(scale(6 << 30));
 
     eprintln!("== machine limits");
-    let disk = disk_write_bw(&dir.join("dd.bin"), 1 << 30)?;
-    let mem = memcpy_bw(1 << 30);
+    let disk = disk_write_bw(&dir.join("dd.bin"), scale(1 << 30))?;
+    let mem = memcpy_bw(scale(1 << 30));
     eprintln!(
         "fsync'd sequential write {:.3} GB/s, memcpy {:.2} GB/s",
         disk / 1e9,
@@ -65,10 +74,14 @@ fn main() -> Result<()> {
     eprintln!("== anchor: torch_ckpt.py");
     // Best of two anchor runs and of three lockstep runs: this VM's disk and memory speeds vary
     // several-fold between runs, and the best run is the one least disturbed.
-    let anchor = run_anchor(&dir.join("torch"), params_m).and_then(|a| {
-        let b = run_anchor(&dir.join("torch"), params_m)?;
-        Ok(best_of(a, b))
-    });
+    let anchor = if smoke {
+        Err(anyhow::anyhow!("smoke mode"))
+    } else {
+        run_anchor(&dir.join("torch"), params_m).and_then(|a| {
+            let b = run_anchor(&dir.join("torch"), params_m)?;
+            Ok(best_of(a, b))
+        })
+    };
     match &anchor {
         Ok(a) => out["torch"] = a.clone(),
         Err(e) => eprintln!("anchor not run: {e:#}"),
@@ -88,8 +101,8 @@ fn main() -> Result<()> {
     out["codec_one_core"] = codec_speed();
 
     match std::env::var("LOCKSTEP_BENCH_MINILM") {
-        Ok(p) => out["minilm"] = trained_ratios(Path::new(&p))?,
-        Err(_) => eprintln!("LOCKSTEP_BENCH_MINILM unset: trained-weight ratios skipped"),
+        Ok(p) if !smoke => out["minilm"] = trained_ratios(Path::new(&p))?,
+        _ => eprintln!("LOCKSTEP_BENCH_MINILM unset (or smoke): trained-weight ratios skipped"),
     }
 
     // Ratios against the anchors and the targets.
@@ -308,6 +321,11 @@ async fn save_load_once(dir: &Path, tensors: &[TensorInput]) -> Result<Value> {
     let c = store.load(1).await?;
     let load_s = t.elapsed().as_secs_f64();
     let loaded: u64 = c.tensors.iter().map(|t| t.data.len() as u64).sum();
+    for (saved, read) in tensors.iter().zip(&c.tensors) {
+        if saved.name != read.name || saved.data != read.data {
+            bail!("tensor `{}` did not load as it was saved", saved.name);
+        }
+    }
     if loaded != raw {
         bail!("loaded {loaded} bytes, saved {raw}");
     }

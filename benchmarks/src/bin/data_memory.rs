@@ -13,7 +13,8 @@
 //! to `LOCKSTEP_BENCH_BASELINE_MAX_MB` (default 100; the old reader held ~10× the dataset per
 //! rank). Each run: 4 steps, batch 8 × 128 tokens per rank, one checkpoint. The time includes
 //! tokenising (the first run on a file) and the verifying open of the store. Prints a table and,
-//! last, one JSON object.
+//! last, one JSON object. `data_memory --smoke` (the test suite's run): 1 MB with
+//! `$LOCKSTEP_BIN` (default target/debug/lockstep).
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -102,9 +103,14 @@ fn measure(
 
 fn one(lockstep: &Path, data: &Path, coord: &Path, ckpt: &Path) -> Result<()> {
     let started = Instant::now();
+    let export = ckpt.parent().unwrap_or(ckpt).join("export");
     let status = Command::new(lockstep)
+        // The quickstart's other paths are relative to the repository's root.
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .args(["run", "configs/quickstart.toml", "--json", "--data-dir"])
         .arg(coord)
+        .arg("--set")
+        .arg(format!("export.url=\"file://{}\"", export.display()))
         .arg("--set")
         .arg(format!("data.train=[\"file://{}\"]", data.display()))
         .arg("--set")
@@ -134,7 +140,10 @@ fn main() -> Result<()> {
         let p = |i: usize| Path::new(&args[i]);
         return one(p(2), p(3), p(4), p(5));
     }
-    let sizes: Vec<u64> = if args.len() > 1 {
+    let smoke = lockstep_benchmarks::smoke();
+    let sizes: Vec<u64> = if smoke {
+        vec![1]
+    } else if args.len() > 1 {
         args[1..]
             .iter()
             .map(|s| s.parse().context("sizes are MB"))
@@ -142,9 +151,12 @@ fn main() -> Result<()> {
     } else {
         vec![100, 1000]
     };
-    let lockstep = PathBuf::from("target/release/lockstep");
+    let lockstep = std::path::absolute(lockstep_benchmarks::lockstep_bin())?;
     if !lockstep.is_file() {
-        bail!("build first: cargo build --release");
+        bail!(
+            "{} not found: build first (cargo build --release)",
+            lockstep.display()
+        );
     }
     let baseline = std::env::var_os("LOCKSTEP_BENCH_BASELINE").map(PathBuf::from);
     let baseline_max: u64 = std::env::var("LOCKSTEP_BENCH_BASELINE_MAX_MB")

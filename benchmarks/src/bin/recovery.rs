@@ -14,10 +14,11 @@
 //! the time from the kill to the first step the new gang completes. lockstep's includes the
 //! whole gang's teardown, its 1 s restart backoff, relaunch, rendezvous, choosing and
 //! verifying the checkpoint, loading it and one step. lockstep trains the quickstart data; the
-//! anchor random tokens. Prints a table and, last, one JSON object.
+//! anchor random tokens. Prints a table and, last, one JSON object. `recovery --smoke` (the
+//! test suite's run): a tiny model, 8 steps, rank 1 killed after step 3, `$LOCKSTEP_BIN`
+//! (default target/debug/lockstep), no anchor.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -25,6 +26,19 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 const KILL_AFTER: u64 = 12;
+/// In smoke mode: a model of a few thousand parameters, rank 1 killed after step 3 of 8.
+const SMOKE_KILL_AFTER: u64 = 3;
+const SMOKE_SETS: [&str; 9] = [
+    "train.steps=8",
+    "train.batch_size=2",
+    "checkpoint.every_steps=2",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=64",
+    "data.seq_len=32",
+];
 
 fn trainer_pid(job: &str, worker: u32) -> Option<i32> {
     lockstep_coordinator::launcher::local_trainers(job, Some(worker))
@@ -34,21 +48,34 @@ fn trainer_pid(job: &str, worker: u32) -> Option<i32> {
 
 /// One lockstep recovery, in seconds, and the step the new gang completed first.
 fn lockstep_once(dir: &std::path::Path) -> Result<(f64, u64)> {
-    let lockstep = PathBuf::from("target/release/lockstep");
+    let smoke = lockstep_benchmarks::smoke();
+    let lockstep = std::path::absolute(lockstep_benchmarks::lockstep_bin())?;
     if !lockstep.is_file() {
-        bail!("build first: cargo build --release");
+        bail!(
+            "{} not found: build first (cargo build --release)",
+            lockstep.display()
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
-    let sets = [
+    let mut sets = vec![
         "train.steps=30".to_string(),
         "train.batch_size=4".into(),
         "checkpoint.every_steps=5".into(),
         "checkpoint.keep_last=2".into(),
         format!("checkpoint.url=\"file://{}/ckpt\"", dir.display()),
+        format!("export.url=\"file://{}/export\"", dir.display()),
     ];
+    let kill_after = if smoke {
+        sets.extend(SMOKE_SETS.iter().map(|s| s.to_string()));
+        SMOKE_KILL_AFTER
+    } else {
+        KILL_AFTER
+    };
     let mut cmd = Command::new(&lockstep);
-    cmd.args(["run", "configs/quickstart.toml", "--json", "--data-dir"])
+    // The quickstart's data paths are relative to the repository's root.
+    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["run", "configs/quickstart.toml", "--json", "--data-dir"])
         .arg(dir.join("coordinator"));
     for s in &sets {
         cmd.arg("--set").arg(s);
@@ -65,7 +92,7 @@ fn lockstep_once(dir: &std::path::Path) -> Result<(f64, u64)> {
         let s: Value = serde_json::from_str(&line?)?;
         let step = s["step"].as_u64().unwrap_or(0);
         match killed {
-            None if s["state"] == "running" && step >= KILL_AFTER => {
+            None if s["state"] == "running" && step >= kill_after => {
                 let job = s["job"].as_str().unwrap_or_default();
                 let pid = trainer_pid(job, 1).context("rank 1's pid")?;
                 nix::sys::signal::kill(
@@ -118,16 +145,21 @@ fn torchrun_once() -> Result<Option<(f64, u64)>> {
 }
 
 fn main() -> Result<()> {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .map_or(Ok(3), |s| s.parse())
-        .context("ROUNDS is a number")?;
+    let smoke = lockstep_benchmarks::smoke();
+    let rounds: usize = if smoke {
+        1
+    } else {
+        std::env::args()
+            .nth(1)
+            .map_or(Ok(3), |s| s.parse())
+            .context("ROUNDS is a number")?
+    };
     let dir = std::env::temp_dir().join(format!("lockstep-recovery-{}", std::process::id()));
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for round in 1..=rounds {
         let (l, ls) = lockstep_once(&dir)?;
-        let t = torchrun_once()?;
+        let t = if smoke { None } else { torchrun_once()? };
         println!(
             "round {round}: lockstep {l:.2} s (first step {ls}); torchrun {}",
             t.map_or("-".into(), |(t, ts)| format!("{t:.2} s (first step {ts})"))

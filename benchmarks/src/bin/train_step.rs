@@ -15,7 +15,8 @@
 //! decay, no clipping — as the anchor). Both sides use the same number of threads (all cores:
 //! rayon's pool for flex, `--threads N` for PyTorch) and random token ids each step; each reports
 //! the median step time after 5 warm-up steps. Without LOCKSTEP_BENCH_PYTHON only lockstep runs.
-//! Prints a table and, last, one JSON object.
+//! Prints a table and, last, one JSON object. `train_step --smoke` (the test suite's run): 6
+//! steps, no anchor.
 
 use std::process::Command;
 use std::time::Instant;
@@ -90,6 +91,9 @@ fn lockstep<B: burn::tensor::backend::Backend>(steps: usize) -> Result<(f64, usi
         let t0 = Instant::now();
         let stats = state.step(i as u64, &[batch], 3e-4, 0.0, &mut Solo)?;
         times.push(t0.elapsed().as_secs_f64());
+        if !stats.loss.is_finite() {
+            bail!("step {i}: loss {}", stats.loss);
+        }
         if i == 0 {
             eprintln!("lockstep first step loss {:.4}", stats.loss);
         }
@@ -128,18 +132,33 @@ fn torch(steps: usize, threads: usize) -> Result<Option<(f64, String)>> {
 }
 
 fn main() -> Result<()> {
-    let steps: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()
-        .context("STEPS must be a number")?
-        .unwrap_or(30)
-        .max(8);
+    let smoke = lockstep_benchmarks::smoke();
+    let steps: usize = if smoke {
+        6
+    } else {
+        std::env::args()
+            .nth(1)
+            .map(|s| s.parse())
+            .transpose()
+            .context("STEPS must be a number")?
+            .unwrap_or(30)
+            .max(8)
+    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tokens = (BATCH * SEQ) as f64;
+    let anchor_run = |steps, threads| {
+        if smoke {
+            Ok(None)
+        } else {
+            torch(steps, threads)
+        }
+    };
     // PyTorch first, then lockstep, then PyTorch again: the better of the two anchor runs.
-    let t1 = torch(steps, threads)?;
-    let backend = std::env::args().nth(2).unwrap_or_else(|| "flex".into());
+    let t1 = anchor_run(steps, threads)?;
+    let backend = match std::env::args().nth(2) {
+        Some(b) if !smoke => b,
+        _ => "flex".into(),
+    };
     let (ours, params) = match backend.as_str() {
         "flex" => lockstep::<Flex>(steps)?,
         #[cfg(feature = "ndarray")]
@@ -148,7 +167,7 @@ fn main() -> Result<()> {
         "candle" => lockstep::<burn::backend::Candle>(steps)?,
         other => bail!("backend `{other}` is not built in (features: ndarray, openblas, candle)"),
     };
-    let t2 = torch(steps, threads)?;
+    let t2 = anchor_run(steps, threads)?;
     let anchor = match (t1, t2) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
