@@ -223,7 +223,8 @@ fn stamp(dir: &Path) -> Option<(u64, SystemTime)> {
 
 /// Takes `lock` (exclusively, or shared) and returns true, saying who holds it while it waits;
 /// returns false without it as soon as `instead()` says the wait is moot; ends with
-/// [`Error::Stopped`] when the run is stopped, and gives up after [`LOCK_PATIENCE`].
+/// [`Error::Stopped`] when the run is stopped, and gives up waiting to build after
+/// [`LOCK_PATIENCE`].
 fn wait_for(
     lock: &File,
     path: &Path,
@@ -253,7 +254,9 @@ fn wait_for(
         if instead() {
             return Ok(false);
         }
-        if started.elapsed() > LOCK_PATIENCE {
+        // Waiting for a build is waiting for progress the builder reports; waiting to build
+        // behind other users of the store is bounded.
+        if exclusive && started.elapsed() > LOCK_PATIENCE {
             return Err(Error::Internal(format!(
                 "{}: still locked by another process after {} minutes",
                 path.display(),
