@@ -133,7 +133,7 @@ pub struct ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// JSONL files: object_store URLs or globs.
+    /// JSONL files (plain, or compressed: `.gz`, `.zst`): object_store URLs or globs.
     pub train: Vec<String>,
     /// Tokens per packed sequence.
     #[serde(default = "defaults::seq_len")]

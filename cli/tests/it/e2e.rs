@@ -777,3 +777,58 @@ fn a_fifo_config_without_a_writer_is_refused_not_waited_on() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("job.toml"), "{err}");
 }
+
+/// `lockstep train` on the quickstart data compressed (`.jsonl.zst`, `.jsonl.gz`) ends with
+/// the parameters it ends with on the plain file.
+#[test]
+fn compressed_training_data_trains_to_the_same_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let plain = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../configs/data/quickstart.jsonl")
+        .canonicalize()
+        .unwrap();
+    let text = std::fs::read(&plain).unwrap();
+    std::fs::write(d.join("q.jsonl.zst"), zstd_frame(&text)).unwrap();
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&text).unwrap();
+        e.finish().unwrap()
+    };
+    std::fs::write(d.join("q.jsonl.gz"), gz).unwrap();
+    let hash = |data: &Path, ckpt: &str| {
+        TestJob::tiny("zip")
+            .steps(2)
+            .set("data.train", format!("[\"file://{}\"]", data.display()))
+            .set("checkpoint.url", format!("\"file://{ckpt}\""))
+            .write_to(d);
+        let out = lockstep(d)
+            .args([
+                "train",
+                "--config",
+                "job.toml",
+                "--no-progress",
+                "--data-cache",
+                "cache",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.rsplit_once("params xxh3 ")
+            .map(|(_, h)| h.trim().to_string())
+            .unwrap_or_else(|| panic!("no params hash: {text}"))
+    };
+    let want = hash(&plain, "ck-plain");
+    assert_eq!(hash(&d.join("q.jsonl.zst"), "ck-zst"), want);
+    assert_eq!(hash(&d.join("q.jsonl.gz"), "ck-gz"), want);
+}
+
+fn zstd_frame(bytes: &[u8]) -> Vec<u8> {
+    zstd::encode_all(bytes, 3).unwrap()
+}

@@ -2,7 +2,7 @@
 //! and appended.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,44 +31,57 @@ pub(super) fn build(
     ));
     let mut b = Builder::create(dir, enc)?;
     let (started, mut reported) = (Instant::now(), Instant::now());
+    // Bytes of the files before this one (compressed bytes for compressed files).
     let mut done = 0u64;
     for object in sources {
         let mut lines = Lines::new(&object.url);
         let (docs_before, skipped_before) = (b.meta.docs, b.meta.skipped);
-        let mut offset = 0;
-        while offset < object.size {
-            watch.stopped()?;
-            let end = (offset + RANGE).min(object.size);
-            let chunk = rt.block_on(object.read_range(offset..end))?;
-            if chunk.len() as u64 != end - offset {
-                return Err(Error::Data {
-                    file: object.url.clone(),
-                    line: 0,
-                    reason: format!(
-                        "read {} bytes at offset {offset} where {} were expected (the object \
-                         changed while it was being read?)",
-                        chunk.len(),
-                        end - offset
-                    ),
-                });
-            }
-            lines.feed(&chunk, |line_no, line| b.add(&object.url, line_no, line))?;
-            offset = end;
-            done += chunk.len() as u64;
+        let mut each = |line_no: u64, line: &[u8]| b.add(&object.url, line_no, line);
+        let mut progress = |watch: &mut Watch<'_>, read: u64| {
             if reported.elapsed() >= REPORT_EVERY {
                 reported = Instant::now();
                 let line = format!(
-                    "tokenised {} of {} MB ({:.0}%), {} documents",
-                    done >> 20,
+                    "tokenised {} of {} MB ({:.0}%)",
+                    (done + read) >> 20,
                     total >> 20,
-                    100.0 * done as f64 / total.max(1) as f64,
-                    b.meta.docs
+                    100.0 * (done + read) as f64 / total.max(1) as f64,
                 );
                 tracing::info!("{line}");
                 (watch.note)(line);
             }
+        };
+        match Compression::of(&object.url) {
+            None => {
+                let mut offset = 0;
+                while offset < object.size {
+                    watch.stopped()?;
+                    let end = (offset + RANGE).min(object.size);
+                    let chunk = read_range(object, offset..end, rt)?;
+                    lines.feed(&chunk, &mut each)?;
+                    offset = end;
+                    progress(watch, offset);
+                }
+            }
+            Some(kind) => {
+                // Decompressed as it streams: the compressed file is read in ranges, the
+                // decompressed text handed on in pieces of the same size.
+                let (reader, read) = Ranges::new(object, rt);
+                let mut text = kind.decoder(reader).map_err(|e| kind.error(object, e))?;
+                let mut piece = vec![0u8; RANGE as usize];
+                loop {
+                    watch.stopped()?;
+                    let n = read_some(&mut text, &mut piece)
+                        .map_err(|e| read.take_error().unwrap_or_else(|| kind.error(object, e)))?;
+                    if n == 0 {
+                        break;
+                    }
+                    lines.feed(&piece[..n], &mut each)?;
+                    progress(watch, read.offset());
+                }
+            }
         }
-        lines.finish(|line_no, line| b.add(&object.url, line_no, line))?;
+        lines.finish(&mut each)?;
+        done += object.size;
         b.meta.files += 1;
         b.meta.per_file.push(FileCount {
             url: object.url.clone(),
@@ -85,6 +98,160 @@ pub(super) fn build(
         "tokenised data into the token store"
     );
     Ok(())
+}
+
+/// Bytes `range` of `object`, all of them.
+fn read_range(
+    object: &Object,
+    range: std::ops::Range<u64>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<bytes::Bytes> {
+    let (offset, want) = (range.start, range.end - range.start);
+    let chunk = rt.block_on(object.read_range(range))?;
+    if chunk.len() as u64 != want {
+        return Err(Error::Data {
+            file: object.url.clone(),
+            line: 0,
+            reason: format!(
+                "read {} bytes at offset {offset} where {want} were expected (the object \
+                 changed while it was being read?)",
+                chunk.len()
+            ),
+        });
+    }
+    Ok(chunk)
+}
+
+/// Fills as much of `buf` as the stream gives before its end.
+fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// How a data file is compressed, by its name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Compression {
+    /// `.gz` (gzip; concatenated members are read as one stream, as `zcat` does).
+    Gzip,
+    /// `.zst` / `.zstd`.
+    Zstd,
+}
+
+impl Compression {
+    /// The compression `url`'s name says, if any.
+    pub(crate) fn of(url: &str) -> Option<Compression> {
+        let name = url.rsplit('/').next().unwrap_or(url).to_ascii_lowercase();
+        if name.ends_with(".gz") {
+            Some(Compression::Gzip)
+        } else if name.ends_with(".zst") || name.ends_with(".zstd") {
+            Some(Compression::Zstd)
+        } else {
+            None
+        }
+    }
+
+    fn decoder<'a>(self, r: Ranges<'a>) -> std::io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+                std::io::BufReader::with_capacity(1 << 20, r),
+            )),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(
+                std::io::BufReader::with_capacity(1 << 20, r),
+            )?),
+        })
+    }
+
+    fn error(self, object: &Object, e: std::io::Error) -> Error {
+        let what = match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        };
+        Error::Data {
+            file: object.url.clone(),
+            line: 0,
+            reason: format!("not a readable {what} file (its name ends so): {e}"),
+        }
+    }
+}
+
+/// An object read front to back in [`RANGE`]-sized requests, as a [`Read`] for a decoder.
+/// A failed request is kept (the decoder only sees an I/O error) so that a storage error
+/// stays one (transient ones are retried by the job, not blamed on the data).
+pub(crate) struct Ranges<'a> {
+    object: &'a Object,
+    rt: &'a tokio::runtime::Runtime,
+    chunk: bytes::Bytes,
+    shared: std::rc::Rc<RangesState>,
+}
+
+/// What the reader of [`Ranges`] can ask of it while a decoder owns it.
+#[derive(Default)]
+pub(crate) struct RangesState {
+    offset: std::cell::Cell<u64>,
+    error: std::cell::RefCell<Option<Error>>,
+}
+
+impl RangesState {
+    /// Compressed bytes fetched so far.
+    fn offset(&self) -> u64 {
+        self.offset.get()
+    }
+
+    /// The storage error that failed a read, if one did.
+    fn take_error(&self) -> Option<Error> {
+        self.error.borrow_mut().take()
+    }
+}
+
+impl<'a> Ranges<'a> {
+    fn new(
+        object: &'a Object,
+        rt: &'a tokio::runtime::Runtime,
+    ) -> (Ranges<'a>, std::rc::Rc<RangesState>) {
+        let shared = std::rc::Rc::new(RangesState::default());
+        let r = Ranges {
+            object,
+            rt,
+            chunk: bytes::Bytes::new(),
+            shared: shared.clone(),
+        };
+        (r, shared)
+    }
+}
+
+impl Read for Ranges<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.chunk.is_empty() {
+            let offset = self.shared.offset.get();
+            if offset >= self.object.size {
+                return Ok(0);
+            }
+            let end = (offset + RANGE).min(self.object.size);
+            match read_range(self.object, offset..end, self.rt) {
+                Ok(c) => {
+                    self.chunk = c;
+                    self.shared.offset.set(end);
+                }
+                Err(e) => {
+                    let shown = e.to_string();
+                    *self.shared.error.borrow_mut() = Some(e);
+                    return Err(std::io::Error::other(shown));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk = self.chunk.slice(n..);
+        Ok(n)
+    }
 }
 
 /// Splits a byte stream into JSONL lines, numbering them, bounding their length.

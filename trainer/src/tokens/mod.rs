@@ -771,4 +771,82 @@ mod tests {
         assert_ne!(old, new, "stale tokens served for rewritten data");
         assert!(new.contains(&u32::from(b'b')), "{new:?}");
     }
+
+    /// Every document's tokens, in order.
+    fn all_tokens(s: &TokenStore) -> Vec<Vec<u32>> {
+        (0..s.len())
+            .map(|d| {
+                let mut out = Vec::new();
+                s.read(d, 0, s.doc(d).0, &mut out).unwrap();
+                out
+            })
+            .collect()
+    }
+
+    /// `.jsonl.gz` (also of several gzip members, as `cat a.gz b.gz` makes) and `.jsonl.zst`
+    /// give the tokens the plain file gives, streamed over several 8 MiB ranges; a damaged
+    /// compressed file is an error naming it.
+    #[test]
+    fn compressed_jsonl_gives_the_tokens_of_the_plain_file() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // Text that compresses poorly, so the compressed file spans more than one range.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut text = String::new();
+        while text.len() < 20 << 20 {
+            let words: String = (0..200)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (b'a' + (x % 26) as u8) as char
+                })
+                .collect();
+            text.push_str(&format!("{{\"text\":\"{words}\"}}\n"));
+        }
+        let plain = tmp.path().join("d.jsonl");
+        std::fs::write(&plain, &text).unwrap();
+        let zst = tmp.path().join("d.jsonl.zst");
+        std::fs::write(&zst, zstd::encode_all(text.as_bytes(), 1).unwrap()).unwrap();
+        assert!(
+            std::fs::metadata(&zst).unwrap().len() > RANGE,
+            "one range only"
+        );
+        // Two gzip members: the first half of the lines, then the rest.
+        let cut = text[..text.len() / 2].rfind('\n').unwrap() + 1;
+        let mut gz = Vec::new();
+        for part in [&text[..cut], &text[cut..]] {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(part.as_bytes()).unwrap();
+            gz.extend(e.finish().unwrap());
+        }
+        let gz_path = tmp.path().join("d.jsonl.gz");
+        std::fs::write(&gz_path, &gz).unwrap();
+        let url = |p: &Path| format!("file://{}", p.display());
+        let want = all_tokens(&prep(&cache, &url(&plain), &rt).unwrap());
+        assert!(want.len() > 90_000, "{}", want.len());
+        for p in [&zst, &gz_path] {
+            let got = prep(&cache, &url(p), &rt).unwrap();
+            assert_eq!(
+                got.per_file()[0].records,
+                want.len() as u64,
+                "{}",
+                p.display()
+            );
+            assert!(all_tokens(&got) == want, "{}: other tokens", p.display());
+        }
+        // Damaged: cut short, and not compressed at all.
+        std::fs::write(&zst, &std::fs::read(&zst).unwrap()[..1000]).unwrap();
+        let e = prep(&cache, &url(&zst), &rt).unwrap_err();
+        assert!(
+            matches!(&e, Error::Data { file, .. } if file.ends_with("d.jsonl.zst")),
+            "{e}"
+        );
+        std::fs::write(&gz_path, "{\"text\":\"plain\"}\n").unwrap();
+        let e = prep(&cache, &url(&gz_path), &rt).unwrap_err().to_string();
+        assert!(e.contains("d.jsonl.gz") && e.contains("gzip"), "{e}");
+        assert_eq!(partials(&cache), 0);
+    }
 }
