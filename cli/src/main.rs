@@ -53,6 +53,9 @@ enum Command {
     Render(cmd::kube::RenderArgs),
     Train(cmd::train::TrainArgs),
     Export(cmd::export::ExportArgs),
+    /// Look at a job's training data as training sees it (`data preview`).
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Train(args) => cmd::train::run(args),
         Command::Export(args) => cmd::export::run(args),
+        Command::Data(args) => cmd::data::run(args),
         Command::Ckpt(args) => cmd::ckpt::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Run(args) => cmd::block_on(1, cmd::run::run(args)),

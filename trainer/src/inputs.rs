@@ -75,7 +75,47 @@ fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
     };
     let weights = hf::import(&st, &file, &llama)?;
     drop(st);
-    let tokenizer = match read("tokenizer.json") {
+    let tokenizer = hf_tokenizer(base, &llama, rt)?;
+    Ok(Base {
+        config: llama,
+        values: Some(weights.values),
+        tokenizer,
+        origin: Some((base.to_string(), sha)),
+    })
+}
+
+/// The tokenizer a run of `config` encodes its data with, and the model's vocabulary, without
+/// reading the base model's weights (`lockstep data preview`).
+pub fn load_tokenizer(
+    config: &JobConfig,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(Tokenizer, usize)> {
+    let base = match &config.model.base {
+        BaseModel::Init => return Ok((Tokenizer::Bytes, config.model.vocab_size as usize)),
+        BaseModel::LatestExport(lineage) => {
+            rt.block_on(crate::export::resolve_latest(&as_url(lineage)))?
+        }
+        BaseModel::Dir(dir) => as_url(dir),
+    };
+    let file = format!("{base}/config.json");
+    let text = rt.block_on(objects::read_url(&file))?;
+    let text = std::str::from_utf8(&text).map_err(|_| Error::Model {
+        file: file.clone(),
+        reason: "not UTF-8".into(),
+    })?;
+    let llama = LlamaConfig::parse(text, &file)?;
+    let tokenizer = hf_tokenizer(&base, &llama, rt)?;
+    Ok((tokenizer, llama.vocab_size))
+}
+
+/// The tokenizer of the Hugging Face directory `base` (bytes when it has no tokenizer.json).
+fn hf_tokenizer(
+    base: &str,
+    llama: &LlamaConfig,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Tokenizer> {
+    let read = |name: &str| rt.block_on(objects::read_url(&format!("{base}/{name}")));
+    Ok(match read("tokenizer.json") {
         Ok(bytes) => {
             let eos = llama
                 .extra
@@ -93,12 +133,6 @@ fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
             Tokenizer::Bytes
         }
         Err(e) => return Err(e.into()),
-    };
-    Ok(Base {
-        config: llama,
-        values: Some(weights.values),
-        tokenizer,
-        origin: Some((base.to_string(), sha)),
     })
 }
 

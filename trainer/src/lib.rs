@@ -34,6 +34,7 @@ pub mod inputs;
 pub mod model;
 pub mod optim;
 pub mod plan;
+pub mod preview;
 pub mod progress;
 pub mod resume;
 pub mod rng;

@@ -71,6 +71,31 @@ impl Tokenizer {
         }
     }
 
+    /// The text of `ids` as this tokenizer reads them back (special tokens written out; for
+    /// bytes, invalid UTF-8 replaced and the end id shown as `<eos>`).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tokenizer::Bytes => {
+                let mut out = String::new();
+                let mut run = Vec::new();
+                for &id in ids {
+                    if id == 0 || id > 255 {
+                        out.push_str(&String::from_utf8_lossy(&run));
+                        run.clear();
+                        out.push_str(if id == 0 { "<eos>" } else { "\u{fffd}" });
+                    } else {
+                        run.push(id as u8);
+                    }
+                }
+                out.push_str(&String::from_utf8_lossy(&run));
+                Ok(out)
+            }
+            Tokenizer::Hf { inner, .. } => inner
+                .decode(ids, false)
+                .map_err(|e| Error::Internal(format!("decode: {e}"))),
+        }
+    }
+
     /// What decides this tokenizer's output: the same string for the same tokenizer and end
     /// id, a different one otherwise (it keys the token cache).
     pub fn fingerprint(&self) -> String {

@@ -13,6 +13,7 @@
 
 pub mod ckpt;
 pub mod client;
+pub mod data;
 pub mod export;
 pub mod kube;
 pub mod run;

@@ -7,6 +7,7 @@
 mod common;
 
 mod ckpt_cli;
+mod data_cli;
 mod data_parallel;
 mod e2e;
 mod export_cli;
