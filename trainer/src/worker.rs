@@ -122,10 +122,24 @@ pub struct Options {
 /// coordinator), 130 / 143 stopped by SIGINT / SIGTERM after checkpointing.
 pub fn run(opts: &Options) -> Result<u8> {
     let path = opts.config.display().to_string();
-    let text = std::fs::read_to_string(&opts.config).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
+    // Bounded: a config is small; `/dev/zero` or a huge file is refused, not read into memory.
+    const MAX_CONFIG: u64 = 4 << 20;
+    let mut text = String::new();
+    {
+        use std::io::Read;
+        std::fs::File::open(&opts.config)
+            .and_then(|f| f.take(MAX_CONFIG + 1).read_to_string(&mut text))
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+    }
+    if text.len() as u64 > MAX_CONFIG {
+        return Err(Error::Usage(format!(
+            "{path}: larger than {} MiB: not a config",
+            MAX_CONFIG >> 20
+        )));
+    }
     let date = match &opts.date {
         Some(d) => {
             lockstep_api::date::check(d).map_err(Error::Usage)?;

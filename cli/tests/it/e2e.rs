@@ -832,3 +832,17 @@ fn compressed_training_data_trains_to_the_same_parameters() {
 fn zstd_frame(bytes: &[u8]) -> Vec<u8> {
     zstd::encode_all(bytes, 3).unwrap()
 }
+
+/// `lockstep train --config` reads a bounded config: `/dev/zero` is refused by its size, not
+/// read until memory runs out.
+#[test]
+fn train_refuses_an_endless_config_by_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = lockstep(dir.path())
+        .args(["train", "--config", "/dev/zero"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("/dev/zero: larger than 4 MiB"), "{err}");
+}
