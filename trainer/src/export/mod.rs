@@ -346,10 +346,32 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         }
     };
 
-    let promotion = if req.promote {
-        promote(&lineage, &record, &dir_url, req.max_eval_regression).await?
+    // A version that was promoted once and has since been replaced is not promoted back by
+    // a re-run of its export (that would roll serving back to older weights).
+    let replaced_since = if req.promote && !written {
+        let was: Option<Decision> = lineage
+            .read_json(&dir.clone().join(PROMOTION_FILE))
+            .await
+            .unwrap_or(None);
+        let now = lineage.latest().await.ok().flatten().map(|l| l.version);
+        match (was, now) {
+            (Some(d), Some(now)) if d.promoted && now != version => Some(now),
+            _ => None,
+        }
     } else {
-        Promotion::NotAsked
+        None
+    };
+    let promotion = match &replaced_since {
+        Some(now) => Promotion::Kept {
+            reason: format!(
+                "it was promoted before and has been replaced by {now}; a re-run does not roll \
+                 serving back (export it under a new version to promote these weights again)"
+            ),
+        },
+        None if req.promote => {
+            promote(&lineage, &record, &dir_url, req.max_eval_regression).await?
+        }
+        None => Promotion::NotAsked,
     };
     let promotion = match promotion {
         Promotion::NotAsked if !written => Promotion::AlreadyExported {
@@ -357,7 +379,12 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         },
         p => p,
     };
-    let webhook = handoff(&lineage, &record, &dir_url, &promotion, req).await;
+    // The record of the version's earlier promotion stays as it was.
+    let webhook = if replaced_since.is_some() {
+        None
+    } else {
+        handoff(&lineage, &record, &dir_url, &promotion, req).await
+    };
     Ok(Exported {
         record,
         url: dir_url,

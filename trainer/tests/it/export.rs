@@ -152,6 +152,11 @@ async fn the_gate_promotes_improvements_only_and_a_rerun_promotes_nothing_twice(
         }
     );
 
+    // Re-running the export of c (promoted once, since replaced by d) does not roll back.
+    match run(30, "c", 10.0).await.promotion {
+        Promotion::Kept { reason } => assert!(reason.contains("replaced by d"), "{reason}"),
+        p => panic!("{p:?}"),
+    }
     let lineage = Lineage::open(&to, "exp").unwrap();
     assert_eq!(lineage.latest().await.unwrap().unwrap().version, "d");
     let versions = lineage.versions().await.unwrap();
