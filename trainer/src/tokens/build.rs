@@ -70,7 +70,7 @@ pub(super) fn build(
                 let mut piece = vec![0u8; RANGE as usize];
                 loop {
                     watch.stopped()?;
-                    let n = read_some(&mut text, &mut piece)
+                    let n = super::store::read_full(&mut text, &mut piece)
                         .map_err(|e| read.take_error().unwrap_or_else(|| kind.error(object, e)))?;
                     if n == 0 {
                         break;
@@ -120,20 +120,6 @@ fn read_range(
         });
     }
     Ok(chunk)
-}
-
-/// Fills as much of `buf` as the stream gives before its end.
-fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// How a data file is compressed, by its name.

@@ -262,8 +262,8 @@ pub fn open(dir: &Path, enc: &Encoding<'_>) -> Result<TokenStore> {
     })
 }
 
-/// Reads until `buf` is full or the file ends (a multiple of 8 bytes unless at the end).
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads until `buf` is full or the stream ends.
+pub(super) fn read_full(f: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..]) {
