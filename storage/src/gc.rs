@@ -1,11 +1,12 @@
 //! [`CheckpointStore::gc`]: the retention policy applied to the checkpoints that verify, with
-//! debris and symbolic links removed.
+//! debris, symbolic links and special files removed.
 
 use std::path::PathBuf;
 
 use crate::Result;
+use crate::resume::SET_ASIDE_DIR;
 use crate::retention::{RetentionAction, RetentionPolicy};
-use crate::store::{CheckpointStore, GcReport};
+use crate::store::{CheckpointStore, GcReport, Stray};
 
 impl CheckpointStore {
     /// Applies `policy` (see [`RetentionPolicy::decide`]) to the checkpoints that verify, with
@@ -13,8 +14,10 @@ impl CheckpointStore {
     /// full), and one that does not verify is kept but not counted, so the policy keeps that
     /// many verified ones besides (and gc deletes nothing when none verifies). Never deletes
     /// the newest verified step or a `protected` one. Also removes uncommitted debris older
-    /// than the newest commit, and symbolic links in the tree (the links themselves, never
-    /// what they point to). With `dry_run`, reports without deleting.
+    /// than the newest commit, and symbolic links and special files (FIFOs, sockets, devices)
+    /// in the tree, `set-aside` included (the links themselves, never what they point to); a
+    /// regular file where a step directory belongs is reported, not removed. With `dry_run`,
+    /// reports without deleting.
     pub async fn gc(
         &self,
         policy: &RetentionPolicy,
@@ -23,38 +26,71 @@ impl CheckpointStore {
     ) -> Result<GcReport> {
         let mut report = GcReport::default();
         let mut listing = self.list_all().await?;
-        let links: Vec<String> = listing.iter().flat_map(|s| s.links.clone()).collect();
-        if !links.is_empty() {
+        let mut strays: Vec<Stray> = listing.iter().flat_map(|s| s.strays.clone()).collect();
+        if let Some(root) = self.local_dir.clone() {
+            // `set-aside/` itself: a link there would take resume's copies out of the tree.
+            let aside = root.join(SET_ASIDE_DIR);
+            if let Some(kind) = crate::local::blocking("check set-aside", aside.clone(), |d| {
+                crate::local::not_a_dir(d)
+            })
+            .await?
+            {
+                strays.push(Stray {
+                    path: aside.display().to_string(),
+                    kind,
+                });
+            }
+        }
+        let removable: Vec<PathBuf> = strays
+            .iter()
+            .filter(|s| s.kind.removable())
+            .map(|s| PathBuf::from(&s.path))
+            .collect();
+        if !removable.is_empty() {
             if !dry_run {
-                let paths: Vec<PathBuf> = links.iter().map(PathBuf::from).collect();
                 let root = self.local_dir.clone().unwrap_or_default();
-                crate::local::blocking("remove symbolic links", root, move |_| {
-                    crate::local::remove_links(&paths)
+                crate::local::blocking("remove links and special files", root, move |_| {
+                    crate::local::remove_strays(&removable)
                 })
                 .await?;
                 listing = self.list_all().await?;
             } else if let Some(root) = self.local_dir.clone() {
-                // What the run will list once the links are gone: a step directory that is
-                // a link disappears; one with links inside is committed if its manifest is a
-                // plain file.
+                // What the run will list once they are gone: a step directory that is a link
+                // or special file disappears; one with them inside is committed if its
+                // manifest is a plain file.
                 let after = crate::local::blocking("list checkpoints", root.clone(), |r| {
                     crate::local::list_steps(r)
                 })
                 .await?;
                 listing = after
                     .into_iter()
-                    .filter(|s| !s.links.iter().any(|l| l.parent() == Some(root.as_path())))
-                    .map(|s| crate::store::StepListing {
-                        step: s.step,
-                        committed: s.manifest,
-                        files: s.files,
-                        bytes: s.bytes,
-                        links: Vec::new(),
+                    .filter(|s| {
+                        !s.strays
+                            .iter()
+                            .any(|(p, k)| k.removable() && p.parent() == Some(root.as_path()))
+                    })
+                    .map(|s| {
+                        let strays: Vec<Stray> = s
+                            .strays
+                            .into_iter()
+                            .filter(|(_, k)| !k.removable())
+                            .map(|(path, kind)| Stray {
+                                path: path.display().to_string(),
+                                kind,
+                            })
+                            .collect();
+                        crate::store::StepListing {
+                            step: s.step,
+                            committed: s.manifest && strays.is_empty(),
+                            files: s.files,
+                            bytes: s.bytes,
+                            strays,
+                        }
                     })
                     .collect();
             }
-            report.links = links;
         }
+        report.strays = strays;
         let committed: Vec<u64> = listing
             .iter()
             .filter(|s| s.committed)
@@ -102,6 +138,8 @@ impl CheckpointStore {
         report.debris = listing
             .iter()
             .filter(|s| !s.committed && newest.is_some_and(|n| s.step < n))
+            // A regular file where a step directory belongs is not lockstep's debris.
+            .filter(|s| !s.strays.iter().any(|x| !x.kind.removable()))
             .map(|s| s.step)
             .collect();
         if !dry_run {

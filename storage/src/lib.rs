@@ -48,7 +48,9 @@ pub use reader::{Checkpoint, Tensor, VerifyReport};
 pub use resume::{SetAside, StartPoint, Want};
 pub use retention::{KeepReason, RetentionAction, RetentionPolicy};
 pub use retry::RetryPolicy;
-pub use store::{CheckpointStore, Committed, GcReport, StepCommit, StepListing, StoreOptions};
+pub use store::{
+    CheckpointStore, Committed, GcReport, StepCommit, StepListing, StoreOptions, Stray, StrayKind,
+};
 pub use writer::{
     CommitInfo, PieceInput, PieceMeta, ShardMeta, ShardWriter, TensorInput, assemble_manifest,
     pieces_for_rank,

@@ -1,10 +1,13 @@
 //! Checkpoint directories on a local (or NFS) filesystem, read without ever following a
-//! symbolic link. lockstep writes none: a link in a checkpoint tree was put there by hand, and
-//! following it would let `gc` delete (or `verify` read, or a listing loop through) files
-//! outside the tree. A step directory that is a link or holds one is listed with its links, is
-//! never a usable checkpoint, and `gc` removes the links themselves.
+//! symbolic link or opening a special file. lockstep writes neither: a link in a checkpoint
+//! tree was put there by hand, and following it would let `gc` delete (or `verify` read, or a
+//! listing loop through) files outside the tree; a FIFO would hang whoever opens it. A step
+//! directory that is or holds one is listed with these *strays*, is never a usable checkpoint,
+//! and `gc` removes the strays themselves (a link, never what it points to).
 
+use std::fs::FileType;
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use crate::layout::{MANIFEST_FILE, parse_step_dir};
@@ -23,6 +26,56 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|source| Error::Io { op, path, source })
 }
 
+/// What an entry lockstep never writes into a checkpoint tree is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrayKind {
+    /// A symbolic link (never followed).
+    Link,
+    /// A FIFO (never opened: the open would wait for a writer).
+    Fifo,
+    /// A Unix socket.
+    Socket,
+    /// A block or character device file.
+    Device,
+    /// A regular file where a step directory belongs (not removed by `gc`: it is not
+    /// lockstep's).
+    File,
+}
+
+impl StrayKind {
+    /// Of an entry's own type (links not followed); `None` for a directory or a regular file.
+    pub(crate) fn of(kind: FileType) -> Option<Self> {
+        if kind.is_symlink() {
+            Some(Self::Link)
+        } else if kind.is_fifo() {
+            Some(Self::Fifo)
+        } else if kind.is_socket() {
+            Some(Self::Socket)
+        } else if kind.is_block_device() || kind.is_char_device() {
+            Some(Self::Device)
+        } else {
+            None
+        }
+    }
+
+    /// In words, with its article ("a symbolic link").
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Link => "a symbolic link",
+            Self::Fifo => "a FIFO",
+            Self::Socket => "a socket",
+            Self::Device => "a device file",
+            Self::File => "a file where a checkpoint directory belongs",
+        }
+    }
+
+    /// Whether `gc` removes it: links and special files hold no data (removing a link leaves
+    /// its target alone); a regular file is somebody's and stays.
+    pub fn removable(self) -> bool {
+        self != Self::File
+    }
+}
+
 /// One step directory as found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LocalStep {
@@ -33,8 +86,8 @@ pub(crate) struct LocalStep {
     pub files: usize,
     /// Their bytes.
     pub bytes: u64,
-    /// Symbolic links: the directory itself, or entries in it.
-    pub links: Vec<PathBuf>,
+    /// Links and special files: the directory itself, or entries in it.
+    pub strays: Vec<(PathBuf, StrayKind)>,
 }
 
 /// Whether a file name is a finished object (object_store's local store stages uploads as
@@ -66,14 +119,13 @@ pub(crate) fn list_steps(root: &Path) -> io::Result<Vec<LocalStep>> {
             manifest: false,
             files: 0,
             bytes: 0,
-            links: Vec::new(),
+            strays: Vec::new(),
         };
-        if kind.is_symlink() {
-            s.links.push(entry.path());
-        } else if kind.is_dir() {
+        if kind.is_dir() {
             scan_step(&entry.path(), &mut s)?;
         } else {
-            continue;
+            let stray = StrayKind::of(kind).unwrap_or(StrayKind::File);
+            s.strays.push((entry.path(), stray));
         }
         steps.push(s);
     }
@@ -85,8 +137,8 @@ fn scan_step(dir: &Path, s: &mut LocalStep) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let kind = entry.file_type()?;
-        if kind.is_symlink() {
-            s.links.push(entry.path());
+        if let Some(stray) = StrayKind::of(kind) {
+            s.strays.push((entry.path(), stray));
             continue;
         }
         let name = entry.file_name();
@@ -101,44 +153,71 @@ fn scan_step(dir: &Path, s: &mut LocalStep) -> io::Result<()> {
     Ok(())
 }
 
-/// The symbolic links that are `dir` or directly in it.
-pub(crate) fn links_in(dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// The strays that are `dir` or directly in it (a regular file that is `dir` included).
+pub(crate) fn strays_in(dir: &Path) -> io::Result<Vec<(PathBuf, StrayKind)>> {
     match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => return Ok(vec![dir.to_path_buf()]),
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Ok(Vec::new()),
+        Ok(m) => {
+            let kind = StrayKind::of(m.file_type()).unwrap_or(StrayKind::File);
+            return Ok(vec![(dir.to_path_buf(), kind)]);
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     }
-    let mut links = Vec::new();
+    let mut strays = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_type()?.is_symlink() {
-            links.push(entry.path());
+        if let Some(kind) = StrayKind::of(entry.file_type()?) {
+            strays.push((entry.path(), kind));
         }
     }
-    Ok(links)
+    Ok(strays)
+}
+
+/// `dir` when it is there but is not a directory (a link, a special file, a file).
+pub(crate) fn not_a_dir(dir: &Path) -> io::Result<Option<StrayKind>> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(None),
+        Ok(m) => Ok(Some(
+            StrayKind::of(m.file_type()).unwrap_or(StrayKind::File),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes a step directory: its manifest first (so that a removal cut short never leaves a
-/// committed step with files missing), then the rest. A link is removed, never followed.
+/// committed step with files missing), then the rest. A link or special file there is
+/// removed itself (a link never followed); a regular file there is not lockstep's and stays.
 pub(crate) fn remove_step(dir: &Path) -> io::Result<()> {
     let gone = |r: io::Result<()>| match r {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         r => r,
     };
-    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
-        return gone(std::fs::remove_file(dir));
+    if let Some(kind) = not_a_dir(dir)? {
+        return if kind.removable() {
+            gone(std::fs::remove_file(dir))
+        } else {
+            Ok(())
+        };
     }
     gone(std::fs::remove_file(dir.join(MANIFEST_FILE)))?;
     gone(std::fs::remove_dir_all(dir))
 }
 
-/// Removes symbolic links themselves (never what they point to).
-pub(crate) fn remove_links(links: &[PathBuf]) -> io::Result<()> {
-    for l in links {
-        if std::fs::symlink_metadata(l).is_ok_and(|m| m.file_type().is_symlink()) {
-            std::fs::remove_file(l)?;
+/// Removes links and special files themselves (never what a link points to); regular files
+/// and directories are left alone, whatever `strays` says (it may be stale).
+pub(crate) fn remove_strays(strays: &[PathBuf]) -> io::Result<()> {
+    for l in strays {
+        let removable = std::fs::symlink_metadata(l)
+            .ok()
+            .and_then(|m| StrayKind::of(m.file_type()))
+            .is_some_and(StrayKind::removable);
+        if removable {
+            match std::fs::remove_file(l) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                r => r?,
+            }
         }
     }
     Ok(())
@@ -171,18 +250,30 @@ mod tests {
             ),
             (5, true, 2, 7)
         );
-        assert_eq!(steps[0].links, vec![kept.join("up")]);
-        assert_eq!(steps[1].links, vec![root.join("step-000000000010")]);
+        assert_eq!(steps[0].strays, vec![(kept.join("up"), StrayKind::Link)]);
+        assert_eq!(
+            steps[1].strays,
+            vec![(root.join("step-000000000010"), StrayKind::Link)]
+        );
         assert!(!steps[1].manifest);
-        assert_eq!(links_in(&root.join("step-000000000010")).unwrap().len(), 1);
+        assert_eq!(strays_in(&root.join("step-000000000010")).unwrap().len(), 1);
         // Removing the linked step removes the link; the kept step's files stay.
         remove_step(&root.join("step-000000000010")).unwrap();
-        remove_links(&steps[0].links).unwrap();
+        let paths: Vec<PathBuf> = steps[0].strays.iter().map(|s| s.0.clone()).collect();
+        remove_strays(&paths).unwrap();
         assert!(kept.join("rank-00000.shard").is_file());
         assert!(kept.join(MANIFEST_FILE).is_file());
         let steps = list_steps(&root).unwrap();
         assert_eq!(steps.len(), 1);
-        assert!(steps[0].links.is_empty());
+        assert!(steps[0].strays.is_empty());
+        // A regular file where a step belongs is listed, and neither removal takes it.
+        let file = root.join("step-000000000020");
+        std::fs::write(&file, b"notes").unwrap();
+        let steps = list_steps(&root).unwrap();
+        assert_eq!(steps[1].strays, vec![(file.clone(), StrayKind::File)]);
+        remove_step(&file).unwrap();
+        remove_strays(std::slice::from_ref(&file)).unwrap();
+        assert!(file.is_file());
         assert_eq!(list_steps(&d.path().join("none")).unwrap(), Vec::new());
     }
 }

@@ -296,6 +296,21 @@ impl CheckpointStore {
     /// then on, and can be committed again), then the original's other files. Whenever it
     /// stops, either the original is still committed or the copy is complete.
     pub async fn set_aside(&self, step: u64) -> Result<String> {
+        if let Some(root) = self.local_dir.clone() {
+            // Copies go under `set-aside/` only when it is a directory of the tree: through a
+            // link they would land wherever it points.
+            let aside = root.join(SET_ASIDE_DIR);
+            let kind = crate::local::blocking("check set-aside", aside.clone(), |d| {
+                crate::local::not_a_dir(d)
+            })
+            .await?;
+            if let Some(kind) = kind {
+                return Err(crate::store::stray_refused(&crate::store::Stray {
+                    path: aside.display().to_string(),
+                    kind,
+                }));
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();

@@ -17,6 +17,7 @@ use crate::writer::{CommitInfo, ShardMeta, assemble_manifest};
 use crate::{Error, Result};
 
 pub use crate::layout::MANIFEST_FILE;
+pub use crate::local::StrayKind;
 
 /// The largest manifest read: a Llama 3 8B (291 tensors) with every tensor split over 1,024
 /// ranks needs about 25 MB.
@@ -144,10 +145,36 @@ pub struct StepListing {
     pub files: usize,
     /// Stored bytes in the directory.
     pub bytes: u64,
-    /// Symbolic links that are the directory or are in it (`file://` stores). lockstep writes
-    /// none and never follows one: a step with links is not a usable checkpoint until they are
-    /// removed (`lockstep ckpt gc` removes the links themselves).
-    pub links: Vec<String>,
+    /// What lockstep never writes there (`file://` stores): symbolic links and special files
+    /// (FIFOs, sockets, devices) that are the directory or are in it, or a regular file where
+    /// the directory belongs. None is followed or opened: a step with strays is not a usable
+    /// checkpoint until they are removed (`lockstep ckpt gc` removes links and special files
+    /// themselves, never what a link points to).
+    pub strays: Vec<Stray>,
+}
+
+/// An entry in a `file://` checkpoint tree that lockstep never writes, follows or opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stray {
+    /// Its path.
+    pub path: String,
+    /// What it is.
+    pub kind: StrayKind,
+}
+
+impl Stray {
+    fn new((path, kind): (PathBuf, StrayKind)) -> Self {
+        Self {
+            path: path.display().to_string(),
+            kind,
+        }
+    }
+}
+
+impl std::fmt::Display for Stray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` ({})", self.path, self.kind.describe())
+    }
 }
 
 /// One checkpoint to commit with [`CheckpointStore::commit_step`].
@@ -197,8 +224,9 @@ pub struct GcReport {
     /// Committed steps that do not verify, with why: kept (resume sets them aside), not
     /// counted towards the policy.
     pub unverified: Vec<(u64, String)>,
-    /// Symbolic links found in the tree and removed (the links, not what they point to).
-    pub links: Vec<String>,
+    /// Links and special files found in the tree and removed (a link, never what it points
+    /// to), and regular files where a step directory belongs (left alone, reported).
+    pub strays: Vec<Stray>,
 }
 
 /// Splits a checkpoint target `URL[@STEP]`; `@latest` and no suffix mean the newest. Only a
@@ -355,10 +383,10 @@ impl CheckpointStore {
                 .into_iter()
                 .map(|s| StepListing {
                     step: s.step,
-                    committed: s.manifest && s.links.is_empty(),
+                    committed: s.manifest && s.strays.is_empty(),
                     files: s.files,
                     bytes: s.bytes,
-                    links: s.links.iter().map(|l| l.display().to_string()).collect(),
+                    strays: s.strays.into_iter().map(Stray::new).collect(),
                 })
                 .collect());
         }
@@ -391,7 +419,7 @@ impl CheckpointStore {
                 committed: false,
                 files: 0,
                 bytes: 0,
-                links: Vec::new(),
+                strays: Vec::new(),
             });
             e.files += 1;
             e.bytes += o.size;
@@ -400,12 +428,17 @@ impl CheckpointStore {
         Ok(steps.into_values().collect())
     }
 
-    /// Committed steps, ascending. A symbolic link in the tree is refused, naming it (a
-    /// run must not start from, or past, a checkpoint it cannot read as written).
+    /// Committed steps, ascending. A link or special file in the tree is refused, naming it
+    /// (a run must not start from, or past, a checkpoint it cannot read as written); a regular
+    /// file where a step directory belongs is not a checkpoint and is passed over.
     pub async fn list(&self) -> Result<Vec<u64>> {
         let all = self.list_all().await?;
-        if let Some(link) = all.iter().flat_map(|s| &s.links).next() {
-            return Err(link_refused(link));
+        if let Some(stray) = all
+            .iter()
+            .flat_map(|s| &s.strays)
+            .find(|s| s.kind.removable())
+        {
+            return Err(stray_refused(stray));
         }
         Ok(all
             .into_iter()
@@ -420,27 +453,20 @@ impl CheckpointStore {
     }
 
     /// Reads and validates `step`'s manifest (a step directory that is or holds a symbolic
-    /// link is refused, naming it: its files are not read through links).
+    /// link or a special file is refused, naming it: its files are not read through links,
+    /// and a FIFO is never opened).
     pub async fn manifest(&self, step: u64) -> Result<Manifest> {
         if let Some(dir) = &self.local_dir {
             let dir = dir.join(format!("step-{step:012}"));
-            let (links, not_dir) =
-                crate::local::blocking("read checkpoint directory", dir.clone(), |d| {
-                    let not_dir = std::fs::symlink_metadata(d).is_ok_and(|m| m.is_file());
-                    Ok((crate::local::links_in(d)?, not_dir))
-                })
-                .await?;
-            if let Some(l) = links.first() {
-                return Err(link_refused(&l.display().to_string()));
-            }
-            // A file where the step's directory belongs: nothing to retry.
-            if not_dir {
-                return Err(Error::Refused {
-                    reason: format!(
-                        "`{}` is a file, not a checkpoint directory (remove it)",
-                        dir.display()
-                    ),
-                });
+            let strays = crate::local::blocking(
+                "read checkpoint directory",
+                dir.clone(),
+                crate::local::strays_in,
+            )
+            .await?;
+            if let Some(stray) = strays.into_iter().next() {
+                // Nothing to retry.
+                return Err(stray_refused(&Stray::new(stray)));
             }
         }
         let path = self.manifest_path(step);
@@ -785,16 +811,28 @@ impl CheckpointStore {
     }
 }
 
-/// Parses `step-000000001200` into 1200.
-/// A symbolic link in a checkpoint tree: a permanent refusal naming it.
-fn link_refused(link: &str) -> Error {
-    Error::Refused {
-        reason: format!(
-            "`{link}` is a symbolic link in the checkpoint tree: lockstep never follows links \
-             there (remove it; `lockstep ckpt gc` removes links without touching what they \
-             point to)"
+/// A stray in a checkpoint tree: a permanent refusal naming it.
+pub(crate) fn stray_refused(stray: &Stray) -> Error {
+    let reason = match stray.kind {
+        StrayKind::File => format!(
+            "`{}` is a file, not a checkpoint directory (lockstep wrote no such file: move it \
+             aside)",
+            stray.path
         ),
-    }
+        StrayKind::Link => format!(
+            "`{}` is a symbolic link in the checkpoint tree: lockstep never follows links \
+             there (remove it; `lockstep ckpt gc` removes links without touching what they \
+             point to)",
+            stray.path
+        ),
+        kind => format!(
+            "`{}` is {} in the checkpoint tree: lockstep never opens one there (remove it; \
+             `lockstep ckpt gc` removes it)",
+            stray.path,
+            kind.describe()
+        ),
+    };
+    Error::Refused { reason }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use lockstep_storage::{CheckpointStore, RetentionPolicy};
+use lockstep_storage::{CheckpointStore, RetentionPolicy, StrayKind};
 
 use super::{CliError, Result};
 
@@ -12,7 +12,8 @@ use super::{CliError, Result};
 #[derive(Debug, Subcommand)]
 pub enum CkptCommand {
     /// List the checkpoints under URL: committed ones, uncommitted debris, and step directories
-    /// that are or hold a symbolic link (never followed; not usable until removed).
+    /// that are or hold a symbolic link or special file (never followed or opened; not usable
+    /// until removed).
     Ls {
         /// Checkpoint root, e.g. file://runs/quickstart/checkpoints or s3://bucket/job/checkpoints.
         url: String,
@@ -45,8 +46,10 @@ pub enum CkptCommand {
     /// would keep is verified first (read in full), and one that does not verify is kept but
     /// not counted, so --keep-last verified checkpoints remain beside it; when none verifies,
     /// nothing is deleted. The newest verified checkpoint and --protect steps are never
-    /// deleted. Symbolic links in the tree (lockstep makes none) are removed, never followed:
-    /// what they point to is not touched.
+    /// deleted. Symbolic links and special files (FIFOs, sockets, devices) in the tree,
+    /// `set-aside` included, are removed themselves (lockstep makes none): a link is never
+    /// followed, what it points to is not touched. A regular file where a checkpoint directory
+    /// belongs is reported and left. Nothing outside the checkpoint tree is ever deleted.
     Gc {
         /// Checkpoint root.
         url: String,
@@ -124,7 +127,12 @@ async fn ls(url: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
         let rows: Vec<_> = steps
             .iter()
             .map(|s| {
-                serde_json::json!({"step": s.step, "committed": s.committed, "files": s.files, "bytes": s.bytes, "links": s.links})
+                let strays: Vec<_> = s
+                    .strays
+                    .iter()
+                    .map(|x| serde_json::json!({"path": x.path, "kind": x.kind.describe()}))
+                    .collect();
+                serde_json::json!({"step": s.step, "committed": s.committed, "files": s.files, "bytes": s.bytes, "strays": strays})
             })
             .collect();
         let text = serde_json::to_string_pretty(&rows)
@@ -142,8 +150,12 @@ async fn ls(url: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
         "STEP", "STATE", "FILES", "SIZE"
     )?;
     for s in &steps {
-        let state = if !s.links.is_empty() {
-            "symlink"
+        let state = if let Some(x) = s.strays.first() {
+            match x.kind {
+                StrayKind::Link => "symlink",
+                StrayKind::File => "not a dir",
+                _ => "special",
+            }
         } else if s.committed {
             "committed"
         } else {
@@ -373,18 +385,29 @@ async fn gc(
         )?;
     }
     let unlink = if dry_run { "would remove" } else { "removed" };
-    for link in &report.links {
-        writeln!(out, "{unlink} symbolic link {link} (not followed)")?;
+    let mut removed = 0;
+    for x in &report.strays {
+        if x.kind.removable() {
+            removed += 1;
+            writeln!(
+                out,
+                "{unlink} {x}: lockstep writes none (not followed or opened)"
+            )?;
+        } else {
+            writeln!(
+                out,
+                "left         {x}: not lockstep's, not removed (move it aside)"
+            )?;
+        }
     }
     writeln!(
         out,
         "{} checkpoint(s) kept, {} {verb}, {} debris director(ies) {verb}, {} not verifying \
-         (kept), {} symbolic link(s) {unlink}",
+         (kept), {removed} link(s) or special file(s) {unlink}",
         report.kept.len(),
         report.deleted.len(),
         report.debris.len(),
         report.unverified.len(),
-        report.links.len()
     )?;
     Ok(ExitCode::SUCCESS)
 }

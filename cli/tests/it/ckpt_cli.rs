@@ -394,7 +394,7 @@ async fn gc_ls_and_verify_never_follow_symbolic_links() {
     let o = lockstep(&["ckpt", "gc", &url, "--keep-last", "1"], &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("3 symbolic link(s) removed"),
+        text(&o).contains("3 link(s) or special file(s) removed"),
         "{}",
         text(&o)
     );
@@ -409,6 +409,124 @@ async fn gc_ls_and_verify_never_follow_symbolic_links() {
     let o = lockstep(&["ckpt", "verify", &format!("{url}@6")], &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(store.list().await.unwrap(), vec![6]);
+}
+
+/// `lockstep` with `args`, killed (and the test failed) if it is not done within 30 s: the
+/// point is that it does not hang.
+fn lockstep_bounded(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run lockstep");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("lockstep {args:?} hung: {}", text(&o));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let ok = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(ok.success(), "mkfifo {}", path.display());
+}
+
+/// A FIFO in a checkpoint tree (lockstep makes none; opening one waits for a writer forever)
+/// is never opened: `ls` shows it, `verify` and resume refuse it at once naming it, and `gc`
+/// removes it. A `set-aside` that is a link out of the tree never receives resume's copies:
+/// resume refuses it naming it, and `gc` removes the link, not what it points to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_and_a_linked_set_aside_are_never_opened_or_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ck");
+    let url = format!("file://{}", root.display());
+    let store = CheckpointStore::open(&url).unwrap();
+    for step in [5, 6, 7] {
+        save(&store, step, 1).await;
+    }
+    let step_dir = |s: u64| root.join(format!("step-{s:012}"));
+    // Step 7's manifest is a FIFO; step 6 has one beside its shards and a flipped byte.
+    std::fs::remove_file(step_dir(7).join("manifest.json")).unwrap();
+    mkfifo(&step_dir(7).join("manifest.json"));
+    mkfifo(&step_dir(6).join("notes"));
+    rewrite(&store, &store.shard_path(6, 0), |b| b[20] ^= 0x10).await;
+    let outside = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("set-aside")).unwrap();
+
+    let o = lockstep_bounded(&["ckpt", "ls", &url]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&o).matches("special").count(), 2, "{}", text(&o));
+    let o = lockstep_bounded(&["ckpt", "verify", &format!("{url}@7")]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("step-000000000007/manifest.json` is a FIFO"),
+        "{}",
+        text(&o)
+    );
+    let resume = || {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            store.choose_start(lockstep_storage::Want::Latest),
+        )
+    };
+    let e = resume().await.expect("resume hung").unwrap_err();
+    assert!(
+        matches!(&e, lockstep_storage::Error::Refused { reason } if reason.contains("is a FIFO")),
+        "{e}"
+    );
+
+    // gc removes both FIFOs and the link; step 6 does not verify (kept, not counted), so
+    // step 5 is kept as the one that does.
+    let o = lockstep_bounded(&["ckpt", "gc", &url, "--keep-last", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("3 link(s) or special file(s) removed")
+            && out.contains("set-aside` (a symbolic link)"),
+        "{out}"
+    );
+    assert!(outside.is_dir(), "the link's target stays");
+    assert_eq!(store.list().await.unwrap(), vec![5, 6]);
+
+    // Resume must set step 6 aside; through a planted link it refuses instead.
+    std::os::unix::fs::symlink(&outside, root.join("set-aside")).unwrap();
+    let e = resume().await.expect("resume hung").unwrap_err();
+    assert!(
+        matches!(&e, lockstep_storage::Error::Refused { reason } if reason.contains("set-aside` is a symbolic link")),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "copied out of the tree"
+    );
+    assert_eq!(store.list().await.unwrap(), vec![5, 6], "nothing moved");
+    std::fs::remove_file(root.join("set-aside")).unwrap();
+    let start = resume().await.expect("resume hung").unwrap();
+    assert_eq!(start.step, Some(5));
+    assert!(
+        start.set_aside[0]
+            .moved_to
+            .starts_with(&format!("{url}/set-aside/")),
+        "{:?}",
+        start.set_aside
+    );
+
+    // A regular file where a step directory belongs is shown and left alone.
+    std::fs::write(step_dir(3), b"my notes").unwrap();
+    let o = lockstep_bounded(&["ckpt", "ls", &url]);
+    assert!(text(&o).contains("not a dir"), "{}", text(&o));
+    let o = lockstep_bounded(&["ckpt", "gc", &url, "--keep-last", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("left "), "{}", text(&o));
+    assert_eq!(std::fs::read(step_dir(3)).unwrap(), b"my notes");
 }
 
 /// gc counts only checkpoints that verify: with the newest corrupt, `--keep-last 1` keeps it
