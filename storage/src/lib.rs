@@ -12,6 +12,7 @@
 //! - [`resume`]: which checkpoint a run starts from ([`resume::plan`], pure) and
 //!   [`CheckpointStore::choose_start`], which sets corrupt ones aside and never deletes.
 //! - [`plan`]: which rank writes which bytes (each byte once across data-parallel ranks).
+//! - [`files`]: opening local files without hanging on a FIFO or reading without end.
 //! - [`objects`]: read any object by URL, expand globs (training data, base models).
 //! - [`retention`]: the pure keep-last-N / keep-every-M policy behind [`CheckpointStore::gc`].
 //! - [`retry`]: backoff for transient errors. [`fault`]: an [`UnreliableStore`] for tests.
@@ -21,6 +22,7 @@ pub mod conformance;
 mod dtype;
 mod error;
 pub mod fault;
+pub mod files;
 pub mod format;
 mod gc;
 mod layout;

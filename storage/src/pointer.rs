@@ -151,17 +151,7 @@ fn open_plain(
     path: &std::path::Path,
     opts: &mut std::fs::OpenOptions,
 ) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = opts
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{}: not a regular file", path.display()),
-        ));
-    }
-    Ok(f)
+    crate::files::open_regular(path, opts, false)
 }
 
 fn read_local(file: &std::path::Path) -> std::io::Result<Vec<u8>> {

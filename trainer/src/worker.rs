@@ -124,22 +124,30 @@ pub fn run(opts: &Options) -> Result<u8> {
     let path = opts.config.display().to_string();
     // Bounded: a config is small; `/dev/zero` or a huge file is refused, not read into memory.
     const MAX_CONFIG: u64 = 4 << 20;
-    let mut text = String::new();
-    {
-        use std::io::Read;
-        std::fs::File::open(&opts.config)
-            .and_then(|f| f.take(MAX_CONFIG + 1).read_to_string(&mut text))
-            .map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?;
-    }
-    if text.len() as u64 > MAX_CONFIG {
+    let io = |source| Error::Io {
+        path: path.clone(),
+        source,
+    };
+    // Opened without waiting on a FIFO nobody writes to.
+    let bytes = lockstep_storage::files::read_bounded(&opts.config, MAX_CONFIG).map_err(io)?;
+    if bytes.len() as u64 > MAX_CONFIG {
         return Err(Error::Usage(format!(
             "{path}: larger than {} MiB: not a config",
             MAX_CONFIG >> 20
         )));
     }
+    if bytes.is_empty() {
+        return Err(Error::Usage(format!(
+            "{path}: {}",
+            if lockstep_storage::files::is_pipe(&opts.config) {
+                "a pipe that delivered nothing (nobody wrote to it)"
+            } else {
+                "the config is empty"
+            }
+        )));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| Error::Usage(format!("{path}: not UTF-8 text ({e})")))?;
     let date = match &opts.date {
         Some(d) => {
             lockstep_api::date::check(d).map_err(Error::Usage)?;

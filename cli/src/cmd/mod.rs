@@ -197,30 +197,26 @@ pub const MAX_SMALL_FILE: u64 = 4 << 20;
 /// Reads `path` (for `op`, e.g. "read --tls-cert"), refusing one larger than
 /// [`MAX_SMALL_FILE`] (or endless). Blocking.
 pub fn read_small(op: &'static str, path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
     let io = |source| CliError::Io {
         op,
         path: path.to_path_buf(),
         source,
     };
-    let mut bytes = Vec::new();
     // Opened without blocking (a FIFO nobody writes to would hang the open), then read
     // blocking: a pipe (`<(…)`) still delivers what its writer writes, and one without a
     // writer reads as empty.
-    let open = || -> std::io::Result<std::fs::File> {
-        use nix::fcntl::{FcntlArg, OFlag, fcntl};
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(OFlag::O_NONBLOCK.bits())
-            .open(path)?;
-        let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL)?);
-        fcntl(&f, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
-        Ok(f)
-    };
-    open()
-        .and_then(|f| f.take(MAX_SMALL_FILE + 1).read_to_end(&mut bytes))
-        .map_err(io)?;
+    let bytes = lockstep_storage::files::read_bounded(path, MAX_SMALL_FILE).map_err(io)?;
+    if bytes.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{op} {}: {}",
+            path.display(),
+            if lockstep_storage::files::is_pipe(path) {
+                "a pipe that delivered nothing (nobody wrote to it)"
+            } else {
+                "the file is empty"
+            }
+        )));
+    }
     if bytes.len() as u64 > MAX_SMALL_FILE {
         return Err(CliError::Usage(format!(
             "{}: larger than {} MiB: not a config, certificate or key ({op})",

@@ -775,7 +775,10 @@ fn a_fifo_config_without_a_writer_is_refused_not_waited_on() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
-    assert!(err.contains("job.toml"), "{err}");
+    assert!(
+        err.contains("job.toml: a pipe that delivered nothing"),
+        "{err}"
+    );
 }
 
 /// `lockstep train` on the quickstart data compressed (`.jsonl.zst`, `.jsonl.gz`) ends with
@@ -845,4 +848,16 @@ fn train_refuses_an_endless_config_by_its_size() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("/dev/zero: larger than 4 MiB"), "{err}");
+
+    // A FIFO nobody writes to: refused at once, saying so (not "missing field job").
+    let fifo = dir.path().join("job.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = lockstep(dir.path())
+        .args(["train", "--config"])
+        .arg(&fifo)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("a pipe that delivered nothing"), "{err}");
 }

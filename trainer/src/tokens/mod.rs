@@ -304,7 +304,8 @@ fn holder_write(lock: &File, who: &str) {
 fn holder_read(path: &Path) -> Option<String> {
     use std::io::Read;
     let mut text = String::new();
-    File::open(path)
+    // Never waiting on a FIFO planted there.
+    lockstep_storage::files::open_regular(path, OpenOptions::new().read(true), false)
         .ok()?
         .take(200)
         .read_to_string(&mut text)
@@ -363,15 +364,19 @@ fn cache_key(sources: &[Object], enc: &Encoding<'_>) -> String {
     )
 }
 
-/// A new (truncated) or existing file readable by its owner only.
+/// A new (truncated) or existing file readable by its owner only; a link or anything but a
+/// regular file there (a FIFO would hang its readers) is an error naming it.
 pub(crate) fn private_file(path: &Path, truncate: bool) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(truncate)
-        .mode(0o600)
-        .open(path)
+    lockstep_storage::files::open_regular(
+        path,
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(truncate)
+            .mode(0o600),
+        false,
+    )
 }
 
 /// Removes stores of `cache` other than `keep` that nobody opened for [`UNUSED_FOR`], and
@@ -742,6 +747,28 @@ mod tests {
                 && said[0].contains("to finish tokenising the same data"),
             "{said:?}"
         );
+
+        // A FIFO where the lock file belongs is an error naming it, never a hang.
+        drop(builder);
+        std::fs::remove_file(&lock_path).unwrap();
+        let ok = std::process::Command::new("mkfifo")
+            .arg(&lock_path)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let mut note = |_: String| {};
+        let mut watch = Watch {
+            who: "job c".into(),
+            stop: None,
+            note: &mut note,
+        };
+        let e = prepare(&cache, std::slice::from_ref(&url), &enc(), &rt, &mut watch).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(".lock is a FIFO, not a regular file"),
+            "{e}"
+        );
+        assert!(holder_read(&lock_path).is_none());
     }
 
     /// A data file rewritten in place with its size and modification time kept (`cp -p`,
