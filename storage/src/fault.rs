@@ -33,6 +33,9 @@ pub struct Faults {
     /// Refuse server-side copies of objects larger than this, as S3's CopyObject refuses
     /// sources over 5 GiB.
     pub copy_limit: Option<u64>,
+    /// A store this client may only read (a read-only credential, a read-only mount): every
+    /// write, copy and delete is refused.
+    pub read_only: bool,
 }
 
 impl Default for Faults {
@@ -43,6 +46,7 @@ impl Default for Faults {
             latency: None,
             seed: 1,
             copy_limit: None,
+            read_only: false,
         }
     }
 }
@@ -131,6 +135,19 @@ impl UnreliableStore {
     }
 }
 
+impl UnreliableStore {
+    /// Refuses `op` on `location` when the store is read-only.
+    fn writable(&self, op: &str, location: &Path) -> object_store::Result<()> {
+        if !self.faults.read_only {
+            return Ok(());
+        }
+        Err(object_store::Error::PermissionDenied {
+            path: location.to_string(),
+            source: format!("{op}: the store is read-only").into(),
+        })
+    }
+}
+
 fn injected(op: &str) -> object_store::Error {
     object_store::Error::Generic {
         store: "UnreliableStore",
@@ -152,6 +169,7 @@ impl ObjectStore for UnreliableStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        self.writable("put", location)?;
         let fault = self.roll().await;
         if fault == Some(true) {
             return Err(injected("put"));
@@ -169,6 +187,7 @@ impl ObjectStore for UnreliableStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.writable("upload", location)?;
         if self.roll().await.is_some() {
             return Err(injected("create multipart upload"));
         }
@@ -214,6 +233,7 @@ impl ObjectStore for UnreliableStore {
                 let inner = inner.clone();
                 async move {
                     let loc = loc?;
+                    this.writable("delete", &loc)?;
                     let fault = this.roll().await;
                     if fault == Some(true) {
                         return Err(injected("delete"));
@@ -258,6 +278,7 @@ impl ObjectStore for UnreliableStore {
         to: &Path,
         options: CopyOptions,
     ) -> object_store::Result<()> {
+        self.writable("copy", to)?;
         if self.roll().await.is_some() {
             return Err(injected("copy"));
         }

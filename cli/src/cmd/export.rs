@@ -166,6 +166,11 @@ async fn write(req: &Request, to: &str, json: bool, result_file: Option<&Path>) 
         Some(Err(e)) => note.push_str(&format!("; webhook FAILED: {e}")),
         None => {}
     }
+    if let Some(who) = &out.notice_sent_by {
+        note.push_str(&format!(
+            "; webhook left to the export of this version running alongside ({who})"
+        ));
+    }
     let result = serde_json::json!({"url": out.url, "version": out.record.version,
         "step": out.record.step, "train_loss": out.record.train_loss,
         "eval_loss": out.record.eval_loss, "promoted": promoted, "note": note});

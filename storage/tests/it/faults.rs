@@ -32,7 +32,7 @@ async fn run(inner: Arc<dyn ObjectStore>, label: &str) {
         truncate_rate: 0.25,
         latency: Some((Duration::ZERO, Duration::from_millis(2))),
         seed: 7,
-        copy_limit: None,
+        ..Default::default()
     };
     let flaky = UnreliableStore::new(inner.clone(), faults);
     let writer = CheckpointStore::new(Arc::new(flaky.clone()), Default::default(), label)

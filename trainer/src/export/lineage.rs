@@ -20,6 +20,8 @@ pub struct Lineage {
     pub(super) root: Path,
     pub(super) url: String,
     pub(super) latest: Pointer,
+    /// Opened by URL (so a `file://` pointer swaps under a lock file), not from a store.
+    pub(super) by_url: bool,
 }
 
 impl Lineage {
@@ -34,6 +36,7 @@ impl Lineage {
             root,
             url,
             latest,
+            by_url: true,
         })
     }
 
@@ -45,7 +48,19 @@ impl Lineage {
             root,
             url: url.to_string(),
             latest,
+            by_url: false,
         }
+    }
+
+    /// `version`'s `promotion.json`, moved by compare-and-swap like `latest.json`: two
+    /// exports of one version agree on which of them delivers its serving handoff.
+    pub(super) fn decision(&self, version: &str) -> Result<Pointer> {
+        let url = format!("{}/{version}/{PROMOTION_FILE}", self.url);
+        if self.by_url {
+            return Ok(Pointer::open(&url)?);
+        }
+        let path = self.root.clone().join(version).join(PROMOTION_FILE);
+        Ok(Pointer::with_store(self.store.clone(), path, &url))
     }
 
     /// Its URL.
@@ -59,6 +74,23 @@ impl Lineage {
             .await
             .map(|_| ())
             .map_err(|e| store_err("write", &self.display(path), e))
+    }
+
+    /// Writes `bytes` at `path` unless something is there already; false when it was.
+    pub(super) async fn create(&self, path: &Path, bytes: Bytes) -> Result<bool> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(store_err("write", &self.display(path), e)),
+        }
     }
 
     /// A small JSON record, or `None` when absent.
@@ -286,6 +318,13 @@ pub struct Handoff {
     /// Why the last delivery failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Who is delivering it (`HOST pid N`) while a delivery is under way: another export of
+    /// the same version leaves it to them instead of sending it twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// Since when (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sending_since_unix_ms: Option<u64>,
 }
 
 impl Decision {

@@ -140,6 +140,9 @@ pub struct Exported {
     pub promotion: Promotion,
     /// The webhook's delivery (the try that was accepted, or why none was), when one was due.
     pub webhook: Option<std::result::Result<u32, String>>,
+    /// Another export of the same version that is delivering the notice now (`HOST pid N,
+    /// for S s`): this one did not send it.
+    pub notice_sent_by: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -332,15 +335,26 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
                         train_loss: state.loss,
                         eval_loss,
                         created_unix_ms: now_ms(),
-                        files: entries,
+                        files: entries.clone(),
                         lineage: req.lineage.clone(),
                         trained_from: state.provenance.clone(),
                     };
                     let json = serde_json::to_vec_pretty(&record)
                         .map_err(|e| Error::Internal(format!("lockstep.json: {e}")))?;
-                    // Last: from here on the version exists.
-                    lineage.put(&record_path, Bytes::from(json)).await?;
-                    (record, true)
+                    // Last: from here on the version exists. Created, never replaced: of
+                    // two exports of the same files at once, one writes the record.
+                    if lineage.create(&record_path, Bytes::from(json)).await? {
+                        (record, true)
+                    } else {
+                        match same(lineage.read_json::<Record>(&record_path).await?)? {
+                            Some(existing) => (existing, false),
+                            None => {
+                                return Err(Error::Internal(format!(
+                                    "{dir_url}: its lockstep.json vanished while it was written"
+                                )));
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -380,8 +394,8 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         p => p,
     };
     // The record of the version's earlier promotion stays as it was.
-    let webhook = if replaced_since.is_some() {
-        None
+    let handed = if replaced_since.is_some() {
+        Handed::default()
     } else {
         handoff(&lineage, &record, &dir_url, &promotion, req).await
     };
@@ -389,7 +403,8 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         record,
         url: dir_url,
         promotion,
-        webhook,
+        webhook: handed.webhook,
+        notice_sent_by: handed.elsewhere,
     })
 }
 
@@ -433,28 +448,80 @@ async fn claim(
     }
 }
 
+/// How long a delivery under way keeps other exports of the version from sending the same
+/// notice: the webhook's whole deadline and a margin. A sender on this machine whose process
+/// is gone gives it up at once.
+const SENDING_FOR_MS: u64 = crate::webhook::DEADLINE.as_millis() as u64 + 30_000;
+
+/// Who this export is in a [`Handoff`]: `HOST pid N export K` (K tells apart exports that
+/// one process runs at once).
+fn sender_id() -> String {
+    static EXPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into());
+    let k = EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{host} pid {} export {k}", std::process::id())
+}
+
+/// Whether process `pid` of this machine is running (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `PID (COMM) STATE …`: COMM may hold anything, the state follows its last `)`.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
+/// Who is delivering `h` now, if somebody is (not delivered, claimed within
+/// [`SENDING_FOR_MS`], by a process that is not known to be gone).
+fn sending(h: &Handoff, me: &str) -> Option<String> {
+    let (who, since) = (h.sender.as_ref()?, h.sending_since_unix_ms?);
+    let age = now_ms().saturating_sub(since);
+    if h.delivered_unix_ms.is_some() || age > SENDING_FOR_MS || who == me {
+        return None;
+    }
+    // A sender on this machine whose process is gone is not sending.
+    let (host, rest) = who.rsplit_once(" pid ")?;
+    let my_host = me.rsplit_once(" pid ").map(|(h, _)| h);
+    let pid = rest.split_whitespace().next().and_then(|p| p.parse().ok());
+    if Some(host) == my_host && pid.is_some_and(|p| !running(p)) {
+        return None;
+    }
+    Some(format!("{who}, for {} s", age / 1000))
+}
+
+/// The outcome of [`handoff`].
+#[derive(Debug, Default)]
+struct Handed {
+    /// The webhook's delivery, when this export owed one.
+    webhook: Option<std::result::Result<u32, String>>,
+    /// Another export of the same version delivering it now (who).
+    elsewhere: Option<String>,
+}
+
 /// Records the promotion decision in the version's `promotion.json` and delivers the serving
-/// handoff (the webhook notice) of a promoted version: recorded as owed before it is sent and
-/// as delivered after, so that an export stopped in between (Ctrl-C, a cancel, a crash) is
-/// finished by the next export of the same version, which finds the notice still owed.
-/// Returns the webhook's delivery when one was due.
+/// handoff (the webhook notice) of a promoted version, once: `promotion.json` moves by
+/// compare-and-swap, and whoever records the notice as being sent by itself sends it (two
+/// exports of one version at once send one notice). It is recorded as delivered (or failed)
+/// after, so that an export stopped in between (Ctrl-C, a cancel, a crash) is finished by the
+/// next export of the same version, which finds the notice still owed. A notice whose sending
+/// cannot be recorded (a read-only store) is not sent: every export would send it again. A
+/// version kept by an earlier export keeps that record.
 async fn handoff(
     lineage: &Lineage,
     record: &Record,
     dir_url: &str,
     promotion: &Promotion,
     req: &Request,
-) -> Option<std::result::Result<u32, String>> {
-    let path = lineage
-        .root
-        .clone()
-        .join(record.version.as_str())
-        .join(PROMOTION_FILE);
-    let owed = req.webhook.as_ref().map(|_| Handoff {
-        delivered_unix_ms: None,
-        error: None,
-    });
-    let decision = match promotion {
+) -> Handed {
+    // What this export decided itself (`None`: promoted by an earlier export).
+    let fresh = match promotion {
         Promotion::Promoted { replaced } => Some(Decision {
             promoted: true,
             reason: replaced
@@ -464,7 +531,7 @@ async fn handoff(
                 }),
             decided_unix_ms: now_ms(),
             replaced: replaced.clone(),
-            handoff: owed,
+            handoff: None,
         }),
         Promotion::Kept { reason } => Some(Decision {
             promoted: false,
@@ -473,36 +540,110 @@ async fn handoff(
             replaced: None,
             handoff: None,
         }),
-        // Promoted by an earlier export: its notice may never have gone out.
-        Promotion::AlreadyExported { promoted: true } if req.promote && owed.is_some() => {
-            let prior = match lineage.read_json::<Decision>(&path).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the earlier promotion decision");
-                    None
+        Promotion::AlreadyExported { promoted: true } if req.promote => None,
+        _ => return Handed::default(),
+    };
+    let due = req.webhook.is_some() && fresh.as_ref().is_none_or(|d| d.promoted);
+    let failed = |why: String| Handed {
+        webhook: due.then_some(Err(why)),
+        elsewhere: None,
+    };
+    let pointer = match lineage.decision(&record.version) {
+        Ok(p) => p,
+        Err(e) => return failed(format!("not sent: {e}")),
+    };
+    let at = pointer.url().to_string();
+    let me = sender_id();
+    let mut claimed = None;
+    for _ in 0..16 {
+        let (prior, seen) = match pointer.read().await {
+            Ok(Some((bytes, seen))) => {
+                (serde_json::from_slice::<Decision>(&bytes).ok(), Some(seen))
+            }
+            Ok(None) => (None, None),
+            Err(e) => {
+                tracing::warn!(error = %e, at, "cannot read the promotion decision");
+                return failed(format!("not sent: cannot read {at}: {e}"));
+            }
+        };
+        let next = match (&fresh, prior) {
+            // Kept: the first decision about the version is its record.
+            (Some(f), _) if !f.promoted => {
+                if seen.is_some() {
+                    return Handed::default();
                 }
-            };
-            match prior {
-                Some(d) if d.promoted && !d.owes_handoff() => None,
-                Some(d) if d.promoted => Some(Decision { handoff: owed, ..d }),
-                // latest.json names it, whatever was (or was not) recorded.
-                _ => Some(Decision {
-                    promoted: true,
-                    reason: "promoted by an earlier export".into(),
-                    decided_unix_ms: now_ms(),
-                    replaced: None,
-                    handoff: owed,
-                }),
+                f.clone()
+            }
+            // Promoted now, while another export of it already took up its notice.
+            (Some(f), Some(p)) if p.promoted && p.handoff.is_some() => Decision {
+                handoff: p.handoff,
+                ..f.clone()
+            },
+            (Some(f), _) => f.clone(),
+            (None, Some(p)) if p.promoted => p,
+            // latest.json names it, whatever was (or was not) recorded.
+            (None, _) => Decision {
+                promoted: true,
+                reason: "promoted by an earlier export".into(),
+                decided_unix_ms: now_ms(),
+                replaced: None,
+                handoff: None,
+            },
+        };
+        let mut next = next;
+        if due {
+            if !next.owes_handoff() {
+                // Delivered already: by an earlier export, or one running alongside.
+                if fresh.as_ref().is_none_or(|f| !f.promoted) {
+                    return Handed::default();
+                }
+            } else if let Some(who) = next.handoff.as_ref().and_then(|h| sending(h, &me)) {
+                tracing::info!(at, sender = %who, "another export of this version is delivering its notice");
+                return Handed {
+                    webhook: None,
+                    elsewhere: Some(who),
+                };
+            } else {
+                next.handoff = Some(Handoff {
+                    delivered_unix_ms: None,
+                    error: next.handoff.and_then(|h| h.error),
+                    sender: Some(me.clone()),
+                    sending_since_unix_ms: Some(now_ms()),
+                });
             }
         }
-        _ => None,
+        let bytes = match serde_json::to_vec_pretty(&next) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => return failed(format!("not sent: promotion.json: {e}")),
+        };
+        match pointer.swap(seen.as_ref(), bytes).await {
+            Ok(lockstep_storage::pointer::Swap::Done) => {
+                claimed = Some(next);
+                break;
+            }
+            Ok(lockstep_storage::pointer::Swap::Conflict) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, at, "cannot record the promotion decision");
+                return failed(format!(
+                    "not sent: its delivery cannot be recorded in {at} ({e}), and every \
+                     export would send it again"
+                ));
+            }
+        }
+    }
+    let Some(mut decision) = claimed else {
+        return failed(format!(
+            "not sent: {at} was moved by other exports 16 times in a row"
+        ));
     };
-    let mut decision = decision?;
-    write_decision(lineage, &path, &decision).await;
-    let url = req
-        .webhook
-        .as_ref()
-        .filter(|_| decision.handoff.is_some())?;
+    let Some(url) = req.webhook.as_ref().filter(|_| {
+        decision
+            .handoff
+            .as_ref()
+            .is_some_and(|h| h.sender.as_deref() == Some(me.as_str()))
+    }) else {
+        return Handed::default();
+    };
     let notice = serde_json::json!({
         "model": record.name, "version": record.version, "url": dir_url,
         "step": record.step, "train_loss": record.train_loss,
@@ -513,25 +654,50 @@ async fn handoff(
         Ok(_) => Handoff {
             delivered_unix_ms: Some(now_ms()),
             error: None,
+            sender: None,
+            sending_since_unix_ms: None,
         },
         Err(e) => Handoff {
             delivered_unix_ms: None,
             error: Some(e.clone()),
+            sender: None,
+            sending_since_unix_ms: None,
         },
     });
-    write_decision(lineage, &path, &decision).await;
-    Some(delivery)
+    write_decision(&pointer, &decision).await;
+    Handed {
+        webhook: Some(delivery),
+        elsewhere: None,
+    }
 }
 
-/// Writes `promotion.json`. The decision stands without it (`latest.json` is what serving
-/// reads); only the note is lost, and a handoff recorded as owed is delivered again.
-async fn write_decision(lineage: &Lineage, path: &object_store::path::Path, d: &Decision) {
-    let written = match serde_json::to_vec_pretty(d) {
-        Ok(json) => lineage.put(path, Bytes::from(json)).await,
-        Err(e) => Err(Error::Internal(format!("promotion.json: {e}"))),
+/// Writes `promotion.json` (by compare-and-swap, as every writer of it does). The decision
+/// stands without it (`latest.json` is what serving reads); only the note is lost, and a
+/// handoff recorded as owed is delivered again.
+async fn write_decision(pointer: &lockstep_storage::pointer::Pointer, d: &Decision) {
+    let bytes = match serde_json::to_vec_pretty(d) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the promotion decision");
+            return;
+        }
     };
-    if let Err(e) = written {
-        tracing::warn!(error = %e, at = %lineage.display(path), "cannot record the promotion decision");
+    for _ in 0..16 {
+        let seen = match pointer.read().await {
+            Ok(r) => r.map(|(_, seen)| seen),
+            Err(e) => {
+                tracing::warn!(error = %e, at = pointer.url(), "cannot record the promotion decision");
+                return;
+            }
+        };
+        match pointer.swap(seen.as_ref(), bytes.clone()).await {
+            Ok(lockstep_storage::pointer::Swap::Done) => return,
+            Ok(lockstep_storage::pointer::Swap::Conflict) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, at = pointer.url(), "cannot record the promotion decision");
+                return;
+            }
+        }
     }
 }
 

@@ -390,7 +390,10 @@ async fn a_promotion_notifies_the_webhook_through_its_failures() {
     let out = export::export(&req, &to, None).await.unwrap();
     assert_eq!(out.webhook, None);
     assert_eq!(delivered.lock().unwrap().len(), 1);
-    // Not promoted: a version that is not latest.json's owes no notice.
+    // Not promoted: a version that is not latest.json's owes no notice, and its re-export
+    // leaves the record of the first decision about it as it was.
+    let b_decision = dir.path().join("export/exp/b/promotion.json");
+    let before = std::fs::read(&b_decision).unwrap();
     let mut req_b = request(format!("{ckpt}@20"), "b");
     req_b.webhook = req.webhook.clone();
     let out = export::export(&req_b, &to, None).await.unwrap();
@@ -400,6 +403,94 @@ async fn a_promotion_notifies_the_webhook_through_its_failures() {
         out.promotion
     );
     assert_eq!(out.webhook, None);
+    assert_eq!(delivered.lock().unwrap().len(), 1);
+    assert_eq!(std::fs::read(&b_decision).unwrap(), before);
+}
+
+/// Exports of one version running at once send its webhook notice once: `promotion.json`
+/// moves by compare-and-swap, and only the export that recorded itself as sending sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_of_one_version_at_once_send_one_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = format!("file://{}/ckpt", dir.path().display());
+    checkpoint(&ckpt, 10, 2.0, Some(2.0), 1).await;
+    let to = format!("file://{}/export", dir.path().display());
+    // Slow to accept (two 503s first, about 1.5 s): the others find it being sent.
+    let (url, bodies) = hook_server(2, 200).await;
+    let mut req = request(format!("{ckpt}@10"), "v");
+    req.webhook = Some(url);
+    let (a, b, c, d) = tokio::join!(
+        export::export(&req, &to, None),
+        export::export(&req, &to, None),
+        export::export(&req, &to, None),
+        export::export(&req, &to, None)
+    );
+    let outs = [a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap()];
+    assert_eq!(bodies.lock().unwrap().len(), 1, "one notice");
+    let senders = outs.iter().filter(|o| o.webhook.is_some()).count();
+    assert_eq!(
+        senders,
+        1,
+        "{:?}",
+        outs.iter().map(|o| &o.webhook).collect::<Vec<_>>()
+    );
+    assert!(outs.iter().all(|o| !matches!(o.webhook, Some(Err(_)))));
+    let firsts = outs
+        .iter()
+        .filter(|o| o.promotion == Promotion::Promoted { replaced: None })
+        .count();
+    assert_eq!(firsts, 1);
+    // Delivered: a later export of it sends nothing.
+    let out = export::export(&req, &to, None).await.unwrap();
+    assert_eq!((out.webhook, out.notice_sent_by), (None, None));
+    assert_eq!(bodies.lock().unwrap().len(), 1);
+}
+
+/// A notice whose sending cannot be recorded (a store this exporter may only read) is not
+/// sent, with an error saying why: every export would send it again. An export that can
+/// write delivers it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_that_cannot_be_recorded_is_not_sent_again_and_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = format!("file://{}/ckpt", dir.path().display());
+    checkpoint(&ckpt, 10, 2.0, Some(2.0), 1).await;
+    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let lineage = |read_only: bool| {
+        let store: Arc<dyn ObjectStore> = Arc::new(UnreliableStore::new(
+            inner.clone(),
+            Faults {
+                read_only,
+                ..Default::default()
+            },
+        ));
+        Lineage::with_store(store, Path::from("exports/exp"), "memory://exports/exp")
+    };
+    let (refusing, _) = hook_server(0, 404).await;
+    let mut req = request(format!("{ckpt}@10"), "v");
+    req.webhook = Some(refusing);
+    let out = export::export(&req, "memory://exports", Some(lineage(false)))
+        .await
+        .unwrap();
+    assert_eq!(out.promotion, Promotion::Promoted { replaced: None });
+    assert!(matches!(out.webhook, Some(Err(_))), "{:?}", out.webhook);
+    // Owed; read-only exporters cannot record sending it, so they do not send it.
+    let (good, delivered) = hook_server(0, 200).await;
+    req.webhook = Some(good);
+    for _ in 0..2 {
+        let out = export::export(&req, "memory://exports", Some(lineage(true)))
+            .await
+            .unwrap();
+        assert_eq!(out.promotion, Promotion::AlreadyExported { promoted: true });
+        match &out.webhook {
+            Some(Err(e)) => assert!(e.contains("not sent") && e.contains("read-only"), "{e}"),
+            w => panic!("{w:?}"),
+        }
+        assert_eq!(delivered.lock().unwrap().len(), 0);
+    }
+    let out = export::export(&req, "memory://exports", Some(lineage(false)))
+        .await
+        .unwrap();
+    assert_eq!(out.webhook, Some(Ok(1)));
     assert_eq!(delivered.lock().unwrap().len(), 1);
 }
 
