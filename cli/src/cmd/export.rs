@@ -76,7 +76,9 @@ pub struct ExportArgs {
 enum ExportList {
     /// List a lineage's finished versions (step, train and eval loss, promotion decision; `*`
     /// marks the promoted one), and what is damaged: a version whose lockstep.json cannot be
-    /// read, a promoted version that is missing or lacks a file, an unreadable latest.json.
+    /// read, a promoted version that is missing or lacks a file, an unreadable latest.json or
+    /// one naming no valid version. Exits 1 when anything is damaged, or when nothing at all
+    /// is stored under URL (a mistyped name).
     Ls {
         /// The lineage: TO/NAME, e.g. file://runs/quickstart/export/quickstart.
         url: String,
@@ -149,6 +151,12 @@ async fn write(req: &Request, to: &str, json: bool, result_file: Option<&Path>) 
         Promotion::Promoted { replaced: None } => (true, "promoted (the first)".into()),
         Promotion::Promoted { replaced: Some(r) } => (true, format!("promoted, replacing {r}")),
         Promotion::Kept { reason } => (false, format!("kept, not promoted: {reason}")),
+        Promotion::AlreadyExported { promoted: true } if out.written => (
+            true,
+            "files written again (the version had no lockstep.json: removed or unfinished); \
+             it is the promoted version"
+                .into(),
+        ),
         Promotion::AlreadyExported { promoted: true } => (
             true,
             "already exported, and the promoted version; files not written again".into(),
@@ -225,7 +233,14 @@ async fn list(lineage_url: &str, json: bool) -> Result {
                     "promoted": promoted == Some(d.version.as_str()), "damaged": d.why})
             );
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(damaged_status(&listing));
+    }
+    if listing.empty {
+        return Err(CliError::Usage(format!(
+            "nothing is stored under {}: no lineage there (check the name: `lockstep export \
+             ls EXPORT_URL/NAME`, NAME being export.name or the job's name)",
+            listing.url
+        )));
     }
     if listing.versions.is_empty() && listing.damaged.is_empty() {
         println!("no finished versions under {}", listing.url);
@@ -261,7 +276,19 @@ async fn list(lineage_url: &str, json: bool) -> Result {
     if promoted.is_none() {
         println!("(no version is promoted)");
     }
-    Ok(ExitCode::SUCCESS)
+    if !listing.damaged.is_empty() {
+        println!("{} damaged (see above)", listing.damaged.len());
+    }
+    Ok(damaged_status(&listing))
+}
+
+/// `export ls` exits 1 when something in the lineage is damaged, as `ckpt verify` does.
+fn damaged_status(listing: &export::Listing) -> ExitCode {
+    if listing.damaged.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn loss(l: Option<f64>) -> String {

@@ -384,7 +384,7 @@ fn an_export_cut_off_before_its_webhook_delivers_it_on_the_next_run() {
     std::fs::write(lineage.join("v1/lockstep.json"), b"{ torn").unwrap();
     let url = format!("{to}/quickstart");
     let (code, out) = lockstep(d, &["export", "ls", &url]);
-    assert_eq!(code, 0, "{out}");
+    assert_eq!(code, 1, "damaged: {out}");
     assert!(!out.contains("no finished versions"), "{out}");
     let line = out.lines().find(|l| l.contains("v1")).unwrap_or_default();
     assert!(
@@ -392,18 +392,62 @@ fn an_export_cut_off_before_its_webhook_delivers_it_on_the_next_run() {
         "{out}"
     );
     let (code, out) = lockstep(d, &["export", "ls", &url, "--json"]);
-    assert_eq!(code, 0, "{out}");
+    assert_eq!(code, 1, "{out}");
     let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(row["version"], "v1");
     assert_eq!(row["promoted"], true);
     assert!(row["damaged"].is_string(), "{row}");
     // So is a promoted version missing a file.
     std::fs::remove_dir_all(lineage.join("v1")).unwrap();
-    let (_, out) = lockstep(d, &["export", "ls", &url]);
+    let (code, out) = lockstep(d, &["export", "ls", &url]);
+    assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("DAMAGED") && out.contains("no lockstep.json"),
         "{out}"
     );
+    // Exported again, the version's files are written again, and the export says so.
+    let (code, out) = lockstep(
+        d,
+        &export(&["--promote", "--json"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, 0, "{out}");
+    let result: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(
+        result["note"]
+            .as_str()
+            .unwrap()
+            .contains("files written again"),
+        "{out}"
+    );
+    let (code, out) = lockstep(d, &["export", "ls", &url]);
+    assert_eq!(code, 0, "{out}");
+    // A lockstep.json that is a directory is damaged, not passed over.
+    std::fs::create_dir_all(lineage.join("v9/lockstep.json/x")).unwrap();
+    std::fs::write(lineage.join("v9/lockstep.json/x/y"), b"{}").unwrap();
+    let (code, out) = lockstep(d, &["export", "ls", &url]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("v9") && out.contains("is a directory"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(lineage.join("v9")).unwrap();
+    // A latest.json naming a path, not a version, says so (not "missing").
+    let latest = lineage.join("latest.json");
+    let text = std::fs::read_to_string(&latest).unwrap();
+    std::fs::write(&latest, text.replace("\"v1\"", "\"../x\"")).unwrap();
+    let (code, out) = lockstep(d, &["export", "ls", &url]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("names `../x`, which is not a version name"),
+        "{out}"
+    );
+    // A mistyped lineage is not "no finished versions".
+    let (code, out) = lockstep(d, &["export", "ls", &format!("{to}/quikstart")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("nothing is stored under"), "{out}");
 }
 
 /// Makes `dir` and everything in it read-only (or writable again). Root ignores the modes: the

@@ -148,12 +148,12 @@ impl Lineage {
     /// Every finished version (those with a `lockstep.json`), oldest first by creation time,
     /// with its promotion decision.
     pub async fn versions(&self) -> Result<Vec<(Record, Option<Decision>)>> {
-        Ok(self.scan().await?.0)
+        Ok(self.scan().await?.versions)
     }
 
     /// Every finished version (as [`Lineage::versions`]), and every version directory whose
     /// `lockstep.json` cannot be read, with why.
-    pub(super) async fn scan(&self) -> Result<(Vec<(Record, Option<Decision>)>, Vec<Damaged>)> {
+    pub(super) async fn scan(&self) -> Result<Scan> {
         use futures::TryStreamExt;
         let listed: Vec<_> = self
             .store
@@ -163,6 +163,7 @@ impl Lineage {
             .map_err(|e| store_err("list", &self.url, e))?;
         let mut out = Vec::new();
         let mut damaged = Vec::new();
+        let empty = listed.is_empty();
         for meta in listed {
             // Only `<root>/<version>/lockstep.json`; the directory names the version.
             let rel = meta
@@ -172,10 +173,21 @@ impl Lineage {
                 .unwrap_or("")
                 .trim_start_matches('/')
                 .to_string();
-            let Some((dir, LINEAGE_FILE)) = rel.split_once('/') else {
+            let Some((dir, file)) = rel.split_once('/') else {
                 continue;
             };
-            if dir.contains('/') {
+            if file
+                .strip_prefix(LINEAGE_FILE)
+                .is_some_and(|r| r.starts_with('/'))
+                && !damaged.iter().any(|d: &Damaged| d.version == dir)
+            {
+                damaged.push(Damaged {
+                    version: dir.to_string(),
+                    why: format!("its {LINEAGE_FILE} is a directory, not a record"),
+                });
+                continue;
+            }
+            if file != LINEAGE_FILE {
                 continue;
             }
             // One damaged record does not hide the others.
@@ -212,8 +224,20 @@ impl Lineage {
         out.sort_by(|a, b| {
             (a.0.created_unix_ms, &a.0.version).cmp(&(b.0.created_unix_ms, &b.0.version))
         });
-        Ok((out, damaged))
+        Ok(Scan {
+            versions: out,
+            damaged,
+            empty,
+        })
     }
+}
+
+/// What [`Lineage::scan`] found.
+pub(super) struct Scan {
+    pub versions: Vec<(Record, Option<Decision>)>,
+    pub damaged: Vec<Damaged>,
+    /// Nothing at all is stored under the lineage (a mistyped name, most likely).
+    pub empty: bool,
 }
 
 /// A version directory that is not a usable version.

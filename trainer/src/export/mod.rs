@@ -143,6 +143,9 @@ pub struct Exported {
     /// Another export of the same version that is delivering the notice now (`HOST pid N,
     /// for S s`): this one did not send it.
     pub notice_sent_by: Option<String>,
+    /// Whether this export wrote the version's files (false: a finished version with the
+    /// same files was there).
+    pub written: bool,
 }
 
 fn now_ms() -> u64 {
@@ -405,6 +408,7 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
         promotion,
         webhook: handed.webhook,
         notice_sent_by: handed.elsewhere,
+        written,
     })
 }
 

@@ -124,6 +124,8 @@ pub struct Listing {
     /// a promoted version that is missing or lacks a file (or has one of another size) than
     /// its record lists, a `latest.json` that cannot be read. Serving would meet these.
     pub damaged: Vec<Damaged>,
+    /// Nothing at all is stored under the lineage's URL (a mistyped name, most likely).
+    pub empty: bool,
 }
 
 /// Lists the lineage at `lineage_url` (`<export.url>/<name>`, `file://` or `s3://`).
@@ -138,7 +140,11 @@ pub async fn list(lineage_url: &str) -> Result<Listing> {
         ))?,
         ..lineage
     };
-    let (versions, mut damaged) = lineage.scan().await?;
+    let super::lineage::Scan {
+        versions,
+        mut damaged,
+        empty,
+    } = lineage.scan().await?;
     let promoted = match lineage.latest().await {
         Ok(l) => l.map(|l| l.version),
         Err(e) => {
@@ -153,6 +159,10 @@ pub async fn list(lineage_url: &str) -> Result<Listing> {
     // size its record lists (the sha256 is checked where it is loaded: `resolve_latest`).
     if let Some(p) = &promoted {
         match versions.iter().find(|(r, _)| &r.version == p) {
+            _ if super::check_version(p).is_err() => damaged.push(Damaged {
+                version: LATEST_FILE.into(),
+                why: format!("it names `{p}`, which is not a version name"),
+            }),
             Some((record, _)) => {
                 for f in &record.files {
                     let url = format!("{}/{p}/{}", lineage.url, f.name);
@@ -184,6 +194,7 @@ pub async fn list(lineage_url: &str) -> Result<Listing> {
     Ok(Listing {
         url: lineage.url,
         versions,
+        empty: empty && promoted.is_none() && damaged.is_empty(),
         promoted,
         damaged,
     })

@@ -265,19 +265,20 @@ fn wait_for(
         }
         if said.is_none_or(|t| t.elapsed() > REPORT_EVERY * 6) {
             let holder = holder_read(path);
+            let waited = match started.elapsed().as_secs() {
+                0 => String::new(),
+                s => format!(" ({s}s so far)"),
+            };
             let line = if exclusive {
                 format!(
                     "waiting for other processes using or building this machine's token store \
-                     of the same data{} ({}s so far)",
+                     of the same data{}{waited}",
                     holder.map_or(String::new(), |h| format!("; last built by {h}")),
-                    started.elapsed().as_secs()
                 )
             } else {
                 format!(
-                    "waiting for {} to finish tokenising the same data on this machine ({}s so \
-                     far)",
+                    "waiting for {} to finish tokenising the same data on this machine{waited}",
                     holder.unwrap_or_else(|| "another process".into()),
-                    started.elapsed().as_secs()
                 )
             };
             tracing::info!(lock = %path.display(), "{line}");
@@ -311,7 +312,13 @@ fn holder_read(path: &Path) -> Option<String> {
         .read_to_string(&mut text)
         .ok()?;
     let line = text.lines().next()?.trim();
-    (!line.is_empty() && line.chars().all(|c| !c.is_control())).then(|| line.to_string())
+    // Printable only: no terminal escapes, and no bidirectional overrides that would show
+    // the line reordered.
+    let shown = |c: char| {
+        !c.is_control()
+            && !matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    (!line.is_empty() && line.chars().all(shown)).then(|| line.to_string())
 }
 
 /// The effective user: the owner of `/proc/self`.
@@ -747,6 +754,12 @@ mod tests {
                 && said[0].contains("to finish tokenising the same data"),
             "{said:?}"
         );
+
+        // A holder line that would print reordered (a bidirectional override) is not shown.
+        holder_write(&builder, "job \u{202e}lanoitan");
+        assert_eq!(holder_read(&lock_path), None);
+        holder_write(&builder, "job nightly");
+        assert!(holder_read(&lock_path).is_some_and(|h| h.starts_with("job nightly (pid ")));
 
         // A FIFO where the lock file belongs is an error naming it, never a hang.
         drop(builder);
