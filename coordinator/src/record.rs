@@ -63,6 +63,10 @@ pub struct JobRecord {
     /// is admitting or running and has taken no step; not stored.
     #[serde(skip)]
     pub doing: Option<(u32, String)>,
+    /// Where its workers' logs are (a directory on the coordinator's machine, or the
+    /// `kubectl logs` command that shows them).
+    #[serde(default)]
+    pub logs: String,
 }
 
 /// Resolves a relative `file://` URL against `workdir`.
@@ -108,6 +112,7 @@ impl JobRecord {
             updated_ms: now,
             gang_wait_seconds: 0.0,
             doing: None,
+            logs: String::new(),
         }
     }
 
@@ -143,6 +148,7 @@ impl JobRecord {
                 }
                 _ => String::new(),
             },
+            logs: self.logs.clone(),
         }
     }
 

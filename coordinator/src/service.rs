@@ -159,10 +159,15 @@ impl Coordinator {
     /// lease first: a URL another live job writes to is refused, naming that job.
     async fn add(
         &self,
-        record: JobRecord,
+        mut record: JobRecord,
         config: JobConfig,
         placement: Placement,
     ) -> Result<Arc<Job>> {
+        record.logs = self.inner.launcher.logs(
+            &record.id,
+            &placement,
+            &self.inner.settings.data_dir.join("jobs").join(&record.id),
+        );
         let url = record.checkpoint_url.clone();
         let store = tokio::task::spawn_blocking(move || CheckpointStore::open(&url))
             .await?

@@ -282,7 +282,7 @@ async fn watch_job(id: &str, json: bool, args: &ClientArgs) -> Result {
         let v = view.get_or_insert_with(|| View::new(json, &s));
         v.show(&s);
         if is_final(&s.state) {
-            v.finish(&s, &args.data_dir.join("jobs").join(id));
+            v.finish(&s, None);
             return Ok(exit_code(&s, false));
         }
     }

@@ -91,7 +91,28 @@ pub enum CliError {
 
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> CliError {
-        CliError::Rpc(s.message().to_string())
+        use tonic::Code;
+        let msg = s.message();
+        // No answer at all, only a connection that broke: most often a client speaking
+        // plaintext to a TLS coordinator (or TLS to a plaintext one), which says nothing more.
+        let broke = matches!(
+            s.code(),
+            Code::Unknown | Code::Unavailable | Code::Cancelled | Code::Internal
+        ) && [
+            "operation was canceled",
+            "transport error",
+            "h2 protocol error",
+            "connection",
+        ]
+        .iter()
+        .any(|w| msg.contains(w));
+        if broke {
+            return CliError::Rpc(format!(
+                "{msg} (the connection broke before the coordinator answered: one that serves \
+                 TLS needs an https:// --coordinator URL, one without TLS an http:// URL)"
+            ));
+        }
+        CliError::Rpc(msg.to_string())
     }
 }
 

@@ -76,7 +76,7 @@ pub async fn run(args: RunArgs) -> Result {
         let s = coordinator.get(&id)?.status();
         view.show(&s);
         if is_final(&s.state) {
-            view.finish(&s, &data_dir.join("jobs").join(&id));
+            view.finish(&s, Some(&data_dir.join("jobs").join(&id)));
             return Ok(exit_code(&s, cancelled));
         }
         tokio::select! {

@@ -17,7 +17,7 @@ pub fn status_json(s: &proto::JobStatus) -> serde_json::Value {
         "tokens_per_sec": s.tokens_per_sec, "last_checkpoint": s.last_checkpoint,
         "message": s.message, "params_hash": s.params_hash, "checkpoint_url": s.checkpoint_url,
         "gang_wait_seconds": s.gang_wait_seconds, "eval_loss": s.eval_loss,
-        "eval_step": s.eval_step, "doing": s.doing,
+        "eval_step": s.eval_step, "doing": s.doing, "logs": s.logs,
     })
 }
 
@@ -122,7 +122,9 @@ impl View {
     }
 
     /// The summary of a job that ended; `logs` is its worker log folder.
-    pub fn finish(&self, s: &proto::JobStatus, logs: &Path) {
+    /// The closing lines; the workers' logs are where the coordinator says (`s.logs`), else
+    /// `local` (a coordinator this process runs).
+    pub fn finish(&self, s: &proto::JobStatus, local: Option<&Path>) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
@@ -155,6 +157,10 @@ impl View {
         if !s.message.is_empty() {
             eprintln!("  {}", s.message);
         }
-        eprintln!("  worker logs: {}", logs.display());
+        match (s.logs.as_str(), local) {
+            ("", Some(dir)) => eprintln!("  worker logs: {}", dir.display()),
+            ("", None) => {}
+            (logs, _) => eprintln!("  worker logs: {logs}"),
+        }
     }
 }

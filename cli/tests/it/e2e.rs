@@ -303,6 +303,28 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
     // The gang was asked to stop first: it checkpointed the step it stopped at.
     assert_eq!(end["last_checkpoint"], end["step"], "{end}");
     assert!(end["step"].as_u64() > Some(5));
+    // `watch` from a client with another data dir names the coordinator's log directory.
+    let logs = server.data.join("jobs").join(&job);
+    assert_eq!(end["logs"], logs.display().to_string(), "{end}");
+    let token = std::fs::read_to_string(server.data.join("admin.token")).unwrap();
+    let out = lockstep(d)
+        .args([
+            "watch",
+            &job,
+            "--coordinator",
+            &server.url,
+            "--token",
+            token.trim(),
+        ])
+        .arg("--data-dir")
+        .arg(d.join("elsewhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("worker logs: {}", logs.display())),
+        "{err}"
+    );
 
     // Persistence: kill -9 the coordinator mid-run; its workers go (they lose it), a new one
     // finds the job in its store and restarts it from the last committed checkpoint.

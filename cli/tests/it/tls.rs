@@ -96,6 +96,7 @@ fn a_tls_coordinator_serves_only_clients_that_trust_it_and_its_workers_still_run
     assert_eq!(code, 1, "{out}");
     let (code, out) = client(&["--coordinator", &format!("http://127.0.0.1:{port}")]);
     assert_eq!(code, 1, "{out}");
+    assert!(out.contains("needs an https://"), "{out}");
     // Plain http to another machine is refused before anything is sent.
     let (code, out) = client(&["--coordinator", "http://192.0.2.1:7070"]);
     assert_eq!(code, 1, "{out}");

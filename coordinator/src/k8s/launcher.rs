@@ -480,6 +480,15 @@ impl Launcher for KubeLauncher {
         }))
     }
 
+    fn logs(&self, job: &str, placement: &Placement, dir: &std::path::Path) -> String {
+        match KubeLauncher::lsj(job, placement).and_then(|l| render::name_of(l)) {
+            Ok((name, ns)) => {
+                format!("kubectl logs -n {ns} -l {LABEL_JOB}={name},{LABEL_ROLE}=trainer")
+            }
+            Err(_) => dir.display().to_string(),
+        }
+    }
+
     async fn kill_leftovers(&self, job: &str, placement: &Placement) {
         let Ok(lsj) = KubeLauncher::lsj(job, placement) else {
             return;

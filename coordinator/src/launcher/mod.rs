@@ -201,6 +201,12 @@ pub trait Launcher: Send + Sync + 'static {
     /// this job's workers are touched.
     async fn kill_leftovers(&self, job: &str, placement: &Placement);
 
+    /// Where `job`'s workers' logs are, for a user to read: `dir` on this machine (where
+    /// the supervisor keeps them), unless the workers run elsewhere.
+    fn logs(&self, _job: &str, _placement: &Placement, dir: &std::path::Path) -> String {
+        dir.display().to_string()
+    }
+
     /// Whether jobs may be submitted to the coordinator directly (`lockstep submit`, the gRPC
     /// `Submit`). Not where something else owns the jobs (on Kubernetes, LockstepJobs): the
     /// refusal says how to submit there instead.
