@@ -254,8 +254,16 @@ impl Lifecycle {
                 vec![Action::TearDown]
             }
             Input::Cancel => {
+                self.message = if self.phase == Phase::Exporting {
+                    "cancelled by a user while exporting: the version may be unfinished, or \
+                     promoted with its webhook notice still owed; exporting the same checkpoint \
+                     again (`lockstep export CHECKPOINT --to URL --promote [--webhook URL]`, or \
+                     the job run again) finishes it and delivers a notice still owed"
+                        .into()
+                } else {
+                    "cancelled by a user".into()
+                };
                 self.phase = Phase::Cancelled;
-                self.message = "cancelled by a user".into();
                 vec![Action::TearDown]
             }
             Input::Fail { why } => {
@@ -519,6 +527,15 @@ mod tests {
         assert!(!l.phase.is_final());
         // A restarted coordinator exports again (the same version is a no-op).
         assert_eq!(l.apply(Input::CoordinatorRestarted), vec![Action::Export]);
+        // A cancel now says how to finish the export and its owed notice.
+        let mut cancelled = l.clone();
+        assert_eq!(cancelled.apply(Input::Cancel), vec![Action::TearDown]);
+        assert!(
+            cancelled.message.contains("while exporting")
+                && cancelled.message.contains("notice still owed"),
+            "{}",
+            cancelled.message
+        );
         l.apply(Input::Exported {
             note: "exported v to u; promoted".into(),
         });
