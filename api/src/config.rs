@@ -24,7 +24,43 @@ pub struct JobConfig {
     /// Export of the finished model; none means no export.
     #[serde(default)]
     pub export: Option<ExportSection>,
+    /// Train low-rank adapters on a frozen base (LoRA, as PEFT) instead of every weight; none
+    /// means a full fine-tune.
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
 }
+
+/// `[lora]`: low-rank adapters (PEFT's LoRA). Each targeted projection `W` of every layer
+/// computes `x·Wᵀ + dropout(x)·Aᵀ·Bᵀ · alpha/r`; only `A` (`[r, in]`) and `B` (`[out, r]`)
+/// are trained, all-reduced, given optimizer state and checkpointed, the base stays frozen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// The adapters' rank.
+    #[serde(default = "defaults::lora_r")]
+    pub r: u32,
+    /// Scale numerator: the adapters' output is scaled by `alpha / r`.
+    #[serde(default = "defaults::lora_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapters' input while training (0 to less than 1; never at eval).
+    #[serde(default)]
+    pub dropout: f64,
+    /// The projections that get adapters, by PEFT's names: any of `q_proj`, `k_proj`,
+    /// `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`.
+    #[serde(default = "defaults::lora_targets")]
+    pub target_modules: Vec<String>,
+}
+
+/// The projections `[lora] target_modules` may name, in a layer's order.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// Upper (and lower) bounds of config values. A config outside them is refused naming the field,
 /// the limit and the value: every number a job carries into arithmetic, allocation, process
@@ -61,6 +97,8 @@ pub mod limits {
     pub const MAX_STEPS: u64 = 1 << 40;
     /// `checkpoint.keep_last`.
     pub const MAX_KEEP_LAST: usize = 1_000_000;
+    /// `lora.r`.
+    pub const MAX_LORA_R: u32 = 65_536;
 }
 
 /// `[job]`: the job's name, its gang (world size), and how it recovers (restarts, timeouts).
@@ -349,6 +387,19 @@ pub mod defaults {
         "f32".into()
     }
 
+    /// `lora.r`.
+    pub fn lora_r() -> u32 {
+        8
+    }
+    /// `lora.alpha`.
+    pub fn lora_alpha() -> f64 {
+        16.0
+    }
+    /// `lora.target_modules` (PEFT's default for Llama).
+    pub fn lora_targets() -> Vec<String> {
+        vec!["q_proj".into(), "v_proj".into()]
+    }
+
     /// `job.world_size`.
     pub fn world_size() -> u32 {
         1
@@ -496,11 +547,15 @@ impl JobConfig {
     /// each checkpoint's manifest, and checked by each worker against the coordinator's when it
     /// joins. 16 hex digits of xxh3 over their JSON.
     pub fn results_hash(&self) -> String {
-        let key = serde_json::json!({
+        let mut key = serde_json::json!({
             "model": self.model,
             "data": self.data,
             "train": self.train,
         });
+        // Only when set: a full fine-tune's hash is what it was before `[lora]` existed.
+        if let Some(l) = &self.lora {
+            key["lora"] = serde_json::json!(l);
+        }
         format!(
             "{:016x}",
             xxhash_rust::xxh3::xxh3_64(key.to_string().as_bytes())
@@ -675,6 +730,34 @@ impl JobConfig {
                     "export.name",
                     "use 1–128 letters, digits, `-`, `_` or `.` (it names a directory)",
                 );
+            }
+        }
+        if let Some(l) = &self.lora {
+            if l.r == 0 || l.r > limits::MAX_LORA_R {
+                return bad(
+                    "lora.r",
+                    &format!("must be 1 to {} (it is {})", limits::MAX_LORA_R, l.r),
+                );
+            }
+            if !(l.alpha.is_finite() && l.alpha > 0.0) {
+                return bad("lora.alpha", "must be a positive number");
+            }
+            if !(l.dropout.is_finite() && (0.0..1.0).contains(&l.dropout)) {
+                return bad("lora.dropout", "must be at least 0 and less than 1");
+            }
+            if l.target_modules.is_empty() {
+                return bad("lora.target_modules", "must name at least one projection");
+            }
+            for (i, t) in l.target_modules.iter().enumerate() {
+                if !LORA_TARGETS.contains(&t.as_str()) {
+                    return bad(
+                        "lora.target_modules",
+                        &format!("`{t}` is not one of {}", LORA_TARGETS.join(", ")),
+                    );
+                }
+                if l.target_modules[..i].contains(t) {
+                    return bad("lora.target_modules", &format!("`{t}` is named twice"));
+                }
             }
         }
         if self.data.train.is_empty() {

@@ -95,6 +95,7 @@ impl Plan {
             eval_loss: restored.and_then(|r| r.eval_loss),
             eval_step: restored.and_then(|r| r.eval_step),
             provenance: restored.map_or(serde_json::Value::Null, |r| r.provenance.clone()),
+            lora: restored.and_then(|r| r.lora.clone()),
         }
     }
 }

@@ -9,11 +9,11 @@ use burn::tensor::backend::AutodiffBackend;
 use lockstep_api::{JobConfig, Resume};
 use lockstep_storage::{Checkpoint, CheckpointStore, SetAside, Want};
 
-use crate::checkpoint::{TrainState, TrainerState};
+use crate::checkpoint::{LoraStart, LoraState, TrainState, TrainerState};
 use crate::collective::Collective;
 use crate::error::{Error, Result};
 use crate::inputs::Base;
-use crate::model::Llama;
+use crate::model::{Llama, Lora, LoraSettings};
 use crate::optim::AdamW;
 use crate::plan::Plan;
 
@@ -113,22 +113,62 @@ fn check_owner(config: &JobConfig, m: &lockstep_storage::Manifest) -> Result<()>
 pub fn begin<B: AutodiffBackend>(
     plan: &Plan,
     config: &JobConfig,
-    base: Base,
+    mut base: Base,
     ckpt: Option<&Checkpoint>,
     device: &burn::tensor::Device<B::InnerBackend>,
 ) -> Result<(TrainState<B>, TrainerState)> {
+    let seed = config.train.seed;
+    // With [lora], the base (frozen) is needed whether or not a checkpoint is resumed: a LoRA
+    // checkpoint holds only the adapters.
+    let lora = match &config.lora {
+        None => None,
+        Some(section) => {
+            let identity = match &base.origin {
+                Some((_, sha256)) => format!("sha256 {sha256}"),
+                None => format!("init seed {seed}"),
+            };
+            let model = match base.values.take() {
+                Some(values) => Llama::from_values(base.config.clone(), values, device),
+                None => Llama::init(base.config.clone(), seed, device),
+            };
+            Some(LoraStart {
+                settings: LoraSettings::from_section(section),
+                base: identity,
+                model,
+                seed,
+            })
+        }
+    };
     let Some(ckpt) = ckpt else {
-        let model = match base.values {
-            Some(values) => Llama::from_values(base.config.clone(), values, device),
-            None => Llama::init(base.config.clone(), config.train.seed, device),
+        let mut lora_state = None;
+        let model = match lora {
+            Some(start) => {
+                let mut model = start.model;
+                model.lora = Some(Lora::init(
+                    start.settings.clone(),
+                    &base.config,
+                    seed,
+                    device,
+                ));
+                lora_state = Some(LoraState {
+                    settings: start.settings,
+                    base: start.base,
+                });
+                model
+            }
+            None => match base.values {
+                Some(values) => Llama::from_values(base.config.clone(), values, device),
+                None => Llama::init(base.config.clone(), seed, device),
+            },
         };
-        let shapes: Vec<[usize; 2]> = model.specs.iter().map(|s| s.shape2()).collect();
+        let shapes: Vec<[usize; 2]> = model.trained().0.iter().map(|s| s.shape2()).collect();
         let optim = AdamW::new(plan.adamw, &shapes, device);
-        let ts = plan.trainer_state(config, &base.config, None);
+        let mut ts = plan.trainer_state(config, &base.config, None);
+        ts.lora = lora_state;
         return Ok((TrainState { model, optim }, ts));
     };
     check_owner(config, &ckpt.manifest)?;
-    let (mut state, restored) = TrainState::<B>::restore(&base.config, ckpt, device)?;
+    let (mut state, restored) = TrainState::<B>::restore(&base.config, lora, ckpt, device)?;
     if restored.seq_len != config.data.seq_len || restored.seed != config.train.seed {
         tracing::warn!(
             "resuming with a different data.seq_len or train.seed than the checkpoint was \

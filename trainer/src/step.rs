@@ -7,7 +7,7 @@ use burn::tensor::{ElementConversion, Tensor, TensorData};
 
 use crate::collective::Collective;
 use crate::error::{Error, Result};
-use crate::model::{Batch, Llama, tensor_values};
+use crate::model::{Batch, Llama, Lora, tensor_values};
 use crate::optim::{AdamW, clip_grad_norm};
 
 /// The model and optimizer state one rank trains.
@@ -63,25 +63,47 @@ fn split_rows(batch: &Batch, lanes: usize) -> Vec<Batch> {
 }
 
 impl<B: AutodiffBackend> TrainState<B> {
-    /// Forward and backward of one lane: its share of the loss and a gradient per parameter.
-    fn lane_grads(&self, lane: &Batch, counted: f64) -> Result<LaneGrads<B>> {
-        let leaves: Vec<Tensor<B, 2>> = self
-            .model
-            .params
+    /// Forward and backward of one lane: its share of the loss and a gradient per trained
+    /// parameter (with LoRA the base takes part as constants: no gradient is computed for it).
+    /// `noise` seeds the adapters' dropout.
+    fn lane_grads(&self, lane: &Batch, counted: f64, noise: u64) -> Result<LaneGrads<B>> {
+        let (_, trained) = self.model.trained();
+        let leaves: Vec<Tensor<B, 2>> = trained
             .iter()
             .map(|p| Tensor::from_inner(p.clone()).require_grad())
             .collect();
-        let graph = Llama::<B> {
-            config: self.model.config.clone(),
-            specs: self.model.specs.clone(),
-            params: leaves.clone(),
+        let config = self.model.config.clone();
+        let graph = match &self.model.lora {
+            None => Llama::<B> {
+                config,
+                specs: self.model.specs.clone(),
+                params: leaves.clone(),
+                lora: None,
+                noise: None,
+            },
+            Some(l) => {
+                let lora =
+                    Lora::with_params(l.settings.clone(), &config, l.specs.clone(), leaves.clone());
+                Llama::<B> {
+                    specs: self.model.specs.clone(),
+                    params: self
+                        .model
+                        .params
+                        .iter()
+                        .map(|p| Tensor::from_inner(p.clone()))
+                        .collect(),
+                    config,
+                    lora: Some(lora),
+                    noise: Some(noise),
+                }
+            }
         };
         let loss = graph.loss_sum(lane).div_scalar(counted);
         let g = loss.backward();
         let value = loss.into_scalar().elem::<f64>();
         let grads = leaves
             .iter()
-            .zip(&self.model.params)
+            .zip(trained)
             .map(|(l, p)| l.grad(&g).unwrap_or_else(|| p.zeros_like()))
             .collect();
         Ok((value, grads))
@@ -99,13 +121,14 @@ impl<B: AutodiffBackend> TrainState<B> {
         collective: &mut dyn Collective,
     ) -> Result<StepStats> {
         let device = self.model.params[0].device();
+        let seed = self.model.lora.as_ref().map_or(0, |l| l.seed);
         let mut counts = [micro.iter().map(Batch::counted).sum::<f64>() as f32];
         collective.all_reduce_sum(&mut counts)?;
         let counted = f64::from(counts[0]).max(1.0);
 
         let mut loss_sum = 0.0f64;
         let mut grads: Option<Vec<Tensor<B::InnerBackend, 2>>> = None;
-        for batch in micro {
+        for (i, batch) in micro.iter().enumerate() {
             // The rows of a micro-batch are split into fixed lanes that run forward and backward
             // on their own threads with their own autodiff graphs: the backend parallelises
             // large matrix products but runs element-wise work on one thread, so two lanes keep
@@ -113,10 +136,16 @@ impl<B: AutodiffBackend> TrainState<B> {
             // the core count), and the lanes' gradients are summed in lane order, so results do
             // not depend on thread timing.
             let lanes = split_rows(batch, LANES);
+            let this: &Self = self;
             let results: Vec<Result<LaneGrads<B>>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = lanes
                     .iter()
-                    .map(|lane| scope.spawn(|| self.lane_grads(lane, counted)))
+                    .enumerate()
+                    .map(|(j, lane)| {
+                        let noise =
+                            xxhash_rust::xxh3::xxh3_64(format!("{seed}/{step}/{i}/{j}").as_bytes());
+                        scope.spawn(move || this.lane_grads(lane, counted, noise))
+                    })
                     .collect();
                 handles
                     .into_iter()
@@ -140,7 +169,9 @@ impl<B: AutodiffBackend> TrainState<B> {
             grads.ok_or_else(|| Error::Internal("a step needs a micro-batch".into()))?;
 
         if collective.world_size() > 1 {
-            let mut flat: Vec<f32> = Vec::with_capacity(self.model.num_params() + 1);
+            let (specs, _) = self.model.trained();
+            let numel: usize = specs.iter().map(|s| s.numel()).sum();
+            let mut flat: Vec<f32> = Vec::with_capacity(numel + 1);
             for g in &grads {
                 flat.extend(tensor_values(g.clone()));
             }
@@ -150,7 +181,7 @@ impl<B: AutodiffBackend> TrainState<B> {
             }
             loss_sum = f64::from(flat.pop().unwrap_or(0.0));
             let mut at = 0;
-            for (g, s) in grads.iter_mut().zip(&self.model.specs) {
+            for (g, s) in grads.iter_mut().zip(specs) {
                 let n = s.numel();
                 *g = Tensor::from_data(
                     TensorData::new(flat[at..at + n].to_vec(), s.shape2()),
@@ -172,8 +203,9 @@ impl<B: AutodiffBackend> TrainState<B> {
                 what: "the gradient norm",
             });
         }
-        let params = std::mem::take(&mut self.model.params);
-        self.model.params = self.optim.step(params, grads, lr);
+        let params = self.model.take_trained();
+        let stepped = self.optim.step(params, grads, lr);
+        self.model.set_trained(stepped);
         Ok(StepStats {
             loss: loss_sum,
             grad_norm,

@@ -16,7 +16,7 @@ use crate::data::Packer;
 use crate::error::Result;
 use crate::eval::Evaluator;
 use crate::inputs::{load_base, load_tokens};
-use crate::model::Llama;
+use crate::model::{Llama, tensor_values};
 use crate::plan::Plan;
 use crate::resume::{self, Start};
 
@@ -140,6 +140,10 @@ pub fn params_hash<B: burn::tensor::backend::Backend>(model: &Llama<B>) -> Strin
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for v in model.values() {
         h.update(bytemuck::cast_slice(&v));
+    }
+    // A LoRA run's adapters too (the base they change is frozen).
+    for p in model.lora.iter().flat_map(|l| &l.params) {
+        h.update(bytemuck::cast_slice(&tensor_values(p.clone())));
     }
     format!("{:016x}", h.digest())
 }

@@ -20,7 +20,7 @@ use lockstep_storage::{DType, TensorInput};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Llama, LlamaConfig, tensor_values};
+use crate::model::{Llama, LlamaConfig, Lora, LoraSettings, tensor_values};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 pub use crate::step::TrainState;
 pub use commit::{Checkpoints, ShardCommitter, ShardReport};
@@ -74,6 +74,33 @@ pub struct TrainerState {
     /// training and held-out file. Not part of what a resume checks.
     #[serde(default)]
     pub provenance: serde_json::Value,
+    /// A LoRA run's adapters and the base they train on (`None`: a full fine-tune, whose
+    /// checkpoints hold every parameter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraState>,
+}
+
+/// What a LoRA checkpoint holds adapters for: a resume must match it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraState {
+    /// Rank, alpha, dropout, targets.
+    pub settings: LoraSettings,
+    /// The frozen base: the sha256 of its `model.safetensors`, or `init seed N` for a random
+    /// one. The checkpoint holds only the adapters, so a resume on another base is refused.
+    pub base: String,
+}
+
+/// A LoRA run's start: its adapters' settings, its base's identity ([`LoraState::base`]) and
+/// the base model itself.
+pub struct LoraStart<B: burn::tensor::backend::Backend> {
+    /// Rank, alpha, dropout, targets.
+    pub settings: LoraSettings,
+    /// The base's identity.
+    pub base: String,
+    /// The base model (its weights are not in a LoRA checkpoint).
+    pub model: Llama<B>,
+    /// Seeds the adapters' dropout.
+    pub seed: u64,
 }
 
 /// A host copy of one checkpoint, ready to write.
@@ -96,16 +123,18 @@ fn f32_bytes(values: Vec<f32>) -> Bytes {
 }
 
 impl<B: AutodiffBackend> TrainState<B> {
-    /// Copies parameters and moments to host memory.
+    /// Copies the trained parameters (every parameter, or a LoRA run's adapters) and their
+    /// moments to host memory.
     pub fn snapshot(&self, state: TrainerState) -> Snapshot {
-        let mut tensors = Vec::with_capacity(self.model.params.len() * 3);
+        let (specs, params) = self.model.trained();
+        let mut tensors = Vec::with_capacity(params.len() * 3);
         let groups = [
-            ("", &self.model.params),
-            (EXP_AVG, &self.optim.m),
-            (EXP_AVG_SQ, &self.optim.v),
+            ("", params),
+            (EXP_AVG, self.optim.m.as_slice()),
+            (EXP_AVG_SQ, self.optim.v.as_slice()),
         ];
         for (prefix, list) in groups {
-            for (spec, t) in self.model.specs.iter().zip(list.iter()) {
+            for (spec, t) in specs.iter().zip(list.iter()) {
                 tensors.push(TensorInput {
                     name: format!("{prefix}{}", spec.name),
                     dtype: DType::F32,
@@ -122,9 +151,11 @@ impl<B: AutodiffBackend> TrainState<B> {
     }
 
     /// Rebuilds parameters and moments from a loaded checkpoint, after checking that its
-    /// architecture is `config`'s.
+    /// architecture is `config`'s. With `lora`, the checkpoint must be a LoRA one of the same
+    /// settings on the same base, and its adapters go on `lora`'s base model.
     pub fn restore(
         config: &LlamaConfig,
+        lora: Option<LoraStart<B::InnerBackend>>,
         ckpt: &lockstep_storage::Checkpoint,
         device: &burn::tensor::Device<B::InnerBackend>,
     ) -> Result<(TrainState<B>, TrainerState)> {
@@ -154,7 +185,48 @@ impl<B: AutodiffBackend> TrainState<B> {
                 ),
             });
         }
-        let specs = crate::model::param_specs(config);
+        let refuse = |reason: String| Error::Resume { step, reason };
+        match (&state.lora, &lora) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(refuse(
+                    "it holds LoRA adapters, and this job has no [lora] (a full fine-tune cannot \
+                     continue from adapters): add the [lora] it was trained with, or use another \
+                     checkpoint.url"
+                        .into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(refuse(
+                    "it is a full fine-tune's, and this job sets [lora]: remove [lora], or use \
+                     another checkpoint.url"
+                        .into(),
+                ));
+            }
+            (Some(was), Some(now)) => {
+                let (a, b) = (&was.settings, &now.settings);
+                if (a.r, a.alpha, &a.targets) != (b.r, b.alpha, &b.targets) {
+                    return Err(refuse(format!(
+                        "its adapters are lora.r = {}, alpha = {}, target_modules = {:?}; this \
+                         job's are r = {}, alpha = {}, {:?}: use the checkpoint's [lora], or \
+                         another checkpoint.url",
+                        a.r, a.alpha, a.targets, b.r, b.alpha, b.targets
+                    )));
+                }
+                if was.base != now.base {
+                    return Err(refuse(format!(
+                        "its adapters were trained on a base whose model.safetensors is {}; \
+                         model.base is now {}: a checkpoint of adapters holds no base, so it \
+                         resumes only on the base it was trained on",
+                        was.base, now.base
+                    )));
+                }
+            }
+        }
+        let specs = match &lora {
+            Some(l) => l.settings.specs(config),
+            None => crate::model::param_specs(config),
+        };
         let load = |name: &str, shape: [usize; 2]| -> Result<Tensor<B::InnerBackend, 2>> {
             let t = ckpt.tensor(name).ok_or_else(|| Error::Resume {
                 step,
@@ -181,10 +253,21 @@ impl<B: AutodiffBackend> TrainState<B> {
             m.push(load(&format!("{EXP_AVG}{}", s.name), s.shape2())?);
             v.push(load(&format!("{EXP_AVG_SQ}{}", s.name), s.shape2())?);
         }
-        let model = Llama {
-            config: config.clone(),
-            specs,
-            params,
+        let model = match lora {
+            Some(start) => {
+                let mut model = start.model;
+                let mut adapters = Lora::with_params(start.settings, config, specs, params);
+                adapters.seed = start.seed;
+                model.lora = Some(adapters);
+                model
+            }
+            None => Llama {
+                config: config.clone(),
+                specs,
+                params,
+                lora: None,
+                noise: None,
+            },
         };
         let optim = AdamW {
             config: state.adamw,

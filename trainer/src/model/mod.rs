@@ -9,15 +9,18 @@
 //!
 //! - [`config`]: [`LlamaConfig`], the HF `config.json`.
 //! - [`hf`]: safetensors import and export.
+//! - [`lora`]: LoRA adapters on a frozen base, as PEFT makes them.
 
 pub mod config;
 pub mod hf;
+pub mod lora;
 
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 pub use config::{LlamaConfig, RopeScaling};
+pub use lora::{Lora, LoraSettings};
 
 use crate::rng::Rng;
 
@@ -105,6 +108,11 @@ pub struct Llama<B: Backend> {
     pub specs: Vec<ParamSpec>,
     /// The parameters, each `[rows, cols]` per [`ParamSpec::shape2`].
     pub params: Vec<Tensor<B, 2>>,
+    /// LoRA adapters on the (then frozen) parameters, if any.
+    pub lora: Option<Lora<B>>,
+    /// Seeds the adapters' dropout masks for one forward pass (training); `None`: no
+    /// dropout (evaluation).
+    pub noise: Option<u64>,
 }
 
 /// Token ids and loss targets for one micro-batch of `rows` sequences of `seq_len` tokens.
@@ -152,6 +160,8 @@ impl<B: Backend> Llama<B> {
             config,
             specs,
             params,
+            lora: None,
+            noise: None,
         }
     }
 
@@ -167,7 +177,61 @@ impl<B: Backend> Llama<B> {
             config,
             specs,
             params,
+            lora: None,
+            noise: None,
         }
+    }
+
+    /// The parameters a step trains: the adapters with LoRA, else every parameter.
+    pub fn trained(&self) -> (&[ParamSpec], &[Tensor<B, 2>]) {
+        match &self.lora {
+            Some(l) => (&l.specs, &l.params),
+            None => (&self.specs, &self.params),
+        }
+    }
+
+    /// Replaces the trained parameters (see [`Llama::trained`]).
+    pub fn set_trained(&mut self, params: Vec<Tensor<B, 2>>) {
+        match &mut self.lora {
+            Some(l) => l.params = params,
+            None => self.params = params,
+        }
+    }
+
+    /// Takes the trained parameters out (see [`Llama::trained`]), leaving none.
+    pub fn take_trained(&mut self) -> Vec<Tensor<B, 2>> {
+        match &mut self.lora {
+            Some(l) => std::mem::take(&mut l.params),
+            None => std::mem::take(&mut self.params),
+        }
+    }
+
+    /// Layer `l`'s projection `which` of `x`: `x·Wᵀ`, plus its adapter's
+    /// `dropout(x)·Aᵀ·Bᵀ · alpha/r` when it has one.
+    fn project(
+        &self,
+        x: Tensor<B, 2>,
+        l: usize,
+        which: usize,
+        rng: &mut Option<Rng>,
+    ) -> Tensor<B, 2> {
+        let base = linear(x.clone(), self.layer(l, which));
+        let Some(lora) = &self.lora else {
+            return base;
+        };
+        let Some((a, b)) = lora.pair(l, which) else {
+            return base;
+        };
+        let p = lora.settings.dropout;
+        let x = match rng {
+            Some(rng) if p > 0.0 => {
+                let [n, width] = x.dims();
+                let mask = lora::dropout_mask(rng, n, width, p);
+                x * Tensor::from_data(TensorData::new(mask, [n, width]), &a.device())
+            }
+            _ => x,
+        };
+        base + linear(linear(x, a), b).mul_scalar(lora.settings.scale())
     }
 
     fn layer(&self, l: usize, which: usize) -> Tensor<B, 2> {
@@ -197,23 +261,26 @@ impl<B: Backend> Llama<B> {
         let causal = causal_bias::<B>(seq_len, &device);
         let eps = c.rms_norm_eps;
         let mut x = self.params[0].clone().select(0, ids); // [n, h]
+        // Dropout masks, drawn in a fixed order from the pass's seed.
+        let mut rng = self.noise.map(|s| Rng::derive(s, 0xd0));
+        let rng = &mut rng;
         for l in 0..c.num_hidden_layers {
             let a = rms_norm(x.clone(), self.layer(l, ATTN_NORM), eps);
             // [rows, heads, seq, hd] after RoPE, applied while rows are still contiguous.
             let heads =
                 |t: Tensor<B, 2>, k: usize| t.reshape([rows, seq_len, k, hd]).swap_dims(1, 2);
             let rep = nh / nkv;
-            let q = heads(rope.apply(linear(a.clone(), self.layer(l, Q)), &rope.q), nh);
-            let k = rope.apply(linear(a.clone(), self.layer(l, K)), &rope.kv);
+            let q = heads(rope.apply(self.project(a.clone(), l, Q, rng), &rope.q), nh);
+            let k = rope.apply(self.project(a.clone(), l, K, rng), &rope.kv);
             let k = heads(repeat_kv(k, nkv, hd, rep), nh);
-            let v = heads(repeat_kv(linear(a, self.layer(l, V)), nkv, hd, rep), nh);
+            let v = heads(repeat_kv(self.project(a, l, V, rng), nkv, hd, rep), nh);
             let o = causal_attention(q, k, v, causal.clone(), hd)
                 .swap_dims(1, 2)
                 .reshape([n, nh * hd]);
-            x = x + linear(o, self.layer(l, O));
+            x = x + self.project(o, l, O, rng);
             let m = rms_norm(x.clone(), self.layer(l, MLP_NORM), eps);
-            let g = silu(linear(m.clone(), self.layer(l, GATE))) * linear(m, self.layer(l, UP));
-            x = x + linear(g, self.layer(l, DOWN));
+            let g = silu(self.project(m.clone(), l, GATE, rng)) * self.project(m, l, UP, rng);
+            x = x + self.project(g, l, DOWN, rng);
         }
         let x = rms_norm(x, self.final_norm(), eps);
         linear(x, self.lm_head())

@@ -3,4 +3,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod export;
+mod lora;
 mod parity;
