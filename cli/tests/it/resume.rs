@@ -313,3 +313,119 @@ fn date_placeholders_become_the_runs_date() {
     assert!(dir.path().join("set-2026-01-03/ckpt").is_dir());
     assert!(!dir.path().join("set-{date}").exists());
 }
+
+fn lora_config(dir: &Path, steps: u64, seed: u64) -> PathBuf {
+    TestJob::tiny("lora-test")
+        .steps(steps)
+        .batch(4)
+        .set("train.grad_accum", 2)
+        .set("train.seed", seed)
+        .set("lora.r", 4)
+        .set("lora.alpha", 8)
+        .set("lora.dropout", 0.1)
+        .set("lora.target_modules", r#"["q_proj","v_proj","down_proj"]"#)
+        .checkpoint_url(&format!("file://{}/ckpt", dir.display()))
+        .write_to(dir)
+}
+
+/// A LoRA job's checkpoints hold only the adapters and their moments; killed (SIGKILL) mid-run
+/// and started again, it ends byte-identical to an uninterrupted run (adapter dropout
+/// included); a changed base is refused naming both; its export merges the adapters in.
+#[test]
+fn a_killed_lora_run_resumes_identically_and_its_checkpoints_hold_only_adapters() {
+    let _gang = crate::common::one_gang();
+    // Enough steps that the kill lands mid-run on a loaded machine.
+    const LONG: u64 = 200;
+    let straight = tempfile::tempdir().unwrap();
+    let out = run(&lora_config(straight.path(), LONG, 42), &[]);
+    assert!(out.status.success());
+    let (tensors, state) = final_state(straight.path(), LONG);
+    // 2 layers × 3 projections × (A, B), each with two moments.
+    assert_eq!(
+        tensors.len(),
+        2 * 3 * 2 * 3,
+        "{:?}",
+        tensors.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    assert!(
+        tensors
+            .iter()
+            .all(|(n, _)| n.contains("base_model.model.model.layers.") && n.contains(".lora_")),
+        "{:?}",
+        tensors.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    assert_eq!(state["lora"]["base"], "init seed 42", "{state}");
+
+    // Killed once a checkpoint is committed, then run again.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = lora_config(dir.path(), LONG, 42);
+    let mut child = trainer(&cfg, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let latest = rt.block_on(store(dir.path()).latest()).unwrap_or(None);
+        if latest.is_some_and(|s| s >= 8) {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = rt.block_on(store(dir.path()).latest()).unwrap().unwrap();
+    assert!(killed_at < LONG, "{killed_at}");
+    let out = run(&cfg, &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from step"));
+    assert_same_at(straight.path(), dir.path(), LONG);
+
+    // Another base (a random one of another seed) with the same adapters: refused by name.
+    let cfg = lora_config(dir.path(), LONG + 10, 7);
+    let out = run(&cfg, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("base `init seed 42`") && err.contains("model.base is `init seed 7`"),
+        "{err}"
+    );
+
+    // The export is the base with the adapters merged: not the base's weights.
+    let ckpt = format!("file://{}/ckpt@{LONG}", straight.path().display());
+    let to = format!("file://{}/exp", straight.path().display());
+    let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["export", &ckpt, "--to", &to])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported = std::fs::read_dir(straight.path().join("exp/lora-test"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("model.safetensors").is_file())
+        .expect("an exported version");
+    let bytes = std::fs::read(exported.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let names: Vec<&String> = header.as_object().unwrap().keys().collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| *n == "model.layers.0.self_attn.q_proj.weight"),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("lora")),
+        "merged, not adapters: {names:?}"
+    );
+}

@@ -215,9 +215,9 @@ impl<B: AutodiffBackend> TrainState<B> {
                 }
                 if was.base != now.base {
                     return Err(refuse(format!(
-                        "its adapters were trained on a base whose model.safetensors is {}; \
-                         model.base is now {}: a checkpoint of adapters holds no base, so it \
-                         resumes only on the base it was trained on",
+                        "its adapters were trained on base `{}`; this job's model.base is `{}` \
+                         (a checkpoint of adapters holds no base, so it resumes only on the base \
+                         it was trained on)",
                         was.base, now.base
                     )));
                 }

@@ -167,15 +167,64 @@ pub fn utc_date(unix_ms: u64) -> String {
     lockstep_api::date::iso(unix_ms).replace('-', "")
 }
 
-/// The model files of a checkpoint: safetensors, config.json, generation_config.json.
-fn model_files(
+/// The `model.safetensors` a LoRA checkpoint's adapters were trained on (its URL in the
+/// checkpoint's provenance), checked against `identity` (`sha256 HEX`); `None` for a random
+/// (`init seed N`) base, which is made again.
+async fn lora_base(state: &TrainerState, identity: &str) -> Result<Option<(String, Bytes)>> {
+    let Some(want) = identity.strip_prefix("sha256 ") else {
+        return Ok(None);
+    };
+    let dir = state
+        .provenance
+        .get("base_read_from")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| {
+            Error::Usage(
+                "the checkpoint holds LoRA adapters but does not say where its base was read \
+                 from: it cannot be merged"
+                    .into(),
+            )
+        })?;
+    let url = format!("{dir}/model.safetensors");
+    let bytes = objects::read_url(&url).await?;
+    let got = sha256_hex(&bytes);
+    if got != want {
+        return Err(Error::Usage(format!(
+            "{url}: its sha256 is {got}, but the adapters were trained on {want}: the base \
+             changed since training, and merging into another base would export other weights"
+        )));
+    }
+    Ok(Some((url, bytes)))
+}
+
+/// The parameter values of a checkpoint, in [`param_specs`] order: every parameter of a full
+/// fine-tune's; a LoRA one's adapters merged into its base (`base`: the base's URL and
+/// `model.safetensors`; `None`: the random base `init seed N` made again).
+fn checkpoint_values(
     state: &TrainerState,
     tensors: &[lockstep_storage::Tensor],
-    dtype: WeightDtype,
-) -> Result<Vec<(String, Bytes)>> {
+    base: Option<&(String, Bytes)>,
+) -> Result<Vec<Vec<f32>>> {
     let config: &LlamaConfig = &state.model_config;
+    let Some(lora) = &state.lora else {
+        return read_values(tensors, &param_specs(config));
+    };
+    let mut values = match base {
+        Some((url, bytes)) => crate::model::hf::import(bytes, url, config)?.values,
+        None => crate::model::init_values(config, state.seed),
+    };
+    let adapters = read_values(tensors, &lora.settings.specs(config))?;
+    crate::model::lora::merge(&lora.settings, config, &mut values, &adapters);
+    Ok(values)
+}
+
+/// `specs`' tensors from a checkpoint, as f32 values.
+fn read_values(
+    tensors: &[lockstep_storage::Tensor],
+    specs: &[crate::model::ParamSpec],
+) -> Result<Vec<Vec<f32>>> {
     let mut values = Vec::new();
-    for spec in param_specs(config) {
+    for spec in specs {
         let t = tensors
             .iter()
             .find(|t| t.name == spec.name)
@@ -195,6 +244,18 @@ fn model_files(
                 .collect::<Vec<f32>>(),
         );
     }
+    Ok(values)
+}
+
+/// The model files of a checkpoint: safetensors, config.json, generation_config.json.
+fn model_files(
+    state: &TrainerState,
+    tensors: &[lockstep_storage::Tensor],
+    base: Option<&(String, Bytes)>,
+    dtype: WeightDtype,
+) -> Result<Vec<(String, Bytes)>> {
+    let config: &LlamaConfig = &state.model_config;
+    let values = checkpoint_values(state, tensors, base)?;
     let st = hf::export(config, &values, dtype)?;
     let cfg = hf::config_json(config, dtype)?;
     let mut generation = serde_json::Map::new();
@@ -269,10 +330,18 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
     // The files, in memory: hashed before anything is written.
     let dtype = req.dtype;
     let tensors = ckpt.tensors;
+    // A LoRA checkpoint holds only the adapters: the base they were trained on is read again
+    // (and must be that base, byte for byte) and they are merged into it.
+    let base_file = match &state.lora {
+        Some(lora) => lora_base(&state, &lora.base).await?,
+        None => None,
+    };
     let state2 = state.clone();
-    let mut files = tokio::task::spawn_blocking(move || model_files(&state2, &tensors, dtype))
-        .await
-        .map_err(|e| Error::Internal(format!("export: {e}")))??;
+    let mut files = tokio::task::spawn_blocking(move || {
+        model_files(&state2, &tensors, base_file.as_ref(), dtype)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("export: {e}")))??;
     if let Some(base) = &req.base {
         files.extend(tokenizer_files(base).await?);
     }

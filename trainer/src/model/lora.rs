@@ -183,6 +183,45 @@ impl<B: Backend> Lora<B> {
     }
 }
 
+/// Merges adapters into base weights on the host, as PEFT's `merge_and_unload`: each adapted
+/// `W` (in `values`, [`super::param_specs`] order) becomes `W + B·A · alpha/r`. `adapters` are
+/// in [`LoraSettings::specs`] order.
+pub fn merge(
+    settings: &LoraSettings,
+    cfg: &LlamaConfig,
+    values: &mut [Vec<f32>],
+    adapters: &[Vec<f32>],
+) {
+    let scale = settings.scale() as f32;
+    let r = settings.r;
+    let mut at = 0;
+    for l in 0..cfg.num_hidden_layers {
+        for (t, slot) in LORA_TARGETS.iter().zip(SLOT) {
+            if !settings.targets.iter().any(|x| x == t) {
+                continue;
+            }
+            let (a, b) = (&adapters[at], &adapters[at + 1]);
+            at += 2;
+            let w = &mut values[1 + l * super::PER_LAYER + slot];
+            let cols = a.len() / r;
+            let rows = b.len() / r;
+            for o in 0..rows {
+                let row = &mut w[o * cols..(o + 1) * cols];
+                let mut delta = vec![0.0f32; cols];
+                for k in 0..r {
+                    let bk = b[o * r + k];
+                    for (d, ak) in delta.iter_mut().zip(&a[k * cols..(k + 1) * cols]) {
+                        *d += bk * ak;
+                    }
+                }
+                for (x, d) in row.iter_mut().zip(delta) {
+                    *x += d * scale;
+                }
+            }
+        }
+    }
+}
+
 /// A dropout mask `[n, width]` for the adapters' input: 0 with probability `p`, `1/(1-p)`
 /// otherwise, drawn on the host from `rng` (so it is the same on every backend and run).
 pub(super) fn dropout_mask(rng: &mut Rng, n: usize, width: usize, p: f64) -> Vec<f32> {

@@ -141,28 +141,8 @@ impl<B: Backend> Llama<B> {
     /// A randomly initialised model: weights ~ N(0, 0.02²) as HF's `initializer_range`, norms
     /// one. Drawn on the host from `seed`, so every backend and machine starts identically.
     pub fn init(config: LlamaConfig, seed: u64, device: &B::Device) -> Llama<B> {
-        let specs = param_specs(&config);
-        let mut rng = Rng::derive(seed, 0x1417);
-        let params = specs
-            .iter()
-            .map(|s| {
-                let values: Vec<f32> = if s.is_vector() {
-                    vec![1.0; s.numel()]
-                } else {
-                    (0..s.numel())
-                        .map(|_| (rng.normal() * 0.02) as f32)
-                        .collect()
-                };
-                Tensor::from_data(TensorData::new(values, s.shape2()), device)
-            })
-            .collect();
-        Llama {
-            config,
-            specs,
-            params,
-            lora: None,
-            noise: None,
-        }
+        let values = init_values(&config, seed);
+        Self::from_values(config, values, device)
     }
 
     /// A model from parameter values in [`param_specs`] order (`f32`, row-major, HF layout).
@@ -312,6 +292,23 @@ impl<B: Backend> Llama<B> {
             .map(|p| tensor_values(p.clone()))
             .collect()
     }
+}
+
+/// The values [`Llama::init`] starts from, on the host.
+pub fn init_values(config: &LlamaConfig, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = Rng::derive(seed, 0x1417);
+    param_specs(config)
+        .iter()
+        .map(|s| {
+            if s.is_vector() {
+                vec![1.0; s.numel()]
+            } else {
+                (0..s.numel())
+                    .map(|_| (rng.normal() * 0.02) as f32)
+                    .collect()
+            }
+        })
+        .collect()
 }
 
 /// A tensor's `f32` values, row-major.

@@ -89,6 +89,18 @@ fn lora_logits_gradients_and_steps_match_peft() {
     eprintln!("worst logit difference from PEFT {w:e}");
     assert!(w < 1e-5, "logits differ from PEFT's by up to {w}");
 
+    // Merged into the base (what `export.lora = "merge"` writes), the plain model gives the
+    // adapted model's logits.
+    let mut merged = base.weights.values.clone();
+    lockstep_trainer::model::lora::merge(&settings, &cfg, &mut merged, &adapters);
+    let plain = Llama::<B>::from_values(cfg.clone(), merged, &device);
+    let w = worst(
+        &tensor_values(plain.forward(&ids, rows, seq)),
+        &f32s(&st, "logits"),
+    );
+    eprintln!("worst merged-model logit difference from PEFT {w:e}");
+    assert!(w < 1e-5, "the merged model's logits differ by up to {w}");
+
     // The adapters' gradients of HF's causal-LM loss, the base frozen.
     let mut targets = Vec::new();
     let mut weights = Vec::new();
