@@ -321,6 +321,11 @@ pub struct ExportSection {
     /// Weight dtype of `model.safetensors`: `f32` or `bf16`.
     #[serde(default = "defaults::export_dtype")]
     pub dtype: String,
+    /// With `[lora]`: `merge` writes the base with the adapters merged in (a plain Hugging
+    /// Face model), `adapter` a PEFT adapter directory (`adapter_config.json` +
+    /// `adapter_model.safetensors`) for the base the job trained on.
+    #[serde(default = "defaults::export_lora")]
+    pub lora: String,
     /// How much worse than the promoted version's eval loss a new version may be and still
     /// be promoted (0: never promote a regression).
     #[serde(default)]
@@ -387,6 +392,10 @@ pub mod defaults {
         "f32".into()
     }
 
+    /// `export.lora`.
+    pub fn export_lora() -> String {
+        "merge".into()
+    }
     /// `lora.r`.
     pub fn lora_r() -> u32 {
         8
@@ -707,6 +716,16 @@ impl JobConfig {
             if !matches!(e.dtype.as_str(), "f32" | "bf16") {
                 return bad("export.dtype", "must be `f32` or `bf16`");
             }
+            match (e.lora.as_str(), &self.lora) {
+                ("merge", _) | ("adapter", Some(_)) => {}
+                ("adapter", None) => {
+                    return bad(
+                        "export.lora",
+                        "`adapter` exports LoRA adapters: the job needs a [lora] section",
+                    );
+                }
+                _ => return bad("export.lora", "must be `merge` or `adapter`"),
+            }
             if !e.max_eval_regression.is_finite() || e.max_eval_regression < 0.0 {
                 return bad("export.max_eval_regression", "must be a finite number ≥ 0");
             }
@@ -870,6 +889,37 @@ mod tests {
         [checkpoint]
         url = "file://runs/quickstart/checkpoints"
     "#;
+
+    #[test]
+    fn lora_settings_are_checked_by_name() {
+        let with = |set: &[&str]| {
+            let mut o: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+            o.push("export.url=\"file:///x\"".into());
+            JobConfig::parse(MINIMAL, &o)
+        };
+        assert!(with(&["lora.r=8"]).is_ok());
+        for (set, field) in [
+            ("lora.r=0", "lora.r"),
+            ("lora.alpha=-1", "lora.alpha"),
+            ("lora.dropout=1.0", "lora.dropout"),
+            ("lora.target_modules=[\"qproj\"]", "lora.target_modules"),
+            ("lora.target_modules=[]", "lora.target_modules"),
+            (
+                "lora.target_modules=[\"q_proj\",\"q_proj\"]",
+                "lora.target_modules",
+            ),
+        ] {
+            let e = with(&[set]).unwrap_err().to_string();
+            assert!(e.contains(field), "{set}: {e}");
+        }
+        let e = with(&["export.lora=\"adapter\""]).unwrap_err().to_string();
+        assert!(e.contains("export.lora") && e.contains("[lora]"), "{e}");
+        assert!(with(&["export.lora=\"adapter\"", "lora.r=4"]).is_ok());
+        // A full fine-tune's results hash is what it was before [lora] existed.
+        let plain = JobConfig::parse(MINIMAL, &[]).unwrap();
+        let lora = JobConfig::parse(MINIMAL, &["lora.r=4".into()]).unwrap();
+        assert_ne!(plain.results_hash(), lora.results_hash());
+    }
 
     #[test]
     fn defaults_fill_what_is_left_out() {

@@ -336,6 +336,7 @@ fn export_spec(
         to: resolve_url(&export.url, &r.workdir),
         name: export.lineage(&job.config.job.name).to_string(),
         dtype: export.dtype.clone(),
+        lora: export.lora.clone(),
         base,
         max_eval_regression: export.max_eval_regression,
         lineage: lineage.to_string(),

@@ -37,9 +37,15 @@ pub struct ExportArgs {
     /// version).
     #[arg(long)]
     version: Option<String>,
-    /// Weight dtype of model.safetensors.
+    /// Weight dtype of model.safetensors (or adapter_model.safetensors).
     #[arg(long, value_enum, default_value_t = ExportDtype::F32)]
     dtype: ExportDtype,
+    /// For a LoRA checkpoint: `merge` writes the base with the adapters merged in (a plain
+    /// Hugging Face model; the base is read again and must be the one trained on), `adapter`
+    /// a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
+    /// `peft.PeftModel.from_pretrained(base, dir)` loads.
+    #[arg(long, value_enum, default_value_t = ExportLora::Merge)]
+    lora: ExportLora,
     /// A Hugging Face directory or URL whose tokenizer files go with the export (the job's
     /// model.base).
     #[arg(long, value_name = "DIR_OR_URL")]
@@ -88,6 +94,15 @@ enum ExportList {
     },
 }
 
+/// How a LoRA checkpoint is exported.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportLora {
+    /// The base with the adapters merged in.
+    Merge,
+    /// A PEFT adapter directory.
+    Adapter,
+}
+
 /// The dtype of the exported weights.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum ExportDtype {
@@ -119,6 +134,10 @@ pub fn run(args: ExportArgs) -> ExitCode {
                         ExportDtype::Bf16 => WeightDtype::Bf16,
                     },
                     base: args.base,
+                    lora: match args.lora {
+                        ExportLora::Merge => export::LoraExport::Merge,
+                        ExportLora::Adapter => export::LoraExport::Adapter,
+                    },
                     promote: args.promote,
                     max_eval_regression: args.max_eval_regression,
                     lineage,

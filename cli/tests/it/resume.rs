@@ -428,4 +428,32 @@ fn a_killed_lora_run_resumes_identically_and_its_checkpoints_hold_only_adapters(
         !names.iter().any(|n| n.contains("lora")),
         "merged, not adapters: {names:?}"
     );
+
+    // As a PEFT adapter directory (scripts/peft_check.py loads it with PEFT by hand).
+    let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["export", &ckpt, "--to", &to, "--version", "adapter"])
+        .args(["--lora", "adapter"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = straight.path().join("exp/lora-test/adapter");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["lora_alpha"], 8.0);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "down_proj"])
+    );
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let a = &header["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"];
+    assert_eq!(a["shape"], serde_json::json!([4, 64]), "{header}");
+    assert!(!dir.join("model.safetensors").exists());
 }

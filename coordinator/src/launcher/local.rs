@@ -349,6 +349,8 @@ impl Launcher for LocalProcess {
             spec.name.as_str(),
             "--dtype",
             spec.dtype.as_str(),
+            "--lora",
+            spec.lora.as_str(),
             "--promote",
             "--json",
             "--max-eval-regression",

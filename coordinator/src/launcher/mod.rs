@@ -66,6 +66,8 @@ pub struct ExportSpec {
     pub name: String,
     /// `f32` or `bf16`.
     pub dtype: String,
+    /// A LoRA job's export: `merge` or `adapter`.
+    pub lora: String,
     /// `model.base` (resolved) when it is a Hugging Face directory: its tokenizer files go
     /// with the export.
     pub base: Option<String>,

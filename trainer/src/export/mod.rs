@@ -97,6 +97,8 @@ pub struct Request {
     pub dtype: WeightDtype,
     /// A Hugging Face directory or URL whose tokenizer files go with the export.
     pub base: Option<String>,
+    /// How a LoRA checkpoint is exported (a full fine-tune's ignores it).
+    pub lora: LoraExport,
     /// Move `latest.json` to this version if it passes the gate.
     pub promote: bool,
     /// How much worse than the promoted version's eval loss the new one may be.
@@ -105,6 +107,16 @@ pub struct Request {
     pub lineage: serde_json::Value,
     /// POST a notice here when the version is promoted ([`crate::webhook`]).
     pub webhook: Option<String>,
+}
+
+/// How a LoRA checkpoint is exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraExport {
+    /// The base with the adapters merged in: a plain Hugging Face model.
+    #[default]
+    Merge,
+    /// A PEFT adapter directory: `adapter_config.json` + `adapter_model.safetensors`.
+    Adapter,
 }
 
 /// What happened to the promotion.
@@ -247,6 +259,50 @@ fn read_values(
     Ok(values)
 }
 
+/// A LoRA checkpoint as a PEFT adapter directory: `adapter_model.safetensors` (the adapters
+/// under PEFT's names) and `adapter_config.json`, naming the base it was trained on.
+fn adapter_files(
+    state: &TrainerState,
+    lora: &crate::checkpoint::LoraState,
+    tensors: &[lockstep_storage::Tensor],
+    dtype: WeightDtype,
+) -> Result<Vec<(String, Bytes)>> {
+    let specs = lora.settings.specs(&state.model_config);
+    let values = read_values(tensors, &specs)?;
+    let st = hf::write_tensors(&specs, &values, dtype)?;
+    let base = state
+        .provenance
+        .get("base_read_from")
+        .and_then(|v| v.as_str())
+        .map(|u| u.strip_prefix("file://").unwrap_or(u).to_string());
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lora.settings.r,
+        "lora_alpha": lora.settings.alpha,
+        "lora_dropout": lora.settings.dropout,
+        "target_modules": lora.settings.targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    let config = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::Internal(format!("adapter_config.json: {e}")))?;
+    Ok(vec![
+        ("adapter_model.safetensors".into(), Bytes::from(st)),
+        ("adapter_config.json".into(), Bytes::from(config + "\n")),
+    ])
+}
+
 /// The model files of a checkpoint: safetensors, config.json, generation_config.json.
 fn model_files(
     state: &TrainerState,
@@ -333,12 +389,14 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
     // A LoRA checkpoint holds only the adapters: the base they were trained on is read again
     // (and must be that base, byte for byte) and they are merged into it.
     let base_file = match &state.lora {
-        Some(lora) => lora_base(&state, &lora.base).await?,
-        None => None,
+        Some(lora) if req.lora == LoraExport::Merge => lora_base(&state, &lora.base).await?,
+        _ => None,
     };
     let state2 = state.clone();
-    let mut files = tokio::task::spawn_blocking(move || {
-        model_files(&state2, &tensors, base_file.as_ref(), dtype)
+    let adapter = req.lora == LoraExport::Adapter;
+    let mut files = tokio::task::spawn_blocking(move || match &state2.lora {
+        Some(lora) if adapter => adapter_files(&state2, lora, &tensors, dtype),
+        _ => model_files(&state2, &tensors, base_file.as_ref(), dtype),
     })
     .await
     .map_err(|e| Error::Internal(format!("export: {e}")))??;

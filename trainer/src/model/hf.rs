@@ -153,7 +153,15 @@ pub fn narrow(values: &[f32], dtype: WeightDtype) -> Vec<u8> {
 
 /// Serialises `values` as a HF Llama `model.safetensors` of `dtype`.
 pub fn export(config: &LlamaConfig, values: &[Vec<f32>], dtype: WeightDtype) -> Result<Vec<u8>> {
-    let specs = param_specs(config);
+    write_tensors(&param_specs(config), values, dtype)
+}
+
+/// A safetensors file of `values` named and shaped by `specs`, at `dtype`.
+pub fn write_tensors(
+    specs: &[super::ParamSpec],
+    values: &[Vec<f32>],
+    dtype: WeightDtype,
+) -> Result<Vec<u8>> {
     if specs.len() != values.len() {
         return Err(Error::Internal(format!(
             "{} tensors given for {} parameters",

@@ -63,6 +63,7 @@ fn request(checkpoint: String, version: &str) -> Request {
         max_eval_regression: 0.0,
         lineage: serde_json::json!({"attempts": 1}),
         webhook: None,
+        lora: Default::default(),
     }
 }
 
