@@ -432,7 +432,7 @@ fn a_killed_lora_run_resumes_identically_and_its_checkpoints_hold_only_adapters(
     // As a PEFT adapter directory (scripts/peft_check.py loads it with PEFT by hand).
     let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
         .args(["export", &ckpt, "--to", &to, "--version", "adapter"])
-        .args(["--lora", "adapter"])
+        .args(["--lora", "adapter", "--promote"])
         .output()
         .unwrap();
     assert!(
@@ -456,4 +456,14 @@ fn a_killed_lora_run_resumes_identically_and_its_checkpoints_hold_only_adapters(
     let a = &header["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"];
     assert_eq!(a["shape"], serde_json::json!([4, 64]), "{header}");
     assert!(!dir.join("model.safetensors").exists());
+    // A promoted adapter is not a base for the next run: refused, saying why.
+    let next = tempfile::tempdir().unwrap();
+    let cfg = TestJob::tiny("lora-next")
+        .set("model.base", format!("\"latest-export:{to}/lora-test\""))
+        .checkpoint_url(&format!("file://{}/ckpt", next.path().display()))
+        .write_to(next.path());
+    let out = run(&cfg, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a LoRA adapter"), "{err}");
 }

@@ -65,6 +65,14 @@ pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
     let record: Record = serde_json::from_slice(&bytes)
         .map_err(|e| model(&record_url, format!("not a lockstep.json: {e}")))?;
     // What makes a model: an export without them (an empty list checks nothing) is refused.
+    if record.files.iter().any(|f| f.name == "adapter_config.json") {
+        return Err(model(
+            &record_url,
+            "the promoted version is a LoRA adapter (export.lora = \"adapter\"), not a model: a \
+             base must be a full model (export its job with export.lora = \"merge\")"
+                .into(),
+        ));
+    }
     for required in ["model.safetensors", "config.json"] {
         if !record.files.iter().any(|f| f.name == required) {
             return Err(model(
