@@ -6,6 +6,7 @@ use lockstep_api::base::{BaseModel, as_url};
 use lockstep_storage::objects;
 
 use crate::error::{Error, Result};
+use crate::export::Promoted;
 use crate::model::{LlamaConfig, hf};
 use crate::tokenizer::Tokenizer;
 use crate::tokens::{self, Encoding, TokenStore, Watch};
@@ -21,6 +22,9 @@ pub struct Base {
     pub tokenizer: Tokenizer,
     /// Where it was read from and the sha256 of its model.safetensors (`None` for `init`).
     pub origin: Option<(String, String)>,
+    /// LoRA adapters to start from instead of fresh ones (a promoted adapter export, on the
+    /// base it was trained on), in [`crate::model::LoraSettings::specs`] order.
+    pub adapters: Option<Vec<Vec<f32>>>,
 }
 
 /// Loads `model.base` (or describes a random initialisation), checking that the tokenizer fits
@@ -32,12 +36,24 @@ pub fn load_base(config: &JobConfig, rt: &tokio::runtime::Runtime) -> Result<Bas
             values: None,
             tokenizer: Tokenizer::Bytes,
             origin: None,
+            adapters: None,
         },
         BaseModel::LatestExport(lineage) => {
-            // Last night's promoted model, checked against its lockstep.json.
-            let dir = rt.block_on(crate::export::resolve_latest(&as_url(lineage)))?;
-            tracing::info!(version = %dir, "starting from the promoted export");
-            load_hf(&dir, rt)?
+            // Last night's promoted model (or adapter), checked against its lockstep.json.
+            match rt.block_on(crate::export::resolve_promoted(&as_url(lineage)))? {
+                Promoted::Model(dir) => {
+                    tracing::info!(version = %dir, "starting from the promoted export");
+                    load_hf(&dir, rt)?
+                }
+                Promoted::Adapter {
+                    dir,
+                    base,
+                    base_sha256,
+                } => {
+                    tracing::info!(version = %dir, base = %base, "starting from the promoted adapter on its base");
+                    load_adapter(config, &dir, &base, &base_sha256, rt)?
+                }
+            }
         }
         BaseModel::Dir(dir) => load_hf(&as_url(dir), rt)?,
     };
@@ -81,7 +97,79 @@ fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
         values: Some(weights.values),
         tokenizer,
         origin: Some((base.to_string(), sha)),
+        adapters: None,
     })
+}
+
+/// A promoted LoRA adapter (`dir`) on the base it was trained on (`base`, whose
+/// model.safetensors must still have sha256 `base_sha256`), for a job whose `[lora]` has the
+/// adapter's rank, alpha and targets.
+fn load_adapter(
+    config: &JobConfig,
+    dir: &str,
+    base: &str,
+    base_sha256: &str,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Base> {
+    let record = format!("{dir}/lockstep.json");
+    let refuse = |file: &str, reason: String| Error::Model {
+        file: file.to_string(),
+        reason,
+    };
+    let Some(section) = &config.lora else {
+        return Err(refuse(
+            &record,
+            "the promoted version is a LoRA adapter: a job starting from it needs the [lora] it \
+             was trained with"
+                .into(),
+        ));
+    };
+    let mut loaded = load_hf(base, rt)?;
+    if let Some((_, sha)) = &loaded.origin
+        && sha != base_sha256
+    {
+        return Err(refuse(
+            &format!("{base}/model.safetensors"),
+            format!(
+                "its sha256 is {sha}, but the promoted adapter was trained on {base_sha256}: the \
+                 base changed since, and the adapter does not fit another base"
+            ),
+        ));
+    }
+    let settings = crate::model::LoraSettings::from_section(section);
+    let file = format!("{dir}/adapter_config.json");
+    let text = rt.block_on(objects::read_url(&file))?;
+    let adapter: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| refuse(&file, format!("not an adapter config: {e}")))?;
+    let mut targets: Vec<String> = adapter["target_modules"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    targets.sort();
+    let mut want = settings.targets.clone();
+    want.sort();
+    let same = adapter["r"].as_u64() == Some(settings.r as u64)
+        && adapter["lora_alpha"].as_f64() == Some(settings.alpha)
+        && targets == want;
+    if !same {
+        return Err(refuse(
+            &file,
+            format!(
+                "the promoted adapter is r = {}, alpha = {}, target_modules = {:?}; this job's \
+                 [lora] is r = {}, alpha = {}, {:?}: they must be the same to train on from it",
+                adapter["r"], adapter["lora_alpha"], targets, settings.r, settings.alpha, want
+            ),
+        ));
+    }
+    let file = format!("{dir}/adapter_model.safetensors");
+    let bytes = rt.block_on(objects::read_url(&file))?;
+    let values = hf::import_tensors(&bytes, &file, &settings.specs(&loaded.config))?;
+    loaded.adapters = Some(values);
+    Ok(loaded)
 }
 
 /// The tokenizer a run of `config` encodes its data with, and the model's vocabulary, without
@@ -93,7 +181,11 @@ pub fn load_tokenizer(
     let base = match &config.model.base {
         BaseModel::Init => return Ok((Tokenizer::Bytes, config.model.vocab_size as usize)),
         BaseModel::LatestExport(lineage) => {
-            rt.block_on(crate::export::resolve_latest(&as_url(lineage)))?
+            match rt.block_on(crate::export::resolve_promoted(&as_url(lineage)))? {
+                Promoted::Model(dir) => dir,
+                // An adapter's tokenizer is its base's.
+                Promoted::Adapter { base, .. } => base,
+            }
         }
         BaseModel::Dir(dir) => as_url(dir),
     };

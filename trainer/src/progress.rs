@@ -44,6 +44,7 @@ impl Progress {
             Event::Preparing { .. } => {}
             Event::Started {
                 params,
+                lora,
                 docs,
                 data_tokens,
                 skipped,
@@ -62,8 +63,9 @@ impl Progress {
                 } else {
                     String::new()
                 };
+                let lora = lora.as_ref().map_or(String::new(), |l| format!(" ({l})"));
                 say!(
-                    "model: {:.2}M parameters; data: {docs} documents, {data_tokens} tokens{skipped}; {from} of {total_steps}",
+                    "model: {:.2}M parameters{lora}; data: {docs} documents, {data_tokens} tokens{skipped}; {from} of {total_steps}",
                     *params as f64 / 1e6
                 );
                 if let Some(bar) = &self.bar {

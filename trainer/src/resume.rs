@@ -118,6 +118,8 @@ pub fn begin<B: AutodiffBackend>(
     device: &burn::tensor::Device<B::InnerBackend>,
 ) -> Result<(TrainState<B>, TrainerState)> {
     let seed = config.train.seed;
+    // A promoted adapter to start from (instead of fresh adapters).
+    let adapters = base.adapters.take();
     // With [lora], the base (frozen) is needed whether or not a checkpoint is resumed: a LoRA
     // checkpoint holds only the adapters.
     let lora = match &config.lora {
@@ -144,12 +146,15 @@ pub fn begin<B: AutodiffBackend>(
         let model = match lora {
             Some(start) => {
                 let mut model = start.model;
-                model.lora = Some(Lora::init(
-                    start.settings.clone(),
-                    &base.config,
-                    seed,
-                    device,
-                ));
+                model.lora = Some(match adapters {
+                    Some(values) => {
+                        let mut l =
+                            Lora::from_values(start.settings.clone(), &base.config, values, device);
+                        l.seed = seed;
+                        l
+                    }
+                    None => Lora::init(start.settings.clone(), &base.config, seed, device),
+                });
                 lora_state = Some(LoraState {
                     settings: start.settings,
                     base: start.base,

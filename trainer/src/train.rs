@@ -51,6 +51,9 @@ pub enum Event {
     Started {
         /// Parameters.
         params: usize,
+        /// A LoRA run's adapters, in words (rank, targets, trained parameters, where they start
+        /// from); `None`: a full fine-tune.
+        lora: Option<String>,
         /// Documents of the data.
         docs: usize,
         /// Tokens of the data.
@@ -234,12 +237,31 @@ pub fn train<B: AutodiffBackend>(
             moved_to: s.moved_to,
         });
     }
+    let from_adapter = base.adapters.is_some();
+    let resumed = ckpt.is_some();
     let (mut state, mut ts) = resume::begin::<B>(&plan, config, base, ckpt.as_ref(), device)?;
     drop(ckpt);
     ts.provenance = provenance;
     let from_step = ts.step;
+    let lora = state.model.lora.as_ref().map(|l| {
+        let trained: usize = l.specs.iter().map(|s| s.numel()).sum();
+        let start = if resumed {
+            "from the checkpoint"
+        } else if from_adapter {
+            "from the promoted adapter"
+        } else {
+            "fresh"
+        };
+        format!(
+            "LoRA r = {} on {}: {:.3}M trained, {start}",
+            l.settings.r,
+            l.settings.targets.join(", "),
+            trained as f64 / 1e6
+        )
+    });
     on_event(&Event::Started {
         params: state.model.num_params(),
+        lora,
         docs,
         data_tokens,
         skipped,

@@ -467,3 +467,78 @@ fn a_killed_lora_run_resumes_identically_and_its_checkpoints_hold_only_adapters(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is a LoRA adapter"), "{err}");
 }
+
+/// The nightly chain with LoRA: a job whose `model.base` is a lineage whose promoted version is
+/// a LoRA adapter starts from that adapter, on the base it was trained on; other [lora]
+/// settings, or no [lora], are refused saying why.
+#[test]
+fn a_lora_job_starts_from_a_promoted_adapter_on_its_base() {
+    let _gang = crate::common::one_gang();
+    let d = tempfile::tempdir().unwrap();
+    let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../trainer/tests/fixtures/tiny-llama3")
+        .canonicalize()
+        .unwrap();
+    let to = format!("file://{}/exp", d.path().display());
+    let job = |name: &str, dir: &Path, base: &str, r: u32| {
+        std::fs::create_dir_all(dir).unwrap();
+        TestJob::tiny(name)
+            .steps(4)
+            .set("model.base", format!("\"{base}\""))
+            .set("lora.r", r)
+            .checkpoint_url(&format!("file://{}/ckpt", dir.display()))
+            .write_to(dir)
+    };
+    let first = d.path().join("first");
+    let out = run(&job("nightly", &first, &base.display().to_string(), 4), &[]);
+    assert!(out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["export", &format!("file://{}/ckpt", first.display())])
+        .args(["--to", &to, "--lora", "adapter", "--promote"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let lineage = format!("latest-export:{to}/nightly");
+    let next = d.path().join("next");
+    let out = run(&job("nightly", &next, &lineage, 4), &[]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("from the promoted adapter"), "{err}");
+    // Its first loss is the trained adapter's, not a fresh one's (which is the base's).
+    let first_loss = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("step 1/4 loss "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+    };
+    let fresh = run(
+        &job(
+            "nightly",
+            &d.path().join("fresh"),
+            &base.display().to_string(),
+            4,
+        ),
+        &[],
+    );
+    let fresh_err = String::from_utf8_lossy(&fresh.stderr);
+    assert!(first_loss(&err).is_some(), "{err}");
+    assert_ne!(
+        first_loss(&err),
+        first_loss(&fresh_err),
+        "{err}\n{fresh_err}"
+    );
+
+    let other = d.path().join("other");
+    let out = run(&job("nightly", &other, &lineage, 8), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("adapter_config.json") && err.contains("r = 4"),
+        "{err}"
+    );
+}

@@ -31,7 +31,7 @@ mod read;
 pub use lineage::{Damaged, Decision, FileEntry, Handoff, Latest, Lineage, Record};
 pub use promote::gate;
 use promote::promote;
-pub use read::{Listing, list, resolve_latest};
+pub use read::{Listing, Promoted, list, resolve_latest, resolve_promoted};
 
 /// The marker (and lineage record) of a finished version.
 pub const LINEAGE_FILE: &str = "lockstep.json";
@@ -336,7 +336,10 @@ fn model_files(
 /// The tokenizer files `base` has (a directory path or URL, or a `latest-export:` lineage).
 async fn tokenizer_files(base: &str) -> Result<Vec<(String, Bytes)>> {
     let base = match BaseModel::parse(base) {
-        BaseModel::LatestExport(lineage) => resolve_latest(&as_url(&lineage)).await?,
+        BaseModel::LatestExport(lineage) => match resolve_promoted(&as_url(&lineage)).await? {
+            Promoted::Model(dir) => dir,
+            Promoted::Adapter { base, .. } => base,
+        },
         BaseModel::Dir(dir) => as_url(&dir),
         BaseModel::Init => return Ok(Vec::new()),
     };

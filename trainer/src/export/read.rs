@@ -10,10 +10,41 @@ use super::{
 };
 use crate::error::{Error, Result};
 
-/// The directory URL of the version `<lineage_url>/latest.json` promotes, once every file it
-/// lists in its `lockstep.json` has the size and sha256 recorded there (a damaged export is
-/// refused, naming the file). For a nightly job starting from last night's model.
+/// What `latest.json` promotes: a model, or a LoRA adapter and the base it was trained on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promoted {
+    /// A Hugging Face model directory (URL).
+    Model(String),
+    /// A PEFT adapter directory (URL) for `base` (the directory URL it was trained on), whose
+    /// `model.safetensors` must have sha256 `base_sha256`.
+    Adapter {
+        /// The adapter's directory.
+        dir: String,
+        /// The base's directory.
+        base: String,
+        /// Its `model.safetensors`' sha256 when the adapter was trained.
+        base_sha256: String,
+    },
+}
+
+/// The directory URL of the model version `<lineage_url>/latest.json` promotes (see
+/// [`resolve_promoted`]); a promoted LoRA adapter is refused: it is not a model.
 pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
+    match resolve_promoted(lineage_url).await? {
+        Promoted::Model(dir) => Ok(dir),
+        Promoted::Adapter { dir, .. } => Err(Error::Model {
+            file: format!("{dir}/{LINEAGE_FILE}"),
+            reason: "the promoted version is a LoRA adapter (export.lora = \"adapter\"), not a \
+                     model: only a job with [lora] can start from it (on its base)"
+                .into(),
+        }),
+    }
+}
+
+/// What `<lineage_url>/latest.json` promotes, once every file its `lockstep.json` lists has
+/// the size and sha256 recorded there (a damaged export is refused, naming the file). For a
+/// nightly job starting from last night's model (or adapter).
+pub async fn resolve_promoted(lineage_url: &str) -> Result<Promoted> {
     let lineage_url = lineage_url.trim_end_matches('/');
     let latest_url = format!("{lineage_url}/{LATEST_FILE}");
     let model = |file: &str, reason: String| Error::Model {
@@ -64,16 +95,15 @@ pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
     })?;
     let record: Record = serde_json::from_slice(&bytes)
         .map_err(|e| model(&record_url, format!("not a lockstep.json: {e}")))?;
-    // What makes a model: an export without them (an empty list checks nothing) is refused.
-    if record.files.iter().any(|f| f.name == "adapter_config.json") {
-        return Err(model(
-            &record_url,
-            "the promoted version is a LoRA adapter (export.lora = \"adapter\"), not a model: a \
-             base must be a full model (export its job with export.lora = \"merge\")"
-                .into(),
-        ));
-    }
-    for required in ["model.safetensors", "config.json"] {
+    // What makes a model (or an adapter): an export without them (an empty list checks
+    // nothing) is refused.
+    let adapter = record.files.iter().any(|f| f.name == "adapter_config.json");
+    let required: &[&str] = if adapter {
+        &["adapter_model.safetensors", "adapter_config.json"]
+    } else {
+        &["model.safetensors", "config.json"]
+    };
+    for &required in required {
         if !record.files.iter().any(|f| f.name == required) {
             return Err(model(
                 &record_url,
@@ -115,7 +145,39 @@ pub async fn resolve_latest(lineage_url: &str) -> Result<String> {
             ));
         }
     }
-    Ok(dir)
+    if !adapter {
+        return Ok(Promoted::Model(dir));
+    }
+    // An adapter names the base it was trained on and that base's hash.
+    if record.trained_from.get("base").and_then(|b| b.as_str()) == Some("init") {
+        return Err(model(
+            &record_url,
+            "the promoted version is a LoRA adapter trained on a random base (model.base = \
+             \"init\"), which no other job has: it cannot be started from"
+                .into(),
+        ));
+    }
+    let from = |key: &str| {
+        record
+            .trained_from
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                model(
+                    &record_url,
+                    format!(
+                        "the promoted adapter's lineage has no `{key}`: its base is unknown, so \
+                         it cannot be trained on"
+                    ),
+                )
+            })
+    };
+    Ok(Promoted::Adapter {
+        base: from("base_read_from")?,
+        base_sha256: from("base_safetensors_sha256")?,
+        dir,
+    })
 }
 
 /// A lineage's finished versions, oldest first, each with its promotion decision, and which

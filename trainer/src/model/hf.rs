@@ -111,6 +111,51 @@ pub fn import(bytes: &[u8], file: &str, config: &LlamaConfig) -> Result<Imported
     Ok(ImportedWeights { values: out, dtype })
 }
 
+/// Exactly the tensors `specs` names (in that order, as f32), from a safetensors file that
+/// holds nothing else (a LoRA adapter file): each must be there with its shape.
+pub fn import_tensors(
+    bytes: &[u8],
+    file: &str,
+    specs: &[super::ParamSpec],
+) -> Result<Vec<Vec<f32>>> {
+    let bad = |reason: String| Error::Model {
+        file: file.into(),
+        reason,
+    };
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let wanted: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let mut names = st.names();
+    names.sort();
+    if let Some(extra) = names.iter().find(|n| !wanted.contains(**n)) {
+        return Err(bad(format!(
+            "unexpected tensor `{extra}` (not one of the adapters [lora] makes)"
+        )));
+    }
+    specs
+        .iter()
+        .map(|spec| {
+            let name = &spec.name;
+            let view = st
+                .tensor(name)
+                .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+            if view.shape() != spec.shape.as_slice() {
+                return Err(bad(format!(
+                    "tensor `{name}` has shape {:?}; [lora] implies {:?}",
+                    view.shape(),
+                    spec.shape
+                )));
+            }
+            widen(&view).map(|(v, _)| v).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has dtype {:?}; only F32, BF16 and F16 are supported",
+                    view.dtype()
+                ))
+            })
+        })
+        .collect()
+}
+
 fn widen(view: &TensorView<'_>) -> Option<(Vec<f32>, WeightDtype)> {
     let d = view.data();
     Some(match view.dtype() {
