@@ -99,6 +99,9 @@ pub mod limits {
     pub const MAX_KEEP_LAST: usize = 1_000_000;
     /// `lora.r`.
     pub const MAX_LORA_R: u32 = 65_536;
+    /// `lora.alpha` (the adapters' scale is `alpha / r`; far past any useful value, well inside
+    /// f32).
+    pub const MAX_LORA_ALPHA: f64 = 1e6;
 }
 
 /// `[job]`: the job's name, its gang (world size), and how it recovers (restarts, timeouts).
@@ -758,8 +761,15 @@ impl JobConfig {
                     &format!("must be 1 to {} (it is {})", limits::MAX_LORA_R, l.r),
                 );
             }
-            if !(l.alpha.is_finite() && l.alpha > 0.0) {
-                return bad("lora.alpha", "must be a positive number");
+            if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= limits::MAX_LORA_ALPHA) {
+                return bad(
+                    "lora.alpha",
+                    &format!(
+                        "must be a positive number of at most {} (it is {})",
+                        limits::MAX_LORA_ALPHA,
+                        l.alpha
+                    ),
+                );
             }
             if !(l.dropout.is_finite() && (0.0..1.0).contains(&l.dropout)) {
                 return bad("lora.dropout", "must be at least 0 and less than 1");
@@ -901,6 +911,7 @@ mod tests {
         for (set, field) in [
             ("lora.r=0", "lora.r"),
             ("lora.alpha=-1", "lora.alpha"),
+            ("lora.alpha=1e308", "lora.alpha"),
             ("lora.dropout=1.0", "lora.dropout"),
             ("lora.target_modules=[\"qproj\"]", "lora.target_modules"),
             ("lora.target_modules=[]", "lora.target_modules"),

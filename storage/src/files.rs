@@ -11,7 +11,21 @@ use std::path::Path;
 /// is refused, naming what it is. The descriptor is returned in blocking mode.
 pub fn open_regular(path: &Path, opts: &mut OpenOptions, follow: bool) -> io::Result<File> {
     let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
-    let f = opts.custom_flags(nofollow | libc::O_NONBLOCK).open(path)?;
+    let f = opts
+        .custom_flags(nofollow | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            // The raw errors of these two cases say nothing a user can act on.
+            let what = match e.raw_os_error() {
+                Some(libc::ELOOP) if !follow => "a symbolic link (not followed here)",
+                Some(libc::ENXIO) => "a FIFO or socket",
+                _ => return e,
+            };
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is {what}, not a regular file", path.display()),
+            )
+        })?;
     let kind = f.metadata()?.file_type();
     if !kind.is_file() {
         return Err(io::Error::new(
@@ -85,6 +99,9 @@ mod tests {
         assert!(ok.success());
         let e = open_regular(&fifo, OpenOptions::new().read(true), false).unwrap_err();
         assert!(e.to_string().contains("is a FIFO"), "{e}");
+        // Opened for writing with no reader: named too, not "No such device or address".
+        let e = open_regular(&fifo, OpenOptions::new().write(true), false).unwrap_err();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
         assert!(read_bounded(&fifo, 10).unwrap().is_empty());
         assert!(is_pipe(&fifo));
         let file = d.path().join("f");
@@ -92,7 +109,8 @@ mod tests {
         assert_eq!(read_bounded(&file, 4).unwrap(), b"01234");
         let link = d.path().join("l");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(open_regular(&link, OpenOptions::new().read(true), false).is_err());
+        let e = open_regular(&link, OpenOptions::new().read(true), false).unwrap_err();
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
         assert!(open_regular(&link, OpenOptions::new().read(true), true).is_ok());
     }
 }

@@ -65,7 +65,7 @@ impl StrayKind {
             Self::Fifo => "a FIFO",
             Self::Socket => "a socket",
             Self::Device => "a device file",
-            Self::File => "a file where a checkpoint directory belongs",
+            Self::File => "a regular file where lockstep keeps a directory",
         }
     }
 

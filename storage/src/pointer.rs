@@ -195,14 +195,19 @@ fn swap_file(file: &std::path::Path, expected: Option<Seen>, bytes: &[u8]) -> Re
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let lock_path = dir.join(format!(".{name}.lock"));
     let lock = open_plain(
-        &dir.join(format!(".{name}.lock")),
+        &lock_path,
         std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true),
     )
-    .map_err(io)?;
+    .map_err(|source| Error::Io {
+        op: "lock",
+        path: lock_path.clone(),
+        source,
+    })?;
     lock.lock().map_err(io)?;
     let now = match read_local(file) {
         Ok(b) => Some(content_tag(&b)),

@@ -290,26 +290,45 @@ impl CheckpointStore {
         })
     }
 
+    /// `set-aside` of a `file://` store when it is there but is not a directory (a link, a
+    /// special file, a file): resume refuses to set checkpoints aside through it.
+    pub async fn set_aside_stray(&self) -> Result<Option<crate::store::Stray>> {
+        let Some(root) = self.local_dir.clone() else {
+            return Ok(None);
+        };
+        let aside = root.join(SET_ASIDE_DIR);
+        let kind = crate::local::blocking("check set-aside", aside.clone(), |d| {
+            crate::local::not_a_dir(d)
+        })
+        .await?;
+        Ok(kind.map(|kind| crate::store::Stray {
+            path: aside.display().to_string(),
+            kind,
+        }))
+    }
+
     /// Moves `step` to `set-aside/step-NNNNNNNNNNNN-UNIXMS-XXXXXXXX/` (a fresh folder each
     /// time) and returns its URL. Crash-safe: every file is copied first while the original
     /// stays committed; then the original manifest is deleted (the step is uncommitted from
     /// then on, and can be committed again), then the original's other files. Whenever it
     /// stops, either the original is still committed or the copy is complete.
     pub async fn set_aside(&self, step: u64) -> Result<String> {
-        if let Some(root) = self.local_dir.clone() {
-            // Copies go under `set-aside/` only when it is a directory of the tree: through a
-            // link they would land wherever it points.
-            let aside = root.join(SET_ASIDE_DIR);
-            let kind = crate::local::blocking("check set-aside", aside.clone(), |d| {
-                crate::local::not_a_dir(d)
-            })
-            .await?;
-            if let Some(kind) = kind {
-                return Err(crate::store::stray_refused(&crate::store::Stray {
-                    path: aside.display().to_string(),
-                    kind,
-                }));
-            }
+        // Copies go under `set-aside/` only when it is a directory of the tree: through a link
+        // they would land wherever it points.
+        if let Some(stray) = self.set_aside_stray().await? {
+            let fix = if stray.kind.removable() {
+                "remove it (`lockstep ckpt gc` removes it)"
+            } else {
+                "move it aside"
+            };
+            return Err(Error::Refused {
+                reason: format!(
+                    "`{}` is {}: a checkpoint that does not verify is moved under `set-aside/`, \
+                     a directory of the checkpoint tree, and never through a link; {fix}",
+                    stray.path,
+                    stray.kind.describe()
+                ),
+            });
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -227,6 +227,9 @@ pub struct GcReport {
     /// Links and special files found in the tree and removed (a link, never what it points
     /// to), and regular files where a step directory belongs (left alone, reported).
     pub strays: Vec<Stray>,
+    /// A dry run's kept steps that hold links or special files: the real gc removes those,
+    /// then verifies the step; the dry run, which removes nothing, counts it as verifying.
+    pub unchecked: Vec<u64>,
 }
 
 /// Splits a checkpoint target `URL[@STEP]`; `@latest` and no suffix mean the newest. Only a

@@ -74,7 +74,17 @@ pub fn load_base(config: &JobConfig, rt: &tokio::runtime::Runtime) -> Result<Bas
 fn load_hf(base: &str, rt: &tokio::runtime::Runtime) -> Result<Base> {
     let read = |name: &str| rt.block_on(objects::read_url(&format!("{base}/{name}")));
     let file = format!("{base}/config.json");
-    let text = read("config.json")?;
+    let text = match read("config.json") {
+        Err(lockstep_storage::Error::NotFound { .. }) if read("adapter_config.json").is_ok() => {
+            return Err(Error::Model {
+                file: base.to_string(),
+                reason: "a PEFT adapter directory, not a model: train on its base (with [lora]), \
+                         or promote the adapter and set model.base = \"latest-export:LINEAGE\""
+                    .into(),
+            });
+        }
+        r => r?,
+    };
     let text = std::str::from_utf8(&text).map_err(|_| Error::Model {
         file: file.clone(),
         reason: "not UTF-8".into(),

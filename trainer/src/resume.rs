@@ -13,7 +13,7 @@ use crate::checkpoint::{LoraStart, LoraState, TrainState, TrainerState};
 use crate::collective::Collective;
 use crate::error::{Error, Result};
 use crate::inputs::Base;
-use crate::model::{Llama, Lora, LoraSettings};
+use crate::model::{Llama, LlamaConfig, Lora, LoraSettings};
 use crate::optim::AdamW;
 use crate::plan::Plan;
 
@@ -107,6 +107,29 @@ fn check_owner(config: &JobConfig, m: &lockstep_storage::Manifest) -> Result<()>
     Ok(())
 }
 
+/// Refuses a LoRA rank above the smaller side of a targeted projection: such an adapter is no
+/// longer low-rank, only larger than the weight it adapts.
+fn check_rank(r: usize, cfg: &LlamaConfig, targets: &[String]) -> Result<()> {
+    let specs = crate::model::param_specs(cfg);
+    for t in targets {
+        let Some(w) = specs
+            .iter()
+            .find(|s| s.name.ends_with(&format!(".{t}.weight")))
+        else {
+            continue;
+        };
+        let most = w.shape[0].min(w.shape[1]);
+        if r > most {
+            return Err(Error::Usage(format!(
+                "lora.r = {r} is more than {t}'s smaller side ({}x{}): an adapter of that rank is \
+                 not low-rank; use lora.r ≤ {most}",
+                w.shape[0], w.shape[1]
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The model, optimizer and trainer state a run starts with: restored from `ckpt` (its
 /// architecture must be the base model's), or the base model's weights (or a random init)
 /// with fresh moments.
@@ -125,6 +148,7 @@ pub fn begin<B: AutodiffBackend>(
     let lora = match &config.lora {
         None => None,
         Some(section) => {
+            check_rank(section.r as usize, &base.config, &section.target_modules)?;
             let identity = match &base.origin {
                 Some((_, sha256)) => format!("sha256 {sha256}"),
                 None => format!("init seed {seed}"),
@@ -181,6 +205,10 @@ pub fn begin<B: AutodiffBackend>(
         );
     }
     state.optim.config = plan.adamw;
-    let ts = plan.trainer_state(config, &base.config, Some(&restored));
+    let mut ts = plan.trainer_state(config, &base.config, Some(&restored));
+    // What this run trains with from here on (a changed lora.dropout is allowed and recorded).
+    if let (Some(now), Some(l)) = (&mut ts.lora, &state.model.lora) {
+        now.settings = l.settings.clone();
+    }
     Ok((state, ts))
 }

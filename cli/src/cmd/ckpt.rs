@@ -46,9 +46,9 @@ pub enum CkptCommand {
     /// would keep is verified first (read in full), and one that does not verify is kept but
     /// not counted, so --keep-last verified checkpoints remain beside it; when none verifies,
     /// nothing is deleted. The newest verified checkpoint and --protect steps are never
-    /// deleted. Symbolic links and special files (FIFOs, sockets, devices) in the tree,
-    /// `set-aside` included, are removed themselves (lockstep makes none): a link is never
-    /// followed, what it points to is not touched. A regular file where a checkpoint directory
+    /// deleted. Symbolic links and special files (FIFOs, sockets, devices) that are or are
+    /// directly in a step directory, and a `set-aside` that is one, are removed themselves
+    /// (lockstep makes none): a link is never followed, what it points to is not touched. A regular file where a checkpoint directory
     /// belongs is reported and left. Nothing outside the checkpoint tree is ever deleted.
     Gc {
         /// Checkpoint root.
@@ -106,9 +106,15 @@ fn split_target(target: &str) -> Result<(&str, Option<u64>)> {
 async fn resolve(target: &str) -> Result<(CheckpointStore, u64)> {
     let (url, step) = split_target(target)?;
     let store = CheckpointStore::open_existing(url)?;
+    // The newest committed step; a link or special file in another step does not stand in
+    // the way of reading this one (resume is stricter: it refuses the whole tree).
+    let newest = || async {
+        let all = store.list_all().await?;
+        Ok::<_, CliError>(all.iter().rev().find(|s| s.committed).map(|s| s.step))
+    };
     let step = match step {
         Some(s) => s,
-        None => match store.latest().await? {
+        None => match newest().await? {
             Some(s) => s,
             None => {
                 return Err(CliError::Usage(format!(
@@ -139,6 +145,18 @@ async fn ls(url: &str, json: bool, out: &mut impl Write) -> Result<ExitCode> {
             .map_err(|e| CliError::Usage(format!("render the listing: {e}")))?;
         writeln!(out, "{text}")?;
         return Ok(ExitCode::SUCCESS);
+    }
+    let aside = store.set_aside_stray().await?;
+    if let Some(x) = &aside {
+        writeln!(
+            out,
+            "set-aside: {x}: resume will not set checkpoints aside through it ({})",
+            if x.kind.removable() {
+                "`lockstep ckpt gc` removes it"
+            } else {
+                "move it aside"
+            }
+        )?;
     }
     if steps.is_empty() {
         writeln!(out, "no checkpoints under {}", store.url())?;
@@ -370,7 +388,12 @@ async fn gc(
     let report = store.gc(policy, protect, dry_run).await?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     for (step, reason) in &report.kept {
-        writeln!(out, "keep          {step:>14}  ({reason:?})")?;
+        let unchecked = if report.unchecked.contains(step) {
+            "; holds links or special files, verified once gc removes them"
+        } else {
+            ""
+        };
+        writeln!(out, "keep          {step:>14}  ({reason:?}{unchecked})")?;
     }
     for step in &report.deleted {
         writeln!(out, "{verb:<12}  {step:>14}")?;

@@ -145,9 +145,16 @@ async fn client(args: &ClientArgs) -> Result<Client> {
         let tls = tonic::transport::ClientTlsConfig::new();
         let tls = match args.tls_ca.clone() {
             Some(path) => {
+                let shown = path.display().to_string();
                 let pem =
                     tokio::task::spawn_blocking(move || super::read_small("read --tls-ca", &path))
                         .await??;
+                // A key or any other file would only fail later as "UnknownIssuer".
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(CliError::Usage(format!(
+                        "--tls-ca {shown}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)"
+                    )));
+                }
                 tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
             }
             None => tls.with_native_roots(),

@@ -47,7 +47,8 @@ pub struct ExportArgs {
     #[arg(long, value_enum, default_value_t = ExportLora::Merge)]
     lora: ExportLora,
     /// A Hugging Face directory or URL whose tokenizer files go with the export (the job's
-    /// model.base).
+    /// model.base); for a LoRA checkpoint also the base merged into (by default the one the
+    /// checkpoint says it was trained on; its model.safetensors must have the same sha256).
     #[arg(long, value_name = "DIR_OR_URL")]
     base: Option<String>,
     /// Promote the version (move latest.json to it) if it passes the eval-loss gate.

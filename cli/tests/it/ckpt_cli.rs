@@ -482,6 +482,17 @@ async fn fifos_and_a_linked_set_aside_are_never_opened_or_followed() {
         "{e}"
     );
 
+    // ls names the planted set-aside; a dry run previews the removals without failing on
+    // them.
+    let o = lockstep_bounded(&["ckpt", "ls", &url]);
+    assert!(text(&o).contains("set-aside: `"), "{}", text(&o));
+    let o = lockstep_bounded(&["ckpt", "gc", &url, "--keep-last", "1", "--dry-run"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("would remove") && text(&o).contains("verified once gc removes them"),
+        "{}",
+        text(&o)
+    );
     // gc removes both FIFOs and the link; step 6 does not verify (kept, not counted), so
     // step 5 is kept as the one that does.
     let o = lockstep_bounded(&["ckpt", "gc", &url, "--keep-last", "1"]);
@@ -527,6 +538,13 @@ async fn fifos_and_a_linked_set_aside_are_never_opened_or_followed() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("left "), "{}", text(&o));
     assert_eq!(std::fs::read(step_dir(3)).unwrap(), b"my notes");
+
+    // A link in an old step does not stand in the way of verifying the newest one.
+    save(&store, 8, 1).await;
+    std::os::unix::fs::symlink(&outside, step_dir(5).join("l")).unwrap();
+    let o = lockstep_bounded(&["ckpt", "verify", &url]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("@8"), "{}", text(&o));
 }
 
 /// gc counts only checkpoints that verify: with the newest corrupt, `--keep-last 1` keeps it

@@ -434,6 +434,24 @@ fn an_export_cut_off_before_its_webhook_delivers_it_on_the_next_run() {
         "{out}"
     );
     std::fs::remove_dir_all(lineage.join("v9")).unwrap();
+    // So is one that is a FIFO (never opened), and a FIFO promotion.json hangs nothing.
+    std::fs::create_dir_all(lineage.join("v8")).unwrap();
+    nix::unistd::mkfifo(
+        &lineage.join("v8/lockstep.json"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(lineage.join("v1/promotion.json"));
+    nix::unistd::mkfifo(
+        &lineage.join("v1/promotion.json"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let (code, out) = lockstep(d, &["export", "ls", &url]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("v8") && out.contains("is a FIFO"), "{out}");
+    std::fs::remove_dir_all(lineage.join("v8")).unwrap();
+    std::fs::remove_file(lineage.join("v1/promotion.json")).unwrap();
     // A latest.json naming a path, not a version, says so (not "missing").
     let latest = lineage.join("latest.json");
     let text = std::fs::read_to_string(&latest).unwrap();

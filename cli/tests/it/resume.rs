@@ -533,6 +533,13 @@ fn a_lora_job_starts_from_a_promoted_adapter_on_its_base() {
         "{err}\n{fresh_err}"
     );
 
+    // A rank above a targeted projection's smaller side is not low-rank: refused by name.
+    let wide = d.path().join("wide");
+    let out = run(&job("wide", &wide, &base.display().to_string(), 200), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lora.r = 200 is more than"), "{err}");
+
     let other = d.path().join("other");
     let out = run(&job("nightly", &other, &lineage, 8), &[]);
     assert!(!out.status.success());

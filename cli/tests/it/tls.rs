@@ -97,6 +97,10 @@ fn a_tls_coordinator_serves_only_clients_that_trust_it_and_its_workers_still_run
     let (code, out) = client(&["--coordinator", &format!("http://127.0.0.1:{port}")]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("needs an https://"), "{out}");
+    // A key given as the CA: named at once, not "UnknownIssuer" later.
+    let (code, out) = client(&["--coordinator", &https, "--tls-ca", "key.pem"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no PEM certificate"), "{out}");
     // Plain http to another machine is refused before anything is sent.
     let (code, out) = client(&["--coordinator", "http://192.0.2.1:7070"]);
     assert_eq!(code, 1, "{out}");

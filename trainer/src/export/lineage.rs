@@ -22,6 +22,9 @@ pub struct Lineage {
     pub(super) latest: Pointer,
     /// Opened by URL (so a `file://` pointer swaps under a lock file), not from a store.
     pub(super) by_url: bool,
+    /// The lineage's directory, for a `file://` lineage: its records are read without ever
+    /// opening a FIFO or following a link planted there.
+    pub(super) local: Option<std::path::PathBuf>,
 }
 
 impl Lineage {
@@ -31,12 +34,17 @@ impl Lineage {
         let url = format!("{}/{name}", export_url.trim_end_matches('/'));
         let (store, root) = objects::open_url(&url)?;
         let latest = Pointer::open(&format!("{url}/{LATEST_FILE}"))?;
+        let local = match lockstep_storage::Location::parse(&url)? {
+            lockstep_storage::Location::File(p) => Some(p),
+            _ => None,
+        };
         Ok(Lineage {
             store,
             root,
             url,
             latest,
             by_url: true,
+            local,
         })
     }
 
@@ -49,6 +57,7 @@ impl Lineage {
             url: url.to_string(),
             latest,
             by_url: false,
+            local: None,
         }
     }
 
@@ -99,6 +108,26 @@ impl Lineage {
         path: &Path,
     ) -> Result<Option<T>> {
         let at = self.display(path);
+        if let Some(root) = &self.local {
+            let rel = path
+                .as_ref()
+                .strip_prefix(self.root.as_ref())
+                .unwrap_or(path.as_ref())
+                .trim_start_matches('/')
+                .to_string();
+            let file = root.join(rel);
+            let read = tokio::task::spawn_blocking(move || read_local_record(&file))
+                .await
+                .map_err(|e| Error::Internal(format!("read {at}: {e}")))?;
+            let bytes = match read {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(Error::Usage(format!("{at}: {e}"))),
+            };
+            return serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Usage(format!("{at}: not a lockstep record: {e}")));
+        }
         let meta = match self.store.head(path).await {
             Ok(m) => m,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -224,12 +253,82 @@ impl Lineage {
         out.sort_by(|a, b| {
             (a.0.created_unix_ms, &a.0.version).cmp(&(b.0.created_unix_ms, &b.0.version))
         });
+        if let Some(root) = self.local.clone() {
+            let odd = tokio::task::spawn_blocking(move || odd_records(&root))
+                .await
+                .unwrap_or_default();
+            for d in odd {
+                if !damaged.iter().any(|x| x.version == d.version) {
+                    damaged.push(d);
+                }
+            }
+        }
         Ok(Scan {
             versions: out,
             damaged,
             empty,
         })
     }
+}
+
+/// A record file of a local lineage: `None` when absent; a link, FIFO, directory or a file
+/// over [`MAX_RECORD`] is an error saying what it is (never opened, never followed).
+fn read_local_record(file: &std::path::Path) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let f = match lockstep_storage::files::open_regular(
+        file,
+        std::fs::OpenOptions::new().read(true),
+        false,
+    ) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    f.take(MAX_RECORD + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_RECORD {
+        return Err(std::io::Error::other(format!(
+            "more than a {MAX_RECORD}-byte record can be"
+        )));
+    }
+    Ok(Some(bytes))
+}
+
+/// Version directories of a local lineage whose `lockstep.json` is there but is not a regular
+/// file (a directory, a FIFO, a link), with what it is: a listing of objects does not show
+/// them, and they must not vanish from `export ls`.
+fn odd_records(root: &std::path::Path) -> Vec<Damaged> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(m) = std::fs::symlink_metadata(e.path().join(LINEAGE_FILE)) else {
+            continue;
+        };
+        let t = m.file_type();
+        let what = if t.is_file() {
+            continue;
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_symlink() {
+            "a symbolic link"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else {
+            "not a regular file"
+        };
+        out.push(Damaged {
+            version: e.file_name().to_string_lossy().into_owned(),
+            why: format!("its {LINEAGE_FILE} is {what}, not a record"),
+        });
+    }
+    out.sort_by(|a, b| a.version.cmp(&b.version));
+    out
 }
 
 /// What [`Lineage::scan`] found.

@@ -179,26 +179,102 @@ pub fn utc_date(unix_ms: u64) -> String {
     lockstep_api::date::iso(unix_ms).replace('-', "")
 }
 
-/// The `model.safetensors` a LoRA checkpoint's adapters were trained on (its URL in the
-/// checkpoint's provenance), checked against `identity` (`sha256 HEX`); `None` for a random
+/// A LoRA checkpoint's claims, checked against each other before anything is exported: its
+/// settings are valid, its base identity is the one its provenance recorded, and it holds
+/// exactly the adapters its settings make (no more, no fewer).
+fn check_lora_state(
+    state: &TrainerState,
+    lora: &crate::checkpoint::LoraState,
+    tensors: &[lockstep_storage::Tensor],
+) -> std::result::Result<(), String> {
+    let s = &lora.settings;
+    if s.r == 0
+        || !(s.alpha.is_finite() && s.alpha > 0.0)
+        || !(s.dropout.is_finite() && (0.0..1.0).contains(&s.dropout))
+        || s.targets.is_empty()
+        || s.targets
+            .iter()
+            .any(|t| !lockstep_api::LORA_TARGETS.contains(&t.as_str()))
+    {
+        return Err(format!(
+            "its trainer state records LoRA settings no job can have ({s:?}): the manifest is \
+             damaged"
+        ));
+    }
+    let recorded = state
+        .provenance
+        .get("base_safetensors_sha256")
+        .and_then(|v| v.as_str());
+    let consistent = match (lora.base.strip_prefix("sha256 "), recorded) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => lora.base.starts_with("init seed "),
+        _ => false,
+    };
+    if !consistent {
+        return Err(format!(
+            "its trainer state names base `{}` but its provenance records {}: the manifest is \
+             damaged",
+            lora.base,
+            recorded.map_or("a random base".into(), |r| format!("sha256 {r}"))
+        ));
+    }
+    let names: std::collections::HashSet<String> = s
+        .specs(&state.model_config)
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    if let Some(extra) = tensors
+        .iter()
+        .map(|t| t.name.trim_start_matches(crate::checkpoint::EXP_AVG_SQ))
+        .map(|n| n.trim_start_matches(crate::checkpoint::EXP_AVG))
+        .find(|n| !names.contains(*n))
+    {
+        return Err(format!(
+            "it holds tensor `{extra}`, which its LoRA settings do not make: the manifest is \
+             damaged"
+        ));
+    }
+    Ok(())
+}
+
+/// The `model.safetensors` a LoRA checkpoint's adapters were trained on, checked against
+/// `identity` (`sha256 HEX`): read from `from` (`--base`, a directory or URL) when given,
+/// else from where the checkpoint's provenance says it was read; `None` for a random
 /// (`init seed N`) base, which is made again.
-async fn lora_base(state: &TrainerState, identity: &str) -> Result<Option<(String, Bytes)>> {
+async fn lora_base(
+    state: &TrainerState,
+    identity: &str,
+    from: Option<&str>,
+) -> Result<Option<(String, Bytes)>> {
     let Some(want) = identity.strip_prefix("sha256 ") else {
         return Ok(None);
     };
-    let dir = state
+    let recorded = state
         .provenance
         .get("base_read_from")
         .and_then(|v| v.as_str())
-        .ok_or_else(|| {
-            Error::Usage(
+        .map(str::to_string);
+    let dir = match (from.map(BaseModel::parse), recorded) {
+        (Some(BaseModel::Dir(d)), _) => as_url(&d),
+        (Some(BaseModel::LatestExport(l)), _) => resolve_latest(&as_url(&l)).await?,
+        (_, Some(r)) => r,
+        (_, None) => {
+            return Err(Error::Usage(
                 "the checkpoint holds LoRA adapters but does not say where its base was read \
-                 from: it cannot be merged"
+                 from: give the base with --base to merge into"
                     .into(),
-            )
-        })?;
+            ));
+        }
+    };
     let url = format!("{dir}/model.safetensors");
-    let bytes = objects::read_url(&url).await?;
+    let bytes = objects::read_url(&url).await.map_err(|e| match e {
+        lockstep_storage::Error::NotFound { .. } => Error::Usage(format!(
+            "{url}: not found. It is the base the adapters were trained on, and a merge needs it \
+             (moved? give its directory with --base; its model.safetensors must have sha256 \
+             {want})"
+        )),
+        e => e.into(),
+    })?;
     let got = sha256_hex(&bytes);
     if got != want {
         return Err(Error::Usage(format!(
@@ -391,8 +467,20 @@ pub async fn export(req: &Request, to: &str, lineage: Option<Lineage>) -> Result
     let tensors = ckpt.tensors;
     // A LoRA checkpoint holds only the adapters: the base they were trained on is read again
     // (and must be that base, byte for byte) and they are merged into it.
+    if req.lora == LoraExport::Adapter && state.lora.is_none() {
+        return Err(Error::Usage(format!(
+            "{url}@{step} is a full fine-tune's checkpoint, not a LoRA one: it has no adapters \
+             to export (drop --lora adapter / export.lora)"
+        )));
+    }
+    if let Some(lora) = &state.lora {
+        check_lora_state(&state, lora, &tensors)
+            .map_err(|why| Error::Usage(format!("{url}@{step}: {why}")))?;
+    }
     let base_file = match &state.lora {
-        Some(lora) if req.lora == LoraExport::Merge => lora_base(&state, &lora.base).await?,
+        Some(lora) if req.lora == LoraExport::Merge => {
+            lora_base(&state, &lora.base, req.base.as_deref()).await?
+        }
         _ => None,
     };
     let state2 = state.clone();

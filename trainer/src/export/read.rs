@@ -203,11 +203,17 @@ pub async fn list(lineage_url: &str) -> Result<Listing> {
     let url = lineage_url.trim_end_matches('/');
     let (store, root) = objects::open_url(url)?;
     let lineage = Lineage::with_store(store, root, url);
+    let local = match lockstep_storage::Location::parse(url)? {
+        lockstep_storage::Location::File(p) => Some(p),
+        _ => None,
+    };
     let lineage = Lineage {
         latest: lockstep_storage::pointer::Pointer::open(&format!(
             "{}/{LATEST_FILE}",
             lineage.url
         ))?,
+        by_url: true,
+        local,
         ..lineage
     };
     let super::lineage::Scan {

@@ -285,7 +285,7 @@ impl LlamaConfig {
     /// The fields that decide the parameters' names, shapes and meaning; two checkpoints are
     /// compatible only when these are equal.
     pub fn architecture(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut a = serde_json::json!({
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -296,7 +296,15 @@ impl LlamaConfig {
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.theta(),
             "tie_word_embeddings": self.tie_word_embeddings,
-        })
+        });
+        // Only when scaled: an unscaled model's architecture is what it was before this key
+        // existed, so its older checkpoints still resume.
+        match self.rope_scaling() {
+            Ok(RopeScaling::Default) => {}
+            Ok(scaling) => a["rope_scaling"] = serde_json::json!(format!("{scaling:?}")),
+            Err(e) => a["rope_scaling"] = serde_json::json!(e),
+        }
+        a
     }
 
     /// Parameter count.
