@@ -68,8 +68,14 @@ impl Packer {
             return;
         }
         let n = self.store.len();
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        Rng::derive(self.seed, epoch + 1).shuffle(&mut order);
+        // Records are shuffled (a chat's documents stay together and in order); with one
+        // document per record this is the documents' permutation.
+        let mut records = self.store.records();
+        Rng::derive(self.seed, epoch + 1).shuffle(&mut records);
+        let order: Vec<u32> = records
+            .into_iter()
+            .flat_map(|r| r.map(|d| d as u32))
+            .collect();
         let mut starts = Vec::with_capacity(n + 1);
         let mut at = 0u64;
         starts.push(0);
@@ -251,7 +257,7 @@ mod tests {
             .collect();
         let docs: Vec<(Vec<u32>, usize)> = lines
             .lines()
-            .map(|l| encode_record(l.as_bytes(), &Tokenizer::Bytes, 256).unwrap())
+            .map(|l| encode_record(l.as_bytes(), &Tokenizer::Bytes, 256).unwrap().remove(0))
             .collect();
         let mut p = Packer::new(corpus(&lines, false).unwrap(), 5, 9).unwrap();
         let w = p.windows_per_epoch();

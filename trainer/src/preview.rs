@@ -79,11 +79,16 @@ pub fn preview(
         ends.push((end, f.url.clone()));
     }
     let mut out = Vec::new();
-    for d in 0..records.min(store.len()) {
-        let (len, prompt) = store.doc(d);
-        let mut ids = Vec::with_capacity(len as usize);
-        store.read(d, 0, len, &mut ids)?;
-        let loss_mask: Vec<bool> = (0..len).map(|i| i >= prompt).collect();
+    let all = store.records();
+    for (d, docs) in all.iter().take(records).enumerate() {
+        // A record's documents (one, or a chat's turns) back to back.
+        let mut ids = Vec::new();
+        let mut loss_mask = Vec::new();
+        for doc in docs.clone() {
+            let (len, prompt) = store.doc(doc);
+            store.read(doc, 0, len, &mut ids)?;
+            loss_mask.extend((0..len).map(|i| i >= prompt));
+        }
         let mut spans: Vec<(bool, String)> = Vec::new();
         let mut start = 0;
         while start < ids.len() {
@@ -108,7 +113,7 @@ pub fn preview(
     }
     Ok(Preview {
         records: out,
-        docs: store.len(),
+        docs: all.len(),
         tokens: store.tokens(),
         skipped: store.skipped(),
     })

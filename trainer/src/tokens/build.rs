@@ -365,8 +365,7 @@ impl<'a> Builder<'a> {
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
-        let (tokens, prompt) = match super::encode_record(line, self.enc.tokenizer, self.enc.vocab)
-        {
+        let segments = match super::encode_record(line, self.enc.tokenizer, self.enc.vocab) {
             Ok(t) => t,
             Err(_) if self.enc.skip_bad => {
                 self.meta.skipped += 1;
@@ -382,13 +381,33 @@ impl<'a> Builder<'a> {
                 });
             }
         };
-        let len = u32::try_from(tokens.len()).map_err(|_| Error::Data {
-            file: file.into(),
-            line: line_no,
-            reason: "the record has more than 4 billion tokens".into(),
-        })?;
+        let last = segments.len().saturating_sub(1);
+        for (i, (tokens, prompt)) in segments.into_iter().enumerate() {
+            self.add_doc(file, line_no, &tokens, prompt, i < last)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one document; `continues`: the next document is the rest of the same record.
+    fn add_doc(
+        &mut self,
+        file: &str,
+        line_no: u64,
+        tokens: &[u32],
+        prompt: usize,
+        continues: bool,
+    ) -> Result<()> {
+        let len = u32::try_from(tokens.len())
+            .ok()
+            .filter(|&l| l < super::store::CONTINUES)
+            .ok_or_else(|| Error::Data {
+                file: file.into(),
+                line: line_no,
+                reason: "the record has more than 2 billion tokens".into(),
+            })?;
+        let flag = if continues { super::store::CONTINUES } else { 0 };
         self.ids.clear();
-        for &t in &tokens {
+        for &t in tokens {
             if self.meta.width == 2 {
                 self.ids.extend_from_slice(&(t as u16).to_le_bytes());
             } else {
@@ -397,7 +416,7 @@ impl<'a> Builder<'a> {
         }
         let mut doc = [0u8; 8];
         doc[..4].copy_from_slice(&len.to_le_bytes());
-        doc[4..].copy_from_slice(&(prompt as u32).to_le_bytes());
+        doc[4..].copy_from_slice(&(prompt as u32 | flag).to_le_bytes());
         self.tokens_hash.update(&self.ids);
         self.docs_hash.update(&doc);
         let io = |name: &str| {

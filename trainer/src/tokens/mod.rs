@@ -9,7 +9,9 @@
 //! tokenizer is tokenised again):
 //! - `tokens.bin`: every document's token ids back to back, little-endian, 2 bytes each when
 //!   the vocabulary fits in 16 bits and 4 otherwise;
-//! - `docs.bin`: per document, its token count and prompt length (little-endian u32 each);
+//! - `docs.bin`: per document, its token count and prompt length (little-endian u32 each; the
+//!   prompt length's top bit says the next document is the rest of the same record, a chat's
+//!   next assistant turn, and shuffles with it);
 //! - `meta.json`: the counts, the width and the xxh3 of both files.
 //!
 //! A store is built in `<key>.partial/`, synced, and renamed into place while `<key>.lock` is
@@ -41,7 +43,7 @@ pub use record::encode_record;
 pub use store::{FileCount, TokenStore, open};
 
 /// Bumped when the files' layout changes (old stores are then never opened, only swept).
-pub(crate) const FORMAT: u32 = 2;
+pub(crate) const FORMAT: u32 = 3;
 /// Bytes of a JSONL file fetched per request.
 pub(crate) const RANGE: u64 = 8 << 20;
 /// The longest JSONL record accepted (a line without a newline is not read without end).

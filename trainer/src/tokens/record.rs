@@ -19,9 +19,19 @@ struct Record {
     completion: Option<String>,
 }
 
-/// The token ids of one JSONL record (end-of-sequence included) and how many leading ones are
-/// prompt; or why the record is bad.
+/// One JSONL record's documents, in order: each one's token ids and how many leading ones are
+/// prompt (not learnt from). A `text` or `prompt`/`completion` record is one document ending
+/// with the end-of-sequence id; a chat record is one document per assistant turn (the turn's
+/// context, then the turn), stored to stay together. Or why the record is bad.
 pub fn encode_record(
+    line: &[u8],
+    tokenizer: &Tokenizer,
+    vocab: usize,
+) -> Result<Vec<(Vec<u32>, usize)>, String> {
+    encode_single(line, tokenizer, vocab).map(|d| vec![d])
+}
+
+fn encode_single(
     line: &[u8],
     tokenizer: &Tokenizer,
     vocab: usize,

@@ -21,7 +21,14 @@ struct Doc {
     len: u32,
     /// Leading tokens that are prompt (not counted as targets).
     prompt: u32,
+    /// The next document is the rest of the same record (a chat's next turn): they are
+    /// shuffled as one.
+    continues: bool,
 }
+
+/// The bit of a document's prompt field (in `docs.bin`) that says the next document continues
+/// the same record.
+pub(crate) const CONTINUES: u32 = 1 << 31;
 
 /// `meta.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +118,24 @@ impl TokenStore {
         (doc.len, doc.prompt)
     }
 
+    /// Whether document `d + 1` is the rest of `d`'s record (they stay together).
+    pub fn continues(&self, d: usize) -> bool {
+        self.docs[d].continues
+    }
+
+    /// The records: each one's documents, `start..end`, in order.
+    pub fn records(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for (d, doc) in self.docs.iter().enumerate() {
+            if !doc.continues {
+                out.push(start..d + 1);
+                start = d + 1;
+            }
+        }
+        out
+    }
+
     /// Appends tokens `offset..offset + n` of document `d` to `out`.
     pub fn read(&self, d: usize, offset: u32, n: u32, out: &mut Vec<u32>) -> Result<()> {
         let doc = self.docs[d];
@@ -191,16 +216,27 @@ pub fn open(dir: &Path, enc: &Encoding<'_>) -> Result<TokenStore> {
         hash.update(&buf[..n]);
         for d in buf[..n].chunks_exact(8) {
             let len = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
-            let prompt = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
+            let field = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
+            let (prompt, continues) = (field & !CONTINUES, field & CONTINUES != 0);
             if len == 0 || prompt >= len {
                 return Err(damaged(format!(
                     "document {} claims {len} tokens with a {prompt}-token prompt",
                     docs.len()
                 )));
             }
-            docs.push(Doc { start, len, prompt });
+            docs.push(Doc {
+                start,
+                len,
+                prompt,
+                continues,
+            });
             start += u64::from(len);
         }
+    }
+    if docs.last().is_some_and(|d| d.continues) {
+        return Err(damaged(
+            "the last document claims that another of its record follows".into(),
+        ));
     }
     if docs.len() as u64 != meta.docs || start != meta.tokens {
         return Err(damaged(format!(
