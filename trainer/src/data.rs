@@ -257,7 +257,11 @@ mod tests {
             .collect();
         let docs: Vec<(Vec<u32>, usize)> = lines
             .lines()
-            .map(|l| encode_record(l.as_bytes(), &Tokenizer::Bytes, 256).unwrap().remove(0))
+            .map(|l| {
+                encode_record(l.as_bytes(), &Tokenizer::Bytes, 256)
+                    .unwrap()
+                    .remove(0)
+            })
             .collect();
         let mut p = Packer::new(corpus(&lines, false).unwrap(), 5, 9).unwrap();
         let w = p.windows_per_epoch();

@@ -224,7 +224,15 @@ fn hf_tokenizer(
                 .get("eos_token_id")
                 .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
                 .map(|v| v as u32);
-            Tokenizer::from_json(&bytes, &format!("{base}/tokenizer.json"), eos)?
+            let tokenizer = Tokenizer::from_json(&bytes, &format!("{base}/tokenizer.json"), eos)?;
+            // Its chat template, for chat records (`messages`).
+            let file = format!("{base}/tokenizer_config.json");
+            let chat = match read("tokenizer_config.json") {
+                Ok(b) => crate::chat::ChatTemplate::from_config(&b, &file)?,
+                Err(lockstep_storage::Error::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            tokenizer.with_chat(chat)
         }
         Err(lockstep_storage::Error::NotFound { .. }) => {
             tracing::warn!(

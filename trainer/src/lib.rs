@@ -23,6 +23,7 @@
 //! - [`rng`]: the seedable RNG whose state goes into checkpoints.
 //! - [`runtime`]: the small IO runtimes of the control stream, checkpoint writes and reads.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod collective;
 pub mod control;

@@ -15,6 +15,8 @@ pub enum Tokenizer {
         eos: u32,
         /// xxh3-64 of the `tokenizer.json` it was parsed from.
         hash: u64,
+        /// The base's chat template (`tokenizer_config.json`), for chat records.
+        chat: Option<Box<crate::chat::ChatTemplate>>,
     },
 }
 
@@ -57,7 +59,31 @@ impl Tokenizer {
             inner: Box::new(inner),
             eos,
             hash: xxhash_rust::xxh3::xxh3_64(bytes),
+            chat: None,
         })
+    }
+
+    /// This tokenizer with the base's chat template (for chat records).
+    pub fn with_chat(self, template: Option<crate::chat::ChatTemplate>) -> Tokenizer {
+        match self {
+            Tokenizer::Hf {
+                inner, eos, hash, ..
+            } => Tokenizer::Hf {
+                inner,
+                eos,
+                hash,
+                chat: template.map(Box::new),
+            },
+            t => t,
+        }
+    }
+
+    /// The chat template chat records are rendered with, if the base has one.
+    pub fn chat(&self) -> Option<&crate::chat::ChatTemplate> {
+        match self {
+            Tokenizer::Hf { chat, .. } => chat.as_deref(),
+            Tokenizer::Bytes => None,
+        }
     }
 
     /// Token ids of `text` (no special tokens added).
@@ -101,7 +127,12 @@ impl Tokenizer {
     pub fn fingerprint(&self) -> String {
         match self {
             Tokenizer::Bytes => "bytes".into(),
-            Tokenizer::Hf { eos, hash, .. } => format!("hf-{hash:016x}-eos{eos}"),
+            Tokenizer::Hf {
+                eos, hash, chat, ..
+            } => match chat {
+                None => format!("hf-{hash:016x}-eos{eos}"),
+                Some(c) => format!("hf-{hash:016x}-eos{eos}-chat{:016x}", c.fingerprint()),
+            },
         }
     }
 

@@ -405,7 +405,11 @@ impl<'a> Builder<'a> {
                 line: line_no,
                 reason: "the record has more than 2 billion tokens".into(),
             })?;
-        let flag = if continues { super::store::CONTINUES } else { 0 };
+        let flag = if continues {
+            super::store::CONTINUES
+        } else {
+            0
+        };
         self.ids.clear();
         for &t in tokens {
             if self.meta.width == 2 {

@@ -1,8 +1,11 @@
 //! What a JSONL record may hold, and its tokens.
 //!
-//! A record is `{"text": ...}` (every token counts in the loss) or `{"prompt": ...,
-//! "completion": ...}` (only the completion's tokens count); other fields (ids, sources,
-//! metadata) are ignored. Each document ends with the tokenizer's end-of-sequence id.
+//! A record is `{"text": ...}` (every token counts in the loss), `{"prompt": ...,
+//! "completion": ...}` (only the completion's tokens count), or `{"messages": [{"role": ...,
+//! "content": ...}, ...]}` rendered with the base's chat template (only the assistant turns
+//! count; see [`crate::chat`]); other fields (ids, sources, metadata) are ignored. A text or
+//! prompt/completion document ends with the tokenizer's end-of-sequence id; a chat ends as its
+//! template ends it.
 
 use serde::Deserialize;
 
@@ -17,6 +20,8 @@ struct Record {
     prompt: Option<String>,
     #[serde(default)]
     completion: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<crate::chat::Message>>,
 }
 
 /// One JSONL record's documents, in order: each one's token ids and how many leading ones are
@@ -28,7 +33,42 @@ pub fn encode_record(
     tokenizer: &Tokenizer,
     vocab: usize,
 ) -> Result<Vec<(Vec<u32>, usize)>, String> {
-    encode_single(line, tokenizer, vocab).map(|d| vec![d])
+    #[derive(Deserialize)]
+    struct Kind {
+        #[serde(default)]
+        messages: Option<serde_json::Value>,
+    }
+    let kind: Kind = serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
+    if kind.messages.is_none() {
+        return encode_single(line, tokenizer, vocab).map(|d| vec![d]);
+    }
+    let r: Record = serde_json::from_slice(line).map_err(|e| {
+        format!("`messages` must be a list of {{\"role\": ..., \"content\": ...}}: {e}")
+    })?;
+    if r.text.is_some() || r.prompt.is_some() || r.completion.is_some() {
+        return Err(
+            "a chat record has `messages` only (not `text`, `prompt` or `completion`)".into(),
+        );
+    }
+    let messages = r.messages.unwrap_or_default();
+    let Some(template) = tokenizer.chat() else {
+        return Err(
+            "a chat record needs the base model's chat template (`chat_template` in its \
+             tokenizer_config.json), and model.base has none"
+                .into(),
+        );
+    };
+    let docs = template.documents(&messages, &|s| {
+        tokenizer.encode(s).map_err(|e| e.to_string())
+    })?;
+    for (tokens, _) in &docs {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            ));
+        }
+    }
+    Ok(docs)
 }
 
 fn encode_single(

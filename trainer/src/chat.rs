@@ -1,0 +1,228 @@
+//! Chat records (`{"messages": [{"role": ..., "content": ...}, ...]}`) rendered with the base
+//! model's own chat template (`tokenizer_config.json`'s `chat_template`, Jinja, rendered with
+//! minijinja), the loss on the assistant turns only: a turn's tokens are those of the
+//! conversation up to and including it past those of the conversation before it with the
+//! generation prompt (what transformers' `apply_chat_template` renders for each).
+
+use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A chat template and the special tokens it refers to.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    bos: String,
+    eos: String,
+}
+
+/// One message of a chat record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant` (what the template knows).
+    pub role: String,
+    /// Its text.
+    pub content: String,
+}
+
+impl ChatTemplate {
+    /// From a `tokenizer_config.json` (`file` names it in errors): `None` when it has no
+    /// `chat_template`. A list of named templates gives its `default`.
+    pub fn from_config(bytes: &[u8], file: &str) -> Result<Option<ChatTemplate>> {
+        let bad = |reason: String| Error::Model {
+            file: file.into(),
+            reason,
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let source = match &v["chat_template"] {
+            serde_json::Value::Null => return Ok(None),
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string)
+                .ok_or_else(|| bad("chat_template lists no `default` template".into()))?,
+            _ => return Err(bad("chat_template is not a string".into())),
+        };
+        // A special token is a string or `{"content": ...}`.
+        let token = |key: &str| match &v[key] {
+            serde_json::Value::String(s) => s.clone(),
+            o => o["content"].as_str().unwrap_or_default().to_string(),
+        };
+        let t = ChatTemplate {
+            source,
+            bos: token("bos_token"),
+            eos: token("eos_token"),
+        };
+        // Parsed once here, so that a broken template is an error naming the file at start.
+        t.env()
+            .map_err(|e| bad(format!("chat_template does not parse: {e}")))?;
+        Ok(Some(t))
+    }
+
+    /// What decides the rendering (it keys the token cache).
+    pub fn fingerprint(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(
+            format!("{}\0{}\0{}", self.source, self.bos, self.eos).as_bytes(),
+        )
+    }
+
+    fn env(&self) -> std::result::Result<Environment<'static>, JinjaError> {
+        let mut env = Environment::new();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_template_owned("chat", self.source.clone())?;
+        Ok(env)
+    }
+
+    /// `messages` rendered; with `generation`, the prompt for the next assistant turn after.
+    fn render(
+        &self,
+        env: &Environment<'_>,
+        messages: &[Message],
+        generation: bool,
+    ) -> std::result::Result<String, String> {
+        let t = env.get_template("chat").map_err(|e| e.to_string())?;
+        t.render(context! {
+            messages => messages,
+            add_generation_prompt => generation,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        })
+        .map_err(|e| {
+            let mut s = e.to_string();
+            // The template's own words (raise_exception) come first.
+            if let Some(d) = e.detail() {
+                s = d.to_string();
+            }
+            format!("the chat template refuses it: {s}")
+        })
+    }
+
+    /// A conversation's documents: one per assistant turn, each the tokens since the previous
+    /// turn (its context, then the turn), and how many leading ones are context. `encode`
+    /// tokenises text (special tokens in the text included). The conversation must end with
+    /// an assistant turn.
+    pub fn documents(
+        &self,
+        messages: &[Message],
+        encode: &dyn Fn(&str) -> std::result::Result<Vec<u32>, String>,
+    ) -> std::result::Result<Vec<(Vec<u32>, usize)>, String> {
+        if messages.is_empty() {
+            return Err("`messages` is empty".into());
+        }
+        if messages.last().is_some_and(|m| m.role != "assistant") {
+            return Err(
+                "the last message must be the assistant's (nothing after it is learnt from)".into(),
+            );
+        }
+        let env = self.env().map_err(|e| e.to_string())?;
+        let mut docs = Vec::new();
+        let mut done: Vec<u32> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let before = if i == 0 {
+                Vec::new()
+            } else {
+                encode(&self.render(&env, &messages[..i], true)?)?
+            };
+            let upto = encode(&self.render(&env, &messages[..=i], false)?)?;
+            // Every rendering must extend the one before it, token for token.
+            if !before.starts_with(&done) || !upto.starts_with(&before) {
+                return Err(format!(
+                    "the chat template does not render message {i} as a continuation of the \
+                     messages before it, so its loss cannot be placed"
+                ));
+            }
+            if upto.len() == before.len() {
+                return Err(format!("assistant message {i} renders to no tokens"));
+            }
+            docs.push((upto[done.len()..].to_vec(), before.len() - done.len()));
+            done = upto;
+        }
+        Ok(docs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tokenizer::Tokenizer;
+    use crate::tokens::encode_record;
+
+    /// Token ids and loss masks equal what transformers' `apply_chat_template` gives, for a
+    /// Llama 3-style template and ChatML (fixture made by `scripts/make_chat_fixture.py`).
+    #[test]
+    fn chat_records_match_transformers_apply_chat_template() {
+        for family in ["llama3", "chatml"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/chat")
+                .join(family);
+            let json = std::fs::read(dir.join("tokenizer.json")).unwrap();
+            let config = std::fs::read(dir.join("tokenizer_config.json")).unwrap();
+            let template = super::ChatTemplate::from_config(&config, "tokenizer_config.json")
+                .unwrap()
+                .unwrap();
+            let t = Tokenizer::from_json(&json, "tokenizer.json", Some(0))
+                .unwrap()
+                .with_chat(Some(template));
+            let expected: Vec<serde_json::Value> =
+                serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+            for (n, case) in expected.iter().enumerate() {
+                let line = serde_json::json!({"messages": case["messages"]}).to_string();
+                let docs = encode_record(line.as_bytes(), &t, 320).unwrap();
+                let ids: Vec<u32> = docs.iter().flat_map(|(d, _)| d.clone()).collect();
+                let mask: Vec<u32> = docs
+                    .iter()
+                    .flat_map(|(d, p)| (0..d.len()).map(move |i| u32::from(i >= *p)))
+                    .collect();
+                let want_ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+                let want_mask: Vec<u32> =
+                    serde_json::from_value(case["loss_mask"].clone()).unwrap();
+                assert_eq!(ids, want_ids, "{family} conversation {n}: ids");
+                assert_eq!(mask, want_mask, "{family} conversation {n}: loss mask");
+                let turns = case["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["role"] == "assistant")
+                    .count();
+                assert_eq!(docs.len(), turns, "one document per assistant turn");
+            }
+            // Records that do not fit: named, not rendered wrong.
+            let bad = |line: &str| encode_record(line.as_bytes(), &t, 320).unwrap_err();
+            assert!(bad(r#"{"messages": []}"#).contains("empty"));
+            assert!(
+                bad(r#"{"messages": [{"role": "user", "content": "hi"}]}"#)
+                    .contains("last message")
+            );
+            assert!(bad(r#"{"messages": [{"role": "user"}]}"#).contains("role"));
+            assert!(
+                bad(r#"{"messages": [{"role": "user", "content": "a"}], "text": "b"}"#)
+                    .contains("only")
+            );
+            if family == "chatml" {
+                let e = bad(
+                    r#"{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}"#,
+                );
+                assert!(e.contains("unknown role robot"), "{e}");
+            }
+        }
+        // A base without a template: chat records are refused saying so.
+        let e = encode_record(
+            br#"{"messages": [{"role": "assistant", "content": "a"}]}"#,
+            &Tokenizer::Bytes,
+            256,
+        )
+        .unwrap_err();
+        assert!(e.contains("chat template"), "{e}");
+    }
+}
