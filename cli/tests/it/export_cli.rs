@@ -482,3 +482,53 @@ fn set_writable(dir: &Path, writable: bool) {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 }
+
+/// `configs/lora-chat.toml` runs as a user runs it (`lockstep run`, two ranks): LoRA on the
+/// Llama 3-style chat base over the chat data, ending with a promoted PEFT adapter export.
+#[test]
+fn the_lora_chat_example_runs_end_to_end() {
+    let _gang = crate::common::one_gang();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let out = crate::common::lockstep(&root)
+        .args(["run", "configs/lora-chat.toml", "--data-dir"])
+        .arg(d.join("data"))
+        .args([
+            "--set",
+            "train.steps=4",
+            "--set",
+            "checkpoint.every_steps=2",
+        ])
+        .args(["--set", "train.eval_every=2"])
+        .args([
+            "--set",
+            &format!("checkpoint.url=\"file://{}/ckpt\"", d.display()),
+        ])
+        .args([
+            "--set",
+            &format!("export.url=\"file://{}/export\"", d.display()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("promoted (the first)"), "{err}");
+    let lineage = d.join("export/lora-chat");
+    let version = std::fs::read_dir(&lineage)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("adapter_config.json").is_file())
+        .expect("an adapter version");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(version.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["r"], 16);
+    assert!(
+        version.join("tokenizer_config.json").is_file(),
+        "the base's tokenizer goes along"
+    );
+}
