@@ -9,6 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The most instructions one rendering of a chat template may take: far more than any real
+/// template needs for the longest conversation.
+const TEMPLATE_FUEL: u64 = 10_000_000;
+
+/// The longest rendering of one conversation (64 MiB, the longest record).
+const MAX_RENDERED: usize = 64 << 20;
+
 /// A chat template and the special tokens it refers to.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -72,6 +79,10 @@ impl ChatTemplate {
 
     fn env(&self) -> std::result::Result<Environment<'static>, JinjaError> {
         let mut env = Environment::new();
+        // The template comes with the base model: hostile until checked. Its work per
+        // rendering is bounded (a loop over a huge range ends with an error, not a hang).
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(64);
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, JinjaError> {
@@ -90,20 +101,29 @@ impl ChatTemplate {
         generation: bool,
     ) -> std::result::Result<String, String> {
         let t = env.get_template("chat").map_err(|e| e.to_string())?;
-        t.render(context! {
-            messages => messages,
-            add_generation_prompt => generation,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        })
-        .map_err(|e| {
-            let mut s = e.to_string();
-            // The template's own words (raise_exception) come first.
-            if let Some(d) = e.detail() {
-                s = d.to_string();
-            }
-            format!("the chat template refuses it: {s}")
-        })
+        let text = t
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => generation,
+                bos_token => self.bos,
+                eos_token => self.eos,
+            })
+            .map_err(|e| {
+                let mut s = e.to_string();
+                // The template's own words (raise_exception) come first.
+                if let Some(d) = e.detail() {
+                    s = d.to_string();
+                }
+                format!("the chat template refuses it: {s}")
+            })?;
+        if text.len() > MAX_RENDERED {
+            return Err(format!(
+                "the chat template renders it to {} MiB, more than the {} MiB a record may be",
+                text.len() >> 20,
+                MAX_RENDERED >> 20
+            ));
+        }
+        Ok(text)
     }
 
     /// A conversation's documents: one per assistant turn, each the tokens since the previous
@@ -209,6 +229,18 @@ mod tests {
                 bad(r#"{"messages": [{"role": "user", "content": "a"}], "text": "b"}"#)
                     .contains("only")
             );
+            // A template that would run without end is stopped.
+            let endless = br#"{"chat_template": "{% for i in range(9000) %}{% for j in range(9000) %}x{% endfor %}{% endfor %}"}"#;
+            let t2 = Tokenizer::from_json(&json, "tokenizer.json", Some(0))
+                .unwrap()
+                .with_chat(super::ChatTemplate::from_config(endless, "c").unwrap());
+            let e = encode_record(
+                br#"{"messages": [{"role": "assistant", "content": "a"}]}"#,
+                &t2,
+                320,
+            )
+            .unwrap_err();
+            assert!(e.contains("chat template"), "{e}");
             if family == "chatml" {
                 let e = bad(
                     r#"{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}"#,
