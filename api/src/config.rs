@@ -174,7 +174,8 @@ pub struct ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// JSONL files (plain, or compressed: `.gz`, `.zst`): object_store URLs or globs.
+    /// JSONL files (plain, or compressed: `.gz`, `.zst`) or Parquet files (`.parquet`):
+    /// object_store URLs or globs.
     pub train: Vec<String>,
     /// Tokens per packed sequence.
     #[serde(default = "defaults::seq_len")]
@@ -187,7 +188,15 @@ pub struct DataSection {
     /// `train.eval_every` steps and at the end, never trained on. Empty: no evaluation.
     #[serde(default)]
     pub eval: Vec<String>,
+    /// Parquet files: which column holds each record field, e.g. `{ text = "body" }` or
+    /// `{ prompt = "question", completion = "answer" }`, `messages` for chats (a list of
+    /// `{role, content}` structs). Unnamed fields are read from columns of their own name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub columns: std::collections::BTreeMap<String, String>,
 }
+
+/// The record fields `[data.columns]` may map.
+pub const RECORD_FIELDS: [&str; 4] = ["text", "prompt", "completion", "messages"];
 
 /// `[train]`: the optimizer (AdamW), its learning-rate schedule and the batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -791,6 +800,17 @@ impl JobConfig {
         }
         if self.data.train.is_empty() {
             return bad("data.train", "must list at least one file");
+        }
+        for (field, column) in &self.data.columns {
+            if !RECORD_FIELDS.contains(&field.as_str()) {
+                return bad(
+                    "data.columns",
+                    &format!("`{field}` is not one of {}", RECORD_FIELDS.join(", ")),
+                );
+            }
+            if column.is_empty() || column.len() > 256 {
+                return bad("data.columns", &format!("`{field}` names no column"));
+            }
         }
         if self.data.seq_len < 2 {
             return bad("data.seq_len", "must be at least 2");

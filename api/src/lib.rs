@@ -17,7 +17,9 @@ pub mod phase;
 pub mod testing;
 
 pub use base::BaseModel;
-pub use config::{ConfigError, JobConfig, LORA_TARGETS, LoraSection, Resume, Schedule};
+pub use config::{
+    ConfigError, JobConfig, LORA_TARGETS, LoraSection, RECORD_FIELDS, Resume, Schedule,
+};
 pub use phase::Phase;
 
 /// Exit status of `lockstep train` for an error that a restart cannot fix (the config, the

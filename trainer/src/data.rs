@@ -177,6 +177,7 @@ mod tests {
             tokenizer: &Tokenizer::Bytes,
             vocab: 256,
             skip_bad: skip,
+            columns: Default::default(),
         };
         let mut b = Builder::create(&dir, &enc)?;
         let mut l = Lines::new("mem://d.jsonl");

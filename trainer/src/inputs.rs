@@ -262,6 +262,7 @@ pub fn load_tokens(
         tokenizer,
         vocab,
         skip_bad: config.data.skip_bad_records,
+        columns: config.data.columns.clone(),
     };
     tokens::prepare(cache, urls, &enc, rt, watch)
 }

@@ -854,6 +854,91 @@ fn compressed_training_data_trains_to_the_same_parameters() {
     assert_eq!(hash(&d.join("q.jsonl.gz"), "ck-gz"), want);
 }
 
+/// Parquet data (other column names, mapped back by `[data.columns]`; row groups of 500, zstd)
+/// trains to the parameters the same records in JSONL train to; so does a chat Parquet file
+/// (a list-of-structs column) against its JSONL. A file with no mapped column is refused
+/// saying which columns it has.
+#[test]
+fn parquet_training_data_trains_to_the_same_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../trainer/tests/fixtures")
+        .canonicalize()
+        .unwrap();
+    let repo = fixtures.join("../../..").canonicalize().unwrap();
+    let train = |data: &Path, ckpt: &str, extra: &[(&str, String)]| {
+        let mut job = TestJob::tiny("pq")
+            .steps(2)
+            .set("data.train", format!("[\"file://{}\"]", data.display()))
+            .set("checkpoint.url", format!("\"file://{ckpt}\""));
+        for (k, v) in extra {
+            job = job.set(k, v);
+        }
+        job.write_to(d);
+        let out = lockstep(d)
+            .args(["train", "--config", "job.toml", "--no-progress"])
+            .args(["--data-cache", "cache"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let hash = |(ok, text): (bool, String)| {
+        assert!(ok, "{text}");
+        text.rsplit_once("params xxh3 ")
+            .map(|(_, h)| h.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_else(|| panic!("no params hash: {text}"))
+    };
+    let columns = (
+        "data.columns",
+        r#"{ text = "body", prompt = "question", completion = "answer" }"#.to_string(),
+    );
+    let want = hash(train(
+        &repo.join("configs/data/quickstart.jsonl"),
+        "ck-a",
+        &[],
+    ));
+    let got = hash(train(
+        &fixtures.join("parquet/quickstart.parquet"),
+        "ck-b",
+        std::slice::from_ref(&columns),
+    ));
+    assert_eq!(got, want);
+    // Chats: the Llama 3-style chat base, messages from a list-of-structs column.
+    let base = (
+        "model.base",
+        format!(
+            "\"{}\"",
+            repo.join("configs/models/llama3-chat-tiny").display()
+        ),
+    );
+    let want = hash(train(
+        &fixtures.join("parquet/chat.jsonl"),
+        "ck-c",
+        std::slice::from_ref(&base),
+    ));
+    let got = hash(train(
+        &fixtures.join("parquet/chat.parquet"),
+        "ck-d",
+        &[
+            base,
+            ("data.columns", r#"{ messages = "conversation" }"#.into()),
+        ],
+    ));
+    assert_eq!(got, want);
+    // Unmapped columns: refused, naming the ones the file has.
+    let (ok, text) = train(&fixtures.join("parquet/quickstart.parquet"), "ck-e", &[]);
+    assert!(!ok);
+    assert!(
+        text.contains("id, body, question, answer") && text.contains("[data.columns]"),
+        "{text}"
+    );
+}
+
 fn zstd_frame(bytes: &[u8]) -> Vec<u8> {
     zstd::encode_all(bytes, 3).unwrap()
 }

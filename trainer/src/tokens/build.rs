@@ -35,7 +35,8 @@ pub(super) fn build(
     let mut done = 0u64;
     for object in sources {
         let mut lines = Lines::new(&object.url);
-        let (docs_before, skipped_before) = (b.meta.docs, b.meta.skipped);
+        let (records_before, skipped_before) = (b.records, b.meta.skipped);
+        let columns = b.enc.columns.clone();
         let mut each = |line_no: u64, line: &[u8]| b.add(&object.url, line_no, line);
         let mut progress = |watch: &mut Watch<'_>, read: u64| {
             if reported.elapsed() >= REPORT_EVERY {
@@ -50,33 +51,44 @@ pub(super) fn build(
                 (watch.note)(line);
             }
         };
-        match Compression::of(&object.url) {
-            None => {
-                let mut offset = 0;
-                while offset < object.size {
-                    watch.stopped()?;
-                    let end = (offset + RANGE).min(object.size);
-                    let chunk = read_range(object, offset..end, rt)?;
-                    lines.feed(&chunk, &mut each)?;
-                    offset = end;
-                    progress(watch, offset);
-                }
-            }
-            Some(kind) => {
-                // Decompressed as it streams: the compressed file is read in ranges, the
-                // decompressed text handed on in pieces of the same size.
-                let (reader, read) = Ranges::new(object, rt);
-                let mut text = kind.decoder(reader).map_err(|e| kind.error(object, e))?;
-                let mut piece = vec![0u8; RANGE as usize];
-                loop {
-                    watch.stopped()?;
-                    let n = super::store::read_full(&mut text, &mut piece)
-                        .map_err(|e| read.take_error().unwrap_or_else(|| kind.error(object, e)))?;
-                    if n == 0 {
-                        break;
+        if is_parquet(&object.url) {
+            // Rows become records through `[data.columns]`; row groups are read one by one.
+            let mut row_no = 0u64;
+            super::parquet::rows(object, rt, &columns, &mut |row: &[u8]| {
+                watch.stopped()?;
+                row_no += 1;
+                each(row_no, row)
+            })?;
+        } else {
+            match Compression::of(&object.url) {
+                None => {
+                    let mut offset = 0;
+                    while offset < object.size {
+                        watch.stopped()?;
+                        let end = (offset + RANGE).min(object.size);
+                        let chunk = read_range(object, offset..end, rt)?;
+                        lines.feed(&chunk, &mut each)?;
+                        offset = end;
+                        progress(watch, offset);
                     }
-                    lines.feed(&piece[..n], &mut each)?;
-                    progress(watch, read.offset());
+                }
+                Some(kind) => {
+                    // Decompressed as it streams: the compressed file is read in ranges, the
+                    // decompressed text handed on in pieces of the same size.
+                    let (reader, read) = Ranges::new(object, rt);
+                    let mut text = kind.decoder(reader).map_err(|e| kind.error(object, e))?;
+                    let mut piece = vec![0u8; RANGE as usize];
+                    loop {
+                        watch.stopped()?;
+                        let n = super::store::read_full(&mut text, &mut piece).map_err(|e| {
+                            read.take_error().unwrap_or_else(|| kind.error(object, e))
+                        })?;
+                        if n == 0 {
+                            break;
+                        }
+                        lines.feed(&piece[..n], &mut each)?;
+                        progress(watch, read.offset());
+                    }
                 }
             }
         }
@@ -85,7 +97,7 @@ pub(super) fn build(
         b.meta.files += 1;
         b.meta.per_file.push(FileCount {
             url: object.url.clone(),
-            records: b.meta.docs - docs_before,
+            records: b.records - records_before,
             skipped: b.meta.skipped - skipped_before,
         });
     }
@@ -120,6 +132,11 @@ fn read_range(
         });
     }
     Ok(chunk)
+}
+
+/// Whether a data file is Parquet, by its name.
+pub(crate) fn is_parquet(url: &str) -> bool {
+    url.to_ascii_lowercase().ends_with(".parquet")
 }
 
 /// How a data file is compressed, by its name.
@@ -317,6 +334,8 @@ pub struct Builder<'a> {
     docs_hash: Xxh3,
     meta: Meta,
     ids: Vec<u8>,
+    /// Records kept (a chat record is several documents).
+    records: u64,
 }
 
 impl<'a> Builder<'a> {
@@ -356,6 +375,7 @@ impl<'a> Builder<'a> {
                 per_file: Vec::new(),
             },
             ids: Vec::new(),
+            records: 0,
         })
     }
 
@@ -385,6 +405,7 @@ impl<'a> Builder<'a> {
         for (i, (tokens, prompt)) in segments.into_iter().enumerate() {
             self.add_doc(file, line_no, &tokens, prompt, i < last)?;
         }
+        self.records += 1;
         Ok(())
     }
 

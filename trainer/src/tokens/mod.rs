@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
 mod build;
+mod parquet;
 pub mod record;
 mod store;
 
@@ -84,6 +85,8 @@ pub struct Encoding<'a> {
     pub vocab: usize,
     /// Leave bad records out (counting them) instead of failing.
     pub skip_bad: bool,
+    /// Parquet: the column each record field is read from (`[data.columns]`).
+    pub columns: std::collections::BTreeMap<String, String>,
 }
 
 impl Encoding<'_> {
@@ -362,6 +365,7 @@ fn cache_key(sources: &[Object], enc: &Encoding<'_>) -> String {
         "tokenizer": enc.tokenizer.fingerprint(),
         "vocab": enc.vocab,
         "skip_bad": enc.skip_bad,
+        "columns": enc.columns,
         "sources": sources
             .iter()
             .map(|o| serde_json::json!([o.url, o.size, o.version]))
@@ -447,6 +451,7 @@ mod tests {
             tokenizer: &Tokenizer::Bytes,
             vocab: 256,
             skip_bad: false,
+            columns: Default::default(),
         }
     }
 
