@@ -13,6 +13,43 @@ use crate::error::{Error, Result};
 /// template needs for the longest conversation.
 const TEMPLATE_FUEL: u64 = 10_000_000;
 
+/// The most messages one chat record may have: each assistant turn renders the conversation
+/// before it again, so the work grows with the square of the turns.
+const MAX_MESSAGES: usize = 256;
+
+/// `{% generation %}` / `{% endgeneration %}` (with any whitespace control) removed.
+fn strip_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(i) = rest.find("{%") {
+        let Some(j) = rest[i..].find("%}") else {
+            break;
+        };
+        let inner =
+            rest[i + 2..i + j].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        out.push_str(&rest[..i]);
+        if inner != "generation" && inner != "endgeneration" {
+            out.push_str(&rest[i..i + j + 2]);
+        }
+        rest = &rest[i + j + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `s` with control characters escaped (a template's own error text reaches terminals).
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\n' {
+                c.escape_unicode().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// The longest rendering of one conversation (64 MiB, the longest record).
 const MAX_RENDERED: usize = 64 << 20;
 
@@ -83,13 +120,19 @@ impl ChatTemplate {
         // rendering is bounded (a loop over a huge range ends with an error, not a hang).
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_recursion_limit(64);
+        // What Hugging Face's Jinja offers templates: Python's string and dict methods
+        // (`.strip()`, `.startswith()`, `.items()`), `tojson`, `break`/`continue`.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, JinjaError> {
                 Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
             },
         );
-        env.add_template_owned("chat", self.source.clone())?;
+        // `{% generation %}` marks assistant text for transformers' own masks; the turns are
+        // found here by rendering, so the block renders as its contents.
+        let source = strip_generation_tags(&self.source);
+        env.add_template_owned("chat", source)?;
         Ok(env)
     }
 
@@ -114,7 +157,7 @@ impl ChatTemplate {
                 if let Some(d) = e.detail() {
                     s = d.to_string();
                 }
-                format!("the chat template refuses it: {s}")
+                format!("the chat template refuses it: {}", printable(&s))
             })?;
         if text.len() > MAX_RENDERED {
             return Err(format!(
@@ -138,6 +181,13 @@ impl ChatTemplate {
         if messages.is_empty() {
             return Err("`messages` is empty".into());
         }
+        if messages.len() > MAX_MESSAGES {
+            return Err(format!(
+                "{} messages, more than the {MAX_MESSAGES} a chat record may have (split the \
+                 conversation)",
+                messages.len()
+            ));
+        }
         if messages.last().is_some_and(|m| m.role != "assistant") {
             return Err(
                 "the last message must be the assistant's (nothing after it is learnt from)".into(),
@@ -150,17 +200,17 @@ impl ChatTemplate {
             if m.role != "assistant" {
                 continue;
             }
-            let before = if i == 0 {
-                Vec::new()
-            } else {
-                encode(&self.render(&env, &messages[..i], true)?)?
-            };
+            // Also for a first message: the generation prompt before it is context.
+            let before = encode(&self.render(&env, &messages[..i], true)?)?;
             let upto = encode(&self.render(&env, &messages[..=i], false)?)?;
             // Every rendering must extend the one before it, token for token.
             if !before.starts_with(&done) || !upto.starts_with(&before) {
                 return Err(format!(
-                    "the chat template does not render message {i} as a continuation of the \
-                     messages before it, so its loss cannot be placed"
+                    "message {} (counting from 1) does not continue, token for token, what the \
+                     chat template renders before it (a template that renders turns \
+                     differently as the conversation grows, or text that merges with the \
+                     preceding tokens), so its loss cannot be placed",
+                    i + 1
                 ));
             }
             if upto.len() == before.len() {
@@ -241,6 +291,22 @@ mod tests {
             )
             .unwrap_err();
             assert!(e.contains("chat template"), "{e}");
+            let many: Vec<serde_json::Value> = (0..300)
+                .map(|i| serde_json::json!({"role": if i % 2 == 0 {"user"} else {"assistant"}, "content": "x"}))
+                .collect();
+            let e = bad(&serde_json::json!({ "messages": many }).to_string());
+            assert!(e.contains("300 messages"), "{e}");
+            let first = r#"{"messages": [{"role": "assistant", "content": "first"}]}"#;
+            if family == "chatml" {
+                // The generation prompt before a first assistant message is context.
+                let docs = encode_record(first.as_bytes(), &t, 320).unwrap();
+                let header = t.encode("<|im_start|>assistant\n").unwrap();
+                assert_eq!(docs[0].1, header.len(), "{docs:?}");
+            } else {
+                // Llama 3's puts the BOS before the first message only: the turn is not a
+                // continuation of its generation prompt, and is refused rather than mis-masked.
+                assert!(bad(first).contains("counting from 1"), "{}", bad(first));
+            }
             if family == "chatml" {
                 let e = bad(
                     r#"{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}"#,
@@ -248,6 +314,42 @@ mod tests {
                 assert!(e.contains("unknown role robot"), "{e}");
             }
         }
+        // Python string methods, `tojson`, loop controls and `{% generation %}` work as in
+        // transformers; a template's error text is printed with control characters escaped.
+        let json = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/chat/chatml/tokenizer.json"),
+        )
+        .unwrap();
+        let with = |template: &str| {
+            let config = serde_json::json!({ "chat_template": template }).to_string();
+            Tokenizer::from_json(&json, "tokenizer.json", Some(0))
+                .unwrap()
+                .with_chat(super::ChatTemplate::from_config(config.as_bytes(), "c").unwrap())
+        };
+        let t = with(
+            "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}\
+             {{ m.role.upper() }}: {% if m.role == 'assistant' %}{% generation %}\
+             {{ m.content.strip() }}{% endgeneration %}{% else %}{{ m.content | tojson }}\
+             {% endif %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT: {% endif %}",
+        );
+        let docs = encode_record(
+            br#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "  yo  "}]}"#,
+            &t,
+            320,
+        )
+        .unwrap();
+        let text = t.decode(&docs[0].0).unwrap();
+        assert_eq!(text, "USER: \"hi\"\nASSISTANT: yo\n", "{docs:?}");
+        let t = with("{{ raise_exception('\x1b[2Jbad') }}");
+        let e = encode_record(
+            br#"{"messages": [{"role": "assistant", "content": "a"}]}"#,
+            &t,
+            320,
+        )
+        .unwrap_err();
+        assert!(e.contains("\\u{1b}[2Jbad") && !e.contains('\x1b'), "{e}");
+
         // A base without a template: chat records are refused saying so.
         let e = encode_record(
             br#"{"messages": [{"role": "assistant", "content": "a"}]}"#,

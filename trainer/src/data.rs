@@ -36,10 +36,17 @@ impl Packer {
                 file: "data.train".into(),
                 line: 0,
                 reason: format!(
-                    "the data holds {} tokens in {} records; data.seq_len = {seq_len} needs at \
-                     least {}",
+                    "the data holds {} tokens in {} records{}; data.seq_len = {seq_len} needs \
+                     at least {}",
                     store.tokens(),
                     store.len(),
+                    match store.skipped() {
+                        0 => String::new(),
+                        n => format!(
+                            " ({n} bad records skipped: the log of the tokenising run names \
+                             the first)"
+                        ),
+                    },
                     seq_len + 1
                 ),
             });

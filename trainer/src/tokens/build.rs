@@ -101,6 +101,14 @@ pub(super) fn build(
             skipped: b.meta.skipped - skipped_before,
         });
     }
+    if let Some(first) = b.first_skip.take() {
+        let line = format!(
+            "{} bad record(s) skipped (data.skip_bad_records); the first: {first}",
+            b.meta.skipped
+        );
+        tracing::warn!("{line}");
+        (watch.note)(line);
+    }
     let meta = b.write_meta(dir)?;
     tracing::info!(
         docs = meta.docs,
@@ -336,6 +344,8 @@ pub struct Builder<'a> {
     ids: Vec<u8>,
     /// Records kept (a chat record is several documents).
     records: u64,
+    /// The first record skipped as bad, and why (`file:line: reason`).
+    first_skip: Option<String>,
 }
 
 impl<'a> Builder<'a> {
@@ -376,6 +386,7 @@ impl<'a> Builder<'a> {
             },
             ids: Vec::new(),
             records: 0,
+            first_skip: None,
         })
     }
 
@@ -387,8 +398,11 @@ impl<'a> Builder<'a> {
         }
         let segments = match super::encode_record(line, self.enc.tokenizer, self.enc.vocab) {
             Ok(t) => t,
-            Err(_) if self.enc.skip_bad => {
+            Err(reason) if self.enc.skip_bad => {
                 self.meta.skipped += 1;
+                if self.first_skip.is_none() {
+                    self.first_skip = Some(format!("{file}:{line_no}: {reason}"));
+                }
                 return Ok(());
             }
             Err(reason) => {
