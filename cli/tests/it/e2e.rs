@@ -937,6 +937,17 @@ fn parquet_training_data_trains_to_the_same_parameters() {
         text.contains("id, body, question, answer") && text.contains("[data.columns]"),
         "{text}"
     );
+    // A number column read as text is refused, not read as its digits or base64.
+    let (ok, text) = train(
+        &fixtures.join("parquet/quickstart.parquet"),
+        "ck-f",
+        &[("data.columns", r#"{ text = "id" }"#.into())],
+    );
+    assert!(!ok);
+    assert!(
+        text.contains("column `id` (read as `text`) is not a string column"),
+        "{text}"
+    );
 }
 
 fn zstd_frame(bytes: &[u8]) -> Vec<u8> {

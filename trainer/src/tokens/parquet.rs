@@ -110,15 +110,35 @@ pub(super) fn rows(
         .iter()
         .map(|f| (*f, columns.get(*f).map_or(*f, String::as_str)))
         .collect();
-    let have: Vec<String> = reader
+    let fields = reader
         .metadata()
         .file_metadata()
         .schema_descr()
         .root_schema()
         .get_fields()
-        .iter()
-        .map(|f| f.name().to_string())
-        .collect();
+        .to_vec();
+    let have: Vec<String> = fields.iter().map(|f| f.name().to_string()).collect();
+    // A text field must come from a string column: bytes would read as base64.
+    for (field, column) in &names {
+        if *field == "messages" {
+            continue;
+        }
+        let Some(f) = fields.iter().find(|f| f.name() == *column) else {
+            continue;
+        };
+        let info = f.get_basic_info();
+        let string = f.is_primitive()
+            && (info.converted_type() == parquet::basic::ConvertedType::UTF8
+                || matches!(
+                    info.logical_type_ref(),
+                    Some(parquet::basic::LogicalType::String)
+                ));
+        if !string {
+            return Err(bad(format!(
+                "column `{column}` (read as `{field}`) is not a string column"
+            )));
+        }
+    }
     if !names.iter().any(|(_, c)| have.iter().any(|h| h == c)) {
         return Err(bad(format!(
             "none of its columns ({}) is a record field (text, prompt and completion, or \
