@@ -65,6 +65,19 @@ pub struct Object {
 
 /// Looks `url` up without reading it.
 pub async fn head_url(url: &str) -> Result<Object> {
+    // A FIFO (or device) would hang, or never end, the reads that follow (and object_store's
+    // local `head` opens the file): refused before anything opens it.
+    if let Ok(Location::File(local)) = Location::parse(url) {
+        let kind =
+            tokio::task::spawn_blocking(move || std::fs::metadata(local).map(|m| m.is_file()))
+                .await;
+        if let Ok(Ok(false)) = kind {
+            return Err(Error::InvalidUrl {
+                url: url.to_string(),
+                reason: "not a regular file (a FIFO, socket, device or directory?)".into(),
+            });
+        }
+    }
     let (store, path) = open_url(url)?;
     let meta = store.head(&path).await.map_err(|source| match source {
         object_store::Error::NotFound { .. } => Error::NotFound {

@@ -948,6 +948,12 @@ fn parquet_training_data_trains_to_the_same_parameters() {
         text.contains("column `id` (read as `text`) is not a string column"),
         "{text}"
     );
+    // A FIFO named as data is refused, never opened (it would wait for a writer forever).
+    let fifo = d.join("x.parquet");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let (ok, text) = train(&fifo, "ck-g", &[]);
+    assert!(!ok);
+    assert!(text.contains("not a regular file"), "{text}");
 }
 
 fn zstd_frame(bytes: &[u8]) -> Vec<u8> {

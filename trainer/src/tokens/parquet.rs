@@ -118,6 +118,14 @@ pub(super) fn rows(
         .get_fields()
         .to_vec();
     let have: Vec<String> = fields.iter().map(|f| f.name().to_string()).collect();
+    // Two columns of one name: which one a field reads would be a guess.
+    for (field, column) in &names {
+        if have.iter().filter(|h| h == column).count() > 1 {
+            return Err(bad(format!(
+                "it has more than one column named `{column}` (read as `{field}`): rename one"
+            )));
+        }
+    }
     // A text field must come from a string column: bytes would read as base64.
     for (field, column) in &names {
         if *field == "messages" {
@@ -167,6 +175,13 @@ pub(super) fn rows(
             line.clear();
             serde_json::to_writer(&mut line, &record)
                 .map_err(|e| Error::Internal(format!("a Parquet row as JSON: {e}")))?;
+            // The bound a JSONL line has.
+            if line.len() > super::MAX_RECORD_BYTES {
+                return Err(bad(format!(
+                    "a row of row group {group} holds more than {} MiB: not a record",
+                    super::MAX_RECORD_BYTES >> 20
+                )));
+            }
             each(&line)?;
         }
     }
