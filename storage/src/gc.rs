@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use crate::Result;
-use crate::resume::SET_ASIDE_DIR;
 use crate::retention::{RetentionAction, RetentionPolicy};
 use crate::store::{CheckpointStore, GcReport, Stray};
 
@@ -34,20 +33,8 @@ impl CheckpointStore {
             .filter(|s| !s.strays.is_empty() && s.strays.iter().all(|x| x.kind.removable()))
             .map(|s| s.step)
             .collect();
-        if let Some(root) = self.local_dir.clone() {
-            // `set-aside/` itself: a link there would take resume's copies out of the tree.
-            let aside = root.join(SET_ASIDE_DIR);
-            if let Some(kind) = crate::local::blocking("check set-aside", aside.clone(), |d| {
-                crate::local::not_a_dir(d)
-            })
-            .await?
-            {
-                strays.push(Stray {
-                    path: aside.display().to_string(),
-                    kind,
-                });
-            }
-        }
+        // `set-aside/` itself: a link there would take resume's copies out of the tree.
+        strays.extend(self.set_aside_stray().await?);
         let removable: Vec<PathBuf> = strays
             .iter()
             .filter(|s| s.kind.removable())

@@ -59,6 +59,8 @@ pub struct ChatTemplate {
     source: String,
     bos: String,
     eos: String,
+    /// The template parsed, once (every record renders with it).
+    env: Environment<'static>,
 }
 
 /// One message of a chat record.
@@ -96,15 +98,15 @@ impl ChatTemplate {
             serde_json::Value::String(s) => s.clone(),
             o => o["content"].as_str().unwrap_or_default().to_string(),
         };
-        let t = ChatTemplate {
+        // Parsed once here, so that a broken template is an error naming the file at start.
+        let env =
+            Self::env(&source).map_err(|e| bad(format!("chat_template does not parse: {e}")))?;
+        Ok(Some(ChatTemplate {
             source,
             bos: token("bos_token"),
             eos: token("eos_token"),
-        };
-        // Parsed once here, so that a broken template is an error naming the file at start.
-        t.env()
-            .map_err(|e| bad(format!("chat_template does not parse: {e}")))?;
-        Ok(Some(t))
+            env,
+        }))
     }
 
     /// What decides the rendering (it keys the token cache).
@@ -114,7 +116,7 @@ impl ChatTemplate {
         )
     }
 
-    fn env(&self) -> std::result::Result<Environment<'static>, JinjaError> {
+    fn env(source: &str) -> std::result::Result<Environment<'static>, JinjaError> {
         let mut env = Environment::new();
         // The template comes with the base model: hostile until checked. Its work per
         // rendering is bounded (a loop over a huge range ends with an error, not a hang).
@@ -131,7 +133,7 @@ impl ChatTemplate {
         );
         // `{% generation %}` marks assistant text for transformers' own masks; the turns are
         // found here by rendering, so the block renders as its contents.
-        let source = strip_generation_tags(&self.source);
+        let source = strip_generation_tags(source);
         env.add_template_owned("chat", source)?;
         Ok(env)
     }
@@ -139,11 +141,10 @@ impl ChatTemplate {
     /// `messages` rendered; with `generation`, the prompt for the next assistant turn after.
     fn render(
         &self,
-        env: &Environment<'_>,
         messages: &[Message],
         generation: bool,
     ) -> std::result::Result<String, String> {
-        let t = env.get_template("chat").map_err(|e| e.to_string())?;
+        let t = self.env.get_template("chat").map_err(|e| e.to_string())?;
         let text = t
             .render(context! {
                 messages => messages,
@@ -193,7 +194,6 @@ impl ChatTemplate {
                 "the last message must be the assistant's (nothing after it is learnt from)".into(),
             );
         }
-        let env = self.env().map_err(|e| e.to_string())?;
         let mut docs = Vec::new();
         let mut done: Vec<u32> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -201,8 +201,8 @@ impl ChatTemplate {
                 continue;
             }
             // Also for a first message: the generation prompt before it is context.
-            let before = encode(&self.render(&env, &messages[..i], true)?)?;
-            let upto = encode(&self.render(&env, &messages[..=i], false)?)?;
+            let before = encode(&self.render(&messages[..i], true)?)?;
+            let upto = encode(&self.render(&messages[..=i], false)?)?;
             // Every rendering must extend the one before it, token for token.
             if !before.starts_with(&done) || !upto.starts_with(&before) {
                 return Err(format!(

@@ -34,10 +34,7 @@ impl Lineage {
         let url = format!("{}/{name}", export_url.trim_end_matches('/'));
         let (store, root) = objects::open_url(&url)?;
         let latest = Pointer::open(&format!("{url}/{LATEST_FILE}"))?;
-        let local = match lockstep_storage::Location::parse(&url)? {
-            lockstep_storage::Location::File(p) => Some(p),
-            _ => None,
-        };
+        let local = local_dir(&url)?;
         Ok(Lineage {
             store,
             root,
@@ -269,6 +266,14 @@ impl Lineage {
             empty,
         })
     }
+}
+
+/// A `file://` URL's directory (`None` for other stores).
+pub(super) fn local_dir(url: &str) -> Result<Option<std::path::PathBuf>> {
+    Ok(match lockstep_storage::Location::parse(url)? {
+        lockstep_storage::Location::File(p) => Some(p),
+        _ => None,
+    })
 }
 
 /// A record file of a local lineage: `None` when absent; a link, FIFO, directory or a file

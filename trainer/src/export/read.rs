@@ -203,10 +203,7 @@ pub async fn list(lineage_url: &str) -> Result<Listing> {
     let url = lineage_url.trim_end_matches('/');
     let (store, root) = objects::open_url(url)?;
     let lineage = Lineage::with_store(store, root, url);
-    let local = match lockstep_storage::Location::parse(url)? {
-        lockstep_storage::Location::File(p) => Some(p),
-        _ => None,
-    };
+    let local = super::lineage::local_dir(url)?;
     let lineage = Lineage {
         latest: lockstep_storage::pointer::Pointer::open(&format!(
             "{}/{LATEST_FILE}",

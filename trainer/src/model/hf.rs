@@ -83,23 +83,7 @@ pub fn import(bytes: &[u8], file: &str, config: &LlamaConfig) -> Result<Imported
     let mut dtypes: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut out = Vec::with_capacity(specs.len());
     for spec in &specs {
-        let name = &spec.name;
-        let view = st
-            .tensor(name)
-            .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
-        if view.shape() != spec.shape.as_slice() {
-            return Err(bad(format!(
-                "tensor `{name}` has shape {:?}; config.json implies {:?}",
-                view.shape(),
-                spec.shape
-            )));
-        }
-        let (v, d) = widen(&view).ok_or_else(|| {
-            bad(format!(
-                "tensor `{name}` has dtype {:?}; only F32, BF16 and F16 are supported",
-                view.dtype()
-            ))
-        })?;
+        let (v, d) = read_tensor(&st, spec, "config.json", &bad)?;
         *dtypes.entry(d.torch_name()).or_default() += 1;
         out.push(v);
     }
@@ -134,26 +118,35 @@ pub fn import_tensors(
     }
     specs
         .iter()
-        .map(|spec| {
-            let name = &spec.name;
-            let view = st
-                .tensor(name)
-                .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
-            if view.shape() != spec.shape.as_slice() {
-                return Err(bad(format!(
-                    "tensor `{name}` has shape {:?}; [lora] implies {:?}",
-                    view.shape(),
-                    spec.shape
-                )));
-            }
-            widen(&view).map(|(v, _)| v).ok_or_else(|| {
-                bad(format!(
-                    "tensor `{name}` has dtype {:?}; only F32, BF16 and F16 are supported",
-                    view.dtype()
-                ))
-            })
-        })
+        .map(|spec| read_tensor(&st, spec, "[lora]", &bad).map(|(v, _)| v))
         .collect()
+}
+
+/// `spec`'s tensor of `st` as f32, with its stored dtype: there, of the shape `implied_by`
+/// (the config that says it) implies, and of a float dtype.
+fn read_tensor(
+    st: &SafeTensors<'_>,
+    spec: &super::ParamSpec,
+    implied_by: &str,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<(Vec<f32>, WeightDtype)> {
+    let name = &spec.name;
+    let view = st
+        .tensor(name)
+        .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+    if view.shape() != spec.shape.as_slice() {
+        return Err(bad(format!(
+            "tensor `{name}` has shape {:?}; {implied_by} implies {:?}",
+            view.shape(),
+            spec.shape
+        )));
+    }
+    widen(&view).ok_or_else(|| {
+        bad(format!(
+            "tensor `{name}` has dtype {:?}; only F32, BF16 and F16 are supported",
+            view.dtype()
+        ))
+    })
 }
 
 fn widen(view: &TensorView<'_>) -> Option<(Vec<f32>, WeightDtype)> {

@@ -33,24 +33,24 @@ pub fn encode_record(
     tokenizer: &Tokenizer,
     vocab: usize,
 ) -> Result<Vec<(Vec<u32>, usize)>, String> {
-    #[derive(Deserialize)]
-    struct Kind {
-        #[serde(default)]
-        messages: Option<serde_json::Value>,
-    }
-    let kind: Kind = serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
-    if kind.messages.is_none() {
-        return encode_single(line, tokenizer, vocab).map(|d| vec![d]);
-    }
+    // Parsed once; only a record that does not parse is looked at again, for its error.
     let r: Record = serde_json::from_slice(line).map_err(|e| {
-        format!("`messages` must be a list of {{\"role\": ..., \"content\": ...}}: {e}")
+        let chat = serde_json::from_slice::<serde_json::Value>(line)
+            .is_ok_and(|v| v.get("messages").is_some());
+        if chat {
+            format!("`messages` must be a list of {{\"role\": ..., \"content\": ...}}: {e}")
+        } else {
+            format!("not a JSON record: {e}")
+        }
     })?;
+    let Some(messages) = r.messages else {
+        return encode_single(r, tokenizer, vocab).map(|d| vec![d]);
+    };
     if r.text.is_some() || r.prompt.is_some() || r.completion.is_some() {
         return Err(
             "a chat record has `messages` only (not `text`, `prompt` or `completion`)".into(),
         );
     }
-    let messages = r.messages.unwrap_or_default();
     let Some(template) = tokenizer.chat() else {
         return Err(
             "a chat record needs the base model's chat template (`chat_template` in its \
@@ -72,11 +72,10 @@ pub fn encode_record(
 }
 
 fn encode_single(
-    line: &[u8],
+    r: Record,
     tokenizer: &Tokenizer,
     vocab: usize,
 ) -> Result<(Vec<u32>, usize), String> {
-    let r: Record = serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
     let (prompt, completion) = match (r.text, r.prompt, r.completion) {
         (Some(t), None, None) => (String::new(), t),
         (None, Some(p), Some(c)) => (p, c),

@@ -44,17 +44,7 @@ fn lora_logits_gradients_and_steps_match_peft() {
         r: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        targets: lockstep_api::LORA_TARGETS.map(String::from).to_vec(),
     };
     let specs = settings.specs(&cfg);
     assert_eq!(specs.len(), 2 * 7 * cfg.num_hidden_layers);
