@@ -245,6 +245,44 @@ pub struct TrainSection {
     /// 0: only after the last.
     #[serde(default)]
     pub eval_every: u64,
+    /// Numeric precision: `f32`, or `bf16-mixed` (matrix products in bf16, master weights,
+    /// gradients and optimizer state in f32, a `[lora]` job's frozen base held in bf16).
+    // Left out when f32, so an f32 job's results hash is what it was before this field.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+/// `train.precision`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// The projections' and the output head's matrix products in bf16 (inputs and weights
+    /// rounded to bf16, products accumulated in f32 and rounded to bf16), everything else —
+    /// norms, RoPE, attention, the residual stream, the loss — in f32; what is trained keeps
+    /// f32 master weights, gradients and AdamW moments; a `[lora]` job's frozen base is held in
+    /// bf16, halving its memory.
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+}
+
+impl Precision {
+    /// Whether this is `f32`.
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16Mixed => "bf16-mixed",
+        }
+    }
 }
 
 /// How the learning rate decays after warmup.

@@ -12,13 +12,14 @@
 pub mod base;
 pub mod config;
 pub mod date;
+pub mod memory;
 pub mod phase;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use base::BaseModel;
 pub use config::{
-    ConfigError, JobConfig, LORA_TARGETS, LoraSection, RECORD_FIELDS, Resume, Schedule,
+    ConfigError, JobConfig, LORA_TARGETS, LoraSection, Precision, RECORD_FIELDS, Resume, Schedule,
 };
 pub use phase::Phase;
 

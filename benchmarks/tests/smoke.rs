@@ -118,3 +118,11 @@ fn recovery_smoke_recovers_from_a_kill() {
     let f = figures(&text);
     assert_eq!(f["lockstep_seconds"].as_array().unwrap().len(), 1, "{text}");
 }
+
+#[test]
+fn memory_plan_smoke_sets_a_plan_beside_a_measured_run() {
+    let f = figures(&smoke(env!("CARGO_BIN_EXE_memory_plan")));
+    let row = &f["memory_plan"][0];
+    assert!(row["peak_rss_bytes"].as_u64().unwrap() > 0, "{f}");
+    assert!(row["plan"]["total"].as_u64().unwrap() > 0, "{f}");
+}

@@ -52,6 +52,7 @@ enum Command {
     Crd,
     Render(cmd::kube::RenderArgs),
     Train(cmd::train::TrainArgs),
+    Plan(cmd::plan::PlanArgs),
     Export(cmd::export::ExportArgs),
     /// Look at a job's training data as training sees it (`data preview`).
     #[command(subcommand)]
@@ -66,6 +67,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Train(args) => cmd::train::run(args),
         Command::Export(args) => cmd::export::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
         Command::Data(args) => cmd::data::run(args),
         Command::Ckpt(args) => cmd::ckpt::run(args),
         Command::Serve(args) => cmd::serve::run(args),

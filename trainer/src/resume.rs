@@ -5,8 +5,9 @@
 //! rank loads the same checkpoint; with one, the coordinator made it and every rank got the same
 //! answer from `Join`.
 
+use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
-use lockstep_api::{JobConfig, Resume};
+use lockstep_api::{JobConfig, Precision, Resume};
 use lockstep_storage::{Checkpoint, CheckpointStore, SetAside, Want};
 
 use crate::checkpoint::{LoraStart, LoraState, TrainState, TrainerState};
@@ -153,10 +154,16 @@ pub fn begin<B: AutodiffBackend>(
                 Some((_, sha256)) => format!("sha256 {sha256}"),
                 None => format!("init seed {seed}"),
             };
-            let model = match base.values.take() {
-                Some(values) => Llama::from_values(base.config.clone(), values, device),
-                None => Llama::init(base.config.clone(), seed, device),
+            // The frozen base: in bf16 under bf16-mixed (half its memory).
+            let dtype = match config.train.precision {
+                Precision::F32 => DType::F32,
+                Precision::Bf16Mixed => DType::BF16,
             };
+            let values = match base.values.take() {
+                Some(values) => values,
+                None => crate::model::init_values(&base.config, seed),
+            };
+            let model = Llama::from_values_as(base.config.clone(), values, device, dtype);
             Some(LoraStart {
                 settings: LoraSettings::from_section(section),
                 base: identity,
@@ -190,6 +197,8 @@ pub fn begin<B: AutodiffBackend>(
                 None => Llama::init(base.config.clone(), seed, device),
             },
         };
+        let mut model = model;
+        model.precision = config.train.precision;
         let shapes: Vec<[usize; 2]> = model.trained().0.iter().map(|s| s.shape2()).collect();
         let optim = AdamW::new(plan.adamw, &shapes, device);
         let mut ts = plan.trainer_state(config, &base.config, None);
@@ -205,6 +214,7 @@ pub fn begin<B: AutodiffBackend>(
         );
     }
     state.optim.config = plan.adamw;
+    state.model.precision = config.train.precision;
     let mut ts = plan.trainer_state(config, &base.config, Some(&restored));
     // What this run trains with from here on (a changed lora.dropout is allowed and recorded).
     if let (Some(now), Some(l)) = (&mut ts.lora, &state.model.lora) {

@@ -80,6 +80,7 @@ impl<B: AutodiffBackend> TrainState<B> {
                 params: leaves.clone(),
                 lora: None,
                 noise: None,
+                precision: self.model.precision,
             },
             Some(l) => {
                 let lora =
@@ -95,6 +96,7 @@ impl<B: AutodiffBackend> TrainState<B> {
                     config,
                     lora: Some(lora),
                     noise: Some(noise),
+                    precision: self.model.precision,
                 }
             }
         };

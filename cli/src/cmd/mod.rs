@@ -8,6 +8,7 @@
 //! - [`kube`]: `crd`, `render`, and the LockstepJob that `submit --kubernetes` creates.
 //! - [`ckpt`]: `ckpt ls|inspect|verify|gc`.
 //! - [`export`]: `export` and `export ls`.
+//! - [`plan`]: `plan` — one rank's memory, and whether it fits.
 //! - [`train`]: `train` — one rank.
 //! - [`view`]: how a job's progress and summary look (`run`, `watch`).
 
@@ -16,6 +17,7 @@ pub mod client;
 pub mod data;
 pub mod export;
 pub mod kube;
+pub mod plan;
 pub mod run;
 pub mod serve;
 pub mod train;

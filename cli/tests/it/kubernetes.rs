@@ -1000,6 +1000,9 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "{err}"
     );
     small("skewed", "lockstep:skewed", &[]);
+    // A rank that cannot fit its pod's memory limit fails at once, naming the figures and the
+    // knob, before any pod is made (not OOM-killed and restarted).
+    small("cramped", "lockstep:test", &["--memory", "64Mi"]);
     // The export's webhook URL from a Secret: one that is not there is refused up front.
     small(
         "hooked",
@@ -1023,6 +1026,22 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         "{said}"
     );
     assert_eq!(st.phase, Some(JobPhase::Admitting), "{st:#?}");
+    let st = wait_status(&admin, "cramped", Duration::from_secs(60), "refused", |s| {
+        s.phase == Some(JobPhase::Failed)
+    })
+    .await;
+    let why = st.message.clone().unwrap_or_default();
+    assert!(
+        why.starts_with("spec.resources.memory: full fine-tuning of")
+            && why.contains("spec.resources.memory has 67 MB")
+            && why.contains("set [lora]"),
+        "{why}"
+    );
+    let pods = Api::<Pod>::namespaced(admin.clone(), NS)
+        .list(&ListParams::default().labels("lockstep.dev/job=cramped"))
+        .await
+        .unwrap();
+    assert!(pods.items.is_empty(), "{:?}", pods.items.len());
     let st = wait_status(&admin, "badname", Duration::from_secs(60), "failed", |s| {
         s.phase == Some(JobPhase::Failed)
     })

@@ -243,14 +243,13 @@ impl Controller {
             return Ok(Err(why));
         }
         let config = lsj.spec.config.get().map_err(KubeError::Invalid)?;
-        Ok(
-            match self.launcher.preflight(config, &workdir_of(lsj)).await {
-                Ok(()) => Ok(()),
-                // Messages name the config field (`checkpoint.url`) or the spec's.
-                Err(e) if e.0.starts_with("spec.") => Err(e.0),
-                Err(e) => Err(format!("spec.config: {e}")),
-            },
-        )
+        match self.launcher.preflight(config, &workdir_of(lsj)).await {
+            Ok(()) => {}
+            // Messages name the config field (`checkpoint.url`) or the spec's.
+            Err(e) if e.0.starts_with("spec.") => return Ok(Err(e.0)),
+            Err(e) => return Ok(Err(format!("spec.config: {e}"))),
+        }
+        Ok(fits_pod_memory(lsj, config, &workdir_of(lsj)).await)
     }
 
     /// After a submit or adopt: keep its status, or say why it cannot run.
@@ -337,4 +336,41 @@ fn error_policy(lsj: Arc<LockstepJob>, error: &ReconcileError, _ctl: Arc<Control
     }
     tracing::warn!(lockstepjob = %lsj.name_any(), %error, "reconcile failed; retrying in 5 s");
     Action::requeue(Duration::from_secs(5))
+}
+
+/// A CPU job's rank must fit its pod's memory limit (`spec.resources.memory`): checked before
+/// anything is created, so a job that cannot fit fails at once, naming the figures, instead of
+/// being OOM-killed and restarted. (GPU pods: the device's memory is not known here.)
+async fn fits_pod_memory(
+    lsj: &LockstepJob,
+    config: &lockstep_api::JobConfig,
+    workdir: &std::path::Path,
+) -> Result<(), String> {
+    use lockstep_api::memory::{MemoryPlan, Target, parse_size};
+    let r = &lsj.spec.resources;
+    let Some(limit) = &r.memory else {
+        return Ok(());
+    };
+    if r.gpu.is_some_and(|g| g > 0) {
+        return Ok(());
+    }
+    // A quantity this cannot read (`1e9`, `1P`) is left to Kubernetes to judge.
+    let limit = match parse_size(limit) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("spec.resources.memory: {e}; the job's memory is not checked");
+            return Ok(());
+        }
+    };
+    let deadline = tokio::time::Instant::now() + crate::preflight::LIMIT;
+    let sized = crate::preflight::with_base_architecture(config, workdir, deadline)
+        .await
+        .unwrap_or_else(|| config.clone());
+    let plan = MemoryPlan::of(&sized, Target::Cpu);
+    match plan.refusal(&sized, limit, "spec.resources.memory") {
+        None => Ok(()),
+        Some(why) => Err(format!(
+            "spec.resources.memory: {why} (`lockstep plan` shows the figures)"
+        )),
+    }
 }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use lockstep_api::memory::{MemoryPlan, Target};
 use tokio::sync::mpsc;
 
 use super::{
@@ -122,38 +123,12 @@ fn last_error(log: &Path) -> Option<String> {
     Some(line.chars().take(2000).collect())
 }
 
-/// `MemAvailable` from /proc/meminfo, in bytes.
-fn mem_available() -> Option<u64> {
+/// `MemAvailable` from /proc/meminfo, in bytes (`None` off Linux).
+pub fn mem_available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb.saturating_mul(1024))
-}
-
-/// A rough estimate of one rank's memory, in bytes: f32 weights, gradients and two
-/// AdamW moments of the `[model]` architecture, activations of one micro-batch, and the
-/// process itself. Rough on purpose: it only has to catch gangs that cannot possibly fit.
-pub fn rank_memory_estimate(config: &lockstep_api::JobConfig) -> u64 {
-    let m = &config.model;
-    let (h, l, i, v) = (
-        u64::from(m.hidden_size),
-        u64::from(m.num_layers),
-        u64::from(m.intermediate_size),
-        u64::from(m.vocab_size),
-    );
-    // u128: the bounded config values still multiply past u64.
-    let (h, l, i, v) = (h as u128, l as u128, i as u128, v as u128);
-    let kv = h / u128::from(m.num_heads.max(1)) * u128::from(m.num_kv_heads);
-    let per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h;
-    let embeddings = v * h * if m.tie_embeddings { 1 } else { 2 };
-    let params = per_layer * l + embeddings + h;
-    let tokens = u128::from(config.train.batch_size) * u128::from(config.data.seq_len);
-    // ~34 bytes per token, hidden unit and layer in half precision (Korthikanti et al.); f32
-    // here, and the logits.
-    let activations = tokens * (h * l * 34 * 2 + 4 * v);
-    const PROCESS: u128 = 64 << 20;
-    let total = params * 16 + activations + PROCESS;
-    u64::try_from(total).unwrap_or(u64::MAX)
 }
 
 struct LocalWorker {
@@ -303,18 +278,15 @@ impl Launcher for LocalProcess {
         let Some(available) = mem_available() else {
             return Ok(()); // not Linux: nothing to compare with
         };
-        let per_rank = rank_memory_estimate(config);
-        let need = per_rank.saturating_mul(u64::from(config.job.world_size));
-        if need > available {
+        let plan = MemoryPlan::of(config, Target::Cpu);
+        let world = u64::from(config.job.world_size.max(1));
+        let place = format!(
+            "this machine ({} available for job.world_size = {world} local ranks)",
+            lockstep_api::memory::bytes(available)
+        );
+        if let Some(why) = plan.refusal(config, available / world, &place) {
             return Err(Refused(format!(
-                "job.world_size = {} local ranks need about {} MB of memory ({} MB each: \
-                 model, gradients, AdamW moments and activations of train.batch_size × \
-                 data.seq_len), but this machine has {} MB available: lower job.world_size, \
-                 train.batch_size or data.seq_len, or run the job on a cluster",
-                config.job.world_size,
-                need >> 20,
-                per_rank >> 20,
-                available >> 20
+                "{why} (`lockstep plan` shows the figures; or run the job on a cluster)"
             )));
         }
         Ok(())

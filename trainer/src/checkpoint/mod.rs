@@ -267,6 +267,7 @@ impl<B: AutodiffBackend> TrainState<B> {
                 params,
                 lora: None,
                 noise: None,
+                precision: lockstep_api::Precision::F32,
             },
         };
         let optim = AdamW {

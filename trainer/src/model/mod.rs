@@ -17,7 +17,8 @@ pub mod lora;
 
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, bf16};
+use lockstep_api::Precision;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use lora::{Lora, LoraSettings};
@@ -113,6 +114,9 @@ pub struct Llama<B: Backend> {
     /// Seeds the adapters' dropout masks for one forward pass (training); `None`: no
     /// dropout (evaluation).
     pub noise: Option<u64>,
+    /// `train.precision`: with `bf16-mixed` the projections and the output head multiply in
+    /// bf16 (whatever dtype their weights are held in).
+    pub precision: Precision,
 }
 
 /// Token ids and loss targets for one micro-batch of `rows` sequences of `seq_len` tokens.
@@ -147,11 +151,29 @@ impl<B: Backend> Llama<B> {
 
     /// A model from parameter values in [`param_specs`] order (`f32`, row-major, HF layout).
     pub fn from_values(config: LlamaConfig, values: Vec<Vec<f32>>, device: &B::Device) -> Llama<B> {
+        Self::from_values_as(config, values, device, DType::F32)
+    }
+
+    /// As [`Llama::from_values`], holding the parameters in `dtype` (`F32` or `BF16`: a frozen
+    /// base under `bf16-mixed`). Each tensor's f32 values are released as soon as it is made.
+    pub fn from_values_as(
+        config: LlamaConfig,
+        values: Vec<Vec<f32>>,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Llama<B> {
         let specs = param_specs(&config);
         let params = specs
             .iter()
             .zip(values)
-            .map(|(s, v)| Tensor::from_data(TensorData::new(v, s.shape2()), device))
+            .map(|(s, v)| {
+                if dtype == DType::BF16 {
+                    let half: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
+                    Tensor::from_data(TensorData::new(half, s.shape2()), (device, DType::BF16))
+                } else {
+                    Tensor::from_data(TensorData::new(v, s.shape2()), device)
+                }
+            })
             .collect();
         Llama {
             config,
@@ -159,6 +181,7 @@ impl<B: Backend> Llama<B> {
             params,
             lora: None,
             noise: None,
+            precision: Precision::F32,
         }
     }
 
@@ -195,11 +218,19 @@ impl<B: Backend> Llama<B> {
         which: usize,
         rng: &mut Option<Rng>,
     ) -> Tensor<B, 2> {
-        let base = linear(x.clone(), self.layer(l, which));
-        let Some(lora) = &self.lora else {
-            return base;
+        let adapters = self
+            .lora
+            .as_ref()
+            .and_then(|lora| Some((lora, lora.pair(l, which)?)));
+        let bf16 = self.precision == Precision::Bf16Mixed;
+        // Under bf16-mixed the input is rounded to bf16 once, for the base and the adapters.
+        let xb = if bf16 {
+            to_dtype(x.clone(), FloatDType::BF16)
+        } else {
+            x.clone()
         };
-        let Some((a, b)) = lora.pair(l, which) else {
+        let base = self.linear(xb.clone(), self.layer(l, which));
+        let Some((lora, (a, b))) = adapters else {
             return base;
         };
         let p = lora.settings.dropout;
@@ -209,9 +240,23 @@ impl<B: Backend> Llama<B> {
                 let mask = lora::dropout_mask(rng, n, width, p);
                 x * Tensor::from_data(TensorData::new(mask, [n, width]), &a.device())
             }
-            _ => x,
+            _ => xb,
         };
-        base + linear(linear(x, a), b).mul_scalar(lora.settings.scale())
+        base + self
+            .linear(self.linear(x, a), b)
+            .mul_scalar(lora.settings.scale())
+    }
+
+    /// `x·wᵀ`, in f32; under `bf16-mixed` both are rounded to bf16 and so is the product
+    /// (accumulated in f32 by the backend), which comes back as f32.
+    fn linear(&self, x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self.precision {
+            Precision::F32 => linear(to_dtype(x, FloatDType::F32), to_dtype(w, FloatDType::F32)),
+            Precision::Bf16Mixed => to_dtype(
+                linear(to_dtype(x, FloatDType::BF16), to_dtype(w, FloatDType::BF16)),
+                FloatDType::F32,
+            ),
+        }
     }
 
     fn layer(&self, l: usize, which: usize) -> Tensor<B, 2> {
@@ -240,7 +285,7 @@ impl<B: Backend> Llama<B> {
         let rope = Rope::<B>::new(c, rows, seq_len, &device);
         let causal = causal_bias::<B>(seq_len, &device);
         let eps = c.rms_norm_eps;
-        let mut x = self.params[0].clone().select(0, ids); // [n, h]
+        let mut x = to_dtype(self.params[0].clone().select(0, ids), FloatDType::F32); // [n, h]
         // Dropout masks, drawn in a fixed order from the pass's seed.
         let mut rng = self.noise.map(|s| Rng::derive(s, 0xd0));
         let rng = &mut rng;
@@ -263,7 +308,7 @@ impl<B: Backend> Llama<B> {
             x = x + self.project(g, l, DOWN, rng);
         }
         let x = rms_norm(x, self.final_norm(), eps);
-        linear(x, self.lm_head())
+        self.linear(x, self.lm_head())
     }
 
     /// The summed cross-entropy of `batch`'s counted targets (divide by the number counted for
@@ -328,7 +373,16 @@ fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
 /// HF `LlamaRMSNorm`: `w * x / sqrt(mean(x²) + eps)` over the last dimension.
 fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
     let inv = (x.clone().powi_scalar(2).mean_dim(1) + eps).sqrt().recip();
-    x * inv * w
+    x * inv * to_dtype(w, FloatDType::F32)
+}
+
+/// `t` in `dtype` (unchanged, and no autodiff node, when it already is).
+fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
+    if t.dtype() == DType::from(dtype) {
+        t
+    } else {
+        t.cast(dtype)
+    }
 }
 
 /// HF's rotary position embedding for positions `0..seq`: `x * cos + rotate_half(x) * sin` with

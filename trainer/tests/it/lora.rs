@@ -130,6 +130,7 @@ fn lora_logits_gradients_and_steps_match_peft() {
             leaves.clone(),
         )),
         noise: None,
+        precision: lockstep_api::Precision::F32,
     };
     let loss = graph.loss_sum(&batch).div_scalar(batch.counted());
     let grads = loss.backward();
