@@ -330,7 +330,7 @@ impl MemoryPlan {
         let knobs = if knobs.is_empty() {
             "use a device with more memory".to_string()
         } else {
-            format!("{}, or use a device with more memory", knobs.join("; or "))
+            format!("{}; or use a device with more memory", knobs.join("; or "))
         };
         Some(format!(
             "{what} needs {} per rank (weights {}, gradients {}, optimizer {}, activations {} \

@@ -13,5 +13,6 @@ mod e2e;
 mod export_cli;
 mod gang32;
 mod kubernetes;
+mod plan_cli;
 mod resume;
 mod tls;

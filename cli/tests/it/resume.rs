@@ -558,13 +558,19 @@ fn bf16_mixed_runs_resume_identically_and_train_like_f32() {
     let _gang = crate::common::one_gang();
     const STEPS: u64 = 24;
     let loss_of = |out: &Output| -> f64 {
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let line = err
             .lines()
             .find(|l| l.starts_with("finished at step"))
             .unwrap_or_else(|| panic!("no summary: {err}"));
-        let after = line.split(" → ").nth(1).unwrap();
-        after.split(',').next().unwrap().trim().parse().unwrap()
+        let after = line.split(" → ").nth(1).unwrap_or_default();
+        let loss = after.split([',', ';']).next().unwrap_or_default().trim();
+        loss.parse()
+            .unwrap_or_else(|_| panic!("no final loss in `{line}`"))
     };
     for lora in [true, false] {
         let make = |dir: &Path, precision: &str| {

@@ -281,12 +281,17 @@ impl Launcher for LocalProcess {
         let plan = MemoryPlan::of(config, Target::Cpu);
         let world = u64::from(config.job.world_size.max(1));
         let place = format!(
-            "this machine ({} available for job.world_size = {world} local ranks)",
+            "each of job.world_size = {world} local ranks (this machine has {} available)",
             lockstep_api::memory::bytes(available)
         );
         if let Some(why) = plan.refusal(config, available / world, &place) {
             return Err(Refused(format!(
-                "{why} (`lockstep plan` shows the figures; or run the job on a cluster)"
+                "{why}{}; `lockstep plan` shows the figures",
+                if world > 1 {
+                    ", or lower job.world_size, or run the job on a cluster"
+                } else {
+                    ", or run the job on a cluster"
+                }
             )));
         }
         Ok(())

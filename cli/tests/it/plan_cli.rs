@@ -1,0 +1,116 @@
+//! `lockstep plan`: what one rank needs, and whether it fits, as a user runs it.
+
+use std::process::{Command, Output};
+
+fn plan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .arg("plan")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The case: a full fine-tune of Llama 3.1 8B does not fit an 80 GB GPU (exit 1, the
+/// figures and the knob named); its LoRA bf16-mixed version does (exit 0).
+#[test]
+fn an_8b_full_fine_tune_is_refused_on_80gb_and_its_lora_version_fits() {
+    let full = plan(&["configs/llama3-8b-full.toml", "--device-memory", "80GB"]);
+    let said = text(&full);
+    assert_eq!(full.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("full fine-tuning of 8.0B parameters needs")
+            && said.contains("this GPU has 80.0 GB")
+            && said.contains("set [lora] and train.precision = \"bf16-mixed\""),
+        "{said}"
+    );
+    let lora = plan(&["configs/llama3-8b-lora.toml", "--device-memory", "80GB"]);
+    let said = text(&lora);
+    assert_eq!(lora.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("8.0B frozen + 41.9M trained parameters") && said.contains("fits"),
+        "{said}"
+    );
+    // --json: the figures in bytes, the lines adding up to the total.
+    let json = plan(&[
+        "configs/llama3-8b-lora.toml",
+        "--device-memory",
+        "80GB",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["fits"], true, "{v}");
+    assert_eq!(
+        v["sized_by"],
+        "model.base configs/models/llama3.1-8b's config.json"
+    );
+    let parts: u64 = [
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "runtime",
+    ]
+    .iter()
+    .map(|k| v[k].as_u64().unwrap())
+    .sum();
+    assert_eq!(parts, v["total"].as_u64().unwrap(), "{v}");
+}
+
+/// On this machine: the quickstart fits; a machine-sized limit that is too small is refused
+/// with what would fit; bad command lines exit 2 naming what is wrong.
+#[test]
+fn the_quickstart_fits_this_machine_and_bad_requests_are_named() {
+    let ok = plan(&["configs/quickstart.toml"]);
+    let said = text(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{said}");
+    assert!(said.contains("on this machine"), "{said}");
+    let small = plan(&[
+        "configs/quickstart.toml",
+        "--device",
+        "cpu",
+        "--device-memory",
+        "100MiB",
+    ]);
+    let said = text(&small);
+    assert_eq!(small.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("each rank's machine has 105 MB") && said.contains("train.batch_size = 1"),
+        "{said}"
+    );
+    for (args, expect) in [
+        (
+            vec!["configs/quickstart.toml", "--device-memory", "80XB"],
+            "unknown unit",
+        ),
+        (
+            vec!["configs/quickstart.toml", "--device", "gpu"],
+            "--device gpu needs --device-memory",
+        ),
+        (
+            vec![
+                "configs/quickstart.toml",
+                "--set",
+                "model.base=\"/nonexistent/model\"",
+            ],
+            "model.base `/nonexistent/model`: cannot read its config.json",
+        ),
+        (
+            vec!["configs/quickstart.toml", "--set", "train.precision=fp8"],
+            "train.precision",
+        ),
+    ] {
+        let out = plan(&args);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains(expect), "{args:?}: {said}");
+    }
+}
