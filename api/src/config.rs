@@ -310,6 +310,16 @@ pub struct CheckpointSection {
     /// Steps between checkpoints.
     #[serde(default = "defaults::every_steps")]
     pub every_steps: u64,
+    /// Also checkpoint when this much time has passed since the last one (`"10m"`; 1 s to a
+    /// week), whichever of the two comes first. Rank 0's clock decides and the gang agrees, so
+    /// every rank checkpoints the same step.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<String>")]
+    pub every: Option<Duration>,
     /// Committed checkpoints to keep (the newest is always kept).
     #[serde(default = "defaults::keep_last")]
     pub keep_last: usize,
@@ -683,6 +693,9 @@ impl JobConfig {
         timeout("job.gang_timeout", j.gang_timeout)?;
         timeout("job.heartbeat_timeout", j.heartbeat_timeout)?;
         timeout("job.collective_timeout", j.collective_timeout)?;
+        if let Some(every) = c.every {
+            timeout("checkpoint.every", every)?;
+        }
         most("model.hidden_size", m.hidden_size, MAX_HIDDEN)?;
         most(
             "model.intermediate_size",

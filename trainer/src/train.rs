@@ -297,6 +297,7 @@ pub fn train<B: AutodiffBackend>(
         params_hash: String::new(),
     };
     let loop_start = Instant::now();
+    let mut last_checkpoint = loop_start;
     while ts.step < plan.last_step {
         let started = Instant::now();
         let batches = packer.step_batches(
@@ -344,14 +345,23 @@ pub fn train<B: AutodiffBackend>(
                 elapsed: started.elapsed(),
             });
         }
-        let (stop, done) = ckpt.progress(stop, collective, &rt)?;
-        if let Some(w) = done {
+        // `checkpoint.every`: rank 0's clock since the last checkpoint it started.
+        let time_due = plan.rank == 0
+            && config
+                .checkpoint
+                .every
+                .is_some_and(|every| last_checkpoint.elapsed() >= every);
+        let agreed = ckpt.progress(stop, time_due, collective, &rt)?;
+        let stop = agreed.stop;
+        if let Some(w) = agreed.committed {
             committed(w, &mut summary, on_event);
         }
         let due = ts.step.is_multiple_of(config.checkpoint.every_steps)
             || ts.step == plan.last_step
-            || stop;
+            || stop
+            || agreed.time_due;
         if due {
+            last_checkpoint = Instant::now();
             let waited = Instant::now();
             if let Some(w) = ckpt.finish(collective, &rt)? {
                 committed(w, &mut summary, on_event);

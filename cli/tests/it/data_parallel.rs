@@ -260,3 +260,80 @@ fn checkpoints_resume_at_the_same_and_at_another_world_size() {
     assert_eq!(l.first().map(|x| x.0), Some(5));
     assert!(l.iter().all(|(_, x)| x.is_finite() && *x < 6.0), "{l:?}");
 }
+
+/// `checkpoint.every`: time-based checkpoints beside `every_steps`, decided on rank 0's clock
+/// and agreed by the gang, so both ranks checkpoint the same steps (a disagreement could not
+/// commit); they change nothing about the results.
+#[test]
+fn time_based_checkpoints_are_agreed_by_the_gang() {
+    let _gang = crate::common::one_gang();
+    const STEPS: u64 = 600;
+    let job = |dir: &Path| {
+        TestJob::tiny("dp-test")
+            .world(2)
+            .steps(STEPS)
+            .batch(2)
+            .set("job.collective_timeout", "\"60s\"")
+            .set("checkpoint.every_steps", 100_000)
+            .set("checkpoint.keep_last", 1000)
+            .checkpoint_url(&format!("file://{}/ckpt", dir.display()))
+    };
+    // A gang whose logs go to files (hundreds of steps' log lines would fill a pipe that is
+    // read only after the other rank exits).
+    let quiet_gang = |cfg: &Path| -> Vec<Output> {
+        let peers = free_peers(2);
+        let children: Vec<Child> = (0..2)
+            .map(|r| {
+                let log =
+                    std::fs::File::create(cfg.with_extension(format!("rank{r}.log"))).unwrap();
+                Command::new(env!("CARGO_BIN_EXE_lockstep"))
+                    .args(["train", "--no-progress", "--config"])
+                    .arg(cfg)
+                    .arg("--data-cache")
+                    .arg(cfg.parent().unwrap().join("tokens"))
+                    .args(["--rank", &r.to_string(), "--peers", &peers.join(",")])
+                    .stdout(Stdio::piped())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect()
+    };
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = quiet_gang(&job(plain_dir.path()).write_to(plain_dir.path()));
+    assert!(plain.iter().all(|o| o.status.success()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = job(dir.path())
+        .set("checkpoint.every", "\"1s\"")
+        .write_to(dir.path());
+    let started = Instant::now();
+    let timed = quiet_gang(&cfg);
+    let took = started.elapsed();
+    assert!(timed.iter().all(|o| o.status.success()));
+    assert_eq!(params_hash(&timed[0]), params_hash(&plain[0]));
+    assert_eq!(params_hash(&timed[1]), params_hash(&plain[0]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store =
+        lockstep_storage::CheckpointStore::open(&format!("file://{}/ckpt", dir.path().display()))
+            .unwrap();
+    let steps = rt.block_on(store.list()).unwrap();
+    eprintln!("checkpoints {steps:?} in {took:?}");
+    assert_eq!(steps.last(), Some(&STEPS), "{steps:?}");
+    // Every second one (the first after a second of training at the earliest).
+    let most = took.as_secs() + 1;
+    assert!(steps.len() as u64 <= most + 1, "{steps:?} in {took:?}");
+    if took >= Duration::from_secs(3) {
+        assert!(
+            steps.len() >= 2,
+            "no time-based checkpoint in {took:?}: {steps:?}"
+        );
+    }
+    for s in steps {
+        rt.block_on(store.load(s)).unwrap();
+    }
+}

@@ -66,6 +66,17 @@ pub struct Checkpoints {
     pending: Option<(TrainerState, Option<Result<Written>>)>,
 }
 
+/// What the gang agreed after a step ([`Checkpoints::progress`]).
+#[derive(Debug)]
+pub struct Agreed {
+    /// Stop after this step (a rank was signalled).
+    pub stop: bool,
+    /// Checkpoint this step: `checkpoint.every` has passed on rank 0's clock.
+    pub time_due: bool,
+    /// The checkpoint in flight became committed.
+    pub committed: Option<Written>,
+}
+
 impl Checkpoints {
     /// Checkpointing for `rank` of `world` into `store`.
     pub fn new(
@@ -92,14 +103,17 @@ impl Checkpoints {
         self.writer.submit(snap)
     }
 
-    /// After every step: the stop decision all ranks agree on (`stop` is this rank's wish), and
-    /// a checkpoint that became committed, if any. Never waits for the writer.
+    /// After every step: the stop and time-checkpoint decisions all ranks agree on (`stop` and
+    /// `time_due` are this rank's wishes: any rank's stop stops all; only rank 0 passes
+    /// `time_due`, so its clock decides), and a checkpoint that became committed, if any.
+    /// Never waits for the writer.
     pub fn progress(
         &mut self,
         stop: bool,
+        time_due: bool,
         collective: &mut dyn Collective,
         rt: &tokio::runtime::Runtime,
-    ) -> Result<(bool, Option<Written>)> {
+    ) -> Result<Agreed> {
         if let Some((_, result @ None)) = &mut self.pending {
             match self.writer.poll() {
                 Ok(Some(w)) => *result = Some(Ok(w)),
@@ -113,14 +127,19 @@ impl Checkpoints {
             _ => (0.0, 0.0),
         };
         // A signal reaches ranks at different steps: agree, so all stop at the same one.
-        let mut flags = [if stop { 1.0f32 } else { 0.0 }, done, failed];
+        let flag = |b: bool| if b { 1.0f32 } else { 0.0 };
+        let mut flags = [flag(stop), done, failed, flag(time_due)];
         collective.all_reduce_sum(&mut flags)?;
         let committed = if flags[2] > 0.0 || flags[1] as usize == self.world {
             self.commit_round(flags[2] > 0.0, collective, rt)?
         } else {
             None
         };
-        Ok((flags[0] > 0.0, committed))
+        Ok(Agreed {
+            stop: flags[0] > 0.0,
+            time_due: flags[3] > 0.0,
+            committed,
+        })
     }
 
     /// Waits for the checkpoint in flight, if any, until it is committed.
