@@ -105,6 +105,30 @@ impl Shape {
         per_layer * l
     }
 
+    /// Refuses a `lora.r` above the smaller side of a targeted projection, as training does
+    /// (such an adapter is not low-rank).
+    pub fn check_lora(&self, lora: &LoraSection) -> Result<(), String> {
+        let (h, kv, i) = (self.hidden, self.kv_width() as u64, self.inner);
+        for t in &lora.target_modules {
+            let (rows, cols) = match t.as_str() {
+                "q_proj" | "o_proj" => (h, h),
+                "k_proj" | "v_proj" => (kv, h),
+                "gate_proj" | "up_proj" => (i, h),
+                "down_proj" => (h, i),
+                _ => continue,
+            };
+            let most = rows.min(cols);
+            if u64::from(lora.r) > most {
+                return Err(format!(
+                    "lora.r = {} is more than {t}'s smaller side ({rows}x{cols}): an adapter of \
+                     that rank is not low-rank; use lora.r ≤ {most}",
+                    lora.r
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The largest weight matrix (bf16 products on a CPU widen it to f32 while they run).
     fn largest_matrix(&self) -> u128 {
         let (h, _, i, v) = self.wide();
@@ -145,10 +169,15 @@ pub struct MemoryPlan {
     /// While a checkpoint is written (CPU: host memory; after the step, not during it): the
     /// trained weights and moments and their copies.
     pub checkpoint: u64,
+    /// While the model is loaded (CPU): every parameter's f32 values beside the tensors made
+    /// from them (before training starts, not added to the above).
+    pub loading: u64,
     /// The process (CPU) or the CUDA context (GPU).
     pub runtime: u64,
-    /// The peak: runtime + the larger of training (weights, gradients, optimizer,
-    /// activations) and checkpointing (frozen weights + checkpoint).
+    /// Under bf16-mixed.
+    pub bf16: bool,
+    /// The peak: runtime + the largest of training (weights, gradients, optimizer,
+    /// activations), checkpointing (frozen weights + checkpoint) and loading.
     pub total: u64,
 }
 
@@ -213,6 +242,11 @@ impl MemoryPlan {
             Target::Cpu => CPU_RUNTIME,
             Target::Gpu => GPU_RUNTIME,
         };
+        let loading = match target {
+            // f32 values for every parameter, and the tensors made from them.
+            Target::Cpu => trained * 8 + frozen * 4 + frozen_bytes,
+            Target::Gpu => 0,
+        };
         let training = weights + gradients + optimizer + activations;
         let checkpointing = frozen_bytes + checkpoint;
         MemoryPlan {
@@ -225,21 +259,27 @@ impl MemoryPlan {
             optimizer: sat(optimizer),
             activations: sat(activations),
             checkpoint: sat(checkpoint),
+            loading: sat(loading),
             runtime,
-            total: sat(u128::from(runtime) + training.max(checkpointing)),
+            total: sat(u128::from(runtime) + training.max(checkpointing).max(loading)),
+            bf16,
         }
     }
 
     /// The breakdown, a line each, ending with `total`.
     pub fn lines(&self) -> Vec<(&'static str, u64, String)> {
-        let trained = if self.trained == self.params {
-            format!("{} parameters, f32", count(self.params))
-        } else {
-            format!(
-                "{} frozen + {} trained parameters",
+        let trained = match (self.trained == self.params, self.bf16) {
+            (true, false) => format!("{} parameters, f32", count(self.params)),
+            (true, true) => format!(
+                "{} parameters, f32 masters + bf16 copies for the products",
+                count(self.params)
+            ),
+            (false, bf16) => format!(
+                "{} frozen ({}) + {} trained parameters (f32)",
                 count(self.params),
+                if bf16 { "bf16" } else { "f32" },
                 count(self.trained)
-            )
+            ),
         };
         let mut lines = vec![
             ("weights", self.weights, trained),
@@ -260,6 +300,11 @@ impl MemoryPlan {
                 "checkpoint",
                 self.checkpoint,
                 "while one is written (after the step: not added to the above)".into(),
+            ));
+            lines.push((
+                "loading",
+                self.loading,
+                "f32 values beside the tensors while the model loads (before training)".into(),
             ));
         }
         lines.push((
@@ -288,49 +333,74 @@ impl MemoryPlan {
                 count(self.trained)
             ),
         };
-        let mut knobs = Vec::new();
+        // Each knob with what the rank would then need; offered only when that fits (else the
+        // smallest is named as not enough).
+        let mut tried: Vec<(String, u64)> = Vec::new();
         let mut try_knob = |knob: String, changed: JobConfig| {
             let p = MemoryPlan::of(&changed, self.target);
             if p.total < self.total {
-                knobs.push(format!("{knob} ({} per rank)", bytes(p.total)));
+                tried.push((knob, p.total));
             }
         };
         if config.lora.is_none() {
             let mut c = config.clone();
-            c.lora = Some(LoraSection {
+            let lora = LoraSection {
                 r: crate::config::defaults::lora_r(),
                 alpha: crate::config::defaults::lora_alpha(),
                 dropout: 0.0,
                 target_modules: crate::config::defaults::lora_targets(),
-            });
+            };
+            let knob = format!(
+                "set [lora] (r = {} on {}) and train.precision = \"bf16-mixed\"",
+                lora.r,
+                lora.target_modules.join(", ")
+            );
+            c.lora = Some(lora);
             c.train.precision = Precision::Bf16Mixed;
-            try_knob("set [lora] and train.precision = \"bf16-mixed\"".into(), c);
+            try_knob(knob, c);
         } else if config.train.precision == Precision::F32 {
             let mut c = config.clone();
             c.train.precision = Precision::Bf16Mixed;
             try_knob("set train.precision = \"bf16-mixed\"".into(), c);
         }
-        if config.train.batch_size > 1 {
+        let accum = u64::from(config.train.batch_size) * u64::from(config.train.grad_accum);
+        if config.train.batch_size > 1 && accum <= u64::from(crate::config::limits::MAX_BATCH) {
             let mut c = config.clone();
             c.train.batch_size = 1;
-            c.train.grad_accum = c.train.grad_accum.saturating_mul(config.train.batch_size);
+            c.train.grad_accum = accum as u32;
             try_knob(
-                format!(
-                    "train.batch_size = 1 with train.grad_accum = {}",
-                    c.train.grad_accum
-                ),
+                format!("train.batch_size = 1 with train.grad_accum = {accum} (the same step)"),
                 c,
             );
         }
-        if config.data.seq_len > 512 {
+        // The longest halved sequence that fits, down to 256 tokens.
+        let mut seq = config.data.seq_len;
+        while seq > 256 {
+            seq /= 2;
             let mut c = config.clone();
-            c.data.seq_len = config.data.seq_len / 2;
-            try_knob(format!("data.seq_len = {}", c.data.seq_len), c);
+            c.data.seq_len = seq;
+            if MemoryPlan::of(&c, self.target).total <= available || seq <= 256 {
+                try_knob(format!("data.seq_len = {seq}"), c);
+                break;
+            }
         }
-        let knobs = if knobs.is_empty() {
-            "use a device with more memory".to_string()
+        let fitting: Vec<String> = tried
+            .iter()
+            .filter(|(_, total)| *total <= available)
+            .map(|(knob, total)| format!("{knob} ({} per rank)", bytes(*total)))
+            .collect();
+        let knobs = if !fitting.is_empty() {
+            format!(
+                "{}; or use a device with more memory",
+                fitting.join("; or ")
+            )
+        } else if let Some((knob, total)) = tried.iter().min_by_key(|(_, t)| *t) {
+            format!(
+                "use a device with more memory (even {knob} needs {} per rank)",
+                bytes(*total)
+            )
         } else {
-            format!("{}; or use a device with more memory", knobs.join("; or "))
+            "use a device with more memory".to_string()
         };
         Some(format!(
             "{what} needs {} per rank (weights {}, gradients {}, optimizer {}, activations {} \
@@ -350,7 +420,11 @@ impl MemoryPlan {
 /// count).
 pub fn bytes(n: u64) -> String {
     let f = n as f64;
-    if f >= 1e12 {
+    if n == u64::MAX {
+        "more than 18 EB".to_string()
+    } else if f >= 1e15 {
+        format!("{:.1} PB", f / 1e15)
+    } else if f >= 1e12 {
         format!("{:.1} TB", f / 1e12)
     } else if f >= 1e9 {
         format!("{:.1} GB", f / 1e9)
@@ -364,7 +438,9 @@ pub fn bytes(n: u64) -> String {
 /// `n` things for people: `8.0B`, `3.3M`, `12.5k`.
 pub fn count(n: u64) -> String {
     let f = n as f64;
-    if f >= 1e9 {
+    if f >= 1e12 {
+        format!("{:.1}T", f / 1e12)
+    } else if f >= 1e9 {
         format!("{:.1}B", f / 1e9)
     } else if f >= 1e6 {
         format!("{:.1}M", f / 1e6)
@@ -376,41 +452,61 @@ pub fn count(n: u64) -> String {
 }
 
 /// A memory size: bytes, or a number with a unit — `80GB`, `80G`, `16Gi`, `16GiB`, `512MiB`,
-/// `1.5T` (k/M/G/T powers of 1000, Ki/Mi/Gi/Ti of 1024; Kubernetes quantities read the same).
+/// `1.5T`, `1e9` (k/M/G/T/P/E powers of 1000, Ki/Mi/Gi/Ti/Pi/Ei of 1024, in either case for
+/// M/G/T; what Kubernetes writes for memory reads the same).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    let bad = || format!("`{s}` is not a memory size (e.g. 80GB, 16Gi, 512MiB)");
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let unit = unit.trim();
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a memory size (e.g. 80GB, 16Gi, 512MiB)"))?;
-    let scale: f64 = match unit.trim_end_matches('B') {
+    // A decimal number: digits, at most one point, with a digit after it.
+    if num.is_empty() || num.ends_with('.') || num.starts_with('.') {
+        return Err(bad());
+    }
+    let mut value: f64 = num.parse().map_err(|_| bad())?;
+    let mut unit = unit.trim();
+    // An exponent (`1e9`, Kubernetes' decimal exponent form).
+    if let Some(exp) = unit.strip_prefix(['e', 'E'])
+        && !exp.is_empty()
+        && exp.bytes().all(|b| b.is_ascii_digit())
+    {
+        let e: i32 = exp.parse().map_err(|_| bad())?;
+        value *= 10f64.powi(e.min(400));
+        unit = "";
+    }
+    let stem = unit.strip_suffix(['B', 'b']).unwrap_or(unit);
+    // A bare `m` is Kubernetes' milli, not mega: only `mb` reads as megabytes.
+    let scale: f64 = match stem {
         "" => 1.0,
         "k" | "K" => 1e3,
         "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "m" if stem.len() < unit.len() => 1e6,
+        "G" | "g" => 1e9,
+        "T" | "t" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" | "ki" => 1024.0,
+        "Mi" | "mi" => 1024.0 * 1024.0,
+        "Gi" | "gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" | "ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
         _ => {
             return Err(format!(
-                "`{s}`: unknown unit `{unit}` (use k, M, G, T or Ki, Mi, Gi, Ti, optionally \
-                 followed by B)"
+                "`{s}`: unknown unit `{unit}` (use k, M, G, T, P, E or Ki, Mi, Gi, Ti, Pi, Ei, \
+                 optionally followed by B)"
             ));
         }
     };
     let b = value * scale;
-    if !b.is_finite() || !(1.0..=1e18).contains(&b) {
+    if !b.is_finite() || !(1.0..=1.2e19).contains(&b) {
         return Err(format!(
-            "`{s}`: a memory size must be between 1 byte and 1 EB"
+            "`{s}`: a memory size must be between 1 byte and 16 EiB"
         ));
     }
-    Ok(b as u64)
+    Ok(b.min(u64::MAX as f64) as u64)
 }
 
 #[cfg(test)]
@@ -446,7 +542,7 @@ mod tests {
         assert!(
             why.starts_with("full fine-tuning of 8.0B parameters needs")
                 && why.contains("this GPU has 80.0 GB")
-                && why.contains("set [lora]"),
+                && why.contains("set [lora] (r = 8 on q_proj, v_proj)"),
             "{why}"
         );
         let lora = MemoryPlan::of(&llama_8b(true), Target::Gpu);
@@ -465,7 +561,27 @@ mod tests {
         assert_eq!(parse_size("512MiB"), Ok(512 << 20));
         assert_eq!(parse_size("1.5T"), Ok(1_500_000_000_000));
         assert_eq!(parse_size("4096"), Ok(4096));
-        for bad in ["", "GB", "80XB", "-1G", "0", "1e30", "9999999999T"] {
+        assert_eq!(parse_size("1e9"), Ok(1_000_000_000));
+        assert_eq!(parse_size("80gb"), Ok(80_000_000_000));
+        assert_eq!(parse_size("2Pi"), Ok(1 << 51));
+        for bad in [
+            "",
+            "GB",
+            "80XB",
+            "-1G",
+            "0",
+            "1e30",
+            "9999999999T",
+            "80GBB",
+            "5.",
+            ".5G",
+            "1.5.3G",
+            "NaN",
+            "inf",
+            "0x10G",
+            "+5G",
+            "500m",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

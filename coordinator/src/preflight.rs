@@ -131,28 +131,58 @@ pub async fn with_base_architecture(
     workdir: &Path,
     deadline: tokio::time::Instant,
 ) -> Option<JobConfig> {
+    match base_architecture(config, workdir, deadline).await {
+        Ok(sized) => sized,
+        Err(why) => {
+            tracing::warn!("{why}; its size is not checked");
+            None
+        }
+    }
+}
+
+/// As [`with_base_architecture`], saying why a base's `config.json` cannot size the job:
+/// `Ok(None)` when `model.base` is not a model directory; `Err` naming the file and what is
+/// wrong with it (missing, unreadable, not JSON, a field missing or out of `[model]`'s bounds).
+pub async fn base_architecture(
+    config: &JobConfig,
+    workdir: &Path,
+    deadline: tokio::time::Instant,
+) -> Result<Option<JobConfig>, String> {
     // (A promoted export was sized when it was trained.)
     let BaseModel::Dir(dir) = &config.model.base else {
-        return None;
+        return Ok(None);
     };
     let url = format!("{}/config.json", resolve_url(&as_url(dir), workdir));
     let read = async {
-        let object = objects::head_url(&url).await.ok()?;
+        let object = objects::head_url(&url).await.map_err(|e| e.to_string())?;
         if object.size > MAX_BASE_CONFIG {
-            return None;
+            return Err(format!(
+                "it is {} bytes, more than a config.json's {MAX_BASE_CONFIG}",
+                object.size
+            ));
         }
-        let bytes = object.read_range(0..object.size).await.ok()?;
-        serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+        let bytes = object
+            .read_range(0..object.size)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        serde_json::from_str::<serde_json::Value>(text).map_err(|e| format!("not JSON: {e}"))
     };
-    let Ok(hf) = tokio::time::timeout_at(deadline, read).await else {
-        tracing::warn!(url = %url, "cannot read the base model's config.json in time; its size is not checked");
-        return None;
+    let at = |why: String| format!("model.base `{dir}`: config.json: {why}");
+    let hf = match tokio::time::timeout_at(deadline, read).await {
+        Err(_) => return Err(at("not read in time".into())),
+        Ok(Err(why)) => return Err(at(why)),
+        Ok(Ok(hf)) => hf,
     };
-    let hf = hf?;
-    let field = |name: &str| {
-        hf.get(name)
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
+    let field = |name: &str| -> Result<u32, String> {
+        match hf.get(name) {
+            None => Err(at(format!("no `{name}`"))),
+            Some(v) => v
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| at(format!("`{name}` is {v}, not a whole number that fits u32"))),
+        }
     };
     let mut out = config.clone();
     let m = &mut out.model;
@@ -161,12 +191,25 @@ pub async fn with_base_architecture(
     m.intermediate_size = field("intermediate_size")?;
     m.vocab_size = field("vocab_size")?;
     m.num_heads = field("num_attention_heads")?;
-    m.num_kv_heads = field("num_key_value_heads").unwrap_or(m.num_heads);
+    m.num_kv_heads = match hf.get("num_key_value_heads") {
+        None => m.num_heads,
+        Some(_) => field("num_key_value_heads")?,
+    };
     m.tie_embeddings = hf
         .get("tie_word_embeddings")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
-    Some(out)
+    // The bounds `[model]` has, named by config.json's keys.
+    out.validate().map_err(|e| {
+        let e = e
+            .to_string()
+            .replace("model.num_layers", "num_hidden_layers")
+            .replace("model.num_heads", "num_attention_heads")
+            .replace("model.num_kv_heads", "num_key_value_heads")
+            .replace("model.", "");
+        at(format!("as an architecture: {e}"))
+    })?;
+    Ok(Some(out))
 }
 
 /// A store that cannot be reached (or an unusable URL) is not proof that an input is missing.

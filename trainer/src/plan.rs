@@ -96,6 +96,7 @@ impl Plan {
             eval_step: restored.and_then(|r| r.eval_step),
             provenance: restored.map_or(serde_json::Value::Null, |r| r.provenance.clone()),
             lora: restored.and_then(|r| r.lora.clone()),
+            precision: t.precision,
         }
     }
 }

@@ -213,6 +213,15 @@ pub fn begin<B: AutodiffBackend>(
              trained with: the data order changes"
         );
     }
+    if restored.precision != config.train.precision {
+        tracing::warn!(
+            "resuming a checkpoint trained with train.precision = \"{}\" as \"{}\": the run \
+             continues in the new precision, so its results match an uninterrupted run of \
+             neither",
+            restored.precision.as_str(),
+            config.train.precision.as_str()
+        );
+    }
     state.optim.config = plan.adamw;
     state.model.precision = config.train.precision;
     let mut ts = plan.trainer_state(config, &base.config, Some(&restored));

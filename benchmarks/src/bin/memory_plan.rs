@@ -8,8 +8,9 @@
 //! ```
 //!
 //! Each config is configs/quickstart.toml (one rank) with a few overrides: the quickstart in
-//! f32 and bf16-mixed, more tokens, longer sequences, a bigger model, and LoRA on that bigger
-//! model in f32 and bf16-mixed. Prints a table and, last, one JSON object; exits 1 when an
+//! f32 and bf16-mixed, more tokens, longer sequences, a bigger model, LoRA on that bigger
+//! model in f32 and bf16-mixed, and LoRA on a 272M-parameter base with few tokens (where
+//! loading the base is the peak). Prints a table and, last, one JSON object; exits 1 when an
 //! estimate is off by more than 15 %. `memory_plan --smoke` (the test suite's run): one tiny
 //! config with `$LOCKSTEP_BIN` (default target/debug/lockstep), no target.
 
@@ -23,6 +24,15 @@ const BIG: &[&str] = &[
     "model.hidden_size=512",
     "model.intermediate_size=1536",
     "model.num_layers=8",
+];
+const LOADING: &[&str] = &[
+    "model.hidden_size=2048",
+    "model.num_layers=6",
+    "model.num_heads=16",
+    "model.num_kv_heads=4",
+    "model.intermediate_size=5632",
+    "data.seq_len=64",
+    "train.batch_size=1",
 ];
 const LORA: &[&str] = &["lora.r=16", "lora.target_modules=[\"q_proj\",\"v_proj\"]"];
 
@@ -51,6 +61,12 @@ fn configs(smoke: bool) -> Vec<(&'static str, Vec<&'static str>)> {
         (
             "h512 L8 LoRA r16 q,v bf16-mixed",
             with(&with(BIG, LORA), &["train.precision=bf16-mixed"]),
+        ),
+        // Loading dominates: a 272M-parameter base, 64 tokens per step.
+        ("h2048 L6 LoRA r8, 64 tokens", with(LOADING, &["lora.r=8"])),
+        (
+            "h2048 L6 LoRA r8, 64 tokens, bf16-mixed",
+            with(LOADING, &["lora.r=8", "train.precision=bf16-mixed"]),
         ),
     ]
 }

@@ -66,23 +66,19 @@ async fn plan(args: PlanArgs) -> Result {
     })?;
     // A Hugging Face base: its config.json says the architecture, not [model].
     let mut sized_by = "[model]".to_string();
-    if let lockstep_api::BaseModel::Dir(dir) = &config.model.base {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        match lockstep_coordinator::preflight::with_base_architecture(&config, &workdir, deadline)
-            .await
-        {
-            Some(sized) => {
-                sized_by = format!("model.base {dir}'s config.json");
-                config = sized;
-            }
-            None => {
-                return Err(CliError::Usage(format!(
-                    "model.base `{dir}`: cannot read its config.json (hidden_size, \
-                     num_hidden_layers, intermediate_size, vocab_size, num_attention_heads), \
-                     so its size is unknown"
-                )));
-            }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    match lockstep_coordinator::preflight::base_architecture(&config, &workdir, deadline).await {
+        Ok(Some(sized)) => {
+            sized_by = format!("model.base {}'s config.json", config.model.base);
+            config = sized;
         }
+        Ok(None) => {}
+        Err(why) => return Err(CliError::Usage(why)),
+    }
+    if let Some(lora) = &config.lora {
+        memory::Shape::of(&config)
+            .check_lora(lora)
+            .map_err(CliError::Usage)?;
     }
     let device = args.device.unwrap_or(if args.device_memory.is_some() {
         Device::Gpu

@@ -29,14 +29,17 @@ fn an_8b_full_fine_tune_is_refused_on_80gb_and_its_lora_version_fits() {
     assert!(
         said.contains("full fine-tuning of 8.0B parameters needs")
             && said.contains("this GPU has 80.0 GB")
-            && said.contains("set [lora] and train.precision = \"bf16-mixed\""),
+            && said.contains(
+                "set [lora] (r = 8 on q_proj, v_proj) and train.precision = \"bf16-mixed\""
+            ),
         "{said}"
     );
     let lora = plan(&["configs/llama3-8b-lora.toml", "--device-memory", "80GB"]);
     let said = text(&lora);
     assert_eq!(lora.status.code(), Some(0), "{said}");
     assert!(
-        said.contains("8.0B frozen + 41.9M trained parameters") && said.contains("fits"),
+        said.contains("8.0B frozen (bf16) + 41.9M trained parameters (f32)")
+            && said.contains("fits"),
         "{said}"
     );
     // --json: the figures in bytes, the lines adding up to the total.
@@ -101,11 +104,15 @@ fn the_quickstart_fits_this_machine_and_bad_requests_are_named() {
                 "--set",
                 "model.base=\"/nonexistent/model\"",
             ],
-            "model.base `/nonexistent/model`: cannot read its config.json",
+            "model.base `/nonexistent/model`: config.json: `file:///nonexistent/model/config.json` not found",
         ),
         (
             vec!["configs/quickstart.toml", "--set", "train.precision=fp8"],
             "train.precision",
+        ),
+        (
+            vec!["configs/quickstart.toml", "--set", "lora.r=300"],
+            "lora.r = 300 is more than q_proj's smaller side (256x256)",
         ),
     ] {
         let out = plan(&args);
@@ -113,4 +120,91 @@ fn the_quickstart_fits_this_machine_and_bad_requests_are_named() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
         assert!(said.contains(expect), "{args:?}: {said}");
     }
+}
+
+/// A base's config.json is as hostile as any input: each problem is named (file and field),
+/// with exit 2, and a FIFO in its place is not waited on.
+#[test]
+fn a_bad_base_config_json_is_named_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/llama3-8b-lora.toml"),
+    )
+    .unwrap();
+    let good: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../configs/models/llama3.1-8b/config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let with = |key: &str, value: serde_json::Value| {
+        let mut v = good.clone();
+        v[key] = value;
+        v.to_string()
+    };
+    let cases: Vec<(&str, Option<String>, &str)> = vec![
+        ("missing", None, "config.json"),
+        ("notjson", Some("{".into()), "not JSON"),
+        ("zero", Some(with("hidden_size", 0.into())), "hidden_size"),
+        (
+            "float",
+            Some(with("hidden_size", 4096.5.into())),
+            "`hidden_size` is 4096.5",
+        ),
+        (
+            "heads",
+            Some(with("num_attention_heads", 1000.into())),
+            "`num_attention_heads` must divide hidden_size",
+        ),
+        (
+            "kv",
+            Some(with("num_key_value_heads", 0.into())),
+            "num_key_value_heads",
+        ),
+        (
+            "huge",
+            Some(with("num_hidden_layers", 4_294_967_295u64.into())),
+            "num_hidden_layers",
+        ),
+    ];
+    for (name, json, expect) in cases {
+        let base = dir.path().join(name);
+        std::fs::create_dir_all(&base).unwrap();
+        if let Some(j) = json {
+            std::fs::write(base.join("config.json"), j).unwrap();
+        }
+        let toml = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &toml,
+            cfg.replace("configs/models/llama3.1-8b", base.to_str().unwrap()),
+        )
+        .unwrap();
+        let out = plan(&[toml.to_str().unwrap(), "--device-memory", "80GB"]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {said}");
+        assert!(
+            said.contains("model.base") && said.contains(expect),
+            "{name}: {said}"
+        );
+    }
+    // A FIFO named config.json: refused at once, not read.
+    let fifo = dir.path().join("fifo");
+    std::fs::create_dir_all(&fifo).unwrap();
+    let made = Command::new("mkfifo")
+        .arg(fifo.join("config.json"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let toml = dir.path().join("fifo.toml");
+    std::fs::write(
+        &toml,
+        cfg.replace("configs/models/llama3.1-8b", fifo.to_str().unwrap()),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = plan(&[toml.to_str().unwrap(), "--device-memory", "80GB"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }

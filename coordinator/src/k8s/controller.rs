@@ -363,9 +363,16 @@ async fn fits_pod_memory(
         }
     };
     let deadline = tokio::time::Instant::now() + crate::preflight::LIMIT;
-    let sized = crate::preflight::with_base_architecture(config, workdir, deadline)
-        .await
-        .unwrap_or_else(|| config.clone());
+    // A model directory is sized by its config.json; one that cannot be read now is not
+    // judged by `[model]` (which it ignores): the workers say what is wrong with it.
+    let sized = match crate::preflight::base_architecture(config, workdir, deadline).await {
+        Ok(Some(sized)) => sized,
+        Ok(None) => config.clone(),
+        Err(why) => {
+            tracing::warn!("{why}; the job's memory is not checked");
+            return Ok(());
+        }
+    };
     let plan = MemoryPlan::of(&sized, Target::Cpu);
     match plan.refusal(&sized, limit, "spec.resources.memory") {
         None => Ok(()),

@@ -131,6 +131,33 @@ pub fn mem_available() -> Option<u64> {
     Some(kb.saturating_mul(1024))
 }
 
+/// Whether all of `config`'s ranks (its `[model]` being the real architecture) fit this
+/// machine's available memory.
+fn admit_sized(config: &lockstep_api::JobConfig) -> Result<(), Refused> {
+    let Some(available) = mem_available() else {
+        return Ok(()); // not Linux: nothing to compare with
+    };
+    let plan = MemoryPlan::of(config, Target::Cpu);
+    let world = u64::from(config.job.world_size.max(1));
+    let place = format!(
+        "each of job.world_size = {world} local ranks (this machine has {} available)",
+        lockstep_api::memory::bytes(available)
+    );
+    if let Some(why) = plan.refusal(config, available / world, &place) {
+        // The most ranks of this size the machine holds.
+        let most = available / plan.total.max(1);
+        let fewer = if world > 1 && most >= 1 {
+            format!("; or job.world_size = {most} (the same per-rank figures)")
+        } else {
+            String::new()
+        };
+        return Err(Refused(format!(
+            "{why}{fewer}; or run the job on a cluster (`lockstep plan` shows the figures)"
+        )));
+    }
+    Ok(())
+}
+
 struct LocalWorker {
     pid: u32,
 }
@@ -275,26 +302,12 @@ impl Launcher for LocalProcess {
 
     /// All ranks run on this machine: their estimated memory must fit in what it has free.
     fn admit(&self, config: &lockstep_api::JobConfig) -> Result<(), Refused> {
-        let Some(available) = mem_available() else {
-            return Ok(()); // not Linux: nothing to compare with
-        };
-        let plan = MemoryPlan::of(config, Target::Cpu);
-        let world = u64::from(config.job.world_size.max(1));
-        let place = format!(
-            "each of job.world_size = {world} local ranks (this machine has {} available)",
-            lockstep_api::memory::bytes(available)
-        );
-        if let Some(why) = plan.refusal(config, available / world, &place) {
-            return Err(Refused(format!(
-                "{why}{}; `lockstep plan` shows the figures",
-                if world > 1 {
-                    ", or lower job.world_size, or run the job on a cluster"
-                } else {
-                    ", or run the job on a cluster"
-                }
-            )));
+        // A model directory's size is in its config.json, not `[model]`: the preflight
+        // checks it sized by that.
+        if matches!(config.model.base, lockstep_api::BaseModel::Dir(_)) {
+            return Ok(());
         }
-        Ok(())
+        admit_sized(config)
     }
 
     /// Workers run on this machine: they read what this process can see.
@@ -309,7 +322,7 @@ impl Launcher for LocalProcess {
         if let Some(sized) =
             crate::preflight::with_base_architecture(config, workdir, deadline).await
         {
-            self.admit(&sized)
+            admit_sized(&sized)
                 .map_err(|e| Refused(format!("{e} (sized by model.base's config.json)")))?;
         }
         Ok(())

@@ -78,6 +78,9 @@ pub struct TrainerState {
     /// checkpoints hold every parameter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraState>,
+    /// `train.precision` of the steps that made it (absent: f32).
+    #[serde(default, skip_serializing_if = "lockstep_api::Precision::is_f32")]
+    pub precision: lockstep_api::Precision,
 }
 
 /// What a LoRA checkpoint holds adapters for: a resume must match it.
