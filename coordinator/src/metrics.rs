@@ -20,6 +20,7 @@ struct Counters {
     checkpoints: u64,
     checkpoint_bytes: u64,
     checkpoint_write_seconds: f64,
+    checkpoint_failures: u64,
     restarts: u64,
     gang_wait_seconds: f64,
     gangs: u64,
@@ -38,6 +39,11 @@ impl Metrics {
             c.step_seconds += seconds;
             c.stall_seconds += stall;
         });
+    }
+
+    /// A checkpoint failed (the gang trains on; the next one tries again).
+    pub fn checkpoint_failed(&self) {
+        self.with(|c| c.checkpoint_failures += 1);
     }
 
     /// A rank reported a durable shard after `seconds` of writing.
@@ -107,6 +113,11 @@ impl Metrics {
             c.checkpoint_write_seconds,
         );
         counter(
+            "lockstep_checkpoint_failures_total",
+            "Checkpoints that could not be written or committed (each retried by the next).",
+            c.checkpoint_failures as f64,
+        );
+        counter(
             "lockstep_restarts_total",
             "Gang restarts.",
             c.restarts as f64,
@@ -155,6 +166,11 @@ impl Metrics {
             "lockstep_job_last_checkpoint_step",
             "Newest committed checkpoint.",
             &|j| j.last_checkpoint.map(|s| s as f64),
+        );
+        gauge(
+            "lockstep_job_checkpoint_failures",
+            "Checkpoints of the job that failed.",
+            &|j| Some(f64::from(j.checkpoint_failures)),
         );
         gauge(
             "lockstep_job_gang_wait_seconds",

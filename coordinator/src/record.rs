@@ -67,6 +67,12 @@ pub struct JobRecord {
     /// `kubectl logs` command that shows them).
     #[serde(default)]
     pub logs: String,
+    /// Checkpoints that failed (each retried by the next).
+    #[serde(default)]
+    pub checkpoint_failures: u32,
+    /// The newest failure, `step N: reason`; empty when none failed.
+    #[serde(default)]
+    pub checkpoint_error: String,
 }
 
 /// Resolves a relative `file://` URL against `workdir`.
@@ -113,6 +119,8 @@ impl JobRecord {
             gang_wait_seconds: 0.0,
             doing: None,
             logs: String::new(),
+            checkpoint_failures: 0,
+            checkpoint_error: String::new(),
         }
     }
 
@@ -139,6 +147,8 @@ impl JobRecord {
             created_ms: self.created_ms,
             updated_ms: self.updated_ms,
             gang_wait_seconds: self.gang_wait_seconds,
+            checkpoint_failures: self.checkpoint_failures,
+            checkpoint_error: self.checkpoint_error.clone(),
             doing: match &self.doing {
                 Some((attempt, words))
                     if *attempt == self.lifecycle.attempt

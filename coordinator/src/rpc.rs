@@ -196,6 +196,7 @@ fn report(r: proto::WorkerReport) -> Report {
         Some(proto::worker_report::Report::Alive(a)) => Report::Alive { doing: a.doing },
         Some(proto::worker_report::Report::Step(s)) => Report::Step(s),
         Some(proto::worker_report::Report::Evaluated(e)) => Report::Evaluated(e),
+        Some(proto::worker_report::Report::CheckpointFailed(c)) => Report::CheckpointFailed(c),
         Some(proto::worker_report::Report::Finished(f)) => Report::Finished(Finished {
             step: f.step,
             params_hash: f.params_hash,

@@ -47,6 +47,8 @@ pub enum Report {
     Finished(Finished),
     /// The held-out loss after a step (rank 0's is the job's).
     Evaluated(proto::Evaluated),
+    /// A checkpoint failed (rank 0 reports what the gang agreed).
+    CheckpointFailed(proto::CheckpointFailed),
 }
 
 impl Coordinator {
@@ -485,6 +487,14 @@ impl Coordinator {
             Report::Evaluated(e) if rank == 0 => {
                 st.record.eval_loss = Some(e.loss);
                 st.record.eval_step = Some(e.step);
+                st.touch(job, &self.inner.persister, false);
+            }
+            Report::CheckpointFailed(c) if rank == 0 => {
+                let reason: String = c.reason.chars().take(2000).collect();
+                tracing::warn!(job = %st.record.id, step = c.step, in_a_row = c.in_a_row, "checkpoint failed: {reason}");
+                st.record.checkpoint_failures = st.record.checkpoint_failures.saturating_add(1);
+                st.record.checkpoint_error = format!("step {}: {reason}", c.step);
+                self.inner.metrics.checkpoint_failed();
                 st.touch(job, &self.inner.persister, false);
             }
             _ => {}

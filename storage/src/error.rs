@@ -174,8 +174,39 @@ impl Error {
 /// Classifies object store errors for retry loops. HTTP client errors (4xx other than 408 and
 /// 429: bad credentials, a missing bucket, a rejected request) are permanent; everything else
 /// an object store reports generically (5xx, connection resets, injected faults) is transient.
+/// Why a store takes no more writes, if that is what `e` (or a cause of it) says: full, over
+/// its quota, read-only, or denied. A retry, or a restart, fails the same way.
+pub fn refuses_writes(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(o) = c.downcast_ref::<object_store::Error>()
+            && matches!(
+                o,
+                object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+            )
+        {
+            return Some("access denied");
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            match io.raw_os_error() {
+                Some(28) => return Some("no space left on the device"),
+                Some(122) => return Some("disk quota exceeded"),
+                Some(30) => return Some("read-only file system"),
+                Some(13) | Some(1) => return Some("permission denied"),
+                _ => {}
+            }
+        }
+        cause = c.source();
+    }
+    None
+}
+
 pub(crate) fn store_error_is_transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
+    if refuses_writes(e).is_some() {
+        return false;
+    }
     // object_store 0.14 keeps its HTTP error type private; its message carries the status.
     if let Some(status) = http_status(&e.to_string())
         && (400..500).contains(&status)

@@ -42,7 +42,7 @@ pub mod testing;
 pub mod writer;
 
 pub use dtype::DType;
-pub use error::{Error, Result};
+pub use error::{Error, Result, refuses_writes};
 pub use fault::{Faults, UnreliableStore};
 pub use format::manifest::{Manifest, ShardInfo};
 pub use location::Location;

@@ -265,6 +265,20 @@ impl Control {
             Event::CheckpointStarted { stall, .. } => {
                 *self.stall.lock().unwrap_or_else(|p| p.into_inner()) += stall.as_secs_f64();
             }
+            Event::CheckpointFailed {
+                step,
+                reason,
+                in_a_row,
+                ..
+            } if self.rank == 0 => {
+                self.send(proto::worker_report::Report::CheckpointFailed(
+                    proto::CheckpointFailed {
+                        step: *step,
+                        reason: reason.clone(),
+                        in_a_row: *in_a_row,
+                    },
+                ));
+            }
             Event::Eval { step, loss, .. } if self.rank == 0 => {
                 self.send(proto::worker_report::Report::Evaluated(proto::Evaluated {
                     step: *step,

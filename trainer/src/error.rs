@@ -105,6 +105,16 @@ pub enum Error {
     /// The user's to fix; a restart would fail the same way.
     #[error("{0}")]
     Usage(String),
+    /// Checkpoints cannot be stored: the store is full, read-only or denies access, or
+    /// several checkpoints in a row failed. The run stopped with its last committed
+    /// checkpoint intact.
+    #[error("{reason}")]
+    CheckpointsFailing {
+        /// What failed, where, and what is kept.
+        reason: String,
+        /// The store refuses writes: a restart cannot help.
+        refused: bool,
+    },
     /// This process (or a peer it depends on) failed on its own: a thread or runtime would not
     /// start, the ring would not form, a peer sent what it must not. A restart may help.
     #[error("{0}")]
@@ -138,6 +148,9 @@ impl Error {
             | Error::Resume { .. }
             | Error::NotFinite { .. }
             | Error::Usage(_) => true,
+            // A store that refuses writes refuses them after a restart too; repeated transient
+            // failures may pass.
+            Error::CheckpointsFailing { refused, .. } => *refused,
             Error::Storage(e) => matches!(
                 e,
                 // Not `NotFound`: a checkpoint upload can see one transiently. Missing inputs

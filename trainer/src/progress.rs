@@ -155,6 +155,25 @@ impl Progress {
                     "checkpoint snapshot taken"
                 );
             }
+            Event::CheckpointFailed {
+                step,
+                reason,
+                in_a_row,
+                stopping,
+            } => {
+                tracing::info!(step, in_a_row, reason = %reason, "checkpoint failed");
+                if *stopping {
+                    return; // the run's error says it all
+                }
+                let line = format!(
+                    "checkpoint step {step} failed ({in_a_row} in a row; training goes on and \
+                     the next checkpoint tries again): {reason}"
+                );
+                match &self.bar {
+                    Some(bar) => bar.println(line),
+                    None => say!("{line}"),
+                }
+            }
             Event::CheckpointCommitted(w) => {
                 self.last_ckpt = Some(w.step);
                 tracing::info!(

@@ -10,10 +10,11 @@ use lockstep_api::JobConfig;
 use lockstep_storage::CheckpointStore;
 
 use crate::checkpoint::commit::Authority;
+use crate::checkpoint::commit::Outcome;
 use crate::checkpoint::{Checkpoints, ShardCommitter, Written};
 use crate::collective::Collective;
 use crate::data::Packer;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::eval::Evaluator;
 use crate::inputs::{load_base, load_tokens};
 use crate::model::{Llama, tensor_values};
@@ -111,6 +112,17 @@ pub enum Event {
     },
     /// A checkpoint was committed.
     CheckpointCommitted(Written),
+    /// A checkpoint could not be written or committed; training goes on unless it cannot.
+    CheckpointFailed {
+        /// Its step.
+        step: u64,
+        /// Why.
+        reason: String,
+        /// Failures in a row, this one included.
+        in_a_row: u32,
+        /// The run stops for it (the store refuses writes, or too many in a row).
+        stopping: bool,
+    },
 }
 
 /// How a run ended.
@@ -298,6 +310,8 @@ pub fn train<B: AutodiffBackend>(
     };
     let loop_start = Instant::now();
     let mut last_checkpoint = loop_start;
+    // Checkpoints that failed in a row.
+    let mut failing = 0u32;
     while ts.step < plan.last_step {
         let started = Instant::now();
         let batches = packer.step_batches(
@@ -353,8 +367,8 @@ pub fn train<B: AutodiffBackend>(
                 .is_some_and(|every| last_checkpoint.elapsed() >= every);
         let agreed = ckpt.progress(stop, time_due, collective, &rt)?;
         let stop = agreed.stop;
-        if let Some(w) = agreed.committed {
-            committed(w, &mut summary, on_event);
+        if let Some(o) = agreed.committed {
+            settle(o, &mut summary, &mut failing, config, on_event)?;
         }
         let due = ts.step.is_multiple_of(config.checkpoint.every_steps)
             || ts.step == plan.last_step
@@ -363,8 +377,8 @@ pub fn train<B: AutodiffBackend>(
         if due {
             last_checkpoint = Instant::now();
             let waited = Instant::now();
-            if let Some(w) = ckpt.finish(collective, &rt)? {
-                committed(w, &mut summary, on_event);
+            if let Some(o) = ckpt.finish(collective, &rt)? {
+                settle(o, &mut summary, &mut failing, config, on_event)?;
             }
             let waited = waited.elapsed();
             let copy = Instant::now();
@@ -383,8 +397,8 @@ pub fn train<B: AutodiffBackend>(
             break;
         }
     }
-    if let Some(w) = ckpt.finish(collective, &rt)? {
-        committed(w, &mut summary, on_event);
+    if let Some(o) = ckpt.finish(collective, &rt)? {
+        settle(o, &mut summary, &mut failing, config, on_event)?;
     }
     summary.step = ts.step;
     summary.params_hash = params_hash(&state.model);
@@ -395,6 +409,62 @@ pub fn train<B: AutodiffBackend>(
             (trained * plan.tokens_per_step) as f64 / loop_start.elapsed().as_secs_f64().max(1e-9);
     }
     Ok(summary)
+}
+
+/// Checkpoints that may fail in a row (each retried by the next) before the run stops.
+pub const MAX_CHECKPOINT_FAILURES: u32 = 3;
+
+/// Reports how a checkpoint ended. A failed one is reported and training goes on (the next
+/// checkpoint tries again), unless the store refuses writes (full, read-only, denied) or
+/// [`MAX_CHECKPOINT_FAILURES`] failed in a row: then the run stops, naming the store and the
+/// last committed checkpoint, which is left intact.
+fn settle(
+    outcome: Outcome,
+    summary: &mut Summary,
+    failing: &mut u32,
+    config: &JobConfig,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<()> {
+    let f = match outcome {
+        Ok(w) => {
+            *failing = 0;
+            committed(w, summary, on_event);
+            return Ok(());
+        }
+        Err(f) => f,
+    };
+    *failing += 1;
+    let stopping = f.refused.is_some() || *failing >= MAX_CHECKPOINT_FAILURES;
+    on_event(&Event::CheckpointFailed {
+        step: f.step,
+        reason: f.reason.clone(),
+        in_a_row: *failing,
+        stopping,
+    });
+    if !stopping {
+        return Ok(());
+    }
+    let last = summary
+        .checkpoints
+        .last()
+        .map(|w| w.step)
+        .or((summary.from_step > 0).then_some(summary.from_step));
+    let kept = match last {
+        Some(s) => format!("its last committed checkpoint, step {s}, is intact"),
+        None => "no checkpoint was committed".into(),
+    };
+    let why = match &f.refused {
+        Some(what) => format!("the store takes no more writes ({what})"),
+        None => format!("{} checkpoints in a row failed", *failing),
+    };
+    Err(Error::CheckpointsFailing {
+        reason: format!(
+            "checkpoint {} could not be stored under {}: {}; {why}, so the run stops ({kept}): \
+             free space or fix access to checkpoint.url, then run again to resume",
+            f.step, config.checkpoint.url, f.reason
+        ),
+        refused: f.refused.is_some(),
+    })
 }
 
 /// Reports a committed checkpoint and keeps it in the summary.

@@ -18,6 +18,7 @@ pub fn status_json(s: &proto::JobStatus) -> serde_json::Value {
         "message": s.message, "params_hash": s.params_hash, "checkpoint_url": s.checkpoint_url,
         "gang_wait_seconds": s.gang_wait_seconds, "eval_loss": s.eval_loss,
         "eval_step": s.eval_step, "doing": s.doing, "logs": s.logs,
+        "checkpoint_failures": s.checkpoint_failures, "checkpoint_error": s.checkpoint_error,
     })
 }
 
@@ -156,6 +157,14 @@ impl View {
         );
         if !s.message.is_empty() {
             eprintln!("  {}", s.message);
+        }
+        if s.checkpoint_failures > 0 {
+            eprintln!(
+                "  {} checkpoint{} failed; the newest: {}",
+                s.checkpoint_failures,
+                if s.checkpoint_failures == 1 { "" } else { "s" },
+                s.checkpoint_error
+            );
         }
         match (s.logs.as_str(), local) {
             ("", Some(dir)) => eprintln!("  worker logs: {}", dir.display()),

@@ -986,3 +986,32 @@ fn train_refuses_an_endless_config_by_its_size() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("a pipe that delivered nothing"), "{err}");
 }
+
+/// A checkpoint that fails under a coordinator (a file where its step directory must go) does
+/// not restart the gang: training goes on, the next checkpoint commits, and the job's status
+/// (`run --json`, `status`, metrics) counts the failure and says why.
+#[test]
+fn a_failed_checkpoint_shows_in_the_status_and_the_job_goes_on() {
+    let _gang = crate::common::one_gang();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    config(d, 50, &[]);
+    std::fs::create_dir_all(d.join("ckpt")).unwrap();
+    std::fs::write(d.join("ckpt/step-000000000025"), b"in the way").unwrap();
+    let out = crate::common::lockstep(d)
+        .args(["run", "job.toml", "--json"])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let end = crate::common::last(&lines);
+    assert_eq!(out.status.code(), Some(0), "{end}");
+    assert_eq!(end["restarts"], 0, "{end}");
+    assert_eq!(end["last_checkpoint"], 50, "{end}");
+    assert_eq!(end["checkpoint_failures"], 1, "{end}");
+    let why = end["checkpoint_error"].as_str().unwrap();
+    assert!(why.starts_with("step 25: "), "{why}");
+}

@@ -614,3 +614,81 @@ fn bf16_mixed_runs_resume_identically_and_train_like_f32() {
         assert_same_at(straight.path(), resumed.path(), STEPS);
     }
 }
+
+/// A checkpoint that fails (here: a file stands where its step directory must go) is reported
+/// and retried by the next one; training goes on, and ends as an unfailed run does.
+#[test]
+fn a_failed_checkpoint_is_reported_and_training_goes_on() {
+    let _gang = crate::common::one_gang();
+    let straight = straight_run(STEPS);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("step-000000000004"), b"in the way").unwrap();
+    let out = run(&cfg, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("checkpoint step 4 failed (1 in a row; training goes on and the next"),
+        "{err}"
+    );
+    assert!(err.contains("checkpoint step 8 committed"), "{err}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(store(dir.path()).list()).unwrap(), vec![8]);
+    assert_same(straight.path(), dir.path());
+}
+
+/// A checkpoint directory that fills up mid-run (a 1 MiB tmpfs, mounted in a user and mount
+/// namespace of our own): the run stops at once saying so by name, exits as a restart cannot
+/// help (3), and its committed checkpoints stay intact and load.
+#[test]
+fn a_full_checkpoint_store_stops_the_run_cleanly() {
+    let _gang = crate::common::one_gang();
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: no user and mount namespaces here (unshare), so no tmpfs to fill");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let cfg = TestJob::tiny("full-disk")
+        .steps(400)
+        .set("checkpoint.every_steps", 2)
+        .set("checkpoint.keep_last", 1000)
+        .checkpoint_url(&format!("file://{}/ckpt", mnt.display()))
+        .write_to(dir.path());
+    let exe = env!("CARGO_BIN_EXE_lockstep");
+    // Inside the namespace: mount, train, then list and verify what is there (the mount goes
+    // away with the namespace).
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs '{mnt}' || exit 99; \
+         '{exe}' train --config '{cfg}' --no-progress --data-cache '{cache}'; echo \"exit=$?\"; \
+         '{exe}' ckpt verify 'file://{mnt}/ckpt' 2>&1; echo \"verify=$?\"",
+        mnt = mnt.display(),
+        cfg = cfg.display(),
+        cache = dir.path().join("tokens").display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!said.contains("exit=99"), "{said}");
+    assert!(said.contains("exit=3"), "{said}");
+    assert!(
+        said.contains(
+            "the store takes no more writes (no space left on the device), so the run stops \
+             (its last committed checkpoint, step "
+        ),
+        "{said}"
+    );
+    assert!(said.contains("verify=0"), "{said}");
+}

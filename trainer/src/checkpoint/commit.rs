@@ -73,8 +73,32 @@ pub struct Agreed {
     pub stop: bool,
     /// Checkpoint this step: `checkpoint.every` has passed on rank 0's clock.
     pub time_due: bool,
-    /// The checkpoint in flight became committed.
-    pub committed: Option<Written>,
+    /// The checkpoint in flight became committed, or failed.
+    pub committed: Option<Outcome>,
+}
+
+/// How a checkpoint ended: committed, or not (every rank agrees which).
+pub type Outcome = std::result::Result<Written, Failed>;
+
+/// A checkpoint that could not be written or committed. Training goes on (the next checkpoint
+/// tries again) unless the store cannot take more (`permanent`: full, read-only, access denied).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failed {
+    /// The checkpoint's step.
+    pub step: u64,
+    /// Why, in this rank's words (another rank's failure says to read its log).
+    pub reason: String,
+    /// Why the store takes no more writes (a retry cannot help), when that is the cause.
+    pub refused: Option<String>,
+}
+
+/// Why a store cannot take more writes, if that is what `e` says: full, over quota, read-only
+/// or denied (a retry, or a restart, would fail the same way).
+pub fn store_refuses(e: &Error) -> Option<&'static str> {
+    match e {
+        Error::Storage(lockstep_storage::Error::Refused { .. }) => Some("writes refused"),
+        e => lockstep_storage::refuses_writes(e),
+    }
 }
 
 impl Checkpoints {
@@ -128,10 +152,10 @@ impl Checkpoints {
         };
         // A signal reaches ranks at different steps: agree, so all stop at the same one.
         let flag = |b: bool| if b { 1.0f32 } else { 0.0 };
-        let mut flags = [flag(stop), done, failed, flag(time_due)];
+        let mut flags = [flag(stop), done, failed, flag(time_due), self.refused()];
         collective.all_reduce_sum(&mut flags)?;
         let committed = if flags[2] > 0.0 || flags[1] as usize == self.world {
-            self.commit_round(flags[2] > 0.0, collective, rt)?
+            self.commit_round(flags[2] > 0.0, flags[4] > 0.0, collective, rt)?
         } else {
             None
         };
@@ -142,12 +166,21 @@ impl Checkpoints {
         })
     }
 
-    /// Waits for the checkpoint in flight, if any, until it is committed.
+    /// 1 when this rank's shard of the pending checkpoint failed because the store refuses
+    /// writes ([`store_refuses`]), else 0.
+    fn refused(&self) -> f32 {
+        match &self.pending {
+            Some((_, Some(Err(e)))) if store_refuses(e).is_some() => 1.0,
+            _ => 0.0,
+        }
+    }
+
+    /// Waits for the checkpoint in flight, if any, until it is committed (or failed).
     pub fn finish(
         &mut self,
         collective: &mut dyn Collective,
         rt: &tokio::runtime::Runtime,
-    ) -> Result<Option<Written>> {
+    ) -> Result<Option<Outcome>> {
         let Some((_, result)) = &mut self.pending else {
             return Ok(None);
         };
@@ -156,33 +189,51 @@ impl Checkpoints {
                 w.ok_or_else(|| Error::Internal("the checkpoint writer lost a checkpoint".into()))
             }));
         }
-        let mut failed = [if matches!(result, Some(Err(_))) {
+        let failed = if matches!(result, Some(Err(_))) {
             1.0f32
         } else {
             0.0
-        }];
-        collective.all_reduce_sum(&mut failed)?;
-        self.commit_round(failed[0] > 0.0, collective, rt)
+        };
+        let mut flags = [failed, self.refused()];
+        collective.all_reduce_sum(&mut flags)?;
+        self.commit_round(flags[0] > 0.0, flags[1] > 0.0, collective, rt)
     }
 
     /// Every rank's shard of the pending checkpoint is durable (or one failed): commit it.
     fn commit_round(
         &mut self,
         any_failed: bool,
+        any_refused: bool,
         collective: &mut dyn Collective,
         rt: &tokio::runtime::Runtime,
-    ) -> Result<Option<Written>> {
+    ) -> Result<Option<Outcome>> {
         let Some((state, result)) = self.pending.take() else {
             return Ok(None);
         };
         let step = state.step;
+        let elsewhere = || "the store refuses another rank's writes (its log says why)".to_string();
+        let failed = |reason: String, refused: Option<String>| {
+            Ok(Some(Err(Failed {
+                step,
+                reason,
+                refused,
+            })))
+        };
         let mine = match result {
             Some(Ok(w)) if !any_failed => w,
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => {
+                let refused =
+                    any_refused.then(|| store_refuses(&e).map_or_else(elsewhere, str::to_string));
+                return failed(e.to_string(), refused);
+            }
             _ => {
-                return Err(Error::Internal(format!(
-                    "another rank failed to write its shard of checkpoint {step} (its log says why)"
-                )));
+                return failed(
+                    format!(
+                        "another rank failed to write its shard of checkpoint {step} (its log \
+                         says why)"
+                    ),
+                    any_refused.then(elsewhere),
+                );
             }
         };
         let (bytes, raw_bytes) = match &self.authority {
@@ -200,7 +251,8 @@ impl Checkpoints {
             } => {
                 let shards = gather_shards(&mine.shard, self.rank, self.world, collective)?;
                 // Rank 0 tells the others how the commit went and the checkpoint's sizes:
-                // [ok: 1 | failed: 2, stored bytes (u64 LE), raw bytes (u64 LE)].
+                // [ok: 1 | failed: 2 | the store refuses writes: 3, stored bytes (u64 LE), raw
+                // bytes (u64 LE)].
                 let mut status = [0u8; 17];
                 if self.rank == 0 {
                     let commit = StepCommit {
@@ -214,24 +266,34 @@ impl Checkpoints {
                         retention: *retention,
                         protected: protected.clone(),
                     };
-                    let outcome = rt.block_on(self.store.commit_step(commit));
+                    let outcome = rt
+                        .block_on(self.store.commit_step(commit))
+                        .map_err(Error::from);
                     match &outcome {
                         Ok(c) => {
                             status[0] = 1;
                             status[1..9].copy_from_slice(&c.bytes.to_le_bytes());
                             status[9..17].copy_from_slice(&c.raw_bytes.to_le_bytes());
                         }
+                        Err(e) if store_refuses(e).is_some() => status[0] = 3,
                         Err(_) => status[0] = 2,
                     }
                     collective.broadcast(&mut status, 0)?;
-                    let c = outcome?;
-                    (c.bytes, c.raw_bytes)
+                    match outcome {
+                        Ok(c) => (c.bytes, c.raw_bytes),
+                        Err(e) => {
+                            let refused = store_refuses(&e).map(str::to_string);
+                            return failed(e.to_string(), refused);
+                        }
+                    }
                 } else {
                     collective.broadcast(&mut status, 0)?;
                     if status[0] != 1 {
-                        return Err(Error::Internal(format!(
-                            "rank 0 could not commit checkpoint {step} (its log says why)"
-                        )));
+                        return failed(
+                            format!("rank 0 could not commit checkpoint {step} (its log says why)"),
+                            (status[0] == 3)
+                                .then(|| "the store refuses rank 0's writes".to_string()),
+                        );
                     }
                     let word = |r: std::ops::Range<usize>| {
                         let mut b = [0u8; 8];
@@ -242,11 +304,11 @@ impl Checkpoints {
                 }
             }
         };
-        Ok(Some(Written {
+        Ok(Some(Ok(Written {
             bytes,
             raw_bytes,
             ..mine
-        }))
+        })))
     }
 }
 
