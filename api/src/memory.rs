@@ -403,16 +403,44 @@ impl MemoryPlan {
             "use a device with more memory".to_string()
         };
         Some(format!(
-            "{what} needs {} per rank (weights {}, gradients {}, optimizer {}, activations {} \
-             of train.batch_size × data.seq_len = {} tokens); {place} has {}: {knobs}",
+            "{what} needs {} per rank at its peak, {}; {place} has {}: {knobs}",
             bytes(self.total),
-            bytes(self.weights),
-            bytes(self.gradients),
-            bytes(self.optimizer),
-            bytes(self.activations),
-            self.tokens,
+            self.peak(),
             bytes(available),
         ))
+    }
+
+    /// When the peak comes and what makes it up, in words.
+    fn peak(&self) -> String {
+        let runtime = match self.target {
+            Target::Cpu => format!("the process {}", bytes(self.runtime)),
+            Target::Gpu => format!("the CUDA context {}", bytes(self.runtime)),
+        };
+        let training = self.weights + self.gradients + self.optimizer + self.activations;
+        let frozen = self.total - self.runtime;
+        if self.runtime.saturating_add(training) >= self.total {
+            format!(
+                "while training (weights {}, gradients {}, optimizer {}, activations {} of \
+                 train.batch_size × data.seq_len = {} tokens, {runtime})",
+                bytes(self.weights),
+                bytes(self.gradients),
+                bytes(self.optimizer),
+                bytes(self.activations),
+                self.tokens,
+            )
+        } else if self.loading >= frozen {
+            format!(
+                "while the model loads (its f32 values beside the tensors made from them, {}; \
+                 {runtime})",
+                bytes(self.loading)
+            )
+        } else {
+            format!(
+                "while a checkpoint is written (the trained weights, moments and their copies, \
+                 {}; {runtime})",
+                bytes(self.checkpoint)
+            )
+        }
     }
 }
 
@@ -501,12 +529,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
     };
     let b = value * scale;
-    if !b.is_finite() || !(1.0..=1.2e19).contains(&b) {
+    if !b.is_finite() || b < 1.0 || b >= u64::MAX as f64 {
         return Err(format!(
-            "`{s}`: a memory size must be between 1 byte and 16 EiB"
+            "`{s}`: a memory size must be at least 1 byte and less than 16 EiB"
         ));
     }
-    Ok(b.min(u64::MAX as f64) as u64)
+    if b.fract() != 0.0 {
+        return Err(format!("`{s}` is not a whole number of bytes"));
+    }
+    Ok(b as u64)
 }
 
 #[cfg(test)]
@@ -580,6 +611,8 @@ mod tests {
             "inf",
             "0x10G",
             "+5G",
+            "1.5",
+            "16Ei",
             "500m",
         ] {
             assert!(parse_size(bad).is_err(), "{bad}");

@@ -133,49 +133,79 @@ pub async fn with_base_architecture(
 ) -> Option<JobConfig> {
     match base_architecture(config, workdir, deadline).await {
         Ok(sized) => sized,
-        Err(why) => {
-            tracing::warn!("{why}; its size is not checked");
+        Err(e) => {
+            tracing::warn!("{}; its size is not checked", e.why);
             None
         }
     }
 }
 
+/// Why a base's `config.json` cannot size a job.
+#[derive(Debug, Clone)]
+pub struct Unsized {
+    /// Naming the file and what is wrong.
+    pub why: String,
+    /// It could not be read in time (or at all, the store being unreachable): not proof that
+    /// it is bad.
+    pub unread: bool,
+}
+
 /// As [`with_base_architecture`], saying why a base's `config.json` cannot size the job:
 /// `Ok(None)` when `model.base` is not a model directory; `Err` naming the file and what is
-/// wrong with it (missing, unreadable, not JSON, a field missing or out of `[model]`'s bounds).
+/// wrong with it (missing, unreadable, not JSON, a field missing or out of `[model]`'s bounds,
+/// an architecture training refuses).
 pub async fn base_architecture(
     config: &JobConfig,
     workdir: &Path,
     deadline: tokio::time::Instant,
-) -> Result<Option<JobConfig>, String> {
+) -> Result<Option<JobConfig>, Unsized> {
+    base_architecture_inner(config, workdir, deadline)
+        .await
+        .map_err(|(why, unread)| Unsized { why, unread })
+}
+
+async fn base_architecture_inner(
+    config: &JobConfig,
+    workdir: &Path,
+    deadline: tokio::time::Instant,
+) -> Result<Option<JobConfig>, (String, bool)> {
     // (A promoted export was sized when it was trained.)
     let BaseModel::Dir(dir) = &config.model.base else {
         return Ok(None);
     };
     let url = format!("{}/config.json", resolve_url(&as_url(dir), workdir));
     let read = async {
-        let object = objects::head_url(&url).await.map_err(|e| e.to_string())?;
+        let object = objects::head_url(&url).await.map_err(|e| {
+            // A store that cannot be reached says nothing about the file.
+            let unread = e.is_transient() || matches!(e, lockstep_storage::Error::Store { .. });
+            (e.to_string(), unread)
+        })?;
         if object.size > MAX_BASE_CONFIG {
-            return Err(format!(
-                "it is {} bytes, more than a config.json's {MAX_BASE_CONFIG}",
-                object.size
+            return Err((
+                format!(
+                    "it is {} bytes, more than a config.json's {MAX_BASE_CONFIG}",
+                    object.size
+                ),
+                false,
             ));
+        }
+        if object.size == 0 {
+            return Err(("empty".into(), false));
         }
         let bytes = object
             .read_range(0..object.size)
             .await
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&bytes);
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-        serde_json::from_str::<serde_json::Value>(text).map_err(|e| format!("not JSON: {e}"))
+            .map_err(|e| (e.to_string(), true))?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| (format!("not JSON: {e}"), false))
     };
-    let at = |why: String| format!("model.base `{dir}`: config.json: {why}");
+    let at = |why: String| (format!("model.base `{dir}`: config.json: {why}"), false);
     let hf = match tokio::time::timeout_at(deadline, read).await {
-        Err(_) => return Err(at("not read in time".into())),
-        Ok(Err(why)) => return Err(at(why)),
+        Err(_) => return Err((at("not read in time".into()).0, true)),
+        Ok(Err((why, unread))) => return Err((at(why).0, unread)),
         Ok(Ok(hf)) => hf,
     };
-    let field = |name: &str| -> Result<u32, String> {
+    let field = |name: &str| -> Result<u32, (String, bool)> {
         match hf.get(name) {
             None => Err(at(format!("no `{name}`"))),
             Some(v) => v
@@ -195,10 +225,42 @@ pub async fn base_architecture(
         None => m.num_heads,
         Some(_) => field("num_key_value_heads")?,
     };
-    m.tie_embeddings = hf
-        .get("tie_word_embeddings")
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false);
+    m.tie_embeddings = match hf.get("tie_word_embeddings") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| at(format!("`tie_word_embeddings` is {v}, not true or false")))?,
+    };
+    // What training refuses (trainer/src/model/config.rs), refused here before launch too.
+    let text = |k: &str, default: &str| {
+        hf.get(k)
+            .and_then(|v| v.as_str())
+            .map_or(default.to_string(), str::to_string)
+    };
+    if hf.get("model_type").is_some() && text("model_type", "") != "llama" {
+        return Err(at(format!(
+            "model_type `{}` is not supported (only `llama`)",
+            text("model_type", "")
+        )));
+    }
+    if text("hidden_act", "silu") != "silu" {
+        return Err(at(format!(
+            "hidden_act `{}` is not supported (only `silu`)",
+            text("hidden_act", "")
+        )));
+    }
+    if let Some(hd) = hf.get("head_dim").filter(|v| !v.is_null()) {
+        let heads = u64::from(m.num_heads);
+        if hd
+            .as_u64()
+            .is_none_or(|hd| hd * heads != u64::from(m.hidden_size))
+        {
+            return Err(at(format!(
+                "head_dim {hd} × {heads} heads ≠ hidden_size {}",
+                m.hidden_size
+            )));
+        }
+    }
     // The bounds `[model]` has, named by config.json's keys.
     out.validate().map_err(|e| {
         let e = e
@@ -215,7 +277,9 @@ pub async fn base_architecture(
 /// A store that cannot be reached (or an unusable URL) is not proof that an input is missing.
 fn unreachable_store(e: &lockstep_storage::Error) -> Result<(), String> {
     match e {
-        lockstep_storage::Error::InvalidUrl { .. } => Err(e.to_string()),
+        lockstep_storage::Error::InvalidUrl { .. } | lockstep_storage::Error::NotAFile { .. } => {
+            Err(e.to_string())
+        }
         _ => {
             tracing::warn!(error = %e, "cannot check the job's inputs now; the workers will");
             Ok(())

@@ -30,6 +30,16 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// A local path that must be a file is a FIFO, socket, device or directory (never opened:
+    /// a FIFO would hang the open).
+    #[error("`{path}` is {what}, not a regular file")]
+    NotAFile {
+        /// The URL.
+        path: String,
+        /// What it is instead ("a FIFO").
+        what: &'static str,
+    },
+
     /// A file that must exist does not.
     #[error("`{path}` not found")]
     NotFound {

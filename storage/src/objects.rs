@@ -32,6 +32,7 @@ pub fn open_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
 
 /// The whole object at `url`.
 pub async fn read_url(url: &str) -> Result<Bytes> {
+    refuse_special(url).await?;
     let (store, path) = open_url(url)?;
     let err = |source: object_store::Error| match source {
         object_store::Error::NotFound { .. } => Error::NotFound {
@@ -45,6 +46,36 @@ pub async fn read_url(url: &str) -> Result<Bytes> {
     };
     let got = store.get(&path).await.map_err(err)?;
     got.bytes().await.map_err(err)
+}
+
+/// A local path that is there but is not a regular file (a FIFO, socket, device or
+/// directory) is refused before anything opens it: object_store's local store opens files to
+/// look at them, and a FIFO would hang that open, a device never end the read.
+async fn refuse_special(url: &str) -> Result<()> {
+    let Ok(Location::File(local)) = Location::parse(url) else {
+        return Ok(());
+    };
+    let kind =
+        tokio::task::spawn_blocking(move || std::fs::metadata(local).map(|m| m.file_type())).await;
+    if let Ok(Ok(t)) = kind
+        && !t.is_file()
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(Error::NotAFile {
+            path: url.to_string(),
+            what,
+        });
+    }
+    Ok(())
 }
 
 /// One object, as it was when [`head_url`] looked: its size and a version tag (ETag, else
@@ -65,19 +96,7 @@ pub struct Object {
 
 /// Looks `url` up without reading it.
 pub async fn head_url(url: &str) -> Result<Object> {
-    // A FIFO (or device) would hang, or never end, the reads that follow (and object_store's
-    // local `head` opens the file): refused before anything opens it.
-    if let Ok(Location::File(local)) = Location::parse(url) {
-        let kind =
-            tokio::task::spawn_blocking(move || std::fs::metadata(local).map(|m| m.is_file()))
-                .await;
-        if let Ok(Ok(false)) = kind {
-            return Err(Error::InvalidUrl {
-                url: url.to_string(),
-                reason: "not a regular file (a FIFO, socket, device or directory?)".into(),
-            });
-        }
-    }
+    refuse_special(url).await?;
     let (store, path) = open_url(url)?;
     let meta = store.head(&path).await.map_err(|source| match source {
         object_store::Error::NotFound { .. } => Error::NotFound {
@@ -150,6 +169,7 @@ impl Object {
 
 /// Whether the object at `url` exists (`Ok(false)` only for a definite "not found").
 pub async fn exists(url: &str) -> Result<bool> {
+    refuse_special(url).await?;
     let (store, path) = open_url(url)?;
     match store.head(&path).await {
         Ok(_) => Ok(true),

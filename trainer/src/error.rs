@@ -156,6 +156,7 @@ impl Error {
                 // Not `NotFound`: a checkpoint upload can see one transiently. Missing inputs
                 // are caught before launch (the coordinator's preflight) or name their file.
                 lockstep_storage::Error::InvalidUrl { .. }
+                    | lockstep_storage::Error::NotAFile { .. }
                     | lockstep_storage::Error::Refused { .. }
                     | lockstep_storage::Error::Invalid(_)
             ),

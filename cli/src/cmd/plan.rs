@@ -69,11 +69,27 @@ async fn plan(args: PlanArgs) -> Result {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     match lockstep_coordinator::preflight::base_architecture(&config, &workdir, deadline).await {
         Ok(Some(sized)) => {
+            // And everything else training checks of it (RoPE scaling, biases…).
+            if let lockstep_api::BaseModel::Dir(dir) = &config.model.base {
+                let url = format!(
+                    "{}/config.json",
+                    lockstep_coordinator::record::resolve_url(
+                        &lockstep_api::base::as_url(dir),
+                        &workdir
+                    )
+                );
+                let bytes = lockstep_storage::objects::read_url(&url).await?;
+                let text = std::str::from_utf8(&bytes).map_err(|_| {
+                    CliError::Usage(format!("model.base `{dir}`: config.json: not UTF-8"))
+                })?;
+                lockstep_trainer::model::LlamaConfig::parse(text, &url)
+                    .map_err(|e| CliError::Usage(format!("model.base `{dir}`: {e}")))?;
+            }
             sized_by = format!("model.base {}'s config.json", config.model.base);
             config = sized;
         }
         Ok(None) => {}
-        Err(why) => return Err(CliError::Usage(why)),
+        Err(e) => return Err(CliError::Usage(e.why)),
     }
     if let Some(lora) = &config.lora {
         memory::Shape::of(&config)
@@ -136,6 +152,7 @@ async fn plan(args: PlanArgs) -> Result {
                 "optimizer": p.optimizer,
                 "activations": p.activations,
                 "checkpoint": line("checkpoint"),
+                "loading": p.loading,
                 "runtime": p.runtime,
                 "total": p.total,
                 "available_per_rank": available,

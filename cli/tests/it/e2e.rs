@@ -456,6 +456,36 @@ fn absurd_config_values_are_refused_before_anything_starts() {
         err.contains("model.base") && err.contains("config.json not found"),
         "{err}"
     );
+    // A base whose config.json training would refuse, or whose config.json is a FIFO, is
+    // refused before any worker starts (and the FIFO is never opened).
+    let base = dir.path().join("mistral");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::write(
+        base.join("config.json"),
+        r#"{"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 256, "num_attention_heads": 4}"#,
+    )
+    .unwrap();
+    std::fs::write(base.join("model.safetensors"), b"").unwrap();
+    TestJob::tiny("e2e")
+        .set("model.base", format!("\"file://{}\"", base.display()))
+        .write_to(dir.path());
+    let err = refused(dir.path());
+    assert!(
+        err.contains("model_type `mistral` is not supported"),
+        "{err}"
+    );
+    std::fs::remove_file(base.join("config.json")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(base.join("config.json"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let started = Instant::now();
+    let err = refused(dir.path());
+    assert!(err.contains("is a FIFO, not a regular file"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
     let glob = format!("\"file://{}/nothing-*.jsonl\"", dir.path().display());
     TestJob::tiny("e2e")
         .set("data.train", format!("[{glob}]"))

@@ -156,7 +156,7 @@ fn a_bad_base_config_json_is_named_not_trusted() {
         (
             "heads",
             Some(with("num_attention_heads", 1000.into())),
-            "`num_attention_heads` must divide hidden_size",
+            "1000 heads ≠ hidden_size 4096",
         ),
         (
             "kv",
@@ -167,6 +167,40 @@ fn a_bad_base_config_json_is_named_not_trusted() {
             "huge",
             Some(with("num_hidden_layers", 4_294_967_295u64.into())),
             "num_hidden_layers",
+        ),
+        ("empty", Some(String::new()), "config.json: empty"),
+        (
+            "bom",
+            Some(format!("\u{feff}{}", good)),
+            "config.json: not JSON",
+        ),
+        (
+            "mistral",
+            Some(with("model_type", "mistral".into())),
+            "model_type `mistral` is not supported",
+        ),
+        (
+            "gelu",
+            Some(with("hidden_act", "gelu".into())),
+            "hidden_act `gelu` is not supported",
+        ),
+        (
+            "headdim",
+            Some(with("head_dim", 64.into())),
+            "head_dim 64 × 32 heads ≠ hidden_size 4096",
+        ),
+        (
+            "tied",
+            Some(with("tie_word_embeddings", "true".into())),
+            "`tie_word_embeddings` is \"true\", not true or false",
+        ),
+        (
+            "yarn",
+            Some(with(
+                "rope_scaling",
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            )),
+            "yarn",
         ),
     ];
     for (name, json, expect) in cases {
@@ -205,6 +239,8 @@ fn a_bad_base_config_json_is_named_not_trusted() {
     .unwrap();
     let started = std::time::Instant::now();
     let out = plan(&[toml.to_str().unwrap(), "--device-memory", "80GB"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("is a FIFO, not a regular file"), "{said}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }

@@ -354,7 +354,7 @@ async fn fits_pod_memory(
     if r.gpu.is_some_and(|g| g > 0) {
         return Ok(());
     }
-    // A quantity this cannot read (`1e9`, `1P`) is left to Kubernetes to judge.
+    // A quantity this cannot read (milli-bytes, `500m`) is left to Kubernetes to judge.
     let limit = match parse_size(limit) {
         Ok(l) => l,
         Err(e) => {
@@ -368,10 +368,11 @@ async fn fits_pod_memory(
     let sized = match crate::preflight::base_architecture(config, workdir, deadline).await {
         Ok(Some(sized)) => sized,
         Ok(None) => config.clone(),
-        Err(why) => {
-            tracing::warn!("{why}; the job's memory is not checked");
+        Err(e) if e.unread => {
+            tracing::warn!("{}; the job's memory is not checked", e.why);
             return Ok(());
         }
+        Err(e) => return Err(format!("spec.config: {}", e.why)),
     };
     let plan = MemoryPlan::of(&sized, Target::Cpu);
     match plan.refusal(&sized, limit, "spec.resources.memory") {

@@ -318,12 +318,16 @@ impl Launcher for LocalProcess {
     ) -> Result<(), Refused> {
         let deadline = tokio::time::Instant::now() + crate::preflight::LIMIT;
         crate::preflight::check(config, workdir).await?;
-        // A Hugging Face base model's size is in its config.json, not in `[model]`.
-        if let Some(sized) =
-            crate::preflight::with_base_architecture(config, workdir, deadline).await
-        {
-            admit_sized(&sized)
-                .map_err(|e| Refused(format!("{e} (sized by model.base's config.json)")))?;
+        // A Hugging Face base model's size is in its config.json, not in `[model]`; one that
+        // cannot be a base is refused here, before any worker starts.
+        match crate::preflight::base_architecture(config, workdir, deadline).await {
+            Ok(Some(sized)) => admit_sized(&sized)
+                .map_err(|e| Refused(format!("{e} (sized by model.base's config.json)")))?,
+            Ok(None) => {}
+            Err(e) if e.unread => {
+                tracing::warn!("{}; the job's memory is not checked", e.why);
+            }
+            Err(e) => return Err(Refused(e.why)),
         }
         Ok(())
     }
