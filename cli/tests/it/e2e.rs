@@ -391,9 +391,11 @@ fn a_worker_error_that_would_repeat_fails_the_job_at_once_with_its_message() {
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken-model");
     std::fs::create_dir(&broken).unwrap();
+    // A config.json the preflight accepts; the weights only a worker reads.
     std::fs::write(
         broken.join("config.json"),
-        "{\"model_type\": \"not-llama\"}",
+        r#"{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 256, "num_attention_heads": 4}"#,
     )
     .unwrap();
     std::fs::write(broken.join("model.safetensors"), "not safetensors").unwrap();
