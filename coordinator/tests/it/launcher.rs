@@ -121,7 +121,12 @@ async fn a_base_model_too_big_for_the_machine_is_refused_by_its_own_size() {
     );
     let e = launcher.preflight(&job, d).await.unwrap_err();
     let e = e.to_string();
-    assert!(e.contains("MB of memory") && e.contains("available"), "{e}");
-    std::fs::write(base.join("config.json"), hf(64, 2, 128)).unwrap();
+    assert!(
+        e.starts_with("full fine-tuning of 70.6B parameters needs")
+            && e.contains("(this machine has")
+            && e.contains("(sized by model.base's config.json)"),
+        "{e}"
+    );
+    std::fs::write(base.join("config.json"), hf(512, 2, 128)).unwrap();
     launcher.preflight(&job, d).await.unwrap();
 }
