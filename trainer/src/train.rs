@@ -368,7 +368,7 @@ pub fn train<B: AutodiffBackend>(
         let agreed = ckpt.progress(stop, time_due, collective, &rt)?;
         let stop = agreed.stop;
         if let Some(o) = agreed.committed {
-            settle(o, &mut summary, &mut failing, config, on_event)?;
+            settle(o, &mut summary, &mut failing, false, config, on_event)?;
         }
         let due = ts.step.is_multiple_of(config.checkpoint.every_steps)
             || ts.step == plan.last_step
@@ -378,7 +378,7 @@ pub fn train<B: AutodiffBackend>(
             last_checkpoint = Instant::now();
             let waited = Instant::now();
             if let Some(o) = ckpt.finish(collective, &rt)? {
-                settle(o, &mut summary, &mut failing, config, on_event)?;
+                settle(o, &mut summary, &mut failing, false, config, on_event)?;
             }
             let waited = waited.elapsed();
             let copy = Instant::now();
@@ -397,8 +397,9 @@ pub fn train<B: AutodiffBackend>(
             break;
         }
     }
+    // The last (or the stop's) checkpoint: the run's result, so it must commit.
     if let Some(o) = ckpt.finish(collective, &rt)? {
-        settle(o, &mut summary, &mut failing, config, on_event)?;
+        settle(o, &mut summary, &mut failing, true, config, on_event)?;
     }
     summary.step = ts.step;
     summary.params_hash = params_hash(&state.model);
@@ -415,13 +416,15 @@ pub fn train<B: AutodiffBackend>(
 pub const MAX_CHECKPOINT_FAILURES: u32 = 3;
 
 /// Reports how a checkpoint ended. A failed one is reported and training goes on (the next
-/// checkpoint tries again), unless the store refuses writes (full, read-only, denied) or
-/// [`MAX_CHECKPOINT_FAILURES`] failed in a row: then the run stops, naming the store and the
-/// last committed checkpoint, which is left intact.
+/// checkpoint tries again), unless the store refuses writes (full, read-only, denied),
+/// [`MAX_CHECKPOINT_FAILURES`] failed in a row, or it was the run's last (`last`: what the run
+/// ends with, and what an export reads): then the run stops, naming the store and the last
+/// committed checkpoint, which is left intact.
 fn settle(
     outcome: Outcome,
     summary: &mut Summary,
     failing: &mut u32,
+    last: bool,
     config: &JobConfig,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<()> {
@@ -434,7 +437,7 @@ fn settle(
         Err(f) => f,
     };
     *failing += 1;
-    let stopping = f.refused.is_some() || *failing >= MAX_CHECKPOINT_FAILURES;
+    let stopping = f.refused.is_some() || *failing >= MAX_CHECKPOINT_FAILURES || last;
     on_event(&Event::CheckpointFailed {
         step: f.step,
         reason: f.reason.clone(),
@@ -444,18 +447,21 @@ fn settle(
     if !stopping {
         return Ok(());
     }
-    let last = summary
+    let newest = summary
         .checkpoints
         .last()
         .map(|w| w.step)
         .or((summary.from_step > 0).then_some(summary.from_step));
-    let kept = match last {
+    let kept = match newest {
         Some(s) => format!("its last committed checkpoint, step {s}, is intact"),
         None => "no checkpoint was committed".into(),
     };
     let why = match &f.refused {
         Some(what) => format!("the store takes no more writes ({what})"),
-        None => format!("{} checkpoints in a row failed", *failing),
+        None if *failing >= MAX_CHECKPOINT_FAILURES => {
+            format!("{} checkpoints in a row failed", *failing)
+        }
+        None => "it was the run's last, which it must end with".to_string(),
     };
     Err(Error::CheckpointsFailing {
         reason: format!(

@@ -637,6 +637,21 @@ fn a_failed_checkpoint_is_reported_and_training_goes_on() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     assert_eq!(rt.block_on(store(dir.path()).list()).unwrap(), vec![8]);
     assert_same(straight.path(), dir.path());
+
+    // The last checkpoint is what the run ends with (and what an export reads): if it fails,
+    // the run fails (a restart may pass), naming the checkpoint kept.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("step-000000000008"), b"in the way").unwrap();
+    let out = run(&cfg, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("it was the run's last, which it must end with, so the run stops (its last committed checkpoint, step 4, is intact)"),
+        "{err}"
+    );
 }
 
 /// A checkpoint directory that fills up mid-run (a 1 MiB tmpfs, mounted in a user and mount
