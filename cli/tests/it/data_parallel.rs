@@ -327,7 +327,9 @@ fn time_based_checkpoints_are_agreed_by_the_gang() {
     // Every second one (the first after a second of training at the earliest).
     let most = took.as_secs() + 1;
     assert!(steps.len() as u64 <= most + 1, "{steps:?} in {took:?}");
-    if took >= Duration::from_secs(3) {
+    // Starting the gang is part of `took`; when the whole run took this long, its training
+    // loop ran well past a second on any machine seen so far.
+    if took >= Duration::from_secs(4) {
         assert!(
             steps.len() >= 2,
             "no time-based checkpoint in {took:?}: {steps:?}"
