@@ -66,6 +66,10 @@ pub async fn run(args: RunArgs) -> Result {
     tokio::spawn(serve_grpc(coordinator.clone(), listener, None));
     coordinator.start(format!("http://{addr}")).await?;
     start_metrics(args.metrics_addr, &coordinator).await?;
+    // Listening from here on, once: a signal that arrives while the loop below is between two
+    // waits is kept for the next (a listener made per wait would lose it, and the run would
+    // carry on as if never interrupted).
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let record = coordinator.submit(loaded.text, loaded.sets, cwd).await?;
     let id = record.id.clone();
@@ -84,7 +88,7 @@ pub async fn run(args: RunArgs) -> Result {
                 return Err(CliError::Usage("the coordinator stopped".into()));
             },
             // SIGTERM (`kill`, `timeout`, a service manager) stops the run as Ctrl-C does.
-            () = stop_signal(&mut term) => {
+            () = stop_signal(&mut int, &mut term) => {
                 if cancelled {
                     // A second Ctrl-C: no more waiting for the gang to checkpoint.
                     view.note("interrupted again: killing the workers");
@@ -99,18 +103,25 @@ pub async fn run(args: RunArgs) -> Result {
     }
 }
 
-/// The next SIGINT or SIGTERM (SIGINT only where SIGTERM cannot be caught).
-async fn stop_signal(term: &mut Option<tokio::signal::unix::Signal>) {
-    match term {
-        Some(t) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = t.recv() => {}
-            }
+/// The next SIGINT or SIGTERM, from listeners made once (either may be missing where it
+/// cannot be installed: then only the other stops the run).
+async fn stop_signal(
+    int: &mut Option<tokio::signal::unix::Signal>,
+    term: &mut Option<tokio::signal::unix::Signal>,
+) {
+    tokio::select! {
+        () = next_of(int) => {}
+        () = next_of(term) => {}
+    }
+}
+
+/// The next signal `s` listens for; never, without a listener.
+async fn next_of(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
         }
-        None => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        None => std::future::pending::<()>().await,
     }
 }
 

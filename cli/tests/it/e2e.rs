@@ -749,12 +749,11 @@ fn ctrl_c_while_tokenising_stops_at_once_and_leaves_nothing_half_built() {
     let _gang = one_gang();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // 128 MB of text: seconds of tokenising, sixteen 8 MiB ranges (64 MB was tokenised before
-    // the stop reached a rank on a loaded machine).
+    // 64 MB of text: seconds of tokenising, eight 8 MiB ranges.
     let data = d.join("big.jsonl");
     let mut w = std::io::BufWriter::new(std::fs::File::create(&data).unwrap());
     let line = format!("{{\"text\":\"{}\"}}\n", "lockstep ".repeat(110));
-    for _ in 0..(128 << 20) / line.len() {
+    for _ in 0..(64 << 20) / line.len() {
         w.write_all(line.as_bytes()).unwrap();
     }
     w.flush().unwrap();
