@@ -61,7 +61,8 @@ pub fn is_pipe(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
 }
 
-fn describe(kind: std::fs::FileType) -> &'static str {
+/// What a file that is not a regular file is, in words ("a FIFO").
+pub(crate) fn describe(kind: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if kind.is_dir() {
         "a directory"

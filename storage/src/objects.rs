@@ -60,16 +60,7 @@ async fn refuse_special(url: &str) -> Result<()> {
     if let Ok(Ok(t)) = kind
         && !t.is_file()
     {
-        use std::os::unix::fs::FileTypeExt;
-        let what = if t.is_dir() {
-            "a directory"
-        } else if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        };
+        let what = crate::files::describe(t);
         return Err(Error::NotAFile {
             path: url.to_string(),
             what,

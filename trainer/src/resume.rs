@@ -109,26 +109,18 @@ fn check_owner(config: &JobConfig, m: &lockstep_storage::Manifest) -> Result<()>
 }
 
 /// Refuses a LoRA rank above the smaller side of a targeted projection: such an adapter is no
-/// longer low-rank, only larger than the weight it adapts.
-fn check_rank(r: usize, cfg: &LlamaConfig, targets: &[String]) -> Result<()> {
-    let specs = crate::model::param_specs(cfg);
-    for t in targets {
-        let Some(w) = specs
-            .iter()
-            .find(|s| s.name.ends_with(&format!(".{t}.weight")))
-        else {
-            continue;
-        };
-        let most = w.shape[0].min(w.shape[1]);
-        if r > most {
-            return Err(Error::Usage(format!(
-                "lora.r = {r} is more than {t}'s smaller side ({}x{}): an adapter of that rank is \
-                 not low-rank; use lora.r ≤ {most}",
-                w.shape[0], w.shape[1]
-            )));
-        }
-    }
-    Ok(())
+/// longer low-rank, only larger than the weight it adapts (the check `lockstep plan` makes).
+fn check_rank(section: &lockstep_api::LoraSection, cfg: &LlamaConfig) -> Result<()> {
+    let shape = lockstep_api::memory::Shape {
+        hidden: cfg.hidden_size as u64,
+        layers: cfg.num_hidden_layers as u64,
+        heads: cfg.num_attention_heads.max(1) as u64,
+        kv_heads: cfg.kv_heads() as u64,
+        inner: cfg.intermediate_size as u64,
+        vocab: cfg.vocab_size as u64,
+        tied: cfg.tie_word_embeddings,
+    };
+    shape.check_lora(section).map_err(Error::Usage)
 }
 
 /// The model, optimizer and trainer state a run starts with: restored from `ckpt` (its
@@ -149,7 +141,7 @@ pub fn begin<B: AutodiffBackend>(
     let lora = match &config.lora {
         None => None,
         Some(section) => {
-            check_rank(section.r as usize, &base.config, &section.target_modules)?;
+            check_rank(section, &base.config)?;
             let identity = match &base.origin {
                 Some((_, sha256)) => format!("sha256 {sha256}"),
                 None => format!("init seed {seed}"),
