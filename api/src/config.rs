@@ -131,6 +131,35 @@ pub struct JobSection {
     #[serde(default = "defaults::collective_timeout", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub collective_timeout: Duration,
+    /// What the job does when a rank dies or hangs while the gang trains: `in-place` (the
+    /// default) keeps the other ranks and their state, starts one replacement that takes the
+    /// state from them, and loses no step; `restart` restarts the whole gang from the last
+    /// checkpoint. In-place needs the TCP ring (a NCCL gang restarts) and a launcher that can
+    /// start one worker into a running gang (this machine's); otherwise, or when the
+    /// replacement fails, the gang restarts.
+    #[serde(default, skip_serializing_if = "Recovery::is_in_place")]
+    pub recovery: Recovery,
+}
+
+/// `job.recovery`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum Recovery {
+    /// Replace the lost rank; the others keep their state.
+    #[default]
+    #[serde(rename = "in-place")]
+    InPlace,
+    /// Restart the whole gang from the last checkpoint.
+    #[serde(rename = "restart")]
+    Restart,
+}
+
+impl Recovery {
+    /// Whether this is `in-place`.
+    pub fn is_in_place(&self) -> bool {
+        *self == Recovery::InPlace
+    }
 }
 
 /// `[model]`: the Llama architecture to train from scratch, or the base model to fine-tune.

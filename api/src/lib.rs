@@ -19,7 +19,8 @@ pub mod testing;
 
 pub use base::BaseModel;
 pub use config::{
-    ConfigError, JobConfig, LORA_TARGETS, LoraSection, Precision, RECORD_FIELDS, Resume, Schedule,
+    ConfigError, JobConfig, LORA_TARGETS, LoraSection, Precision, RECORD_FIELDS, Recovery, Resume,
+    Schedule,
 };
 pub use phase::Phase;
 
@@ -39,6 +40,9 @@ pub mod proto {
 
     /// The metadata key that carries `Bearer <token>` on every call.
     pub const AUTH_HEADER: &str = "authorization";
+    /// Metadata on a refused `CommitShard`: the gang is re-forming in place (a rank was lost),
+    /// so the checkpoint in flight will not be committed and the caller must regroup.
+    pub const REGROUPING: &str = "lockstep-regrouping";
 
     /// A client interceptor that adds `authorization: Bearer TOKEN` to every call.
     #[derive(Debug, Clone)]

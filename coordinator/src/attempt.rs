@@ -52,6 +52,41 @@ pub struct Attempt {
     last_seen: Vec<Option<Instant>>,
     exited: Vec<Option<Exit>>,
     finished: Vec<Option<Finished>>,
+    /// The ring generation: 0 for the gang as launched, one more each time it re-forms in
+    /// place after losing a rank.
+    generation: u32,
+    /// A re-formed gang is assembling (its members join again); `joined` holds its members.
+    forming: bool,
+    /// The finished step each survivor holds, in the gang being re-formed.
+    holds: BTreeMap<u32, u64>,
+    /// The worker being replaced in place, and since when.
+    replacing: Option<(u32, Instant)>,
+    /// A rank reported a finished step since the gang (re-)formed.
+    stepped: bool,
+}
+
+/// A gang that has (re-)formed: what every member's `Join` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Formed {
+    /// Every rank's ring address, in rank order.
+    pub peers: Vec<String>,
+    /// The ring generation.
+    pub generation: u32,
+    /// A re-formed gang: the rank holding the newest state (the most finished steps, the
+    /// lowest such rank), which streams it to the others, and that step.
+    pub state_from: Option<(u32, u64)>,
+}
+
+/// What a `Join` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The generation the caller joined (its answer must be of it).
+    pub generation: u32,
+    /// This join began re-forming the gang (a survivor was first to regroup): the previous
+    /// gang's barrier and its checkpoint in flight are void.
+    pub began_reforming: bool,
+    /// The gang is complete with this join.
+    pub formed: Option<Formed>,
 }
 
 impl Attempt {
@@ -68,18 +103,138 @@ impl Attempt {
             last_seen: vec![None; w],
             exited: vec![None; w],
             finished: vec![None; w],
+            generation: 0,
+            forming: false,
+            holds: BTreeMap::new(),
+            replacing: None,
+            stepped: false,
         }
     }
 
-    /// Records that `worker` joined with ring address `addr`. Returns every worker's address
-    /// in rank order once the last one has joined (the gang is complete).
-    pub fn join(&mut self, worker: u32, addr: String, now: Instant) -> Result<Option<Vec<String>>> {
+    /// Records that `worker` joined with ring address `addr`: a launched worker (`holds`
+    /// `None`), or a survivor regrouping after the gang lost a rank, holding the state of
+    /// finished step `holds` and leaving ring `left` — the first such survivor begins
+    /// re-forming the gang, if the coordinator has not already. Says which generation the
+    /// caller joined and, once the last member has joined, the formed gang.
+    pub fn join(
+        &mut self,
+        worker: u32,
+        addr: String,
+        holds: Option<u64>,
+        left: u32,
+        now: Instant,
+    ) -> Result<Joined> {
         self.rank_in_gang(worker)?;
+        let mut began_reforming = false;
+        if let Some(step) = holds {
+            if left > self.generation {
+                return Err(Error::InvalidArgument(format!(
+                    "worker {worker} leaves ring {left}, but this gang's newest is {}",
+                    self.generation
+                )));
+            }
+            if left == self.generation {
+                began_reforming = self.reform();
+            }
+            self.holds.insert(worker, step);
+        }
         self.joined.insert(worker, addr);
         self.last_seen[worker as usize] = Some(now);
-        Ok(self
-            .all_joined()
-            .then(|| self.joined.values().cloned().collect()))
+        let formed = self.all_joined().then(|| self.formed(now));
+        Ok(Joined {
+            generation: self.generation,
+            began_reforming,
+            formed,
+        })
+    }
+
+    /// The gang is complete: its answer, and a re-formed one stops forming.
+    fn formed(&mut self, now: Instant) -> Formed {
+        let state_from = if self.generation == 0 {
+            None
+        } else {
+            // The most steps, then the lowest rank.
+            self.holds
+                .iter()
+                .max_by_key(|(rank, step)| (**step, std::cmp::Reverse(**rank)))
+                .map(|(rank, step)| (*rank, *step))
+        };
+        if self.forming {
+            self.forming = false;
+            self.replacing = None;
+            self.stepped = false;
+            for seen in &mut self.last_seen {
+                *seen = Some(now);
+            }
+        }
+        Formed {
+            peers: self.joined.values().cloned().collect(),
+            generation: self.generation,
+            state_from,
+        }
+    }
+
+    /// Begins re-forming the gang (a new ring generation whose members join again), unless it
+    /// is already being re-formed. Returns whether it began now.
+    fn reform(&mut self) -> bool {
+        if self.forming {
+            return false;
+        }
+        self.generation = self.generation.saturating_add(1);
+        self.forming = true;
+        self.joined.clear();
+        self.holds.clear();
+        true
+    }
+
+    /// `worker` (exited, or killed for its silence) is replaced in place by a new process at
+    /// `now`: the gang re-forms with it and the survivors. Returns whether this began the
+    /// re-forming (else a survivor already had).
+    pub fn replace(&mut self, worker: u32, now: Instant) -> Result<bool> {
+        self.rank_in_gang(worker)?;
+        let began = self.reform();
+        // A survivor's regroup may already have listed it: it is gone.
+        self.joined.remove(&worker);
+        self.holds.remove(&worker);
+        let w = worker as usize;
+        self.exited[w] = None;
+        self.finished[w] = None;
+        self.last_seen[w] = None;
+        self.replacing = Some((worker, now));
+        Ok(began)
+    }
+
+    /// Whether `worker`, lost, may be replaced in place now: the gang finished a step since it
+    /// (re-)formed (a replacement that fails before that, or a rank lost while one is being
+    /// replaced, restarts the gang instead), every other rank is still there, and there are
+    /// others. Survivors may already be regrouping (they often see the loss first).
+    pub fn replaceable(&self, worker: u32) -> bool {
+        let others_there = self
+            .exited
+            .iter()
+            .enumerate()
+            .all(|(w, e)| w == worker as usize || e.is_none());
+        self.world > 1 && self.replacing.is_none() && self.stepped && others_there
+    }
+
+    /// A rank reported a finished step.
+    pub fn stepped(&mut self) {
+        self.stepped = true;
+    }
+
+    /// The worker being replaced in place, if one is.
+    pub fn replacing(&self) -> Option<u32> {
+        self.replacing.map(|r| r.0)
+    }
+
+    /// A re-formed gang is assembling.
+    pub fn forming(&self) -> bool {
+        self.forming
+    }
+
+    /// The ring generation.
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
     /// A queue holds the gang back (its workers were launched but may not start yet): no gang
@@ -202,12 +357,25 @@ impl Attempt {
         match phase {
             Phase::Admitting => self.admitted?.checked_add(t.gang),
             Phase::Running => self
-                .last_seen
-                .iter()
-                .filter_map(|s| s.unwrap_or(self.since()).checked_add(t.heartbeat))
+                .silences()
+                .filter_map(|(_, s)| s.checked_add(t.heartbeat))
+                .chain(
+                    self.replacing
+                        .and_then(|(_, since)| since.checked_add(t.gang)),
+                )
                 .min(),
             _ => None,
         }
+    }
+
+    /// Each rank that must be heard from, and since when it is silent: not a replacement that
+    /// has not joined yet (the gang timeout bounds it).
+    fn silences(&self) -> impl Iterator<Item = (usize, Instant)> + '_ {
+        self.last_seen
+            .iter()
+            .enumerate()
+            .filter(|(rank, _)| self.replacing.is_none_or(|(w, _)| w as usize != *rank))
+            .map(|(rank, s)| (rank, s.unwrap_or(self.since())))
     }
 
     /// What a deadline passing at `now` means: the gang did not assemble, or a rank went
@@ -223,15 +391,24 @@ impl Attempt {
                     world: self.world,
                 })
             }
-            Phase::Running => self
-                .last_seen
-                .iter()
-                .position(|s| past(s.unwrap_or(self.since()), t.heartbeat))
-                .map(|rank| Input::HeartbeatTimeout {
-                    attempt: self.number,
-                    rank: rank as u32,
-                    after: t.heartbeat,
-                }),
+            Phase::Running => {
+                if let Some((worker, since)) = self.replacing
+                    && past(since, t.gang)
+                {
+                    return Some(Input::ReplacementTimeout {
+                        attempt: self.number,
+                        worker,
+                        after: t.gang,
+                    });
+                }
+                self.silences()
+                    .find(|(_, s)| past(*s, t.heartbeat))
+                    .map(|(rank, _)| Input::HeartbeatTimeout {
+                        attempt: self.number,
+                        rank: rank as u32,
+                        after: t.heartbeat,
+                    })
+            }
             _ => None,
         }
     }
@@ -284,16 +461,125 @@ mod tests {
     fn the_gang_completes_when_the_last_worker_joins() {
         let t0 = Instant::now();
         let mut a = Attempt::new(1, 2, t0, Some(50));
-        assert_eq!(a.join(1, "b:2".into(), t0).unwrap(), None);
+        assert_eq!(a.join(1, "b:2".into(), None, 0, t0).unwrap().formed, None);
         assert_eq!(
-            a.join(0, "a:1".into(), t0).unwrap(),
-            Some(vec!["a:1".to_string(), "b:2".to_string()])
+            a.join(0, "a:1".into(), None, 0, t0).unwrap().formed,
+            Some(Formed {
+                peers: vec!["a:1".to_string(), "b:2".to_string()],
+                generation: 0,
+                state_from: None,
+            })
         );
         assert!(a.all_joined());
         assert!(matches!(
-            a.join(2, "c:3".into(), t0),
+            a.join(2, "c:3".into(), None, 0, t0),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    /// A gang of 3 that formed and stepped.
+    fn running(t0: Instant) -> Attempt {
+        let mut a = Attempt::new(1, 3, t0, None);
+        for w in 0..3 {
+            a.join(w, format!("r{w}:1"), None, 0, t0).unwrap();
+        }
+        a.stepped();
+        a
+    }
+
+    #[test]
+    fn a_replaced_rank_re_forms_the_gang_with_the_survivor_holding_the_most_steps() {
+        let t0 = Instant::now();
+        let mut a = running(t0);
+        assert!(a.replaceable(1));
+        // Rank 1 died; the coordinator saw its exit before any survivor regrouped.
+        a.on_exit(exit(1, None, Some(9)));
+        assert!(a.replace(1, t0).unwrap());
+        assert!(!a.replaceable(0), "one replacement at a time");
+        assert_eq!(a.replacing(), Some(1));
+        // Survivors leave ring 0: rank 2 finished one more step than rank 0.
+        let j = a.join(2, "r2:2".into(), Some(8), 0, t0).unwrap();
+        assert_eq!(
+            (j.generation, j.began_reforming, j.formed),
+            (1, false, None)
+        );
+        let j = a.join(0, "r0:2".into(), Some(7), 0, t0).unwrap();
+        assert_eq!(j.formed, None);
+        // The replacement holds nothing.
+        let j = a.join(1, "r1:2".into(), None, 0, t0).unwrap();
+        assert_eq!(
+            j.formed,
+            Some(Formed {
+                peers: vec!["r0:2".into(), "r1:2".into(), "r2:2".into()],
+                generation: 1,
+                state_from: Some((2, 8)),
+            })
+        );
+        assert_eq!(a.replacing(), None);
+        // Not again until the re-formed gang finished a step.
+        assert!(!a.replaceable(0));
+        a.stepped();
+        assert!(a.replaceable(0));
+        // Not when another rank exited too (it lost its peer and gave up).
+        a.on_exit(exit(2, Some(4), None));
+        assert!(!a.replaceable(0));
+    }
+
+    #[test]
+    fn a_survivor_that_regroups_first_voids_the_old_gang_and_ties_go_to_the_lowest_rank() {
+        let t0 = Instant::now();
+        let mut a = running(t0);
+        let j = a.join(2, "r2:2".into(), Some(5), 0, t0).unwrap();
+        assert!(j.began_reforming);
+        assert_eq!(j.generation, 1);
+        // The coordinator learns of the loss after: no second re-forming, and the dead
+        // rank's old address is not in the new gang.
+        assert!(a.replaceable(1));
+        assert!(!a.replace(1, t0).unwrap());
+        a.join(0, "r0:2".into(), Some(5), 0, t0).unwrap();
+        let formed = a
+            .join(1, "r1:2".into(), None, 0, t0)
+            .unwrap()
+            .formed
+            .unwrap();
+        assert_eq!(formed.peers[1], "r1:2");
+        assert_eq!(formed.state_from, Some((0, 5)));
+        // A worker claiming a ring newer than the gang's is refused.
+        assert!(matches!(
+            a.join(0, "x".into(), Some(6), 9, t0),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_replacement_that_does_not_join_in_the_gang_timeout_is_named_and_its_silence_is_not() {
+        let t0 = Instant::now();
+        let t = Timeouts {
+            gang: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(10),
+        };
+        let mut a = running(t0);
+        a.replace(1, t0).unwrap();
+        for w in [0, 2] {
+            a.join(w, format!("r{w}:2"), Some(3), 0, t0).unwrap();
+        }
+        // Survivors keep beating; the replacement (still loading) is not blamed for silence.
+        let t30 = t0 + Duration::from_secs(30);
+        a.seen(0, t30 - Duration::from_secs(1)).unwrap();
+        a.seen(2, t30 - Duration::from_secs(1)).unwrap();
+        assert_eq!(a.timed_out(Phase::Running, t30, t), None);
+        let t61 = t0 + Duration::from_secs(61);
+        a.seen(0, t61).unwrap();
+        a.seen(2, t61).unwrap();
+        assert_eq!(a.deadline(Phase::Running, t), Some(t0 + t.gang));
+        assert_eq!(
+            a.timed_out(Phase::Running, t61, t),
+            Some(Input::ReplacementTimeout {
+                attempt: 1,
+                worker: 1,
+                after: t.gang
+            })
+        );
     }
 
     #[test]
@@ -345,8 +631,8 @@ mod tests {
     fn the_silent_rank_is_named_at_its_heartbeat_deadline() {
         let t0 = Instant::now();
         let mut a = Attempt::new(1, 2, t0, None);
-        a.join(0, "a".into(), t0).unwrap();
-        a.join(1, "b".into(), t0).unwrap();
+        a.join(0, "a".into(), None, 0, t0).unwrap();
+        a.join(1, "b".into(), None, 0, t0).unwrap();
         a.seen(0, t0 + Duration::from_secs(8)).unwrap();
         // Rank 1 was last heard at t0, rank 0 at t0+8.
         assert_eq!(a.deadline(Phase::Running, T), Some(t0 + T.heartbeat));
@@ -367,8 +653,8 @@ mod tests {
     fn a_stall_of_the_coordinator_itself_is_not_blamed_on_the_ranks() {
         let t0 = Instant::now();
         let mut a = Attempt::new(1, 2, t0, None);
-        a.join(0, "a".into(), t0).unwrap();
-        a.join(1, "b".into(), t0).unwrap();
+        a.join(0, "a".into(), None, 0, t0).unwrap();
+        a.join(1, "b".into(), None, 0, t0).unwrap();
         // The coordinator was stopped from t0+5 s to t0+100 s.
         let resumed = t0 + Duration::from_secs(100);
         a.excuse(resumed);

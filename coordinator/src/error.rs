@@ -65,6 +65,13 @@ pub enum Error {
         /// Its step.
         step: u64,
     },
+    /// The gang re-forms in place (a rank was lost) before every shard of a checkpoint came:
+    /// it will not be committed, and the caller must regroup.
+    #[error("checkpoint {step} will not be committed: the gang lost a rank and re-forms")]
+    Regrouping {
+        /// Its step.
+        step: u64,
+    },
     /// The gang of an attempt did not assemble (torn down, or the gang timeout passed).
     #[error("the gang did not assemble (attempt torn down or timed out)")]
     GangNotFormed,
@@ -112,7 +119,7 @@ impl From<Error> for Status {
                 Code::InvalidArgument
             }
             // The attempt restarts (and retries the checkpoint) either way.
-            Error::Commit { .. } => Code::Aborted,
+            Error::Commit { .. } | Error::Regrouping { .. } => Code::Aborted,
             Error::CommitTimeout { .. } => Code::DeadlineExceeded,
             Error::Storage(s) if s.is_transient() => Code::Unavailable,
             Error::JobStore(_)
@@ -121,7 +128,14 @@ impl From<Error> for Status {
             | Error::Io { .. }
             | Error::Task(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if matches!(e, Error::Regrouping { .. }) {
+            status.metadata_mut().insert(
+                lockstep_api::proto::REGROUPING,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
+        status
     }
 }
 

@@ -132,6 +132,7 @@ impl JobRecord {
             state: self.lifecycle.phase.as_str().into(),
             attempt: self.lifecycle.attempt,
             restarts: self.lifecycle.restarts,
+            replacements: self.lifecycle.replacements,
             world_size: self.world_size,
             step: self.step,
             total_steps: self.total_steps,

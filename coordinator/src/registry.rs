@@ -197,4 +197,12 @@ impl Live {
             commits: Commits::default(),
         }
     }
+
+    /// The gang re-forms in place (a rank was lost): the old gang's barrier answer is void, and
+    /// the checkpoint in flight will never have every shard, so its waiting ranks are told to
+    /// regroup.
+    pub fn reforming(&mut self) {
+        self.join_result.send_replace(None);
+        self.commits.regroup();
+    }
 }

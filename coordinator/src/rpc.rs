@@ -100,7 +100,16 @@ impl Rpc for Coordinator {
         let r = req.get_ref();
         let job = self.authorize_worker(req.metadata(), &r.job_id, r.attempt)?;
         let r = req.into_inner();
-        let resp = self.join(&job, r.attempt, r.worker, r.data_addr).await?;
+        let resp = self
+            .join(
+                &job,
+                r.attempt,
+                r.worker,
+                r.data_addr,
+                r.holds_step,
+                r.left_generation,
+            )
+            .await?;
         Ok(Response::new(resp))
     }
 

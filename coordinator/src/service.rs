@@ -403,25 +403,47 @@ impl Coordinator {
         attempt: u32,
         worker: u32,
         data_addr: String,
+        holds_step: Option<u64>,
+        left_generation: u32,
     ) -> Result<proto::JoinResponse> {
-        let mut rx = {
+        let (mut rx, generation) = {
             let mut st = lock(&job.state);
             let live = job.live(&mut st, attempt)?;
+            let joined = live.attempt.join(
+                worker,
+                data_addr,
+                holds_step,
+                left_generation,
+                Instant::now(),
+            )?;
+            if joined.began_reforming {
+                tracing::info!(job = %job.id, attempt, worker, generation = joined.generation,
+                    "a rank regroups: the gang re-forms in place");
+                live.reforming();
+            }
             let rx = live.join_result.subscribe();
-            if let Some(peers) = live.attempt.join(worker, data_addr, Instant::now())? {
+            if let Some(formed) = joined.formed {
+                if formed.generation > 0 {
+                    tracing::info!(job = %job.id, attempt, generation = formed.generation,
+                        state_from = ?formed.state_from, "the gang re-formed in place");
+                }
                 live.join_result.send_replace(Some(proto::JoinResponse {
                     rank: 0,
                     world_size: live.attempt.world,
-                    peers,
+                    peers: formed.peers,
                     collective: "ring".into(),
                     resume_step: live.attempt.resume_step,
                     config_hash: job.config.results_hash(),
+                    generation: formed.generation,
+                    state_from: formed.state_from.map(|s| s.0),
+                    state_step: formed.state_from.map(|s| s.1),
                 }));
                 job.send(Input::AllJoined { attempt });
             }
-            rx
+            (rx, joined.generation)
         };
-        let wait = rx.wait_for(Option::is_some);
+        // The answer of the gang this worker joined (not of the one before it).
+        let wait = rx.wait_for(|r| r.as_ref().is_some_and(|r| r.generation == generation));
         let resp = match tokio::time::timeout(job.config.job.gang_timeout, wait).await {
             Ok(Ok(v)) => v.clone(),
             _ => None,
@@ -475,7 +497,9 @@ impl Coordinator {
                     st.touch(job, &self.inner.persister, false);
                 }
             }
-            Report::Step(s) if rank == 0 => {
+            Report::Step(_) if rank != 0 => live.attempt.stepped(),
+            Report::Step(s) => {
+                live.attempt.stepped();
                 st.record.doing = None;
                 st.record.step = s.step;
                 st.record.loss = Some(s.loss);

@@ -31,6 +31,9 @@ pub struct Lifecycle {
     pub max_restarts: u32,
     /// Why the job restarted, failed or was cancelled.
     pub message: String,
+    /// Lost ranks replaced in place (not gang restarts: no step was lost to them).
+    #[serde(default)]
+    pub replacements: u32,
 }
 
 /// Something that happened to a job.
@@ -69,6 +72,27 @@ pub enum Input {
         attempt: u32,
         /// The silent rank.
         rank: u32,
+        /// The timeout.
+        after: Duration,
+    },
+    /// A lost rank of `attempt`'s running gang (exited, or silent and killed) is to be replaced
+    /// in place: the survivors keep their processes and state, and one new worker joins them.
+    /// The supervisor sends this instead of [`Input::WorkerFailed`] or
+    /// [`Input::HeartbeatTimeout`] when the gang can be re-formed so.
+    ReplaceWorker {
+        /// The attempt.
+        attempt: u32,
+        /// The lost worker (= rank).
+        worker: u32,
+        /// How it was lost, in words.
+        cause: String,
+    },
+    /// The replacement of `worker` did not join the re-formed gang within the gang timeout.
+    ReplacementTimeout {
+        /// The attempt.
+        attempt: u32,
+        /// The worker being replaced.
+        worker: u32,
         /// The timeout.
         after: Duration,
     },
@@ -121,6 +145,14 @@ pub enum Action {
         /// The attempt.
         attempt: u32,
     },
+    /// Replace this worker of the running attempt with a new process (killing the old one if
+    /// it is still there); the gang re-forms in place.
+    Replace {
+        /// The attempt.
+        attempt: u32,
+        /// The worker.
+        worker: u32,
+    },
     /// Feed [`Input::Start`] back after this long.
     RetryAfter(Duration),
     /// Export the final checkpoint; feed back [`Input::Exported`] or [`Input::ExportFailed`].
@@ -142,6 +174,7 @@ impl Lifecycle {
             restarts: 0,
             max_restarts,
             message: String::new(),
+            replacements: 0,
         }
     }
 
@@ -217,6 +250,26 @@ impl Lifecycle {
                      unreachable)"
                 ))
             }
+            Input::ReplaceWorker {
+                attempt,
+                worker,
+                cause,
+            } if current(attempt) && self.phase == Phase::Running => {
+                self.replacements = self.replacements.saturating_add(1);
+                self.message = format!(
+                    "attempt {attempt}: rank {worker} {cause}; replaced in place (the other \
+                     ranks keep their state, so no step is lost)"
+                );
+                vec![Action::Replace { attempt, worker }]
+            }
+            Input::ReplacementTimeout {
+                attempt,
+                worker,
+                after,
+            } if current(attempt) && self.phase == Phase::Running => self.restart(format!(
+                "attempt {attempt}: the replacement of rank {worker} did not join the gang within \
+                 {after:?}"
+            )),
             Input::AllFinished { attempt, export }
                 if current(attempt) && self.phase == Phase::Running =>
             {
@@ -316,6 +369,45 @@ mod tests {
         assert_eq!(l.apply(Input::AllJoined { attempt: 1 }), vec![]);
         assert_eq!(l.phase, Phase::Running);
         l
+    }
+
+    #[test]
+    fn a_replaced_rank_keeps_the_job_running_and_a_late_replacement_restarts_it() {
+        let mut l = running(1);
+        let replace = Input::ReplaceWorker {
+            attempt: 1,
+            worker: 1,
+            cause: "was killed by signal 9".into(),
+        };
+        assert_eq!(
+            l.apply(replace),
+            vec![Action::Replace {
+                attempt: 1,
+                worker: 1
+            }]
+        );
+        assert_eq!(
+            (l.phase, l.restarts, l.replacements),
+            (Phase::Running, 0, 1)
+        );
+        assert!(l.message.contains("replaced in place"), "{}", l.message);
+        // Of another attempt: nothing.
+        assert_eq!(
+            l.apply(Input::ReplaceWorker {
+                attempt: 7,
+                worker: 1,
+                cause: "gone".into(),
+            }),
+            vec![]
+        );
+        let actions = l.apply(Input::ReplacementTimeout {
+            attempt: 1,
+            worker: 1,
+            after: Duration::from_secs(60),
+        });
+        assert_eq!(l.phase, Phase::Restarting);
+        assert_eq!(actions[0], Action::TearDown);
+        assert!(l.message.contains("did not join"), "{}", l.message);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::launcher::{Exit, WorkerSpec};
 use crate::registry::{Job, Live, lock};
 use crate::state::{Action, Input, Phase};
+use lockstep_api::Recovery;
 
 /// How often a gang that a queue holds back is looked at (to start its gang timeout).
 const QUEUE_POLL: Duration = Duration::from_secs(1);
@@ -95,6 +96,7 @@ pub(crate) async fn supervise(
             },
         };
         let Some(input) = input else { continue };
+        let input = in_place(&inner, &job, input);
         // A final state is published only once its teardown is done, so that whoever sees
         // `cancelled` or `failed` sees no worker left.
         let (actions, next, grace) = {
@@ -152,6 +154,19 @@ pub(crate) async fn supervise(
                             worker,
                             cause,
                             permanent: true,
+                        });
+                    }
+                }
+                Action::Replace { attempt, worker } => {
+                    if let Err(e) =
+                        replace(&inner, &job, attempt, worker, &mut exits, &exit_tx).await
+                    {
+                        tracing::error!(job = %job.id, attempt, worker, error = %e, "cannot replace the lost rank");
+                        // The gang restarts from its last checkpoint instead.
+                        job.send(Input::LaunchFailed {
+                            attempt,
+                            error: format!("cannot replace rank {worker}: {e}"),
+                            transient: true,
                         });
                     }
                 }
@@ -272,6 +287,172 @@ fn timed_out(inner: &Context, job: &Job, retry_at: &mut Option<Instant>) -> Opti
     }
 }
 
+/// A lost rank of a running gang (exited, or silent) becomes [`Input::ReplaceWorker`] when
+/// the gang can re-form in place: the launcher can start one worker into a running gang, the
+/// gang formed and finished a step since, and every other rank is still there (a rank that
+/// exited because it lost its peer cannot rejoin). Otherwise the input stays, and the gang
+/// restarts from its last checkpoint.
+fn in_place(inner: &Context, job: &Job, input: Input) -> Input {
+    let (attempt, worker, cause) = match &input {
+        Input::WorkerFailed {
+            attempt,
+            worker,
+            cause,
+            permanent: false,
+        } => (*attempt, *worker, cause.clone()),
+        Input::HeartbeatTimeout {
+            attempt,
+            rank,
+            after,
+        } => (
+            *attempt,
+            *rank,
+            format!("sent no heartbeat for {after:?} (hung or unreachable) and was killed"),
+        ),
+        _ => return input,
+    };
+    if !inner.launcher.replaces_in_place() || job.config.job.recovery != Recovery::InPlace {
+        return input;
+    }
+    let st = lock(&job.state);
+    let replaceable = st.record.phase() == Phase::Running
+        && st
+            .live
+            .as_ref()
+            .is_some_and(|l| l.attempt.number == attempt && l.attempt.replaceable(worker));
+    if !replaceable {
+        return input;
+    }
+    Input::ReplaceWorker {
+        attempt,
+        worker,
+        cause,
+    }
+}
+
+/// Replaces `worker` of the running `attempt` in place: kills it if it is still there (a silent
+/// rank) and reaps it — so its exit is not taken for its replacement's —, begins re-forming
+/// the gang, and launches the new worker, which joins the survivors.
+async fn replace(
+    inner: &Context,
+    job: &Job,
+    attempt: u32,
+    worker: u32,
+    exits: &mut mpsc::UnboundedReceiver<Exit>,
+    exit_tx: &mpsc::UnboundedSender<Exit>,
+) -> std::result::Result<(), String> {
+    let current = |st: &crate::registry::JobState| {
+        st.live
+            .as_ref()
+            .is_some_and(|l| l.attempt.number == attempt)
+    };
+    let running = {
+        let st = lock(&job.state);
+        let live = st.live.as_ref().filter(|l| l.attempt.number == attempt);
+        match live {
+            None => return Ok(()),
+            Some(l) if !l.attempt.has_exited(worker) => {
+                if let Some(h) = l.workers.get(worker as usize) {
+                    h.kill();
+                }
+                true
+            }
+            Some(_) => false,
+        }
+    };
+    if running {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let e = match tokio::time::timeout_at(until, exits.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) | Err(_) => {
+                    return Err(format!("rank {worker} did not exit within 30 s of SIGKILL"));
+                }
+            };
+            let theirs = e.attempt == attempt && e.worker == worker;
+            // Another rank's exit meanwhile is handled as usual (it restarts the gang).
+            if let Some(i) = on_exit(job, e)
+                && !theirs
+            {
+                job.send(i);
+            }
+            if theirs {
+                break;
+            }
+        }
+    }
+    let generation = {
+        let mut st = lock(&job.state);
+        if !current(&st) {
+            return Ok(());
+        }
+        let Some(live) = st.live.as_mut() else {
+            return Ok(());
+        };
+        if live
+            .attempt
+            .replace(worker, Instant::now())
+            .map_err(|e| e.to_string())?
+        {
+            live.reforming();
+        }
+        live.attempt.generation()
+    };
+    let spec = worker_spec(inner, job, attempt, worker, Some(generation));
+    let handle = inner
+        .launcher
+        .launch(&spec, exit_tx.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut st = lock(&job.state);
+    match st.live.as_mut() {
+        Some(l) if l.attempt.number == attempt => {
+            if let Some(slot) = l.workers.get_mut(worker as usize) {
+                *slot = handle;
+            } else {
+                handle.kill();
+            }
+        }
+        _ => handle.kill(),
+    }
+    tracing::info!(job = %job.id, attempt, worker, generation, "launched a replacement for the lost rank");
+    Ok(())
+}
+
+/// What launching `worker` of `attempt` takes; `replacing`: the ring generation a replacement
+/// of a lost rank joins (its log is its own).
+fn worker_spec(
+    inner: &Context,
+    job: &Job,
+    attempt: u32,
+    worker: u32,
+    replacing: Option<u32>,
+) -> WorkerSpec {
+    let dir = inner.settings.data_dir.join("jobs").join(&job.id);
+    let (workdir, overrides) = {
+        let st = lock(&job.state);
+        (st.record.workdir.clone(), st.record.overrides.clone())
+    };
+    let log = match replacing {
+        None => format!("rank-{worker}.log"),
+        Some(g) => format!("rank-{worker}.replacement-{g}.log"),
+    };
+    WorkerSpec {
+        job_id: job.id.clone(),
+        attempt,
+        worker,
+        coordinator: lock(&inner.url).clone(),
+        token: job.token.clone(),
+        config: dir.join("config.toml"),
+        overrides,
+        workdir,
+        log: dir.join(format!("attempt-{attempt}")).join(log),
+        data_cache: inner.settings.data_dir.join("tokens"),
+        // Every worker of the attempt is placed alike (a change applies to the next attempt).
+        placement: lock(&job.placement).clone(),
+    }
+}
+
 /// Records a worker's exit; returns the input it means, if any.
 fn on_exit(job: &Job, e: Exit) -> Option<Input> {
     let mut st = lock(&job.state);
@@ -388,16 +569,9 @@ async fn launch(
                 .map_or("scratch".to_string(), |s| format!("step {s}"))
         )
     });
-    let (world, workdir, overrides, text, token) = {
+    let (world, text) = {
         let st = lock(&job.state);
-        let r = &st.record;
-        (
-            r.world_size,
-            r.workdir.clone(),
-            r.overrides.clone(),
-            r.config_text.clone(),
-            job.token.clone(),
-        )
+        (st.record.world_size, st.record.config_text.clone())
     };
     let dir = inner.settings.data_dir.join("jobs").join(&job.id);
     let config_path = dir.join("config.toml");
@@ -431,25 +605,8 @@ async fn launch(
         )));
         st.touch(job, &inner.persister, true);
     }
-    let url = lock(&inner.url).clone();
-    // Every worker of the attempt is placed alike (a change applies to the next attempt).
-    let placement = lock(&job.placement).clone();
     for worker in 0..world {
-        let spec = WorkerSpec {
-            job_id: job.id.clone(),
-            attempt,
-            worker,
-            coordinator: url.clone(),
-            token: token.clone(),
-            config: config_path.clone(),
-            overrides: overrides.clone(),
-            workdir: workdir.clone(),
-            log: dir
-                .join(format!("attempt-{attempt}"))
-                .join(format!("rank-{worker}.log")),
-            data_cache: inner.settings.data_dir.join("tokens"),
-            placement: placement.clone(),
-        };
+        let spec = worker_spec(inner, job, attempt, worker, None);
         // On failure the state machine fails the attempt and its teardown kills those started.
         let handle = inner.launcher.launch(&spec, exit_tx.clone()).await?;
         let mut st = lock(&job.state);

@@ -133,6 +133,8 @@ impl Control {
             attempt: self.id.attempt,
             worker: self.id.worker,
             data_addr,
+            holds_step: None,
+            left_generation: 0,
         };
         let resp = self
             .rt
@@ -146,6 +148,44 @@ impl Control {
             })?
             .into_inner();
         self.rank = resp.rank;
+        Ok(resp)
+    }
+
+    /// Regroups after the gang lost a rank: joins the re-formed gang of this attempt with a new
+    /// ring address, holding the state of `holds_step` and leaving ring `left_generation`;
+    /// returns once every rank (the replacement too) has joined.
+    pub fn rejoin(
+        &self,
+        data_addr: String,
+        holds_step: u64,
+        left_generation: u32,
+    ) -> Result<proto::JoinResponse> {
+        let mut client = self.client.clone();
+        let req = proto::JoinRequest {
+            job_id: self.id.job.clone(),
+            attempt: self.id.attempt,
+            worker: self.id.worker,
+            data_addr,
+            holds_step: Some(holds_step),
+            left_generation,
+        };
+        let resp = self
+            .rt
+            .block_on(client.join(req))
+            .map_err(|s| {
+                let what = format!(
+                    "regroup job {} attempt {} as rank {}",
+                    self.id.job, self.id.attempt, self.rank
+                );
+                rpc(&self.id.url, &what, s)
+            })?
+            .into_inner();
+        if resp.rank != self.rank {
+            return Err(Error::Internal(format!(
+                "the re-formed gang made rank {} rank {}",
+                self.rank, resp.rank
+            )));
+        }
         Ok(resp)
     }
 
@@ -331,11 +371,11 @@ impl ShardCommitter for Control {
             .rt
             .block_on(client.commit_shard(req))
             .map_err(|s| {
-                rpc(
-                    &self.id.url,
-                    &format!("commit checkpoint {}", r.state.step),
-                    s,
-                )
+                let what = format!("commit checkpoint {}", r.state.step);
+                if s.metadata().get(proto::REGROUPING).is_some() {
+                    return Error::Regrouping { what };
+                }
+                rpc(&self.id.url, &what, s)
             })?
             .into_inner();
         Ok((resp.bytes, resp.raw_bytes))

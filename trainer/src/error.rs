@@ -115,6 +115,13 @@ pub enum Error {
         /// The store refuses writes: a restart cannot help.
         refused: bool,
     },
+    /// The coordinator is re-forming the gang (a rank was lost): the call was abandoned, and
+    /// this rank must regroup ([`crate::recovery`]).
+    #[error("{what}: the coordinator is re-forming the gang")]
+    Regrouping {
+        /// What was abandoned.
+        what: String,
+    },
     /// This process (or a peer it depends on) failed on its own: a thread or runtime would not
     /// start, the ring would not form, a peer sent what it must not. A restart may help.
     #[error("{0}")]
@@ -133,6 +140,18 @@ impl Error {
                     | crate::collective::CollectiveError::Timeout { .. }
             )
         )
+    }
+
+    /// The gang lost a rank (a peer closed or stalled the ring, or the coordinator is
+    /// re-forming the gang): with a coordinator that replaces ranks in place, this rank
+    /// regroups instead of exiting.
+    pub fn breaks_gang(&self) -> bool {
+        self.is_peer_lost()
+            || matches!(
+                self,
+                Error::Regrouping { .. }
+                    | Error::Collective(crate::collective::CollectiveError::Broken)
+            )
     }
 
     /// A restart cannot fix it: the config, the base model, the data, a checkpoint this job
@@ -166,6 +185,7 @@ impl Error {
             | Error::CoordinatorGone { .. }
             | Error::Refused { .. }
             | Error::Stopped { .. }
+            | Error::Regrouping { .. }
             // Internal failures (threads, runtimes, forming the ring, a peer's bad word): a
             // restart may help.
             | Error::Internal(_) => false,

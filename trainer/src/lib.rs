@@ -37,6 +37,7 @@ pub mod optim;
 pub mod plan;
 pub mod preview;
 pub mod progress;
+pub mod recovery;
 pub mod resume;
 pub mod rng;
 pub mod runtime;

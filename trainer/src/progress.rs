@@ -155,6 +155,32 @@ impl Progress {
                     "checkpoint snapshot taken"
                 );
             }
+            Event::Recovered {
+                step,
+                held,
+                from,
+                cause,
+                abandoned,
+                elapsed,
+            } => {
+                let took = if held == step {
+                    format!("this rank held step {held}")
+                } else {
+                    format!("took step {step} from rank {from} (this rank held {held})")
+                };
+                let abandoned = abandoned.map_or(String::new(), |a| {
+                    format!("; checkpoint {a} was in flight and is taken again")
+                });
+                let line = format!(
+                    "the gang lost a rank ({cause}) and re-formed with a replacement in {:.2} s: \
+                     continuing after step {step}, no step lost ({took}){abandoned}",
+                    elapsed.as_secs_f64()
+                );
+                match &self.bar {
+                    Some(bar) => bar.println(line),
+                    None => say!("{line}"),
+                }
+            }
             Event::CheckpointFailed {
                 step,
                 reason,

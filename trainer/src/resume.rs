@@ -25,6 +25,12 @@ pub enum Start {
     Choose(Resume),
     /// The coordinator already did: this committed step, or `None` for the beginning.
     Given(Option<u64>),
+    /// This rank replaces a lost one in a running gang: it starts from the state `from`
+    /// streams ([`crate::recovery`]), not from a checkpoint.
+    FromPeer {
+        /// The rank that streams it.
+        from: usize,
+    },
 }
 
 /// `checkpoint.resume` in storage's terms.
@@ -51,6 +57,12 @@ pub fn agree(
     let resume = match start {
         Start::Given(step) => return Ok((load(step)?, vec![])),
         Start::Choose(r) => r,
+        Start::FromPeer { from } => {
+            return Err(Error::Internal(format!(
+                "a replacement starts from rank {from}'s state, not from a checkpoint of the \
+                 store (the training loop receives it)"
+            )));
+        }
     };
     // The step rank 0 announces: a step, the beginning, or "I failed".
     const FRESH: u64 = u64::MAX;

@@ -11,14 +11,17 @@ use lockstep_storage::CheckpointStore;
 
 use crate::checkpoint::commit::Authority;
 use crate::checkpoint::commit::Outcome;
-use crate::checkpoint::{Checkpoints, ShardCommitter, Written};
+use crate::checkpoint::{
+    Checkpoints, LoraStart, ShardCommitter, TrainState, TrainerState, Written,
+};
 use crate::collective::Collective;
 use crate::data::Packer;
 use crate::error::{Error, Result};
 use crate::eval::Evaluator;
 use crate::inputs::{load_base, load_tokens};
-use crate::model::{Llama, tensor_values};
+use crate::model::{Llama, LlamaConfig, tensor_values};
 use crate::plan::Plan;
+use crate::recovery::{Regroup, Regrouped};
 use crate::resume::{self, Start};
 
 /// Knobs of one run that are not part of the job config.
@@ -37,6 +40,9 @@ pub struct RunOptions {
     /// Where tokenised data is cached (shared by the ranks of a machine); `None`: the
     /// per-user default ([`crate::tokens::default_cache`]).
     pub data_cache: Option<std::path::PathBuf>,
+    /// How the gang re-forms after losing a rank (a coordinator that replaces ranks in
+    /// place); `None`: a lost rank ends this one.
+    pub regroup: Option<Arc<dyn Regroup>>,
 }
 
 /// What the loop reports as it goes.
@@ -112,6 +118,21 @@ pub enum Event {
     },
     /// A checkpoint was committed.
     CheckpointCommitted(Written),
+    /// The gang lost a rank and re-formed with a replacement (in-place recovery).
+    Recovered {
+        /// The step the gang continues from (no step after it is lost).
+        step: u64,
+        /// The step this rank held when the gang broke.
+        held: u64,
+        /// The rank whose state every other rank took.
+        from: usize,
+        /// How this rank saw the loss.
+        cause: String,
+        /// A checkpoint in flight that will not be committed (the next one is taken at once).
+        abandoned: Option<u64>,
+        /// From this rank seeing the loss to the gang re-formed with the state.
+        elapsed: Duration,
+    },
     /// A checkpoint could not be written or committed; training goes on unless it cannot.
     CheckpointFailed {
         /// Its step.
@@ -241,7 +262,19 @@ pub fn train<B: AutodiffBackend>(
     let start = opts
         .start
         .unwrap_or(Start::Choose(config.checkpoint.resume_from()));
-    let (ckpt, set_aside) = resume::agree(start, &store, collective, &rt)?;
+    let replacement = matches!(start, Start::FromPeer { .. });
+    let (ckpt, set_aside) = match start {
+        Start::FromPeer { from } => {
+            let got = crate::recovery::receive_state(
+                from,
+                max_state_bytes(config, &base.config),
+                &config.job.name,
+                collective,
+            )?;
+            (Some(got), Vec::new())
+        }
+        start => resume::agree(start, &store, collective, &rt)?,
+    };
     for s in set_aside {
         on_event(&Event::SetAside {
             step: s.step,
@@ -312,89 +345,165 @@ pub fn train<B: AutodiffBackend>(
     let mut last_checkpoint = loop_start;
     // Checkpoints that failed in a row.
     let mut failing = 0u32;
+    // A replacement of a lost rank does what the survivors do once the gang re-formed.
+    if replacement {
+        let mut rejoined = Rejoined {
+            evaluator: evaluator.as_mut(),
+            summary: &mut summary,
+            failing: &mut failing,
+            ckpt: &mut ckpt,
+            rt: &rt,
+        };
+        match rejoined.catch_up(
+            &state, &mut ts, false, false, &plan, config, collective, on_event,
+        ) {
+            Ok(()) => {}
+            // Regrouped by the loop's first step, which finds the ring broken.
+            Err(e) if e.breaks_gang() && opts.regroup.is_some() => {
+                tracing::warn!(error = %e, "the gang broke while this replacement joined it");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Recoveries in a row that ended before a step finished.
+    let mut regroups = 0u32;
     while ts.step < plan.last_step {
-        let started = Instant::now();
-        let batches = packer.step_batches(
-            ts.cursor,
-            plan.rank,
-            plan.world,
-            t.batch_size as usize,
-            t.grad_accum as usize,
-        )?;
-        let lr = plan.schedule.at(ts.step);
-        let stats = state.step(ts.step, &batches, lr, t.grad_clip, collective)?;
-        ts.step += 1;
-        ts.cursor += plan.windows_per_step;
-        ts.tokens += stats.counted as u64;
-        ts.loss = Some(stats.loss);
-        ts.adamw_steps = state.optim.steps;
-        summary.first_loss.get_or_insert(stats.loss);
-        summary.last_loss = Some(stats.loss);
-        let elapsed = started.elapsed();
-        on_event(&Event::Step {
-            step: ts.step,
-            loss: stats.loss,
-            lr,
-            grad_norm: stats.grad_norm,
-            tokens_per_sec: plan.tokens_per_step as f64 / elapsed.as_secs_f64().max(1e-9),
-            elapsed,
-        });
-        let stop = opts
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed));
-        if let Some(ev) = evaluator.as_mut()
-            && !stop
-            && ((t.eval_every > 0 && ts.step.is_multiple_of(t.eval_every)) || ts.step == t.steps)
-        {
+        let before = ts.step;
+        // One step and what follows it (eval, the gang's agreement, a checkpoint). A lost rank
+        // surfaces here as a broken ring; the state is then that of the last finished step.
+        let mut iteration = || -> Result<bool> {
             let started = Instant::now();
-            let loss = ev.run(ts.step, &state.model, collective)?;
-            ts.eval_loss = Some(loss);
-            ts.eval_step = Some(ts.step);
-            summary.eval_loss = Some(loss);
-            on_event(&Event::Eval {
+            let batches = packer.step_batches(
+                ts.cursor,
+                plan.rank,
+                plan.world,
+                t.batch_size as usize,
+                t.grad_accum as usize,
+            )?;
+            let lr = plan.schedule.at(ts.step);
+            let stats = state.step(ts.step, &batches, lr, t.grad_clip, collective)?;
+            ts.step += 1;
+            ts.cursor += plan.windows_per_step;
+            ts.tokens += stats.counted as u64;
+            ts.loss = Some(stats.loss);
+            ts.adamw_steps = state.optim.steps;
+            summary.first_loss.get_or_insert(stats.loss);
+            summary.last_loss = Some(stats.loss);
+            let elapsed = started.elapsed();
+            on_event(&Event::Step {
                 step: ts.step,
-                loss,
-                windows: ev.windows(),
-                elapsed: started.elapsed(),
+                loss: stats.loss,
+                lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_sec: plan.tokens_per_step as f64 / elapsed.as_secs_f64().max(1e-9),
+                elapsed,
             });
-        }
-        // `checkpoint.every`: rank 0's clock since the last checkpoint it started.
-        let time_due = plan.rank == 0
-            && config
-                .checkpoint
-                .every
-                .is_some_and(|every| last_checkpoint.elapsed() >= every);
-        let agreed = ckpt.progress(stop, time_due, collective, &rt)?;
-        let stop = agreed.stop;
-        if let Some(o) = agreed.committed {
-            settle(o, &mut summary, &mut failing, false, config, on_event)?;
-        }
-        let due = ts.step.is_multiple_of(config.checkpoint.every_steps)
-            || ts.step == plan.last_step
-            || stop
-            || agreed.time_due;
-        if due {
-            last_checkpoint = Instant::now();
-            let waited = Instant::now();
-            if let Some(o) = ckpt.finish(collective, &rt)? {
+            let stop = opts
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed));
+            if !stop {
+                evaluate(
+                    evaluator.as_mut(),
+                    &state,
+                    &mut ts,
+                    &mut summary,
+                    config,
+                    collective,
+                    on_event,
+                )?;
+            }
+            // `checkpoint.every`: rank 0's clock since the last checkpoint it started.
+            let time_due = plan.rank == 0
+                && config
+                    .checkpoint
+                    .every
+                    .is_some_and(|every| last_checkpoint.elapsed() >= every);
+            let agreed = ckpt.progress(stop, time_due, collective, &rt)?;
+            let stop = agreed.stop;
+            if let Some(o) = agreed.committed {
                 settle(o, &mut summary, &mut failing, false, config, on_event)?;
             }
-            let waited = waited.elapsed();
-            let copy = Instant::now();
-            let snap = state.snapshot(ts.clone());
-            let stall = copy.elapsed();
-            ckpt.submit(snap)?;
-            summary.max_stall = summary.max_stall.max(stall);
-            on_event(&Event::CheckpointStarted {
-                step: ts.step,
-                stall,
-                waited,
-            });
-        }
-        if stop {
-            summary.stopped_early = true;
-            break;
+            let due = ts.step.is_multiple_of(config.checkpoint.every_steps)
+                || ts.step == plan.last_step
+                || stop
+                || agreed.time_due;
+            if due {
+                last_checkpoint = Instant::now();
+                checkpoint_now(
+                    &state,
+                    &ts,
+                    &mut ckpt,
+                    &mut summary,
+                    &mut failing,
+                    config,
+                    collective,
+                    &rt,
+                    on_event,
+                )?;
+            }
+            Ok(stop)
+        };
+        match iteration() {
+            Ok(stop) => {
+                regroups = 0;
+                if stop {
+                    summary.stopped_early = true;
+                    break;
+                }
+            }
+            Err(e) if e.breaks_gang() && opts.regroup.is_some() => {
+                let Some(regroup) = opts.regroup.as_deref() else {
+                    return Err(e);
+                };
+                regroups += 1;
+                if regroups > MAX_REGROUPS {
+                    return Err(e);
+                }
+                tracing::warn!(step = before, error = %e, "the gang lost a rank: regrouping");
+                let recovered = recover(
+                    regroup,
+                    &e.to_string(),
+                    &mut state,
+                    &mut ts,
+                    &mut ckpt,
+                    &plan,
+                    config,
+                    collective,
+                    on_event,
+                );
+                let after = recovered.and_then(|done| {
+                    last_checkpoint = Instant::now();
+                    let committed = ts.step == from_step && !replacement
+                        || summary.checkpoints.iter().any(|w| w.step == ts.step);
+                    let mut rejoined = Rejoined {
+                        evaluator: evaluator.as_mut(),
+                        summary: &mut summary,
+                        failing: &mut failing,
+                        ckpt: &mut ckpt,
+                        rt: &rt,
+                    };
+                    rejoined.catch_up(
+                        &state,
+                        &mut ts,
+                        done.abandoned.is_some(),
+                        committed,
+                        &plan,
+                        config,
+                        collective,
+                        on_event,
+                    )
+                });
+                match after {
+                    Ok(()) => {}
+                    // The gang broke again while re-forming: regroup again (bounded above).
+                    Err(e) if e.breaks_gang() => {
+                        tracing::warn!(error = %e, "the gang broke while re-forming");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
     // The last (or the stop's) checkpoint: the run's result, so it must commit.
@@ -410,6 +519,255 @@ pub fn train<B: AutodiffBackend>(
             (trained * plan.tokens_per_step) as f64 / loop_start.elapsed().as_secs_f64().max(1e-9);
     }
     Ok(summary)
+}
+
+/// Regroups in a row, with no step finished between them, before a rank gives up (and exits,
+/// so its coordinator restarts the gang from the last checkpoint).
+pub const MAX_REGROUPS: u32 = 5;
+
+/// The held-out loss after this step, when it is due (`train.eval_every` and the last step).
+#[allow(clippy::too_many_arguments)]
+fn evaluate<B: AutodiffBackend>(
+    evaluator: Option<&mut Evaluator>,
+    state: &TrainState<B>,
+    ts: &mut TrainerState,
+    summary: &mut Summary,
+    config: &JobConfig,
+    collective: &mut dyn Collective,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<()> {
+    let t = &config.train;
+    let Some(ev) = evaluator else { return Ok(()) };
+    if !((t.eval_every > 0 && ts.step.is_multiple_of(t.eval_every)) || ts.step == t.steps) {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let loss = ev.run(ts.step, &state.model, collective)?;
+    ts.eval_loss = Some(loss);
+    ts.eval_step = Some(ts.step);
+    summary.eval_loss = Some(loss);
+    on_event(&Event::Eval {
+        step: ts.step,
+        loss,
+        windows: ev.windows(),
+        elapsed: started.elapsed(),
+    });
+    Ok(())
+}
+
+/// After a recovery: the evaluation of the step the gang continues from, if it was due and
+/// the interrupted iteration did not finish it.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_if_missed<B: AutodiffBackend>(
+    evaluator: Option<&mut Evaluator>,
+    state: &TrainState<B>,
+    ts: &mut TrainerState,
+    summary: &mut Summary,
+    config: &JobConfig,
+    collective: &mut dyn Collective,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<()> {
+    if ts.step == 0 || ts.eval_step == Some(ts.step) {
+        return Ok(());
+    }
+    evaluate(evaluator, state, ts, summary, config, collective, on_event)
+}
+
+/// Checkpoints the step just finished: waits for the one in flight (reporting how it ended),
+/// then hands a snapshot to the writer.
+#[allow(clippy::too_many_arguments)]
+fn checkpoint_now<B: AutodiffBackend>(
+    state: &TrainState<B>,
+    ts: &TrainerState,
+    ckpt: &mut Checkpoints,
+    summary: &mut Summary,
+    failing: &mut u32,
+    config: &JobConfig,
+    collective: &mut dyn Collective,
+    rt: &tokio::runtime::Runtime,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<()> {
+    let waited = Instant::now();
+    if let Some(o) = ckpt.finish(collective, rt)? {
+        settle(o, summary, failing, false, config, on_event)?;
+    }
+    let waited = waited.elapsed();
+    let copy = Instant::now();
+    let snap = state.snapshot(ts.clone());
+    let stall = copy.elapsed();
+    ckpt.submit(snap)?;
+    summary.max_stall = summary.max_stall.max(stall);
+    on_event(&Event::CheckpointStarted {
+        step: ts.step,
+        stall,
+        waited,
+    });
+    Ok(())
+}
+
+/// What a rank that re-formed its gang still owes the step the gang continues from.
+struct Rejoined<'a> {
+    evaluator: Option<&'a mut Evaluator>,
+    summary: &'a mut Summary,
+    failing: &'a mut u32,
+    ckpt: &'a mut Checkpoints,
+    rt: &'a tokio::runtime::Runtime,
+}
+
+impl Rejoined<'_> {
+    /// What the interrupted iteration may not have done for the step the gang continues from,
+    /// decided on what every rank shares (the state taken, and one agreement) so that all
+    /// ranks, the replacement too, make the same collective calls: its evaluation if it was
+    /// due and not taken, and a checkpoint if one was due, or in flight and `abandoned` on any
+    /// rank — unless a rank knows this step is `committed`.
+    #[allow(clippy::too_many_arguments)]
+    fn catch_up<B: AutodiffBackend>(
+        &mut self,
+        state: &TrainState<B>,
+        ts: &mut TrainerState,
+        abandoned: bool,
+        committed: bool,
+        plan: &Plan,
+        config: &JobConfig,
+        collective: &mut dyn Collective,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<()> {
+        evaluate_if_missed(
+            self.evaluator.as_deref_mut(),
+            state,
+            ts,
+            self.summary,
+            config,
+            collective,
+            on_event,
+        )?;
+        let mut flags = [
+            f32::from(u8::from(abandoned)),
+            f32::from(u8::from(committed)),
+        ];
+        collective.all_reduce_sum(&mut flags)?;
+        let due =
+            ts.step.is_multiple_of(config.checkpoint.every_steps) || ts.step == plan.last_step;
+        if (flags[0] > 0.0 || due) && flags[1] == 0.0 && ts.step > 0 {
+            checkpoint_now(
+                state,
+                ts,
+                self.ckpt,
+                self.summary,
+                self.failing,
+                config,
+                collective,
+                self.rt,
+                on_event,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What a recovery did.
+struct Recovered {
+    /// The checkpoint that was in flight and will not be committed.
+    abandoned: Option<u64>,
+}
+
+/// Re-forms the gang after it lost a rank ([`crate::recovery`]): regroups through the
+/// coordinator, continues over the new ring, and takes the newest state from the rank that
+/// holds it. Reports [`Event::Recovered`].
+#[allow(clippy::too_many_arguments)]
+fn recover<B: AutodiffBackend>(
+    regroup: &dyn Regroup,
+    cause: &str,
+    state: &mut TrainState<B>,
+    ts: &mut TrainerState,
+    ckpt: &mut Checkpoints,
+    plan: &Plan,
+    config: &JobConfig,
+    collective: &mut dyn Collective,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Recovered> {
+    let lost = Instant::now();
+    let held = ts.step;
+    let abandoned = ckpt.abandon();
+    let Regrouped { ring, from, step } = regroup.regroup(held)?;
+    collective.reform(ring)?;
+    if collective.rank() == from {
+        crate::recovery::send_state(&state.snapshot(ts.clone()), collective)?;
+    } else {
+        let got = crate::recovery::receive_state(
+            from,
+            max_state_bytes(config, &state.model.config),
+            &config.job.name,
+            collective,
+        )?;
+        if got.manifest.step != held {
+            // This rank is behind the one that sent (the lost rank broke the ring while the
+            // last step's all-reduce was finishing): take its state.
+            let (s, restored) = adopt::<B>(state, ts, &got)?;
+            *state = s;
+            let provenance = std::mem::take(&mut ts.provenance);
+            *ts = plan.trainer_state(config, &state.model.config, Some(&restored));
+            ts.provenance = provenance;
+            if let (Some(now), Some(l)) = (&mut ts.lora, &state.model.lora) {
+                now.settings = l.settings.clone();
+            }
+        }
+    }
+    on_event(&Event::Recovered {
+        step,
+        held,
+        from,
+        cause: cause.to_string(),
+        abandoned,
+        elapsed: lost.elapsed(),
+    });
+    Ok(Recovered { abandoned })
+}
+
+/// The most tensor bytes a state transfer of this job can carry: parameters, adapters and two
+/// AdamW moments of each, in f32.
+pub fn max_state_bytes(config: &JobConfig, model: &LlamaConfig) -> u64 {
+    let mut numel: u64 = crate::model::param_specs(model)
+        .iter()
+        .map(|s| s.numel() as u64)
+        .sum();
+    if let Some(section) = &config.lora {
+        numel += crate::model::LoraSettings::from_section(section)
+            .specs(model)
+            .iter()
+            .map(|s| s.numel() as u64)
+            .sum::<u64>();
+    }
+    numel.saturating_mul(3 * 4)
+}
+
+/// This rank's model and optimizer rebuilt from `got` (another rank's newer state), keeping its
+/// own frozen base under LoRA.
+fn adopt<B: AutodiffBackend>(
+    state: &TrainState<B>,
+    ts: &TrainerState,
+    got: &lockstep_storage::Checkpoint,
+) -> Result<(TrainState<B>, TrainerState)> {
+    let device = state
+        .model
+        .params
+        .first()
+        .map(|p| p.device())
+        .ok_or_else(|| Error::Internal("a model without parameters".into()))?;
+    let lora = match (&state.model.lora, &ts.lora) {
+        (Some(l), Some(identity)) => {
+            let mut base = state.model.clone();
+            base.lora = None;
+            Some(LoraStart {
+                settings: l.settings.clone(),
+                base: identity.base.clone(),
+                model: base,
+                seed: l.seed,
+            })
+        }
+        _ => None,
+    };
+    TrainState::<B>::restore(&state.model.config, lora, got, &device)
 }
 
 /// Checkpoints that may fail in a row (each retried by the next) before the run stops.

@@ -170,6 +170,7 @@ pub fn run(opts: &Options) -> Result<u8> {
         stop: Some(signals.stop.clone()),
         committer: None,
         data_cache: opts.data_cache.clone(),
+        regroup: None,
     };
     // Without a coordinator this run takes no lease on the checkpoint URL: it must not write
     // beside a job that holds one.
@@ -209,9 +210,14 @@ pub fn run(opts: &Options) -> Result<u8> {
                     .saturating_mul(2)
                     .clamp(Duration::from_secs(20), Duration::from_secs(600)),
             };
-            let (ring, control, resume) = join_gang(id, &config, signals.stop.clone())?;
-            run.start = Some(Start::Given(resume));
+            let (ring, control, start, rejoiner) = join_gang(id, &config, signals.stop.clone())?;
+            run.start = Some(start);
             run.committer = Some(control.clone());
+            // A gang summed over the ring re-forms in place when it loses a rank; NCCL's
+            // communicator cannot take a replacement, so its ranks exit and the gang restarts.
+            if !uses_nccl(opts, true) {
+                run.regroup = Some(Arc::new(rejoiner));
+            }
             (Some(ring), Some(control))
         }
     };
@@ -333,27 +339,31 @@ fn static_ring(rank: usize, peers: &[String], config: &JobConfig) -> Result<TcpR
         .map_err(|e| Error::Internal(format!("form the gradient ring as rank {rank}: {e}")))
 }
 
+/// Binds a listener for ring peers on `host` (any free port); returns it and its `host:port`.
+fn ring_listener(host: &str) -> Result<(std::net::TcpListener, String)> {
+    let err = |e: std::io::Error| Error::Internal(format!("listen for ring peers on {host}: {e}"));
+    let listener = std::net::TcpListener::bind((host, 0)).map_err(err)?;
+    let port = listener.local_addr().map_err(err)?.port();
+    Ok((listener, format!("{host}:{port}")))
+}
+
 /// Worker mode: connect to the coordinator, listen for ring peers, join the gang, start
-/// heartbeats, form the ring. Returns the ring, the control client and the checkpoint the
-/// coordinator chose.
+/// heartbeats, form the ring. Returns the ring, the control client, where to start (the
+/// checkpoint the coordinator chose, or — for a replacement of a lost rank — the state a
+/// survivor streams) and how to regroup when the gang loses a rank.
 fn join_gang(
     id: Identity,
     config: &JobConfig,
     stop: Arc<AtomicBool>,
-) -> Result<(TcpRing, Arc<Control>, Option<u64>)> {
+) -> Result<(TcpRing, Arc<Control>, Start, Rejoiner)> {
     let (job, attempt, worker) = (id.job.clone(), id.attempt, id.worker);
     // Ranks prove they hold this job's token, for this attempt, when they form the ring.
     let key = RingKey::derive(id.token.as_bytes(), &format!("{job}/{attempt}"));
     let mut control = Control::connect(id)?;
     // The ring listens on LOCKSTEP_DATA_HOST (a pod's IP on Kubernetes), loopback by default.
     let host = std::env::var("LOCKSTEP_DATA_HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let listener = std::net::TcpListener::bind((host.as_str(), 0))
-        .map_err(|e| Error::Internal(format!("listen for ring peers on {host}: {e}")))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| Error::Internal(format!("listen for ring peers on {host}: {e}")))?
-        .port();
-    let joined = control.join(format!("{host}:{port}"))?;
+    let (listener, addr) = ring_listener(&host)?;
+    let joined = control.join(addr)?;
     tracing::debug!(%job, attempt, worker, "joined");
     if joined.world_size != config.job.world_size {
         return Err(Error::Usage(format!(
@@ -371,7 +381,24 @@ fn join_gang(
         )));
     }
     let rank = joined.rank as usize;
-    tracing::info!(rank, world = joined.world_size, resume = ?joined.resume_step, "joined the gang");
+    let start = match joined.state_from {
+        Some(from) if from as usize != rank && (from as usize) < joined.peers.len() => {
+            tracing::info!(rank, world = joined.world_size, from, step = ?joined.state_step,
+                "joined a running gang as the replacement of a lost rank");
+            Start::FromPeer {
+                from: from as usize,
+            }
+        }
+        Some(from) => {
+            return Err(Error::Internal(format!(
+                "the coordinator named rank {from} to send this new rank {rank} its state"
+            )));
+        }
+        None => {
+            tracing::info!(rank, world = joined.world_size, resume = ?joined.resume_step, "joined the gang");
+            Start::Given(joined.resume_step)
+        }
+    };
     let hb = (config.job.heartbeat_timeout / 5)
         .clamp(Duration::from_millis(100), Duration::from_secs(2));
     control.start_heartbeat(hb, stop);
@@ -383,7 +410,77 @@ fn join_gang(
         &key,
     )
     .map_err(|e| Error::Internal(format!("form the gradient ring as rank {rank}: {e}")))?;
-    Ok((ring, Arc::new(control), joined.resume_step))
+    let control = Arc::new(control);
+    let rejoiner = Rejoiner {
+        control: control.clone(),
+        host,
+        key,
+        rank,
+        timeout: config.job.collective_timeout,
+        generation: std::sync::Mutex::new(joined.generation),
+    };
+    Ok((ring, control, start, rejoiner))
+}
+
+/// Regroups through the coordinator ([`crate::recovery::Regroup`]): a new listener, a `Join`
+/// that says which state this rank holds, then the new ring.
+struct Rejoiner {
+    control: Arc<Control>,
+    host: String,
+    key: RingKey,
+    rank: usize,
+    timeout: Duration,
+    /// The ring generation this rank is in.
+    generation: std::sync::Mutex<u32>,
+}
+
+impl std::fmt::Debug for Rejoiner {
+    // Not the ring key: it is a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rejoiner")
+            .field("rank", &self.rank)
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+impl crate::recovery::Regroup for Rejoiner {
+    fn regroup(&self, holds_step: u64) -> Result<crate::recovery::Regrouped> {
+        let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let (listener, addr) = ring_listener(&self.host)?;
+        let joined = self.control.rejoin(addr, holds_step, *generation)?;
+        let from = joined
+            .state_from
+            .map(|f| f as usize)
+            .filter(|&f| f < joined.peers.len())
+            .ok_or_else(|| {
+                Error::Internal("the re-formed gang names no rank to take the state from".into())
+            })?;
+        let step = joined.state_step.unwrap_or(holds_step);
+        if joined.generation <= *generation {
+            return Err(Error::Internal(format!(
+                "the coordinator re-formed the gang as ring {}, not after ring {}",
+                joined.generation, *generation
+            )));
+        }
+        *generation = joined.generation;
+        let ring =
+            TcpRing::with_listener(listener, self.rank, &joined.peers, self.timeout, &self.key)
+                .map_err(|e| {
+                    Error::Internal(format!(
+                        "re-form the gradient ring as rank {}: {e}",
+                        self.rank
+                    ))
+                })?;
+        tracing::info!(
+            rank = self.rank,
+            generation = *generation,
+            from,
+            step,
+            "the gang re-formed"
+        );
+        Ok(crate::recovery::Regrouped { ring, from, step })
+    }
 }
 
 /// The gang's collective: nothing alone, the ring on CPU, NCCL (bootstrapped over the ring) on
@@ -393,17 +490,10 @@ fn make_collective(
     ring: Option<TcpRing>,
     timeout: Duration,
 ) -> Result<Box<dyn Collective>> {
-    let nccl = match opts.collective {
-        CollectiveKind::Ring => false,
-        CollectiveKind::Nccl => {
-            if opts.device != Device::Cuda {
-                return Err(Error::Usage("--collective nccl needs --device cuda".into()));
-            }
-            true
-        }
-        CollectiveKind::Auto => opts.device == Device::Cuda && ring.is_some(),
-    };
-    if nccl {
+    if opts.collective == CollectiveKind::Nccl && opts.device != Device::Cuda {
+        return Err(Error::Usage("--collective nccl needs --device cuda".into()));
+    }
+    if uses_nccl(opts, ring.is_some()) {
         return make_nccl(
             ring.unwrap_or_else(|| TcpRing::alone(timeout)),
             opts.cuda_device,
@@ -414,6 +504,15 @@ fn make_collective(
         Some(ring) => Box::new(ring),
         None => Box::new(Solo),
     })
+}
+
+/// Whether gradients go through NCCL (`gang`: this rank has peers).
+fn uses_nccl(opts: &Options, gang: bool) -> bool {
+    match opts.collective {
+        CollectiveKind::Ring => false,
+        CollectiveKind::Nccl => true,
+        CollectiveKind::Auto => opts.device == Device::Cuda && gang,
+    }
 }
 
 #[cfg(feature = "cuda")]

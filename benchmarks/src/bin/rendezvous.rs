@@ -89,6 +89,7 @@ async fn main() -> Result<()> {
                     attempt: spec.attempt,
                     worker: spec.worker,
                     data_addr: format!("10.0.{}.{}:29500", spec.worker / 256, spec.worker % 256),
+                    ..Default::default()
                 })
                 .await;
             (spec.worker, r.map(|r| r.into_inner()))

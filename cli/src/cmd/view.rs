@@ -12,7 +12,7 @@ use lockstep_api::{Phase, proto};
 pub fn status_json(s: &proto::JobStatus) -> serde_json::Value {
     serde_json::json!({
         "job": s.job_id, "name": s.name, "state": s.state, "attempt": s.attempt,
-        "restarts": s.restarts, "world_size": s.world_size, "step": s.step,
+        "restarts": s.restarts, "replacements": s.replacements, "world_size": s.world_size, "step": s.step,
         "total_steps": s.total_steps, "loss": s.loss, "first_loss": s.first_loss,
         "tokens_per_sec": s.tokens_per_sec, "last_checkpoint": s.last_checkpoint,
         "message": s.message, "params_hash": s.params_hash, "checkpoint_url": s.checkpoint_url,
@@ -34,6 +34,7 @@ pub struct View {
     last_line: String,
     last_state: String,
     last_restarts: u32,
+    last_replacements: u32,
     last_doing: String,
 }
 
@@ -59,6 +60,7 @@ impl View {
             last_line: String::new(),
             last_state: String::new(),
             last_restarts: 0,
+            last_replacements: 0,
             last_doing: String::new(),
         }
     }
@@ -82,7 +84,10 @@ impl View {
             }
             return;
         }
-        if s.state != self.last_state || s.restarts != self.last_restarts {
+        if s.state != self.last_state
+            || s.restarts != self.last_restarts
+            || s.replacements != self.last_replacements
+        {
             let mut line = format!("{}: {} (attempt {})", s.job_id, s.state, s.attempt);
             if !s.message.is_empty() {
                 line.push_str(&format!(": {}", s.message));
@@ -90,6 +95,7 @@ impl View {
             self.note(&line);
             self.last_state = s.state.clone();
             self.last_restarts = s.restarts;
+            self.last_replacements = s.replacements;
         }
         // Before the first step: what takes long (tokenising, waiting for another job's).
         if s.doing != self.last_doing {
@@ -140,13 +146,18 @@ impl View {
             loss.push_str(&format!(", eval loss {e:.3} at step {at}"));
         }
         eprintln!(
-            "{}: {} at step {}/{}; {loss}; {} restart{}; last checkpoint {} at {}{}",
+            "{}: {} at step {}/{}; {loss}; {} restart{}{}; last checkpoint {} at {}{}",
             s.job_id,
             s.state,
             s.step,
             s.total_steps,
             s.restarts,
             if s.restarts == 1 { "" } else { "s" },
+            match s.replacements {
+                0 => String::new(),
+                1 => ", 1 rank replaced in place".into(),
+                n => format!(", {n} ranks replaced in place"),
+            },
             s.last_checkpoint.map_or("none".into(), |c| c.to_string()),
             s.checkpoint_url,
             if s.params_hash.is_empty() {

@@ -64,12 +64,99 @@ fn straight(steps: u64) -> (tempfile::TempDir, Value) {
     (dir, end)
 }
 
+/// The final state of `dir`'s run is the same bits as the clean run's: parameters and both
+/// AdamW moments of the last checkpoint, the parameters' hash and the held-out loss.
+fn assert_identical(clean_dir: &Path, clean: &Value, dir: &Path, end: &Value) {
+    assert_eq!(end["params_hash"], clean["params_hash"]);
+    assert!(!clean["params_hash"].as_str().unwrap().is_empty());
+    // The held-out loss after the last step is the same bits as the uninterrupted run's.
+    assert_eq!(end["eval_step"], 300, "{end}");
+    assert!(
+        end["eval_loss"].as_f64().is_some_and(f64::is_finite),
+        "{end}"
+    );
+    assert_eq!(end["eval_loss"], clean["eval_loss"], "{end} vs {clean}");
+    let (a, b) = (final_tensors(clean_dir), final_tensors(dir));
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().any(|(n, _)| n.starts_with("optim.")),
+        "moments are compared too"
+    );
+    for ((na, da), (nb, db)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(
+            da == db,
+            "{na} differs between the clean and the recovered run"
+        );
+    }
+}
+
+/// The step the survivors continued from after re-forming in place, from the log of `rank`
+/// of attempt 1 (`the gang lost a rank (...) and re-formed ...: continuing after step N`).
+fn continued_after(end: &Value, rank: u32) -> Vec<u64> {
+    let logs = Path::new(end["logs"].as_str().unwrap());
+    let log =
+        std::fs::read_to_string(logs.join("attempt-1").join(format!("rank-{rank}.log"))).unwrap();
+    log.lines()
+        .filter_map(|l| l.split_once("continuing after step "))
+        .map(|(_, rest)| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
 #[test]
-fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
+fn a_rank_killed_mid_run_is_replaced_in_place_losing_no_step_and_the_result_is_bit_identical() {
     let _gang = one_gang();
     let (clean_dir, clean) = straight(300);
     let dir = tempfile::tempdir().unwrap();
     config(dir.path(), 300, &[]);
+    // Between the checkpoints of steps 100 and 125.
+    let (code, lines) = run(
+        dir.path(),
+        Some((1, nix::sys::signal::Signal::SIGKILL, 110)),
+    );
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "succeeded");
+    // No gang restart: the survivor kept its process and state.
+    assert_eq!(end["restarts"], 0, "{end}; causes: {:?}", causes(&lines));
+    assert_eq!(end["attempt"], 1, "{end}");
+    assert_eq!(end["replacements"], 1, "{end}");
+    assert!(
+        lines.iter().any(|s| s["message"]
+            .as_str()
+            .unwrap()
+            .contains("rank 1 was killed by SIGKILL; replaced in place")),
+        "the status names the loss and what was done"
+    );
+    // No step was trained twice: the gang went on from the step it had reached when rank 1
+    // died (at step 110 or later), not from the checkpoint of step 100.
+    let after = continued_after(end, 0);
+    assert_eq!(after.len(), 1, "one recovery: {after:?}");
+    assert!(after[0] >= 110, "continued after step {}", after[0]);
+    let replacement = std::fs::read_to_string(
+        Path::new(end["logs"].as_str().unwrap()).join("attempt-1/rank-1.replacement-1.log"),
+    )
+    .unwrap();
+    assert!(
+        replacement.contains(&format!("resuming from step {}", after[0])),
+        "the replacement starts where the survivor was: {replacement}"
+    );
+    assert_identical(clean_dir.path(), &clean, dir.path(), end);
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+#[test]
+fn with_recovery_restart_a_killed_rank_restarts_the_gang_from_its_checkpoint_bit_identically() {
+    let _gang = one_gang();
+    let (clean_dir, clean) = straight(300);
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, &[("recovery", "\"restart\"")]);
     let (code, lines) = run(
         dir.path(),
         Some((1, nix::sys::signal::Signal::SIGKILL, 110)),
@@ -78,6 +165,7 @@ fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
     assert_eq!(code, 0, "{end}");
     assert_eq!(end["state"], "succeeded");
     assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
+    assert_eq!(end["replacements"], 0, "{end}");
     assert_eq!(end["attempt"], 2);
     assert!(
         lines.iter().any(|s| s["state"] == "restarting"
@@ -93,33 +181,12 @@ fn a_rank_killed_mid_run_is_recovered_and_the_result_is_bit_identical() {
             .iter()
             .any(|s| s["attempt"] == 2 && s["last_checkpoint"].as_u64().is_some_and(|c| c >= 100)),
     );
-    assert_eq!(end["params_hash"], clean["params_hash"]);
-    assert!(!clean["params_hash"].as_str().unwrap().is_empty());
-    // The held-out loss after the last step is the same bits as the uninterrupted run's.
-    assert_eq!(end["eval_step"], 300, "{end}");
-    assert!(
-        end["eval_loss"].as_f64().is_some_and(f64::is_finite),
-        "{end}"
-    );
-    assert_eq!(end["eval_loss"], clean["eval_loss"], "{end} vs {clean}");
-    let (a, b) = (final_tensors(clean_dir.path()), final_tensors(dir.path()));
-    assert_eq!(a.len(), b.len());
-    assert!(
-        a.iter().any(|(n, _)| n.starts_with("optim.")),
-        "moments are compared too"
-    );
-    for ((na, da), (nb, db)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(
-            da == db,
-            "{na} differs between the clean and the recovered run"
-        );
-    }
+    assert_identical(clean_dir.path(), &clean, dir.path(), end);
     assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
 }
 
 #[test]
-fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
+fn a_hung_rank_is_detected_by_heartbeat_killed_and_replaced_in_place() {
     let _gang = one_gang();
     let dir = tempfile::tempdir().unwrap();
     // The ring's timeout is far longer than the heartbeat's: only the heartbeat can catch it.
@@ -139,13 +206,18 @@ fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
     let end = last(&lines);
     assert_eq!(code, 0, "{end}");
     assert_eq!(end["state"], "succeeded");
-    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
-    let restart = lines
+    assert_eq!(end["restarts"], 0, "{end}; causes: {:?}", causes(&lines));
+    assert_eq!(end["replacements"], 1, "{end}");
+    let msg = lines
         .iter()
-        .find(|s| s["state"] == "restarting")
-        .expect("a restart");
-    let msg = restart["message"].as_str().unwrap();
+        .filter_map(|s| s["message"].as_str())
+        .find(|m| m.contains("replaced in place"))
+        .expect("a replacement");
     assert!(msg.contains("rank 0 sent no heartbeat for 5s"), "{msg}");
+    // Rank 1 held the state and continued from where the gang was when rank 0 stopped.
+    let after = continued_after(end, 1);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(after[0] >= 110, "continued after step {}", after[0]);
     assert!(
         started.elapsed() < Duration::from_secs(50),
         "well within the ring's 60 s"
@@ -158,7 +230,11 @@ fn a_hung_rank_is_detected_by_heartbeat_and_the_gang_restarts() {
 fn past_max_restarts_the_job_fails_with_the_cause() {
     let _gang = one_gang();
     let dir = tempfile::tempdir().unwrap();
-    config(dir.path(), 300, &[("max_restarts", "0")]);
+    config(
+        dir.path(),
+        300,
+        &[("max_restarts", "0"), ("recovery", "\"restart\"")],
+    );
     let (code, lines) = run(dir.path(), Some((1, nix::sys::signal::Signal::SIGKILL, 60)));
     let end = last(&lines);
     assert_eq!(code, 1, "{end}");

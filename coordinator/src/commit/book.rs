@@ -17,6 +17,9 @@ pub enum CommitFailed {
     /// The attempt ended before the checkpoint was committed.
     #[error("the attempt was torn down")]
     TornDown,
+    /// The gang lost a rank and re-forms in place: the lost rank's shard will not come.
+    #[error("the gang re-forms")]
+    Regrouping,
 }
 
 /// Stored and raw bytes of a committed checkpoint, or why it was not committed.
@@ -88,6 +91,14 @@ impl Commits {
             })
         });
         (rx, ready)
+    }
+
+    /// The gang re-forms in place: every rank still waiting learns that its checkpoint will
+    /// not be committed, and the shards reported so far are forgotten.
+    pub fn regroup(&mut self) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            p.done.send_replace(Some(Err(CommitFailed::Regrouping)));
+        }
     }
 
     /// The attempt ended: every rank still waiting learns that nothing will be committed.

@@ -36,6 +36,11 @@ impl Coordinator {
                     shard.shard.rank, live.attempt.world
                 )));
             }
+            // A shard that comes while the gang re-forms belongs to a checkpoint that lost a
+            // rank's shard: it will never be complete.
+            if live.attempt.forming() {
+                return Err(Error::Regrouping { step });
+            }
             let world = live.attempt.world;
             let (rx, ready) = live.commits.report(world, shard.shard.rank, shard, state);
             (rx, ready, live.attempt.resume_step)
@@ -98,6 +103,7 @@ impl Coordinator {
                 attempt,
                 current: lock(&job.state).live.as_ref().map(|l| l.attempt.number),
             }),
+            Some(Err(CommitFailed::Regrouping)) => Err(Error::Regrouping { step }),
             Some(Err(CommitFailed::Store(source))) => Err(Error::Commit { step, source }),
             None => Err(Error::CommitTimeout { step }),
         }

@@ -350,6 +350,8 @@ fn record_from_status(
         attempt: st.attempt,
         restarts: st.restarts,
         max_restarts: config.job.max_restarts,
+        // Kubernetes restarts gangs; it does not replace ranks in place.
+        replacements: 0,
         message: st.message.clone().unwrap_or_default(),
     };
     r.step = st.step;

@@ -411,6 +411,10 @@ impl Launcher for LocalProcess {
         ))
     }
 
+    fn replaces_in_place(&self) -> bool {
+        true
+    }
+
     async fn kill_leftovers(&self, job: &str, _placement: &Placement) {
         let job = job.to_string();
         // Reads /proc: on the blocking pool. Processes are this job's workers by their command

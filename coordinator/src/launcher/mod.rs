@@ -199,6 +199,12 @@ pub trait Launcher: Send + Sync + 'static {
         exited: mpsc::UnboundedSender<Exit>,
     ) -> Result<Box<dyn WorkerHandle>, LaunchError>;
 
+    /// Whether one worker can be started into a running gang to replace a lost one (in-place
+    /// recovery); where not, a lost rank restarts the gang.
+    fn replaces_in_place(&self) -> bool {
+        false
+    }
+
     /// Kills whatever is left of `job`'s workers from a previous coordinator that died. Only
     /// this job's workers are touched.
     async fn kill_leftovers(&self, job: &str, placement: &Placement);

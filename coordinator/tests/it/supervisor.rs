@@ -60,6 +60,7 @@ fn join_request(
         attempt,
         worker: 0,
         data_addr: "127.0.0.1:1".into(),
+        ..Default::default()
     });
     if let Some(t) = token {
         r.metadata_mut()

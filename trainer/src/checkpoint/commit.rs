@@ -127,6 +127,19 @@ impl Checkpoints {
         self.writer.submit(snap)
     }
 
+    /// The gang lost a rank while a checkpoint was in flight: it will not be committed (the lost
+    /// rank's shard is missing). Waits for this rank's writer to finish with it and forgets it;
+    /// returns its step. Its shards stay without a manifest, which makes no checkpoint.
+    pub fn abandon(&mut self) -> Option<u64> {
+        let (state, result) = self.pending.take()?;
+        if result.is_none()
+            && let Err(e) = self.writer.wait()
+        {
+            tracing::debug!(step = state.step, error = %e, "abandoned checkpoint's shard failed");
+        }
+        Some(state.step)
+    }
+
     /// After every step: the stop and time-checkpoint decisions all ranks agree on (`stop` and
     /// `time_due` are this rank's wishes: any rank's stop stops all; only rank 0 passes
     /// `time_due`, so its clock decides), and a checkpoint that became committed, if any.

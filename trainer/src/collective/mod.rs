@@ -92,6 +92,14 @@ pub trait Collective {
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// Continues over `ring`, a re-formed gang of the same ranks (in-place recovery: a lost
+    /// rank was replaced). Fails where the collective cannot take a new member in place.
+    fn reform(&mut self, ring: TcpRing) -> Result<(), CollectiveError> {
+        drop(ring);
+        Err(CollectiveError::Device {
+            what: "this collective cannot re-form in place".into(),
+        })
+    }
 }
 
 /// A gang of one.

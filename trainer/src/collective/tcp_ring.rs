@@ -248,6 +248,20 @@ impl Collective for TcpRing {
         })
     }
 
+    fn reform(&mut self, ring: TcpRing) -> Result<(), CollectiveError> {
+        if (ring.rank, ring.world) != (self.rank, self.world) {
+            return Err(CollectiveError::Protocol {
+                peer: ring.rank,
+                what: format!(
+                    "the re-formed ring makes this rank {} of {}; it was {} of {}",
+                    ring.rank, ring.world, self.rank, self.world
+                ),
+            });
+        }
+        *self = ring;
+        Ok(())
+    }
+
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError> {
         if self.world == 1 {
             return Ok(());
