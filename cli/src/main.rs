@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 /// lockstep — distributed training and checkpoint runtime.
 ///
 /// Start with `lockstep run configs/quickstart.toml`: it fine-tunes a small Llama model on this
-/// machine with two data-parallel ranks, checkpoints, and restarts the gang if a rank dies.
+/// machine with two data-parallel ranks, checkpoints, and replaces a rank that dies.
 ///
 /// Checkpoint URLs are `file://PATH` (relative paths resolve against the working directory;
 /// NFS is a path), `s3://BUCKET/PREFIX` (credentials, region and endpoint from the usual
