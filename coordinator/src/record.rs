@@ -73,6 +73,62 @@ pub struct JobRecord {
     /// The newest failure, `step N: reason`; empty when none failed.
     #[serde(default)]
     pub checkpoint_error: String,
+    /// What each recovery from a lost rank did, oldest first (the newest
+    /// [`MAX_RECOVERIES`]).
+    #[serde(default)]
+    pub recoveries: Vec<RecoveryRecord>,
+}
+
+/// Recoveries a job's record keeps (the oldest are dropped first).
+pub const MAX_RECOVERIES: usize = 256;
+
+/// One recovery from a lost rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    /// The rank lost, when one was named.
+    pub rank: Option<u32>,
+    /// What happened, as the job's message said it.
+    pub cause: String,
+    /// `in-place` (the lost rank replaced, the others kept their state) or `checkpoint` (the
+    /// gang restarted from its last checkpoint).
+    pub path: String,
+    /// When the coordinator acted on the loss (Unix ms).
+    pub at_ms: i64,
+    /// The newest step rank 0 had reported then.
+    pub step: u64,
+    /// Steps trained again: `step` minus the step the gang continued from; known at the first
+    /// step after the recovery.
+    pub steps_lost: Option<u64>,
+    /// From `at_ms` to the first finished step after the recovery.
+    pub seconds: Option<f64>,
+}
+
+impl JobRecord {
+    /// Notes a recovery that begins now.
+    pub fn recovering(&mut self, rank: Option<u32>, path: &str) {
+        if self.recoveries.len() >= MAX_RECOVERIES {
+            self.recoveries.remove(0);
+        }
+        self.recoveries.push(RecoveryRecord {
+            rank,
+            cause: self.lifecycle.message.clone(),
+            path: path.to_string(),
+            at_ms: now_ms(),
+            step: self.step,
+            steps_lost: None,
+            seconds: None,
+        });
+    }
+
+    /// Rank 0 finished `step`: completes a recovery still waiting for its first step.
+    pub fn stepped(&mut self, step: u64) {
+        if let Some(r) = self.recoveries.last_mut()
+            && r.seconds.is_none()
+        {
+            r.seconds = Some((now_ms() - r.at_ms).max(0) as f64 / 1e3);
+            r.steps_lost = Some(r.step.saturating_sub(step.saturating_sub(1)));
+        }
+    }
 }
 
 /// Resolves a relative `file://` URL against `workdir`.
@@ -121,6 +177,7 @@ impl JobRecord {
             logs: String::new(),
             checkpoint_failures: 0,
             checkpoint_error: String::new(),
+            recoveries: Vec::new(),
         }
     }
 
@@ -150,6 +207,19 @@ impl JobRecord {
             gang_wait_seconds: self.gang_wait_seconds,
             checkpoint_failures: self.checkpoint_failures,
             checkpoint_error: self.checkpoint_error.clone(),
+            recoveries: self
+                .recoveries
+                .iter()
+                .map(|r| proto::Recovery {
+                    rank: r.rank,
+                    cause: r.cause.clone(),
+                    path: r.path.clone(),
+                    at_ms: r.at_ms,
+                    step: r.step,
+                    steps_lost: r.steps_lost,
+                    seconds: r.seconds,
+                })
+                .collect(),
             doing: match &self.doing {
                 Some((attempt, words))
                     if *attempt == self.lifecycle.attempt

@@ -500,6 +500,7 @@ impl Coordinator {
             Report::Step(_) if rank != 0 => live.attempt.stepped(),
             Report::Step(s) => {
                 live.attempt.stepped();
+                st.record.stepped(s.step);
                 st.record.doing = None;
                 st.record.step = s.step;
                 st.record.loss = Some(s.loss);

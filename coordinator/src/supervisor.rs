@@ -117,6 +117,20 @@ pub(crate) async fn supervise(
                     inner.metrics.restart();
                 }
             }
+            let lost = match &input {
+                Input::WorkerFailed { worker, .. }
+                | Input::ReplaceWorker { worker, .. }
+                | Input::ReplacementTimeout { worker, .. } => Some(*worker),
+                Input::HeartbeatTimeout { rank, .. } => Some(*rank),
+                _ => None,
+            };
+            if actions.iter().any(|a| matches!(a, Action::Replace { .. })) {
+                st.record.lifecycle.message = next.message.clone();
+                st.record.recovering(lost, "in-place");
+            } else if next.phase == Phase::Restarting && before == Phase::Running {
+                st.record.lifecycle.message = next.message.clone();
+                st.record.recovering(lost, "checkpoint");
+            }
             // A cancelled running gang checkpoints before it goes; a failed one is killed.
             let grace = (next.phase == Phase::Cancelled
                 && st.live.as_ref().is_some_and(|l| l.attempt.all_joined()))

@@ -12,7 +12,12 @@ use lockstep_api::{Phase, proto};
 pub fn status_json(s: &proto::JobStatus) -> serde_json::Value {
     serde_json::json!({
         "job": s.job_id, "name": s.name, "state": s.state, "attempt": s.attempt,
-        "restarts": s.restarts, "replacements": s.replacements, "world_size": s.world_size, "step": s.step,
+        "restarts": s.restarts, "replacements": s.replacements,
+        "recoveries": s.recoveries.iter().map(|r| serde_json::json!({
+            "rank": r.rank, "cause": r.cause, "path": r.path, "at_ms": r.at_ms,
+            "step": r.step, "steps_lost": r.steps_lost, "seconds": r.seconds,
+        })).collect::<Vec<_>>(),
+        "world_size": s.world_size, "step": s.step,
         "total_steps": s.total_steps, "loss": s.loss, "first_loss": s.first_loss,
         "tokens_per_sec": s.tokens_per_sec, "last_checkpoint": s.last_checkpoint,
         "message": s.message, "params_hash": s.params_hash, "checkpoint_url": s.checkpoint_url,

@@ -134,6 +134,13 @@ fn a_rank_killed_mid_run_is_replaced_in_place_losing_no_step_and_the_result_is_b
             .contains("rank 1 was killed by SIGKILL; replaced in place")),
         "the status names the loss and what was done"
     );
+    // What the recovery did, in the final status.
+    let r = end["recoveries"].as_array().unwrap();
+    assert_eq!(r.len(), 1, "{end}");
+    assert_eq!(r[0]["path"], "in-place", "{end}");
+    assert_eq!(r[0]["rank"], 1, "{end}");
+    assert_eq!(r[0]["steps_lost"], 0, "{end}");
+    assert!(r[0]["seconds"].as_f64().is_some_and(|s| s < 30.0), "{end}");
     // No step was trained twice: the gang went on from the step it had reached when rank 1
     // died (at step 110 or later), not from the checkpoint of step 100.
     let after = continued_after(end, 0);
@@ -166,6 +173,13 @@ fn with_recovery_restart_a_killed_rank_restarts_the_gang_from_its_checkpoint_bit
     assert_eq!(end["state"], "succeeded");
     assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
     assert_eq!(end["replacements"], 0, "{end}");
+    let r = end["recoveries"].as_array().unwrap();
+    assert_eq!(r.len(), 1, "{end}");
+    assert_eq!(r[0]["path"], "checkpoint", "{end}");
+    // The steps since the checkpoint it restarted from (every 25 steps) were trained again.
+    let lost = r[0]["steps_lost"].as_u64().unwrap();
+    let from = r[0]["step"].as_u64().unwrap() - lost;
+    assert!(lost > 0 && from >= 100 && from % 25 == 0, "{end}");
     assert_eq!(end["attempt"], 2);
     assert!(
         lines.iter().any(|s| s["state"] == "restarting"
