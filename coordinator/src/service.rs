@@ -500,7 +500,12 @@ impl Coordinator {
             Report::Step(_) if rank != 0 => live.attempt.stepped(),
             Report::Step(s) => {
                 live.attempt.stepped();
-                st.record.stepped(s.step);
+                // A step reported while the gang re-forms finished before the loss: not the
+                // first after the recovery.
+                let settled = !live.attempt.forming() && live.attempt.replacing().is_none();
+                if settled {
+                    st.record.stepped(s.step);
+                }
                 st.record.doing = None;
                 st.record.step = s.step;
                 st.record.loss = Some(s.loss);

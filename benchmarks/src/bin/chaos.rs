@@ -1,17 +1,23 @@
-//! Chaos: kill random ranks of a `lockstep run` N times with SIGKILL and check that the job
-//! still ends with the parameters of an uninterrupted run; measure each recovery (SIGKILL →
-//! the first step past the one reached before the kill, reported by the new gang).
+//! Chaos soak: SIGKILL and SIGSTOP random ranks of a `lockstep run` at random moments, and
+//! check that the job still ends with the parameters of an uninterrupted run; measure each
+//! recovery (the signal → the first step finished after it, from the coordinator's record of
+//! the recovery), the steps it lost and the path it took (`in-place`: the rank replaced, the
+//! others kept their state; `checkpoint`: the gang restarted from its last checkpoint).
 //!
 //! ```text
 //! cargo build --release
-//! cargo run --release -p lockstep-benchmarks --bin chaos -- [CONFIG] [KILLS] [SEED]
+//! cargo run --release -p lockstep-benchmarks --bin chaos -- [CONFIG] [KILLS] [SEED] \
+//!     [--stops N] [--set SECTION.KEY=VALUE ...]
 //! ```
 //!
-//! CONFIG defaults to configs/quickstart.toml, KILLS to 5, SEED to 1. Both runs write their
-//! checkpoints under a temporary directory (`--set checkpoint.url=...`). Uses
-//! target/release/lockstep (its workers are the same binary). Prints each kill and, last, one JSON
-//! object; exits with an error when the chaos run does not end as the clean one did (the same
-//! final state, succeeded or exported, and the same parameters).
+//! CONFIG defaults to configs/quickstart.toml, KILLS to 5, SEED to 1, no SIGSTOPs. A stopped
+//! rank is caught by `job.heartbeat_timeout` (lower it with `--set` for a soak). `--set`s apply
+//! to both runs. Both runs write their checkpoints under a temporary directory. Uses
+//! target/release/lockstep (its workers are the same binary). Each signal waits for the
+//! previous recovery to finish. A run with no status change for 5 minutes counts as a hang and
+//! is killed. Prints each signal and recovery, a summary and, last, one JSON object; exits with
+//! an error when the chaos run does not end as the clean one did (the same final state,
+//! succeeded or exported, and the same parameters), or hung.
 //!
 //! `chaos --smoke` is the test suite's run (benchmarks/tests/smoke.rs): a tiny two-rank job,
 //! one kill, the binary `$LOCKSTEP_BIN` (default target/debug/lockstep); seconds, no figures.
@@ -19,9 +25,12 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use lockstep_benchmarks::{Recovered, now_ms, recovered};
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 fn trainer_pids(job: &str, worker: u32) -> Vec<i32> {
@@ -40,15 +49,40 @@ fn next(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-struct Outcome {
-    end: Value,
-    recoveries: Vec<f64>,
-    kills: Vec<(u64, u32)>,
+/// One planned signal: at (or after) this step, after this many ms, to this rank.
+#[derive(Debug, Clone, Copy)]
+struct Event {
+    step: u64,
+    delay_ms: u64,
+    rank: u32,
+    signal: Signal,
 }
 
-fn run(lockstep: &Path, config: &Path, ckpt: &Path, plan: &[(u64, u32)]) -> Result<Outcome> {
-    let mut child = Command::new(lockstep)
-        .arg("run")
+/// A signal sent and how its recovery went.
+struct Hit {
+    event: Event,
+    step: u64,
+    recovered: Option<Recovered>,
+}
+
+struct Outcome {
+    end: Value,
+    hits: Vec<Hit>,
+    hung: bool,
+}
+
+/// No status change for this long: the run hangs.
+const HANG: Duration = Duration::from_secs(300);
+
+fn run(
+    lockstep: &Path,
+    config: &Path,
+    ckpt: &Path,
+    sets: &[String],
+    plan: &[Event],
+) -> Result<Outcome> {
+    let mut cmd = Command::new(lockstep);
+    cmd.arg("run")
         .arg(config)
         .arg("--json")
         .arg("--set")
@@ -56,58 +90,110 @@ fn run(lockstep: &Path, config: &Path, ckpt: &Path, plan: &[(u64, u32)]) -> Resu
         .arg("--set")
         .arg(format!("job.max_restarts={}", plan.len() + 1))
         .arg("--data-dir")
-        .arg(ckpt.with_file_name("coordinator"))
+        .arg(ckpt.with_file_name("coordinator"));
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("start {}", lockstep.display()))?;
     let out = BufReader::new(child.stdout.take().context("stdout")?);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
     let mut plan = plan.iter().copied().peekable();
-    let mut pending: Option<(Instant, u64)> = None;
-    let mut recoveries = Vec::new();
-    let mut kills = Vec::new();
+    // The hit whose recovery is awaited: its index and when its signal went (Unix ms).
+    let mut pending: Option<(usize, i64)> = None;
+    let mut hits: Vec<Hit> = Vec::new();
     let mut end = Value::Null;
-    for line in out.lines() {
-        let s: Value = serde_json::from_str(&line?)?;
+    let mut hung = false;
+    loop {
+        let line = match rx.recv_timeout(HANG) {
+            Ok(line) => line?,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                println!("no status change for {HANG:?}: the run hangs; killing it");
+                hung = true;
+                let _ = child.kill();
+                break;
+            }
+        };
+        let s: Value = serde_json::from_str(&line)?;
         let step = s["step"].as_u64().unwrap_or(0);
-        if let Some((at, reached)) = pending
-            && s["state"] == "running"
-            && step > reached
-            && s["restarts"].as_u64().unwrap_or(0) as usize == kills.len()
+        if let Some((i, at)) = pending
+            && let Some(r) = recovered(&s, i, at)
         {
-            recoveries.push(at.elapsed().as_secs_f64());
+            println!(
+                "  recovered {} in {:.2} s, {} steps lost, first step {}",
+                r.path, r.seconds, r.steps_lost, r.first_step
+            );
+            hits[i].recovered = Some(r);
             pending = None;
-            println!("  recovered in {:.2} s", at.elapsed().as_secs_f64());
         }
         if pending.is_none()
             && s["state"] == "running"
-            && let Some(&(kill_at, worker)) = plan.peek()
-            && step >= kill_at
+            && let Some(&e) = plan.peek()
+            && step >= e.step
         {
-            let job = s["job"].as_str().unwrap_or_default();
-            if let Some(&pid) = trainer_pids(job, worker).first() {
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                )?;
-                println!("SIGKILL rank {worker} (pid {pid}) at step {step}");
-                kills.push((step, worker));
-                pending = Some((Instant::now(), step));
+            let job = s["job"].as_str().unwrap_or_default().to_string();
+            // A random moment within a step.
+            std::thread::sleep(Duration::from_millis(e.delay_ms));
+            if let Some(&pid) = trainer_pids(&job, e.rank).first() {
+                let at = now_ms();
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), e.signal)?;
+                println!("{:?} rank {} (pid {pid}) at step {step}", e.signal, e.rank);
+                hits.push(Hit {
+                    event: e,
+                    step,
+                    recovered: None,
+                });
+                pending = Some((hits.len() - 1, at));
             }
             plan.next();
         }
         end = s;
     }
     child.wait()?;
-    Ok(Outcome {
-        end,
-        recoveries,
-        kills,
-    })
+    Ok(Outcome { end, hits, hung })
+}
+
+/// The q-quantile (0..=1) of `v`, nearest rank.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = Vec::new();
+    let mut sets = Vec::new();
+    let mut stops = 0usize;
+    let mut it = all.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--set" => sets.push(it.next().context("--set needs SECTION.KEY=VALUE")?.clone()),
+            "--stops" => {
+                stops = it
+                    .next()
+                    .context("--stops needs N")?
+                    .parse()
+                    .context("--stops")?
+            }
+            _ => args.push(a.clone()),
+        }
+    }
     let tmp = std::env::temp_dir().join(format!("lockstep-chaos-{}", std::process::id()));
     let smoke = args.first().map(String::as_str) == Some("--smoke");
     let (config, kills, seed, lockstep) = if smoke {
@@ -140,51 +226,119 @@ fn main() -> Result<()> {
         );
     }
     let text = std::fs::read_to_string(&config).with_context(|| config.display().to_string())?;
-    let parsed = lockstep_api::JobConfig::parse(&text, &[])?;
+    let parsed = lockstep_api::JobConfig::parse(&text, &sets)?;
     let (steps, world) = (parsed.train.steps, parsed.job.world_size);
-    // Kill steps spread over the run, a random rank each time.
+    // Signal steps spread over the run (each after the previous recovery), a random rank and
+    // moment each time; the SIGSTOPs spread among the SIGKILLs.
+    let events = kills + stops;
     let mut rng = seed;
-    let mut plan: Vec<(u64, u32)> = (0..kills)
+    let span = (steps / (events as u64 + 1)).max(1);
+    let plan: Vec<Event> = (0..events)
         .map(|i| {
-            let span = steps / (kills as u64 + 1);
             let at = span * (i as u64 + 1) - span / 4 + next(&mut rng) % (span / 2).max(1);
-            (
-                at.min(steps - 1),
-                (next(&mut rng) % u64::from(world)) as u32,
-            )
+            // Exactly `stops` of the events, evenly spread.
+            let stop = (i * stops) / events != ((i + 1) * stops) / events;
+            Event {
+                step: at.min(steps.saturating_sub(1)),
+                delay_ms: next(&mut rng) % 300,
+                rank: (next(&mut rng) % u64::from(world)) as u32,
+                signal: if stop {
+                    Signal::SIGSTOP
+                } else {
+                    Signal::SIGKILL
+                },
+            }
         })
         .collect();
-    plan.sort();
     println!(
         "clean run of {} ({steps} steps, {world} ranks)",
         config.display()
     );
     let t = Instant::now();
-    let clean = run(&lockstep, &config, &tmp.join("clean/ckpt"), &[])?;
+    let clean = run(&lockstep, &config, &tmp.join("clean/ckpt"), &sets, &[])?;
     let clean_secs = t.elapsed().as_secs_f64();
-    println!("chaos run: {kills} SIGKILLs at {plan:?} (step, rank)");
+    let n_stop = plan.iter().filter(|e| e.signal == Signal::SIGSTOP).count();
+    println!(
+        "chaos run: {} SIGKILLs and {n_stop} SIGSTOPs",
+        plan.len() - n_stop
+    );
     let t = Instant::now();
-    let chaos = run(&lockstep, &config, &tmp.join("chaos/ckpt"), &plan)?;
+    let chaos = run(&lockstep, &config, &tmp.join("chaos/ckpt"), &sets, &plan)?;
     let chaos_secs = t.elapsed().as_secs_f64();
     // Jobs with an [export] end `exported`, others `succeeded`: both runs must end alike.
     let ended = |o: &Outcome| matches!(o.end["state"].as_str(), Some("succeeded" | "exported"));
     let same = clean.end["params_hash"] == chaos.end["params_hash"]
         && chaos.end["state"] == clean.end["state"]
-        && ended(&clean);
-    let mean = chaos.recoveries.iter().sum::<f64>() / chaos.recoveries.len().max(1) as f64;
+        && ended(&clean)
+        && !chaos.hung;
+    let done: Vec<&Recovered> = chaos
+        .hits
+        .iter()
+        .filter_map(|h| h.recovered.as_ref())
+        .collect();
+    let secs = |sig: Signal| -> Vec<f64> {
+        chaos
+            .hits
+            .iter()
+            .filter(|h| h.event.signal == sig)
+            .filter_map(|h| h.recovered.as_ref().map(|r| r.seconds))
+            .collect()
+    };
+    let (kill_secs, stop_secs) = (secs(Signal::SIGKILL), secs(Signal::SIGSTOP));
+    let in_place = done.iter().filter(|r| r.path == "in-place").count();
+    let lost: u64 = done.iter().map(|r| r.steps_lost).sum();
+    let lost_kills: u64 = chaos
+        .hits
+        .iter()
+        .filter(|h| h.event.signal == Signal::SIGKILL)
+        .filter_map(|h| h.recovered.as_ref().map(|r| r.steps_lost))
+        .sum();
     println!(
-        "clean {clean_secs:.1} s, chaos {chaos_secs:.1} s, {} kills, {} restarts, mean recovery \
-         {mean:.2} s; params xxh3 clean {} chaos {} → {}",
-        chaos.kills.len(),
+        "clean {clean_secs:.1} s, chaos {chaos_secs:.1} s; {} signals, {} recoveries seen ({in_place} \
+         in place), {} restarts, {} replacements; steps lost: {lost} ({lost_kills} by SIGKILLs)",
+        chaos.hits.len(),
+        done.len(),
         chaos.end["restarts"],
-        clean.end["params_hash"],
-        chaos.end["params_hash"],
-        if same { "IDENTICAL" } else { "DIFFERENT" }
+        chaos.end["replacements"],
     );
     println!(
+        "SIGKILL → next step: median {:.2} s, p99 {:.2} s, max {:.2} s; SIGSTOP → next step: \
+         median {:.2} s, max {:.2} s",
+        quantile(&kill_secs, 0.5),
+        quantile(&kill_secs, 0.99),
+        quantile(&kill_secs, 1.0),
+        quantile(&stop_secs, 0.5),
+        quantile(&stop_secs, 1.0),
+    );
+    println!(
+        "params xxh3 clean {} chaos {} → {}{}",
+        clean.end["params_hash"],
+        chaos.end["params_hash"],
+        if same { "IDENTICAL" } else { "DIFFERENT" },
+        if chaos.hung {
+            " (the chaos run hung)"
+        } else {
+            ""
+        }
+    );
+    let table: Vec<Value> = chaos
+        .hits
+        .iter()
+        .map(|h| {
+            json!({"signal": format!("{:?}", h.event.signal), "rank": h.event.rank, "step": h.step,
+                   "path": h.recovered.as_ref().map(|r| r.path.clone()),
+                   "steps_lost": h.recovered.as_ref().map(|r| r.steps_lost),
+                   "seconds": h.recovered.as_ref().map(|r| r.seconds)})
+        })
+        .collect();
+    println!(
         "{}",
-        json!({"config": config.display().to_string(), "kills": chaos.kills, "restarts": chaos.end["restarts"],
-               "recovery_seconds": chaos.recoveries, "mean_recovery_seconds": mean,
+        json!({"config": config.display().to_string(), "sets": sets, "signals": table,
+               "restarts": chaos.end["restarts"], "replacements": chaos.end["replacements"],
+               "kill_seconds_median": quantile(&kill_secs, 0.5),
+               "kill_seconds_p99": quantile(&kill_secs, 0.99),
+               "kill_seconds_max": quantile(&kill_secs, 1.0),
+               "steps_lost": lost, "steps_lost_by_kills": lost_kills, "hung": chaos.hung,
                "clean_seconds": clean_secs, "chaos_seconds": chaos_secs,
                "params_hash_clean": clean.end["params_hash"], "params_hash_chaos": chaos.end["params_hash"],
                "identical": same})
@@ -192,6 +346,9 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     if !same {
         bail!("the chaos run did not end like the clean run");
+    }
+    if smoke && done.len() != chaos.hits.len() {
+        bail!("a recovery was not seen in the job's status");
     }
     Ok(())
 }

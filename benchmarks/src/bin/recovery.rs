@@ -20,7 +20,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -86,7 +85,7 @@ fn lockstep_once(dir: &std::path::Path) -> Result<(f64, u64)> {
         .spawn()
         .context("start lockstep run")?;
     let out = BufReader::new(child.stdout.take().context("stdout")?);
-    let mut killed: Option<(Instant, u64)> = None;
+    let mut killed: Option<i64> = None;
     let mut result = None;
     for line in out.lines() {
         let s: Value = serde_json::from_str(&line?)?;
@@ -95,14 +94,18 @@ fn lockstep_once(dir: &std::path::Path) -> Result<(f64, u64)> {
             None if s["state"] == "running" && step >= kill_after => {
                 let job = s["job"].as_str().unwrap_or_default();
                 let pid = trainer_pid(job, 1).context("rank 1's pid")?;
+                killed = Some(lockstep_benchmarks::now_ms());
                 nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 )?;
-                killed = Some((Instant::now(), step));
             }
-            Some((at, before)) if result.is_none() && s["attempt"] == 2 && step != before => {
-                result = Some((at.elapsed().as_secs_f64(), step));
+            // The coordinator's record of the recovery: when it acted and when the next
+            // step finished.
+            Some(at) if result.is_none() => {
+                if let Some(r) = lockstep_benchmarks::recovered(&s, 0, at) {
+                    result = Some((r.seconds, r.first_step, r.path));
+                }
             }
             _ => {}
         }
@@ -111,7 +114,9 @@ fn lockstep_once(dir: &std::path::Path) -> Result<(f64, u64)> {
     if !status.success() {
         bail!("lockstep run failed ({status})");
     }
-    result.context("no step after the restart was seen")
+    let (secs, first, path) = result.context("no step after the recovery was seen")?;
+    println!("  lockstep recovered {path}, first step {first}");
+    Ok((secs, first))
 }
 
 fn torchrun_once() -> Result<Option<(f64, u64)>> {
