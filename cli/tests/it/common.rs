@@ -38,6 +38,19 @@ pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
 /// Runs `lockstep run --json`; when `hit` is given, sends its signal to its worker once the
 /// job reaches its step. Returns the exit code and every status line.
 pub fn run(dir: &Path, hit: Option<(u32, nix::sys::signal::Signal, u64)>) -> (i32, Vec<Value>) {
+    match hit {
+        Some((worker, sig, at)) => run_hitting(dir, &[(worker, sig)], at),
+        None => run_hitting(dir, &[], 0),
+    }
+}
+
+/// Runs `lockstep run --json`; once the job reaches step `at`, sends each of `hits`' signals
+/// to its worker, at once. Returns the exit code and every status line.
+pub fn run_hitting(
+    dir: &Path,
+    hits: &[(u32, nix::sys::signal::Signal)],
+    at: u64,
+) -> (i32, Vec<Value>) {
     let mut child = lockstep(dir)
         .args(["run", "job.toml", "--json"])
         .stdout(Stdio::piped())
@@ -46,17 +59,22 @@ pub fn run(dir: &Path, hit: Option<(u32, nix::sys::signal::Signal, u64)>) -> (i3
         .unwrap();
     let out = BufReader::new(child.stdout.take().unwrap());
     let mut lines = Vec::new();
-    let mut pending = hit;
+    let mut pending = !hits.is_empty();
     for line in out.lines() {
         let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if let Some((worker, sig, at)) = pending
-            && s["state"] == "running"
-            && s["step"].as_u64().unwrap() >= at
-        {
-            let pids = trainers(s["job"].as_str().unwrap(), Some(worker));
-            assert_eq!(pids.len(), 1, "worker {worker}: {pids:?}");
-            signal(pids[0], sig);
-            pending = None;
+        if pending && s["state"] == "running" && s["step"].as_u64().unwrap() >= at {
+            let pids: Vec<(i32, nix::sys::signal::Signal)> = hits
+                .iter()
+                .map(|&(worker, sig)| {
+                    let pids = trainers(s["job"].as_str().unwrap(), Some(worker));
+                    assert_eq!(pids.len(), 1, "worker {worker}: {pids:?}");
+                    (pids[0], sig)
+                })
+                .collect();
+            for (pid, sig) in pids {
+                signal(pid, sig);
+            }
+            pending = false;
         }
         lines.push(s);
     }

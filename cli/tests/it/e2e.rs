@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use lockstep_api::testing::TestJob;
 
-use crate::common::{causes, free_port, last, lockstep, one_gang, run, trainers};
+use crate::common::{causes, free_port, last, lockstep, one_gang, run, run_hitting, trainers};
 use serde_json::Value;
 
 /// The quickstart's held-out split.
@@ -154,6 +154,40 @@ fn a_rank_killed_mid_run_is_replaced_in_place_losing_no_step_and_the_result_is_b
         replacement.contains(&format!("resuming from step {}", after[0])),
         "the replacement starts where the survivor was: {replacement}"
     );
+    assert_identical(clean_dir.path(), &clean, dir.path(), end);
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+#[test]
+fn a_rank_lost_while_another_is_replaced_restarts_the_gang_from_its_checkpoint_bit_identically() {
+    let _gang = one_gang();
+    let (clean_dir, clean) = straight(300);
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, &[("heartbeat_timeout", "\"5s\"")]);
+    // Two ranks lost at once: rank 1 dies, rank 0 hangs. Rank 1's replacement cannot be
+    // given the state (rank 0, which holds it, never regroups): once rank 0's silence is
+    // caught, the gang restarts from its last checkpoint instead of waiting.
+    let (code, lines) = run_hitting(
+        dir.path(),
+        &[
+            (1, nix::sys::signal::Signal::SIGKILL),
+            (0, nix::sys::signal::Signal::SIGSTOP),
+        ],
+        110,
+    );
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "succeeded");
+    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
+    let paths: Vec<&str> = end["recoveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["in-place", "checkpoint"], "{end}");
+    let msg = causes(&lines).join(" | ");
+    assert!(msg.contains("rank 0 sent no heartbeat"), "{msg}");
     assert_identical(clean_dir.path(), &clean, dir.path(), end);
     assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
 }
