@@ -22,6 +22,7 @@ struct Counters {
     checkpoint_write_seconds: f64,
     checkpoint_failures: u64,
     restarts: u64,
+    replacements: u64,
     gang_wait_seconds: f64,
     gangs: u64,
 }
@@ -57,6 +58,11 @@ impl Metrics {
             c.checkpoints += 1;
             c.checkpoint_bytes += bytes;
         });
+    }
+
+    /// A lost rank replaced in place.
+    pub fn replacement(&self) {
+        self.with(|c| c.replacements += 1);
     }
 
     /// A gang restart.
@@ -123,6 +129,11 @@ impl Metrics {
             c.restarts as f64,
         );
         counter(
+            "lockstep_replacements_total",
+            "Lost ranks replaced in place (the other ranks kept their state).",
+            c.replacements as f64,
+        );
+        counter(
             "lockstep_gangs_total",
             "Gangs that assembled.",
             c.gangs as f64,
@@ -162,6 +173,11 @@ impl Metrics {
         gauge("lockstep_job_restarts", "Gang restarts of the job.", &|j| {
             Some(f64::from(j.lifecycle.restarts))
         });
+        gauge(
+            "lockstep_job_replacements",
+            "Lost ranks of the job replaced in place.",
+            &|j| Some(f64::from(j.lifecycle.replacements)),
+        );
         gauge(
             "lockstep_job_last_checkpoint_step",
             "Newest committed checkpoint.",

@@ -125,6 +125,7 @@ pub(crate) async fn supervise(
                 _ => None,
             };
             if actions.iter().any(|a| matches!(a, Action::Replace { .. })) {
+                inner.metrics.replacement();
                 st.record.lifecycle.message = next.message.clone();
                 st.record.recovering(lost, "in-place");
             } else if next.phase == Phase::Restarting && before == Phase::Running {

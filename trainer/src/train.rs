@@ -703,7 +703,9 @@ fn recover<B: AutodiffBackend>(
         if got.manifest.step != held {
             // This rank is behind the one that sent (the lost rank broke the ring while the
             // last step's all-reduce was finishing): take its state.
-            let (s, restored) = adopt::<B>(state, ts, &got)?;
+            let (mut s, restored) = adopt::<B>(state, ts, &got)?;
+            s.optim.config = plan.adamw;
+            s.model.precision = config.train.precision;
             *state = s;
             let provenance = std::mem::take(&mut ts.provenance);
             *ts = plan.trainer_state(config, &state.model.config, Some(&restored));

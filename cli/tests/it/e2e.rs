@@ -484,6 +484,7 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
         "lockstep_steps_total",
         "lockstep_checkpoints_total",
         "lockstep_restarts_total",
+        "lockstep_replacements_total",
         "lockstep_gang_wait_seconds_total",
         &format!("lockstep_job_step{{job=\"{job}\",state=\"succeeded\"}} 600"),
     ] {
