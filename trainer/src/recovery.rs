@@ -191,3 +191,160 @@ pub fn receive_state(
         tensors,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use bytes::Bytes;
+    use lockstep_storage::TensorInput;
+
+    use super::*;
+    use crate::collective::CollectiveError;
+    use crate::model::LlamaConfig;
+    use crate::plan::Plan;
+
+    /// Two ranks of a gang in one process: rank 0's broadcasts arrive at rank 1, through
+    /// `tamper` on the way.
+    struct Pipe {
+        rank: usize,
+        tx: Option<mpsc::Sender<Vec<u8>>>,
+        rx: Option<mpsc::Receiver<Vec<u8>>>,
+    }
+
+    impl Collective for Pipe {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&mut self, _: &mut [f32]) -> Result<(), CollectiveError> {
+            Err(CollectiveError::Broken)
+        }
+        fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError> {
+            assert_eq!(root, 0);
+            match (&self.tx, &self.rx) {
+                (Some(tx), _) => {
+                    tx.send(buf.to_vec()).map_err(|_| CollectiveError::Broken)?;
+                }
+                (_, Some(rx)) => {
+                    let got = rx.recv().map_err(|_| CollectiveError::Broken)?;
+                    if got.len() != buf.len() {
+                        return Err(CollectiveError::Protocol {
+                            peer: 0,
+                            what: "length".into(),
+                        });
+                    }
+                    buf.copy_from_slice(&got);
+                }
+                _ => unreachable!(),
+            }
+            Ok(())
+        }
+        fn barrier(&mut self) -> Result<(), CollectiveError> {
+            Ok(())
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        let config = lockstep_api::testing::TestJob::tiny("xfer")
+            .config()
+            .unwrap();
+        let plan = Plan::new(&config, 0, 2, None);
+        let model = LlamaConfig::from_section(&config.model, config.data.seq_len as usize);
+        let mut state = plan.trainer_state(&config, &model, None);
+        state.step = 7;
+        state.cursor = 56;
+        let tensor = |name: &str, n: usize, v: f32| TensorInput {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![n as u64, 1],
+            data: Bytes::from(
+                (0..n)
+                    .flat_map(|i| (v + i as f32).to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+        };
+        Snapshot {
+            step: 7,
+            tensors: vec![tensor("a", 5, 1.0), tensor("optim.exp_avg/a", 5, 2.0)],
+            state,
+        }
+    }
+
+    /// Sends `snap` from rank 0 and receives it on rank 1, each message through `tamper`.
+    fn transfer(
+        snap: &Snapshot,
+        max: u64,
+        tamper: impl Fn(usize, &mut Vec<u8>),
+    ) -> Result<Checkpoint> {
+        let (tx, rx) = mpsc::channel();
+        let (tx2, rx2) = mpsc::channel();
+        let mut root = Pipe {
+            rank: 0,
+            tx: Some(tx),
+            rx: None,
+        };
+        send_state(snap, &mut root)?;
+        for (i, mut m) in rx.try_iter().enumerate() {
+            tamper(i, &mut m);
+            tx2.send(m).unwrap();
+        }
+        drop(tx2);
+        let mut other = Pipe {
+            rank: 1,
+            tx: None,
+            rx: Some(rx2),
+        };
+        receive_state(0, max, "xfer", &mut other)
+    }
+
+    #[test]
+    fn the_state_arrives_as_sent_and_reads_as_a_checkpoint_of_its_step() {
+        let snap = snapshot();
+        let got = transfer(&snap, 1 << 20, |_, _| {}).unwrap();
+        assert_eq!(got.manifest.step, 7);
+        assert_eq!(got.manifest.job, "xfer");
+        let state: TrainerState = serde_json::from_value(got.manifest.trainer_state).unwrap();
+        assert_eq!(state, snap.state);
+        assert_eq!(got.tensors.len(), 2);
+        for (a, b) in got.tensors.iter().zip(&snap.tensors) {
+            assert_eq!(
+                (&a.name, &a.shape, &a.data[..]),
+                (&b.name, &b.shape, &b.data[..])
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_or_oversized_state_is_refused_by_name() {
+        let snap = snapshot();
+        // Message 2 is the tensors' bytes: one bit flipped on the way.
+        let e = transfer(&snap, 1 << 20, |i, m| {
+            if i == 2 {
+                m[3] ^= 1;
+            }
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("hash") && e.contains("rank 0"), "{e}");
+        // More tensor bytes than the job's model can hold: refused before any is allocated.
+        let e = transfer(&snap, 16, |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("more than this job's model can hold"), "{e}");
+        // A header whose tensor list does not add up to the bytes.
+        let e = transfer(&snap, 1 << 20, |i, m| {
+            if i == 1 {
+                let s = String::from_utf8(m.clone()).unwrap().replacen(
+                    "\"bytes\":20",
+                    "\"bytes\":24",
+                    1,
+                );
+                *m = s.into_bytes();
+            }
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot be used"), "{e}");
+    }
+}
