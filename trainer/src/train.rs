@@ -688,6 +688,9 @@ fn recover<B: AutodiffBackend>(
 ) -> Result<Recovered> {
     let lost = Instant::now();
     let held = ts.step;
+    // Peers still waiting on this rank (a ring of three or more: not every rank neighbours the
+    // lost one) fail now and regroup too.
+    collective.leave();
     let abandoned = ckpt.abandon();
     let Regrouped { ring, from, step } = regroup.regroup(held)?;
     collective.reform(ring)?;
@@ -700,19 +703,26 @@ fn recover<B: AutodiffBackend>(
             &config.job.name,
             collective,
         )?;
-        if got.manifest.step != held {
+        let restored = if got.manifest.step != held {
             // This rank is behind the one that sent (the lost rank broke the ring while the
-            // last step's all-reduce was finishing): take its state.
+            // last step's all-reduce was finishing): take its parameters and moments too.
             let (mut s, restored) = adopt::<B>(state, ts, &got)?;
             s.optim.config = plan.adamw;
             s.model.precision = config.train.precision;
             *state = s;
-            let provenance = std::mem::take(&mut ts.provenance);
-            *ts = plan.trainer_state(config, &state.model.config, Some(&restored));
-            ts.provenance = provenance;
-            if let (Some(now), Some(l)) = (&mut ts.lora, &state.model.lora) {
-                now.settings = l.settings.clone();
-            }
+            restored
+        } else {
+            // The same step: the same parameters and moments (replicas are bit-identical),
+            // but the trainer state is the sender's too — it may have finished the step's
+            // evaluation, which this rank then must not run again alone.
+            serde_json::from_value(got.manifest.trainer_state.clone())
+                .map_err(|e| Error::Internal(format!("the trainer state rank {from} sent: {e}")))?
+        };
+        let provenance = std::mem::take(&mut ts.provenance);
+        *ts = plan.trainer_state(config, &state.model.config, Some(&restored));
+        ts.provenance = provenance;
+        if let (Some(now), Some(l)) = (&mut ts.lora, &state.model.lora) {
+            now.settings = l.settings.clone();
         }
     }
     on_event(&Event::Recovered {

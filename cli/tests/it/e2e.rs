@@ -159,6 +159,35 @@ fn a_rank_killed_mid_run_is_replaced_in_place_losing_no_step_and_the_result_is_b
 }
 
 #[test]
+fn in_a_gang_of_three_the_survivors_re_form_with_the_replacement_bit_identically() {
+    let _gang = one_gang();
+    let three = [("world_size", "3")];
+    let clean_dir = tempfile::tempdir().unwrap();
+    config(clean_dir.path(), 300, &three);
+    let (code, lines) = run(clean_dir.path(), None);
+    assert_eq!(code, 0, "{:?}", last(&lines));
+    let clean = last(&lines).clone();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, &three);
+    // The middle rank: the ring's both neighbours lose it.
+    let (code, lines) = run(dir.path(), Some((1, nix::sys::signal::Signal::SIGKILL, 60)));
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(
+        (end["restarts"].as_u64(), end["replacements"].as_u64()),
+        (Some(0), Some(1)),
+        "{end}; causes: {:?}",
+        causes(&lines)
+    );
+    assert_eq!(end["recoveries"][0]["steps_lost"], 0, "{end}");
+    // Both survivors continued from the same step.
+    let (a, b) = (continued_after(end, 0), continued_after(end, 2));
+    assert_eq!(a, b);
+    assert!(a.len() == 1 && a[0] >= 60, "{a:?}");
+    assert_identical(clean_dir.path(), &clean, dir.path(), end);
+}
+
+#[test]
 fn a_rank_lost_while_another_is_replaced_restarts_the_gang_from_its_checkpoint_bit_identically() {
     let _gang = one_gang();
     let (clean_dir, clean) = straight(300);

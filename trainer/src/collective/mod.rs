@@ -92,6 +92,9 @@ pub trait Collective {
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// Leaves the gang after a failure: closes this rank's connections, so that every peer
+    /// still waiting on it fails at once instead of at its timeout. Every later call fails.
+    fn leave(&mut self) {}
     /// Continues over `ring`, a re-formed gang of the same ranks (in-place recovery: a lost
     /// rank was replaced). Fails where the collective cannot take a new member in place.
     fn reform(&mut self, ring: TcpRing) -> Result<(), CollectiveError> {

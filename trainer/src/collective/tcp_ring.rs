@@ -248,6 +248,14 @@ impl Collective for TcpRing {
         })
     }
 
+    fn leave(&mut self) {
+        if let Some(links) = self.links.take() {
+            let _ = links.next.shutdown(std::net::Shutdown::Both);
+            let _ = links.prev.shutdown(std::net::Shutdown::Both);
+        }
+        self.broken = true;
+    }
+
     fn reform(&mut self, ring: TcpRing) -> Result<(), CollectiveError> {
         if (ring.rank, ring.world) != (self.rank, self.world) {
             return Err(CollectiveError::Protocol {
