@@ -64,6 +64,8 @@ pub struct Checkpoints {
     config_hash: String,
     /// The checkpoint being written: its state and, once this rank's writer is done, the result.
     pending: Option<(TrainerState, Option<Result<Written>>)>,
+    /// A checkpoint whose commit the gang's loss of a rank interrupted.
+    interrupted: Option<u64>,
 }
 
 /// What the gang agreed after a step ([`Checkpoints::progress`]).
@@ -118,6 +120,7 @@ impl Checkpoints {
             world,
             config_hash,
             pending: None,
+            interrupted: None,
         })
     }
 
@@ -129,9 +132,13 @@ impl Checkpoints {
 
     /// The gang lost a rank while a checkpoint was in flight: it will not be committed (the lost
     /// rank's shard is missing). Waits for this rank's writer to finish with it and forgets it;
-    /// returns its step. Its shards stay without a manifest, which makes no checkpoint.
+    /// returns its step (or that of a checkpoint whose commit the loss interrupted). Its shards
+    /// stay without a manifest, which makes no checkpoint.
     pub fn abandon(&mut self) -> Option<u64> {
-        let (state, result) = self.pending.take()?;
+        let interrupted = self.interrupted.take();
+        let Some((state, result)) = self.pending.take() else {
+            return interrupted;
+        };
         if result.is_none()
             && let Err(e) = self.writer.wait()
         {
@@ -250,13 +257,19 @@ impl Checkpoints {
             }
         };
         let (bytes, raw_bytes) = match &self.authority {
-            Authority::Coordinator(c) => c.commit_shard(ShardReport {
-                rank: self.rank as u32,
-                state: &state,
-                shard: &mine.shard,
-                config_hash: &self.config_hash,
-                write_time: mine.elapsed,
-            })?,
+            Authority::Coordinator(c) => c
+                .commit_shard(ShardReport {
+                    rank: self.rank as u32,
+                    state: &state,
+                    shard: &mine.shard,
+                    config_hash: &self.config_hash,
+                    write_time: mine.elapsed,
+                })
+                .inspect_err(|e| {
+                    if e.breaks_gang() {
+                        self.interrupted = Some(step);
+                    }
+                })?,
             Authority::Rank0 {
                 job,
                 retention,
