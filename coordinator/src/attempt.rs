@@ -135,6 +135,11 @@ impl Attempt {
             }
             if left == self.generation {
                 began_reforming = self.reform();
+            } else if !self.forming {
+                return Err(Error::InvalidArgument(format!(
+                    "worker {worker} leaves ring {left}, but ring {} formed without it",
+                    self.generation
+                )));
             }
             self.holds.insert(worker, step);
         }
@@ -544,11 +549,17 @@ mod tests {
             .unwrap();
         assert_eq!(formed.peers[1], "r1:2");
         assert_eq!(formed.state_from, Some((0, 5)));
-        // A worker claiming a ring newer than the gang's is refused.
+        // A worker claiming a ring newer than the gang's is refused, and so is one leaving an
+        // old ring once the new one formed without it (it would overwrite a member's address).
         assert!(matches!(
             a.join(0, "x".into(), Some(6), 9, t0),
             Err(Error::InvalidArgument(_))
         ));
+        assert!(matches!(
+            a.join(2, "x".into(), Some(6), 0, t0),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(formed.peers[2], "r2:2");
     }
 
     #[test]

@@ -99,8 +99,14 @@ pub struct RecoveryRecord {
     /// Steps trained again: `step` minus the step the gang continued from; known at the first
     /// step after the recovery.
     pub steps_lost: Option<u64>,
-    /// From `at_ms` to the first finished step after the recovery.
+    /// From `at_ms` to the first finished step after the recovery (or to the end of training,
+    /// for one at the last step). Not the time a hung rank took to be caught: it counts from
+    /// when the coordinator acted (`job.heartbeat_timeout` after the rank's last heartbeat).
     pub seconds: Option<f64>,
+    /// It did not finish: another recovery took over before the gang's next step (a second
+    /// rank lost, the replacement lost or late).
+    #[serde(default)]
+    pub superseded: bool,
 }
 
 impl JobRecord {
@@ -108,6 +114,11 @@ impl JobRecord {
     pub fn recovering(&mut self, rank: Option<u32>, path: &str) {
         if self.recoveries.len() >= MAX_RECOVERIES {
             self.recoveries.remove(0);
+        }
+        if let Some(r) = self.recoveries.last_mut()
+            && r.seconds.is_none()
+        {
+            r.superseded = true;
         }
         self.recoveries.push(RecoveryRecord {
             rank,
@@ -117,13 +128,28 @@ impl JobRecord {
             step: self.step,
             steps_lost: None,
             seconds: None,
+            superseded: false,
         });
+    }
+
+    /// Training ended at `step` (the last): a recovery at that step, which no step followed,
+    /// is complete, having lost none.
+    pub fn trained(&mut self, step: u64) {
+        if let Some(r) = self.recoveries.last_mut()
+            && r.seconds.is_none()
+            && !r.superseded
+            && r.step >= step
+        {
+            r.seconds = Some((now_ms() - r.at_ms).max(0) as f64 / 1e3);
+            r.steps_lost = Some(0);
+        }
     }
 
     /// Rank 0 finished `step`: completes a recovery still waiting for its first step.
     pub fn stepped(&mut self, step: u64) {
         if let Some(r) = self.recoveries.last_mut()
             && r.seconds.is_none()
+            && !r.superseded
         {
             r.seconds = Some((now_ms() - r.at_ms).max(0) as f64 / 1e3);
             r.steps_lost = Some(r.step.saturating_sub(step.saturating_sub(1)));
@@ -218,6 +244,7 @@ impl JobRecord {
                     step: r.step,
                     steps_lost: r.steps_lost,
                     seconds: r.seconds,
+                    superseded: r.superseded,
                 })
                 .collect(),
             doing: match &self.doing {

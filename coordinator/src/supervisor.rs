@@ -330,11 +330,26 @@ fn in_place(inner: &Context, job: &Job, input: Input) -> Input {
         return input;
     }
     let st = lock(&job.state);
-    let replaceable = st.record.phase() == Phase::Running
-        && st
-            .live
-            .as_ref()
-            .is_some_and(|l| l.attempt.number == attempt && l.attempt.replaceable(worker));
+    let live = st.live.as_ref().filter(|l| l.attempt.number == attempt);
+    if live.is_some_and(|l| l.attempt.replacing() == Some(worker)) {
+        // The replacement itself was lost before the gang re-formed: say so.
+        return match input {
+            Input::WorkerFailed {
+                attempt,
+                worker,
+                cause,
+                permanent,
+            } => Input::WorkerFailed {
+                attempt,
+                worker,
+                cause: format!("(the replacement started for it) {cause}"),
+                permanent,
+            },
+            other => other,
+        };
+    }
+    let replaceable =
+        st.record.phase() == Phase::Running && live.is_some_and(|l| l.attempt.replaceable(worker));
     if !replaceable {
         return input;
     }
@@ -485,6 +500,8 @@ fn on_exit(job: &Job, e: Exit) -> Option<Input> {
     {
         st.record.params_hash = f.params_hash.clone();
         st.record.step = f.step;
+        let step = f.step;
+        st.record.trained(step);
     }
     input
 }

@@ -231,6 +231,14 @@ impl Progress {
 
 /// The run's one-line summary on stdout (tests and scripts read `params xxh3`).
 pub fn print_summary(config: &JobConfig, s: &Summary) {
+    if s.first_loss.is_none() && s.step >= config.train.steps && s.replacement {
+        println!(
+            "replaced a lost rank at the last step, {} of {}, and finished its evaluation and \
+             checkpoint with the gang; params xxh3 {}",
+            s.step, config.train.steps, s.params_hash
+        );
+        return;
+    }
     if s.first_loss.is_none() && s.step >= config.train.steps {
         println!(
             "nothing to do: the checkpoint under {} is already at step {} of {}",

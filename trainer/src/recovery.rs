@@ -96,10 +96,11 @@ pub fn send_state(snap: &Snapshot, collective: &mut dyn Collective) -> Result<()
 }
 
 /// Receives the state `from` streams ([`send_state`]) and checks it: at most `max_body` bytes of
-/// tensors, sizes that add up, and the hash. Returns it as an in-memory checkpoint of `job`
+/// tensors, sizes that add up, the hash, and the `step` the coordinator announced. Returns it as an in-memory checkpoint of `job`
 /// (what a resume reads), with the step it holds.
 pub fn receive_state(
     from: usize,
+    step: u64,
     max_body: u64,
     job: &str,
     collective: &mut dyn Collective,
@@ -164,6 +165,12 @@ pub fn receive_state(
         return Err(bad(format!(
             "{} bytes follow its last tensor",
             body.len() - at
+        )));
+    }
+    if header.step != step {
+        return Err(bad(format!(
+            "it is of step {}, the coordinator announced step {step}",
+            header.step
         )));
     }
     if header.state.step != header.step {
@@ -297,7 +304,7 @@ mod tests {
             tx: None,
             rx: Some(rx2),
         };
-        receive_state(0, max, "xfer", &mut other)
+        receive_state(0, 7, max, "xfer", &mut other)
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum Start {
     FromPeer {
         /// The rank that streams it.
         from: usize,
+        /// The step of that state, as the coordinator announced it.
+        step: u64,
     },
 }
 
@@ -57,7 +59,7 @@ pub fn agree(
     let resume = match start {
         Start::Given(step) => return Ok((load(step)?, vec![])),
         Start::Choose(r) => r,
-        Start::FromPeer { from } => {
+        Start::FromPeer { from, .. } => {
             return Err(Error::Internal(format!(
                 "a replacement starts from rank {from}'s state, not from a checkpoint of the \
                  store (the training loop receives it)"

@@ -169,6 +169,8 @@ pub struct Summary {
     pub stopped_early: bool,
     /// xxh3-64 of every parameter's bytes at the end: equal on every rank of a gang.
     pub params_hash: String,
+    /// This rank replaced a lost one and started from a survivor's state.
+    pub replacement: bool,
 }
 
 /// xxh3-64 (hex) of the parameters' f32 bytes, in order.
@@ -264,9 +266,10 @@ pub fn train<B: AutodiffBackend>(
         .unwrap_or(Start::Choose(config.checkpoint.resume_from()));
     let replacement = matches!(start, Start::FromPeer { .. });
     let (ckpt, set_aside) = match start {
-        Start::FromPeer { from } => {
+        Start::FromPeer { from, step } => {
             let got = crate::recovery::receive_state(
                 from,
+                step,
                 max_state_bytes(config, &base.config),
                 &config.job.name,
                 collective,
@@ -340,6 +343,7 @@ pub fn train<B: AutodiffBackend>(
         tokens_per_sec: 0.0,
         stopped_early: false,
         params_hash: String::new(),
+        replacement,
     };
     let loop_start = Instant::now();
     let mut last_checkpoint = loop_start;
@@ -368,7 +372,6 @@ pub fn train<B: AutodiffBackend>(
     // Recoveries in a row that ended before a step finished.
     let mut regroups = 0u32;
     while ts.step < plan.last_step {
-        let before = ts.step;
         // One step and what follows it (eval, the gang's agreement, a checkpoint). A lost rank
         // surfaces here as a broken ring; the state is then that of the last finished step.
         let mut iteration = || -> Result<bool> {
@@ -460,7 +463,7 @@ pub fn train<B: AutodiffBackend>(
                 if regroups > MAX_REGROUPS {
                     return Err(e);
                 }
-                tracing::warn!(step = before, error = %e, "the gang lost a rank: regrouping");
+                tracing::warn!(held = ts.step, error = %e, "the gang lost a rank: regrouping");
                 let recovered = recover(
                     regroup,
                     &e.to_string(),
@@ -699,6 +702,7 @@ fn recover<B: AutodiffBackend>(
     } else {
         let got = crate::recovery::receive_state(
             from,
+            step,
             max_state_bytes(config, &state.model.config),
             &config.job.name,
             collective,

@@ -383,10 +383,19 @@ fn join_gang(
     let rank = joined.rank as usize;
     let start = match joined.state_from {
         Some(from) if from as usize != rank && (from as usize) < joined.peers.len() => {
-            tracing::info!(rank, world = joined.world_size, from, step = ?joined.state_step,
-                "joined a running gang as the replacement of a lost rank");
+            let step = joined.state_step.ok_or_else(|| {
+                Error::Internal("the coordinator named no step for the state to take".into())
+            })?;
+            tracing::info!(
+                rank,
+                world = joined.world_size,
+                from,
+                step,
+                "joined a running gang as the replacement of a lost rank"
+            );
             Start::FromPeer {
                 from: from as usize,
+                step,
             }
         }
         Some(from) => {
@@ -456,7 +465,9 @@ impl crate::recovery::Regroup for Rejoiner {
             .ok_or_else(|| {
                 Error::Internal("the re-formed gang names no rank to take the state from".into())
             })?;
-        let step = joined.state_step.unwrap_or(holds_step);
+        let step = joined.state_step.ok_or_else(|| {
+            Error::Internal("the re-formed gang names no step for the state to take".into())
+        })?;
         if joined.generation <= *generation {
             return Err(Error::Internal(format!(
                 "the coordinator re-formed the gang as ring {}, not after ring {}",

@@ -16,6 +16,7 @@ pub fn status_json(s: &proto::JobStatus) -> serde_json::Value {
         "recoveries": s.recoveries.iter().map(|r| serde_json::json!({
             "rank": r.rank, "cause": r.cause, "path": r.path, "at_ms": r.at_ms,
             "step": r.step, "steps_lost": r.steps_lost, "seconds": r.seconds,
+            "superseded": r.superseded,
         })).collect::<Vec<_>>(),
         "world_size": s.world_size, "step": s.step,
         "total_steps": s.total_steps, "loss": s.loss, "first_loss": s.first_loss,

@@ -215,6 +215,9 @@ fn a_rank_lost_while_another_is_replaced_restarts_the_gang_from_its_checkpoint_b
         .map(|r| r["path"].as_str().unwrap())
         .collect();
     assert_eq!(paths, ["in-place", "checkpoint"], "{end}");
+    // The in-place attempt did not finish: the restart took over.
+    assert_eq!(end["recoveries"][0]["superseded"], true, "{end}");
+    assert_eq!(end["recoveries"][1]["superseded"], false, "{end}");
     let msg = causes(&lines).join(" | ");
     assert!(msg.contains("rank 0 sent no heartbeat"), "{msg}");
     assert_identical(clean_dir.path(), &clean, dir.path(), end);
