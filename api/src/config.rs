@@ -135,8 +135,10 @@ pub struct JobSection {
     /// default) keeps the other ranks and their state, starts one replacement that takes the
     /// state from them, and loses no step; `restart` restarts the whole gang from the last
     /// checkpoint. In-place needs the TCP ring (a NCCL gang restarts) and a launcher that can
-    /// start one worker into a running gang (this machine's); otherwise, or when the
-    /// replacement fails, the gang restarts.
+    /// start one worker into a running gang (this machine's); otherwise the gang restarts.
+    /// When a replacement fails or does not join within `gang_timeout`, the other ranks
+    /// first write the state they hold as an emergency checkpoint, and the gang restarts from
+    /// it (from the last checkpoint if that fails).
     #[serde(default, skip_serializing_if = "Recovery::is_in_place")]
     pub recovery: Recovery,
 }

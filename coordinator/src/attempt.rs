@@ -63,6 +63,18 @@ pub struct Attempt {
     replacing: Option<(u32, Instant)>,
     /// A rank reported a finished step since the gang (re-)formed.
     stepped: bool,
+    /// The gang could not re-form: its survivors write this emergency checkpoint.
+    emergency: Option<Emergency>,
+}
+
+/// An emergency checkpoint: the state survivors of a gang that could not re-form hold, written
+/// by them before the gang restarts from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emergency {
+    /// Its step: the newest any survivor holds.
+    pub step: u64,
+    /// The survivors that hold it, in shard order (shard `i` is `writers[i]`'s).
+    pub writers: Vec<u32>,
 }
 
 /// A gang that has (re-)formed: what every member's `Join` answers.
@@ -108,6 +120,7 @@ impl Attempt {
             holds: BTreeMap::new(),
             replacing: None,
             stepped: false,
+            emergency: None,
         }
     }
 
@@ -125,6 +138,13 @@ impl Attempt {
         now: Instant,
     ) -> Result<Joined> {
         self.rank_in_gang(worker)?;
+        if let Some(e) = &self.emergency {
+            return Err(Error::InvalidArgument(format!(
+                "worker {worker} joins a gang that could not re-form: its survivors write an \
+                 emergency checkpoint of step {} and the gang restarts",
+                e.step
+            )));
+        }
         let mut began_reforming = false;
         if let Some(step) = holds {
             if left > self.generation {
@@ -220,6 +240,47 @@ impl Attempt {
             .enumerate()
             .all(|(w, e)| w == worker as usize || e.is_none());
         self.world > 1 && self.replacing.is_none() && self.stepped && others_there
+    }
+
+    /// Every rank that survived the loss of `lost` (every other rank that has not exited, and
+    /// is not a replacement) has regrouped into the gang being re-formed.
+    pub fn regrouped(&self, lost: Option<u32>) -> bool {
+        let replacing = self.replacing();
+        self.forming
+            && self.exited.iter().enumerate().all(|(w, e)| {
+                let w = w as u32;
+                Some(w) == lost
+                    || Some(w) == replacing
+                    || e.is_some()
+                    || self.holds.contains_key(&w)
+            })
+    }
+
+    /// The gang being re-formed cannot be: begins the emergency checkpoint of the newest state
+    /// its regrouped survivors hold, written by those that hold it — unless none regrouped or
+    /// that state is not newer than the `committed` checkpoint. Joins are refused from now on.
+    pub fn begin_emergency(&mut self, committed: Option<u64>) -> Option<Emergency> {
+        if !self.forming || self.emergency.is_some() {
+            return None;
+        }
+        let step = *self.holds.values().max()?;
+        if committed.is_some_and(|c| c >= step) {
+            return None;
+        }
+        let writers = self
+            .holds
+            .iter()
+            .filter(|(_, s)| **s == step)
+            .map(|(w, _)| *w)
+            .collect();
+        let e = Emergency { step, writers };
+        self.emergency = Some(e.clone());
+        Some(e)
+    }
+
+    /// The emergency checkpoint being written, if any.
+    pub fn emergency(&self) -> Option<&Emergency> {
+        self.emergency.as_ref()
     }
 
     /// A rank reported a finished step.
@@ -331,6 +392,11 @@ impl Attempt {
         let w = e.worker as usize;
         let slot = self.exited.get_mut(w)?;
         *slot = Some(e.clone());
+        // A gang being re-formed does not count a member that is gone.
+        if self.forming {
+            self.joined.remove(&e.worker);
+            self.holds.remove(&e.worker);
+        }
         if !e.success() {
             return Some(Input::WorkerFailed {
                 attempt: e.attempt,
@@ -437,6 +503,98 @@ impl Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gang_that_cannot_re_form_checkpoints_the_newest_state_its_survivors_hold() {
+        let t0 = Instant::now();
+        let mut a = Attempt::new(1, 3, t0, Some(100));
+        for w in 0..3 {
+            a.join(w, format!("h:{w}"), None, 0, t0).unwrap();
+        }
+        a.stepped();
+        // Rank 2 is lost; rank 1 regroups at once, rank 0 not yet.
+        a.replace(2, t0).unwrap();
+        a.join(1, "h:11".into(), Some(112), 0, t0).unwrap();
+        assert!(!a.regrouped(Some(2)), "rank 0 has not regrouped");
+        a.join(0, "h:10".into(), Some(112), 1, t0).unwrap();
+        assert!(a.regrouped(Some(2)));
+        // Nothing newer than the committed checkpoint: no emergency checkpoint.
+        assert_eq!(a.clone().begin_emergency(Some(112)), None);
+        let e = a
+            .begin_emergency(Some(100))
+            .expect("newer than checkpoint 100");
+        assert_eq!(
+            e,
+            Emergency {
+                step: 112,
+                writers: vec![0, 1]
+            }
+        );
+        assert_eq!(a.emergency(), Some(&e));
+        // Once it is written, nobody joins the gang it gave up on.
+        assert!(a.join(2, "h:12".into(), None, 0, t0).is_err());
+        assert_eq!(a.begin_emergency(Some(100)), None, "one at a time");
+    }
+
+    #[test]
+    fn a_replacement_that_joined_and_died_is_not_counted_in_the_gang_being_re_formed() {
+        let t0 = Instant::now();
+        let mut a = Attempt::new(1, 2, t0, Some(100));
+        a.join(0, "h:0".into(), None, 0, t0).unwrap();
+        a.join(1, "h:1".into(), None, 0, t0).unwrap();
+        a.stepped();
+        a.replace(1, t0).unwrap();
+        // The replacement joins, then dies before the survivor regroups.
+        assert!(
+            a.join(1, "h:2".into(), None, 0, t0)
+                .unwrap()
+                .formed
+                .is_none()
+        );
+        assert!(a.on_exit(exit(1, None, Some(9))).is_some());
+        // The survivor's join does not complete a gang with a dead member.
+        let j = a.join(0, "h:3".into(), Some(112), 0, t0).unwrap();
+        assert_eq!(j.formed, None);
+        assert!(a.regrouped(Some(1)));
+        assert_eq!(
+            a.begin_emergency(Some(100)),
+            Some(Emergency {
+                step: 112,
+                writers: vec![0]
+            })
+        );
+    }
+
+    #[test]
+    fn only_the_survivors_holding_the_newest_step_write_the_emergency_checkpoint() {
+        let t0 = Instant::now();
+        let mut a = Attempt::new(1, 3, t0, None);
+        for w in 0..3 {
+            a.join(w, format!("h:{w}"), None, 0, t0).unwrap();
+        }
+        a.stepped();
+        // The lost rank broke the ring while step 8's all-reduce finished on rank 2 only.
+        a.join(0, "h:10".into(), Some(7), 0, t0).unwrap();
+        a.join(2, "h:12".into(), Some(8), 0, t0).unwrap();
+        let e = a.begin_emergency(None).expect("no checkpoint yet");
+        assert_eq!(
+            e,
+            Emergency {
+                step: 8,
+                writers: vec![2]
+            }
+        );
+    }
+
+    #[test]
+    fn a_gang_not_re_forming_has_no_emergency_checkpoint() {
+        let t0 = Instant::now();
+        let mut a = Attempt::new(1, 2, t0, None);
+        a.join(0, "h:0".into(), None, 0, t0).unwrap();
+        a.join(1, "h:1".into(), None, 0, t0).unwrap();
+        assert!(!a.regrouped(Some(1)));
+        assert_eq!(a.begin_emergency(None), None);
+    }
 
     const T: Timeouts = Timeouts {
         gang: Duration::from_secs(60),

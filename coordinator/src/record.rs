@@ -89,8 +89,9 @@ pub struct RecoveryRecord {
     pub rank: Option<u32>,
     /// What happened, as the job's message said it.
     pub cause: String,
-    /// `in-place` (the lost rank replaced, the others kept their state) or `checkpoint` (the
-    /// gang restarted from its last checkpoint).
+    /// `in-place` (the lost rank replaced, the others kept their state), `emergency-checkpoint`
+    /// (the gang could not re-form: its survivors checkpointed the state they held, and it
+    /// restarted from that) or `checkpoint` (the gang restarted from its last checkpoint).
     pub path: String,
     /// When the coordinator acted on the loss (Unix ms).
     pub at_ms: i64,
@@ -130,6 +131,22 @@ impl JobRecord {
             seconds: None,
             superseded: false,
         });
+    }
+
+    /// The survivors of the newest recovery's gang committed an emergency checkpoint of `step`
+    /// (`writers` shards) before it restarts: the restart resumes from it.
+    pub fn emergency_checkpoint(&mut self, step: u64, writers: usize) {
+        self.lifecycle.message.push_str(&format!(
+            "; its survivors wrote an emergency checkpoint of step {step} ({writers} shard{}), \
+             and the gang restarts from it",
+            if writers == 1 { "" } else { "s" }
+        ));
+        if let Some(r) = self.recoveries.last_mut()
+            && r.seconds.is_none()
+        {
+            r.path = "emergency-checkpoint".into();
+            r.cause = self.lifecycle.message.clone();
+        }
     }
 
     /// Training ended at `step` (the last): a recovery at that step, which no step followed,

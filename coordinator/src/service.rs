@@ -437,14 +437,21 @@ impl Coordinator {
                     generation: formed.generation,
                     state_from: formed.state_from.map(|s| s.0),
                     state_step: formed.state_from.map(|s| s.1),
+                    emergency_step: None,
+                    emergency_writers: vec![],
                 }));
                 job.send(Input::AllJoined { attempt });
             }
             (rx, joined.generation)
         };
-        // The answer of the gang this worker joined (not of the one before it).
+        // The answer of the gang this worker joined (not of the one before it). A survivor
+        // waits out its replacement's gang timeout and the emergency checkpoint after it.
         let wait = rx.wait_for(|r| r.as_ref().is_some_and(|r| r.generation == generation));
-        let resp = match tokio::time::timeout(job.config.job.gang_timeout, wait).await {
+        let patience = match holds_step {
+            Some(_) => job.config.job.gang_timeout.saturating_mul(2),
+            None => job.config.job.gang_timeout,
+        };
+        let resp = match tokio::time::timeout(patience, wait).await {
             Ok(Ok(v)) => v.clone(),
             _ => None,
         };

@@ -99,7 +99,7 @@ pub(crate) async fn supervise(
         let input = in_place(&inner, &job, input);
         // A final state is published only once its teardown is done, so that whoever sees
         // `cancelled` or `failed` sees no worker left.
-        let (actions, next, grace) = {
+        let (actions, next, grace, emergency_due) = {
             let mut st = lock(&job.state);
             let before = st.record.lifecycle.phase;
             let mut next = st.record.lifecycle.clone();
@@ -148,8 +148,17 @@ pub(crate) async fn supervise(
                 st.record.lifecycle = next.clone();
                 st.touch(&job, &inner.persister, true);
             }
-            (actions, next, grace)
+            // A gang that could not re-form in place first saves what its survivors hold.
+            let emergency_due = (next.phase == Phase::Restarting
+                && before == Phase::Running
+                && job.config.job.recovery == Recovery::InPlace
+                && inner.launcher.replaces_in_place())
+            .then_some(lost);
+            (actions, next, grace, emergency_due)
         };
+        if let Some(lost) = emergency_due {
+            emergency(&inner, &job, lost).await;
+        }
         if next.phase == Phase::Cancelled
             && let Some(t) = export_task.take()
         {
@@ -358,6 +367,92 @@ fn in_place(inner: &Context, job: &Job, input: Input) -> Input {
         worker,
         cause,
     }
+}
+
+/// How long survivors that have not regrouped yet are waited for before an emergency checkpoint
+/// (a survivor sees a broken ring within milliseconds).
+const REGROUP_GRACE: Duration = Duration::from_secs(2);
+
+/// The gang could not re-form in place (its replacement did not join in time or was lost, or
+/// a second rank was lost meanwhile) and restarts. If survivors regrouped holding a state newer
+/// than the last checkpoint, they first write it as an emergency checkpoint — split among those
+/// that hold it, committed like any other — so the restart resumes from it and loses no step.
+/// It has `job.collective_timeout`; if it fails, the restart uses the last checkpoint.
+async fn emergency(inner: &Context, job: &Job, lost: Option<u32>) {
+    let until = Instant::now() + REGROUP_GRACE;
+    let (e, mut rx) = loop {
+        {
+            let mut st = lock(&job.state);
+            let committed = st.record.last_checkpoint;
+            let Some(live) = st.live.as_mut() else { return };
+            let attempt = &mut live.attempt;
+            let others = (0..attempt.world).any(|w| Some(w) != lost && !attempt.has_exited(w));
+            if !others {
+                return;
+            }
+            let late = Instant::now() >= until;
+            if attempt.forming() && (late || attempt.regrouped(lost)) {
+                let committed = committed.max(attempt.resume_step);
+                let Some(e) = attempt.begin_emergency(committed) else {
+                    return;
+                };
+                let rx = live.commits.watch(e.step);
+                live.join_result.send_replace(Some(proto::JoinResponse {
+                    rank: 0,
+                    world_size: live.attempt.world,
+                    peers: vec![],
+                    collective: "ring".into(),
+                    resume_step: live.attempt.resume_step,
+                    config_hash: job.config.results_hash(),
+                    generation: live.attempt.generation(),
+                    state_from: None,
+                    state_step: None,
+                    emergency_step: Some(e.step),
+                    emergency_writers: e.writers.clone(),
+                }));
+                break (e, rx);
+            }
+            if late {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tracing::info!(job = %job.id, step = e.step, writers = ?e.writers,
+        "the gang cannot re-form in place: its survivors write an emergency checkpoint");
+    let started = Instant::now();
+    let wait = rx.wait_for(Option::is_some);
+    let outcome = match tokio::time::timeout(job.config.job.collective_timeout, wait).await {
+        Ok(Ok(v)) => v.clone(),
+        _ => None,
+    };
+    let mut st = lock(&job.state);
+    match outcome {
+        Some(Ok((bytes, _))) => {
+            tracing::info!(job = %job.id, step = e.step, bytes, seconds = started.elapsed().as_secs_f64(),
+                "committed the emergency checkpoint");
+            st.record.emergency_checkpoint(e.step, e.writers.len());
+        }
+        Some(Err(why)) => {
+            tracing::warn!(job = %job.id, step = e.step, error = %why,
+                "the emergency checkpoint failed: restarting from the last checkpoint");
+            st.record.lifecycle.message.push_str(&format!(
+                "; the emergency checkpoint of step {} failed ({why}), so the gang restarts \
+                 from its last checkpoint",
+                e.step
+            ));
+        }
+        None => {
+            tracing::warn!(job = %job.id, step = e.step,
+                "the emergency checkpoint was not committed in time: restarting from the last checkpoint");
+            st.record.lifecycle.message.push_str(&format!(
+                "; the emergency checkpoint of step {} was not committed within \
+                 job.collective_timeout ({:?}), so the gang restarts from its last checkpoint",
+                e.step, job.config.job.collective_timeout
+            ));
+        }
+    }
+    st.touch(job, &inner.persister, true);
 }
 
 /// Replaces `worker` of the running `attempt` in place: kills it if it is still there (a silent

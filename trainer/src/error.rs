@@ -122,6 +122,27 @@ pub enum Error {
         /// What was abandoned.
         what: String,
     },
+    /// The gang lost a rank and could not re-form in place: the coordinator restarts it from
+    /// the emergency checkpoint its survivors wrote (or, if that failed, the last one).
+    #[error(
+        "the gang lost a rank and could not re-form in place: {}",
+        match wrote {
+            Some(shard) => format!(
+                "this rank wrote shard {shard} of the emergency checkpoint of step {step}, and the \
+                 coordinator restarts the gang from it"
+            ),
+            None => format!(
+                "other ranks write the emergency checkpoint of step {step}, and the coordinator \
+                 restarts the gang from it"
+            ),
+        }
+    )]
+    NotReformed {
+        /// The emergency checkpoint's step.
+        step: u64,
+        /// The shard this rank wrote, if it was a writer.
+        wrote: Option<u32>,
+    },
     /// This process (or a peer it depends on) failed on its own: a thread or runtime would not
     /// start, the ring would not form, a peer sent what it must not. A restart may help.
     #[error("{0}")]
@@ -186,6 +207,7 @@ impl Error {
             | Error::Refused { .. }
             | Error::Stopped { .. }
             | Error::Regrouping { .. }
+            | Error::NotReformed { .. }
             // Internal failures (threads, runtimes, forming the ring, a peer's bad word): a
             // restart may help.
             | Error::Internal(_) => false,

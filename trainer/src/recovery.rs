@@ -23,8 +23,28 @@ use crate::error::{Error, Result};
 /// How a rank of a coordinated gang re-forms it after losing a peer.
 pub trait Regroup: Send + Sync + std::fmt::Debug {
     /// Leaves the broken ring, holding the state of finished step `holds_step`; returns once
-    /// the gang (the survivors and the replacement) has re-formed.
-    fn regroup(&self, holds_step: u64) -> Result<Regrouped>;
+    /// the gang (the survivors and the replacement) has re-formed, or the coordinator gave up
+    /// re-forming it and asks for an emergency checkpoint.
+    fn regroup(&self, holds_step: u64) -> Result<Reunion>;
+}
+
+/// How a regroup ended.
+#[derive(Debug)]
+pub enum Reunion {
+    /// The gang re-formed with a replacement.
+    Reformed(Regrouped),
+    /// It could not: the survivors holding the newest state write it as an emergency
+    /// checkpoint, then the gang restarts from it.
+    Emergency(Emergency),
+}
+
+/// An emergency checkpoint the coordinator asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emergency {
+    /// Its step.
+    pub step: u64,
+    /// The ranks that write it, in shard order (shard `i` is `writers[i]`'s).
+    pub writers: Vec<u32>,
 }
 
 /// A re-formed gang.

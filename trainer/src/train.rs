@@ -21,7 +21,7 @@ use crate::eval::Evaluator;
 use crate::inputs::{load_base, load_tokens};
 use crate::model::{Llama, LlamaConfig, tensor_values};
 use crate::plan::Plan;
-use crate::recovery::{Regroup, Regrouped};
+use crate::recovery::{Emergency, Regroup, Regrouped, Reunion};
 use crate::resume::{self, Start};
 
 /// Knobs of one run that are not part of the job config.
@@ -368,6 +368,24 @@ pub fn train<B: AutodiffBackend>(
             }
             Err(e) => return Err(e),
         }
+    } else if from_step > 0 {
+        // A checkpoint taken before its step's evaluation (an emergency checkpoint of a step
+        // whose evaluation the lost rank interrupted) still owes it.
+        match evaluate_if_missed(
+            evaluator.as_mut(),
+            &state,
+            &mut ts,
+            &mut summary,
+            config,
+            collective,
+            on_event,
+        ) {
+            Ok(()) => {}
+            Err(e) if e.breaks_gang() && opts.regroup.is_some() => {
+                tracing::warn!(error = %e, "the gang broke while evaluating the resumed step");
+            }
+            Err(e) => return Err(e),
+        }
     }
     // Recoveries in a row that ended before a step finished.
     let mut regroups = 0u32;
@@ -473,6 +491,7 @@ pub fn train<B: AutodiffBackend>(
                     &plan,
                     config,
                     collective,
+                    &rt,
                     on_event,
                 );
                 let after = recovered.and_then(|done| {
@@ -687,6 +706,7 @@ fn recover<B: AutodiffBackend>(
     plan: &Plan,
     config: &JobConfig,
     collective: &mut dyn Collective,
+    rt: &tokio::runtime::Runtime,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Recovered> {
     let lost = Instant::now();
@@ -695,7 +715,12 @@ fn recover<B: AutodiffBackend>(
     // lost one) fail now and regroup too.
     collective.leave();
     let abandoned = ckpt.abandon();
-    let Regrouped { ring, from, step } = regroup.regroup(held)?;
+    let Regrouped { ring, from, step } = match regroup.regroup(held)? {
+        Reunion::Reformed(r) => r,
+        Reunion::Emergency(e) => {
+            return Err(write_emergency(&e, held, state, ts, ckpt, collective, rt));
+        }
+    };
     collective.reform(ring)?;
     if collective.rank() == from {
         crate::recovery::send_state(&state.snapshot(ts.clone()), collective)?;
@@ -738,6 +763,58 @@ fn recover<B: AutodiffBackend>(
         elapsed: lost.elapsed(),
     });
     Ok(Recovered { abandoned })
+}
+
+/// The gang could not re-form in place ([`Reunion::Emergency`]): a rank the coordinator named
+/// writes its shard of the emergency checkpoint of the state it holds and reports it, and the
+/// coordinator commits the checkpoint once every writer's shard is durable. Either way this
+/// rank is done: the error says what it did, and the coordinator restarts the gang.
+fn write_emergency<B: AutodiffBackend>(
+    e: &Emergency,
+    held: u64,
+    state: &TrainState<B>,
+    ts: &TrainerState,
+    ckpt: &mut Checkpoints,
+    collective: &dyn Collective,
+    rt: &tokio::runtime::Runtime,
+) -> Error {
+    let rank = collective.rank();
+    let Some(index) = e.writers.iter().position(|&w| w as usize == rank) else {
+        return Error::NotReformed {
+            step: e.step,
+            wrote: None,
+        };
+    };
+    if e.step != held {
+        return Error::Internal(format!(
+            "the coordinator asked rank {rank} for an emergency checkpoint of step {}, but it \
+             holds step {held}",
+            e.step
+        ));
+    }
+    let started = Instant::now();
+    let (index, count) = (index as u32, e.writers.len() as u32);
+    match ckpt.emergency(state.snapshot(ts.clone()), index, count, rt) {
+        Ok(bytes) => {
+            tracing::warn!(
+                step = held,
+                shard = index,
+                shards = count,
+                bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "wrote and committed the emergency checkpoint"
+            );
+            Error::NotReformed {
+                step: e.step,
+                wrote: Some(index),
+            }
+        }
+        Err(err) => Error::Internal(format!(
+            "the gang lost a rank and could not re-form in place; writing shard {index} of the \
+             emergency checkpoint of step {held} failed: {err} (the coordinator restarts the gang \
+             from its last checkpoint)"
+        )),
+    }
 }
 
 /// The most tensor bytes a state transfer of this job can carry: parameters, adapters and two

@@ -454,10 +454,24 @@ impl std::fmt::Debug for Rejoiner {
 }
 
 impl crate::recovery::Regroup for Rejoiner {
-    fn regroup(&self, holds_step: u64) -> Result<crate::recovery::Regrouped> {
+    fn regroup(&self, holds_step: u64) -> Result<crate::recovery::Reunion> {
         let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
         let (listener, addr) = ring_listener(&self.host)?;
         let joined = self.control.rejoin(addr, holds_step, *generation)?;
+        if let Some(step) = joined.emergency_step {
+            tracing::warn!(
+                rank = self.rank,
+                step,
+                writers = ?joined.emergency_writers,
+                "the gang cannot re-form in place: emergency checkpoint"
+            );
+            return Ok(crate::recovery::Reunion::Emergency(
+                crate::recovery::Emergency {
+                    step,
+                    writers: joined.emergency_writers,
+                },
+            ));
+        }
         let from = joined
             .state_from
             .map(|f| f as usize)
@@ -490,7 +504,9 @@ impl crate::recovery::Regroup for Rejoiner {
             step,
             "the gang re-formed"
         );
-        Ok(crate::recovery::Regrouped { ring, from, step })
+        Ok(crate::recovery::Reunion::Reformed(
+            crate::recovery::Regrouped { ring, from, step },
+        ))
     }
 }
 

@@ -2,7 +2,9 @@
 //! check that the job still ends with the parameters of an uninterrupted run; measure each
 //! recovery (the signal → the first step finished after it, from the coordinator's record of
 //! the recovery), the steps it lost and the path it took (`in-place`: the rank replaced, the
-//! others kept their state; `checkpoint`: the gang restarted from its last checkpoint).
+//! others kept their state; `emergency-checkpoint`: the gang could not re-form and restarted
+//! from the state its survivors checkpointed; `checkpoint`: the gang restarted from its last
+//! checkpoint).
 //!
 //! ```text
 //! cargo build --release
@@ -285,7 +287,8 @@ fn main() -> Result<()> {
             .collect()
     };
     let (kill_secs, stop_secs) = (secs(Signal::SIGKILL), secs(Signal::SIGSTOP));
-    let in_place = done.iter().filter(|r| r.path == "in-place").count();
+    let on = |path: &str| done.iter().filter(|r| r.path == path).count();
+    let (in_place, emergency) = (on("in-place"), on("emergency-checkpoint"));
     let lost: u64 = done.iter().map(|r| r.steps_lost).sum();
     let lost_kills: u64 = chaos
         .hits
@@ -295,7 +298,8 @@ fn main() -> Result<()> {
         .sum();
     println!(
         "clean {clean_secs:.1} s, chaos {chaos_secs:.1} s; {} signals, {} recoveries seen ({in_place} \
-         in place), {} restarts, {} replacements; steps lost: {lost} ({lost_kills} by SIGKILLs)",
+         in place, {emergency} from an emergency checkpoint), {} restarts, {} replacements; steps \
+         lost: {lost} ({lost_kills} by SIGKILLs)",
         chaos.hits.len(),
         done.len(),
         chaos.end["restarts"],

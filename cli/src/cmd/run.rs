@@ -18,7 +18,8 @@ use super::{CliError, Result, current_dir, load_for_workers};
 /// Run a job on this machine: a coordinator in this process starts job.world_size ranks (this
 /// executable as `lockstep train`), replaces a rank that dies or hangs while the others keep
 /// their state (`job.recovery = "in-place"`; else, or when that cannot work, restarts the gang
-/// from the newest committed checkpoint), and shows progress until the job ends; with an
+/// from an emergency checkpoint of the state the others hold, or from the newest committed
+/// checkpoint), and shows progress until the job ends; with an
 /// [export] section the final checkpoint is then exported and, if it passes the eval-loss
 /// gate, promoted (see `lockstep export`). Exit status 0 when it succeeds (exported or not), 1
 /// when it fails, 130 when interrupted (the gang is torn down; running it again resumes from

@@ -224,6 +224,154 @@ fn a_rank_lost_while_another_is_replaced_restarts_the_gang_from_its_checkpoint_b
     assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
 }
 
+/// Runs the job in `dir`, SIGKILLs rank 1 once the job reaches step 110 and sends `sig` to
+/// its replacement as soon as that starts. Returns the exit code and every status line.
+fn run_losing_the_replacement(dir: &Path, sig: nix::sys::signal::Signal) -> (i32, Vec<Value>) {
+    use std::io::BufRead;
+    let mut child = lockstep(dir)
+        .args(["run", "job.toml", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines: Vec<Value> = Vec::new();
+    let mut hunter = None;
+    for line in out.lines() {
+        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if hunter.is_none() && s["state"] == "running" && s["step"].as_u64().unwrap() >= 110 {
+            let job = s["job"].as_str().unwrap().to_string();
+            let pids = trainers(&job, Some(1));
+            assert_eq!(pids.len(), 1, "{pids:?}");
+            let killed = pids[0];
+            crate::common::signal(killed, nix::sys::signal::Signal::SIGKILL);
+            // The replacement: rank 1's next process.
+            hunter = Some(std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < until {
+                    if let Some(&pid) = trainers(&job, Some(1)).iter().find(|&&p| p != killed) {
+                        crate::common::signal(pid, sig);
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                false
+            }));
+        }
+        lines.push(s);
+    }
+    let code = child.wait().unwrap().code().unwrap_or(-1);
+    assert!(
+        hunter.expect("reached step 110").join().unwrap(),
+        "no replacement was started"
+    );
+    (code, lines)
+}
+
+/// The recovery paths of the final status, and the last recovery.
+fn recovery_paths(end: &Value) -> (Vec<String>, Value) {
+    let r = end["recoveries"].as_array().unwrap();
+    (
+        r.iter()
+            .map(|r| r["path"].as_str().unwrap().to_string())
+            .collect(),
+        r.last().cloned().unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_replacement_lost_before_it_joins_makes_the_survivor_write_an_emergency_checkpoint_losing_no_step()
+ {
+    let _gang = one_gang();
+    let (clean_dir, clean) = straight(300);
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, &[]);
+    let (code, lines) = run_losing_the_replacement(dir.path(), nix::sys::signal::Signal::SIGKILL);
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["state"], "succeeded");
+    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
+    let (paths, r) = recovery_paths(end);
+    assert_eq!(paths, ["in-place", "emergency-checkpoint"], "{end}");
+    // The survivor's state of the step it held (110 or later, between the checkpoints of 100
+    // and 125) was checkpointed and the gang restarted from it: no step trained again.
+    assert_eq!(r["steps_lost"], 0, "{end}");
+    assert_eq!(r["superseded"], false, "{end}");
+    let held = r["step"].as_u64().unwrap();
+    assert!(held >= 110, "{end}");
+    let msg = causes(&lines).join(" | ");
+    assert!(msg.contains("(the replacement started for it)"), "{msg}");
+    assert!(
+        msg.contains(&format!("emergency checkpoint of step {held}")),
+        "{msg}"
+    );
+    // Attempt 2 resumed from the emergency checkpoint.
+    let logs = Path::new(end["logs"].as_str().unwrap());
+    let rank0 = std::fs::read_to_string(logs.join("attempt-2/rank-0.log")).unwrap();
+    assert!(
+        rank0.contains(&format!("resuming from step {held}")),
+        "{rank0}"
+    );
+    assert_identical(clean_dir.path(), &clean, dir.path(), end);
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+#[test]
+fn a_replacement_that_never_joins_is_timed_out_and_the_survivor_checkpoints_what_it_holds() {
+    let _gang = one_gang();
+    let (clean_dir, clean) = straight(300);
+    let dir = tempfile::tempdir().unwrap();
+    // A hung replacement: only the gang timeout catches it.
+    config(dir.path(), 300, &[("gang_timeout", "\"8s\"")]);
+    let (code, lines) = run_losing_the_replacement(dir.path(), nix::sys::signal::Signal::SIGSTOP);
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
+    let (paths, r) = recovery_paths(end);
+    assert_eq!(paths, ["in-place", "emergency-checkpoint"], "{end}");
+    assert_eq!(r["steps_lost"], 0, "{end}");
+    let msg = causes(&lines).join(" | ");
+    assert!(msg.contains("did not join the gang within"), "{msg}");
+    assert_identical(clean_dir.path(), &clean, dir.path(), end);
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
+#[test]
+fn two_ranks_of_three_lost_at_once_restart_from_the_survivors_emergency_checkpoint() {
+    let _gang = one_gang();
+    let three = [("world_size", "3")];
+    let clean_dir = tempfile::tempdir().unwrap();
+    config(clean_dir.path(), 300, &three);
+    let (code, lines) = run(clean_dir.path(), None);
+    assert_eq!(code, 0, "{:?}", last(&lines));
+    let clean = last(&lines).clone();
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), 300, &three);
+    let (code, lines) = run_hitting(
+        dir.path(),
+        &[
+            (1, nix::sys::signal::Signal::SIGKILL),
+            (2, nix::sys::signal::Signal::SIGKILL),
+        ],
+        60,
+    );
+    let end = last(&lines);
+    assert_eq!(code, 0, "{end}");
+    assert_eq!(end["restarts"], 1, "{end}; causes: {:?}", causes(&lines));
+    // The first loss began an in-place recovery; the second made it impossible, and rank 0,
+    // the one survivor, checkpointed the step it held (between the checkpoints of 50 and 75).
+    let (paths, r) = recovery_paths(end);
+    assert_eq!(
+        paths.last().map(String::as_str),
+        Some("emergency-checkpoint"),
+        "{end}"
+    );
+    assert_eq!(r["steps_lost"], 0, "{end}");
+    assert!(r["step"].as_u64().unwrap() >= 60, "{end}");
+    assert_identical(clean_dir.path(), &clean, dir.path(), end);
+    assert!(trainers(end["job"].as_str().unwrap(), None).is_empty());
+}
+
 #[test]
 fn with_recovery_restart_a_killed_rank_restarts_the_gang_from_its_checkpoint_bit_identically() {
     let _gang = one_gang();

@@ -93,6 +93,20 @@ impl Commits {
         (rx, ready)
     }
 
+    /// The outcome of `step`'s commit, for a watcher that reports no shard (the coordinator
+    /// waiting on an emergency checkpoint).
+    pub fn watch(&mut self, step: u64) -> watch::Receiver<Option<Outcome>> {
+        self.pending
+            .entry(step)
+            .or_insert_with(|| Pending {
+                shards: BTreeMap::new(),
+                state: None,
+                done: watch::channel(None).0,
+            })
+            .done
+            .subscribe()
+    }
+
     /// The gang re-forms in place: every rank still waiting learns that its checkpoint will
     /// not be committed, and the shards reported so far are forgotten.
     pub fn regroup(&mut self) {
@@ -161,6 +175,16 @@ mod tests {
     fn a_step_without_rank_zeros_state_is_not_ready() {
         let mut c = Commits::default();
         assert!(c.report(1, 0, shard(4, 0), None).1.is_none());
+    }
+
+    #[test]
+    fn a_watcher_learns_the_outcome_of_a_step_it_reported_nothing_for() {
+        let mut c = Commits::default();
+        let mut rx = c.watch(4);
+        assert!(c.report(2, 0, shard(4, 0), state()).1.is_none());
+        let ready = c.report(2, 1, shard(4, 1), None).1.expect("complete");
+        ready.done.send_replace(Some(Ok((1, 2))));
+        assert!(matches!(*rx.borrow_and_update(), Some(Ok((1, 2)))));
     }
 
     #[test]

@@ -30,18 +30,26 @@ impl Coordinator {
         let (mut rx, ready, resume_step) = {
             let mut st = lock(&job.state);
             let live = job.live(&mut st, attempt)?;
-            if shard.shard.rank >= live.attempt.world {
+            // The shards of an emergency checkpoint: one per survivor that writes it.
+            let emergency = live
+                .attempt
+                .emergency()
+                .map(|e| (e.step, e.writers.len() as u32));
+            let world = match emergency {
+                Some((s, writers)) if s == step => writers,
+                _ => live.attempt.world,
+            };
+            if shard.shard.rank >= world {
                 return Err(Error::InvalidArgument(format!(
-                    "rank {} is outside a gang of {}",
-                    shard.shard.rank, live.attempt.world
+                    "shard {} of step {step} is outside a checkpoint of {world} shards",
+                    shard.shard.rank
                 )));
             }
             // A shard that comes while the gang re-forms belongs to a checkpoint that lost a
             // rank's shard: it will never be complete.
-            if live.attempt.forming() {
+            if live.attempt.forming() && emergency.is_none_or(|(s, _)| s != step) {
                 return Err(Error::Regrouping { step });
             }
-            let world = live.attempt.world;
             let (rx, ready) = live.commits.report(world, shard.shard.rank, shard, state);
             (rx, ready, live.attempt.resume_step)
         };

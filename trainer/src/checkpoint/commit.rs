@@ -147,6 +147,35 @@ impl Checkpoints {
         Some(state.step)
     }
 
+    /// Writes shard `index` of `count` of an emergency checkpoint of `snap` (the gang could not
+    /// re-form in place, [`crate::recovery::Emergency`]) and reports it to the coordinator,
+    /// which commits the checkpoint once every writer's shard is durable. Returns its stored
+    /// bytes. Call after [`Checkpoints::abandon`], so this rank's writer is idle.
+    pub fn emergency(
+        &mut self,
+        snap: Snapshot,
+        index: u32,
+        count: u32,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<u64> {
+        let Authority::Coordinator(committer) = &self.authority else {
+            return Err(Error::Internal(
+                "an emergency checkpoint is committed by a coordinator; this gang has none".into(),
+            ));
+        };
+        let started = std::time::Instant::now();
+        let pieces = lockstep_storage::pieces_for_rank(&snap.tensors, index, count);
+        let shard = rt.block_on(self.store.write_shard(snap.step, index, &pieces))?;
+        let (bytes, _) = committer.commit_shard(ShardReport {
+            rank: index,
+            state: &snap.state,
+            shard: &shard,
+            config_hash: &self.config_hash,
+            write_time: started.elapsed(),
+        })?;
+        Ok(bytes)
+    }
+
     /// After every step: the stop and time-checkpoint decisions all ranks agree on (`stop` and
     /// `time_due` are this rank's wishes: any rank's stop stops all; only rank 0 passes
     /// `time_due`, so its clock decides), and a checkpoint that became committed, if any.
