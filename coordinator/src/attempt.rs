@@ -264,7 +264,7 @@ impl Attempt {
             return None;
         }
         let step = *self.holds.values().max()?;
-        if committed.is_some_and(|c| c >= step) {
+        if step == 0 || committed.is_some_and(|c| c >= step) {
             return None;
         }
         let writers = self
@@ -584,6 +584,16 @@ mod tests {
                 writers: vec![2]
             }
         );
+    }
+
+    #[test]
+    fn survivors_that_never_stepped_have_nothing_to_checkpoint() {
+        let t0 = Instant::now();
+        let mut a = Attempt::new(1, 2, t0, None);
+        a.join(0, "h:0".into(), None, 0, t0).unwrap();
+        a.join(1, "h:1".into(), None, 0, t0).unwrap();
+        a.join(0, "h:2".into(), Some(0), 0, t0).unwrap();
+        assert_eq!(a.begin_emergency(None), None);
     }
 
     #[test]

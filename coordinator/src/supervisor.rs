@@ -157,7 +157,7 @@ pub(crate) async fn supervise(
             (actions, next, grace, emergency_due)
         };
         if let Some(lost) = emergency_due {
-            emergency(&inner, &job, lost).await;
+            emergency(&inner, &job, lost, &mut exits).await;
         }
         if next.phase == Phase::Cancelled
             && let Some(t) = export_task.take()
@@ -377,10 +377,16 @@ const REGROUP_GRACE: Duration = Duration::from_secs(2);
 /// a second rank was lost meanwhile) and restarts. If survivors regrouped holding a state newer
 /// than the last checkpoint, they first write it as an emergency checkpoint — split among those
 /// that hold it, committed like any other — so the restart resumes from it and loses no step.
-/// It has `job.collective_timeout`; if it fails, the restart uses the last checkpoint.
-async fn emergency(inner: &Context, job: &Job, lost: Option<u32>) {
+/// It has `job.collective_timeout`, and ends early when a writer exits before it is committed;
+/// if it fails, the restart uses the last checkpoint. Exits meanwhile are recorded.
+async fn emergency(
+    inner: &Context,
+    job: &Job,
+    lost: Option<u32>,
+    exits: &mut mpsc::UnboundedReceiver<Exit>,
+) {
     let until = Instant::now() + REGROUP_GRACE;
-    let (e, mut rx) = loop {
+    let (e, mut rx, number) = loop {
         {
             let mut st = lock(&job.state);
             let committed = st.record.last_checkpoint;
@@ -397,6 +403,7 @@ async fn emergency(inner: &Context, job: &Job, lost: Option<u32>) {
                     return;
                 };
                 let rx = live.commits.watch(e.step);
+                let number = live.attempt.number;
                 live.join_result.send_replace(Some(proto::JoinResponse {
                     rank: 0,
                     world_size: live.attempt.world,
@@ -410,7 +417,7 @@ async fn emergency(inner: &Context, job: &Job, lost: Option<u32>) {
                     emergency_step: Some(e.step),
                     emergency_writers: e.writers.clone(),
                 }));
-                break (e, rx);
+                break (e, rx, number);
             }
             if late {
                 return;
@@ -421,19 +428,35 @@ async fn emergency(inner: &Context, job: &Job, lost: Option<u32>) {
     tracing::info!(job = %job.id, step = e.step, writers = ?e.writers,
         "the gang cannot re-form in place: its survivors write an emergency checkpoint");
     let started = Instant::now();
-    let wait = rx.wait_for(Option::is_some);
-    let outcome = match tokio::time::timeout(job.config.job.collective_timeout, wait).await {
-        Ok(Ok(v)) => v.clone(),
-        _ => None,
+    let until = started
+        .checked_add(job.config.job.collective_timeout)
+        .unwrap_or_else(far_future);
+    let mut writer_gone = None;
+    let outcome = loop {
+        let x = tokio::select! {
+            biased;
+            r = rx.wait_for(Option::is_some) => break r.ok().and_then(|v| v.clone()),
+            Some(x) = exits.recv() => x,
+            () = tokio::time::sleep_until(until) => break None,
+        };
+        let writer = x.attempt == number && e.writers.contains(&x.worker);
+        let worker = x.worker;
+        on_exit(job, x);
+        // A writer reports its shard before it exits: one gone without the commit means it
+        // failed.
+        if writer && rx.borrow().is_none() {
+            writer_gone = Some(worker);
+            break None;
+        }
     };
     let mut st = lock(&job.state);
-    match outcome {
-        Some(Ok((bytes, _))) => {
+    match (outcome, writer_gone) {
+        (Some(Ok((bytes, _))), _) => {
             tracing::info!(job = %job.id, step = e.step, bytes, seconds = started.elapsed().as_secs_f64(),
                 "committed the emergency checkpoint");
             st.record.emergency_checkpoint(e.step, e.writers.len());
         }
-        Some(Err(why)) => {
+        (Some(Err(why)), _) => {
             tracing::warn!(job = %job.id, step = e.step, error = %why,
                 "the emergency checkpoint failed: restarting from the last checkpoint");
             st.record.lifecycle.message.push_str(&format!(
@@ -442,7 +465,16 @@ async fn emergency(inner: &Context, job: &Job, lost: Option<u32>) {
                 e.step
             ));
         }
-        None => {
+        (None, Some(w)) => {
+            tracing::warn!(job = %job.id, step = e.step, writer = w,
+                "a writer of the emergency checkpoint exited before it was committed: restarting from the last checkpoint");
+            st.record.lifecycle.message.push_str(&format!(
+                "; rank {w} failed to write its shard of the emergency checkpoint of step {} (its \
+                 log says why), so the gang restarts from its last checkpoint",
+                e.step
+            ));
+        }
+        (None, None) => {
             tracing::warn!(job = %job.id, step = e.step,
                 "the emergency checkpoint was not committed in time: restarting from the last checkpoint");
             st.record.lifecycle.message.push_str(&format!(

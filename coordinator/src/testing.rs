@@ -17,6 +17,7 @@ pub struct Simulated {
     exits: Mutex<Vec<(u32, u32, mpsc::UnboundedSender<Exit>)>>,
     kills: Arc<AtomicU32>,
     panic_at: Option<u32>,
+    in_place: bool,
 }
 
 impl Simulated {
@@ -24,6 +25,15 @@ impl Simulated {
     pub fn panicking_at(worker: u32) -> Simulated {
         Simulated {
             panic_at: Some(worker),
+            ..Simulated::default()
+        }
+    }
+
+    /// A launcher that can start one worker into a running gang (in-place recovery), as the
+    /// local one can.
+    pub fn replacing_in_place() -> Simulated {
+        Simulated {
+            in_place: true,
             ..Simulated::default()
         }
     }
@@ -99,6 +109,10 @@ impl Launcher for Simulated {
             killed: AtomicBool::new(false),
             kills: self.kills.clone(),
         }))
+    }
+
+    fn replaces_in_place(&self) -> bool {
+        self.in_place
     }
 
     async fn kill_leftovers(&self, _job: &str, _placement: &Placement) {}

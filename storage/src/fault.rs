@@ -51,6 +51,68 @@ impl Default for Faults {
     }
 }
 
+/// The environment variable that wraps every checkpoint store a process opens in an
+/// [`UnreliableStore`]: `fail=0.1,truncate=0.05,latency_ms=5..50,seed=7` (each optional).
+/// For soaks and drills (`benchmarks`' chaos run), never for real jobs; a process that uses it
+/// says so in its log. A `lockstep run` passes it on to its workers.
+pub const FAULTS_ENV: &str = "LOCKSTEP_STORE_FAULTS";
+
+impl Faults {
+    /// Parses [`FAULTS_ENV`]'s value: comma-separated `fail=P`, `truncate=P` (probabilities in
+    /// 0..=1), `latency_ms=LO..HI` (milliseconds, at most 60000), `seed=N`, `read_only`.
+    pub fn parse(spec: &str) -> Result<Faults, String> {
+        let mut f = Faults::default();
+        let rate = |key: &str, v: &str| -> Result<f64, String> {
+            let p: f64 = v.parse().map_err(|_| format!("{key}={v}: not a number"))?;
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("{key}={v}: a probability is between 0 and 1"));
+            }
+            Ok(p)
+        };
+        let duration = |v: &str| -> Result<Duration, String> {
+            let ms: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("latency_ms {v}: not a whole number of milliseconds"))?;
+            if ms > 60_000 {
+                return Err(format!("latency_ms {v}: at most 60000"));
+            }
+            Ok(Duration::from_millis(ms))
+        };
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            match key.trim() {
+                "fail" => f.fail_rate = rate("fail", value.trim())?,
+                "truncate" => f.truncate_rate = rate("truncate", value.trim())?,
+                "seed" => {
+                    f.seed = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("seed={value}: not a whole number"))?
+                }
+                "latency_ms" => {
+                    let (lo, hi) = value.split_once("..").ok_or_else(|| {
+                        format!("latency_ms={value}: expected LO..HI, e.g. 5..50")
+                    })?;
+                    let (lo, hi) = (duration(lo)?, duration(hi)?);
+                    if lo > hi {
+                        return Err(format!("latency_ms={value}: LO is above HI"));
+                    }
+                    f.latency = Some((lo, hi));
+                }
+                "read_only" if value.is_empty() => f.read_only = true,
+                other => {
+                    return Err(format!(
+                        "unknown fault `{other}` (known: fail=P, truncate=P, latency_ms=LO..HI, \
+                         seed=N, read_only)"
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+}
+
 /// Counts of what was injected.
 #[derive(Debug, Default)]
 pub struct FaultCounts {
@@ -337,5 +399,35 @@ impl MultipartUpload for UnreliableUpload {
 
     async fn abort(&mut self) -> object_store::Result<()> {
         self.inner.abort().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse_from_the_environment_variable_and_bad_ones_are_named() {
+        let f = Faults::parse("fail=0.1, truncate=0.05,latency_ms=5..50,seed=7").unwrap();
+        assert_eq!(f.fail_rate, 0.1);
+        assert_eq!(f.truncate_rate, 0.05);
+        assert_eq!(
+            f.latency,
+            Some((Duration::from_millis(5), Duration::from_millis(50)))
+        );
+        assert_eq!(f.seed, 7);
+        assert!(Faults::parse("read_only").unwrap().read_only);
+        assert_eq!(Faults::parse("").unwrap(), Faults::default());
+        for (bad, says) in [
+            ("fail=2", "between 0 and 1"),
+            ("fail=x", "not a number"),
+            ("latency_ms=5", "LO..HI"),
+            ("latency_ms=9..1", "LO is above HI"),
+            ("latency_ms=1..99999", "at most 60000"),
+            ("drop=0.1", "unknown fault `drop`"),
+        ] {
+            let e = Faults::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -247,6 +247,21 @@ pub fn split_target(target: &str) -> Result<(&str, Option<u64>)> {
     }
 }
 
+/// `inner` wrapped in an [`crate::UnreliableStore`] when [`crate::fault::FAULTS_ENV`] asks for
+/// one (a soak or drill), each process with its own fault sequence.
+fn faulty(inner: Arc<dyn ObjectStore>, url: &str) -> Result<Arc<dyn ObjectStore>> {
+    let env = crate::fault::FAULTS_ENV;
+    let spec = match std::env::var(env) {
+        Ok(spec) if !spec.trim().is_empty() => spec,
+        _ => return Ok(inner),
+    };
+    let mut faults =
+        crate::Faults::parse(&spec).map_err(|e| Error::Invalid(format!("{env}: {e}")))?;
+    faults.seed ^= u64::from(std::process::id()).rotate_left(32);
+    tracing::warn!(%url, %spec, "{env} is set: this checkpoint store injects faults");
+    Ok(Arc::new(crate::UnreliableStore::new(inner, faults)))
+}
+
 impl CheckpointStore {
     /// Opens the checkpoint root at `url` with default options. `file://` directories are
     /// created if missing; `s3://` reads credentials, region and endpoint from `AWS_*`.
@@ -303,6 +318,7 @@ impl CheckpointStore {
                     None,
                 ),
             };
+        let inner = faulty(inner, &url)?;
         Ok(CheckpointStore {
             inner,
             root,

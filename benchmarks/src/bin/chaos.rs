@@ -9,10 +9,13 @@
 //! ```text
 //! cargo build --release
 //! cargo run --release -p lockstep-benchmarks --bin chaos -- [CONFIG] [KILLS] [SEED] \
-//!     [--stops N] [--set SECTION.KEY=VALUE ...]
+//!     [--stops N] [--store-faults SPEC] [--set SECTION.KEY=VALUE ...]
 //! ```
 //!
-//! CONFIG defaults to configs/quickstart.toml, KILLS to 5, SEED to 1, no SIGSTOPs. A stopped
+//! CONFIG defaults to configs/quickstart.toml, KILLS to 5, SEED to 1, no SIGSTOPs.
+//! `--store-faults` runs the chaos run's checkpoint stores through `UnreliableStore`
+//! (`LOCKSTEP_STORE_FAULTS`, e.g. `fail=0.1,truncate=0.1`): every checkpoint the run committed
+//! is then verified, and the status's checkpoint failures are reported. A stopped
 //! rank is caught by `job.heartbeat_timeout` (lower it with `--set` for a soak). `--set`s apply
 //! to both runs. Both runs write their checkpoints under a temporary directory. Uses
 //! target/release/lockstep (its workers are the same binary). Each signal waits for the
@@ -82,8 +85,13 @@ fn run(
     ckpt: &Path,
     sets: &[String],
     plan: &[Event],
+    faults: Option<&str>,
 ) -> Result<Outcome> {
     let mut cmd = Command::new(lockstep);
+    match faults {
+        Some(spec) => cmd.env(lockstep_storage::fault::FAULTS_ENV, spec),
+        None => cmd.env_remove(lockstep_storage::fault::FAULTS_ENV),
+    };
     cmd.arg("run")
         .arg(config)
         .arg("--json")
@@ -166,6 +174,25 @@ fn run(
     Ok(Outcome { end, hits, hung })
 }
 
+/// Verifies every committed checkpoint under `dir` (every chunk's hash): how many there are,
+/// and what is wrong with those that do not verify.
+fn verify_all(dir: &Path) -> Result<(usize, Vec<String>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = lockstep_storage::CheckpointStore::open(&format!("file://{}", dir.display()))?;
+    rt.block_on(async {
+        let steps = store.list().await?;
+        let mut bad = Vec::new();
+        for step in &steps {
+            if let Err(e) = store.verify(*step).await {
+                bad.push(format!("step {step}: {e}"));
+            }
+        }
+        Ok((steps.len(), bad))
+    })
+}
+
 /// The q-quantile (0..=1) of `v`, nearest rank.
 fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
@@ -182,10 +209,17 @@ fn main() -> Result<()> {
     let mut args = Vec::new();
     let mut sets = Vec::new();
     let mut stops = 0usize;
+    let mut faults: Option<String> = None;
     let mut it = all.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--set" => sets.push(it.next().context("--set needs SECTION.KEY=VALUE")?.clone()),
+            "--store-faults" => {
+                let spec = it.next().context("--store-faults needs a spec")?;
+                lockstep_storage::Faults::parse(spec)
+                    .map_err(|e| anyhow::anyhow!("--store-faults: {e}"))?;
+                faults = Some(spec.clone());
+            }
             "--stops" => {
                 stops = it
                     .next()
@@ -195,6 +229,13 @@ fn main() -> Result<()> {
             }
             _ => args.push(a.clone()),
         }
+    }
+    if std::env::var_os(lockstep_storage::fault::FAULTS_ENV).is_some() {
+        bail!(
+            "{} is set: it would inject faults into the clean run and the verification too; \
+             use --store-faults SPEC (the chaos run only)",
+            lockstep_storage::fault::FAULTS_ENV
+        );
     }
     let tmp = std::env::temp_dir().join(format!("lockstep-chaos-{}", std::process::id()));
     let smoke = args.first().map(String::as_str) == Some("--smoke");
@@ -257,7 +298,14 @@ fn main() -> Result<()> {
         config.display()
     );
     let t = Instant::now();
-    let clean = run(&lockstep, &config, &tmp.join("clean/ckpt"), &sets, &[])?;
+    let clean = run(
+        &lockstep,
+        &config,
+        &tmp.join("clean/ckpt"),
+        &sets,
+        &[],
+        None,
+    )?;
     let clean_secs = t.elapsed().as_secs_f64();
     let n_stop = plan.iter().filter(|e| e.signal == Signal::SIGSTOP).count();
     println!(
@@ -265,7 +313,14 @@ fn main() -> Result<()> {
         plan.len() - n_stop
     );
     let t = Instant::now();
-    let chaos = run(&lockstep, &config, &tmp.join("chaos/ckpt"), &sets, &plan)?;
+    let chaos = run(
+        &lockstep,
+        &config,
+        &tmp.join("chaos/ckpt"),
+        &sets,
+        &plan,
+        faults.as_deref(),
+    )?;
     let chaos_secs = t.elapsed().as_secs_f64();
     // Jobs with an [export] end `exported`, others `succeeded`: both runs must end alike.
     let ended = |o: &Outcome| matches!(o.end["state"].as_str(), Some("succeeded" | "exported"));
@@ -325,6 +380,21 @@ fn main() -> Result<()> {
             ""
         }
     );
+    let (committed, torn) = verify_all(&tmp.join("chaos/ckpt"))?;
+    println!(
+        "checkpoints: {committed} committed at the end, {} that do not verify{}; {} checkpoint \
+         failures in the status{}",
+        torn.len(),
+        if torn.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", torn.join("; "))
+        },
+        chaos.end["checkpoint_failures"],
+        faults
+            .as_deref()
+            .map_or(String::new(), |f| format!(" (store faults: {f})")),
+    );
     let table: Vec<Value> = chaos
         .hits
         .iter()
@@ -345,11 +415,16 @@ fn main() -> Result<()> {
                "steps_lost": lost, "steps_lost_by_kills": lost_kills, "hung": chaos.hung,
                "clean_seconds": clean_secs, "chaos_seconds": chaos_secs,
                "params_hash_clean": clean.end["params_hash"], "params_hash_chaos": chaos.end["params_hash"],
-               "identical": same})
+               "identical": same, "store_faults": faults,
+               "checkpoints_committed": committed, "checkpoints_torn": torn,
+               "checkpoint_failures": chaos.end["checkpoint_failures"]})
     );
     let _ = std::fs::remove_dir_all(&tmp);
     if !same {
         bail!("the chaos run did not end like the clean run");
+    }
+    if !torn.is_empty() {
+        bail!("a committed checkpoint does not verify");
     }
     if smoke && done.len() != chaos.hits.len() {
         bail!("a recovery was not seen in the job's status");

@@ -87,6 +87,8 @@ pub fn passes_to_workers(name: &std::ffi::OsStr) -> bool {
         "LOCKSTEP_LOG",
         "LOCKSTEP_DATA_HOST",
         "LOCKSTEP_CUDA_DEVICE",
+        // Fault injection of a soak or drill (lockstep_storage::fault::FAULTS_ENV).
+        "LOCKSTEP_STORE_FAULTS",
         "CUDA_VISIBLE_DEVICES",
     ];
     const PREFIXES: &[&str] = &[

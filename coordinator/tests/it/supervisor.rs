@@ -403,3 +403,146 @@ async fn a_restart_names_the_rank_that_died_not_the_one_that_lost_it() {
         "after {at:?}"
     );
 }
+
+/// A gang of two whose rank 0 regrouped holding step 12 (its checkpoint URL under `dir`), then
+/// lost rank 1 before it could re-form: the coordinator asks rank 0 for an emergency
+/// checkpoint. Returns the coordinator, the job, rank 0's spec and its `Join`'s answer.
+async fn emergency(
+    dir: &std::path::Path,
+) -> (
+    Coordinator,
+    Arc<Simulated>,
+    String,
+    WorkerSpec,
+    proto::JoinResponse,
+) {
+    let (c, launcher) = coordinator_with(dir, Simulated::replacing_in_place()).await;
+    let url = format!("file://{}/ckpt", dir.display());
+    let job = TestJob::simulated("sim", 2)
+        .set("checkpoint.url", format!("\"{url}\""))
+        .set("job.heartbeat_timeout", "\"600s\"")
+        .set("job.collective_timeout", "\"30s\"");
+    let s = c
+        .submit(job.toml(), vec![], dir.to_path_buf())
+        .await
+        .unwrap()
+        .status();
+    let specs: Vec<WorkerSpec> = loop {
+        let specs = launcher.specs();
+        if specs.len() == 2 {
+            break specs;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let joins = specs.iter().map(|spec| {
+        let mut r = join_request(&spec.job_id, 1, Some(&spec.token));
+        r.get_mut().worker = spec.worker;
+        Rpc::join(&c, r)
+    });
+    for j in futures::future::join_all(joins).await {
+        j.unwrap();
+    }
+    wait_until(&c, &s.job_id, "running", |s| s.state == "running").await;
+    // Rank 0 sees the ring break and regroups, holding step 12; then rank 1's exit arrives.
+    let spec = specs[0].clone();
+    let mut r = join_request(&spec.job_id, 1, Some(&spec.token));
+    r.get_mut().holds_step = Some(12);
+    let regroup = {
+        let c = c.clone();
+        tokio::spawn(async move { Rpc::join(&c, r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    launcher.exit(1, None, Some(9));
+    let answer = regroup.await.unwrap().unwrap().into_inner();
+    (c, launcher, s.job_id, spec, answer)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gang_that_cannot_re_form_restarts_from_its_survivors_emergency_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _launcher, id, spec, answer) = emergency(dir.path()).await;
+    assert_eq!(answer.emergency_step, Some(12));
+    assert_eq!(answer.emergency_writers, [0]);
+    // Rank 0 writes its shard (one of one) and reports it, as a trainer does.
+    let store =
+        lockstep_storage::CheckpointStore::open(&format!("file://{}/ckpt", dir.path().display()))
+            .unwrap();
+    let tensors = [lockstep_storage::TensorInput {
+        name: "w".into(),
+        dtype: lockstep_storage::DType::F32,
+        shape: vec![4],
+        data: vec![7u8; 16].into(),
+    }];
+    let pieces = lockstep_storage::pieces_for_rank(&tensors, 0, 1);
+    let shard = store.write_shard(12, 0, &pieces).await.unwrap();
+    let mut r = tonic::Request::new(proto::CommitShardRequest {
+        job_id: spec.job_id.clone(),
+        attempt: 1,
+        rank: 0,
+        step: 12,
+        shard_meta_json: serde_json::to_vec(&shard).unwrap(),
+        trainer_state_json: br#"{"step": 12}"#.to_vec(),
+        write_seconds: 0.1,
+        config_hash: String::new(),
+    });
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", spec.token).parse().unwrap(),
+    );
+    Rpc::commit_shard(&c, r).await.unwrap();
+    let s = wait_until(&c, &id, "attempt 2", |s| s.attempt == 2).await;
+    assert_eq!(s.last_checkpoint, Some(12), "{s:?}");
+    let last = s.recoveries.last().unwrap();
+    assert_eq!(last.path, "emergency-checkpoint", "{s:?}");
+    assert!(
+        s.message
+            .contains("its survivors wrote an emergency checkpoint of step 12 (1 shard)"),
+        "{}",
+        s.message
+    );
+    assert_eq!(store.list().await.unwrap(), [12]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_emergency_checkpoint_not_committed_in_time_falls_back_to_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _launcher, id, _spec, answer) = emergency(dir.path()).await;
+    assert_eq!(answer.emergency_step, Some(12));
+    // Rank 0 never reports its shard (a store that hangs): after job.collective_timeout the
+    // gang restarts from its last checkpoint (none here: the beginning).
+    let t0 = Instant::now();
+    let s = wait_until(&c, &id, "attempt 2", |s| s.attempt == 2).await;
+    let at = t0.elapsed();
+    assert!(
+        at >= Duration::from_secs(30) && at < Duration::from_secs(40),
+        "gave up after {at:?}"
+    );
+    assert_eq!(s.last_checkpoint, None, "{s:?}");
+    assert_eq!(s.recoveries.last().unwrap().path, "checkpoint", "{s:?}");
+    assert!(
+        s.message.contains(
+            "the emergency checkpoint of step 12 was not committed within job.collective_timeout"
+        ),
+        "{}",
+        s.message
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_writer_that_fails_its_emergency_shard_ends_the_wait_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, launcher, id, _spec, answer) = emergency(dir.path()).await;
+    assert_eq!(answer.emergency_writers, [0]);
+    let t0 = Instant::now();
+    // Rank 0 could not write its shard (a full disk) and exits with the error.
+    launcher.exit(0, Some(1), None);
+    let s = wait_until(&c, &id, "attempt 2", |s| s.attempt == 2).await;
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(s.recoveries.last().unwrap().path, "checkpoint", "{s:?}");
+    assert!(
+        s.message
+            .contains("rank 0 failed to write its shard of the emergency checkpoint of step 12"),
+        "{}",
+        s.message
+    );
+}
