@@ -445,11 +445,16 @@ impl Coordinator {
             (rx, joined.generation)
         };
         // The answer of the gang this worker joined (not of the one before it). A survivor
-        // waits out its replacement's gang timeout and the emergency checkpoint after it.
+        // may regroup before the coordinator learns of the loss (within the heartbeat timeout)
+        // and waits out its replacement's gang timeout and the emergency checkpoint after it.
         let wait = rx.wait_for(|r| r.as_ref().is_some_and(|r| r.generation == generation));
+        let t = &job.config.job;
         let patience = match holds_step {
-            Some(_) => job.config.job.gang_timeout.saturating_mul(2),
-            None => job.config.job.gang_timeout,
+            Some(_) => t
+                .heartbeat_timeout
+                .saturating_add(t.gang_timeout.saturating_mul(2))
+                .saturating_add(t.collective_timeout),
+            None => t.gang_timeout,
         };
         let resp = match tokio::time::timeout(patience, wait).await {
             Ok(Ok(v)) => v.clone(),
