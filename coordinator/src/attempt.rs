@@ -278,6 +278,20 @@ impl Attempt {
         Some(e)
     }
 
+    /// The gang re-formed in place and has not finished a step since: a member lost now (the
+    /// replacement, while the ring formed or the state streamed) leaves the survivors holding
+    /// their state but waiting on the ring until `job.collective_timeout`, then regrouping.
+    pub fn unsettled(&self) -> bool {
+        self.generation > 0 && !self.forming && !self.stepped
+    }
+
+    /// Begins re-forming the gang without a replacement, for the survivors of an
+    /// [`Attempt::unsettled`] gang to regroup into (then write an emergency checkpoint).
+    /// Returns whether it began now.
+    pub fn regroup_survivors(&mut self) -> bool {
+        self.reform()
+    }
+
     /// The emergency checkpoint being written, if any.
     pub fn emergency(&self) -> Option<&Emergency> {
         self.emergency.as_ref()
@@ -583,6 +597,38 @@ mod tests {
                 step: 8,
                 writers: vec![2]
             }
+        );
+    }
+
+    #[test]
+    fn survivors_of_a_gang_that_lost_its_replacement_as_it_formed_regroup_for_an_emergency() {
+        let t0 = Instant::now();
+        let mut a = Attempt::new(1, 2, t0, Some(100));
+        a.join(0, "h:0".into(), None, 0, t0).unwrap();
+        a.join(1, "h:1".into(), None, 0, t0).unwrap();
+        a.stepped();
+        assert!(!a.unsettled());
+        a.replace(1, t0).unwrap();
+        a.join(0, "h:2".into(), Some(130), 0, t0).unwrap();
+        assert!(
+            a.join(1, "h:3".into(), None, 0, t0)
+                .unwrap()
+                .formed
+                .is_some()
+        );
+        // The replacement dies before the gang's first step.
+        assert!(a.unsettled());
+        assert!(a.on_exit(exit(1, None, Some(9))).is_some());
+        assert!(a.regroup_survivors());
+        // Rank 0's ring fails; it regroups from ring 1 into ring 2.
+        a.join(0, "h:4".into(), Some(130), 1, t0).unwrap();
+        assert!(a.regrouped(Some(1)));
+        assert_eq!(
+            a.begin_emergency(Some(100)),
+            Some(Emergency {
+                step: 130,
+                writers: vec![0]
+            })
         );
     }
 

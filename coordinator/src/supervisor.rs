@@ -385,7 +385,7 @@ async fn emergency(
     lost: Option<u32>,
     exits: &mut mpsc::UnboundedReceiver<Exit>,
 ) {
-    let until = Instant::now() + REGROUP_GRACE;
+    let mut until = Instant::now() + REGROUP_GRACE;
     let (e, mut rx, number) = loop {
         {
             let mut st = lock(&job.state);
@@ -396,6 +396,17 @@ async fn emergency(
             if !others {
                 return;
             }
+            if attempt.unsettled() {
+                // Lost as the gang re-formed: the survivors wait on the ring with the lost
+                // member until job.collective_timeout, then regroup into this.
+                attempt.regroup_survivors();
+                live.reforming();
+                until = Instant::now()
+                    .checked_add(job.config.job.collective_timeout + REGROUP_GRACE)
+                    .unwrap_or_else(far_future);
+                continue;
+            }
+            let attempt = &mut live.attempt;
             let late = Instant::now() >= until;
             if attempt.forming() && (late || attempt.regrouped(lost)) {
                 let committed = committed.max(attempt.resume_step);

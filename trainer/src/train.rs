@@ -714,8 +714,11 @@ fn recover<B: AutodiffBackend>(
     // Peers still waiting on this rank (a ring of three or more: not every rank neighbours the
     // lost one) fail now and regroup too.
     collective.leave();
+    // Regroup first: the coordinator learns at once which step this rank holds, even while
+    // its writer is still busy with a checkpoint the loss interrupted (waited for next).
+    let reunion = regroup.regroup(held);
     let abandoned = ckpt.abandon();
-    let Regrouped { ring, from, step } = match regroup.regroup(held)? {
+    let Regrouped { ring, from, step } = match reunion? {
         Reunion::Reformed(r) => r,
         Reunion::Emergency(e) => {
             return Err(write_emergency(&e, held, state, ts, ckpt, collective, rt));

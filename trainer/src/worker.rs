@@ -491,11 +491,11 @@ impl crate::recovery::Regroup for Rejoiner {
         *generation = joined.generation;
         let ring =
             TcpRing::with_listener(listener, self.rank, &joined.peers, self.timeout, &self.key)
-                .map_err(|e| {
-                    Error::Internal(format!(
-                        "re-form the gradient ring as rank {}: {e}",
-                        self.rank
-                    ))
+                // A member lost while the ring re-forms (the replacement died): regroup again
+                // (bounded by MAX_REGROUPS), so the coordinator can still take this rank's
+                // state as an emergency checkpoint.
+                .map_err(|e| Error::Regrouping {
+                    what: format!("re-form the gradient ring as rank {}: {e}", self.rank),
                 })?;
         tracing::info!(
             rank = self.rank,
