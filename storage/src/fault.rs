@@ -100,7 +100,12 @@ impl Faults {
                     }
                     f.latency = Some((lo, hi));
                 }
-                "read_only" if value.is_empty() => f.read_only = true,
+                "read_only" => match value.trim() {
+                    "" | "1" | "true" => f.read_only = true,
+                    "0" | "false" => f.read_only = false,
+                    v => return Err(format!("read_only={v}: expected no value, true or false")),
+                },
+                "" => return Err(format!("`{item}`: a fault needs a name")),
                 other => {
                     return Err(format!(
                         "unknown fault `{other}` (known: fail=P, truncate=P, latency_ms=LO..HI, \
@@ -417,6 +422,14 @@ mod tests {
         );
         assert_eq!(f.seed, 7);
         assert!(Faults::parse("read_only").unwrap().read_only);
+        assert!(Faults::parse("read_only=true").unwrap().read_only);
+        assert!(
+            Faults::parse("read_only=x")
+                .unwrap_err()
+                .contains("read_only=x")
+        );
+        assert!(Faults::parse("=1").unwrap_err().contains("needs a name"));
+        assert_eq!(Faults::parse(",,,").unwrap(), Faults::default());
         assert_eq!(Faults::parse("").unwrap(), Faults::default());
         for (bad, says) in [
             ("fail=2", "between 0 and 1"),

@@ -255,8 +255,11 @@ fn faulty(inner: Arc<dyn ObjectStore>, url: &str) -> Result<Arc<dyn ObjectStore>
         Ok(spec) if !spec.trim().is_empty() => spec,
         _ => return Ok(inner),
     };
-    let mut faults =
-        crate::Faults::parse(&spec).map_err(|e| Error::Invalid(format!("{env}: {e}")))?;
+    let mut faults = crate::Faults::parse(&spec)
+        .map_err(|e| Error::Invalid(format!("the environment variable {env}: {e}")))?;
+    if faults == crate::Faults::default() {
+        return Ok(inner);
+    }
     faults.seed ^= u64::from(std::process::id()).rotate_left(32);
     tracing::warn!(%url, %spec, "{env} is set: this checkpoint store injects faults");
     Ok(Arc::new(crate::UnreliableStore::new(inner, faults)))
