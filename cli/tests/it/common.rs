@@ -51,17 +51,8 @@ pub fn run_hitting(
     hits: &[(u32, nix::sys::signal::Signal)],
     at: u64,
 ) -> (i32, Vec<Value>) {
-    let mut child = lockstep(dir)
-        .args(["run", "job.toml", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let mut lines = Vec::new();
     let mut pending = !hits.is_empty();
-    for line in out.lines() {
-        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
+    run_watching(dir, |s| {
         if pending && s["state"] == "running" && s["step"].as_u64().unwrap() >= at {
             let pids: Vec<(i32, nix::sys::signal::Signal)> = hits
                 .iter()
@@ -76,6 +67,23 @@ pub fn run_hitting(
             }
             pending = false;
         }
+    })
+}
+
+/// Runs `lockstep run --json`, showing `watch` each status line as it comes. Returns the exit
+/// code and every status line.
+pub fn run_watching(dir: &Path, mut watch: impl FnMut(&Value)) -> (i32, Vec<Value>) {
+    let mut child = lockstep(dir)
+        .args(["run", "job.toml", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for line in out.lines() {
+        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        watch(&s);
         lines.push(s);
     }
     let code = child.wait().unwrap().code().unwrap_or(-1);

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use lockstep_api::testing::TestJob;
 
-use crate::common::{causes, free_port, last, lockstep, one_gang, run, run_hitting, trainers};
+use crate::common::{
+    causes, free_port, last, lockstep, one_gang, run, run_hitting, run_watching, signal, trainers,
+};
 use serde_json::Value;
 
 /// The quickstart's held-out split.
@@ -49,8 +51,13 @@ fn final_tensors(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 fn straight(steps: u64) -> (tempfile::TempDir, Value) {
+    straight_with(steps, &[])
+}
+
+/// An uninterrupted run of `config(dir, steps, job_extra)`: its directory and final status.
+fn straight_with(steps: u64, job_extra: &[(&str, &str)]) -> (tempfile::TempDir, Value) {
     let dir = tempfile::tempdir().unwrap();
-    config(dir.path(), steps, &[]);
+    config(dir.path(), steps, job_extra);
     let (code, lines) = run(dir.path(), None);
     assert_eq!(code, 0, "{:?}", last(&lines));
     let end = last(&lines).clone();
@@ -162,11 +169,7 @@ fn a_rank_killed_mid_run_is_replaced_in_place_losing_no_step_and_the_result_is_b
 fn in_a_gang_of_three_the_survivors_re_form_with_the_replacement_bit_identically() {
     let _gang = one_gang();
     let three = [("world_size", "3")];
-    let clean_dir = tempfile::tempdir().unwrap();
-    config(clean_dir.path(), 300, &three);
-    let (code, lines) = run(clean_dir.path(), None);
-    assert_eq!(code, 0, "{:?}", last(&lines));
-    let clean = last(&lines).clone();
+    let (clean_dir, clean) = straight_with(300, &three);
     let dir = tempfile::tempdir().unwrap();
     config(dir.path(), 300, &three);
     // The middle rank: the ring's both neighbours lose it.
@@ -227,30 +230,20 @@ fn a_rank_lost_while_another_is_replaced_restarts_the_gang_from_its_checkpoint_b
 /// Runs the job in `dir`, SIGKILLs rank 1 once the job reaches step 110 and sends `sig` to
 /// its replacement as soon as that starts. Returns the exit code and every status line.
 fn run_losing_the_replacement(dir: &Path, sig: nix::sys::signal::Signal) -> (i32, Vec<Value>) {
-    use std::io::BufRead;
-    let mut child = lockstep(dir)
-        .args(["run", "job.toml", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut lines: Vec<Value> = Vec::new();
     let mut hunter = None;
-    for line in out.lines() {
-        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
+    let (code, lines) = run_watching(dir, |s| {
         if hunter.is_none() && s["state"] == "running" && s["step"].as_u64().unwrap() >= 110 {
             let job = s["job"].as_str().unwrap().to_string();
             let pids = trainers(&job, Some(1));
             assert_eq!(pids.len(), 1, "{pids:?}");
             let killed = pids[0];
-            crate::common::signal(killed, nix::sys::signal::Signal::SIGKILL);
+            signal(killed, nix::sys::signal::Signal::SIGKILL);
             // The replacement: rank 1's next process.
             hunter = Some(std::thread::spawn(move || {
                 let until = Instant::now() + Duration::from_secs(60);
                 while Instant::now() < until {
                     if let Some(&pid) = trainers(&job, Some(1)).iter().find(|&&p| p != killed) {
-                        crate::common::signal(pid, sig);
+                        signal(pid, sig);
                         return true;
                     }
                     std::thread::sleep(Duration::from_millis(2));
@@ -258,9 +251,7 @@ fn run_losing_the_replacement(dir: &Path, sig: nix::sys::signal::Signal) -> (i32
                 false
             }));
         }
-        lines.push(s);
-    }
-    let code = child.wait().unwrap().code().unwrap_or(-1);
+    });
     assert!(
         hunter.expect("reached step 110").join().unwrap(),
         "no replacement was started"
@@ -340,11 +331,7 @@ fn a_replacement_that_never_joins_is_timed_out_and_the_survivor_checkpoints_what
 fn two_ranks_of_three_lost_at_once_restart_from_the_survivors_emergency_checkpoint() {
     let _gang = one_gang();
     let three = [("world_size", "3")];
-    let clean_dir = tempfile::tempdir().unwrap();
-    config(clean_dir.path(), 300, &three);
-    let (code, lines) = run(clean_dir.path(), None);
-    assert_eq!(code, 0, "{:?}", last(&lines));
-    let clean = last(&lines).clone();
+    let (clean_dir, clean) = straight_with(300, &three);
     let dir = tempfile::tempdir().unwrap();
     config(dir.path(), 300, &three);
     let (code, lines) = run_hitting(
@@ -1087,7 +1074,7 @@ fn ctrl_c_while_tokenising_stops_at_once_and_leaves_nothing_half_built() {
     }
     assert!(doing.starts_with("rank "), "never said it was tokenising");
     let interrupted = Instant::now();
-    crate::common::signal(child.id() as i32, nix::sys::signal::Signal::SIGINT);
+    signal(child.id() as i32, nix::sys::signal::Signal::SIGINT);
     let lines: Vec<Value> = out
         .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
         .collect();
