@@ -521,7 +521,7 @@ async fn replace(
             None => return Ok(()),
             Some(l) if !l.attempt.has_exited(worker) => {
                 if let Some(h) = l.workers.get(worker as usize) {
-                    h.kill();
+                    h.kill_one();
                 }
                 true
             }
@@ -618,6 +618,7 @@ fn worker_spec(
         data_cache: inner.settings.data_dir.join("tokens"),
         // Every worker of the attempt is placed alike (a change applies to the next attempt).
         placement: lock(&job.placement).clone(),
+        replacing,
     }
 }
 

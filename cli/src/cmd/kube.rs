@@ -245,6 +245,8 @@ pub fn render(args: RenderArgs) -> Result {
             job_id: &job_id,
             coordinator_url: &coordinator_url,
             flavor: args.flavor.into_lib(),
+            // As a controller whose API server serves per-index Job backoff renders them.
+            replace_pods: true,
         };
         let mut objects = render::job_objects(&owned).map_err(CliError::Usage)?;
         objects.extend(render::attempt_objects(&owned, &target, attempt).map_err(CliError::Usage)?);

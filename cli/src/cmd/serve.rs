@@ -43,6 +43,13 @@ pub struct ServeArgs {
     /// else Indexed Job).
     #[arg(long, value_enum)]
     flavor: Option<GangFlavor>,
+    /// Whether a lost pod of a `job.recovery = "in-place"` job is replaced by one new pod
+    /// while the others keep running and keep their state (--launcher kubernetes). It needs
+    /// Jobs that fail one index alone (`backoffLimitPerIndex`): `auto` turns it on where the
+    /// API server is 1.29 or newer; `off`: a lost pod restarts the whole gang from its
+    /// checkpoint.
+    #[arg(long, value_enum, default_value_t = PodReplacement::Auto)]
+    pod_replacement: PodReplacement,
     /// gRPC address to listen on: IP:PORT, or localhost:PORT.
     #[arg(long, default_value = "127.0.0.1:7070", value_parser = parse_listen)]
     listen: SocketAddr,
@@ -65,6 +72,17 @@ pub struct ServeArgs {
     /// network in clear; only behind a TLS-terminating proxy or on a trusted network).
     #[arg(long, conflicts_with = "tls_cert")]
     insecure_plaintext: bool,
+}
+
+/// `--pod-replacement`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PodReplacement {
+    /// On where the API server is Kubernetes 1.29 or newer.
+    Auto,
+    /// On (the API server serves `backoffLimitPerIndex`, e.g. 1.28 with its feature gate).
+    On,
+    /// Off: a lost pod restarts the gang.
+    Off,
 }
 
 /// Where a coordinator's workers run.
@@ -193,7 +211,12 @@ async fn serve_kubernetes(args: ServeArgs) -> Result {
         Some(f) => f.into_lib(),
         None => KubeLauncher::detect_flavor(&client).await,
     };
-    let launcher = KubeLauncher::new(client.clone(), flavor);
+    let replace_pods = match args.pod_replacement {
+        PodReplacement::Auto => KubeLauncher::serves_pod_replacement(&client).await,
+        PodReplacement::On => true,
+        PodReplacement::Off => false,
+    };
+    let launcher = KubeLauncher::replacing_pods(client.clone(), flavor, replace_pods);
     let coordinator = Coordinator::open(
         Settings {
             // Scratch only: worker logs stay in the pods; nothing durable lives here.
@@ -236,9 +259,16 @@ async fn serve_kubernetes(args: ServeArgs) -> Result {
         })?;
     ready.store(true, Ordering::Relaxed);
     eprintln!(
-        "lockstep coordinator: LockstepJob controller of namespace {ns} ({flavor:?} gangs); \
+        "lockstep coordinator: LockstepJob controller of namespace {ns} ({flavor:?} gangs; {}); \
          gRPC on {} (workers reach it at {}); metrics and probes on http://{}",
-        args.listen, advertise_url, http_addr
+        if replace_pods {
+            "a lost pod of an in-place job is replaced alone"
+        } else {
+            "a lost pod restarts its gang"
+        },
+        args.listen,
+        advertise_url,
+        http_addr
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller = Controller::new(

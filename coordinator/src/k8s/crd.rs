@@ -407,6 +407,36 @@ pub struct LockstepJobStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// What each recovery from a lost rank did, oldest first (the newest
+    /// [`MAX_RECOVERIES_SHOWN`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recoveries: Vec<RecoveryStatus>,
+}
+
+/// How many recoveries a LockstepJob's status lists (the newest).
+pub const MAX_RECOVERIES_SHOWN: usize = 50;
+
+/// One recovery from a lost rank.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryStatus {
+    /// The rank lost, when one was named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
+    /// What happened, as the job's message said it.
+    pub cause: String,
+    /// `in-place` (one new pod replaced the lost one; the others kept their state),
+    /// `emergency-checkpoint` (the survivors checkpointed the state they held and the gang
+    /// restarted from it) or `checkpoint` (the gang restarted from its last checkpoint).
+    pub path: String,
+    /// The newest step rank 0 had reported when the coordinator acted on the loss.
+    pub step: u64,
+    /// Steps trained again; known at the first step after the recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_lost: Option<u64>,
+    /// Seconds from the coordinator acting on the loss to the next finished step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
 }
 
 /// Where a LockstepJob's job is: one of the coordinator's phases, or suspended.

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, DynamicObject, ListParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::watcher;
 use tokio::sync::mpsc;
 
@@ -31,6 +31,8 @@ use crate::registry::lock;
 pub struct KubeLauncher {
     pub(super) client: Client,
     pub(super) flavor: Flavor,
+    /// A lost pod of an in-place job is replaced alone ([`render::Target::replace_pods`]).
+    replace_pods: bool,
     /// Live attempts: (job id, attempt) → their exits.
     attempts: Mutex<HashMap<(String, u32), Arc<AttemptWatch>>>,
     /// The version each job's export produced.
@@ -48,11 +50,20 @@ impl std::fmt::Debug for KubeLauncher {
 }
 
 impl KubeLauncher {
-    /// A launcher making `flavor` gangs through `client`.
+    /// A launcher making `flavor` gangs through `client`; a lost pod fails its gang.
     pub fn new(client: Client, flavor: Flavor) -> Arc<KubeLauncher> {
+        KubeLauncher::replacing_pods(client, flavor, false)
+    }
+
+    /// A launcher making `flavor` gangs through `client`; with `replace_pods`, a lost pod of a
+    /// `job.recovery = "in-place"` job is replaced by one new pod and the other pods keep
+    /// running (the API server must serve `backoffLimitPerIndex`: see
+    /// [`KubeLauncher::serves_pod_replacement`]).
+    pub fn replacing_pods(client: Client, flavor: Flavor, replace_pods: bool) -> Arc<KubeLauncher> {
         Arc::new(KubeLauncher {
             client,
             flavor,
+            replace_pods,
             attempts: Mutex::default(),
             exported: Mutex::default(),
             pods_changed: tokio::sync::watch::Sender::new(0),
@@ -67,6 +78,33 @@ impl KubeLauncher {
     /// How gangs are made.
     pub fn flavor(&self) -> Flavor {
         self.flavor
+    }
+
+    /// Whether the API server's Jobs can fail one index without failing the others
+    /// (`backoffLimitPerIndex`, on by default from Kubernetes 1.29), which replacing a lost pod
+    /// alone needs; false when its version cannot be read.
+    pub async fn serves_pod_replacement(client: &Client) -> bool {
+        match client.apiserver_version().await {
+            Ok(v) => {
+                let minor: u32 = v
+                    .minor
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+                    .parse()
+                    .unwrap_or(0);
+                v.major == "1" && minor >= 29
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the API server's version; lost pods fail their gang");
+                false
+            }
+        }
+    }
+
+    /// Whether a lost pod of an in-place job is replaced alone.
+    pub fn replaces_pods(&self) -> bool {
+        self.replace_pods
     }
 
     /// Forgets what it knows of a job (its LockstepJob is gone).
@@ -124,11 +162,7 @@ impl KubeLauncher {
     /// Applies the job's objects and `attempt`'s, and starts watching its pods.
     async fn create_attempt(&self, lsj: &LockstepJob, spec: &WorkerSpec) -> Result<(), KubeError> {
         let (name, ns) = render::name_of(lsj).map_err(KubeError::Invalid)?;
-        let target = Target {
-            job_id: &spec.job_id,
-            coordinator_url: &spec.coordinator,
-            flavor: self.flavor,
-        };
+        let target = self.target(spec);
         let mut objects = vec![render::secret(lsj, &spec.token).map_err(KubeError::Invalid)?];
         objects.extend(render::job_objects(lsj).map_err(KubeError::Invalid)?);
         objects.extend(
@@ -142,6 +176,70 @@ impl KubeLauncher {
         tracing::info!(job = %spec.job_id, lockstepjob = %format!("{ns}/{name}"), attempt = spec.attempt,
             flavor = ?self.flavor, "created the attempt's objects");
         Ok(())
+    }
+
+    fn target<'a>(&self, spec: &'a WorkerSpec) -> Target<'a> {
+        Target {
+            job_id: &spec.job_id,
+            coordinator_url: &spec.coordinator,
+            flavor: self.flavor,
+            replace_pods: self.replace_pods,
+        }
+    }
+
+    /// Creates the pod that replaces lost worker `spec.worker` of its attempt, joining ring
+    /// `generation`, owned by the attempt's JobSet (or Job); returns its name.
+    async fn create_replacement(
+        &self,
+        lsj: &LockstepJob,
+        spec: &WorkerSpec,
+        generation: u32,
+        watch: &AttemptWatch,
+    ) -> Result<String, KubeError> {
+        let (name, ns) = render::name_of(lsj).map_err(KubeError::Invalid)?;
+        let object = render::attempt_name(name, spec.attempt);
+        let owner = match self.flavor {
+            Flavor::JobSet => {
+                Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &jobset_resource())
+                    .get(&object)
+                    .await
+                    .map(|o| o.metadata.uid)
+                    .map_err(KubeError::api(format!("get JobSet {ns}/{object}")))?
+            }
+            Flavor::IndexedJob => Api::<Job>::namespaced(self.client.clone(), ns)
+                .get(&object)
+                .await
+                .map(|o| o.metadata.uid)
+                .map_err(KubeError::api(format!("get Job {ns}/{object}")))?,
+        };
+        let uid = owner.ok_or_else(|| KubeError::Invalid(format!("{object} has no uid")))?;
+        let owner = match self.flavor {
+            Flavor::JobSet => ("jobset.x-k8s.io/v1alpha2", "JobSet", uid.as_str()),
+            Flavor::IndexedJob => ("batch/v1", "Job", uid.as_str()),
+        };
+        let target = self.target(spec);
+        let pod =
+            render::replacement_pod(lsj, &target, spec.attempt, spec.worker, generation, owner)
+                .map_err(KubeError::Invalid)?;
+        let pod_name = render::replacement_pod_name(name, spec.attempt, spec.worker, generation);
+        // Its exits, and only its, are the worker's from now on.
+        watch.expect(spec.worker, &pod_name);
+        let pod: Pod =
+            serde_json::from_value(pod).map_err(|e| KubeError::Invalid(e.to_string()))?;
+        match Api::<Pod>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), &pod)
+            .await
+        {
+            Ok(_) => {}
+            // Created by an earlier try of this call.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => {
+                return Err(KubeError::api(format!("create Pod {ns}/{pod_name}"))(e));
+            }
+        }
+        tracing::info!(job = %spec.job_id, pod = %pod_name, attempt = spec.attempt, worker = spec.worker,
+            generation, "created a pod to replace the lost one");
+        Ok(pod_name)
     }
 
     fn watch_attempt(
@@ -188,11 +286,12 @@ impl KubeLauncher {
                         if watch.waits(&pod, waiting) {
                             pods_changed.send_modify(|n| *n = n.wrapping_add(1));
                         }
+                        let pod_name = pod.metadata.name.as_deref();
                         if let Some((w, exit)) = pod_exit(&pod, attempt, world, false) {
-                            watch.deliver(w, exit);
+                            watch.deliver(w, exit, pod_name);
                         } else if let Some(exit) = fatal {
                             tracing::error!(job = %job, attempt, cause = %exit.describe(), "a pod of the gang cannot start");
-                            watch.deliver(exit.worker, exit);
+                            watch.deliver(exit.worker, exit, pod_name);
                         }
                     }
                     Ok(watcher::Event::Delete(pod)) => {
@@ -200,7 +299,7 @@ impl KubeLauncher {
                             pods_changed.send_modify(|n| *n = n.wrapping_add(1));
                         }
                         if let Some((w, exit)) = pod_exit(&pod, attempt, world, true) {
-                            watch.deliver(w, exit);
+                            watch.deliver(w, exit, pod.metadata.name.as_deref());
                         }
                     }
                     Ok(_) => {}
@@ -306,6 +405,9 @@ struct WatchState {
     senders: Vec<Option<mpsc::UnboundedSender<Exit>>>,
     delivered: Vec<bool>,
     pending: BTreeMap<u32, Exit>,
+    /// The pod each worker is now, where the coordinator made it (a replacement): exits of
+    /// the worker's other pods (the one it replaced) are not its.
+    expected: Vec<Option<String>>,
     deleting: bool,
     /// Pods seen (a queue that held the gang back let it start).
     pods_seen: bool,
@@ -323,6 +425,7 @@ impl AttemptWatch {
                 senders: vec![None; world as usize],
                 delivered: vec![false; world as usize],
                 pending: BTreeMap::new(),
+                expected: vec![None; world as usize],
                 deleting: false,
                 pods_seen: false,
                 admitted: false,
@@ -345,11 +448,16 @@ impl AttemptWatch {
         before.is_none()
     }
 
-    /// Worker `w`'s exit, once.
-    fn deliver(&self, w: u32, exit: Exit) {
+    /// Worker `w`'s exit, once; `pod`: the pod it came from (`None`: the worker was killed).
+    fn deliver(&self, w: u32, exit: Exit, pod: Option<&str>) {
         let mut st = lock(&self.state);
         let i = w as usize;
         if st.delivered.get(i).copied().unwrap_or(true) {
+            return;
+        }
+        if let (Some(Some(expected)), Some(pod)) = (st.expected.get(i), pod)
+            && expected != pod
+        {
             return;
         }
         match st.senders[i].clone() {
@@ -361,6 +469,19 @@ impl AttemptWatch {
                 st.pending.entry(w).or_insert(exit);
             }
         }
+    }
+
+    /// Worker `w` is pod `pod` from now on (its replacement): its next exit is that pod's.
+    fn expect(&self, w: u32, pod: &str) {
+        let mut st = lock(&self.state);
+        let i = w as usize;
+        if i >= st.senders.len() {
+            return;
+        }
+        st.expected[i] = Some(pod.to_string());
+        st.delivered[i] = false;
+        st.senders[i] = None;
+        st.pending.remove(&w);
     }
 
     fn attach(&self, w: u32, tx: mpsc::UnboundedSender<Exit>) {
@@ -425,6 +546,67 @@ impl WorkerHandle for KubeWorker {
                 message: Some("its pod was deleted with the attempt".into()),
                 unstartable: false,
             },
+            None,
+        );
+    }
+
+    /// Deletes this worker's pods (the attempt's other pods keep running) and reports it
+    /// killed.
+    fn kill_one(&self) {
+        let (client, ns, name, attempt, worker) = (
+            self.client.clone(),
+            self.ns.clone(),
+            self.name.clone(),
+            self.attempt,
+            self.worker,
+        );
+        tokio::spawn(async move {
+            let pods = Api::<Pod>::namespaced(client, &ns);
+            let lp = ListParams::default().labels(&format!(
+                "{LABEL_JOB}={name},{LABEL_ATTEMPT}={attempt},{LABEL_ROLE}=trainer"
+            ));
+            let list = match pods.list(&lp).await {
+                Ok(l) => l.items,
+                Err(e) => {
+                    tracing::error!(pod_of = %name, attempt, worker, error = %e, "cannot list the pods to kill");
+                    return;
+                }
+            };
+            for pod in list {
+                let index = pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("batch.kubernetes.io/job-completion-index"));
+                let Some(p) = pod.metadata.name.as_deref() else {
+                    continue;
+                };
+                if index.map(String::as_str) != Some(worker.to_string().as_str()) {
+                    continue;
+                }
+                match pods
+                    .delete(p, &DeleteParams::default().grace_period(0))
+                    .await
+                {
+                    Ok(_) => tracing::info!(pod = %p, worker, "deleted the pod of a lost rank"),
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => {
+                        tracing::error!(pod = %p, error = %e, "cannot delete the pod of a lost rank")
+                    }
+                }
+            }
+        });
+        self.watch.deliver(
+            self.worker,
+            Exit {
+                attempt: self.attempt,
+                worker: self.worker,
+                code: None,
+                signal: Some(9),
+                message: Some("its pod was deleted".into()),
+                unstartable: false,
+            },
+            None,
         );
     }
 
@@ -460,7 +642,7 @@ impl Launcher for KubeLauncher {
             .map_err(|e| launch_error(&what, e))?
             .job
             .world_size;
-        if spec.worker == 0 {
+        if spec.worker == 0 && spec.replacing.is_none() {
             self.create_attempt(lsj, spec)
                 .await
                 .map_err(|e| launch_error(&format!("the pods of attempt {}", spec.attempt), e))?;
@@ -468,6 +650,11 @@ impl Launcher for KubeLauncher {
         let watch = self
             .watch_attempt(lsj, &spec.job_id, spec.attempt, world)
             .map_err(|e| launch_error(&what, e))?;
+        if let Some(generation) = spec.replacing {
+            self.create_replacement(lsj, spec, generation, &watch)
+                .await
+                .map_err(|e| launch_error(&format!("the replacement of {what}"), e))?;
+        }
         watch.attach(spec.worker, exited);
         Ok(Box::new(KubeWorker {
             watch,
@@ -478,6 +665,10 @@ impl Launcher for KubeLauncher {
             attempt: spec.attempt,
             worker: spec.worker,
         }))
+    }
+
+    fn replaces_in_place(&self) -> bool {
+        self.replace_pods
     }
 
     fn logs(&self, job: &str, placement: &Placement, dir: &std::path::Path) -> String {
@@ -583,5 +774,48 @@ impl Launcher for KubeLauncher {
 
     async fn export(&self, spec: &ExportSpec) -> Result<String, ExportError> {
         self.run_export(spec).await.map_err(ExportError::Failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn killed(worker: u32) -> Exit {
+        Exit {
+            attempt: 1,
+            worker,
+            code: None,
+            signal: Some(9),
+            message: None,
+            unstartable: false,
+        }
+    }
+
+    #[test]
+    fn a_replaced_worker_takes_only_its_replacement_pods_exit() {
+        let watch = AttemptWatch::new(2, None);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        watch.attach(1, tx);
+        watch.deliver(1, killed(1), Some("ft-a1-rank-0-1"));
+        assert!(rx.try_recv().is_ok(), "the lost pod's exit");
+
+        watch.expect(1, "ft-a1-rank-0-1-r1");
+        // The replacement ends before its worker is attached: kept for it.
+        watch.deliver(1, killed(1), Some("ft-a1-rank-0-1-r1"));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        watch.attach(1, tx);
+        assert!(rx.try_recv().is_ok(), "the replacement's exit, kept");
+
+        watch.expect(1, "ft-a1-rank-0-1-r2");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        watch.attach(1, tx);
+        // The lost pods, listed again when the watch restarts: not the new worker's.
+        watch.deliver(1, killed(1), Some("ft-a1-rank-0-1"));
+        watch.deliver(1, killed(1), Some("ft-a1-rank-0-1-r1"));
+        assert!(rx.try_recv().is_err());
+        assert!(!watch.all_delivered());
+        watch.deliver(1, killed(1), Some("ft-a1-rank-0-1-r2"));
+        assert!(rx.try_recv().is_ok());
     }
 }

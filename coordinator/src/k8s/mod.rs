@@ -60,7 +60,8 @@ pub const API_CALLS: &[(&str, &str, &[&str])] = &[
         "jobsets",
         &["get", "list", "create", "patch", "delete"],
     ),
-    ("", "pods", &["list", "watch"]),
+    // `create`, `delete`: the pod that replaces a lost one, and a lost one that hangs.
+    ("", "pods", &["list", "watch", "create", "delete"]),
     (
         "",
         "services",

@@ -48,6 +48,10 @@ pub struct Target<'a> {
     pub coordinator_url: &'a str,
     /// JobSet or Indexed Job.
     pub flavor: Flavor,
+    /// A lost pod of an in-place job (`job.recovery = "in-place"`) is replaced by one new pod
+    /// while the others keep running: the gang's Job fails that index alone, without a retry
+    /// of its own (`backoffLimitPerIndex`, Kubernetes 1.29+). Else a lost pod fails the gang.
+    pub replace_pods: bool,
 }
 
 /// The LockstepJob's name and namespace (checked: names are bounded for the objects made
@@ -350,7 +354,7 @@ pub fn attempt_objects(
     if let Some(q) = queue {
         meta["labels"]["kueue.x-k8s.io/queue-name"] = json!(q);
     }
-    let job_spec = json!({
+    let mut job_spec = json!({
         "parallelism": world,
         "completions": world,
         "completionMode": "Indexed",
@@ -358,6 +362,15 @@ pub fn attempt_objects(
         "backoffLimit": 0,
         "template": trainer_template(lsj, t, attempt)?,
     });
+    if replaces_pods(lsj, t)? {
+        // The coordinator owns replacements too: a failed pod fails its index only (never
+        // retried by the Job, which would race the coordinator's replacement pod), the other
+        // pods keep running, and the Job never fails early (at most every index fails).
+        job_spec["backoffLimit"] = json!(i32::MAX);
+        job_spec["backoffLimitPerIndex"] = json!(0);
+        job_spec["maxFailedIndexes"] = json!(world);
+        job_spec["podReplacementPolicy"] = json!("Failed");
+    }
     Ok(match t.flavor {
         Flavor::JobSet => {
             let mut spec = json!({
@@ -397,6 +410,55 @@ pub fn attempt_objects(
             ]
         }
     })
+}
+
+/// Whether `attempt_objects` lets a lost pod be replaced alone (see [`Target::replace_pods`]).
+pub fn replaces_pods(lsj: &LockstepJob, t: &Target<'_>) -> Result<bool, String> {
+    let job = &lsj.spec.config.get()?.job;
+    Ok(t.replace_pods && job.recovery.is_in_place() && job.world_size > 1)
+}
+
+/// The name of the pod that replaces lost `worker` of `attempt`, joining ring `generation`.
+pub fn replacement_pod_name(name: &str, attempt: u32, worker: u32, generation: u32) -> String {
+    format!(
+        "{}-rank-0-{worker}-r{generation}",
+        attempt_name(name, attempt)
+    )
+}
+
+/// The pod that replaces lost `worker` of `attempt` (in-place recovery), joining ring
+/// `generation`: a pod of the attempt's trainer template with that worker's index, owned by the
+/// attempt's JobSet or Job (`owner`: its apiVersion, kind and uid) so it goes with the attempt.
+/// It carries no Job's selector labels: no Job controller takes it for its own.
+pub fn replacement_pod(
+    lsj: &LockstepJob,
+    t: &Target<'_>,
+    attempt: u32,
+    worker: u32,
+    generation: u32,
+    owner: (&str, &str, &str),
+) -> Result<Value, String> {
+    let (name, _) = name_of(lsj)?;
+    let template = trainer_template(lsj, t, attempt)?;
+    let (api_version, kind, uid) = owner;
+    Ok(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": replacement_pod_name(name, attempt, worker, generation),
+            "namespace": lsj.metadata.namespace.as_deref().unwrap_or("default"),
+            "labels": template["metadata"]["labels"],
+            // Where the trainer reads its worker index (as on a Job's pods).
+            "annotations": {"batch.kubernetes.io/job-completion-index": worker.to_string()},
+            "ownerReferences": [{
+                "apiVersion": api_version,
+                "kind": kind,
+                "name": attempt_name(name, attempt),
+                "uid": uid,
+            }],
+        },
+        "spec": template["spec"],
+    }))
 }
 
 /// The export Job: `lockstep export … --promote`, its JSON result in the pod's termination

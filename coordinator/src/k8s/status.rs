@@ -190,6 +190,21 @@ pub fn fill_status(st: &mut LockstepJobStatus, r: &JobRecord, seen: &Seen<'_>, n
         st.export_version.clone_from(&seen.export_version);
     }
     st.observed_generation = seen.generation;
+    let skip = r
+        .recoveries
+        .len()
+        .saturating_sub(super::crd::MAX_RECOVERIES_SHOWN);
+    st.recoveries = r.recoveries[skip..]
+        .iter()
+        .map(|x| super::crd::RecoveryStatus {
+            rank: x.rank,
+            cause: x.cause.clone(),
+            path: x.path.clone(),
+            step: x.step,
+            steps_lost: x.steps_lost,
+            seconds: x.seconds,
+        })
+        .collect();
     // A pod stuck waiting (or a gang Kueue holds back) while the gang forms or runs.
     match seen
         .waiting

@@ -50,6 +50,9 @@ pub struct WorkerSpec {
     pub data_cache: PathBuf,
     /// Where and how it runs, beyond its config.
     pub placement: Placement,
+    /// A replacement of this lost worker (in-place recovery), joining this ring generation of
+    /// the running gang; `None`: one of the gang as it starts.
+    pub replacing: Option<u32>,
 }
 
 /// An export of a job's final checkpoint (`lockstep export`, run by the launcher where the
@@ -180,6 +183,12 @@ pub enum ExportError {
 pub trait WorkerHandle: Send + Sync {
     /// Kills it and everything it started (idempotent). Its exit still arrives on the channel.
     fn kill(&self);
+
+    /// Kills this worker alone, whose gang goes on without it (a rank lost for its silence,
+    /// before its replacement starts). Its exit still arrives on the channel.
+    fn kill_one(&self) {
+        self.kill();
+    }
 
     /// Whether it may start: false while a queue holds its gang back (Kubernetes: Kueue keeps
     /// the attempt's JobSet suspended until it admits the whole gang). The gang timeout counts

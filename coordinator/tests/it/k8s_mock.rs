@@ -18,14 +18,15 @@ use serde_json::{Value, json};
 type Calls = Arc<Mutex<Vec<(String, String, Value)>>>;
 
 /// Answers as an API server would: nothing exists before it is applied; an apply returns the
-/// object; listing pods returns worker 1's pod, killed by SIGKILL; a watch stays open; a delete
-/// succeeds.
+/// object (a get then returns it too); a create returns the object; listing pods returns worker
+/// 1's pod, killed by SIGKILL; a watch stays open; a delete succeeds.
 fn api_server() -> (Client, Calls) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls: Calls = Arc::default();
     let seen = calls.clone();
     tokio::spawn(async move {
         let mut open_watches = Vec::new();
+        let mut applied = std::collections::HashMap::<String, Value>::new();
         while let Some((req, send)) = handle.next_request().await {
             let method = req.method().to_string();
             let uri = req.uri().to_string();
@@ -35,16 +36,19 @@ fn api_server() -> (Client, Calls) {
                 .unwrap()
                 .push((method.clone(), uri.clone(), body.clone()));
             let reply = match method.as_str() {
-                "PATCH" => {
+                "PATCH" | "POST" => {
                     let mut o = body;
                     o["metadata"]["resourceVersion"] = json!("1");
                     o["metadata"]["uid"] = json!("u");
+                    let path = uri.split('?').next().unwrap_or("").to_string();
+                    applied.insert(path, o.clone());
                     o
                 }
                 "GET" if uri.contains("watch=true") => {
                     open_watches.push(send);
                     continue;
                 }
+                "GET" if applied.contains_key(&uri) => applied[&uri].clone(),
                 // Nothing of the job exists yet (the owner check before each apply).
                 "GET" if !uri.contains("/pods") => {
                     let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -100,6 +104,7 @@ fn worker(w: u32) -> WorkerSpec {
         workdir: "/".into(),
         log: "/unused".into(),
         data_cache: "/unused".into(),
+        replacing: None,
         placement: Placement::Pods(Arc::new(lockstep_job())),
     }
 }
@@ -217,4 +222,99 @@ async fn an_indexed_job_gang_is_applied_its_pod_exits_reach_the_workers_and_kill
     })
     .await
     .expect("the attempt's Job and Service deleted");
+}
+
+#[tokio::test]
+async fn a_lost_pod_of_an_in_place_gang_is_replaced_by_one_pod_and_its_job_fails_no_other() {
+    let (client, calls) = api_server();
+    let launcher = KubeLauncher::replacing_pods(client, Flavor::IndexedJob, true);
+    assert!(launcher.replaces_in_place());
+    let (tx0, mut rx0) = tokio::sync::mpsc::unbounded_channel();
+    let (tx1, mut rx1) = tokio::sync::mpsc::unbounded_channel();
+    let _w0 = launcher.launch(&worker(0), tx0).await.unwrap();
+    let _w1 = launcher.launch(&worker(1), tx1).await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), rx1.recv())
+        .await
+        .expect("worker 1's exit")
+        .unwrap();
+    assert_eq!(exit.worker, 1);
+
+    // The Job fails a lost pod's index alone and never retries it itself.
+    let job = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(m, u, _)| m == "PATCH" && u.starts_with("/apis/batch/v1/namespaces/ml/jobs/ft-a1"))
+        .map(|(_, _, b)| b.clone())
+        .expect("the Job applied");
+    assert_eq!(job["spec"]["backoffLimitPerIndex"], 0, "{job}");
+    assert_eq!(job["spec"]["maxFailedIndexes"], 2, "{job}");
+    assert_eq!(job["spec"]["podReplacementPolicy"], "Failed", "{job}");
+    assert_eq!(job["spec"]["backoffLimit"], i32::MAX, "{job}");
+
+    // Its replacement: one pod, owned by the attempt's Job, with worker 1's index.
+    let (tx1b, mut rx1b) = tokio::sync::mpsc::unbounded_channel();
+    let mut spec = worker(1);
+    spec.replacing = Some(1);
+    let w1b = launcher.launch(&spec, tx1b).await.unwrap();
+    let created: Vec<(String, Value)> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _, _)| m == "POST")
+        .map(|(_, u, b)| (u.clone(), b.clone()))
+        .collect();
+    assert_eq!(created.len(), 1, "{created:#?}");
+    let (uri, pod) = &created[0];
+    assert!(uri.starts_with("/api/v1/namespaces/ml/pods"), "{uri}");
+    assert_eq!(pod["metadata"]["name"], "ft-a1-rank-0-1-r1");
+    assert_eq!(
+        pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"],
+        "1"
+    );
+    assert_eq!(pod["metadata"]["labels"]["lockstep.dev/attempt"], "1");
+    let owner = &pod["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (&owner["kind"], &owner["name"], &owner["uid"]),
+        (&json!("Job"), &json!("ft-a1"), &json!("u"))
+    );
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    assert_eq!(pod["spec"]["containers"][0]["name"], "trainer");
+    assert!(
+        rx1b.try_recv().is_err(),
+        "the lost pod's exit is not its replacement's"
+    );
+
+    // Killing that worker alone deletes its pods, not the attempt; its exit arrives.
+    w1b.kill_one();
+    let exit = tokio::time::timeout(Duration::from_secs(10), rx1b.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((exit.worker, exit.signal), (1, Some(9)));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let deleted: Vec<String> = calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(m, _, _)| m == "DELETE")
+                .map(|(_, u, _)| u.clone())
+                .collect();
+            if deleted
+                .iter()
+                .any(|u| u.starts_with("/api/v1/namespaces/ml/pods/ft-a1-1-xyz"))
+            {
+                assert!(
+                    !deleted.iter().any(|u| u.contains("/jobs/")),
+                    "the attempt's Job was deleted: {deleted:?}"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("worker 1's pod deleted");
+    assert!(rx0.try_recv().is_err(), "worker 0 still runs");
 }

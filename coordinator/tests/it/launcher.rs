@@ -42,6 +42,7 @@ async fn killing_a_worker_kills_its_children_too() {
         workdir: d.to_path_buf(),
         log: d.join("logs/rank-0.log"),
         data_cache: d.join("tokens"),
+        replacing: None,
         placement: Placement::Here,
     };
     let handle = launcher.launch(&spec, tx).await.unwrap();
