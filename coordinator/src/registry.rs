@@ -205,4 +205,43 @@ impl Live {
         self.join_result.send_replace(None);
         self.commits.regroup();
     }
+
+    /// A member of the gang that just re-formed was lost before its first step (the gang is
+    /// [`Attempt::unsettled`]): re-forms it again for its survivors only, and tells them to leave
+    /// the ring they are forming with the lost member (else they wait on it until
+    /// `job.collective_timeout`) and regroup.
+    pub fn regroup_survivors(&mut self) {
+        let left = self.attempt.generation();
+        self.attempt.regroup_survivors();
+        self.reforming();
+        let _ = self.commands.send(proto::Command {
+            command: Some(proto::command::Command::Regroup(proto::Regroup {
+                left_generation: left,
+            })),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survivors_of_an_unsettled_gang_are_told_to_leave_its_ring() {
+        let mut live = Live::new(Attempt::new(1, 2, tokio::time::Instant::now(), None));
+        let mut heard = live.commands.subscribe();
+        live.regroup_survivors();
+        let c = heard.try_recv().expect("a command to the workers");
+        assert_eq!(
+            c.command,
+            Some(proto::command::Command::Regroup(proto::Regroup {
+                left_generation: 0
+            }))
+        );
+        assert!(
+            live.attempt.forming(),
+            "the gang re-forms for its survivors"
+        );
+        assert_eq!(live.attempt.generation(), 1);
+    }
 }

@@ -397,10 +397,10 @@ async fn emergency(
                 return;
             }
             if attempt.unsettled() {
-                // Lost as the gang re-formed: the survivors wait on the ring with the lost
-                // member until job.collective_timeout, then regroup into this.
-                attempt.regroup_survivors();
-                live.reforming();
+                // Lost as the gang re-formed: the survivors may be waiting on the ring for the
+                // lost member; told so, they leave it and regroup into this (older trainers do
+                // once job.collective_timeout passes).
+                live.regroup_survivors();
                 until = Instant::now()
                     .checked_add(job.config.job.collective_timeout + REGROUP_GRACE)
                     .unwrap_or_else(far_future);
@@ -567,11 +567,22 @@ async fn replace(
         live.attempt.generation()
     };
     let spec = worker_spec(inner, job, attempt, worker, Some(generation));
-    let handle = inner
-        .launcher
-        .launch(&spec, exit_tx.clone())
-        .await
-        .map_err(|e| e.to_string())?;
+    let handle = match inner.launcher.launch(&spec, exit_tx.clone()).await {
+        Ok(h) => h,
+        Err(e) => {
+            // Nothing will report this worker's end: record one, so that the teardown that
+            // follows does not wait for it.
+            let _ = exit_tx.send(Exit {
+                attempt,
+                worker,
+                code: None,
+                signal: None,
+                message: Some(format!("its replacement could not be started: {e}")),
+                unstartable: false,
+            });
+            return Err(e.to_string());
+        }
+    };
     let mut st = lock(&job.state);
     match st.live.as_mut() {
         Some(l) if l.attempt.number == attempt => {

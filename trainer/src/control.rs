@@ -6,7 +6,7 @@
 //! worker's checkpoints or restart its gang, and a coordinator that comes back starts a new
 //! attempt anyway.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +52,8 @@ pub struct Control {
     stall: Mutex<f64>,
     /// What this rank is doing before its first step, sent with every heartbeat.
     doing: Arc<Mutex<String>>,
+    /// One more than the newest ring generation the coordinator said to leave (0: none).
+    leave_below: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for Control {
@@ -120,6 +122,7 @@ impl Control {
             acked,
             acked_tx,
             finishing: Arc::new(AtomicBool::new(false)),
+            leave_below: Arc::new(AtomicU32::new(0)),
             stall: Mutex::new(0.0),
             doing: Arc::default(),
         })
@@ -189,6 +192,12 @@ impl Control {
         Ok(resp)
     }
 
+    /// Whether the coordinator said to leave ring `generation` (a member was lost as it
+    /// formed).
+    pub fn told_to_leave(&self, generation: u32) -> bool {
+        self.leave_below.load(Ordering::SeqCst) > generation
+    }
+
     /// Starts the heartbeat stream: a liveness report every `interval`, progress as it
     /// happens; a Stop command sets `stop`. If the stream breaks the process exits (status 1).
     pub fn start_heartbeat(&self, interval: Duration, stop: Arc<AtomicBool>) {
@@ -205,6 +214,7 @@ impl Control {
         let mut client = self.client.clone();
         let acked = self.acked_tx.clone();
         let finishing = self.finishing.clone();
+        let leave_below = self.leave_below.clone();
         let url = self.id.url.clone();
         self.rt.spawn(async move {
             let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
@@ -229,6 +239,14 @@ impl Control {
                         }
                         Some(proto::command::Command::Ack(_)) => {
                             acked.send_replace(true);
+                        }
+                        Some(proto::command::Command::Regroup(r)) => {
+                            tracing::warn!(
+                                generation = r.left_generation,
+                                "the coordinator says the ring being formed lost a member"
+                            );
+                            leave_below
+                                .fetch_max(r.left_generation.saturating_add(1), Ordering::SeqCst);
                         }
                         None => {}
                     },

@@ -489,14 +489,27 @@ impl crate::recovery::Regroup for Rejoiner {
             )));
         }
         *generation = joined.generation;
-        let ring =
-            TcpRing::with_listener(listener, self.rank, &joined.peers, self.timeout, &self.key)
-                // A member lost while the ring re-forms (the replacement died): regroup again
-                // (bounded by MAX_REGROUPS), so the coordinator can still take this rank's
-                // state as an emergency checkpoint.
-                .map_err(|e| Error::Regrouping {
-                    what: format!("re-form the gradient ring as rank {}: {e}", self.rank),
-                })?;
+        let ring_generation = joined.generation;
+        let control = &self.control;
+        let abandon = move || {
+            control.told_to_leave(ring_generation).then(|| {
+                format!("the coordinator says ring {ring_generation} lost a member as it formed")
+            })
+        };
+        let ring = TcpRing::with_listener_unless(
+            listener,
+            self.rank,
+            &joined.peers,
+            self.timeout,
+            &self.key,
+            &abandon,
+        )
+        // A member lost while the ring re-forms (the replacement died): regroup again
+        // (bounded by MAX_REGROUPS), so the coordinator can still take this rank's
+        // state as an emergency checkpoint.
+        .map_err(|e| Error::Regrouping {
+            what: format!("re-form the gradient ring as rank {}: {e}", self.rank),
+        })?;
         tracing::info!(
             rank = self.rank,
             generation = *generation,

@@ -5,6 +5,7 @@
 //! The export runs as its own Job ([`super::export`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,8 +32,9 @@ use crate::registry::lock;
 pub struct KubeLauncher {
     pub(super) client: Client,
     pub(super) flavor: Flavor,
-    /// A lost pod of an in-place job is replaced alone ([`render::Target::replace_pods`]).
-    replace_pods: bool,
+    /// A lost pod of an in-place job is replaced alone ([`render::Target::replace_pods`]);
+    /// turned off for good if the API server turns out not to keep the Job fields it needs.
+    replace_pods: AtomicBool,
     /// Live attempts: (job id, attempt) → their exits.
     attempts: Mutex<HashMap<(String, u32), Arc<AttemptWatch>>>,
     /// The version each job's export produced.
@@ -63,7 +65,7 @@ impl KubeLauncher {
         Arc::new(KubeLauncher {
             client,
             flavor,
-            replace_pods,
+            replace_pods: AtomicBool::new(replace_pods),
             attempts: Mutex::default(),
             exported: Mutex::default(),
             pods_changed: tokio::sync::watch::Sender::new(0),
@@ -104,7 +106,7 @@ impl KubeLauncher {
 
     /// Whether a lost pod of an in-place job is replaced alone.
     pub fn replaces_pods(&self) -> bool {
-        self.replace_pods
+        self.replace_pods.load(Ordering::Relaxed)
     }
 
     /// Forgets what it knows of a job (its LockstepJob is gone).
@@ -183,7 +185,7 @@ impl KubeLauncher {
             job_id: &spec.job_id,
             coordinator_url: &spec.coordinator,
             flavor: self.flavor,
-            replace_pods: self.replace_pods,
+            replace_pods: self.replaces_pods(),
         }
     }
 
@@ -198,29 +200,54 @@ impl KubeLauncher {
     ) -> Result<String, KubeError> {
         let (name, ns) = render::name_of(lsj).map_err(KubeError::Invalid)?;
         let object = render::attempt_name(name, spec.attempt);
-        let owner = match self.flavor {
+        // The live object: its pod template is what the gang's pods were made from (with what
+        // a queue or a webhook added: node selectors, tolerations).
+        let (uid, job_spec) = match self.flavor {
             Flavor::JobSet => {
                 Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &jobset_resource())
                     .get(&object)
                     .await
-                    .map(|o| o.metadata.uid)
+                    .map(|o| {
+                        let spec = o.data["spec"]["replicatedJobs"][0]["template"]["spec"].clone();
+                        (o.metadata.uid, spec)
+                    })
                     .map_err(KubeError::api(format!("get JobSet {ns}/{object}")))?
             }
             Flavor::IndexedJob => Api::<Job>::namespaced(self.client.clone(), ns)
                 .get(&object)
                 .await
-                .map(|o| o.metadata.uid)
+                .map(|o| {
+                    let spec = serde_json::to_value(&o.spec).unwrap_or_default();
+                    (o.metadata.uid, spec)
+                })
                 .map_err(KubeError::api(format!("get Job {ns}/{object}")))?,
         };
-        let uid = owner.ok_or_else(|| KubeError::Invalid(format!("{object} has no uid")))?;
+        let uid = uid.ok_or_else(|| KubeError::Invalid(format!("{object} has no uid")))?;
+        if job_spec["backoffLimitPerIndex"] != serde_json::json!(0) {
+            // Dropped by the API server: the Job would retry a lost pod itself, beside the
+            // coordinator's replacement. Restart gangs instead from now on.
+            self.replace_pods.store(false, Ordering::Relaxed);
+            return Err(KubeError::Invalid(format!(
+                "{object}: the API server dropped `backoffLimitPerIndex` from the gang's Job \
+                 (Kubernetes older than 1.29, its JobBackoffLimitPerIndex feature gate off, or a \
+                 JobSet CRD older than the field), so a lost pod cannot be replaced alone: the \
+                 gang restarts instead, and so will the next ones (run the coordinator with \
+                 --pod-replacement off to say so)"
+            )));
+        }
         let owner = match self.flavor {
             Flavor::JobSet => ("jobset.x-k8s.io/v1alpha2", "JobSet", uid.as_str()),
             Flavor::IndexedJob => ("batch/v1", "Job", uid.as_str()),
         };
-        let target = self.target(spec);
-        let pod =
-            render::replacement_pod(lsj, &target, spec.attempt, spec.worker, generation, owner)
-                .map_err(KubeError::Invalid)?;
+        let pod = render::replacement_pod(
+            lsj,
+            &job_spec["template"],
+            spec.attempt,
+            spec.worker,
+            generation,
+            owner,
+        )
+        .map_err(KubeError::Invalid)?;
         let pod_name = render::replacement_pod_name(name, spec.attempt, spec.worker, generation);
         // Its exits, and only its, are the worker's from now on.
         watch.expect(spec.worker, &pod_name);
@@ -259,11 +286,7 @@ impl KubeLauncher {
         let queue = lsj.spec.scheduling.kueue_queue.clone();
         let w = Arc::new(AttemptWatch::new(world, queue));
         let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
-        let mut selector =
-            format!("{LABEL_JOB}={name},{LABEL_ATTEMPT}={attempt},{LABEL_ROLE}=trainer");
-        if let Some(uid) = uid {
-            selector.push_str(&format!(",{LABEL_UID}={uid}"));
-        }
+        let selector = pod_selector(name, uid, attempt);
         let cfg = watcher::Config::default().labels(&selector);
         // The task holds the watch weakly: once the attempt's workers and this launcher let
         // go of it, dropping it aborts the task (a gang whose pods never came leaks no watch).
@@ -392,6 +415,15 @@ impl KubeLauncher {
     }
 }
 
+/// The label selector of `attempt`'s trainer pods (of the LockstepJob with that uid only).
+fn pod_selector(name: &str, uid: Option<&str>, attempt: u32) -> String {
+    let mut selector = format!("{LABEL_JOB}={name},{LABEL_ATTEMPT}={attempt},{LABEL_ROLE}=trainer");
+    if let Some(uid) = uid {
+        selector.push_str(&format!(",{LABEL_UID}={uid}"));
+    }
+    selector
+}
+
 /// One attempt's workers and the exits seen for them.
 struct AttemptWatch {
     /// The Kueue queue that admits the gang (its JobSet or Job is created suspended).
@@ -517,6 +549,8 @@ struct KubeWorker {
     flavor: Flavor,
     ns: String,
     name: String,
+    /// The label selector of the attempt's trainer pods.
+    selector: String,
     attempt: u32,
     worker: u32,
 }
@@ -550,42 +584,52 @@ impl WorkerHandle for KubeWorker {
         );
     }
 
-    /// Deletes this worker's pods (the attempt's other pods keep running) and reports it
-    /// killed.
+    /// Deletes this worker's pod (the attempt's other pods keep running) and reports it
+    /// killed: the replacement pod it is, or else the pod the gang's Job made for its index —
+    /// never a newer replacement.
     fn kill_one(&self) {
-        let (client, ns, name, attempt, worker) = (
+        let mine = lock(&self.watch.state)
+            .expected
+            .get(self.worker as usize)
+            .cloned()
+            .flatten();
+        let (client, ns, selector, attempt, worker) = (
             self.client.clone(),
             self.ns.clone(),
-            self.name.clone(),
+            self.selector.clone(),
             self.attempt,
             self.worker,
         );
         tokio::spawn(async move {
             let pods = Api::<Pod>::namespaced(client, &ns);
-            let lp = ListParams::default().labels(&format!(
-                "{LABEL_JOB}={name},{LABEL_ATTEMPT}={attempt},{LABEL_ROLE}=trainer"
-            ));
-            let list = match pods.list(&lp).await {
-                Ok(l) => l.items,
-                Err(e) => {
-                    tracing::error!(pod_of = %name, attempt, worker, error = %e, "cannot list the pods to kill");
-                    return;
-                }
+            let doomed: Vec<String> = match mine {
+                Some(pod) => vec![pod],
+                None => match pods.list(&ListParams::default().labels(&selector)).await {
+                    Ok(l) => {
+                        l.items
+                            .into_iter()
+                            .filter(|p| {
+                                let index = p.metadata.annotations.as_ref().and_then(|a| {
+                                    a.get("batch.kubernetes.io/job-completion-index")
+                                });
+                                let by_job =
+                                    p.metadata.owner_references.as_ref().is_some_and(|o| {
+                                        o.iter().any(|r| r.controller == Some(true))
+                                    });
+                                by_job && index.is_some_and(|i| *i == worker.to_string())
+                            })
+                            .filter_map(|p| p.metadata.name)
+                            .collect()
+                    }
+                    Err(e) => {
+                        tracing::error!(attempt, worker, error = %e, "cannot list the pods to kill");
+                        return;
+                    }
+                },
             };
-            for pod in list {
-                let index = pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get("batch.kubernetes.io/job-completion-index"));
-                let Some(p) = pod.metadata.name.as_deref() else {
-                    continue;
-                };
-                if index.map(String::as_str) != Some(worker.to_string().as_str()) {
-                    continue;
-                }
+            for p in doomed {
                 match pods
-                    .delete(p, &DeleteParams::default().grace_period(0))
+                    .delete(&p, &DeleteParams::default().grace_period(0))
                     .await
                 {
                     Ok(_) => tracing::info!(pod = %p, worker, "deleted the pod of a lost rank"),
@@ -662,13 +706,14 @@ impl Launcher for KubeLauncher {
             flavor: self.flavor,
             ns: ns.to_string(),
             name: name.to_string(),
+            selector: pod_selector(name, lsj.metadata.uid.as_deref(), spec.attempt),
             attempt: spec.attempt,
             worker: spec.worker,
         }))
     }
 
     fn replaces_in_place(&self) -> bool {
-        self.replace_pods
+        self.replaces_pods()
     }
 
     fn logs(&self, job: &str, placement: &Placement, dir: &std::path::Path) -> String {

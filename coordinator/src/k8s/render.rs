@@ -427,19 +427,43 @@ pub fn replacement_pod_name(name: &str, attempt: u32, worker: u32, generation: u
 }
 
 /// The pod that replaces lost `worker` of `attempt` (in-place recovery), joining ring
-/// `generation`: a pod of the attempt's trainer template with that worker's index, owned by the
-/// attempt's JobSet or Job (`owner`: its apiVersion, kind and uid) so it goes with the attempt.
-/// It carries no Job's selector labels: no Job controller takes it for its own.
+/// `generation`: a pod of the gang's live pod `template` (as the attempt's JobSet or Job holds it)
+/// with that worker's index, owned by the attempt's JobSet or Job (`owner`: its apiVersion, kind
+/// and uid) so it goes with the attempt. It carries none of a Job controller's labels, so no Job
+/// takes it for its own.
 pub fn replacement_pod(
     lsj: &LockstepJob,
-    t: &Target<'_>,
+    template: &Value,
     attempt: u32,
     worker: u32,
     generation: u32,
     owner: (&str, &str, &str),
 ) -> Result<Value, String> {
     let (name, _) = name_of(lsj)?;
-    let template = trainer_template(lsj, t, attempt)?;
+    if !template["spec"]["containers"].is_array() {
+        return Err(format!(
+            "{}: the gang's pod template has no containers",
+            attempt_name(name, attempt)
+        ));
+    }
+    let mut labels = template["metadata"]["labels"].clone();
+    if let Some(l) = labels.as_object_mut() {
+        l.retain(|k, _| {
+            !matches!(
+                k.as_str(),
+                "controller-uid"
+                    | "job-name"
+                    | "batch.kubernetes.io/controller-uid"
+                    | "batch.kubernetes.io/job-name"
+            )
+        });
+    }
+    let mut annotations = template["metadata"]["annotations"].clone();
+    if !annotations.is_object() {
+        annotations = json!({});
+    }
+    // Where the trainer reads its worker index (as on a Job's pods).
+    annotations["batch.kubernetes.io/job-completion-index"] = json!(worker.to_string());
     let (api_version, kind, uid) = owner;
     Ok(json!({
         "apiVersion": "v1",
@@ -447,9 +471,8 @@ pub fn replacement_pod(
         "metadata": {
             "name": replacement_pod_name(name, attempt, worker, generation),
             "namespace": lsj.metadata.namespace.as_deref().unwrap_or("default"),
-            "labels": template["metadata"]["labels"],
-            // Where the trainer reads its worker index (as on a Job's pods).
-            "annotations": {"batch.kubernetes.io/job-completion-index": worker.to_string()},
+            "labels": labels,
+            "annotations": annotations,
             "ownerReferences": [{
                 "apiVersion": api_version,
                 "kind": kind,

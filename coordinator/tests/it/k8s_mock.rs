@@ -61,7 +61,9 @@ fn api_server() -> (Client, Calls) {
                 "GET" => json!({"kind": "PodList", "apiVersion": "v1",
                     "metadata": {"resourceVersion": "1"}, "items": [{
                         "metadata": {"name": "ft-a1-1-xyz", "namespace": "ml",
-                            "annotations": {"batch.kubernetes.io/job-completion-index": "1"}},
+                            "annotations": {"batch.kubernetes.io/job-completion-index": "1"},
+                            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                                "name": "ft-a1", "uid": "u", "controller": true}]},
                         "status": {"phase": "Failed", "containerStatuses": [{
                             "name": "trainer", "image": "lockstep", "imageID": "", "ready": false,
                             "restartCount": 0, "state": {"terminated": {"exitCode": 137,
@@ -229,7 +231,7 @@ async fn a_lost_pod_of_an_in_place_gang_is_replaced_by_one_pod_and_its_job_fails
     let (client, calls) = api_server();
     let launcher = KubeLauncher::replacing_pods(client, Flavor::IndexedJob, true);
     assert!(launcher.replaces_in_place());
-    let (tx0, mut rx0) = tokio::sync::mpsc::unbounded_channel();
+    let (tx0, _rx0) = tokio::sync::mpsc::unbounded_channel();
     let (tx1, mut rx1) = tokio::sync::mpsc::unbounded_channel();
     let _w0 = launcher.launch(&worker(0), tx0).await.unwrap();
     let _w1 = launcher.launch(&worker(1), tx1).await.unwrap();
@@ -285,7 +287,8 @@ async fn a_lost_pod_of_an_in_place_gang_is_replaced_by_one_pod_and_its_job_fails
         "the lost pod's exit is not its replacement's"
     );
 
-    // Killing that worker alone deletes its pods, not the attempt; its exit arrives.
+    // Killing that worker alone deletes its pod — the replacement, not the pod it replaced —
+    // and not the attempt; its exit arrives.
     w1b.kill_one();
     let exit = tokio::time::timeout(Duration::from_secs(10), rx1b.recv())
         .await
@@ -303,8 +306,12 @@ async fn a_lost_pod_of_an_in_place_gang_is_replaced_by_one_pod_and_its_job_fails
                 .collect();
             if deleted
                 .iter()
-                .any(|u| u.starts_with("/api/v1/namespaces/ml/pods/ft-a1-1-xyz"))
+                .any(|u| u.starts_with("/api/v1/namespaces/ml/pods/ft-a1-rank-0-1-r1"))
             {
+                assert!(
+                    !deleted.iter().any(|u| u.contains("ft-a1-1-xyz")),
+                    "the replaced pod was deleted again: {deleted:?}"
+                );
                 assert!(
                     !deleted.iter().any(|u| u.contains("/jobs/")),
                     "the attempt's Job was deleted: {deleted:?}"
@@ -315,6 +322,53 @@ async fn a_lost_pod_of_an_in_place_gang_is_replaced_by_one_pod_and_its_job_fails
         }
     })
     .await
-    .expect("worker 1's pod deleted");
-    assert!(rx0.try_recv().is_err(), "worker 0 still runs");
+    .expect("worker 1's replacement pod deleted");
+}
+
+#[tokio::test]
+async fn killing_one_lost_worker_deletes_the_pod_its_job_made_for_it_and_nothing_else() {
+    let (client, calls) = api_server();
+    let launcher = KubeLauncher::replacing_pods(client, Flavor::IndexedJob, true);
+    let (tx0, _rx0) = tokio::sync::mpsc::unbounded_channel();
+    let (tx1, mut rx1) = tokio::sync::mpsc::unbounded_channel();
+    let _w0 = launcher.launch(&worker(0), tx0).await.unwrap();
+    let w1 = launcher.launch(&worker(1), tx1).await.unwrap();
+    // Rank 1 hangs (no heartbeat): only its pod goes.
+    w1.kill_one();
+    let exit = tokio::time::timeout(Duration::from_secs(10), rx1.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.worker, 1);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let calls = calls.lock().unwrap().clone();
+            let deleted: Vec<&String> = calls
+                .iter()
+                .filter(|(m, _, _)| m == "DELETE")
+                .map(|(_, u, _)| u)
+                .collect();
+            if !deleted.is_empty() {
+                assert_eq!(
+                    deleted,
+                    ["/api/v1/namespaces/ml/pods/ft-a1-1-xyz?"],
+                    "only rank 1's pod"
+                );
+                let listed = calls
+                    .iter()
+                    .find(|(m, u, _)| m == "GET" && u.contains("/pods?") && !u.contains("watch"))
+                    .map(|(_, u, _)| u.clone())
+                    .unwrap();
+                assert!(
+                    listed.contains("lockstep.dev%2Fjob-uid%3D0123456789abcdef-0000"),
+                    "only this LockstepJob's pods: {listed}"
+                );
+                break;
+            }
+            drop(calls);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("rank 1's pod deleted");
 }

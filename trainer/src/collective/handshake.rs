@@ -91,7 +91,11 @@ pub(super) fn word(h: &[u8; 16], i: usize) -> u32 {
     u32::from_le_bytes([h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]])
 }
 
-/// Connects to the next rank (retrying while it is not yet listening) and introduces this rank.
+/// Whether to give up forming the ring, and why (a member was lost as it formed).
+pub type Abandon<'a> = &'a (dyn Fn() -> Option<String> + Sync);
+
+/// Connects to the next rank (retrying while it is not yet listening, until `deadline` or
+/// `abandon` says to give up) and introduces this rank.
 pub(super) fn connect_next(
     rank: usize,
     world: usize,
@@ -99,6 +103,7 @@ pub(super) fn connect_next(
     addr: &str,
     deadline: Instant,
     key: &RingKey,
+    abandon: Abandon<'_>,
 ) -> Result<TcpStream, CollectiveError> {
     let timeout = deadline.saturating_duration_since(Instant::now());
     let fail = |reason: String| CollectiveError::Connect {
@@ -117,7 +122,11 @@ pub(super) fn connect_next(
         if left.is_zero() {
             return Err(fail("timed out".into()));
         }
-        match TcpStream::connect_timeout(&target, left) {
+        if let Some(why) = abandon() {
+            return Err(CollectiveError::Abandoned(why));
+        }
+        // A bounded try, so that `abandon` is heard while a peer does not answer.
+        match TcpStream::connect_timeout(&target, left.min(Duration::from_secs(1))) {
             Ok(mut s) => {
                 // hello: header + nonce; the acceptor answers with its header, nonce and proof;
                 // this rank checks it and sends its own proof.
@@ -159,13 +168,15 @@ pub(super) fn connect_next(
 /// Handshakes heard at once on a ring port.
 const MAX_HANDSHAKES: usize = 64;
 
-/// Accepts the previous rank's connection and checks who it is.
+/// Accepts the previous rank's connection and checks who it is (until `deadline`, or
+/// `abandon` says to give up).
 pub(super) fn accept_prev(
     listener: &TcpListener,
     world: usize,
     prev: usize,
     deadline: Instant,
     key: &RingKey,
+    abandon: Abandon<'_>,
 ) -> Result<TcpStream, CollectiveError> {
     let timeout = deadline.saturating_duration_since(Instant::now());
     let addr = listener
@@ -219,6 +230,9 @@ pub(super) fn accept_prev(
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 Err(e) => return Err(fail(e.to_string())),
             }
+        }
+        if let Some(why) = abandon() {
+            return Err(CollectiveError::Abandoned(why));
         }
         if Instant::now() >= deadline {
             return Err(fail(match &last_refusal {

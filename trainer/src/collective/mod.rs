@@ -12,6 +12,7 @@ mod tcp_ring;
 
 use std::time::Duration;
 
+pub use handshake::Abandon;
 #[cfg(feature = "cuda")]
 pub use nccl::Nccl;
 pub use tcp_ring::{RingKey, TcpRing};
@@ -39,6 +40,9 @@ pub enum CollectiveError {
         /// The last error.
         reason: String,
     },
+    /// The ring was given up as it formed: a member was lost (the coordinator said so).
+    #[error("gave up forming the ring: {0}")]
+    Abandoned(String),
     /// A peer closed its connection or the connection broke: the peer died.
     #[error("rank {peer} is gone ({op}): {source}")]
     PeerLost {

@@ -21,7 +21,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 pub use super::handshake::RingKey;
-use super::handshake::{accept_prev, connect_next};
+use super::handshake::{Abandon, accept_prev, connect_next};
 use super::{Collective, CollectiveError};
 
 #[cfg(not(target_endian = "little"))]
@@ -89,6 +89,19 @@ impl TcpRing {
         timeout: Duration,
         key: &RingKey,
     ) -> Result<TcpRing, CollectiveError> {
+        TcpRing::with_listener_unless(listener, rank, peers, timeout, key, &|| None)
+    }
+
+    /// As [`TcpRing::with_listener`], giving up as soon as `abandon` says why (a member was
+    /// lost as the ring formed) instead of waiting out `timeout` for it.
+    pub fn with_listener_unless(
+        listener: TcpListener,
+        rank: usize,
+        peers: &[String],
+        timeout: Duration,
+        key: &RingKey,
+        abandon: Abandon<'_>,
+    ) -> Result<TcpRing, CollectiveError> {
         let world = peers.len();
         if rank >= world {
             return Err(CollectiveError::Protocol {
@@ -111,9 +124,18 @@ impl TcpRing {
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
         let (next, prev) = std::thread::scope(|s| {
-            let next =
-                s.spawn(|| connect_next(rank, world, next_rank, &peers[next_rank], deadline, key));
-            let prev = accept_prev(&listener, world, prev_rank, deadline, key);
+            let next = s.spawn(|| {
+                connect_next(
+                    rank,
+                    world,
+                    next_rank,
+                    &peers[next_rank],
+                    deadline,
+                    key,
+                    abandon,
+                )
+            });
+            let prev = accept_prev(&listener, world, prev_rank, deadline, key, abandon);
             let next = next.join().unwrap_or_else(|_| {
                 Err(CollectiveError::Protocol {
                     peer: next_rank,
@@ -553,5 +575,34 @@ mod tests {
             started.elapsed()
         );
         drop(silent);
+    }
+
+    #[test]
+    fn a_ring_whose_member_was_lost_as_it_formed_is_given_up_when_told_not_at_the_timeout() {
+        // Rank 1 joined (its address is in the list) and died: it never connects or accepts.
+        let (listeners, peers) = loopback(2);
+        let mut ls = listeners.into_iter();
+        let l0 = ls.next().expect("l0");
+        drop(ls);
+        let key = RingKey::derive(b"job token", "job/1");
+        let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = told.clone();
+        let teller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let abandon = || {
+            told.load(std::sync::atomic::Ordering::SeqCst)
+                .then(|| "rank 1 was lost".to_string())
+        };
+        // With a timeout no test waits out: only being told ends it.
+        let r =
+            TcpRing::with_listener_unless(l0, 0, &peers, Duration::from_secs(600), &key, &abandon);
+        teller.join().expect("teller");
+        match r {
+            Err(CollectiveError::Abandoned(why)) => assert_eq!(why, "rank 1 was lost"),
+            Err(e) => panic!("expected the ring given up, got {e}"),
+            Ok(_) => panic!("a ring formed with a dead member"),
+        }
     }
 }
