@@ -133,6 +133,28 @@ impl JobRecord {
         });
     }
 
+    /// The newest recovery is under way and takes the last checkpoint (its gang is restarting).
+    pub fn recovering_from_checkpoint(&self) -> bool {
+        self.recoveries
+            .last()
+            .is_some_and(|r| r.seconds.is_none() && !r.superseded && r.path == "checkpoint")
+    }
+
+    /// The gang of the newest recovery, which lost its coordinator, checkpointed the step it
+    /// was at (`step`, committed by its rank 0) before it went: the restart resumes from it, as
+    /// from an emergency checkpoint.
+    pub fn kept_by_orphans(&mut self, step: u64) {
+        self.lifecycle.message.push_str(&format!(
+            "; its workers checkpointed step {step} as they lost the coordinator, and the gang \
+             restarts from it"
+        ));
+        if let Some(r) = self.recoveries.last_mut() {
+            r.path = "emergency-checkpoint".into();
+            r.step = r.step.max(step);
+            r.cause = self.lifecycle.message.clone();
+        }
+    }
+
     /// The survivors of the newest recovery's gang committed an emergency checkpoint of `step`
     /// (`writers` shards) before it restarts: the restart resumes from it.
     pub fn emergency_checkpoint(&mut self, step: u64, writers: usize) {

@@ -773,6 +773,15 @@ async fn launch(
         // A job resumed from an existing checkpoint (a rerun, a coordinator restart) has it as
         // its newest committed one until it commits another; after a set-aside, the newest is
         // the one it starts from.
+        if start.step > st.record.last_checkpoint && set_aside_note.is_none() {
+            // Newer than any this coordinator committed: the gang's own, taken as it lost its
+            // coordinator (it checkpointed the step it was at). A restart from it loses nothing.
+            if let Some(step) = start.step
+                && st.record.recovering_from_checkpoint()
+            {
+                st.record.kept_by_orphans(step);
+            }
+        }
         if start.step > st.record.last_checkpoint || set_aside_note.is_some() {
             st.record.last_checkpoint = start.step;
         }

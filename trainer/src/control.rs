@@ -54,6 +54,8 @@ pub struct Control {
     doing: Arc<Mutex<String>>,
     /// One more than the newest ring generation the coordinator said to leave (0: none).
     leave_below: Arc<AtomicU32>,
+    /// The heartbeat stream broke: the coordinator is gone.
+    orphaned: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Control {
@@ -123,6 +125,7 @@ impl Control {
             acked_tx,
             finishing: Arc::new(AtomicBool::new(false)),
             leave_below: Arc::new(AtomicU32::new(0)),
+            orphaned: Arc::new(AtomicBool::new(false)),
             stall: Mutex::new(0.0),
             doing: Arc::default(),
         })
@@ -198,9 +201,23 @@ impl Control {
         self.leave_below.load(Ordering::SeqCst) > generation
     }
 
+    /// Whether this rank lost its coordinator (its heartbeat stream broke).
+    pub fn orphaned(&self) -> bool {
+        self.orphaned.load(Ordering::SeqCst)
+    }
+
     /// Starts the heartbeat stream: a liveness report every `interval`, progress as it
-    /// happens; a Stop command sets `stop`. If the stream breaks the process exits (status 1).
-    pub fn start_heartbeat(&self, interval: Duration, stop: Arc<AtomicBool>) {
+    /// happens; a Stop command sets `stop`. If the stream breaks (the coordinator is gone),
+    /// `stop` is set too: the gang checkpoints the step it is at, rank 0 commits it through the
+    /// store, and the rank exits — a coordinator that takes the job over resumes from that
+    /// step. Whatever is not done `orphan_deadline` after the loss, the process exits (status
+    /// 1) there.
+    pub fn start_heartbeat(
+        &self,
+        interval: Duration,
+        stop: Arc<AtomicBool>,
+        orphan_deadline: Duration,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let report = |r| proto::WorkerReport {
             job_id: self.id.job.clone(),
@@ -215,14 +232,35 @@ impl Control {
         let acked = self.acked_tx.clone();
         let finishing = self.finishing.clone();
         let leave_below = self.leave_below.clone();
+        let orphaned = self.orphaned.clone();
         let url = self.id.url.clone();
+        let stop_on_loss = stop.clone();
         self.rt.spawn(async move {
             let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-            // Nobody could commit this worker's checkpoints or restart its gang: exit. Either
-            // way the coordinator (or its restart) starts a new attempt from the last commit.
+            // Nobody can restart this gang now: it checkpoints where it is (rank 0 commits)
+            // and exits, so that the coordinator's restart resumes from there; bounded by
+            // `orphan_deadline`.
             let lost = |e: Error| {
-                if !finishing.load(Ordering::SeqCst) {
-                    eprintln!("error: {e}; exiting");
+                if finishing.load(Ordering::SeqCst) || orphaned.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                eprintln!(
+                    "error: {e}; checkpointing the step this gang is at (rank 0 commits it) \
+                     and exiting (at most {orphan_deadline:?} from now)"
+                );
+                stop_on_loss.store(true, Ordering::SeqCst);
+                let watchdog = std::thread::Builder::new()
+                    .name("orphan-deadline".into())
+                    .spawn(move || {
+                        std::thread::sleep(orphan_deadline);
+                        eprintln!(
+                            "error: lost the coordinator {orphan_deadline:?} ago and could not \
+                             checkpoint since; exiting"
+                        );
+                        std::process::exit(1);
+                    });
+                if watchdog.is_err() {
+                    eprintln!("error: lost the coordinator; exiting");
                     std::process::exit(1);
                 }
             };
@@ -370,6 +408,10 @@ impl Control {
 }
 
 impl ShardCommitter for Control {
+    fn orphaned(&self) -> bool {
+        Control::orphaned(self)
+    }
+
     fn commit_shard(&self, r: ShardReport<'_>) -> Result<(u64, u64)> {
         let encode = |what: &str, v: serde_json::Result<Vec<u8>>| {
             v.map_err(|e| Error::Internal(format!("cannot serialise the {what}: {e}")))

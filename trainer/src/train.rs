@@ -171,6 +171,8 @@ pub struct Summary {
     pub params_hash: String,
     /// This rank replaced a lost one and started from a survivor's state.
     pub replacement: bool,
+    /// The gang lost its coordinator and stopped, rank 0 committing its last checkpoint.
+    pub orphaned: bool,
 }
 
 /// xxh3-64 (hex) of the parameters' f32 bytes, in order.
@@ -332,6 +334,18 @@ pub fn train<B: AutodiffBackend>(
         plan.world,
         plan.config_hash.clone(),
     )?;
+    if opts.committer.is_some() {
+        // The coordinator lost: the gang's last checkpoint is committed by rank 0 instead,
+        // keeping every checkpoint (a coordinator that takes the job over resumes from it).
+        ckpt.orphan_commits_by(Authority::Rank0 {
+            job: config.job.name.clone(),
+            retention: lockstep_storage::RetentionPolicy {
+                keep_last: usize::MAX,
+                keep_every: None,
+            },
+            protected: Vec::new(),
+        });
+    }
     let mut summary = Summary {
         from_step,
         step: from_step,
@@ -344,6 +358,7 @@ pub fn train<B: AutodiffBackend>(
         stopped_early: false,
         params_hash: String::new(),
         replacement,
+        orphaned: false,
     };
     let loop_start = Instant::now();
     let mut last_checkpoint = loop_start;
@@ -533,6 +548,7 @@ pub fn train<B: AutodiffBackend>(
         settle(o, &mut summary, &mut failing, true, config, on_event)?;
     }
     summary.step = ts.step;
+    summary.orphaned = ckpt.orphaned_gang();
     summary.params_hash = params_hash(&state.model);
     summary.stopped_early |= ts.step < t.steps;
     let trained = ts.step - from_step;

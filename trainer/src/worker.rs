@@ -258,6 +258,22 @@ pub fn run(opts: &Options) -> Result<u8> {
         other => other?,
     };
     progress.finish();
+    if control.as_ref().is_some_and(|c| c.orphaned()) {
+        // Nobody to report to: say what is left for the coordinator that takes the job over.
+        print_summary(&config, &summary);
+        let kept = match summary.checkpoints.last() {
+            Some(w) if summary.orphaned => format!(
+                "rank 0 committed checkpoint {} of the step it stopped at, which a coordinator \
+                 taking the job over resumes from",
+                w.step
+            ),
+            _ => "its newest committed checkpoint is where a coordinator taking the job over \
+                  resumes"
+                .to_string(),
+        };
+        eprintln!("error: lost the coordinator; {kept}");
+        return Ok(1);
+    }
     if let Some(c) = &control {
         c.finished(&summary, Duration::from_secs(10))?;
     }
@@ -410,7 +426,13 @@ fn join_gang(
     };
     let hb = (config.job.heartbeat_timeout / 5)
         .clamp(Duration::from_millis(100), Duration::from_secs(2));
-    control.start_heartbeat(hb, stop);
+    // Losing the coordinator leaves the gang this long to finish its step and checkpoint it.
+    let orphan_deadline = config
+        .job
+        .collective_timeout
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(120));
+    control.start_heartbeat(hb, stop, orphan_deadline);
     let ring = TcpRing::with_listener(
         listener,
         rank,

@@ -617,18 +617,23 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
         "{err}"
     );
 
-    // Persistence: kill -9 the coordinator mid-run; its workers go (they lose it), a new one
-    // finds the job in its store and restarts it from the last committed checkpoint.
+    // Persistence: kill -9 the coordinator between two checkpoints; its workers lose it, so
+    // they checkpoint the step they are at (rank 0 commits it through the store) and go; a
+    // new coordinator finds the job in its store and restarts it from that step.
     std::fs::remove_dir_all(d.join("ckpt")).ok();
     config(d, 600, &[("heartbeat_timeout", "\"3s\"")]);
     let (code, out) = server.cli(d, &["submit", "job.toml"]);
     assert_eq!(code, 0, "{out}");
     let job = out.lines().next().unwrap().trim().to_string();
-    server.wait_for(d, &job, "a checkpoint", |s| {
+    let seen = server.wait_for(d, &job, "a step between checkpoints", |s| {
         s["last_checkpoint"].as_u64().is_some_and(|c| c >= 100)
+            && s["step"]
+                .as_u64()
+                .is_some_and(|t| (5..20).contains(&(t % 25)))
     });
+    let logs = server.data.join("jobs").join(&job);
     drop(server); // SIGKILL
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !trainers(&job, None).is_empty() {
         assert!(
             Instant::now() < deadline,
@@ -636,6 +641,23 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let kept = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let url = format!("file://{}/ckpt", d.display());
+        let store = lockstep_storage::CheckpointStore::open(&url).unwrap();
+        rt.block_on(store.latest()).unwrap().unwrap()
+    };
+    assert!(
+        kept >= seen["step"].as_u64().unwrap(),
+        "the newest checkpoint, {kept}, is older than the step seen before the kill: {seen}"
+    );
+    let rank0 = std::fs::read_to_string(logs.join("attempt-1/rank-0.log")).unwrap();
+    assert!(
+        rank0.contains(&format!(
+            "lost the coordinator; rank 0 committed checkpoint {kept} of the step it stopped at"
+        )),
+        "{rank0}"
+    );
     let server = Server::start(d, port);
     let end = server.wait_for(d, &job, "the end", |s| {
         matches!(
@@ -645,6 +667,23 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
     });
     assert_eq!(end["state"], "succeeded", "{end}");
     assert!(end["attempt"].as_u64() >= Some(2), "{end}");
+    let rank0 = std::fs::read_to_string(logs.join("attempt-2/rank-0.log")).unwrap();
+    assert!(
+        rank0.contains(&format!("resuming from step {kept} of")),
+        "attempt 2 did not resume from the step the workers kept: {rank0}"
+    );
+    let r = &end["recoveries"][0];
+    assert_eq!(
+        (r["path"].as_str(), r["steps_lost"].as_u64()),
+        (Some("emergency-checkpoint"), Some(0)),
+        "{end}"
+    );
+    assert!(
+        r["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains(&format!("its workers checkpointed step {kept}"))),
+        "{end}"
+    );
     let m = server.metrics();
     assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
     for name in [

@@ -220,6 +220,10 @@ pub fn kill_group(pid: u32) {
 
 /// SIGKILL to a leftover worker just found alive in /proc: its group, or the process alone
 /// when it leads none (started by something else).
+/// How long workers left by a coordinator that died get to checkpoint and exit by themselves
+/// before the coordinator that takes their job over kills them.
+pub const LEFTOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn kill_leftover(pid: u32) {
     if let Ok(p) = i32::try_from(pid) {
         let p = nix::unistd::Pid::from_raw(p);
@@ -422,6 +426,17 @@ impl Launcher for LocalProcess {
         // Reads /proc: on the blocking pool. Processes are this job's workers by their command
         // line (`train … --job JOB`), so a reused pid is never mistaken for one.
         let scan = tokio::task::spawn_blocking(move || {
+            // Workers that lost their coordinator checkpoint the step they are at and exit by
+            // themselves: give them that long before killing what is left.
+            let until = std::time::Instant::now() + LEFTOVER_GRACE;
+            let mut told = false;
+            while !local_trainers(&job, None).is_empty() && std::time::Instant::now() < until {
+                if !std::mem::replace(&mut told, true) {
+                    tracing::warn!(job = %job, grace = ?LEFTOVER_GRACE,
+                        "workers left by the previous coordinator are still running: waiting for them to checkpoint and exit");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
             for pid in local_trainers(&job, None) {
                 tracing::warn!(pid, job = %job, "killing a worker left by the previous coordinator");
                 kill_leftover(pid);

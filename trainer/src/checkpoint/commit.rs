@@ -36,6 +36,12 @@ pub trait ShardCommitter: Send + Sync + std::fmt::Debug {
     /// Reports `report`'s shard as durable; returns once the whole checkpoint is committed,
     /// with its stored and raw bytes, or why it cannot be.
     fn commit_shard(&self, report: ShardReport<'_>) -> Result<(u64, u64)>;
+
+    /// The coordinator is gone (this rank lost its heartbeat stream): the gang commits its
+    /// last checkpoint without it ([`Checkpoints::orphan_commits_by`]).
+    fn orphaned(&self) -> bool {
+        false
+    }
 }
 
 /// Who commits.
@@ -66,6 +72,10 @@ pub struct Checkpoints {
     pending: Option<(TrainerState, Option<Result<Written>>)>,
     /// A checkpoint whose commit the gang's loss of a rank interrupted.
     interrupted: Option<u64>,
+    /// Who commits once the gang agrees it lost its coordinator.
+    orphan: Option<Authority>,
+    /// The gang lost its coordinator: `orphan` commits.
+    orphaned: bool,
 }
 
 /// What the gang agreed after a step ([`Checkpoints::progress`]).
@@ -121,7 +131,41 @@ impl Checkpoints {
             config_hash,
             pending: None,
             interrupted: None,
+            orphan: None,
+            orphaned: false,
         })
+    }
+
+    /// Once the gang agrees it lost its coordinator (any rank's [`ShardCommitter::orphaned`]),
+    /// checkpoints are committed by `authority` instead (rank 0, through the store), so the
+    /// step the gang stops at survives the coordinator.
+    pub fn orphan_commits_by(&mut self, authority: Authority) {
+        self.orphan = Some(authority);
+    }
+
+    /// 1 when this rank's coordinator is gone, else 0.
+    fn orphaned(&self) -> f32 {
+        match &self.authority {
+            Authority::Coordinator(c) if c.orphaned() => 1.0,
+            _ => 0.0,
+        }
+    }
+
+    /// The gang agreed it lost its coordinator: commit without it from now on.
+    fn orphan(&mut self, agreed: bool) {
+        if agreed && let Some(a) = self.orphan.take() {
+            tracing::warn!(
+                rank = self.rank,
+                "the gang lost its coordinator: rank 0 commits its checkpoints through the store"
+            );
+            self.authority = a;
+            self.orphaned = true;
+        }
+    }
+
+    /// Whether the gang lost its coordinator and commits without it.
+    pub fn orphaned_gang(&self) -> bool {
+        self.orphaned
     }
 
     /// Hands a snapshot to the writer. Call [`Checkpoints::finish`] first: one in flight.
@@ -201,8 +245,16 @@ impl Checkpoints {
         };
         // A signal reaches ranks at different steps: agree, so all stop at the same one.
         let flag = |b: bool| if b { 1.0f32 } else { 0.0 };
-        let mut flags = [flag(stop), done, failed, flag(time_due), self.refused()];
+        let mut flags = [
+            flag(stop),
+            done,
+            failed,
+            flag(time_due),
+            self.refused(),
+            self.orphaned(),
+        ];
         collective.all_reduce_sum(&mut flags)?;
+        self.orphan(flags[5] > 0.0);
         let committed = if flags[2] > 0.0 || flags[1] as usize == self.world {
             self.commit_round(flags[2] > 0.0, flags[4] > 0.0, collective, rt)?
         } else {
@@ -243,8 +295,9 @@ impl Checkpoints {
         } else {
             0.0
         };
-        let mut flags = [failed, self.refused()];
+        let mut flags = [failed, self.refused(), self.orphaned()];
         collective.all_reduce_sum(&mut flags)?;
+        self.orphan(flags[2] > 0.0);
         self.commit_round(flags[0] > 0.0, flags[1] > 0.0, collective, rt)
     }
 
