@@ -11,7 +11,7 @@ use lockstep_storage::lease::Lease;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::launcher::Refused;
+use crate::launcher::{LEFTOVER_GRACE, Refused, kill_group, local_trainers};
 use crate::registry::Job;
 use crate::state::Input;
 
@@ -29,13 +29,55 @@ fn by() -> String {
 }
 
 /// Takes job `id`'s lease on `checkpoint_url` (`None` for `memory://`). Another live job's is
-/// [`Error::Refused`], naming it.
+/// [`Error::Refused`], naming it — unless its coordinator ran on this machine and is gone (a
+/// `lockstep run` killed): its workers are checkpointing the step they were at, so they are
+/// waited for (up to [`LEFTOVER_GRACE`], then killed) and the lease is taken over, for the
+/// new job to resume from that step at once instead of when the lease expires.
 pub async fn take(checkpoint_url: &str, id: &str) -> Result<Option<Lease>> {
-    match Lease::acquire(checkpoint_url, id, &by(), LEASE_TTL).await {
+    let refused = match Lease::acquire(checkpoint_url, id, &by(), LEASE_TTL).await {
+        Ok(l) => return Ok(l),
+        Err(lockstep_storage::Error::Refused { reason }) => reason,
+        Err(e) => return Err(Error::Storage(e)),
+    };
+    let Ok(Some(gone)) = lockstep_storage::lease::holder(checkpoint_url).await else {
+        return Err(Error::Refused(Refused(refused)));
+    };
+    let Some(pid) = dead_here(&gone.by) else {
+        return Err(Error::Refused(Refused(refused)));
+    };
+    tracing::warn!(holder = %gone.describe(), pid, "the job holding the checkpoint URL lost its coordinator: waiting for its workers to checkpoint and exit, then taking the URL over");
+    let job = gone.job.clone();
+    let waited = tokio::task::spawn_blocking(move || {
+        let until = std::time::Instant::now() + LEFTOVER_GRACE;
+        while !local_trainers(&job, None).is_empty() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for pid in local_trainers(&job, None) {
+            tracing::warn!(pid, job = %job, "killing a worker of the job whose coordinator died");
+            kill_group(pid);
+        }
+    });
+    if let Err(e) = waited.await {
+        tracing::error!(error = %e, "cannot wait for the workers of the job whose coordinator died");
+    }
+    match Lease::take_over(checkpoint_url, id, &by(), LEASE_TTL, &gone).await {
         Ok(l) => Ok(l),
         Err(lockstep_storage::Error::Refused { reason }) => Err(Error::Refused(Refused(reason))),
         Err(e) => Err(Error::Storage(e)),
     }
+}
+
+/// The pid of the coordinator a lease holder names (`coordinator pid N on HOST`, see [`by`]),
+/// when it ran on this machine and is not running any more.
+fn dead_here(by: &str) -> Option<u32> {
+    let rest = by.strip_prefix("coordinator pid ")?;
+    let (pid, host) = rest.split_once(" on ")?;
+    let pid: u32 = pid.parse().ok()?;
+    let here = nix::unistd::gethostname().ok()?.into_string().ok()?;
+    (host == here
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    .then_some(pid)
 }
 
 /// Gives up `job`'s lease (when it ended: before its final state is published, so that a

@@ -78,6 +78,28 @@ impl Lease {
     /// `Ok(None)` for `memory://` roots (one process's own: nothing to share). Another live
     /// job's lease is [`Error::Refused`], naming it and until when it holds.
     pub async fn acquire(url: &str, job: &str, by: &str, ttl: Duration) -> Result<Option<Lease>> {
+        Lease::take(url, job, by, ttl, None).await
+    }
+
+    /// As [`Lease::acquire`], also taking it from `stale`, a holder known to be gone before its
+    /// lease expired (its coordinator died, and its workers with it), if it still holds it.
+    pub async fn take_over(
+        url: &str,
+        job: &str,
+        by: &str,
+        ttl: Duration,
+        stale: &Holder,
+    ) -> Result<Option<Lease>> {
+        Lease::take(url, job, by, ttl, Some(stale)).await
+    }
+
+    async fn take(
+        url: &str,
+        job: &str,
+        by: &str,
+        ttl: Duration,
+        stale: Option<&Holder>,
+    ) -> Result<Option<Lease>> {
         let Some((root, pointer)) = lease_object(url)? else {
             return Ok(None);
         };
@@ -100,6 +122,7 @@ impl Lease {
                         && h.job != job
                         && h.expires_unix_ms > now_ms()
                         && h.expires_unix_ms <= plausible
+                        && stale.is_none_or(|s| s.job != h.job || s.by != h.by)
                     {
                         let left = (h.expires_unix_ms - now_ms()).div_ceil(1000);
                         return Err(Error::Refused {
@@ -198,6 +221,37 @@ pub async fn holder(url: &str) -> Result<Option<Holder>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_lease_is_taken_over_only_from_the_holder_known_to_be_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/ckpt", d.path().display());
+        let ttl = Duration::from_secs(60);
+        let _a = Lease::acquire(&url, "a-1", "pid 1 on h", ttl)
+            .await
+            .unwrap()
+            .unwrap();
+        let dead = holder(&url).await.unwrap().unwrap();
+        // A holder other than the one known gone is still refused.
+        let other = Holder {
+            job: "x-0".into(),
+            ..dead.clone()
+        };
+        let e = Lease::take_over(&url, "b-2", "pid 2 on h", ttl, &other)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("in use by job a-1"), "{e}");
+        let _b = Lease::take_over(&url, "b-2", "pid 2 on h", ttl, &dead)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(holder(&url).await.unwrap().unwrap().job, "b-2");
+        // Once b holds it, a's staleness is no key to it.
+        let e = Lease::take_over(&url, "c-3", "pid 3 on h", ttl, &dead)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("in use by job b-2"), "{e}");
+    }
 
     #[tokio::test]
     async fn one_job_holds_a_root_until_it_releases_or_its_lease_expires() {

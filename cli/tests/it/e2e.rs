@@ -713,6 +713,57 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
     );
 }
 
+/// `lockstep run` killed with SIGKILL between two checkpoints: its workers checkpoint the step
+/// they are at (rank 0 commits it) and go; running it again takes the checkpoint URL over at
+/// once instead of being refused until the dead run's lease expires, resumes from that step,
+/// and ends bit-identical to a run never killed.
+#[test]
+fn a_lockstep_run_killed_and_run_again_loses_no_step() {
+    use std::io::{BufRead, BufReader};
+    let _gang = one_gang();
+    let (clean_dir, clean) = straight(300);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    config(d, 300, &[]);
+    let mut child = lockstep(d)
+        .args(["run", "job.toml", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = None;
+    for line in out.lines() {
+        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if s["state"] == "running"
+            && s["last_checkpoint"].as_u64().is_some_and(|c| c >= 100)
+            && s["step"]
+                .as_u64()
+                .is_some_and(|t| (5..20).contains(&(t % 25)))
+        {
+            seen = Some(s);
+            break;
+        }
+    }
+    let seen = seen.expect("the run reached a step between two checkpoints");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let (code, lines) = run(d, None);
+    assert_eq!(code, 0, "{:?}", last(&lines));
+    let first = lines
+        .iter()
+        .find(|s| s["state"] == "running")
+        .expect("the rerun ran");
+    assert!(
+        first["last_checkpoint"].as_u64() >= seen["step"].as_u64(),
+        "the rerun started from checkpoint {} although the killed run was at step {}",
+        first["last_checkpoint"],
+        seen["step"]
+    );
+    assert_identical(clean_dir.path(), &clean, d, last(&lines));
+}
+
 /// An error a restart cannot fix (here: a base model whose config.json is not one) fails the
 /// job at once, with the worker's own message in the job's status, instead of being retried
 /// `max_restarts` times and reported as a bare exit status.
