@@ -9,10 +9,15 @@
 //! ```text
 //! cargo build --release
 //! cargo run --release -p lockstep-benchmarks --bin chaos -- [CONFIG] [KILLS] [SEED] \
-//!     [--stops N] [--store-faults SPEC] [--set SECTION.KEY=VALUE ...]
+//!     [--stops N] [--coordinator-kills N] [--store-faults SPEC] [--set SECTION.KEY=VALUE ...]
 //! ```
 //!
 //! CONFIG defaults to configs/quickstart.toml, KILLS to 5, SEED to 1, no SIGSTOPs.
+//! `--coordinator-kills N` also SIGKILLs the `lockstep run` process itself N times (spread
+//! among the other signals) and runs it again at once, as a user would: its workers checkpoint
+//! the step they are at and exit, and the new run takes the checkpoint URL over and resumes; its
+//! recovery counts from the kill to the new run's first finished step, its steps lost from the
+//! newest step seen before the kill to the step the new run starts from.
 //! `--store-faults` runs the chaos run's checkpoint stores through `UnreliableStore`
 //! (`LOCKSTEP_STORE_FAULTS`, e.g. `fail=0.1,truncate=0.1`): every checkpoint the run committed
 //! is then verified, and the status's checkpoint failures are reported. A stopped
@@ -25,7 +30,8 @@
 //! succeeded or exported, and the same parameters), or hung.
 //!
 //! `chaos --smoke` is the test suite's run (benchmarks/tests/smoke.rs): a tiny two-rank job,
-//! one kill, the binary `$LOCKSTEP_BIN` (default target/debug/lockstep); seconds, no figures.
+//! one kill of a rank and one of the coordinator, the binary `$LOCKSTEP_BIN` (default
+//! target/debug/lockstep); seconds, no figures.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -54,13 +60,25 @@ fn next(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// One planned signal: at (or after) this step, after this many ms, to this rank.
+/// One planned signal: at (or after) this step, after this many ms, to this rank (or to the
+/// coordinator, the `lockstep run` process).
 #[derive(Debug, Clone, Copy)]
 struct Event {
     step: u64,
     delay_ms: u64,
     rank: u32,
     signal: Signal,
+    coordinator: bool,
+}
+
+impl Event {
+    fn what(&self) -> String {
+        if self.coordinator {
+            "coordinator SIGKILL".into()
+        } else {
+            format!("{:?}", self.signal)
+        }
+    }
 }
 
 /// A signal sent and how its recovery went.
@@ -104,29 +122,49 @@ fn run(
     for s in sets {
         cmd.arg("--set").arg(s);
     }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("start {}", lockstep.display()))?;
-    let out = BufReader::new(child.stdout.take().context("stdout")?);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines() {
-            if tx.send(line).is_err() {
-                return;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+    let start = |cmd: &mut Command| -> Result<(std::process::Child, mpsc::Receiver<_>)> {
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", lockstep.display()))?;
+        let out = BufReader::new(child.stdout.take().context("stdout")?);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                if tx.send(line).is_err() {
+                    return;
+                }
             }
-        }
-    });
+        });
+        Ok((child, rx))
+    };
+    let (mut child, mut rx) = start(&mut cmd)?;
     let mut plan = plan.iter().copied().peekable();
     // The hit whose recovery is awaited: its index and when its signal went (Unix ms).
     let mut pending: Option<(usize, i64)> = None;
     let mut hits: Vec<Hit> = Vec::new();
+    // Hits before the current `lockstep run` (its recoveries list starts after them).
+    let mut base = 0usize;
+    // The coordinator was killed: the hit, when, the newest step and checkpoint seen before.
+    let mut orphaned: Option<(usize, i64, u64, u64)> = None;
+    // The run after a coordinator kill: the step it started from, once it said.
+    let mut resumed: Option<u64> = None;
+    // The lines come from the run started after the coordinator kill.
+    let mut fresh = false;
     let mut end = Value::Null;
     let mut hung = false;
     loop {
         let line = match rx.recv_timeout(HANG) {
             Ok(line) => line?,
+            Err(mpsc::RecvTimeoutError::Disconnected) if orphaned.is_some() => {
+                // Run it again at once: it takes the URL over from the dead run.
+                child.wait()?;
+                (child, rx) = start(&mut cmd)?;
+                base = hits.len();
+                resumed = None;
+                fresh = true;
+                continue;
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 println!("no status change for {HANG:?}: the run hangs; killing it");
@@ -135,10 +173,37 @@ fn run(
                 break;
             }
         };
+        // What the killed run printed before it died is not the new run's.
+        if orphaned.is_some() && resumed.is_none() && !fresh {
+            continue;
+        }
         let s: Value = serde_json::from_str(&line)?;
         let step = s["step"].as_u64().unwrap_or(0);
+        if let Some((i, at, seen, kept)) = orphaned
+            && s["state"] == "running"
+        {
+            let from = *resumed.get_or_insert(s["last_checkpoint"].as_u64().unwrap_or(0));
+            if step > from {
+                let r = Recovered {
+                    seconds: (now_ms() - at).max(0) as f64 / 1e3,
+                    path: if from > kept {
+                        "emergency-checkpoint".into()
+                    } else {
+                        "checkpoint".into()
+                    },
+                    steps_lost: seen.saturating_sub(from),
+                    first_step: step,
+                };
+                println!(
+                    "  recovered ({}, from step {from}) in {:.2} s, {} steps lost, first step {}",
+                    r.path, r.seconds, r.steps_lost, r.first_step
+                );
+                hits[i].recovered = Some(r);
+                orphaned = None;
+            }
+        }
         if let Some((i, at)) = pending
-            && let Some(r) = recovered(&s, i, at)
+            && let Some(r) = recovered(&s, i - base, at)
         {
             println!(
                 "  recovered {} in {:.2} s, {} steps lost, first step {}",
@@ -148,6 +213,7 @@ fn run(
             pending = None;
         }
         if pending.is_none()
+            && orphaned.is_none()
             && s["state"] == "running"
             && let Some(&e) = plan.peek()
             && step >= e.step
@@ -155,7 +221,22 @@ fn run(
             let job = s["job"].as_str().unwrap_or_default().to_string();
             // A random moment within a step.
             std::thread::sleep(Duration::from_millis(e.delay_ms));
-            if let Some(&pid) = trainer_pids(&job, e.rank).first() {
+            if e.coordinator {
+                let at = now_ms();
+                child.kill()?;
+                println!(
+                    "SIGKILL the coordinator (pid {}) at step {step}",
+                    child.id()
+                );
+                hits.push(Hit {
+                    event: e,
+                    step,
+                    recovered: None,
+                });
+                let kept = s["last_checkpoint"].as_u64().unwrap_or(0);
+                orphaned = Some((hits.len() - 1, at, step, kept));
+                fresh = false;
+            } else if let Some(&pid) = trainer_pids(&job, e.rank).first() {
                 let at = now_ms();
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), e.signal)?;
                 println!("{:?} rank {} (pid {pid}) at step {step}", e.signal, e.rank);
@@ -209,6 +290,7 @@ fn main() -> Result<()> {
     let mut args = Vec::new();
     let mut sets = Vec::new();
     let mut stops = 0usize;
+    let mut coordinator_kills = 0usize;
     let mut faults: Option<String> = None;
     let mut it = all.iter();
     while let Some(a) = it.next() {
@@ -226,6 +308,13 @@ fn main() -> Result<()> {
                     .context("--stops needs N")?
                     .parse()
                     .context("--stops")?
+            }
+            "--coordinator-kills" => {
+                coordinator_kills = it
+                    .next()
+                    .context("--coordinator-kills needs N")?
+                    .parse()
+                    .context("--coordinator-kills")?
             }
             _ => args.push(a.clone()),
         }
@@ -247,6 +336,8 @@ fn main() -> Result<()> {
             .set("checkpoint.every_steps", 20)
             .write_to(&tmp);
         let bin = std::env::var("LOCKSTEP_BIN").unwrap_or_else(|_| "target/debug/lockstep".into());
+        // One rank killed and the coordinator killed once.
+        coordinator_kills = 1;
         (config, 1, 1, PathBuf::from(bin))
     } else {
         let config = PathBuf::from(
@@ -273,15 +364,24 @@ fn main() -> Result<()> {
     let (steps, world) = (parsed.train.steps, parsed.job.world_size);
     // Signal steps spread over the run (each after the previous recovery), a random rank and
     // moment each time; the SIGSTOPs spread among the SIGKILLs.
-    let events = kills + stops;
+    let events = kills + stops + coordinator_kills;
     let mut rng = seed;
     let span = (steps / (events as u64 + 1)).max(1);
+    // Exactly `stops` of the events are SIGSTOPs and `coordinator_kills` of the others kill the
+    // coordinator, each kind evenly spread.
+    let is_stop = |i: usize| (i * stops) / events != ((i + 1) * stops) / events;
+    let others: Vec<usize> = (0..events).filter(|&i| !is_stop(i)).collect();
+    let coordinator_at: Vec<usize> = (0..coordinator_kills)
+        .filter_map(|j| others.get((2 * j + 1) * others.len() / (2 * coordinator_kills)))
+        .copied()
+        .collect();
     let plan: Vec<Event> = (0..events)
         .map(|i| {
             let at = span * (i as u64 + 1) - span / 4 + next(&mut rng) % (span / 2).max(1);
-            // Exactly `stops` of the events, evenly spread.
-            let stop = (i * stops) / events != ((i + 1) * stops) / events;
+            let stop = is_stop(i);
+            let coordinator = coordinator_at.contains(&i);
             Event {
+                coordinator,
                 step: at.min(steps.saturating_sub(1)),
                 delay_ms: next(&mut rng) % 300,
                 rank: (next(&mut rng) % u64::from(world)) as u32,
@@ -308,9 +408,10 @@ fn main() -> Result<()> {
     )?;
     let clean_secs = t.elapsed().as_secs_f64();
     let n_stop = plan.iter().filter(|e| e.signal == Signal::SIGSTOP).count();
+    let n_coord = plan.iter().filter(|e| e.coordinator).count();
     println!(
-        "chaos run: {} SIGKILLs and {n_stop} SIGSTOPs",
-        plan.len() - n_stop
+        "chaos run: {} SIGKILLs of ranks, {n_stop} SIGSTOPs, {n_coord} SIGKILLs of the coordinator",
+        plan.len() - n_stop - n_coord
     );
     let t = Instant::now();
     let chaos = run(
@@ -337,24 +438,36 @@ fn main() -> Result<()> {
         chaos
             .hits
             .iter()
-            .filter(|h| h.event.signal == sig)
+            .filter(|h| h.event.signal == sig && !h.event.coordinator)
             .filter_map(|h| h.recovered.as_ref().map(|r| r.seconds))
             .collect()
     };
     let (kill_secs, stop_secs) = (secs(Signal::SIGKILL), secs(Signal::SIGSTOP));
+    let coord_secs: Vec<f64> = chaos
+        .hits
+        .iter()
+        .filter(|h| h.event.coordinator)
+        .filter_map(|h| h.recovered.as_ref().map(|r| r.seconds))
+        .collect();
+    let lost_coord: u64 = chaos
+        .hits
+        .iter()
+        .filter(|h| h.event.coordinator)
+        .filter_map(|h| h.recovered.as_ref().map(|r| r.steps_lost))
+        .sum();
     let on = |path: &str| done.iter().filter(|r| r.path == path).count();
     let (in_place, emergency) = (on("in-place"), on("emergency-checkpoint"));
     let lost: u64 = done.iter().map(|r| r.steps_lost).sum();
     let lost_kills: u64 = chaos
         .hits
         .iter()
-        .filter(|h| h.event.signal == Signal::SIGKILL)
+        .filter(|h| h.event.signal == Signal::SIGKILL && !h.event.coordinator)
         .filter_map(|h| h.recovered.as_ref().map(|r| r.steps_lost))
         .sum();
     println!(
         "clean {clean_secs:.1} s, chaos {chaos_secs:.1} s; {} signals, {} recoveries seen ({in_place} \
          in place, {emergency} from an emergency checkpoint), {} restarts, {} replacements; steps \
-         lost: {lost} ({lost_kills} by SIGKILLs)",
+         lost: {lost} ({lost_kills} by SIGKILLs of ranks, {lost_coord} by coordinator kills)",
         chaos.hits.len(),
         done.len(),
         chaos.end["restarts"],
@@ -369,6 +482,16 @@ fn main() -> Result<()> {
         quantile(&stop_secs, 0.5),
         quantile(&stop_secs, 1.0),
     );
+    if !coord_secs.is_empty() {
+        println!(
+            "coordinator SIGKILL → the next run's first step: {}",
+            coord_secs
+                .iter()
+                .map(|s| format!("{s:.2} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!(
         "params xxh3 clean {} chaos {} → {}{}",
         clean.end["params_hash"],
@@ -399,7 +522,7 @@ fn main() -> Result<()> {
         .hits
         .iter()
         .map(|h| {
-            json!({"signal": format!("{:?}", h.event.signal), "rank": h.event.rank, "step": h.step,
+            json!({"signal": h.event.what(), "rank": (!h.event.coordinator).then_some(h.event.rank), "step": h.step,
                    "path": h.recovered.as_ref().map(|r| r.path.clone()),
                    "steps_lost": h.recovered.as_ref().map(|r| r.steps_lost),
                    "seconds": h.recovered.as_ref().map(|r| r.seconds)})
@@ -412,6 +535,8 @@ fn main() -> Result<()> {
                "kill_seconds_median": quantile(&kill_secs, 0.5),
                "kill_seconds_p99": quantile(&kill_secs, 0.99),
                "kill_seconds_max": quantile(&kill_secs, 1.0),
+               "coordinator_kill_seconds": coord_secs,
+               "steps_lost_by_coordinator_kills": lost_coord,
                "steps_lost": lost, "steps_lost_by_kills": lost_kills, "hung": chaos.hung,
                "clean_seconds": clean_secs, "chaos_seconds": chaos_secs,
                "params_hash_clean": clean.end["params_hash"], "params_hash_chaos": chaos.end["params_hash"],
