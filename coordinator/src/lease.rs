@@ -11,7 +11,7 @@ use lockstep_storage::lease::Lease;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::launcher::{LEFTOVER_GRACE, Refused, kill_group, local_trainers};
+use crate::launcher::{LEFTOVER_GRACE, Refused, kill_leftover, local_trainers};
 use crate::registry::Job;
 use crate::state::Input;
 
@@ -19,13 +19,27 @@ use crate::state::Input;
 /// URLs this long at most.
 pub const LEASE_TTL: Duration = Duration::from_secs(60);
 
-/// Who holds the leases of this process's jobs, for people: "coordinator pid N on HOST".
+/// Who holds the leases of this process's jobs: "coordinator pid N on HOST (boot B, pid
+/// namespace P)" — for people, and for a later coordinator to tell whether this one is gone: the
+/// boot and the pid namespace say whose pid N is (two containers share a host name, a reboot
+/// reuses pids).
 fn by() -> String {
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "an unknown host".into());
-    format!("coordinator pid {} on {host}", std::process::id())
+    let mut by = format!("coordinator pid {} on {host}", std::process::id());
+    if let Some((boot, ns)) = machine() {
+        by.push_str(&format!(" (boot {boot}, pid namespace {ns})"));
+    }
+    by
+}
+
+/// This boot's id and this process's pid namespace, where the kernel says.
+fn machine() -> Option<(String, String)> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some((boot.trim().to_string(), ns.display().to_string()))
 }
 
 /// Takes job `id`'s lease on `checkpoint_url` (`None` for `memory://`). Another live job's is
@@ -48,13 +62,22 @@ pub async fn take(checkpoint_url: &str, id: &str) -> Result<Option<Lease>> {
     tracing::warn!(holder = %gone.describe(), pid, "the job holding the checkpoint URL lost its coordinator: waiting for its workers to checkpoint and exit, then taking the URL over");
     let job = gone.job.clone();
     let waited = tokio::task::spawn_blocking(move || {
+        // Only that job's workers that lost their coordinator: a worker whose parent is still
+        // a lockstep process belongs to a live coordinator (a lease naming a live job is
+        // someone else's doing).
+        let orphans = || -> Vec<u32> {
+            local_trainers(&job, None)
+                .into_iter()
+                .filter(|&pid| !parent_is_lockstep(pid))
+                .collect()
+        };
         let until = std::time::Instant::now() + LEFTOVER_GRACE;
-        while !local_trainers(&job, None).is_empty() && std::time::Instant::now() < until {
+        while !orphans().is_empty() && std::time::Instant::now() < until {
             std::thread::sleep(Duration::from_millis(200));
         }
-        for pid in local_trainers(&job, None) {
+        for pid in orphans() {
             tracing::warn!(pid, job = %job, "killing a worker of the job whose coordinator died");
-            kill_group(pid);
+            kill_leftover(pid);
         }
     });
     if let Err(e) = waited.await {
@@ -67,14 +90,40 @@ pub async fn take(checkpoint_url: &str, id: &str) -> Result<Option<Lease>> {
     }
 }
 
-/// The pid of the coordinator a lease holder names (`coordinator pid N on HOST`, see [`by`]),
-/// when it ran on this machine and is not running any more.
+/// Whether process `pid`'s parent is a `lockstep` process (its coordinator is alive).
+fn parent_is_lockstep(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // pid (comm) state ppid …: the command may hold spaces and parentheses.
+    let Some(ppid) = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{ppid}/cmdline")) else {
+        return false;
+    };
+    let exe = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    std::str::from_utf8(exe)
+        .ok()
+        .and_then(|e| std::path::Path::new(e).file_name())
+        .is_some_and(|n| n == "lockstep")
+}
+
+/// The pid of the coordinator a lease holder names (see [`by`]), when it ran in this boot of
+/// this machine, in this pid namespace, and is not running any more. A holder without the boot
+/// and namespace (another version, hand-written) is never taken for gone.
 fn dead_here(by: &str) -> Option<u32> {
-    let rest = by.strip_prefix("coordinator pid ")?;
-    let (pid, host) = rest.split_once(" on ")?;
-    let pid: u32 = pid.parse().ok()?;
+    let (boot, ns) = machine()?;
     let here = nix::unistd::gethostname().ok()?.into_string().ok()?;
-    (host == here
+    let rest = by.strip_prefix("coordinator pid ")?;
+    let (pid, rest) = rest.split_once(" on ")?;
+    let pid: u32 = pid.parse().ok()?;
+    let expected = format!("{here} (boot {boot}, pid namespace {ns})");
+    (rest == expected
         && pid != std::process::id()
         && !std::path::Path::new(&format!("/proc/{pid}")).exists())
     .then_some(pid)
@@ -156,4 +205,36 @@ pub fn hold(job: Arc<Job>) {
 fn fail(job: &Job, why: String) {
     tracing::error!(job = %job.id, %why, "failing the job");
     job.send(Input::Fail { why });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_gone_coordinator_of_this_boot_and_pid_namespace_is_taken_for_gone() {
+        let Some((boot, ns)) = machine() else {
+            return; // no /proc here: nothing is ever taken for gone
+        };
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        // A pid that cannot be running (above the kernel's pid_max).
+        let gone = 4_194_305u32;
+        let named = |pid: u32, boot: &str, ns: &str| {
+            format!("coordinator pid {pid} on {host} (boot {boot}, pid namespace {ns})")
+        };
+        assert_eq!(dead_here(&named(gone, &boot, &ns)), Some(gone));
+        assert_eq!(dead_here(&by()), None, "this very process");
+        assert_eq!(dead_here(&named(1, &boot, &ns)), None, "a running pid");
+        assert_eq!(dead_here(&named(gone, "another-boot", &ns)), None);
+        assert_eq!(
+            dead_here(&named(gone, &boot, "pid:[1]")),
+            None,
+            "another container"
+        );
+        assert_eq!(
+            dead_here(&format!("coordinator pid {gone} on {host}")),
+            None,
+            "a holder that does not say its boot and namespace"
+        );
+    }
 }

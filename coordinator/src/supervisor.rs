@@ -731,6 +731,13 @@ async fn launch(
         let _store = job.store_lock.lock().await;
         job.store.choose_start(want).await?
     };
+    // Whether its gang committed that checkpoint itself as it lost its coordinator.
+    let orphans_kept = match start.step {
+        Some(step) => job.store.manifest(step).await.is_ok_and(|m| {
+            m.trainer_state[lockstep_storage::WITHOUT_COORDINATOR] == serde_json::json!(true)
+        }),
+        None => false,
+    };
     for s in &start.set_aside {
         tracing::warn!(job = %job.id, step = s.step, reason = %s.reason, moved_to = %s.moved_to,
             "committed checkpoint does not verify: set aside; starting from an older one");
@@ -774,9 +781,10 @@ async fn launch(
         // its newest committed one until it commits another; after a set-aside, the newest is
         // the one it starts from.
         if start.step > st.record.last_checkpoint && set_aside_note.is_none() {
-            // Newer than any this coordinator committed: the gang's own, taken as it lost its
-            // coordinator (it checkpointed the step it was at). A restart from it loses nothing.
+            // Newer than any this coordinator committed, and marked as the gang's own, taken as
+            // it lost its coordinator (the step it was at): a restart from it loses nothing.
             if let Some(step) = start.step
+                && orphans_kept
                 && st.record.recovering_from_checkpoint()
             {
                 st.record.kept_by_orphans(step);

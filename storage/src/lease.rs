@@ -122,7 +122,7 @@ impl Lease {
                         && h.job != job
                         && h.expires_unix_ms > now_ms()
                         && h.expires_unix_ms <= plausible
-                        && stale.is_none_or(|s| s.job != h.job || s.by != h.by)
+                        && stale.is_none_or(|s| *s != h)
                     {
                         let left = (h.expires_unix_ms - now_ms()).div_ceil(1000);
                         return Err(Error::Refused {

@@ -49,6 +49,10 @@ pub use location::Location;
 pub use reader::{Checkpoint, Tensor, VerifyReport};
 pub use resume::{SetAside, StartPoint, Want};
 pub use retention::{KeepReason, RetentionAction, RetentionPolicy};
+
+/// Marks, in a manifest's `trainer_state`, a checkpoint the gang committed itself after it lost
+/// its coordinator (the step it was at when it did).
+pub const WITHOUT_COORDINATOR: &str = "committed_without_coordinator";
 pub use retry::RetryPolicy;
 pub use store::{
     CheckpointStore, Committed, GcReport, StepCommit, StepListing, StoreOptions, Stray, StrayKind,

@@ -1220,8 +1220,9 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
             .unwrap();
     }
 
-    // The coordinator is killed mid-job; the next one adopts the job from its status and
-    // restarts its gang (attempt + 1) from the last committed checkpoint.
+    // The coordinator is killed mid-job: its gang checkpoints the step it is at (rank 0
+    // commits it) and exits; the next coordinator waits for that, adopts the job from its
+    // status and restarts its gang (attempt + 1) from that checkpoint.
     let long = TestJob::tiny("k8s-long")
         .world(2)
         .set("data.train", "[\"file://data.jsonl\"]")
@@ -1260,6 +1261,21 @@ async fn lockstep_jobs_run_restart_export_and_clean_up_on_a_real_api_server() {
         st.last_committed_checkpoint.unwrap() >= committed,
         "{st:#?}"
     );
+    let r = st
+        .recoveries
+        .last()
+        .expect("the coordinator restart is a recovery");
+    assert_eq!(r.path, "emergency-checkpoint", "{st:#?}");
+    // "…; its workers checkpointed step N as they lost the coordinator, …", N at least the
+    // step committed before the kill.
+    let kept: u64 = r
+        .cause
+        .split("its workers checkpointed step ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{st:#?}"));
+    assert!(kept >= committed, "{st:#?}");
     assert_eq!(
         st.total_steps, 100_000,
         "the edited spec.config was run: {st:#?}"

@@ -750,6 +750,34 @@ impl Launcher for KubeLauncher {
             tracing::error!(job, error = %e, "cannot list the gangs a previous coordinator left");
             Vec::new()
         });
+        // Trainers that lost their coordinator checkpoint the step they are at and exit by
+        // themselves: give their running pods that long before the gang is deleted.
+        let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
+        let until = tokio::time::Instant::now() + crate::launcher::LEFTOVER_GRACE;
+        let mut told = false;
+        loop {
+            let running = match pods.list(&lp).await {
+                Ok(l) => l
+                    .items
+                    .iter()
+                    .filter(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    })
+                    .count(),
+                Err(e) => {
+                    tracing::warn!(job, error = %e, "cannot list the pods a previous coordinator left");
+                    0
+                }
+            };
+            if running == 0 || tokio::time::Instant::now() >= until {
+                break;
+            }
+            if !std::mem::replace(&mut told, true) {
+                tracing::warn!(job, running, grace = ?crate::launcher::LEFTOVER_GRACE,
+                    "trainer pods left by the previous coordinator still run: waiting for them to checkpoint and exit");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         for a in attempts {
             tracing::warn!(
                 job,

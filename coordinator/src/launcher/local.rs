@@ -218,13 +218,13 @@ pub fn kill_group(pid: u32) {
     }
 }
 
-/// SIGKILL to a leftover worker just found alive in /proc: its group, or the process alone
-/// when it leads none (started by something else).
 /// How long workers left by a coordinator that died get to checkpoint and exit by themselves
 /// before the coordinator that takes their job over kills them.
 pub const LEFTOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn kill_leftover(pid: u32) {
+/// SIGKILL to a leftover worker just found alive in /proc: its group, or the process alone
+/// when it leads none (started by something else).
+pub fn kill_leftover(pid: u32) {
     if let Ok(p) = i32::try_from(pid) {
         let p = nix::unistd::Pid::from_raw(p);
         if nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL).is_err() {

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-pub use local::{LEFTOVER_GRACE, LocalProcess, kill_group, local_trainers, mem_available};
+pub use local::{
+    LEFTOVER_GRACE, LocalProcess, kill_group, kill_leftover, local_trainers, mem_available,
+};
 
 /// What a job's launcher needs beyond its config, from whoever submitted it. It travels with
 /// every launch, export and cleanup of the job: set when the job is submitted or adopted,

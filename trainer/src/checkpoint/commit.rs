@@ -338,25 +338,52 @@ impl Checkpoints {
                 );
             }
         };
-        let (bytes, raw_bytes) = match &self.authority {
-            Authority::Coordinator(c) => c
-                .commit_shard(ShardReport {
-                    rank: self.rank as u32,
-                    state: &state,
-                    shard: &mine.shard,
-                    config_hash: &self.config_hash,
-                    write_time: mine.elapsed,
-                })
-                .inspect_err(|e| {
-                    if e.breaks_gang() {
-                        self.interrupted = Some(step);
+        let mut coordinated = None;
+        if let Authority::Coordinator(c) = &self.authority {
+            let c = c.clone();
+            let r = c.commit_shard(ShardReport {
+                rank: self.rank as u32,
+                state: &state,
+                shard: &mine.shard,
+                config_hash: &self.config_hash,
+                write_time: mine.elapsed,
+            });
+            match r {
+                Err(e) if e.breaks_gang() => {
+                    self.interrupted = Some(step);
+                    return Err(e);
+                }
+                r => {
+                    // The coordinator died with the commit in flight: every rank says whether
+                    // it lost it, and if one did, rank 0 commits the same shards instead.
+                    let lost = match &r {
+                        Err(e) => c.orphaned() || matches!(e, Error::CoordinatorGone { .. }),
+                        Ok(_) => false,
+                    };
+                    let mut flag = [if lost { 1.0f32 } else { 0.0 }];
+                    collective.all_reduce_sum(&mut flag)?;
+                    self.orphan(flag[0] > 0.0);
+                    if !self.orphaned {
+                        coordinated = Some(r?);
                     }
-                })?,
-            Authority::Rank0 {
-                job,
-                retention,
-                protected,
-            } => {
+                }
+            }
+        }
+        let (bytes, raw_bytes) = match (coordinated, &self.authority) {
+            (Some(sizes), _) => sizes,
+            (None, Authority::Coordinator(_)) => {
+                return Err(Error::Internal(format!(
+                    "checkpoint {step}: the coordinator's commit gave no answer"
+                )));
+            }
+            (
+                None,
+                Authority::Rank0 {
+                    job,
+                    retention,
+                    protected,
+                },
+            ) => {
                 let shards = gather_shards(&mine.shard, self.rank, self.world, collective)?;
                 // Rank 0 tells the others how the commit went and the checkpoint's sizes:
                 // [ok: 1 | failed: 2 | the store refuses writes: 3, stored bytes (u64 LE), raw
@@ -367,9 +394,16 @@ impl Checkpoints {
                         job: job.clone(),
                         step,
                         config_hash: self.config_hash.clone(),
-                        trainer_state: serde_json::to_value(&state).map_err(|e| {
-                            Error::Internal(format!("cannot serialise the trainer state: {e}"))
-                        })?,
+                        trainer_state: {
+                            let mut v = serde_json::to_value(&state).map_err(|e| {
+                                Error::Internal(format!("cannot serialise the trainer state: {e}"))
+                            })?;
+                            // For the coordinator that takes the job over (resuming ignores it).
+                            if self.orphaned {
+                                v[lockstep_storage::WITHOUT_COORDINATOR] = true.into();
+                            }
+                            v
+                        },
                         shards,
                         retention: *retention,
                         protected: protected.clone(),
