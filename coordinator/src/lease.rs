@@ -11,7 +11,7 @@ use lockstep_storage::lease::Lease;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::launcher::{LEFTOVER_GRACE, Refused, kill_leftover, local_trainers};
+use crate::launcher::{Refused, parent_is_lockstep, reap_leftovers};
 use crate::registry::Job;
 use crate::state::Input;
 
@@ -61,25 +61,11 @@ pub async fn take(checkpoint_url: &str, id: &str) -> Result<Option<Lease>> {
     };
     tracing::warn!(holder = %gone.describe(), pid, "the job holding the checkpoint URL lost its coordinator: waiting for its workers to checkpoint and exit, then taking the URL over");
     let job = gone.job.clone();
-    let waited = tokio::task::spawn_blocking(move || {
-        // Only that job's workers that lost their coordinator: a worker whose parent is still
-        // a lockstep process belongs to a live coordinator (a lease naming a live job is
-        // someone else's doing).
-        let orphans = || -> Vec<u32> {
-            local_trainers(&job, None)
-                .into_iter()
-                .filter(|&pid| !parent_is_lockstep(pid))
-                .collect()
-        };
-        let until = std::time::Instant::now() + LEFTOVER_GRACE;
-        while !orphans().is_empty() && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        for pid in orphans() {
-            tracing::warn!(pid, job = %job, "killing a worker of the job whose coordinator died");
-            kill_leftover(pid);
-        }
-    });
+    // Only that job's workers that lost their coordinator: a worker whose parent is still a
+    // lockstep process belongs to a live coordinator (a lease naming a live job is someone
+    // else's doing).
+    let waited =
+        tokio::task::spawn_blocking(move || reap_leftovers(&job, |pid| !parent_is_lockstep(pid)));
     if let Err(e) = waited.await {
         tracing::error!(error = %e, "cannot wait for the workers of the job whose coordinator died");
     }
@@ -88,29 +74,6 @@ pub async fn take(checkpoint_url: &str, id: &str) -> Result<Option<Lease>> {
         Err(lockstep_storage::Error::Refused { reason }) => Err(Error::Refused(Refused(reason))),
         Err(e) => Err(Error::Storage(e)),
     }
-}
-
-/// Whether process `pid`'s parent is a `lockstep` process (its coordinator is alive).
-fn parent_is_lockstep(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // pid (comm) state ppid …: the command may hold spaces and parentheses.
-    let Some(ppid) = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-        .and_then(|p| p.parse::<u32>().ok())
-    else {
-        return false;
-    };
-    let Ok(cmdline) = std::fs::read(format!("/proc/{ppid}/cmdline")) else {
-        return false;
-    };
-    let exe = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-    std::str::from_utf8(exe)
-        .ok()
-        .and_then(|e| std::path::Path::new(e).file_name())
-        .is_some_and(|n| n == "lockstep")
 }
 
 /// The pid of the coordinator a lease holder names (see [`by`]), when it ran in this boot of

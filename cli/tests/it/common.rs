@@ -73,17 +73,23 @@ pub fn run_hitting(
 /// Runs `lockstep run --json`, showing `watch` each status line as it comes. Returns the exit
 /// code and every status line.
 pub fn run_watching(dir: &Path, mut watch: impl FnMut(&Value)) -> (i32, Vec<Value>) {
+    run_watching_pid(dir, |s, _| watch(s))
+}
+
+/// As [`run_watching`], also showing `watch` the pid of the `lockstep run` process.
+pub fn run_watching_pid(dir: &Path, mut watch: impl FnMut(&Value, i32)) -> (i32, Vec<Value>) {
     let mut child = lockstep(dir)
         .args(["run", "job.toml", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let pid = child.id() as i32;
     let out = BufReader::new(child.stdout.take().unwrap());
     let mut lines = Vec::new();
     for line in out.lines() {
         let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        watch(&s);
+        watch(&s, pid);
         lines.push(s);
     }
     let code = child.wait().unwrap().code().unwrap_or(-1);

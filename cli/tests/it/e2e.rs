@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use lockstep_api::testing::TestJob;
 
 use crate::common::{
-    causes, free_port, last, lockstep, one_gang, run, run_hitting, run_watching, signal, trainers,
+    causes, free_port, last, lockstep, one_gang, run, run_hitting, run_watching, run_watching_pid,
+    signal, trainers,
 };
 use serde_json::Value;
 
@@ -719,35 +720,25 @@ fn cancel_tears_the_gang_down_and_a_killed_coordinator_loses_no_job() {
 /// and ends bit-identical to a run never killed.
 #[test]
 fn a_lockstep_run_killed_and_run_again_loses_no_step() {
-    use std::io::{BufRead, BufReader};
     let _gang = one_gang();
     let (clean_dir, clean) = straight(300);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     config(d, 300, &[]);
-    let mut child = lockstep(d)
-        .args(["run", "job.toml", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let mut seen = None;
-    for line in out.lines() {
-        let s: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if s["state"] == "running"
+    let mut seen: Option<Value> = None;
+    run_watching_pid(d, |s, run| {
+        if seen.is_none()
+            && s["state"] == "running"
             && s["last_checkpoint"].as_u64().is_some_and(|c| c >= 100)
             && s["step"]
                 .as_u64()
                 .is_some_and(|t| (5..20).contains(&(t % 25)))
         {
-            seen = Some(s);
-            break;
+            seen = Some(s.clone());
+            signal(run, nix::sys::signal::Signal::SIGKILL);
         }
-    }
+    });
     let seen = seen.expect("the run reached a step between two checkpoints");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
 
     let (code, lines) = run(d, None);
     assert_eq!(code, 0, "{:?}", last(&lines));

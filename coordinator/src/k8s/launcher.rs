@@ -555,6 +555,24 @@ struct KubeWorker {
     worker: u32,
 }
 
+impl KubeWorker {
+    /// Reports this worker killed (its pod deleted), at once.
+    fn killed(&self, how: &str) {
+        self.watch.deliver(
+            self.worker,
+            Exit {
+                attempt: self.attempt,
+                worker: self.worker,
+                code: None,
+                signal: Some(9),
+                message: Some(how.into()),
+                unstartable: false,
+            },
+            None,
+        );
+    }
+}
+
 impl WorkerHandle for KubeWorker {
     fn kill(&self) {
         let first = {
@@ -570,18 +588,7 @@ impl WorkerHandle for KubeWorker {
                 self.attempt,
             ));
         }
-        self.watch.deliver(
-            self.worker,
-            Exit {
-                attempt: self.attempt,
-                worker: self.worker,
-                code: None,
-                signal: Some(9),
-                message: Some("its pod was deleted with the attempt".into()),
-                unstartable: false,
-            },
-            None,
-        );
+        self.killed("its pod was deleted with the attempt");
     }
 
     /// Deletes this worker's pod (the attempt's other pods keep running) and reports it
@@ -640,18 +647,7 @@ impl WorkerHandle for KubeWorker {
                 }
             }
         });
-        self.watch.deliver(
-            self.worker,
-            Exit {
-                attempt: self.attempt,
-                worker: self.worker,
-                code: None,
-                signal: Some(9),
-                message: Some("its pod was deleted".into()),
-                unstartable: false,
-            },
-            None,
-        );
+        self.killed("its pod was deleted");
     }
 
     /// Kueue unsuspends the gang's JobSet (or Job) when it admits it; its pods appear then.

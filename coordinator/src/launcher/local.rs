@@ -222,9 +222,57 @@ pub fn kill_group(pid: u32) {
 /// before the coordinator that takes their job over kills them.
 pub const LEFTOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Waits up to [`LEFTOVER_GRACE`] for `job`'s workers here that `whose` picks (workers that lost
+/// their coordinator checkpoint the step they are at and exit by themselves), then kills those
+/// left. Blocking: reads /proc.
+pub fn reap_leftovers(job: &str, whose: impl Fn(u32) -> bool) {
+    let left = || -> Vec<u32> {
+        local_trainers(job, None)
+            .into_iter()
+            .filter(|&pid| whose(pid))
+            .collect()
+    };
+    let until = std::time::Instant::now() + LEFTOVER_GRACE;
+    let mut told = false;
+    while !left().is_empty() && std::time::Instant::now() < until {
+        if !std::mem::replace(&mut told, true) {
+            tracing::warn!(job, grace = ?LEFTOVER_GRACE,
+                "workers whose coordinator died are still running: waiting for them to checkpoint and exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for pid in left() {
+        tracing::warn!(pid, job, "killing a worker whose coordinator died");
+        kill_leftover(pid);
+    }
+}
+
+/// Whether process `pid`'s parent is a `lockstep` process (its coordinator is alive).
+pub fn parent_is_lockstep(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // pid (comm) state ppid …: the command may hold spaces and parentheses.
+    let Some(ppid) = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{ppid}/cmdline")) else {
+        return false;
+    };
+    let exe = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    std::str::from_utf8(exe)
+        .ok()
+        .and_then(|e| std::path::Path::new(e).file_name())
+        .is_some_and(|n| n == "lockstep")
+}
+
 /// SIGKILL to a leftover worker just found alive in /proc: its group, or the process alone
 /// when it leads none (started by something else).
-pub fn kill_leftover(pid: u32) {
+fn kill_leftover(pid: u32) {
     if let Ok(p) = i32::try_from(pid) {
         let p = nix::unistd::Pid::from_raw(p);
         if nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL).is_err() {
@@ -425,23 +473,7 @@ impl Launcher for LocalProcess {
         let job = job.to_string();
         // Reads /proc: on the blocking pool. Processes are this job's workers by their command
         // line (`train … --job JOB`), so a reused pid is never mistaken for one.
-        let scan = tokio::task::spawn_blocking(move || {
-            // Workers that lost their coordinator checkpoint the step they are at and exit by
-            // themselves: give them that long before killing what is left.
-            let until = std::time::Instant::now() + LEFTOVER_GRACE;
-            let mut told = false;
-            while !local_trainers(&job, None).is_empty() && std::time::Instant::now() < until {
-                if !std::mem::replace(&mut told, true) {
-                    tracing::warn!(job = %job, grace = ?LEFTOVER_GRACE,
-                        "workers left by the previous coordinator are still running: waiting for them to checkpoint and exit");
-                }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            for pid in local_trainers(&job, None) {
-                tracing::warn!(pid, job = %job, "killing a worker left by the previous coordinator");
-                kill_leftover(pid);
-            }
-        });
+        let scan = tokio::task::spawn_blocking(move || reap_leftovers(&job, |_| true));
         if let Err(e) = scan.await {
             tracing::error!(error = %e, "cannot look for leftover workers");
         }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 pub use local::{
-    LEFTOVER_GRACE, LocalProcess, kill_group, kill_leftover, local_trainers, mem_available,
+    LEFTOVER_GRACE, LocalProcess, kill_group, local_trainers, mem_available, parent_is_lockstep,
+    reap_leftovers,
 };
 
 /// What a job's launcher needs beyond its config, from whoever submitted it. It travels with

@@ -79,6 +79,27 @@ fn api_server() -> (Client, Calls) {
     (Client::new(service, "default"), calls)
 }
 
+/// The DELETE calls so far, once `done` says they are what the test waits for (within 10 s).
+async fn deleted_once(calls: &Calls, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let deleted: Vec<String> = calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(m, _, _)| m == "DELETE")
+                .map(|(_, u, _)| u.clone())
+                .collect();
+            if done(&deleted) {
+                return deleted;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} not deleted within 10 s"))
+}
+
 fn lockstep_job() -> LockstepJob {
     let config = lockstep_api::testing::TestJob::tiny("ft")
         .world(2)
@@ -201,29 +222,13 @@ async fn an_indexed_job_gang_is_applied_its_pod_exits_reach_the_workers_and_kill
         .unwrap()
         .unwrap();
     assert_eq!(exit.signal, Some(9));
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let deleted: Vec<String> = calls
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(m, _, _)| m == "DELETE")
-                .map(|(_, u, _)| u.clone())
-                .collect();
-            if deleted
-                .iter()
-                .any(|u| u.starts_with("/apis/batch/v1/namespaces/ml/jobs/ft-a1"))
-                && deleted
-                    .iter()
-                    .any(|u| u.starts_with("/api/v1/namespaces/ml/services/ft-a1"))
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    deleted_once(&calls, "the attempt's Job and Service", |d| {
+        d.iter()
+            .any(|u| u.starts_with("/apis/batch/v1/namespaces/ml/jobs/ft-a1"))
+            && d.iter()
+                .any(|u| u.starts_with("/api/v1/namespaces/ml/services/ft-a1"))
     })
-    .await
-    .expect("the attempt's Job and Service deleted");
+    .await;
 }
 
 #[tokio::test]
@@ -295,34 +300,19 @@ async fn a_lost_pod_of_an_in_place_gang_is_replaced_by_one_pod_and_its_job_fails
         .unwrap()
         .unwrap();
     assert_eq!((exit.worker, exit.signal), (1, Some(9)));
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let deleted: Vec<String> = calls
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(m, _, _)| m == "DELETE")
-                .map(|(_, u, _)| u.clone())
-                .collect();
-            if deleted
-                .iter()
-                .any(|u| u.starts_with("/api/v1/namespaces/ml/pods/ft-a1-rank-0-1-r1"))
-            {
-                assert!(
-                    !deleted.iter().any(|u| u.contains("ft-a1-1-xyz")),
-                    "the replaced pod was deleted again: {deleted:?}"
-                );
-                assert!(
-                    !deleted.iter().any(|u| u.contains("/jobs/")),
-                    "the attempt's Job was deleted: {deleted:?}"
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let deleted = deleted_once(&calls, "worker 1's replacement pod", |d| {
+        d.iter()
+            .any(|u| u.starts_with("/api/v1/namespaces/ml/pods/ft-a1-rank-0-1-r1"))
     })
-    .await
-    .expect("worker 1's replacement pod deleted");
+    .await;
+    assert!(
+        !deleted.iter().any(|u| u.contains("ft-a1-1-xyz")),
+        "the replaced pod was deleted again: {deleted:?}"
+    );
+    assert!(
+        !deleted.iter().any(|u| u.contains("/jobs/")),
+        "the attempt's Job was deleted: {deleted:?}"
+    );
 }
 
 #[tokio::test]
@@ -340,35 +330,21 @@ async fn killing_one_lost_worker_deletes_the_pod_its_job_made_for_it_and_nothing
         .unwrap()
         .unwrap();
     assert_eq!(exit.worker, 1);
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let calls = calls.lock().unwrap().clone();
-            let deleted: Vec<&String> = calls
-                .iter()
-                .filter(|(m, _, _)| m == "DELETE")
-                .map(|(_, u, _)| u)
-                .collect();
-            if !deleted.is_empty() {
-                assert_eq!(
-                    deleted,
-                    ["/api/v1/namespaces/ml/pods/ft-a1-1-xyz?"],
-                    "only rank 1's pod"
-                );
-                let listed = calls
-                    .iter()
-                    .find(|(m, u, _)| m == "GET" && u.contains("/pods?") && !u.contains("watch"))
-                    .map(|(_, u, _)| u.clone())
-                    .unwrap();
-                assert!(
-                    listed.contains("lockstep.dev%2Fjob-uid%3D0123456789abcdef-0000"),
-                    "only this LockstepJob's pods: {listed}"
-                );
-                break;
-            }
-            drop(calls);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("rank 1's pod deleted");
+    let deleted = deleted_once(&calls, "rank 1's pod", |d| !d.is_empty()).await;
+    assert_eq!(
+        deleted,
+        ["/api/v1/namespaces/ml/pods/ft-a1-1-xyz?"],
+        "only rank 1's pod"
+    );
+    let listed = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(m, u, _)| m == "GET" && u.contains("/pods?") && !u.contains("watch"))
+        .map(|(_, u, _)| u.clone())
+        .unwrap();
+    assert!(
+        listed.contains("lockstep.dev%2Fjob-uid%3D0123456789abcdef-0000"),
+        "only this LockstepJob's pods: {listed}"
+    );
 }
